@@ -49,6 +49,7 @@ DEFAULT_STATE_DIR = "/var/lib/steve-jobs"
 DEFAULT_CGROUP_ROOT = "steve-jobs"
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ARGV_BYTES = 128 * KiB        # one start request must fit one SOCK_SEQPACKET message
+MAX_REQUEST_BYTES = 4 * MAX_ARGV_BYTES
 MAX_ARGV_ITEMS = 4096
 MAX_ENV_ITEMS = 256
 MIN_MEMORY = 8 * MiB              # below this even the job's init cannot run
@@ -106,8 +107,9 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REC, MS_PRIVATE = 0x4000, 0x40000
+MNT_DETACH = 0x2
 PR_SET_NAME, PR_SET_NO_NEW_PRIVS = 15, 38
 IN_MODIFY, IN_MOVED_TO, IN_IGNORED = 0x2, 0x80, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
@@ -136,6 +138,16 @@ def mount(source, target, fstype, flags, data=None):
     enc = lambda s: s.encode() if s is not None else None
     _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
            f"mount {target}")
+
+
+def umount_lazy(target):
+    """umount2(target, MNT_DETACH): detach target and everything mounted below it."""
+    _check(_libc.umount2(os.fsencode(target), ctypes.c_int(MNT_DETACH)), f"umount {target}")
+
+
+def setns(fd, nstype):
+    """setns(2): join the namespace fd refers to. Raises OSError."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
 def prctl(option, arg):
@@ -299,10 +311,10 @@ class JobCgroup:
     All methods raise OSError for cgroupfs failures.
     """
 
-    def __init__(self, layout, root, job_id):
-        self.layout, self.root, self.job_id = layout, root, job_id
-        self.v1_dirs = {ctl: os.path.join(mnt, root, job_id) for ctl, mnt in layout.v1.items()}
-        self.v2_dir = os.path.join(layout.unified, root, job_id) if layout.unified else ""
+    def __init__(self, layout, root, name):
+        self.layout, self.root, self.name = layout, root, name
+        self.v1_dirs = {ctl: os.path.join(mnt, root, name) for ctl, mnt in layout.v1.items()}
+        self.v2_dir = os.path.join(layout.unified, root, name) if layout.unified else ""
 
     def dirs(self):
         """Every folder of this job, one per hierarchy (v1 co-mounts share one)."""
@@ -364,21 +376,24 @@ class JobCgroup:
             if missing:
                 write_file(path, " ".join("+" + c for c in missing))
 
-    def create(self, limits):
-        """Make the folders and apply limits. On failure removes what it made and raises."""
+    def create(self):
+        """Make the folders (no limits yet). On failure removes what it made and raises."""
         try:
             for d in self.dirs():
                 os.makedirs(os.path.dirname(d), exist_ok=True)
                 os.mkdir(d)
             if self.v2_dir:
                 self._enable_v2_controllers()
-            for path, value in self.limit_writes(limits):
-                if path.endswith(("memsw.limit_in_bytes", "swap.max")) and not os.path.exists(path):
-                    continue   # no swap accounting on this kernel: no swap to bypass with
-                write_file(path, value)
         except OSError:
             self.remove(timeout=0)
             raise
+
+    def apply(self, limits):
+        """Write the limits (cheap, unlike moving a process in: they can come later)."""
+        for path, value in self.limit_writes(limits):
+            if path.endswith(("memsw.limit_in_bytes", "swap.max")) and not os.path.exists(path):
+                continue   # no swap accounting on this kernel: no swap to bypass with
+            write_file(path, value)
 
     def join(self):
         """Move the calling process into every folder ("0" means the writer itself)."""
@@ -472,8 +487,8 @@ class JobCgroup:
         return not left
 
     @staticmethod
-    def job_ids(layout, root):
-        """Ids of every job folder under the root in any hierarchy (for sweeping leftovers)."""
+    def names(layout, root):
+        """Names of every job cgroup under the root in any hierarchy (to sweep leftovers)."""
         ids = set()
         for mnt in list(layout.v1.values()) + ([layout.unified] if layout.unified else []):
             try:
@@ -523,99 +538,170 @@ def whole_disk_of(path):
 ###############################################################################
 #
 # The server is multi-threaded, and fork() in a threaded process can deadlock the child
-# on a lock some other thread held. So at start-up the server execs one helper, the
-# spawner, which stays single-threaded. For each job the spawner forks a shim:
+# on a lock another thread held. So at start-up the server execs one helper, the spawner,
+# which stays single-threaded and forks one shim per job:
 #
-#   spawner --fork--> shim (job supervisor, outside the job; survives the server)
+#   spawner --fork--> shim (the job's supervisor, outside the job; outlives the server)
 #                       --unshare(PID), fork--> init (pid 1 of the job's namespaces)
-#                                                 --fork--> command (unprivileged, exec)
+#                                                 --fork--> command (drops privileges, execs)
 #
-# The shim makes the cgroup, copies the job's output into its file, waits for init and
-# writes the job's result. Everything the server needs later is in files, so a job does not
-# depend on the server process.
+# Moving a process into a cgroup costs the kernel an RCU grace period (10-20 ms when the
+# host is idle), more than everything else in a start. So the spawner keeps one shim warm:
+# its cgroup made, its init and command already in it and in their namespaces, the
+# command blocked reading its request. A start then only writes limits and sends the
+# request down; the next warm shim gets ready while the job runs. Cgroups are therefore
+# named by the shim ("j-" + random), not by job id: cgroup v2 cannot rename a folder.
+#
+# The shim copies the job's output into its file, waits for init, removes the cgroup and
+# writes the job's result. Everything the server needs later is in files, so a job does
+# not depend on the server process.
 
 SHIM_FILE, RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
     "shim.json", "result.json", "job.json", "output", "stop_requested")
 
 
-def spawner_main(sock_fd):
-    """Serve start requests on sock_fd until the server hangs up. Returns the exit code."""
+def spawner_main(sock_fd, settings):
+    """Serve start requests on sock_fd until the server hangs up. Returns the exit code.
+
+    settings: {"layout": CgroupLayout.to_dict(), "cgroup_root": str}.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is for the server to handle
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)    # the kernel reaps exited shims
     sock = socket.socket(fileno=sock_fd)
-    while True:
-        try:
-            msg = sock.recv(MAX_ARGV_BYTES * 4)
-        except InterruptedError:
-            continue
-        if not msg:
-            return 0
-        try:
-            req = json.loads(msg)
-        except ValueError:
-            continue
-        if os.fork() == 0:
+    warm = None
+    try:
+        while True:
+            if warm is None:
+                warm = WarmShim(settings, sock)
+            try:
+                msg = sock.recv(MAX_REQUEST_BYTES)
+            except InterruptedError:
+                continue
+            if not msg:
+                return 0
+            if not warm.hand_over(msg):   # it died while waiting: one fresh try
+                warm = WarmShim(settings, sock)
+                if not warm.hand_over(msg):
+                    _reply(sock, msg, ok=False, error="the job's supervisor could not start")
+            warm = None
+    finally:
+        if warm is not None:
+            warm.discard()
+
+
+def _reply(sock, msg, **fields):
+    """Answer the request msg (bytes of JSON) on the spawner socket."""
+    try:
+        req_id = json.loads(msg).get("req")
+    except ValueError:
+        return
+    sock.send(json.dumps({"req": req_id, **fields}).encode())
+
+
+class WarmShim:
+    """A forked shim, ready for the next job; the spawner's handle on it."""
+
+    def __init__(self, settings, sock):
+        req_r, self._req_w = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:
             code = 1
             try:
-                code = shim_main(req, sock)
+                os.close(self._req_w)
+                code = shim_main(req_r, sock, settings)
             except BaseException:   # a shim must never fall back into the spawner loop
-                log.exception("shim for %s failed", req.get("job_id"))
+                log.exception("job supervisor failed")
             finally:
                 os._exit(code)
+        os.close(req_r)
+
+    def hand_over(self, msg):
+        """Give it its job. False if it is gone."""
+        try:
+            _write_all(self._req_w, msg)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(self._req_w)
+
+    def discard(self):
+        """No job will come: closing its pipe makes it clean up and exit."""
+        os.close(self._req_w)
 
 
-def shim_main(req, sock):
-    """Supervise one job from cgroup creation to its result file. Returns an exit code."""
+def shim_main(req_fd, sock, settings):
+    """Supervise one job, from a warm cgroup to its result file. Returns an exit code."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)    # we wait for init ourselves
     os.setsid()                                     # no terminal signals from the server's tty
-    job_dir, job_id = req["job_dir"], req["job_id"]
-    limits = Limits(**req["limits"])
-    cg = JobCgroup(CgroupLayout.from_dict(req["layout"]), req["cgroup_root"], job_id)
-    started = time.time()
-
-    def reply(**fields):
-        sock.send(json.dumps({"req": req["req"], **fields}).encode())
-        sock.close()
-
+    layout = CgroupLayout.from_dict(settings["layout"])
+    cg = JobCgroup(layout, settings["cgroup_root"], "j-" + secrets.token_hex(8))
+    warm_error = ""
     try:
-        cg.create(limits)
+        cg.create()
     except OSError as e:
-        reply(ok=False, error=f"cannot set up the job's cgroup: {e.strerror or e}")
-        write_json_atomic(os.path.join(job_dir, RESULT_FILE), {
-            "failed": True, "error": f"cgroup setup: {e}", "exit_code": 126,
-            "started_at": started, "ended_at": time.time(), "output_bytes": 0})
-        return 1
-
-    out_fd = os.open(os.path.join(job_dir, OUTPUT_FILE),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)       # init/command -> shim: why the start failed
+        warm_error = f"cannot make the job's cgroup: {e.strerror or e}"
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)        # the job's stdout and stderr
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)        # init/command -> shim: why it did not start
     status_r, status_w = os.pipe2(os.O_CLOEXEC)  # init -> shim: the command's wait status
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)          # shim -> command: the request
     try:
         fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
-        pass   # over /proc/sys/fs/pipe-max-size: the default pipe works, just in smaller steps
-    unshare(CLONE_NEWPID)                        # the next child is pid 1 of a new namespace
-    init_pid = os.fork()
-    if init_pid == 0:
-        for fd in (out_r, err_r, status_r, out_fd):
-            os.close(fd)
-        sock.close()
-        code = 126
-        try:
-            code = init_main(req, cg, out_w, err_w, status_w)
-        finally:
-            os._exit(code)
-    for fd in (out_w, err_w, status_w):
+        pass   # over /proc/sys/fs/pipe-max-size: the default pipe works, in smaller steps
+    init_pid = None
+    if not warm_error:
+        unshare(CLONE_NEWPID)                    # the next child is pid 1 of a new namespace
+        init_pid = os.fork()
+        if init_pid == 0:
+            for fd in (out_r, err_r, status_r, go_w, req_fd):
+                os.close(fd)
+            sock.close()
+            code = 126
+            try:
+                code = init_main(cg, out_w, err_w, status_w, go_r)
+            finally:
+                os._exit(code)
+    for fd in (out_w, err_w, status_w, go_r):
         os.close(fd)
 
+    msg = _read_all(req_fd)                      # wait for a job
+    if not msg:                                   # the spawner is gone: no job will come
+        _discard_warm(cg, init_pid)
+        return 0
+    req = json.loads(msg)
+    job_dir = req["job_dir"]
+    started = time.time()
+
+    def fail(message):
+        _discard_warm(cg, init_pid)
+        write_json_atomic(os.path.join(job_dir, RESULT_FILE), {
+            "failed": True, "error": message, "exit_code": 126, "started_at": started,
+            "ended_at": time.time(), "output_bytes": 0})
+        _reply(sock, msg, ok=False, error=message)
+        return 1
+
+    if warm_error:
+        return fail(warm_error)
+    try:
+        cg.apply(Limits(**req["limits"]))
+    except OSError as e:
+        return fail(f"cannot apply the job's limits: {e.strerror or e}")
+    out_fd = os.open(os.path.join(job_dir, OUTPUT_FILE),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(go_w, msg)
+    except OSError:
+        pass   # the command died during warm-up: err_r says why
+    os.close(go_w)
     # EOF on err_r means the command reached exec (close-on-exec closed the last copy).
     failure = _read_all(err_r)
-    write_json_atomic(os.path.join(job_dir, SHIM_FILE), {
-        "shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid()),
-        "init_pid": init_pid, "started_at": started})
-    failure = json.loads(failure) if failure else None
-    reply(ok=True, init_pid=init_pid, error=failure["error"] if failure else "")
+    failure = json.loads(failure)["error"] if failure else ""
+    shim = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid()),
+            "init_pid": init_pid, "cgroup": cg.name, "started_at": started}
+    _reply(sock, msg, ok=True, error=failure, shim=shim)   # first: the caller is waiting
+    sock.close()
+    write_json_atomic(os.path.join(job_dir, SHIM_FILE), shim)
 
     written, truncated, out_error = copy_output(out_r, out_fd, req["output_cap"])
     os.close(out_fd)
@@ -623,22 +709,36 @@ def shim_main(req, sock):
     raw = _read_all(status_r)
     result = {"started_at": started, "ended_at": time.time(), "output_bytes": written,
               "output_truncated": truncated, "output_error": out_error}
-    if raw:   # init saw the command end: its wait status is the job's
-        cmd_status = struct.unpack("i", raw[:4])[0]
-    else:     # init itself was killed (stop, OOM): the job died with it
-        cmd_status = init_status
+    # init reports the command's wait status; if it sent none, init itself was killed
+    # (stop, OOM) and the job died with it.
+    cmd_status = struct.unpack("i", raw[:4])[0] if len(raw) >= 4 else init_status
     if os.WIFSIGNALED(cmd_status):
         result["signal"] = os.WTERMSIG(cmd_status)
     else:
         result["exit_code"] = os.waitstatus_to_exitcode(cmd_status)
     if failure:
-        result.update(failed=True, error=failure["error"])
+        result.update(failed=True, error=failure)
     result.update(cg.usage())
-    if not cg.remove(timeout=0.5):
-        cg.kill()   # something outlived init (cannot happen with a pid namespace; be sure)
-        cg.remove(timeout=KILL_TIMEOUT)
+    _remove_cgroup(cg)
     write_json_atomic(os.path.join(job_dir, RESULT_FILE), result)
     return 0
+
+
+def _discard_warm(cg, init_pid):
+    """Kill a shim's unused init and command, and remove its cgroup."""
+    if init_pid:
+        try:
+            cg.kill()
+        except (OSError, Error):
+            os.kill(init_pid, signal.SIGKILL)
+        os.waitpid(init_pid, 0)
+    _remove_cgroup(cg)
+
+
+def _remove_cgroup(cg):
+    if not cg.remove(timeout=0.5):
+        cg.kill()   # something outlived init (a pid namespace forbids it; be sure anyway)
+        cg.remove(timeout=KILL_TIMEOUT)
 
 
 def copy_output(pipe_fd, out_fd, cap):
@@ -685,6 +785,12 @@ def _read_all(fd):
         os.close(fd)
 
 
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _report_start_failure(err_w, out_w, message):
     """Tell the shim why the job could not start, and the job's output too, as a shell would."""
     try:
@@ -694,10 +800,10 @@ def _report_start_failure(err_w, out_w, message):
         pass
 
 
-def init_main(req, cg, out_w, err_w, status_w):
-    """Pid 1 of the job: set up namespaces, start the command, reap, report its status."""
+def init_main(cg, out_w, err_w, status_w, go_r):
+    """Pid 1 of the job: enter namespaces, fork the command, reap, report its wait status."""
     try:
-        enter_job_namespaces(req, cg)
+        enter_job_namespaces(cg)
     except Exception as e:   # whatever it is, the shim must hear why the job did not start
         _report_start_failure(err_w, out_w, f"namespace setup failed: {e}")
         return 126
@@ -711,22 +817,35 @@ def init_main(req, cg, out_w, err_w, status_w):
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                signal.SIGUSR1, signal.SIGUSR2):
+    for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
     command_pid = os.fork()
     if command_pid == 0:
-        exec_command(req, out_w, err_w)   # never returns
-    os.close(out_w)
-    os.close(err_w)
+        command_main(cg, go_r, out_w, err_w)   # never returns
+    for fd in (out_w, err_w, go_r):
+        os.close(fd)
     status = reap_until(command_pid)
     os.write(status_w, struct.pack("i", status))
-    return 0   # exiting pid 1 makes the kernel kill whatever the command left behind
+    return 0   # pid 1 exiting makes the kernel kill whatever the command left behind
 
 
-def enter_job_namespaces(req, cg):
-    """Join the cgroup, then unshare and set up mount, UTS, IPC, net and cgroup namespaces.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
 
+
+def _run_steps(steps):
+    """Run (description, callable) pairs; an OSError names the step that failed."""
+    for what, step in steps:
+        try:
+            step()
+        except OSError as e:
+            raise OSError(e.errno, f"cannot {what}: {e.strerror or e}") from None
+
+
+def enter_job_namespaces(cg):
+    """In init: join the cgroup, unshare mount, UTS, IPC and cgroup namespaces, remount.
+
+    What depends on the request (network, hostname) is the command's to do.
     Raises OSError naming the step that failed.
     """
     def private_mounts():
@@ -752,28 +871,75 @@ def enter_job_namespaces(req, cg):
             if os.path.isdir(path):
                 mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
 
-    flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP
-    if not req["host_network"]:
-        flags |= CLONE_NEWNET
-    steps = [("join the job's cgroup", cg.join),
-             ("unshare namespaces", lambda: unshare(flags)),
-             ("make mounts private", private_mounts),
-             ("mount /proc", fresh_proc),
-             ("protect init from the OOM killer", protect_init_from_oom),
-             ("mount private /tmp", private_tmp),
-             ("set the hostname", lambda: socket.sethostname(req["job_id"])),
-             ("name init", lambda: prctl(PR_SET_NAME, b"steve-init"))]
-    if not req["host_network"]:
-        steps.append(("bring up loopback", bring_loopback_up))
-    for what, step in steps:
-        try:
-            step()
-        except OSError as e:
-            raise OSError(e.errno, f"cannot {what}: {e.strerror or e}") from None
+    _run_steps([
+        ("join the job's cgroup", cg.join),
+        ("unshare namespaces", lambda: unshare(
+            CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP)),
+        ("make mounts private", private_mounts),
+        ("mount /proc", fresh_proc),
+        ("protect init from the OOM killer", protect_init_from_oom),
+        ("mount private /tmp", private_tmp),
+        ("name init", lambda: prctl(PR_SET_NAME, b"steve-init"))])
+
+
+def command_main(cg, go_r, out_w, err_w):
+    """The command's process: get ready, wait for the request, finish, exec. Never returns."""
+    host_net = None
+    try:
+        host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        enter_job_network(cg)
+    except Exception as e:   # reported once a job comes: it is that job's failure
+        warm_error = f"namespace setup failed: {e}"
+    else:
+        warm_error = ""
+    try:
+        msg = _read_all(go_r)
+    except OSError:
+        msg = b""
+    if not msg:
+        os._exit(0)   # a warm shim discarded before any job came
+    req = json.loads(msg)
+    try:
+        if warm_error:
+            raise OSError(0, warm_error)
+        _run_steps([("set the hostname", lambda: socket.sethostname(req["job_id"]))])
+        if req["host_network"]:
+            leave_job_network(host_net)
+        os.close(host_net)
+    except Exception as e:
+        _report_start_failure(err_w, out_w, f"namespace setup failed: {e}")
+        os._exit(126)
+    exec_command(req, out_w, err_w)
+
+
+def enter_job_network(cg):
+    """Unshare a network namespace with only loopback, up, and mount a /sys that shows it.
+
+    Done before the request arrives (it costs about a millisecond). Raises OSError naming
+    the step that failed.
+    """
+    def fresh_sys():
+        # sysfs shows the network namespace of whoever mounted it: remount it for ours, read
+        # only, and show the job its own cgroup (the cgroup namespace roots it there), as
+        # runtimes that size themselves from cgroup limits (JVM, Go) expect.
+        mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        if cg.v2_dir:
+            mount("cgroup2", "/sys/fs/cgroup", "cgroup2",
+                  MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+    _run_steps([("unshare the network namespace", lambda: unshare(CLONE_NEWNET)),
+                ("mount /sys", fresh_sys),
+                ("bring up loopback", bring_loopback_up)])
+
+
+def leave_job_network(host_net):
+    """For a job that shares the host's network: back to it, and to the host's /sys."""
+    _run_steps([("rejoin the host network", lambda: setns(host_net, CLONE_NEWNET)),
+                ("unmount the job's /sys", lambda: umount_lazy("/sys"))])
 
 
 def exec_command(req, out_w, err_w):
-    """In the command's process: redirect, drop privileges, exec. Never returns.
+    """Redirect, drop privileges, exec. Never returns.
 
     Failures before exec reach the shim through err_w (close-on-exec, so a successful exec
     closes it silently), with shell exit codes: 127 not found, 126 cannot execute.
@@ -789,8 +955,7 @@ def exec_command(req, out_w, err_w):
         os.closerange(3, err_w)
         os.closerange(err_w + 1, 1 << 16)
         # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: undo that.
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM,
-                    signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+        for sig in FORWARDED_SIGNALS + (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         if read_file("/proc/self/oom_score_adj", "0").strip() != "0":
@@ -879,9 +1044,10 @@ class JobStatus:
 class Job:
     """One job's in-memory record; its durable state lives in its folder."""
 
-    def __init__(self, job_id, spec, job_dir, cgroup):
-        self.id, self.spec, self.dir, self.cgroup = job_id, spec, job_dir, cgroup
-        self.shim = None              # shim.json: shim and init pids, start time
+    def __init__(self, job_id, spec, job_dir):
+        self.id, self.spec, self.dir = job_id, spec, job_dir
+        self.shim = None              # shim.json: shim and init pids, cgroup, start time
+        self.cgroup = None            # JobCgroup, once the shim has said which
         self.result = None            # result.json: how it ended
         self.stop_requested = False
         self.paused = False
@@ -1008,13 +1174,14 @@ class Spawner:
         self._sock = None
         self._proc = None
 
-    def start(self):
+    def start(self, settings):
         """Exec the spawner helper. Raises UnavailableError if it cannot run."""
         import subprocess   # Popen forks and execs in C: safe in a threaded process
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "_spawner", str(theirs.fileno())],
+                [sys.executable, os.path.abspath(__file__), "_spawner", str(theirs.fileno()),
+                 json.dumps(settings)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             ours.close()
@@ -1117,7 +1284,8 @@ class Engine:
         self._watcher = OutputWatcher(self._record_end)
         self._load_jobs()
         self._sweep_cgroups()
-        self._spawner.start()
+        self._spawner.start({"layout": self.layout.to_dict(),
+                             "cgroup_root": self.config.cgroup_root})
         return self
 
     def close(self, stop_jobs=False):
@@ -1153,7 +1321,7 @@ class Engine:
                 continue
             job = self._new_job(name, spec)
             job.stop_requested = os.path.exists(os.path.join(job_dir, STOP_FILE))
-            job.shim = _load_json(os.path.join(job_dir, SHIM_FILE))
+            self._set_shim(job, _load_json(os.path.join(job_dir, SHIM_FILE)))
             if job.result is None and not self._shim_alive(job):
                 # The shim is gone without writing a result: the job's end cannot be known.
                 self._finish(job, {"unknown": True, "error":
@@ -1163,19 +1331,20 @@ class Engine:
                 self._watch(job)
 
     def _sweep_cgroups(self):
-        """Kill and remove job cgroups that no live job owns (left by a crash)."""
-        for job_id in JobCgroup.job_ids(self.layout, self.config.cgroup_root):
-            job = self._jobs.get(job_id)
-            if job is not None and job.result is None:
-                continue
-            cg = JobCgroup(self.layout, self.config.cgroup_root, job_id)
-            log.warning("removing leftover cgroup of job %s", job_id)
+        """Kill and remove job cgroups that no running job owns (left by a crash).
+
+        Called before the spawner starts, so no warm shim of ours can be among them.
+        """
+        owned = {j.cgroup.name for j in self._all_jobs() if j.result is None and j.cgroup}
+        for name in JobCgroup.names(self.layout, self.config.cgroup_root) - owned:
+            cg = JobCgroup(self.layout, self.config.cgroup_root, name)
+            log.warning("removing leftover job cgroup %s", name)
             try:
                 if cg.populated():
                     cg.kill()
                 cg.remove(timeout=KILL_TIMEOUT)
             except (OSError, Error) as e:
-                log.error("cannot remove leftover cgroup %s: %s", job_id, e)
+                log.error("cannot remove leftover cgroup %s: %s", name, e)
 
     @staticmethod
     def _shim_alive(job):
@@ -1229,13 +1398,13 @@ class Engine:
                 "job_id": job_id, "job_dir": job_dir, "argv": argv, "uid": uid,
                 "env": {"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env},
                 "workdir": workdir, "limits": dataclasses.asdict(limits),
-                "layout": self.layout.to_dict(), "cgroup_root": self.config.cgroup_root,
-                "host_network": options.host_network, "output_cap": self.config.output_cap})
+                "host_network": options.host_network,
+                "output_cap": self.config.output_cap})
         except UnavailableError:
             self._finish(job, {"failed": True, "error": "the spawner did not start the job",
                                "ended_at": time.time()}, save=True)
             raise
-        job.shim = _load_json(os.path.join(job_dir, SHIM_FILE))
+        self._set_shim(job, reply.get("shim"))
         if not reply.get("ok") or reply.get("error"):
             # Not started: the shim writes its result at once; show it before returning.
             job.ended.wait(KILL_TIMEOUT)
@@ -1295,7 +1464,7 @@ class Engine:
             self.resume(job_id, quiet=True)   # a frozen job cannot act on SIGTERM
         if not job.ended.wait(grace):
             try:
-                job.cgroup.kill()
+                self._cgroup_of(job).kill()
             except OSError as e:
                 if job.result is None and e.errno != errno.ENOENT:
                     raise UnavailableError(f"cannot kill job {job_id}: {e}") from None
@@ -1307,7 +1476,7 @@ class Engine:
         """Freeze every process of the job. Raises NotFoundError, FailedPreconditionError."""
         job = self._get(job_id)
         self._require_running(job)
-        job.cgroup.freeze()
+        self._cgroup_of(job).freeze()
         job.paused = True
         return self.status(job_id)
 
@@ -1319,8 +1488,8 @@ class Engine:
             if not job.paused:
                 raise FailedPreconditionError(f"job {job_id} is not paused")
         try:
-            job.cgroup.thaw()
-        except OSError:
+            self._cgroup_of(job).thaw()
+        except (OSError, Error):
             if not quiet:
                 raise
         job.paused = False
@@ -1380,8 +1549,7 @@ class Engine:
     # -- internals ------------------------------------------------------------
 
     def _new_job(self, job_id, spec):
-        job = Job(job_id, spec, os.path.join(self.config.state_dir, "jobs", job_id),
-                  JobCgroup(self.layout, self.config.cgroup_root, job_id))
+        job = Job(job_id, spec, os.path.join(self.config.state_dir, "jobs", job_id))
         result = _load_json(os.path.join(job.dir, RESULT_FILE))
         if result is not None:
             job.result = result
@@ -1391,6 +1559,12 @@ class Engine:
             if job.result is None:
                 self._uids_in_use.add(spec["uid"])
         return job
+
+    def _set_shim(self, job, shim):
+        """Record the shim's facts (pids, cgroup), from its reply or its shim.json."""
+        job.shim = shim
+        if shim and shim.get("cgroup"):
+            job.cgroup = JobCgroup(self.layout, self.config.cgroup_root, shim["cgroup"])
 
     def _watch(self, job):
         self._watcher.watch(job)
@@ -1444,6 +1618,12 @@ class Engine:
             return list(self._jobs.values())
 
     @staticmethod
+    def _cgroup_of(job):
+        if job.cgroup is None:
+            raise UnavailableError(f"job {job.id} has no known cgroup")
+        return job.cgroup
+
+    @staticmethod
     def _require_running(job):
         if job.result is not None:
             raise FailedPreconditionError(f"job {job.id} has ended")
@@ -1459,7 +1639,7 @@ class Engine:
             return   # already gone
         try:
             # The pidfd pins the process; check it is still this job's init, not a reused pid.
-            if f"/{self.config.cgroup_root}/{job.id}\n" in read_file(f"/proc/{init_pid}/cgroup", ""):
+            if job.cgroup and f"/{job.cgroup.name}\n" in read_file(f"/proc/{init_pid}/cgroup", ""):
                 signal.pidfd_send_signal(pidfd, signum)
         except ProcessLookupError:
             pass
@@ -1476,7 +1656,7 @@ class Engine:
             started_at=(job.shim or {}).get("started_at", 0.0))
         if r is None:
             try:
-                usage = job.cgroup.usage()
+                usage = job.cgroup.usage() if job.cgroup else {}
             except OSError:
                 usage = {}
             st.cpu_seconds = usage.get("cpu_seconds", 0.0)
@@ -1564,7 +1744,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # Hidden helper mode, dispatched before anything heavy (grpc) is imported.
     if argv[:1] == ["_spawner"]:
-        return spawner_main(int(argv[1]))
+        return spawner_main(int(argv[1]), json.loads(argv[2]))
     raise SystemExit("steve-jobs: the server and client come in a later version")
 
 
