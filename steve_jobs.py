@@ -17,17 +17,16 @@ Security model, in five lines:
 #   constants and errors -> Linux primitives -> cgroups -> spawner, shim and init
 #   -> job engine -> auth -> gRPC service -> client -> CLI -> main()
 
+# Only light modules here: the spawner runs this file too, and every megabyte it holds
+# makes each fork and the job's final exec slower (secrets pulls in OpenSSL, dataclasses
+# inspect, ctypes.util and uuid subprocess; logging is imported on first use).
 import ctypes
-import ctypes.util
-import dataclasses
 import errno
 import fcntl
 import json
-import logging
 import math
 import os
 import re
-import secrets
 import select
 import signal
 import socket
@@ -35,9 +34,31 @@ import struct
 import sys
 import threading
 import time
-import uuid
+import typing
 
-log = logging.getLogger("steve_jobs")
+
+class _LazyLogger:
+    """The 'steve_jobs' logger, imported on first use."""
+
+    def __getattr__(self, name):
+        import logging
+        return getattr(logging.getLogger("steve_jobs"), name)
+
+
+log = _LazyLogger()
+
+
+def random_hex(nbytes):
+    """Random hex digits from the kernel's CSPRNG (what secrets.token_hex does)."""
+    return os.urandom(nbytes).hex()
+
+
+def new_job_id():
+    """A random (version 4) UUID string, as uuid.uuid4() would make."""
+    b = bytearray(os.urandom(16))
+    b[6], b[8] = (b[6] & 0x0F) | 0x40, (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 ###############################################################################
 # Constants and errors
@@ -49,7 +70,8 @@ DEFAULT_STATE_DIR = "/var/lib/steve-jobs"
 DEFAULT_CGROUP_ROOT = "steve-jobs"
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ARGV_BYTES = 128 * KiB        # one start request must fit one SOCK_SEQPACKET message
-MAX_REQUEST_BYTES = 4 * MAX_ARGV_BYTES
+MAX_REQUEST_BYTES = 1 * MiB       # a start request, argv and environment JSON-encoded
+SO_SNDBUFFORCE = 32
 MAX_ARGV_ITEMS = 4096
 MAX_ENV_ITEMS = 256
 MIN_MEMORY = 8 * MiB              # below this even the job's init cannot run
@@ -115,7 +137,7 @@ IN_MODIFY, IN_MOVED_TO, IN_IGNORED = 0x2, 0x80, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)   # the C library Python itself is linked with
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 
@@ -243,8 +265,7 @@ V2_CONTROLLERS = ("cpu", "memory", "io", "pids")
 V2_EQUIVALENT = {"cpuacct": "cpu", "blkio": "io", "freezer": None}   # None: cgroup.freeze
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
+class Limits(typing.NamedTuple):
     """Resource limits of one job; 0 means 'the server default' in a request."""
     cpu: float = 0.0          # CPU time as a fraction of cores (0.5 = half a core)
     memory: int = 0           # bytes of RAM; swap may not add to it
@@ -254,12 +275,11 @@ class Limits:
     io_device: str = ""       # "MAJOR:MINOR" of a whole disk; default: the job's files' disk
 
 
-@dataclasses.dataclass(frozen=True)
-class CgroupLayout:
+class CgroupLayout(typing.NamedTuple):
     """Where each controller lives on this host: a v1 hierarchy or the unified (v2) tree."""
-    unified: str = ""                                   # cgroup2 mount point, if any
-    v1: dict = dataclasses.field(default_factory=dict)  # controller -> v1 mount point
-    v2: tuple = ()                                      # controllers the unified root offers
+    unified: str = ""        # cgroup2 mount point, if any
+    v1: dict = {}            # controller -> v1 mount point (never mutated)
+    v2: tuple = ()           # controllers the unified root offers
 
     @classmethod
     def from_mountinfo(cls, mountinfo, read=read_file):
@@ -556,8 +576,8 @@ def whole_disk_of(path):
 # writes the job's result. Everything the server needs later is in files, so a job does
 # not depend on the server process.
 
-SHIM_FILE, RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
-    "shim.json", "result.json", "job.json", "output", "stop_requested")
+RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
+    "result.json", "job.json", "output", "stop_requested")
 
 
 def spawner_main(sock_fd, settings):
@@ -574,68 +594,97 @@ def spawner_main(sock_fd, settings):
             if warm is None:
                 warm = WarmShim(settings, sock)
             try:
-                msg = sock.recv(MAX_REQUEST_BYTES)
+                msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 1)
             except InterruptedError:
                 continue
             if not msg:
                 return 0
-            if not warm.hand_over(msg):   # it died while waiting: one fresh try
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            reply_fd = fds[0]
+            if not warm.hand_over(msg, reply_fd):   # it died while waiting: one fresh try
                 warm = WarmShim(settings, sock)
-                if not warm.hand_over(msg):
-                    _reply(sock, msg, ok=False, error="the job's supervisor could not start")
+                if not warm.hand_over(msg, reply_fd):
+                    _reply(reply_fd, ok=False, error="the job's supervisor could not start")
+            os.close(reply_fd)
             warm = None
     finally:
         if warm is not None:
             warm.discard()
 
 
-def _reply(sock, msg, **fields):
-    """Answer the request msg (bytes of JSON) on the spawner socket."""
+def _reply(reply_fd, **fields):
+    """Answer a start request on its own reply pipe."""
     try:
-        req_id = json.loads(msg).get("req")
-    except ValueError:
-        return
-    sock.send(json.dumps({"req": req_id, **fields}).encode())
+        _write_all(reply_fd, json.dumps(fields).encode())
+    except OSError:
+        pass   # the asker gave up waiting
+
+
+def seqpacket_pair():
+    """A connected AF_UNIX SOCK_SEQPACKET pair with room for the largest request."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        try:
+            # One message must fit the send buffer; root may exceed net.core.wmem_max.
+            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * MAX_REQUEST_BYTES)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * MAX_REQUEST_BYTES)
+    return a, b
 
 
 class WarmShim:
     """A forked shim, ready for the next job; the spawner's handle on it."""
 
-    def __init__(self, settings, sock):
-        req_r, self._req_w = os.pipe2(os.O_CLOEXEC)
+    def __init__(self, settings, spawner_sock):
+        ours, theirs = seqpacket_pair()
         self.pid = os.fork()
         if self.pid == 0:
             code = 1
             try:
-                os.close(self._req_w)
-                code = shim_main(req_r, sock, settings)
+                ours.close()
+                spawner_sock.close()   # the server must see EOF when the spawner alone exits
+                code = shim_main(theirs, settings)
             except BaseException:   # a shim must never fall back into the spawner loop
                 log.exception("job supervisor failed")
             finally:
                 os._exit(code)
-        os.close(req_r)
+        theirs.close()
+        self._sock = ours
 
-    def hand_over(self, msg):
-        """Give it its job. False if it is gone."""
+    def hand_over(self, msg, reply_fd):
+        """Give it its job and the job's reply pipe. False if it is gone."""
         try:
-            _write_all(self._req_w, msg)
+            socket.send_fds(self._sock, [msg], [reply_fd])
             return True
         except OSError:
             return False
         finally:
-            os.close(self._req_w)
+            self._sock.close()
 
     def discard(self):
-        """No job will come: closing its pipe makes it clean up and exit."""
-        os.close(self._req_w)
+        """No job will come: hanging up makes it clean up; wait (bounded) until it has."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            pidfd = None   # already gone
+        self._sock.close()
+        if pidfd is not None:
+            select.select([pidfd], [], [], KILL_TIMEOUT)   # readable once it has exited
+            os.close(pidfd)
 
 
-def shim_main(req_fd, sock, settings):
-    """Supervise one job, from a warm cgroup to its result file. Returns an exit code."""
+def shim_main(chan, settings):
+    """Supervise one job, from a warm cgroup to its result file. Returns an exit code.
+
+    chan: the spawner's socket to this shim; it brings the request and its reply pipe.
+    """
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)    # we wait for init ourselves
     os.setsid()                                     # no terminal signals from the server's tty
     layout = CgroupLayout.from_dict(settings["layout"])
-    cg = JobCgroup(layout, settings["cgroup_root"], "j-" + secrets.token_hex(8))
+    cg = JobCgroup(layout, settings["cgroup_root"], "j-" + random_hex(8))
     warm_error = ""
     try:
         cg.create()
@@ -654,9 +703,9 @@ def shim_main(req_fd, sock, settings):
         unshare(CLONE_NEWPID)                    # the next child is pid 1 of a new namespace
         init_pid = os.fork()
         if init_pid == 0:
-            for fd in (out_r, err_r, status_r, go_w, req_fd):
+            for fd in (out_r, err_r, status_r, go_w):
                 os.close(fd)
-            sock.close()
+            chan.close()
             code = 126
             try:
                 code = init_main(cg, out_w, err_w, status_w, go_r)
@@ -665,20 +714,23 @@ def shim_main(req_fd, sock, settings):
     for fd in (out_w, err_w, status_w, go_r):
         os.close(fd)
 
-    msg = _read_all(req_fd)                      # wait for a job
-    if not msg:                                   # the spawner is gone: no job will come
+    msg, fds, _, _ = socket.recv_fds(chan, MAX_REQUEST_BYTES, 1)   # wait for a job
+    chan.close()
+    if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
         _discard_warm(cg, init_pid)
         return 0
+    reply_fd = fds[0]
     req = json.loads(msg)
-    job_dir = req["job_dir"]
+    job_dir, spec = req["job_dir"], req["spec"]
     started = time.time()
 
     def fail(message):
         _discard_warm(cg, init_pid)
+        write_json_atomic(os.path.join(job_dir, SPEC_FILE), spec)
         write_json_atomic(os.path.join(job_dir, RESULT_FILE), {
             "failed": True, "error": message, "exit_code": 126, "started_at": started,
             "ended_at": time.time(), "output_bytes": 0})
-        _reply(sock, msg, ok=False, error=message)
+        _reply(reply_fd, ok=False, error=message)
         return 1
 
     if warm_error:
@@ -699,9 +751,11 @@ def shim_main(req_fd, sock, settings):
     failure = json.loads(failure)["error"] if failure else ""
     shim = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid()),
             "init_pid": init_pid, "cgroup": cg.name, "started_at": started}
-    _reply(sock, msg, ok=True, error=failure, shim=shim)   # first: the caller is waiting
-    sock.close()
-    write_json_atomic(os.path.join(job_dir, SHIM_FILE), shim)
+    _reply(reply_fd, ok=True, error=failure, shim=shim)   # first: the caller is waiting
+    os.close(reply_fd)
+    # The job's record: what the server asked for and where the job lives. Written here,
+    # not by the server, so that it exists whatever happens to the server meanwhile.
+    write_json_atomic(os.path.join(job_dir, SPEC_FILE), {**spec, "shim": shim})
 
     written, truncated, out_error = copy_output(out_r, out_fd, req["output_cap"])
     os.close(out_fd)
@@ -727,10 +781,9 @@ def shim_main(req_fd, sock, settings):
 def _discard_warm(cg, init_pid):
     """Kill a shim's unused init and command, and remove its cgroup."""
     if init_pid:
-        try:
-            cg.kill()
-        except (OSError, Error):
-            os.kill(init_pid, signal.SIGKILL)
+        # Not cg.kill(): init may not have joined the cgroup yet. Killing pid 1 of a pid
+        # namespace kills everything in it, and init is our unreaped child: no pid reuse.
+        os.kill(init_pid, signal.SIGKILL)
         os.waitpid(init_pid, 0)
     _remove_cgroup(cg)
 
@@ -993,8 +1046,7 @@ def reap_until(pid):
 # Job engine
 ###############################################################################
 
-@dataclasses.dataclass(frozen=True)
-class JobOptions:
+class JobOptions(typing.NamedTuple):
     """How a job runs, apart from its limits."""
     env: tuple = ()               # extra (NAME, value) pairs on top of PATH, HOME, LANG
     workdir: str = ""             # absolute path; default: a fresh folder per job
@@ -1002,8 +1054,7 @@ class JobOptions:
     host_network: bool = False    # share the host's network namespace
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(typing.NamedTuple):
     """Server-side settings of the engine; every limit has a default and a maximum."""
     state_dir: str = DEFAULT_STATE_DIR
     cgroup_root: str = DEFAULT_CGROUP_ROOT
@@ -1017,8 +1068,11 @@ class EngineConfig:
     uid_count: int = 1 << 20
 
 
-@dataclasses.dataclass
-class JobStatus:
+RESULT_FIELDS = ("started_at", "ended_at", "exit_code", "signal", "error", "cpu_seconds",
+                 "peak_memory_bytes", "oom_kills", "output_bytes", "output_truncated")
+
+
+class JobStatus(typing.NamedTuple):
     """What is known about one job, as status() and list() return it."""
     id: str
     owner: str
@@ -1166,22 +1220,25 @@ class OutputWatcher:
 
 
 class Spawner:
-    """The server's handle on the spawner process: send start requests, match replies."""
+    """The server's handle on the spawner process.
+
+    Each request carries its own reply pipe (SCM_RIGHTS), so the thread that asks reads
+    the answer itself: no reply thread, no matching of answers to questions.
+    """
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._pending = {}          # request id -> [threading.Event, reply]
         self._sock = None
         self._proc = None
 
     def start(self, settings):
         """Exec the spawner helper. Raises UnavailableError if it cannot run."""
         import subprocess   # Popen forks and execs in C: safe in a threaded process
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = seqpacket_pair()
         try:
+            # -I -S: no site-packages, no environment: a small process forks faster.
             self._proc = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "_spawner", str(theirs.fileno()),
-                 json.dumps(settings)],
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), "_spawner",
+                 str(theirs.fileno()), json.dumps(settings)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             ours.close()
@@ -1189,58 +1246,48 @@ class Spawner:
         finally:
             theirs.close()
         self._sock = ours
-        threading.Thread(target=self._read_replies, name="spawner-replies", daemon=True).start()
 
     def spawn(self, request, timeout=SPAWN_TIMEOUT):
         """Send one start request and wait (bounded) for its reply dict.
 
-        Raises UnavailableError if the spawner is gone or does not answer in time.
+        Raises InvalidArgumentError if the request is too large, UnavailableError if the
+        spawner is gone or does not answer in time.
         """
-        req_id = secrets.token_hex(8)
-        waiter = [threading.Event(), None]
-        with self._lock:
-            self._pending[req_id] = waiter
+        msg = json.dumps(request, ensure_ascii=False).encode()
+        if len(msg) > MAX_REQUEST_BYTES:
+            raise InvalidArgumentError("the command and its environment are too large")
+        reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
         try:
-            self._sock.send(json.dumps({**request, "req": req_id}).encode())
-            if not waiter[0].wait(timeout):
-                raise UnavailableError("the spawner did not answer in time")
-        except OSError as e:
-            raise UnavailableError(f"the spawner is gone: {e}") from None
-        finally:
-            with self._lock:
-                self._pending.pop(req_id, None)
-        if waiter[1] is None:
-            raise UnavailableError("the spawner exited")
-        return waiter[1]
-
-    def _read_replies(self):
-        while True:
             try:
-                msg = self._sock.recv(64 * KiB)
-            except OSError:
-                msg = b""
-            if not msg:   # spawner gone: fail everyone waiting
-                with self._lock:
-                    for waiter in self._pending.values():
-                        waiter[0].set()
-                return
-            reply = json.loads(msg)
-            with self._lock:
-                waiter = self._pending.get(reply.get("req"))
-            if waiter:
-                waiter[1] = reply
-                waiter[0].set()
+                socket.send_fds(self._sock, [msg], [reply_w])
+            except OSError as e:
+                raise UnavailableError(f"the spawner is gone: {e}") from None
+            finally:
+                os.close(reply_w)   # now only the spawner (then the shim) holds it
+            if not select.select([reply_r], [], [], timeout)[0]:
+                raise UnavailableError("the spawner did not answer in time")
+            reply = _read_all(reply_r)
+            reply_r = None
+        finally:
+            if reply_r is not None:
+                os.close(reply_r)
+        if not reply:
+            raise UnavailableError("the spawner or the job's supervisor exited")
+        return json.loads(reply)
 
     def close(self):
+        """Hang up; the spawner discards its warm shim and exits (bounded wait)."""
         if self._sock:
-            self._sock.shutdown(socket.SHUT_RDWR)   # the spawner reads EOF and exits
+            self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
+            self._sock = None
         if self._proc:
             try:
-                self._proc.wait(timeout=5)
+                self._proc.wait(timeout=KILL_TIMEOUT + 5)
             except Exception:
                 self._proc.kill()
                 self._proc.wait(timeout=5)
+            self._proc = None
 
 
 class Engine:
@@ -1321,7 +1368,7 @@ class Engine:
                 continue
             job = self._new_job(name, spec)
             job.stop_requested = os.path.exists(os.path.join(job_dir, STOP_FILE))
-            self._set_shim(job, _load_json(os.path.join(job_dir, SHIM_FILE)))
+            self._set_shim(job, spec.get("shim"))
             if job.result is None and not self._shim_alive(job):
                 # The shim is gone without writing a result: the job's end cannot be known.
                 self._finish(job, {"unknown": True, "error":
@@ -1368,7 +1415,7 @@ class Engine:
         if options.workdir and (not options.workdir.startswith("/") or "\0" in options.workdir):
             raise InvalidArgumentError("workdir must be an absolute path without NUL bytes")
 
-        job_id = str(uuid.uuid4())
+        job_id = new_job_id()
         job_dir = os.path.join(self.config.state_dir, "jobs", job_id)
         uid = 0 if options.as_root else self._allocate_uid()
         workdir = options.workdir
@@ -1382,27 +1429,24 @@ class Engine:
                 if not device:
                     raise InvalidArgumentError(
                         f"cannot limit IO: {workdir} is on no block device; name io_device")
-                limits = dataclasses.replace(limits, io_device=device)
+                limits = limits._replace(io_device=device)
             os.mkdir(job_dir, 0o700)
         except OSError as e:
             self._release_uid(uid)
             raise InvalidArgumentError(f"cannot prepare the job: {e}") from None
-        spec = {"id": job_id, "owner": owner, "argv": argv, "limits": dataclasses.asdict(limits),
-                "options": dataclasses.asdict(dataclasses.replace(options, env=tuple(env.items()))),
+        spec = {"id": job_id, "owner": owner, "argv": argv, "limits": limits._asdict(),
+                "options": options._replace(env=tuple(env.items()))._asdict(),
                 "created_at": time.time(), "uid": uid, "workdir": workdir}
-        write_json_atomic(os.path.join(job_dir, SPEC_FILE), spec)
         job = self._new_job(job_id, spec)
         self._watch(job)   # before the spawn, or a quick job could end unseen
         try:
             reply = self._spawner.spawn({
-                "job_id": job_id, "job_dir": job_dir, "argv": argv, "uid": uid,
+                "job_id": job_id, "job_dir": job_dir, "spec": spec, "argv": argv, "uid": uid,
                 "env": {"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env},
-                "workdir": workdir, "limits": dataclasses.asdict(limits),
-                "host_network": options.host_network,
-                "output_cap": self.config.output_cap})
-        except UnavailableError:
-            self._finish(job, {"failed": True, "error": "the spawner did not start the job",
-                               "ended_at": time.time()}, save=True)
+                "workdir": workdir, "limits": spec["limits"],
+                "host_network": options.host_network, "output_cap": self.config.output_cap})
+        except Error:
+            self._forget(job, remove_workdir=not options.workdir)
             raise
         self._set_shim(job, reply.get("shim"))
         if not reply.get("ok") or reply.get("error"):
@@ -1471,6 +1515,17 @@ class Engine:
         if not job.ended.wait(KILL_TIMEOUT):
             raise UnavailableError(f"job {job_id} did not end {KILL_TIMEOUT:g}s after SIGKILL")
         return self.status(job_id)
+
+    def wait(self, job_id, timeout):
+        """Block until the job has ended or timeout seconds pass; returns its JobStatus.
+
+        Raises NotFoundError, InvalidArgumentError.
+        """
+        if not (isinstance(timeout, (int, float)) and 0 <= timeout <= 86400):
+            raise InvalidArgumentError("timeout must be between 0 and 86400 seconds")
+        job = self._get(job_id)
+        job.ended.wait(timeout)
+        return self._status(job)
 
     def pause(self, job_id):
         """Freeze every process of the job. Raises NotFoundError, FailedPreconditionError."""
@@ -1593,10 +1648,20 @@ class Engine:
         job.ended.set()
         job.notify()
 
+    def _forget(self, job, remove_workdir):
+        """Undo a start that did not reach the spawner's shim: no record, no folders."""
+        import shutil
+        with self._lock:
+            self._jobs.pop(job.id, None)
+            self._uids_in_use.discard(job.spec["uid"])
+        shutil.rmtree(job.dir, ignore_errors=True)   # also ends its inotify watch
+        if remove_workdir:
+            shutil.rmtree(job.spec["workdir"], ignore_errors=True)
+
     def _allocate_uid(self):
         with self._lock:
             for _ in range(64):
-                uid = self.config.uid_base + secrets.randbelow(self.config.uid_count)
+                uid = self.config.uid_base + int.from_bytes(os.urandom(4), "little") % self.config.uid_count
                 if uid not in self._uids_in_use:
                     self._uids_in_use.add(uid)
                     return uid
@@ -1648,36 +1713,22 @@ class Engine:
 
     def _status(self, job):
         spec, r = job.spec, job.result
-        st = JobStatus(
+        fields = dict(
             id=job.id, owner=spec["owner"], argv=list(spec["argv"]), state=derive_state(job),
             limits=Limits(**spec["limits"]),
-            options=JobOptions(**{**spec["options"], "env": tuple(map(tuple, spec["options"]["env"]))}),
+            options=JobOptions(**{**spec["options"],
+                                  "env": tuple(map(tuple, spec["options"]["env"]))}),
             created_at=spec["created_at"], uid=spec["uid"],
             started_at=(job.shim or {}).get("started_at", 0.0))
-        if r is None:
+        if r is None:   # running: live figures from the cgroup and the output file
             try:
-                usage = job.cgroup.usage() if job.cgroup else {}
-            except OSError:
-                usage = {}
-            st.cpu_seconds = usage.get("cpu_seconds", 0.0)
-            st.memory_bytes = usage.get("memory_bytes", 0)
-            st.peak_memory_bytes = usage.get("peak_memory_bytes", 0)
-            st.oom_kills = usage.get("oom_kills", 0)
-            try:
-                st.output_bytes = os.stat(job.output_path).st_size
+                fields.update(job.cgroup.usage() if job.cgroup else {})
+                fields["output_bytes"] = os.stat(job.output_path).st_size
             except OSError:
                 pass
-            return st
-        st.started_at = r.get("started_at", st.started_at)
-        st.ended_at = r.get("ended_at", 0.0)
-        st.exit_code, st.signal = r.get("exit_code"), r.get("signal")
-        st.error = r.get("error", "")
-        st.cpu_seconds = r.get("cpu_seconds", 0.0)
-        st.peak_memory_bytes = r.get("peak_memory_bytes", 0)
-        st.oom_kills = r.get("oom_kills", 0)
-        st.output_bytes = r.get("output_bytes", 0)
-        st.output_truncated = r.get("output_truncated", False)
-        return st
+            return JobStatus(**fields)
+        fields.update((k, r[k]) for k in RESULT_FIELDS if k in r)
+        return JobStatus(**fields)
 
 
 def read_output_file(path, offset, size):
