@@ -1550,6 +1550,16 @@ class Engine:
         job.paused = False
         return self.status(job_id)
 
+    def remove(self, job_id):
+        """Delete an ended job's record, output and (server-made) working folder.
+
+        Raises NotFoundError, FailedPreconditionError while the job runs.
+        """
+        job = self._get(job_id)
+        if job.result is None:
+            raise FailedPreconditionError(f"job {job_id} is still running; stop it first")
+        self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
+
     def status(self, job_id):
         """A JobStatus snapshot. Raises NotFoundError."""
         return self._status(self._get(job_id))
@@ -1649,7 +1659,7 @@ class Engine:
         job.notify()
 
     def _forget(self, job, remove_workdir):
-        """Undo a start that did not reach the spawner's shim: no record, no folders."""
+        """Drop a job: its record, its folder and (if the server made it) its workdir."""
         import shutil
         with self._lock:
             self._jobs.pop(job.id, None)
@@ -1788,15 +1798,974 @@ def validate_env(pairs):
 
 
 ###############################################################################
+# Auth: who is calling (certificate + JWT) and what they may do (roles)
+###############################################################################
+#
+# The user is the verified client certificate's CN, never a name the client asserts. The
+# JWT (ES256, server holds only the public key) must name the same user, be unexpired,
+# carry a role, and be bound to that very certificate (RFC 8705 cnf/x5t#S256), so a stolen
+# token is useless without the certificate's private key.
+
+JWT_ALGORITHM = "ES256"
+JWT_ISSUER = JWT_AUDIENCE = "steve-jobs"
+JWT_LEEWAY = 30                     # seconds of clock skew tolerated
+
+# Every RPC and what it needs. "job" RPCs act on one job and are scoped by ownership.
+RPC_ACTIONS = {
+    "Start": "write", "Stop": "write", "Pause": "write", "Resume": "write", "Remove": "write",
+    "Status": "read", "Output": "read", "List": "read",
+}
+JOB_RPCS = ("Stop", "Pause", "Resume", "Remove", "Status", "Output")
+
+
+class Role(typing.NamedTuple):
+    """What a role may do."""
+    actions: frozenset          # subset of {"read", "write"}
+    all_jobs: bool              # sees every user's jobs, not only its own
+    root_jobs: bool             # may start jobs as root
+    up_to_max_limits: bool      # limits up to the server's maximums (else its defaults)
+
+
+ROLES = {
+    "admin": Role(frozenset({"read", "write"}), all_jobs=True, root_jobs=True,
+                  up_to_max_limits=True),
+    "user": Role(frozenset({"read", "write"}), all_jobs=False, root_jobs=False,
+                 up_to_max_limits=False),
+    "reader": Role(frozenset({"read"}), all_jobs=True, root_jobs=False, up_to_max_limits=False),
+}
+
+
+class Identity(typing.NamedTuple):
+    """A caller whose certificate and token were both verified."""
+    user: str
+    role: str
+
+
+def certificate_thumbprint(der):
+    """RFC 8705 x5t#S256: base64url (unpadded) SHA-256 of the certificate's DER bytes."""
+    import base64
+    import hashlib
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
+class TokenVerifier:
+    """Checks bearer tokens against the signing public key and the caller's certificate."""
+
+    def __init__(self, public_key_pem, issuer=JWT_ISSUER, audience=JWT_AUDIENCE):
+        import jwt   # PyJWT, with cryptography for ES256
+        self._jwt = jwt
+        self._key = jwt.algorithms.ECAlgorithm(jwt.algorithms.ECAlgorithm.SHA256) \
+            .prepare_key(public_key_pem)
+        self.issuer, self.audience = issuer, audience
+
+    def verify(self, token, cert_cn, cert_der):
+        """The caller's Identity. Raises UnauthenticatedError saying what is wrong."""
+        if not cert_cn or not cert_der:
+            raise UnauthenticatedError("no verified client certificate")
+        if not token:
+            raise UnauthenticatedError("no bearer token (metadata 'authorization: Bearer ...')")
+        jwt = self._jwt
+        try:
+            claims = jwt.decode(
+                token, self._key, algorithms=[JWT_ALGORITHM], audience=self.audience,
+                issuer=self.issuer, leeway=JWT_LEEWAY,
+                options={"require": ["exp", "iat", "sub", "aud", "iss"]})
+        except jwt.ExpiredSignatureError:
+            raise UnauthenticatedError("token expired") from None
+        except jwt.InvalidTokenError as e:
+            raise UnauthenticatedError(f"invalid token: {e}") from None
+        if claims["sub"] != cert_cn:
+            raise UnauthenticatedError("token is for another user than the certificate")
+        cnf = claims.get("cnf")
+        if not isinstance(cnf, dict) or cnf.get("x5t#S256") != certificate_thumbprint(cert_der):
+            raise UnauthenticatedError("token is not bound to this client certificate")
+        role = claims.get("role")
+        if role not in ROLES:
+            raise UnauthenticatedError(f"token has no valid role (one of {', '.join(ROLES)})")
+        return Identity(user=cert_cn, role=role)
+
+
+def issue_token(signing_key_pem, user, role, cert_der, lifetime,
+                issuer=JWT_ISSUER, audience=JWT_AUDIENCE):
+    """A signed ES256 token for user with role, bound to the certificate cert_der.
+
+    Raises InvalidArgumentError for an unknown role or lifetime out of range.
+    """
+    import jwt
+    if role not in ROLES:
+        raise InvalidArgumentError(f"role must be one of {', '.join(ROLES)}")
+    if not 60 <= lifetime <= 5 * 366 * 86400:
+        raise InvalidArgumentError("lifetime must be between 1 minute and 5 years")
+    now = int(time.time())
+    claims = {"iss": issuer, "aud": audience, "sub": user, "role": role, "iat": now,
+              "nbf": now, "exp": now + int(lifetime), "jti": random_hex(16),
+              "cnf": {"x5t#S256": certificate_thumbprint(cert_der)}}
+    return jwt.encode(claims, signing_key_pem, algorithm=JWT_ALGORITHM)
+
+
+def decide(identity, rpc, job_owner=None):
+    """The one place that decides whether identity may make this call.
+
+    job_owner: the owner of the job the call is about, for job RPCs.
+    Raises PermissionDeniedError, or NotFoundError for a job the caller may not see
+    (so that job ids cannot be probed).
+    """
+    role = ROLES[identity.role]
+    if RPC_ACTIONS[rpc] not in role.actions:
+        raise PermissionDeniedError(f"role {identity.role} may not call {rpc}")
+    if job_owner is not None and not role.all_jobs and job_owner != identity.user:
+        raise NotFoundError("no such job")
+
+
+def check_start_allowed(identity, limits, options, default_limits):
+    """Role limits on Start. Raises PermissionDeniedError."""
+    role = ROLES[identity.role]
+    if options.as_root and not role.root_jobs:
+        raise PermissionDeniedError(f"role {identity.role} may not run jobs as root")
+    if not role.up_to_max_limits:
+        for field in ("cpu", "memory", "pids"):
+            asked, cap = getattr(limits, field), getattr(default_limits, field)
+            if asked and asked > cap:
+                raise PermissionDeniedError(
+                    f"role {identity.role} may ask for at most {field}={cap:g}")
+
+
+###############################################################################
+# gRPC service (the only section besides the client that imports grpc)
+###############################################################################
+
+# TLS 1.2 suites: ECDHE key exchange, AEAD ciphers, ECDSA certificates. TLS 1.3 suites are
+# fixed by BoringSSL (all AEAD); grpc's minimum version is already TLS 1.2.
+TLS12_CIPHER_SUITES = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305"])
+
+
+def import_grpc():
+    """Import grpc and the generated stubs: the one place the file does.
+
+    grpc reads GRPC_SSL_CIPHER_SUITES once, when it is first imported.
+    Returns (grpc, jobs_pb2, jobs_pb2_grpc).
+    """
+    os.environ["GRPC_SSL_CIPHER_SUITES"] = TLS12_CIPHER_SUITES
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import grpc
+    import grpc.aio
+    import jobs_pb2
+    import jobs_pb2_grpc
+    return grpc, jobs_pb2, jobs_pb2_grpc
+
+
+STATE_TO_PB = {RUNNING: 1, PAUSED: 2, EXITED: 3, FAILED: 4, STOPPED: 5, KILLED: 6,
+               OOM_KILLED: 7, UNKNOWN: 8}
+PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
+
+ERROR_CODES = {   # engine errors -> gRPC status code names: the one mapping
+    NotFoundError: "NOT_FOUND", InvalidArgumentError: "INVALID_ARGUMENT",
+    FailedPreconditionError: "FAILED_PRECONDITION", ResourceExhaustedError: "RESOURCE_EXHAUSTED",
+    PermissionDeniedError: "PERMISSION_DENIED", UnauthenticatedError: "UNAUTHENTICATED",
+    UnavailableError: "UNAVAILABLE",
+}
+
+OUTPUT_MEMORY_BUDGET = 128 * MiB    # all output streams' in-flight chunks together
+
+
+class ServerConfig(typing.NamedTuple):
+    """Where the server listens and what it trusts."""
+    listen: str = "127.0.0.1:50051"
+    certs_dir: str = "certs"
+    stop_jobs_on_exit: bool = False
+    shutdown_grace: float = 5.0
+
+
+class CertificateStore:
+    """The server's TLS files; reloaded when they change (rotation without restart)."""
+
+    FILES = ("server.key", "server.crt", "ca.crt")
+
+    def __init__(self, certs_dir):
+        self.dir = certs_dir
+        self._stamp = None
+
+    def read(self):
+        """(key, cert, ca) bytes. Raises UnavailableError naming a missing file."""
+        out = []
+        for name in self.FILES:
+            path = os.path.join(self.dir, name)
+            try:
+                with open(path, "rb") as f:
+                    out.append(f.read())
+            except OSError as e:
+                raise UnavailableError(f"cannot read {path}: {e.strerror}") from None
+        self._stamp = self._mtimes()
+        return tuple(out)
+
+    def changed(self):
+        return self._mtimes() != self._stamp
+
+    def _mtimes(self):
+        stamps = []
+        for name in self.FILES:
+            try:
+                stamps.append(os.stat(os.path.join(self.dir, name)).st_mtime_ns)
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+
+def is_development_ca(ca_pem):
+    return b"steve-jobs DEVELOPMENT CA" in _subject_of(ca_pem)
+
+
+def _subject_of(pem):
+    try:
+        from cryptography import x509
+        return x509.load_pem_x509_certificate(pem).subject.rfc4514_string().encode()
+    except Exception:
+        return b""
+
+
+def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
+    """The JobService servicer: translates protobuf to engine calls and back."""
+    import asyncio
+    import concurrent.futures
+    import ssl
+
+    # Blocking engine calls run here, never on the event loop. Stops wait up to their
+    # grace period, so they get their own pool: a slow stop never delays a start.
+    start_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="start")
+    stop_pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="stop")
+
+    def status_of(error):
+        """(status code name, message) for an exception: the one mapping point.
+
+        Anything unexpected is logged with its traceback and told as INTERNAL, no details.
+        """
+        if isinstance(error, grpc.aio.AbortError):
+            raise error
+        for cls, code in ERROR_CODES.items():
+            if isinstance(error, cls):
+                return code, str(error)
+        log.error("internal error", exc_info=error)
+        return "INTERNAL", "internal error"
+
+    def status_pb(st):
+        pb = jobs_pb2.JobStatus(
+            job_id=st.id, owner=st.owner, argv=st.argv, state=STATE_TO_PB[st.state],
+            error=st.error, limits=limits_pb(st.limits), created_at=st.created_at,
+            started_at=st.started_at, ended_at=st.ended_at, cpu_seconds=st.cpu_seconds,
+            memory_bytes=st.memory_bytes, peak_memory_bytes=st.peak_memory_bytes,
+            oom_kills=st.oom_kills, output_bytes=st.output_bytes,
+            output_truncated=st.output_truncated, as_root=st.options.as_root,
+            host_network=st.options.host_network, workdir=st.options.workdir, uid=st.uid)
+        if st.exit_code is not None:
+            pb.exit_code = st.exit_code
+        if st.signal is not None:
+            pb.signal = st.signal
+        return pb
+
+    def limits_pb(lim):
+        return jobs_pb2.Limits(cpu=lim.cpu, memory_bytes=lim.memory, pids=lim.pids,
+                               io_read_bps=lim.io_read_bps, io_write_bps=lim.io_write_bps,
+                               io_device=lim.io_device)
+
+    class OutputHub:
+        """One engine subscription per followed job, fanned out to asyncio events."""
+
+        def __init__(self):
+            self.loop = asyncio.get_running_loop()
+            self.events = {}        # job id -> set of asyncio.Event
+            self.unsubscribe = {}
+            self.streams = 0
+
+        def watch(self, job_id):
+            if job_id not in self.events:
+                self.events[job_id] = set()
+                self.unsubscribe[job_id] = engine.subscribe(
+                    job_id, lambda: self.loop.call_soon_threadsafe(self._wake, job_id))
+            event = asyncio.Event()
+            self.events[job_id].add(event)
+            self.streams += 1
+            return event
+
+        def unwatch(self, job_id, event):
+            self.streams -= 1
+            self.events[job_id].discard(event)
+            if not self.events[job_id]:
+                del self.events[job_id]
+                self.unsubscribe.pop(job_id)()
+
+        def _wake(self, job_id):
+            for event in self.events.get(job_id, ()):
+                event.set()
+
+        def wake_all(self):
+            for events in self.events.values():
+                for event in events:
+                    event.set()
+
+        def chunk_size(self):
+            return max(16 * KiB, min(CHUNK, OUTPUT_MEMORY_BUDGET // max(1, self.streams)))
+
+    class JobService(jobs_pb2_grpc.JobServiceServicer):
+        """Every RPC: identify, decide, call the engine, translate, log one line."""
+
+        def __init__(self):
+            self.hub = None
+            self.shutting_down = False
+
+        def identify(self, context):
+            auth = context.auth_context()
+            cn = (auth.get("x509_common_name") or [b""])[0].decode(errors="replace")
+            pem = (auth.get("x509_pem_cert") or [b""])[0].decode(errors="replace")
+            der = ssl.PEM_cert_to_DER_cert(pem) if pem else b""
+            header = dict(context.invocation_metadata()).get("authorization", "")
+            token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+            return verifier.verify(token, cn, der)
+
+        def job_for(self, identity, rpc, job_id):
+            """Authorize a call about one job. Raises NotFoundError, PermissionDeniedError."""
+            if not isinstance(job_id, str) or not job_id:
+                raise InvalidArgumentError("job_id is required")
+            owner = engine.status(job_id).owner
+            try:
+                decide(identity, rpc, job_owner=owner)
+            except NotFoundError:
+                # Word for word what the engine says of an id that does not exist.
+                raise NotFoundError(f"no job {job_id!r}") from None
+
+        async def Start(self, request, context):
+            return await self.unary(context, "Start", "", self._start, request)
+
+        async def Stop(self, request, context):
+            return await self.unary(context, "Stop", request.job_id, self._stop, request)
+
+        async def Status(self, request, context):
+            return await self.unary(context, "Status", request.job_id,
+                                    lambda i, r: status_pb(engine.status(r.job_id)), request)
+
+        async def Pause(self, request, context):
+            return await self.unary(context, "Pause", request.job_id,
+                                    lambda i, r: status_pb(engine.pause(r.job_id)), request)
+
+        async def Resume(self, request, context):
+            return await self.unary(context, "Resume", request.job_id,
+                                    lambda i, r: status_pb(engine.resume(r.job_id)), request)
+
+        async def Remove(self, request, context):
+            def remove(identity, r):
+                engine.remove(r.job_id)
+                return jobs_pb2.RemoveResponse()
+            return await self.unary(context, "Remove", request.job_id, remove, request)
+
+        async def List(self, request, context):
+            def list_jobs(identity, r):
+                role = ROLES[identity.role]
+                if r.all_users and not role.all_jobs:
+                    raise PermissionDeniedError(f"role {identity.role} sees only its own jobs")
+                owner = None if r.all_users else identity.user
+                return jobs_pb2.ListResponse(jobs=[status_pb(s) for s in engine.list(owner)])
+            return await self.unary(context, "List", "", list_jobs, request)
+
+        def _start(self, identity, r):
+            limits = Limits(cpu=r.limits.cpu, memory=r.limits.memory_bytes, pids=r.limits.pids,
+                            io_read_bps=r.limits.io_read_bps, io_write_bps=r.limits.io_write_bps,
+                            io_device=r.limits.io_device)
+            options = JobOptions(env=tuple(sorted(r.env.items())), workdir=r.workdir,
+                                 as_root=r.as_root, host_network=r.host_network)
+            check_start_allowed(identity, limits, options, engine.config.default_limits)
+            job_id = engine.start(identity.user, list(r.argv), limits, options)
+            return status_pb(engine.status(job_id))
+
+        def _stop(self, identity, r):
+            grace = r.grace_seconds if r.HasField("grace_seconds") else None
+            return status_pb(engine.stop(r.job_id, grace))
+
+        async def unary(self, context, rpc, job_id, func, request):
+            """Run one unary RPC: auth, engine call in a thread, errors mapped, one log line."""
+            started, user, outcome = time.monotonic(), "-", "OK"
+            try:
+                identity = self.identify(context)
+                user = identity.user
+                decide(identity, rpc)
+                if rpc in JOB_RPCS:
+                    self.job_for(identity, rpc, request.job_id)
+                pool = stop_pool if rpc == "Stop" else start_pool
+                result = await asyncio.get_running_loop().run_in_executor(
+                    pool, func, identity, request)
+                job_id = job_id or getattr(result, "job_id", "")
+                return result
+            except Exception as e:
+                outcome, message = status_of(e)
+                await context.abort(getattr(grpc.StatusCode, outcome), message)
+            finally:
+                log.info("rpc user=%s method=%s job=%s result=%s duration_ms=%.1f",
+                         user, rpc, job_id or "-", outcome, (time.monotonic() - started) * 1000)
+
+        async def Output(self, request, context):
+            started, user, outcome, sent = time.monotonic(), "-", "OK", 0
+            event = None
+            try:
+                identity = self.identify(context)
+                user = identity.user
+                decide(identity, "Output")
+                self.job_for(identity, "Output", request.job_id)
+                if self.hub is None:
+                    self.hub = OutputHub()
+                event = self.hub.watch(request.job_id)
+                offset = request.offset
+                while True:
+                    event.clear()
+                    data = engine.read_output(request.job_id, offset, self.hub.chunk_size())
+                    if data:
+                        # write() waits for flow control: a slow reader holds one chunk here
+                        # and slows nobody else.
+                        await context.write(jobs_pb2.OutputChunk(data=data, offset=offset))
+                        offset += len(data)
+                        sent += len(data)
+                        continue
+                    if not request.follow:
+                        return
+                    end = engine.output_end(request.job_id)
+                    if end is not None and offset >= end:
+                        return
+                    if self.shutting_down:
+                        raise UnavailableError("the server is shutting down; the job goes on")
+                    try:
+                        await asyncio.wait_for(event.wait(), timeout=1.0)   # safety net only
+                    except asyncio.TimeoutError:
+                        pass
+            except asyncio.CancelledError:
+                outcome = "CANCELLED"
+                raise
+            except Exception as e:
+                outcome, message = status_of(e)
+                await context.abort(getattr(grpc.StatusCode, outcome), message)
+            finally:
+                if event is not None:
+                    self.hub.unwatch(request.job_id, event)
+                log.info("rpc user=%s method=Output job=%s result=%s bytes=%d duration_ms=%.1f",
+                         user, request.job_id or "-", outcome, sent,
+                         (time.monotonic() - started) * 1000)
+
+        def begin_shutdown(self):
+            self.shutting_down = True
+            if self.hub is not None:
+                self.hub.wake_all()
+
+    return JobService()
+
+
+async def serve(engine, config, verifier, on_started=None):
+    """Run the gRPC server until SIGTERM or SIGINT, then shut down gracefully."""
+    import asyncio
+    grpc, jobs_pb2, jobs_pb2_grpc = import_grpc()
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1._async import HealthServicer
+
+    store = CertificateStore(config.certs_dir)
+    key, cert, ca = store.read()
+
+    def fetch_certificates():
+        # Called by grpc before each handshake: a changed file takes effect at once.
+        if not store.changed():
+            return None
+        try:
+            k, c, a = store.read()
+            log.warning("TLS certificates reloaded from %s", config.certs_dir)
+            return grpc.ssl_server_certificate_configuration([(k, c)], root_certificates=a)
+        except Error as e:
+            log.error("keeping the old TLS certificates: %s", e)
+            return None
+
+    credentials = grpc.dynamic_ssl_server_credentials(
+        grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca),
+        fetch_certificates, require_client_authentication=True)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * MiB),
+                                      ("grpc.so_reuseport", 0)])
+    service = build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(service, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        server.add_secure_port(config.listen, credentials)
+    except RuntimeError as e:
+        raise UnavailableError(f"cannot listen on {config.listen}: {e}") from None
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set("steve_jobs.v1.JobService", health_pb2.HealthCheckResponse.SERVING)
+    if is_development_ca(ca):
+        log.warning("running on the bundled DEVELOPMENT certificates: never use them in "
+                    "production (see README: Security)")
+    log.info("listening on %s (mutual TLS), state in %s", config.listen,
+             engine.config.state_dir)
+    if on_started:
+        on_started()
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: ending streams (grace %gs)", config.shutdown_grace)
+    await health.enter_graceful_shutdown()
+    service.begin_shutdown()
+    await server.stop(config.shutdown_grace)
+
+
+###############################################################################
+# Client
+###############################################################################
+
+class Client:
+    """A connection to a steve-jobs server, authenticated as one user. Raises ClientError."""
+
+    def __init__(self, server, certs_dir, user, token=None):
+        self.grpc, self.pb, pb_grpc = import_grpc()
+        grpc = self.grpc
+        files = {name: os.path.join(certs_dir, name)
+                 for name in ("ca.crt", f"{user}.crt", f"{user}.key", f"{user}.jwt")}
+        try:
+            ca, cert, key = (open(files[n], "rb").read()
+                             for n in ("ca.crt", f"{user}.crt", f"{user}.key"))
+            if token is None:
+                token = open(files[f"{user}.jwt"]).read().strip()
+        except OSError as e:
+            raise ClientError(EXIT_USAGE, f"cannot read {e.filename}: {e.strerror} "
+                                          f"(see --certs and --user)") from None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert)
+        self.channel = grpc.secure_channel(
+            server, credentials, options=[("grpc.max_receive_message_length", 8 * MiB)])
+        self.stub = pb_grpc.JobServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def call(self, method, request, timeout=30):
+        try:
+            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+        except self.grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
+
+    def output(self, job_id, offset=0, follow=False):
+        """Yield OutputChunk messages; the iterator can be cancel()ed from another thread."""
+        return self.stub.Output(self.pb.OutputRequest(job_id=job_id, offset=offset,
+                                                      follow=follow),
+                                metadata=self.metadata)
+
+    def close(self):
+        self.channel.close()
+
+
+# CLI exit codes: distinct per kind of failure. `run -f` exits with the job's own code
+# (128+signal when killed), and 125 for a failure of steve-jobs itself, as docker run does.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_CODES = {"NOT_FOUND": 3, "INVALID_ARGUMENT": 4, "FAILED_PRECONDITION": 5,
+              "PERMISSION_DENIED": 6, "UNAUTHENTICATED": 7, "UNAVAILABLE": 8,
+              "RESOURCE_EXHAUSTED": 9, "DEADLINE_EXCEEDED": 8}
+EXIT_RUN_FAILED = 125
+
+
+class ClientError(Exception):
+    """A failed client operation: one line for the user, and an exit code."""
+
+    def __init__(self, exit_code, message):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    @classmethod
+    def from_rpc(cls, error):
+        code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
+        details = (error.details() if hasattr(error, "details") else "") or code
+        if code == "UNAVAILABLE" and "shutting down" not in details:
+            details = f"cannot reach the server: {details}"
+        return cls(EXIT_CODES.get(code, EXIT_ERROR), f"{code.lower()}: {details}")
+
+
+###############################################################################
+# CLI
+###############################################################################
+
+SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
+
+
+def parse_size(text):
+    """'256M', '1G', '10MiB', '4096' -> bytes (binary units). Raises ValueError."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512K, 256M, 2G)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def format_status(st):
+    """Readable multi-line status of a JobStatus message."""
+    state = PB_TO_STATE.get(st.state, "unknown")
+    lines = [f"job      {st.job_id}", f"owner    {st.owner}",
+             f"command  {' '.join(shell_quote(a) for a in st.argv)}",
+             f"state    {state}"]
+    if st.HasField("exit_code"):
+        lines.append(f"exit     {st.exit_code}")
+    if st.HasField("signal"):
+        lines.append(f"signal   {st.signal} ({signal_name(st.signal)})")
+    if st.error:
+        lines.append(f"error    {st.error}")
+    lim = st.limits
+    io = ""
+    if lim.io_read_bps or lim.io_write_bps:
+        io = f" io-read={lim.io_read_bps or '-'}B/s io-write={lim.io_write_bps or '-'}B/s " \
+             f"on {lim.io_device}"
+    lines.append(f"limits   cpu={lim.cpu:g} memory={human_bytes(lim.memory_bytes)} "
+                 f"pids={lim.pids}{io}")
+    lines.append(f"started  {format_time(st.started_at)}")
+    if st.ended_at:
+        lines.append(f"ended    {format_time(st.ended_at)} "
+                     f"(ran {st.ended_at - st.started_at:.3f}s)")
+    lines.append(f"usage    cpu={st.cpu_seconds:.3f}s peak-memory="
+                 f"{human_bytes(st.peak_memory_bytes)} oom-kills={st.oom_kills}")
+    lines.append(f"output   {human_bytes(st.output_bytes)}"
+                 + (" (truncated at the server's output cap)" if st.output_truncated else ""))
+    return "\n".join(lines)
+
+
+def status_dict(st):
+    from google.protobuf import json_format
+    d = json_format.MessageToDict(st, preserving_proto_field_name=True,
+                                  always_print_fields_with_no_presence=True)
+    d["state"] = PB_TO_STATE.get(st.state, "unknown")
+    return d
+
+
+def shell_quote(arg):
+    import shlex
+    return shlex.quote(arg)
+
+
+def signal_name(num):
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return "?"
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+
+
+def format_time(t):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def env_default(name, fallback):
+    return os.environ.get(name, fallback)
+
+
+def build_parser():
+    import argparse
+    here = os.path.dirname(os.path.abspath(__file__))
+    # --json is accepted before or after the subcommand; SUPPRESS keeps a subcommand's
+    # default from overwriting a --json given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+    p = argparse.ArgumentParser(
+        prog="steve_jobs.py",
+        description="Run commands on a remote Linux host as isolated, resource-limited jobs.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--server", default=env_default("STEVE_JOBS_SERVER", "127.0.0.1:50051"),
+                   help="HOST:PORT of the server (env STEVE_JOBS_SERVER)")
+    p.add_argument("--user", default=env_default("STEVE_JOBS_USER", "mrarsenal"),
+                   help="identity to use: USER.crt, USER.key and USER.jwt in --certs "
+                        "(env STEVE_JOBS_USER)")
+    p.add_argument("--certs", default=env_default("STEVE_JOBS_CERTS", os.path.join(here, "certs")),
+                   help="certificate folder (env STEVE_JOBS_CERTS)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("server", parents=[common], help="run the job server (as root)")
+    s.add_argument("--listen", default=env_default("STEVE_JOBS_LISTEN", "127.0.0.1:50051"),
+                   help="address to listen on (env STEVE_JOBS_LISTEN)")
+    s.add_argument("--certs", default=argparse.SUPPRESS,
+                   help="certificate folder: ca.crt, server.crt, server.key, jwt-signing.pub "
+                        "(env STEVE_JOBS_CERTS)")
+    s.add_argument("--state-dir", default=env_default("STEVE_JOBS_STATE_DIR", DEFAULT_STATE_DIR),
+                   help="job records and output (env STEVE_JOBS_STATE_DIR)")
+    s.add_argument("--cgroup-root", default=env_default("STEVE_JOBS_CGROUP_ROOT",
+                                                         DEFAULT_CGROUP_ROOT),
+                   help="cgroup folder for jobs, in every hierarchy (env STEVE_JOBS_CGROUP_ROOT)")
+    d, m = EngineConfig().default_limits, EngineConfig().max_limits
+    for name, default, maximum, kind in (("cpu", d.cpu, m.cpu, float),
+                                         ("memory", d.memory, m.memory, parse_size),
+                                         ("pids", d.pids, m.pids, int),
+                                         ("io-read", 0, 0, parse_size),
+                                         ("io-write", 0, 0, parse_size)):
+        env = "STEVE_JOBS_" + name.upper().replace("-", "_")
+        s.add_argument(f"--default-{name}", type=kind, default=kind(str(env_default(
+            f"{env}_DEFAULT", default))), help=f"per-job default (env {env}_DEFAULT; "
+                                               f"io 0: unlimited)")
+        s.add_argument(f"--max-{name}", type=kind, default=kind(str(env_default(
+            f"{env}_MAX", maximum))), help=f"per-job maximum (env {env}_MAX; io 0: none)")
+    s.add_argument("--output-cap", type=parse_size,
+                   default=parse_size(env_default("STEVE_JOBS_OUTPUT_CAP", "1G")),
+                   help="output kept per job; the rest is discarded (env STEVE_JOBS_OUTPUT_CAP)")
+    s.add_argument("--no-root-jobs", action="store_true",
+                   help="refuse root jobs even for admins")
+    s.add_argument("--stop-jobs-on-exit", action="store_true",
+                   help="stop every running job when the server shuts down "
+                        "(default: jobs keep running and are re-adopted at the next start)")
+
+    r = sub.add_parser("run", parents=[common], help="start a job",
+                       description='run "CMD" runs CMD with /bin/sh -c; run -- PROG ARG... '
+                                   "runs an argv without a shell.")
+    r.add_argument("-f", "--follow", action="store_true",
+                   help="stream the output and exit with the job's exit code")
+    r.add_argument("--cpu", type=float, default=0.0, help="cores, e.g. 0.5")
+    r.add_argument("--memory", type=parse_size, default=0, help="e.g. 256M")
+    r.add_argument("--pids", type=int, default=0, help="processes the job may have at once")
+    r.add_argument("--io-read", type=parse_size, default=0, help="bytes/s, e.g. 10M")
+    r.add_argument("--io-write", type=parse_size, default=0, help="bytes/s, e.g. 10M")
+    r.add_argument("--io-device", default="", help="MAJOR:MINOR the IO limits apply to")
+    r.add_argument("--network", action="store_true", help="share the host's network")
+    r.add_argument("--root", action="store_true", help="run as root (admins only)")
+    r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    r.add_argument("--workdir", default="", help="absolute path on the server")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help='"CMD" or -- PROG ARG...')
+
+    for name, help_text in (("status", "show a job"), ("output", "print a job's output so far"),
+                            ("stream", "print a job's output from the start, following it"),
+                            ("pause", "freeze a job"), ("resume", "thaw a paused job"),
+                            ("rm", "delete an ended job and its output"),
+                            ("stop", "stop a job: SIGTERM, then SIGKILL after a grace period")):
+        c = sub.add_parser(name, parents=[common], help=help_text)
+        c.add_argument("job_id", metavar="ID")
+        if name == "stop":
+            c.add_argument("--grace", type=float, default=None,
+                           help="seconds between SIGTERM and SIGKILL (default: the server's)")
+    ls = sub.add_parser("list", parents=[common], help="list jobs")
+    ls.add_argument("--all", action="store_true", help="every user's jobs (admins, readers)")
+
+    t = sub.add_parser("token", parents=[common],
+                       help="issue a JWT for a user (operator command: needs the signing key)")
+    t.add_argument("--for-user", required=True, dest="token_user")
+    t.add_argument("--role", required=True, choices=sorted(ROLES))
+    t.add_argument("--cert", required=True, help="the user's client certificate (PEM)")
+    t.add_argument("--signing-key", required=True, help="the ES256 private key (PEM)")
+    t.add_argument("--days", type=float, default=30.0, help="lifetime in days")
+    return p
+
+
+def cmd_server(args):
+    """Run the server. Returns an exit code."""
+    import asyncio
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        raise ClientError(EXIT_ERROR, "the server must run as root (it makes cgroups and "
+                                      "namespaces)")
+    try:
+        with open(os.path.join(args.certs, "jwt-signing.pub"), "rb") as f:
+            verifier = TokenVerifier(f.read())
+    except OSError as e:
+        raise ClientError(EXIT_ERROR, f"cannot read the token key {e.filename}: {e.strerror} "
+                                      f"(make certificates with gen_certs.sh)") from None
+    except ValueError as e:
+        raise ClientError(EXIT_ERROR, f"bad token key in {args.certs}: {e}") from None
+    limits = {}
+    for which in ("default", "max"):
+        limits[which] = Limits(
+            cpu=getattr(args, f"{which}_cpu"), memory=getattr(args, f"{which}_memory"),
+            pids=getattr(args, f"{which}_pids"), io_read_bps=getattr(args, f"{which}_io_read"),
+            io_write_bps=getattr(args, f"{which}_io_write"))
+    engine = Engine(EngineConfig(
+        state_dir=args.state_dir, cgroup_root=args.cgroup_root, default_limits=limits["default"],
+        max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs))
+    config = ServerConfig(listen=args.listen, certs_dir=args.certs,
+                          stop_jobs_on_exit=args.stop_jobs_on_exit)
+    try:
+        CertificateStore(args.certs).read()
+        engine.open()
+    except Error as e:
+        raise ClientError(EXIT_ERROR, f"cannot start: {e}") from None
+    try:
+        asyncio.run(serve(engine, config, verifier))
+    except Error as e:
+        raise ClientError(EXIT_ERROR, f"cannot serve: {e}") from None
+    finally:
+        if config.stop_jobs_on_exit:
+            log.info("stopping every running job (--stop-jobs-on-exit)")
+        engine.close(stop_jobs=config.stop_jobs_on_exit)
+        log.info("server stopped")
+    return EXIT_OK
+
+
+def cmd_token(args):
+    try:
+        with open(args.signing_key, "rb") as f:
+            key = f.read()
+        with open(args.cert, "rb") as f:
+            pem = f.read().decode()
+    except OSError as e:
+        raise ClientError(EXIT_USAGE, f"cannot read {e.filename}: {e.strerror}") from None
+    import ssl
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem)
+        token = issue_token(key, args.token_user, args.role, der, int(args.days * 86400))
+    except (ValueError, InvalidArgumentError) as e:
+        raise ClientError(EXIT_USAGE, str(e)) from None
+    print(token)
+    return EXIT_OK
+
+
+def write_output(data):
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def print_json(obj):
+    print(json.dumps(obj, indent=None if isinstance(obj, dict) and "data_b64" in obj else 2))
+
+
+def stream_output(client, args, job_id, follow):
+    """Copy a job's output to stdout (raw bytes, or JSON lines with --json).
+
+    Ctrl-C detaches (the job goes on). Returns the number of bytes.
+    """
+    import base64
+    stream = client.output(job_id, follow=follow)
+    total = 0
+    try:
+        for chunk in stream:
+            total += len(chunk.data)
+            if args.json:
+                print(json.dumps({"offset": chunk.offset,
+                                  "data_b64": base64.b64encode(chunk.data).decode()}),
+                      flush=True)
+            else:
+                write_output(chunk.data)
+    except client.grpc.RpcError as e:
+        raise ClientError.from_rpc(e) from None
+    except KeyboardInterrupt:
+        stream.cancel()
+        print(f"\ndetached from job {job_id}; it keeps running", file=sys.stderr)
+        raise ClientError(130, "") from None
+    return total
+
+
+def cmd_run(client, args):
+    pb = client.pb
+    cmd = list(args.cmd)
+    if cmd[:1] == ["--"]:
+        argv = cmd[1:]
+    elif len(cmd) == 1:
+        argv = ["/bin/sh", "-c", cmd[0]]
+    else:
+        raise ClientError(EXIT_USAGE, 'give one quoted command ("make -j4") or -- PROG ARG...')
+    if not argv:
+        raise ClientError(EXIT_USAGE, "nothing to run")
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ClientError(EXIT_USAGE, f"--env wants NAME=VALUE, not {item!r}")
+        env[name] = value
+    request = pb.StartRequest(
+        argv=argv, env=env, workdir=args.workdir, as_root=args.root, host_network=args.network,
+        limits=pb.Limits(cpu=args.cpu, memory_bytes=args.memory, pids=args.pids,
+                         io_read_bps=args.io_read, io_write_bps=args.io_write,
+                         io_device=args.io_device))
+    try:
+        st = client.call("Start", request)
+    except ClientError as e:
+        if args.follow:
+            e.exit_code = EXIT_RUN_FAILED
+        raise
+    if not args.follow:
+        print_json(status_dict(st)) if args.json else print(st.job_id)
+        return EXIT_OK
+    if not args.json:
+        print(f"job {st.job_id}", file=sys.stderr)
+    try:
+        stream_output(client, args, st.job_id, follow=True)
+        st = client.call("Status", pb.JobRef(job_id=st.job_id))
+    except ClientError as e:
+        if e.exit_code != 130:
+            e.exit_code = EXIT_RUN_FAILED
+        raise
+    if args.json:
+        print_json(status_dict(st))
+    if st.HasField("signal"):
+        return 128 + st.signal
+    return st.exit_code if st.HasField("exit_code") else EXIT_RUN_FAILED
+
+
+def cmd_client(args):
+    """Every client subcommand. Returns an exit code; raises ClientError."""
+    client = Client(args.server, args.certs, args.user)
+    pb = client.pb
+    try:
+        if args.command == "run":
+            return cmd_run(client, args)
+        if args.command in ("status", "pause", "resume", "stop"):
+            method = args.command.capitalize()
+            request = (pb.StopRequest(job_id=args.job_id) if method == "Stop"
+                       else pb.JobRef(job_id=args.job_id))
+            if method == "Stop" and args.grace is not None:
+                request.grace_seconds = args.grace
+            st = client.call(method, request, timeout=None if method == "Stop" else 30)
+            if args.json:
+                print_json(status_dict(st))
+            else:
+                print(format_status(st) if method == "Status"
+                      else f"{st.job_id} {PB_TO_STATE.get(st.state)}")
+            return EXIT_OK
+        if args.command == "rm":
+            client.call("Remove", pb.JobRef(job_id=args.job_id))
+            print_json({"removed": args.job_id}) if args.json else print(args.job_id)
+            return EXIT_OK
+        if args.command == "list":
+            jobs = client.call("List", pb.ListRequest(all_users=args.all)).jobs
+            if args.json:
+                print_json([status_dict(j) for j in jobs])
+            else:
+                print(f"{'JOB':36}  {'OWNER':12} {'STATE':10} {'EXIT':>4}  COMMAND")
+                for j in jobs:
+                    code = (j.exit_code if j.HasField("exit_code")
+                            else 128 + j.signal if j.HasField("signal") else "")
+                    print(f"{j.job_id:36}  {j.owner[:12]:12} "
+                          f"{PB_TO_STATE.get(j.state, '?'):10} {code!s:>4}  "
+                          f"{' '.join(j.argv)[:60]}")
+            return EXIT_OK
+        if args.command in ("output", "stream"):
+            stream_output(client, args, args.job_id, follow=args.command == "stream")
+            return EXIT_OK
+    finally:
+        client.close()
+    raise ClientError(EXIT_USAGE, f"unknown command {args.command}")
+
+
+###############################################################################
 # main()
 ###############################################################################
 
 def main(argv=None):
+    """Dispatch: hidden helper modes first (before anything imports grpc), then the CLI."""
     argv = sys.argv[1:] if argv is None else argv
-    # Hidden helper mode, dispatched before anything heavy (grpc) is imported.
     if argv[:1] == ["_spawner"]:
         return spawner_main(int(argv[1]), json.loads(argv[2]))
-    raise SystemExit("steve-jobs: the server and client come in a later version")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "server":
+            return cmd_server(args)
+        if args.command == "token":
+            return cmd_token(args)
+        return cmd_client(args)
+    except ClientError as e:
+        if str(e):
+            print(f"steve-jobs: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:   # e.g. `steve_jobs.py output ID | head`
+        sys.stderr.close()
+        return EXIT_OK
 
 
 if __name__ == "__main__":

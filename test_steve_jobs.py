@@ -655,3 +655,552 @@ def test_many_quick_jobs_all_report_their_exit(engine):
     statuses = [engine.wait(i, 30) for i in ids]
     assert [s.exit_code for s in statuses] == [i % 7 for i in range(30)]
     assert {s.state for s in statuses} == {sj.EXITED}
+
+
+###############################################################################
+# End-to-end tests: a real server process, real mutual TLS on loopback
+###############################################################################
+
+PYTHON = sys.executable
+SCRIPT = os.path.join(HERE, "steve_jobs.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_cert_set(directory, users=("mrarsenal:admin", "alice:user", "rita:reader")):
+    env = {**os.environ, "PYTHON": PYTHON}
+    subprocess.run(["bash", os.path.join(HERE, "gen_certs.sh"), "--dir", directory, *users],
+                   check=True, capture_output=True, env=env)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        if MUST_WORK:
+            pytest.fail("openssl is needed to make test certificates")
+        pytest.skip("no openssl")
+    return make_cert_set(str(tmp_path_factory.mktemp("certs")))
+
+
+@pytest.fixture(scope="session")
+def other_ca_certs(tmp_path_factory):
+    return make_cert_set(str(tmp_path_factory.mktemp("other-ca")), users=("mrarsenal:admin",))
+
+
+class Server:
+    """A real `steve_jobs.py server` process on a free loopback port."""
+
+    def __init__(self, certs_dir, state_dir=None, cgroup_root=None, extra=()):
+        self.certs = certs_dir
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.state_dir = state_dir or new_state_dir()
+        self.cgroup_root = cgroup_root or f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
+        self.extra = list(extra)
+        self.proc = None
+        self.log_path = os.path.join(self.state_dir, "server.log")
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.log_start = self.log.tell()   # a restarted server appends to the same log
+        self.proc = subprocess.Popen(
+            [PYTHON, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
+             "--state-dir", self.state_dir, "--cgroup-root", self.cgroup_root, *self.extra],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if "listening on" in self.read_log():
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"server did not start:\n{self.read_log()}")
+
+    def read_log(self):
+        with open(self.log_path, "rb") as f:
+            f.seek(getattr(self, "log_start", 0))
+            return f.read().decode(errors="replace")
+
+    def terminate(self, sig=signal.SIGTERM, timeout=30):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+        if self.proc:
+            self.log.close()
+        return self.proc.returncode if self.proc else None
+
+    def cleanup(self):
+        """Stop every job this server's state knows of, then remove what is left."""
+        self.terminate()
+        with running_engine(state_dir=self.state_dir, cgroup_root=self.cgroup_root):
+            pass   # opening re-adopts the jobs; closing with stop_jobs stops them
+
+
+@pytest.fixture(scope="module")
+def server(certs):
+    require_kernel()
+    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+def cli(server, *args, user="mrarsenal", timeout=60, **kw):
+    """Run the CLI as a user would; returns CompletedProcess with bytes stdout/stderr."""
+    return subprocess.run([PYTHON, SCRIPT, "--server", server.address, "--certs", server.certs,
+                           "--user", user, *args], capture_output=True, timeout=timeout, **kw)
+
+
+def cli_json(server, *args, **kw):
+    done = cli(server, "--json", *args, **kw)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def start_job(server, script, user="mrarsenal"):
+    done = cli(server, "run", script, user=user)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode().strip()
+
+
+def test_cli_run_prints_an_id_and_status_shows_the_job(server):
+    job_id = start_job(server, "echo hi; exit 3")
+    st = cli_json(server, "status", job_id)
+    deadline = time.monotonic() + 10
+    while st["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        st = cli_json(server, "status", job_id)
+    assert (st["state"], st["exit_code"], st["owner"]) == ("exited", 3, "mrarsenal")
+    assert st["argv"] == ["/bin/sh", "-c", "echo hi; exit 3"]
+    text = cli(server, "status", job_id).stdout.decode()
+    assert "state    exited" in text and "exit     3" in text
+
+
+def test_cli_run_follow_streams_and_exits_with_the_job_code(server):
+    done = cli(server, "run", "-f", "echo out; echo err >&2; exit 7")
+    assert done.returncode == 7 and done.stdout == b"out\nerr\n"
+    assert b"job " in done.stderr   # the id goes to stderr, never into the output bytes
+
+
+def test_cli_run_argv_without_shell_and_signal_exit_code(server):
+    done = cli(server, "run", "-f", "--", "printf", "%s|", "a b", "$HOME")
+    assert done.returncode == 0 and done.stdout == b"a b|$HOME|"
+    killed = cli(server, "run", "-f", "kill -9 $$")
+    assert killed.returncode == 128 + 9
+
+
+def test_cli_output_is_binary_exact(server):
+    script = "head -c 300000 /dev/urandom > blob; cat blob; sha256sum blob >&2"
+    done = cli(server, "run", "-f", script)
+    data, digest = done.stdout[:-len(done.stdout.split(b"\n")[-2]) - 1], None
+    job = cli_json(server, "list")[-1]
+    out = cli(server, "output", job["job_id"]).stdout
+    assert out == done.stdout
+    blob = out[:300000]
+    assert hashlib.sha256(blob).hexdigest().encode() in out[300000:]
+
+
+def test_cli_stream_from_a_late_follower_gets_everything(server):
+    job_id = start_job(server, "for i in $(seq 1 40); do echo line $i; sleep 0.02; done")
+    time.sleep(0.3)   # attach mid-run
+    mid = cli(server, "stream", job_id)
+    late = cli(server, "stream", job_id)   # after the end
+    expected = b"".join(b"line %d\n" % i for i in range(1, 41))
+    assert mid.returncode == 0 and mid.stdout == expected
+    assert late.stdout == expected
+
+
+def test_cli_stop_pause_resume_rm_and_list(server):
+    job_id = start_job(server, "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done")
+    assert cli_json(server, "pause", job_id)["state"] == "paused"
+    assert cli_json(server, "resume", job_id)["state"] == "running"
+    assert cli(server, "rm", job_id).returncode == 5           # FAILED_PRECONDITION: running
+    st = cli_json(server, "stop", "--grace", "1", job_id)
+    assert st["state"] == "stopped" and st["signal"] == 15
+    assert cli(server, "stop", job_id).returncode == 5          # already ended
+    assert job_id in [j["job_id"] for j in cli_json(server, "list")]
+    assert cli(server, "list").stdout.count(job_id.encode()) == 1
+    assert cli_json(server, "rm", job_id) == {"removed": job_id}
+    assert job_id not in [j["job_id"] for j in cli_json(server, "list")]
+    assert cli(server, "status", job_id).returncode == 3        # NOT_FOUND
+
+
+def test_cli_errors_are_one_line_with_distinct_exit_codes(server):
+    cases = [(("status", "no-such-job"), 3), (("run", "--cpu", "-1", "true"), 4),
+             (("run", "--memory", "1", "true"), 4), (("run",), 2)]
+    for args, code in cases:
+        done = cli(server, *args)
+        assert done.returncode == code, (args, done.stderr)
+        assert b"Traceback" not in done.stderr and done.stderr.count(b"\n") == 1, done.stderr
+    unreachable = subprocess.run([PYTHON, SCRIPT, "--server", f"127.0.0.1:{free_port()}",
+                                  "--certs", server.certs, "status", "x"],
+                                 capture_output=True, timeout=60)
+    assert unreachable.returncode == 8 and b"cannot reach the server" in unreachable.stderr
+    nocerts = cli(server, "--certs", "/nonexistent", "status", "x")
+    assert nocerts.returncode == 2 and b"Traceback" not in nocerts.stderr
+
+
+def test_cli_ctrl_c_while_following_detaches_without_stopping(server):
+    job_id = start_job(server, "echo started; sleep 1000")
+    proc = subprocess.Popen([PYTHON, SCRIPT, "--server", server.address, "--certs",
+                             server.certs, "stream", job_id],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"started\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and b"keeps running" in err
+    assert cli_json(server, "status", job_id)["state"] == "running"
+    cli(server, "stop", "--grace", "0", job_id)
+
+
+def test_another_users_job_is_not_found_word_for_word(server):
+    job_id = start_job(server, "sleep 1000", user="mrarsenal")
+    try:
+        for args in (("status", job_id), ("output", job_id), ("stream", job_id),
+                     ("stop", job_id), ("pause", job_id), ("rm", job_id)):
+            theirs = cli(server, *args, user="alice")
+            missing = cli(server, args[0], "00000000-0000-4000-8000-000000000000", user="alice")
+            assert theirs.returncode == missing.returncode == 3, (args, theirs.stderr)
+            assert theirs.stderr.replace(job_id.encode(), b"ID") == \
+                missing.stderr.replace(b"00000000-0000-4000-8000-000000000000", b"ID")
+        assert job_id not in cli(server, "list", user="alice").stdout.decode()
+        assert cli(server, "list", "--all", user="alice").returncode == 6
+        assert job_id in [j["job_id"] for j in cli_json(server, "list", "--all")]
+        assert job_id in [j["job_id"] for j in cli_json(server, "list", "--all", user="rita")]
+    finally:
+        cli(server, "stop", "--grace", "0", job_id)
+
+
+def test_health_service_answers(server, certs):
+    grpc, _, _ = sj.import_grpc()
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    channel = grpc_channel(certs, server.address, "mrarsenal")
+    reply = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="steve_jobs.v1.JobService"), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    channel.close()
+
+
+def test_generated_stubs_are_current(tmp_path):
+    pytest.importorskip("grpc_tools")
+    subprocess.run([PYTHON, "-m", "grpc_tools.protoc", f"-I{HERE}", f"--python_out={tmp_path}",
+                    f"--grpc_python_out={tmp_path}", os.path.join(HERE, "jobs.proto")],
+                   check=True)
+    for name in ("jobs_pb2.py", "jobs_pb2_grpc.py"):
+        with open(os.path.join(HERE, name)) as ours, open(tmp_path / name) as fresh:
+            assert ours.read() == fresh.read(), f"{name} is stale: regenerate it"
+
+
+def test_graceful_shutdown_ends_streams_and_keeps_jobs_running(certs):
+    require_kernel()
+    srv = Server(certs).start()
+    try:
+        job_id = start_job(srv, "echo before; sleep 1000")
+        follower = subprocess.Popen([PYTHON, SCRIPT, "--server", srv.address, "--certs",
+                                     certs, "stream", job_id],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert follower.stdout.readline() == b"before\n"
+        assert srv.terminate() == 0
+        _, err = follower.communicate(timeout=30)
+        assert follower.returncode == 8 and b"shutting down" in err, err
+        assert "server stopped" in srv.read_log()
+        # The job outlived the server; a new server re-adopts it.
+        srv2 = Server(certs, state_dir=srv.state_dir, cgroup_root=srv.cgroup_root).start()
+        srv.proc = srv2.proc
+        srv.log = srv2.log
+        assert cli_json(srv2, "status", job_id)["state"] == "running"
+        st = cli_json(srv2, "stop", "--grace", "1", job_id)
+        assert st["state"] == "stopped"
+        assert cli(srv2, "output", job_id).stdout == b"before\n"
+    finally:
+        srv.cleanup()
+
+
+###############################################################################
+# Security tests: every way in
+###############################################################################
+
+def grpc_channel(certs_dir, address, user, ca_dir=None, cert=None, key=None):
+    grpc, _, _ = sj.import_grpc()
+    read = lambda p: open(p, "rb").read()
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read(os.path.join(ca_dir or certs_dir, "ca.crt")),
+        private_key=key if key is not None else read(os.path.join(certs_dir, f"{user}.key")),
+        certificate_chain=cert if cert is not None else read(os.path.join(certs_dir,
+                                                                          f"{user}.crt")))
+    return grpc.secure_channel(address, creds)
+
+
+def call(certs_dir, address, method, request, user="mrarsenal", token=None, **chan):
+    """One RPC; returns (status code name, response or None)."""
+    grpc, pb, pb_grpc = sj.import_grpc()
+    if token is None:
+        token = open(os.path.join(certs_dir, f"{user}.jwt")).read().strip()
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    channel = grpc_channel(certs_dir, address, user, **chan)
+    try:
+        stub = pb_grpc.JobServiceStub(channel)
+        reply = getattr(stub, method)(request, metadata=metadata, timeout=20)
+        if method == "Output":
+            reply = list(reply)
+        return "OK", reply
+    except grpc.RpcError as e:
+        return e.code().name, None
+    finally:
+        channel.close()
+
+
+def jwt_claims(certs_dir, user, **overrides):
+    der = __import__("ssl").PEM_cert_to_DER_cert(open(os.path.join(certs_dir,
+                                                                   f"{user}.crt")).read())
+    now = int(time.time())
+    claims = {"iss": "steve-jobs", "aud": "steve-jobs", "sub": user, "role": "admin",
+              "iat": now, "exp": now + 600, "cnf": {"x5t#S256": sj.certificate_thumbprint(der)}}
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def signed(certs_dir, claims, key=None, algorithm="ES256"):
+    import jwt
+    key = key or open(os.path.join(certs_dir, "jwt-signing.key"), "rb").read()
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def rpc_requests():
+    """One request for every RPC of the service."""
+    _, pb, _ = sj.import_grpc()
+    some = "00000000-0000-4000-8000-000000000000"
+    return {"Start": pb.StartRequest(argv=["true"]), "Stop": pb.StopRequest(job_id=some),
+            "Status": pb.JobRef(job_id=some), "Output": pb.OutputRequest(job_id=some),
+            "List": pb.ListRequest(), "Pause": pb.JobRef(job_id=some),
+            "Resume": pb.JobRef(job_id=some), "Remove": pb.JobRef(job_id=some)}
+
+
+def test_the_request_table_covers_every_rpc_of_the_service():
+    _, pb, _ = sj.import_grpc()
+    methods = set(pb.DESCRIPTOR.services_by_name["JobService"].methods_by_name)
+    assert methods == set(rpc_requests()) == set(sj.RPC_ACTIONS)
+
+
+def test_every_rpc_refuses_a_missing_token_a_wrong_user_and_a_wrong_role(server, certs):
+    jobs_before = len(cli_json(server, "list", "--all"))
+    alice_token_with_admin_cert = open(os.path.join(certs, "alice.jwt")).read().strip()
+    for method, request in rpc_requests().items():
+        assert call(certs, server.address, method, request, token="")[0] == "UNAUTHENTICATED"
+        wrong_user = call(certs, server.address, method, request,
+                          token=alice_token_with_admin_cert, user="mrarsenal")
+        assert wrong_user[0] == "UNAUTHENTICATED", method
+        if sj.RPC_ACTIONS[method] == "write":   # the reader role may not write
+            assert call(certs, server.address, method, request, user="rita")[0] == \
+                "PERMISSION_DENIED", method
+    assert len(cli_json(server, "list", "--all")) == jobs_before   # nothing started
+
+
+BAD_TOKENS = {
+    "malformed": lambda c: "not.a.jwt",
+    "expired": lambda c: signed(c, jwt_claims(c, "mrarsenal", iat=int(time.time()) - 7200,
+                                              exp=int(time.time()) - 3600)),
+    "other key": lambda c: signed(c, jwt_claims(c, "mrarsenal"), key=_other_ec_key()),
+    "alg none": lambda c: (b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode()) + "." +
+                           b64url(json.dumps(jwt_claims(c, "mrarsenal")).encode()) + "."),
+    "HS256 with the public key": lambda c: _hs256_with_public_key(c),
+    "wrong aud": lambda c: signed(c, jwt_claims(c, "mrarsenal", aud="someone-else")),
+    "wrong iss": lambda c: signed(c, jwt_claims(c, "mrarsenal", iss="someone-else")),
+    "no exp": lambda c: signed(c, jwt_claims(c, "mrarsenal", exp=None)),
+    "no role": lambda c: signed(c, jwt_claims(c, "mrarsenal", role=None)),
+    "unknown role": lambda c: signed(c, jwt_claims(c, "mrarsenal", role="root")),
+    "user A's token with B's certificate": lambda c: open(os.path.join(c, "alice.jwt")).read(),
+    "cnf thumbprint mismatch": lambda c: signed(c, jwt_claims(
+        c, "mrarsenal", cnf={"x5t#S256": b64url(b"\0" * 32)})),
+    "no cnf": lambda c: signed(c, jwt_claims(c, "mrarsenal", cnf=None)),
+}
+
+
+def _other_ec_key():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+
+
+def _hs256_with_public_key(certs_dir):
+    import hmac
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64url(json.dumps(jwt_claims(certs_dir, "mrarsenal")).encode())
+    secret = open(os.path.join(certs_dir, "jwt-signing.pub"), "rb").read()
+    sig = hmac.new(secret, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    return f"{header}.{body}.{b64url(sig)}"
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
+def test_bad_tokens_are_unauthenticated_and_start_nothing(server, certs, kind):
+    _, pb, _ = sj.import_grpc()
+    before = len(cli_json(server, "list", "--all"))
+    token = BAD_TOKENS[kind](certs).strip()
+    code, _ = call(certs, server.address, "Start", pb.StartRequest(argv=["true"]), token=token)
+    assert code == "UNAUTHENTICATED"
+    assert len(cli_json(server, "list", "--all")) == before
+
+
+def test_a_good_token_made_the_same_way_is_accepted(server, certs):
+    # The control for the table above: the test's own token factory does make valid tokens.
+    _, pb, _ = sj.import_grpc()
+    token = signed(certs, jwt_claims(certs, "mrarsenal"))
+    code, reply = call(certs, server.address, "List", pb.ListRequest(), token=token)
+    assert code == "OK"
+
+
+def test_user_role_limits_root_and_caps(server, certs):
+    _, pb, _ = sj.import_grpc()
+    for request in (pb.StartRequest(argv=["id"], as_root=True),
+                    pb.StartRequest(argv=["true"], limits=pb.Limits(memory_bytes=8 * sj.GiB)),
+                    pb.StartRequest(argv=["true"], limits=pb.Limits(cpu=2))):
+        assert call(certs, server.address, "Start", request, user="alice")[0] == \
+            "PERMISSION_DENIED"
+    code, st = call(certs, server.address, "Start", pb.StartRequest(argv=["id", "-u"],
+                                                                   as_root=True))
+    assert code == "OK" and st.as_root   # an admin may
+    time.sleep(0.5)
+    assert cli(server, "output", st.job_id).stdout == b"0\n"
+
+
+def test_connections_without_a_valid_client_certificate_are_refused(server, certs,
+                                                                    other_ca_certs):
+    _, pb, _ = sj.import_grpc()
+    req = pb.ListRequest()
+    # No client certificate at all.
+    grpc, _, pb_grpc = sj.import_grpc()
+    creds = grpc.ssl_channel_credentials(root_certificates=open(f"{certs}/ca.crt", "rb").read())
+    channel = grpc.secure_channel(server.address, creds)
+    with pytest.raises(grpc.RpcError) as e:
+        pb_grpc.JobServiceStub(channel).List(req, timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    channel.close()
+    # A certificate (and a token for it) from another CA.
+    token = open(f"{other_ca_certs}/mrarsenal.jwt").read().strip()
+    assert call(other_ca_certs, server.address, "List", req, token=token,
+                ca_dir=certs)[0] == "UNAVAILABLE"
+    # An expired certificate from the right CA.
+    cert, key = forged_client_cert(certs, "mrarsenal", expired=True)
+    assert call(certs, server.address, "List", req, cert=cert, key=key)[0] == "UNAVAILABLE"
+
+
+def forged_client_cert(certs_dir, cn, expired=False, server_auth=False, san=None):
+    """A certificate signed by the test CA, with the given defects. Returns (pem, key pem)."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    ca_key = serialization.load_pem_private_key(open(f"{certs_dir}/ca.key", "rb").read(), None)
+    ca = x509.load_pem_x509_certificate(open(f"{certs_dir}/ca.crt", "rb").read())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = ((now - datetime.timedelta(days=30), now - datetime.timedelta(days=1))
+                  if expired else (now - datetime.timedelta(days=1),
+                                   now + datetime.timedelta(days=30)))
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+               .issuer_name(ca.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(end)
+               .add_extension(x509.ExtendedKeyUsage(
+                   [ExtendedKeyUsageOID.SERVER_AUTH if server_auth
+                    else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    if san:
+        import ipaddress
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(san))]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def test_a_client_certificate_cannot_serve_as_the_server_certificate(certs, tmp_path):
+    require_kernel()
+    # A server whose certificate has the right SAN but only clientAuth key usage.
+    bad = tmp_path / "bad-server"
+    shutil.copytree(certs, bad)
+    cert, key = forged_client_cert(certs, "steve-jobs server", san="127.0.0.1")
+    (bad / "server.crt").write_bytes(cert)
+    (bad / "server.key").write_bytes(key)
+    srv = Server(str(bad)).start()
+    try:
+        _, pb, _ = sj.import_grpc()
+        assert call(certs, srv.address, "List", pb.ListRequest())[0] == "UNAVAILABLE"
+    finally:
+        srv.cleanup()
+
+
+def s_client(server, certs, *args):
+    """openssl s_client against the server, stdin closed; returns (output, exit code)."""
+    done = subprocess.run(
+        ["openssl", "s_client", "-connect", server.address, "-servername", "localhost",
+         "-CAfile", f"{certs}/ca.crt", "-alpn", "h2", *args],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    return (done.stdout + done.stderr).decode(errors="replace"), done.returncode
+
+
+def with_client_cert(certs):
+    return ["-cert", f"{certs}/mrarsenal.crt", "-key", f"{certs}/mrarsenal.key"]
+
+
+@pytest.mark.parametrize("args", [
+    ("-tls1", "-cipher", "DEFAULT:@SECLEVEL=0"),      # the client would; the server must not
+    ("-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"),
+    ("-tls1_2", "-cipher", "AES256-SHA256"),           # no forward secrecy, no AEAD
+    ("-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"),
+])
+def test_tls_old_versions_and_weak_suites_are_refused(server, certs, args):
+    out, code = s_client(server, certs, *args, *with_client_cert(certs))
+    assert code != 0 and "Cipher is (NONE)" in out, out
+
+
+@pytest.mark.parametrize("args, cipher", [
+    (("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"), "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    (("-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-GCM-SHA384"), "ECDHE-ECDSA-AES256-GCM-SHA384"),
+    (("-tls1_3",), "TLS_AES_"),
+])
+def test_tls_strong_suites_are_accepted(server, certs, args, cipher):
+    out, code = s_client(server, certs, *args, *with_client_cert(certs))
+    assert code == 0 and f"Cipher is {cipher}" in out and "ALPN protocol: h2" in out, out
+
+
+def tls_first_bytes(server, certs, version, client_cert):
+    """Handshake with Python's ssl, send the HTTP/2 preface, return what the server says."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=f"{certs}/ca.crt")
+    ctx.minimum_version = ctx.maximum_version = version
+    ctx.set_alpn_protocols(["h2"])
+    if client_cert:
+        ctx.load_cert_chain(f"{certs}/mrarsenal.crt", f"{certs}/mrarsenal.key")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            # TLS 1.3 ends the client's side of the handshake before the server has judged
+            # the certificate: only reading from the connection tells the outcome.
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            return tls.recv(1024)
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_no_tls_session_carries_data_without_a_client_certificate(server, certs, version):
+    import ssl
+    version = getattr(ssl.TLSVersion, version)
+    assert tls_first_bytes(server, certs, version, client_cert=True)   # the control
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        data = tls_first_bytes(server, certs, version, client_cert=False)
+        if not data:
+            raise ConnectionError("closed without a word")
