@@ -140,8 +140,211 @@ def bench_follow_memory(engine):
           f"{total / elapsed / sj.MiB:.0f} MiB/s while the job ran", flush=True)
 
 
+###############################################################################
+# API benchmarks: a real server, the real CLI, and OpenSSH as the baseline
+###############################################################################
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "steve_jobs.py")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BenchServer:
+    """steve_jobs.py server on a free loopback port, with its own certificates and state."""
+
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix="steve-jobs-bench-", dir="/var/tmp")
+        os.chmod(self.dir, 0o711)   # jobs (other uids) must reach state/work/ID inside it
+        self.certs = os.path.join(self.dir, "certs")
+        subprocess.run(["bash", os.path.join(HERE, "gen_certs.sh"), "--dir", self.certs],
+                       check=True, capture_output=True, env={**os.environ, "PYTHON": sys.executable})
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log = open(os.path.join(self.dir, "server.log"), "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
+             "--state-dir", os.path.join(self.dir, "state"), "--output-cap", "2G",
+             "--cgroup-root", f"steve-jobs-bench-{uuid.uuid4().hex[:6]}", "--stop-jobs-on-exit"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while b"listening on" not in open(self.log.name, "rb").read():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit(open(self.log.name).read())
+            time.sleep(0.05)
+        return self
+
+    def cli(self, *args, stdout=subprocess.PIPE):
+        return subprocess.run([sys.executable, SCRIPT, "--server", self.address, "--certs",
+                               self.certs, *args], stdout=stdout, check=True)
+
+    def start_job(self, script):
+        return self.cli("run", script).stdout.decode().strip()
+
+    def wait_ended(self, job_id):
+        import json
+        while json.loads(self.cli("--json", "status", job_id).stdout)["state"] == "running":
+            time.sleep(0.2)
+
+    def rss_mb(self, field="VmRSS"):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def threads(self):
+        return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class BenchSSHD:
+    """An OpenSSH server of our own on a free loopback port, key login only."""
+
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix="steve-jobs-sshd-")
+        d = self.dir
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{d}/host"],
+                       check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{d}/client"],
+                       check=True)
+        shutil.copy(f"{d}/client.pub", f"{d}/authorized_keys")
+        self.port = free_port()
+        with open(f"{d}/sshd_config", "w") as f:
+            f.write(f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {d}/host\n"
+                    f"AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n"
+                    f"KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                    f"PermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\n")
+        self.made_run_dir = not os.path.isdir("/run/sshd")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation dir
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", f"{d}/sshd_config",
+                                      "-E", f"{d}/sshd.log"])
+        deadline = time.monotonic() + 10
+        while subprocess.run(self.argv("true"), capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                raise SystemExit("sshd did not start: " + open(f"{d}/sshd.log").read())
+            time.sleep(0.1)
+        return self
+
+    def argv(self, command):
+        return ["ssh", "-p", str(self.port), "-i", f"{self.dir}/client", "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "root@127.0.0.1", command]
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(10)
+        if self.made_run_dir:
+            shutil.rmtree("/run/sshd", ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def timed(argv, **kw):
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, **kw)
+    return (time.perf_counter() - t) * 1000
+
+
+def bench_round_trip(server, sshd, runs=15):
+    job_id = server.start_job("true")
+    cli = [sys.executable, SCRIPT, "--server", server.address, "--certs", server.certs,
+           "status", job_id]
+    ours, ssh = [], []
+    for _ in range(runs):
+        ours.append(timed(cli, stdout=subprocess.DEVNULL))
+        ssh.append(timed(sshd.argv("true"), stdout=subprocess.DEVNULL))
+    report("CLI status round trip (target x0.5)", ours, {"ssh true": ssh})
+
+
+def bench_streaming(server, sshd, runs=3):
+    size = sj.GiB
+    job_id = server.start_job(f"head -c {size} /dev/zero")
+    server.wait_ended(job_id)
+    stream = [sys.executable, SCRIPT, "--server", server.address, "--certs", server.certs,
+              "stream", job_id]
+    rates = {"steve-jobs stream": [], "ssh head -c 1G": [], "pipe head | cat": []}
+    for _ in range(runs):
+        for label, argv in (("steve-jobs stream", stream),
+                            ("ssh head -c 1G", sshd.argv(f"head -c {size} /dev/zero")),
+                            ("pipe head | cat", ["sh", "-c", f"head -c {size} /dev/zero | cat"])):
+            ms = timed(argv, stdout=subprocess.DEVNULL)
+            rates[label].append(size / sj.MiB / (ms / 1000))
+    ours = statistics.median(rates["steve-jobs stream"])
+    line = f"{'stream 1 GiB (target >= x1.5 ssh)':38s} {ours:7.0f} MiB/s"
+    for label in ("ssh head -c 1G", "pipe head | cat"):
+        base = statistics.median(rates[label])
+        line += f" | {label} {base:6.0f} MiB/s (x{ours / base:.2f})"
+    print(line, flush=True)
+
+
+def bench_fan_out(server, followers=1000, channels=10):
+    """1,000 followers of one job: every byte to each, first-byte latency, server memory."""
+    import asyncio
+    import hashlib
+    grpc, pb, pb_grpc = sj.import_grpc()
+    read = lambda name: open(os.path.join(server.certs, name), "rb").read()
+    token = read("mrarsenal.jwt").decode().strip()
+    writer = ("import os, sys, time\n"
+              "for i in range(40):\n"
+              "    sys.stdout.buffer.write(os.urandom(2500)); sys.stdout.flush()\n"
+              "    time.sleep(0.05)\n")
+    rss_before, threads_before = server.rss_mb(), server.threads()
+
+    async def run():
+        creds = grpc.ssl_channel_credentials(read("ca.crt"), read("mrarsenal.key"),
+                                             read("mrarsenal.crt"))
+        chans = [grpc.aio.secure_channel(server.address, creds) for _ in range(channels)]
+        stubs = [pb_grpc.JobServiceStub(c) for c in chans]
+        md = (("authorization", f"Bearer {token}"),)
+        st = await stubs[0].Start(pb.StartRequest(argv=["python3", "-c", writer]), metadata=md)
+        first, digests = [], []
+
+        async def follow(i):
+            t = time.perf_counter()
+            h, got_first = hashlib.sha256(), False
+            async for chunk in stubs[i % channels].Output(
+                    pb.OutputRequest(job_id=st.job_id, follow=True), metadata=md):
+                if not got_first:
+                    first.append((time.perf_counter() - t) * 1000)
+                    got_first = True
+                h.update(chunk.data)
+            digests.append(h.hexdigest())
+
+        peak = [0.0]
+
+        async def sample():
+            while True:
+                peak[0] = max(peak[0], server.rss_mb())
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.ensure_future(sample())
+        await asyncio.gather(*(follow(i) for i in range(followers)))
+        sampler.cancel()
+        full = b"".join([c.data async for c in stubs[0].Output(
+            pb.OutputRequest(job_id=st.job_id), metadata=md)])
+        for c in chans:
+            await c.close()
+        return first, digests, hashlib.sha256(full).hexdigest(), len(full), peak[0]
+
+    first, digests, expected, size, peak = asyncio.run(run())
+    complete = sum(d == expected for d in digests)
+    print(f"{'fan-out: 1,000 followers, first byte':38s} p50 {statistics.median(first):7.2f} ms"
+          f"  p99 {pct(first, 99):7.2f} ms (target p99 <= 100); {complete}/{len(digests)} got "
+          f"all {size} bytes; server RSS {rss_before:.0f} -> peak {peak:.0f} MB "
+          f"(target <= 300); threads {threads_before} -> {server.threads()}", flush=True)
+
+
 def main(argv):
-    groups = argv or ["engine"]
+    groups = argv or ["engine", "api"]
     if os.geteuid() != 0:
         sys.exit("bench_steve_jobs.py: run as root (it starts real jobs)")
     print(f"steve-jobs benchmarks, {RUNS} runs each, {os.cpu_count()} cores", flush=True)
@@ -150,6 +353,11 @@ def main(argv):
             bench_start(engine)
             bench_follow_latency(engine)
             bench_follow_memory(engine)
+    if "api" in groups:
+        with BenchServer() as server, BenchSSHD() as sshd:
+            bench_round_trip(server, sshd)
+            bench_streaming(server, sshd)
+            bench_fan_out(server)
 
 
 if __name__ == "__main__":

@@ -1323,6 +1323,14 @@ class Engine:
         if any(state_dir == p or state_dir.startswith(p + "/") for p in ("/tmp", "/dev/shm")):
             raise UnavailableError(f"the state directory cannot be under /tmp or /dev/shm: "
                                    f"jobs get private ones, so they would not see their files")
+        # Jobs run as other uids and must reach their working folders inside the state dir.
+        parent = os.path.dirname(state_dir)
+        while parent != "/":
+            if os.path.exists(parent) and not os.stat(parent).st_mode & 0o001:
+                raise UnavailableError(
+                    f"jobs could not reach their working folders: {parent} is not searchable "
+                    f"by other users (chmod o+x it, or choose another state directory)")
+            parent = os.path.dirname(parent)
         for sub in ("jobs", "work"):
             os.makedirs(os.path.join(self.config.state_dir, sub), exist_ok=True)
         os.chmod(self.config.state_dir, 0o711)
@@ -1559,6 +1567,10 @@ class Engine:
         if job.result is None:
             raise FailedPreconditionError(f"job {job_id} is still running; stop it first")
         self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
+
+    def owner(self, job_id):
+        """Who started the job. Raises NotFoundError."""
+        return self._get(job_id).spec["owner"]
 
     def status(self, job_id):
         """A JobStatus snapshot. Raises NotFoundError."""
@@ -1851,19 +1863,35 @@ def certificate_thumbprint(der):
 class TokenVerifier:
     """Checks bearer tokens against the signing public key and the caller's certificate."""
 
+    CACHE_SIZE = 4096
+
     def __init__(self, public_key_pem, issuer=JWT_ISSUER, audience=JWT_AUDIENCE):
         import jwt   # PyJWT, with cryptography for ES256
         self._jwt = jwt
         self._key = jwt.algorithms.ECAlgorithm(jwt.algorithms.ECAlgorithm.SHA256) \
             .prepare_key(public_key_pem)
         self.issuer, self.audience = issuer, audience
+        # Verified (token, certificate) pairs -> (Identity, exp): a follower reconnecting or
+        # a burst of calls pays for one signature check, not one each.
+        self._verified = {}
 
-    def verify(self, token, cert_cn, cert_der):
+    def verify(self, token, cert_cn, cert_pem):
         """The caller's Identity. Raises UnauthenticatedError saying what is wrong."""
-        if not cert_cn or not cert_der:
+        if not cert_cn or not cert_pem:
             raise UnauthenticatedError("no verified client certificate")
         if not token:
             raise UnauthenticatedError("no bearer token (metadata 'authorization: Bearer ...')")
+        cached = self._verified.get((token, cert_pem))
+        if cached and time.time() < cached[1] + JWT_LEEWAY:
+            return cached[0]
+        import ssl
+        identity, exp = self._verify(token, cert_cn, ssl.PEM_cert_to_DER_cert(cert_pem))
+        if len(self._verified) >= self.CACHE_SIZE:
+            self._verified.clear()
+        self._verified[(token, cert_pem)] = (identity, exp)
+        return identity
+
+    def _verify(self, token, cert_cn, cert_der):
         jwt = self._jwt
         try:
             claims = jwt.decode(
@@ -1882,7 +1910,7 @@ class TokenVerifier:
         role = claims.get("role")
         if role not in ROLES:
             raise UnauthenticatedError(f"token has no valid role (one of {', '.join(ROLES)})")
-        return Identity(user=cert_cn, role=role)
+        return Identity(user=cert_cn, role=role), claims["exp"]
 
 
 def issue_token(signing_key_pem, user, role, cert_der, lifetime,
@@ -2029,7 +2057,6 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
     """The JobService servicer: translates protobuf to engine calls and back."""
     import asyncio
     import concurrent.futures
-    import ssl
 
     # Blocking engine calls run here, never on the event loop. Stops wait up to their
     # grace period, so they get their own pool: a slow stop never delays a start.
@@ -2118,16 +2145,15 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
             auth = context.auth_context()
             cn = (auth.get("x509_common_name") or [b""])[0].decode(errors="replace")
             pem = (auth.get("x509_pem_cert") or [b""])[0].decode(errors="replace")
-            der = ssl.PEM_cert_to_DER_cert(pem) if pem else b""
             header = dict(context.invocation_metadata()).get("authorization", "")
             token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
-            return verifier.verify(token, cn, der)
+            return verifier.verify(token, cn, pem)
 
         def job_for(self, identity, rpc, job_id):
             """Authorize a call about one job. Raises NotFoundError, PermissionDeniedError."""
             if not isinstance(job_id, str) or not job_id:
                 raise InvalidArgumentError("job_id is required")
-            owner = engine.status(job_id).owner
+            owner = engine.owner(job_id)
             try:
                 decide(identity, rpc, job_owner=owner)
             except NotFoundError:
@@ -2427,10 +2453,13 @@ def format_status(st):
 
 
 def status_dict(st):
-    from google.protobuf import json_format
-    d = json_format.MessageToDict(st, preserving_proto_field_name=True,
-                                  always_print_fields_with_no_presence=True)
+    """A JobStatus message as plain JSON types (numbers stay numbers, unset codes are null)."""
+    d = {f.name: getattr(st, f.name) for f in st.DESCRIPTOR.fields}
+    d["argv"] = list(st.argv)
     d["state"] = PB_TO_STATE.get(st.state, "unknown")
+    d["limits"] = {f.name: getattr(st.limits, f.name) for f in st.limits.DESCRIPTOR.fields}
+    for field in ("exit_code", "signal"):
+        d[field] = getattr(st, field) if st.HasField(field) else None
     return d
 
 

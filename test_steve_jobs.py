@@ -634,6 +634,18 @@ def test_jobs_survive_an_engine_restart():
         assert b"".join(second.follow(live)) == b"started\n"
 
 
+def test_engine_refuses_a_state_dir_jobs_cannot_reach(tmp_path):
+    require_kernel()
+    hidden = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/tmp")   # mode 0700
+    try:
+        engine = sj.Engine(sj.EngineConfig(state_dir=os.path.join(hidden, "state"),
+                                           cgroup_root="steve-jobs-test-unused"))
+        with pytest.raises(sj.UnavailableError, match="not searchable"):
+            engine.open()
+    finally:
+        shutil.rmtree(hidden)
+
+
 def test_start_sweeps_leftover_cgroups():
     require_kernel()
     root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
@@ -777,6 +789,7 @@ def test_cli_run_prints_an_id_and_status_shows_the_job(server):
         time.sleep(0.05)
         st = cli_json(server, "status", job_id)
     assert (st["state"], st["exit_code"], st["owner"]) == ("exited", 3, "mrarsenal")
+    assert st["signal"] is None and st["output_bytes"] == 3 and st["limits"]["pids"] > 0
     assert st["argv"] == ["/bin/sh", "-c", "echo hi; exit 3"]
     text = cli(server, "status", job_id).stdout.decode()
     assert "state    exited" in text and "exit     3" in text
