@@ -216,7 +216,8 @@ def bring_loopback_up():
 
 
 def process_start_time(pid):
-    """The kernel's start time (clock ticks since boot) of pid, or None if it is gone.
+    """The kernel's start time (clock ticks since boot) of pid, or None if it is gone
+    (or a zombie: dead, waiting for a parent to reap it).
 
     A pid plus its start time names one process for good: pids are reused, the pair is not.
     """
@@ -225,7 +226,10 @@ def process_start_time(pid):
             stat = f.read()
     except OSError:
         return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
 
 
 def write_file(path, data):
@@ -1568,6 +1572,26 @@ class Engine:
             raise FailedPreconditionError(f"job {job_id} is still running; stop it first")
         self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
 
+    def prune(self, max_age=None, max_bytes=None, now=None):
+        """Retention: remove ended jobs older than max_age seconds, then the oldest ended
+        jobs until the rest's output totals at most max_bytes. Running jobs are never
+        touched. Returns the ids removed.
+        """
+        now = time.time() if now is None else now
+        ended = sorted((j for j in self._all_jobs() if j.result is not None),
+                       key=lambda j: j.result.get("ended_at", 0))
+        doomed = [j for j in ended if max_age is not None
+                  and now - j.result.get("ended_at", 0) > max_age]
+        kept = [j for j in ended if j not in doomed]
+        total = sum(j.result.get("output_bytes", 0) for j in kept)
+        while max_bytes is not None and kept and total > max_bytes:
+            oldest = kept.pop(0)
+            total -= oldest.result.get("output_bytes", 0)
+            doomed.append(oldest)
+        for job in doomed:
+            self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
+        return [j.id for j in doomed]
+
     def owner(self, job_id):
         """Who started the job. Raises NotFoundError."""
         return self._get(job_id).spec["owner"]
@@ -1999,11 +2023,14 @@ OUTPUT_MEMORY_BUDGET = 128 * MiB    # all output streams' in-flight chunks toget
 
 
 class ServerConfig(typing.NamedTuple):
-    """Where the server listens and what it trusts."""
+    """Where the server listens, what it trusts, how long it keeps ended jobs."""
     listen: str = "127.0.0.1:50051"
     certs_dir: str = "certs"
     stop_jobs_on_exit: bool = False
     shutdown_grace: float = 5.0
+    retain_seconds: float = 7 * 86400     # ended jobs older than this are removed
+    retain_bytes: int = 10 * GiB          # then the oldest, until ended jobs' output fits
+    prune_every: float = 60.0
 
 
 class CertificateStore:
@@ -2161,28 +2188,28 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                 raise NotFoundError(f"no job {job_id!r}") from None
 
         async def Start(self, request, context):
-            return await self.unary(context, "Start", "", self._start, request)
+            return await self.unary(context, "Start", self._start, request)
 
         async def Stop(self, request, context):
-            return await self.unary(context, "Stop", request.job_id, self._stop, request)
+            return await self.unary(context, "Stop", self._stop, request)
 
         async def Status(self, request, context):
-            return await self.unary(context, "Status", request.job_id,
+            return await self.unary(context, "Status",
                                     lambda i, r: status_pb(engine.status(r.job_id)), request)
 
         async def Pause(self, request, context):
-            return await self.unary(context, "Pause", request.job_id,
+            return await self.unary(context, "Pause",
                                     lambda i, r: status_pb(engine.pause(r.job_id)), request)
 
         async def Resume(self, request, context):
-            return await self.unary(context, "Resume", request.job_id,
+            return await self.unary(context, "Resume",
                                     lambda i, r: status_pb(engine.resume(r.job_id)), request)
 
         async def Remove(self, request, context):
             def remove(identity, r):
                 engine.remove(r.job_id)
                 return jobs_pb2.RemoveResponse()
-            return await self.unary(context, "Remove", request.job_id, remove, request)
+            return await self.unary(context, "Remove", remove, request)
 
         async def List(self, request, context):
             def list_jobs(identity, r):
@@ -2191,7 +2218,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                     raise PermissionDeniedError(f"role {identity.role} sees only its own jobs")
                 owner = None if r.all_users else identity.user
                 return jobs_pb2.ListResponse(jobs=[status_pb(s) for s in engine.list(owner)])
-            return await self.unary(context, "List", "", list_jobs, request)
+            return await self.unary(context, "List", list_jobs, request)
 
         def _start(self, identity, r):
             limits = Limits(cpu=r.limits.cpu, memory=r.limits.memory_bytes, pids=r.limits.pids,
@@ -2207,10 +2234,13 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
             grace = r.grace_seconds if r.HasField("grace_seconds") else None
             return status_pb(engine.stop(r.job_id, grace))
 
-        async def unary(self, context, rpc, job_id, func, request):
+        async def unary(self, context, rpc, func, request):
             """Run one unary RPC: auth, engine call in a thread, errors mapped, one log line."""
             started, user, outcome = time.monotonic(), "-", "OK"
+            job_id = getattr(request, "job_id", "")
             try:
+                if request is MALFORMED:
+                    raise InvalidArgumentError("malformed request")
                 identity = self.identify(context)
                 user = identity.user
                 decide(identity, rpc)
@@ -2232,6 +2262,8 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
             started, user, outcome, sent = time.monotonic(), "-", "OK", 0
             event = None
             try:
+                if request is MALFORMED:
+                    raise InvalidArgumentError("malformed request")
                 identity = self.identify(context)
                 user = identity.user
                 decide(identity, "Output")
@@ -2271,7 +2303,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                 if event is not None:
                     self.hub.unwatch(request.job_id, event)
                 log.info("rpc user=%s method=Output job=%s result=%s bytes=%d duration_ms=%.1f",
-                         user, request.job_id or "-", outcome, sent,
+                         user, getattr(request, "job_id", "") or "-", outcome, sent,
                          (time.monotonic() - started) * 1000)
 
         def begin_shutdown(self):
@@ -2280,6 +2312,39 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                 self.hub.wake_all()
 
     return JobService()
+
+
+class _Malformed:
+    """Stands for a request that could not be decoded (the handler answers INVALID_ARGUMENT)."""
+
+
+MALFORMED = _Malformed()
+
+
+def add_job_service(grpc, jobs_pb2, server, servicer):
+    """Register servicer like the generated code does, but with decoders that turn a
+    malformed request into MALFORMED instead of an UNKNOWN error naming our internals."""
+    from google.protobuf.message import DecodeError
+
+    def tolerant(message_class):
+        def decode(data):
+            try:
+                return message_class.FromString(data)
+            except DecodeError:
+                return MALFORMED
+        return decode
+
+    handlers = {}
+    service = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
+    for method in service.methods:
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant(getattr(jobs_pb2, method.input_type.name)),
+            response_serializer=getattr(jobs_pb2, method.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 async def serve(engine, config, verifier, on_started=None):
@@ -2310,7 +2375,7 @@ async def serve(engine, config, verifier, on_started=None):
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * MiB),
                                       ("grpc.so_reuseport", 0)])
     service = build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier)
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(service, server)
+    add_job_service(grpc, jobs_pb2, server, service)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
@@ -2332,7 +2397,18 @@ async def serve(engine, config, verifier, on_started=None):
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    async def retention():
+        while True:
+            removed = await loop.run_in_executor(
+                None, engine.prune, config.retain_seconds, config.retain_bytes)
+            if removed:
+                log.info("retention removed %d ended jobs", len(removed))
+            await asyncio.sleep(config.prune_every)
+
+    pruner = asyncio.ensure_future(retention())
     await stop.wait()
+    pruner.cancel()
     log.info("shutting down: ending streams (grace %gs)", config.shutdown_grace)
     await health.enter_graceful_shutdown()
     service.begin_shutdown()
@@ -2537,6 +2613,13 @@ def build_parser():
     s.add_argument("--output-cap", type=parse_size,
                    default=parse_size(env_default("STEVE_JOBS_OUTPUT_CAP", "1G")),
                    help="output kept per job; the rest is discarded (env STEVE_JOBS_OUTPUT_CAP)")
+    s.add_argument("--retain-days", type=float,
+                   default=float(env_default("STEVE_JOBS_RETAIN_DAYS", 7)),
+                   help="remove ended jobs after this many days (env STEVE_JOBS_RETAIN_DAYS)")
+    s.add_argument("--retain-size", type=parse_size,
+                   default=parse_size(env_default("STEVE_JOBS_RETAIN_SIZE", "10G")),
+                   help="then remove the oldest ended jobs until their output fits "
+                        "(env STEVE_JOBS_RETAIN_SIZE)")
     s.add_argument("--no-root-jobs", action="store_true",
                    help="refuse root jobs even for admins")
     s.add_argument("--stop-jobs-on-exit", action="store_true",
@@ -2609,7 +2692,8 @@ def cmd_server(args):
         state_dir=args.state_dir, cgroup_root=args.cgroup_root, default_limits=limits["default"],
         max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs))
     config = ServerConfig(listen=args.listen, certs_dir=args.certs,
-                          stop_jobs_on_exit=args.stop_jobs_on_exit)
+                          stop_jobs_on_exit=args.stop_jobs_on_exit,
+                          retain_seconds=args.retain_days * 86400, retain_bytes=args.retain_size)
     try:
         CertificateStore(args.certs).read()
         engine.open()

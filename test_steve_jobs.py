@@ -1217,3 +1217,244 @@ def test_no_tls_session_carries_data_without_a_client_certificate(server, certs,
         data = tls_first_bytes(server, certs, version, client_cert=False)
         if not data:
             raise ConnectionError("closed without a word")
+
+
+###############################################################################
+# Restarts, faults, retention and load
+###############################################################################
+
+def test_retention_removes_old_then_oldest_ended_jobs_never_running_ones(engine):
+    for st in engine.list():   # earlier tests' jobs would blur the byte count
+        if st.state in sj.ENDED_STATES:
+            engine.remove(st.id)
+    ids = []
+    for i in range(4):   # one after the other: they end in this order
+        ids.append(engine.start("tester", ["head", "-c", str(1000 * (i + 1)), "/dev/zero"]))
+        engine.wait(ids[-1], 30)
+    live = engine.start("tester", ["sleep", "1000"])
+    try:
+        ended = [engine.status(i).ended_at for i in ids]
+        now = ended[0] + 100
+        max_age = 100 - (ended[1] - ended[0]) / 2   # only the first is older than this
+        assert engine.prune(max_age=max_age, now=now) == [ids[0]]
+        assert not os.path.exists(os.path.join(engine.config.state_dir, "jobs", ids[0]))
+        assert not os.path.exists(os.path.join(engine.config.state_dir, "work", ids[0]))
+        # 2,000 + 3,000 + 4,000 bytes left; keep at most 7,000: the oldest goes.
+        assert engine.prune(max_bytes=7000) == [ids[1]]
+        assert {s.id for s in engine.list()} == {ids[2], ids[3], live}
+        assert engine.prune(max_age=0, max_bytes=0) == [ids[2], ids[3]]
+        assert engine.status(live).state == sj.RUNNING
+    finally:
+        engine.stop(live, grace=0)
+
+
+def test_a_job_that_ends_while_no_server_runs_keeps_its_result(certs):
+    require_kernel()
+    srv = Server(certs).start()
+    try:
+        job_id = start_job(srv, "echo begin; sleep 1; echo end; exit 5")
+        srv.terminate(signal.SIGKILL)   # a crash, not a shutdown
+        time.sleep(2)                   # the job ends while nothing serves
+        srv2 = Server(certs, state_dir=srv.state_dir, cgroup_root=srv.cgroup_root).start()
+        srv.proc, srv.log = srv2.proc, srv2.log
+        st = cli_json(srv2, "status", job_id)
+        assert (st["state"], st["exit_code"]) == ("exited", 5)
+        assert cli(srv2, "stream", job_id).stdout == b"begin\nend\n"
+    finally:
+        srv.cleanup()
+
+
+def test_a_job_whose_supervisor_died_is_reported_unknown_and_cleaned_up():
+    require_kernel()
+    state_dir = new_state_dir()
+    root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
+    first = sj.Engine(sj.EngineConfig(state_dir=state_dir, cgroup_root=root)).open()
+    try:
+        job_id = first.start("tester", ["sleep", "1000"])
+        shim_pid, uid = first._get(job_id).shim["shim_pid"], first.status(job_id).uid
+    finally:
+        first._spawner.close()
+        first._watcher.close()
+    os.kill(shim_pid, signal.SIGKILL)
+    time.sleep(0.2)
+    with running_engine(state_dir=state_dir, cgroup_root=root) as second:
+        st = second.status(job_id)
+        assert st.state == sj.UNKNOWN and "unknown" in st.error
+        assert not pids_of_uid(uid)                       # the orphaned job was killed
+        assert not sj.JobCgroup.names(second.layout, root)   # and its cgroup swept
+
+
+MISBEHAVING = {
+    "closes its stdout": ("exec 1>&- 2>&-; sleep 0.2; exit 3", sj.EXITED, 3),
+    "writes binary garbage": ("head -c 1000000 /dev/urandom", sj.EXITED, 0),
+    # The shell gives up (exit 2, "Cannot fork") at the pids limit.
+    "forks 10,000 processes": ("for i in $(seq 10000); do sleep 5 & done", sj.EXITED, 2),
+    "allocates past its limit": ("python3 -c \"b = b'x' * (1 << 30)\"", sj.OOM_KILLED, None),
+    "setsid and double-forks": ("setsid sh -c '(sleep 1000 &)'; echo done", sj.EXITED, 0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MISBEHAVING))
+def test_misbehaving_jobs_are_contained_and_reported(engine, kind):
+    script, state, code = MISBEHAVING[kind]
+    status, out = sh(engine, script, limits=sj.Limits(memory=64 * sj.MiB, pids=64))
+    assert status.state == state, (status, out[-300:])
+    if code is not None:
+        assert status.exit_code == code
+    assert not pids_of_uid(status.uid)
+    assert engine.status(engine.start("tester", ["true"])).state in (sj.RUNNING, sj.EXITED)
+
+
+def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(engine):
+    job_id = engine.start("tester", ["sh", "-c", "trap '' TERM; echo ready; sleep 1000 & wait"])
+    next(engine.follow(job_id))
+    t = time.monotonic()
+    st = engine.stop(job_id, grace=0.5)
+    assert st.state == sj.STOPPED and st.signal == signal.SIGKILL
+    assert time.monotonic() - t >= 0.5
+
+
+def test_a_fast_writer_is_not_slowed_by_a_reader_that_stops_reading(server, certs):
+    grpc, pb, pb_grpc = sj.import_grpc()
+    job_id = start_job(server, "head -c 200000000 /dev/zero")
+    channel = grpc_channel(certs, server.address, "mrarsenal")
+    token = open(os.path.join(certs, "mrarsenal.jwt")).read().strip()
+    stalled = pb_grpc.JobServiceStub(channel).Output(
+        pb.OutputRequest(job_id=job_id, follow=True),
+        metadata=(("authorization", f"Bearer {token}"),))
+    next(stalled)   # take one chunk, then stop reading
+    deadline = time.monotonic() + 60
+    st = cli_json(server, "status", job_id)
+    while st["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        st = cli_json(server, "status", job_id)
+    assert st["state"] == "exited" and st["output_bytes"] == 200_000_000
+    # Another reader gets everything meanwhile; then the stalled one disconnects.
+    assert len(cli(server, "output", job_id).stdout) == 200_000_000
+    stalled.cancel()
+    channel.close()
+
+
+def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothing(certs):
+    require_kernel()
+    import random
+    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
+    try:
+        grpc, pb, pb_grpc = sj.import_grpc()
+        token = open(os.path.join(certs, "mrarsenal.jwt")).read().strip()
+        md = (("authorization", f"Bearer {token}"),)
+        writer = "for i in $(seq 1 20); do echo \"$i $(head -c 300 /dev/zero | tr '\\0' x)\"; " \
+                 "sleep 0.05; done"
+        expected = b"".join(b"%d %s\n" % (i, b"x" * 300) for i in range(1, 21))
+
+        def fds():
+            return len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+
+        def threads():
+            return len(os.listdir(f"/proc/{srv.proc.pid}/task"))
+
+        warm = cli(srv, "run", "-f", "true")   # let the server reach its steady state
+        assert warm.returncode == 0
+        before = (fds(), threads())
+        job_ids, errors, results = [], [], []
+        lock = threading.Lock()
+
+        def client(n):
+            channel = grpc_channel(certs, srv.address, "mrarsenal")
+            stub = pb_grpc.JobServiceStub(channel)
+            try:
+                for _ in range(10):   # 20 clients x 10 jobs = 200 jobs
+                    st = stub.Start(pb.StartRequest(argv=["sh", "-c", writer]), metadata=md,
+                                    timeout=60)
+                    with lock:
+                        job_ids.append(st.job_id)
+                for _ in range(50):   # 20 x 50 = 1,000 followers
+                    with lock:
+                        job_id = random.choice(job_ids)
+                    stream = stub.Output(pb.OutputRequest(job_id=job_id, follow=True),
+                                         metadata=md, timeout=120)
+                    if random.random() < 0.3:   # a follower that disconnects mid-stream
+                        next(stream, None)
+                        stream.cancel()
+                        continue
+                    data = b"".join(c.data for c in stream)
+                    with lock:
+                        results.append(data)
+            except Exception as e:
+                errors.append(e)
+            finally:
+                channel.close()
+
+        threads_ = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join(300)
+        assert not errors, errors[:3]
+        assert len(job_ids) == 200 and results
+        assert all(r == expected for r in results), "a follower that stayed lost bytes"
+        # Afterwards: every job ended and left nothing; the server holds what it held.
+        deadline = time.monotonic() + 60
+        while any(j["state"] == "running" for j in cli_json(srv, "list")):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        time.sleep(1)
+        assert fds() <= before[0] + 2, (before, fds())
+        assert threads() <= before[1] + 16, (before, threads())   # pools may have grown
+        layout = sj.CgroupLayout.detect()
+        assert len(sj.JobCgroup.names(layout, srv.cgroup_root)) <= 1   # the warm shim's
+    finally:
+        srv.cleanup()
+
+
+def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(server, certs):
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    grpc, pb, pb_grpc = sj.import_grpc()
+    channel = grpc_channel(certs, server.address, "alice")
+    stub = pb_grpc.JobServiceStub(channel)
+    md = (("authorization", "Bearer " + open(f"{certs}/alice.jwt").read().strip()),)
+    clear = {"OK", "INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND", "FAILED_PRECONDITION"}
+    started = []
+
+    @settings(max_examples=80, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(argv=st.lists(st.text(max_size=40), max_size=4) | st.just(["x" * 200_000]),
+           cpu=st.floats(), memory=st.integers(0, 2**64 - 1), pids=st.integers(0, 2**32 - 1),
+           io=st.integers(0, 2**64 - 1), device=st.text(max_size=12),
+           env=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+           workdir=st.text(max_size=20), job_id=st.text(max_size=40),
+           offset=st.integers(0, 2**64 - 1), grace=st.floats())
+    def check(argv, cpu, memory, pids, io, device, env, workdir, job_id, offset, grace):
+        calls = [
+            ("Start", pb.StartRequest(argv=argv, env=env, workdir=workdir, limits=pb.Limits(
+                cpu=cpu, memory_bytes=memory, pids=pids, io_read_bps=io, io_write_bps=io,
+                io_device=device))),
+            ("Status", pb.JobRef(job_id=job_id)),
+            ("Stop", pb.StopRequest(job_id=job_id, grace_seconds=grace)),
+            ("Output", pb.OutputRequest(job_id=job_id, offset=offset)),
+        ]
+        for method, request in calls:
+            try:
+                reply = getattr(stub, method)(request, metadata=md, timeout=30)
+                if method == "Output":
+                    list(reply)
+                if method == "Start":
+                    started.append(reply.job_id)
+            except grpc.RpcError as e:
+                assert e.code().name in clear, (method, e.code(), e.details())
+
+    try:
+        check()
+        # Bytes that are not even a valid message (invalid UTF-8 in a string field).
+        raw = channel.unary_unary("/steve_jobs.v1.JobService/Start")
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\x0a\x02\xff\xfe", metadata=md, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed" in e.value.details() and "protobuf" not in e.value.details()
+        assert cli(server, "list").returncode == 0   # still healthy
+    finally:
+        for job_id in started:
+            with contextlib.suppress(grpc.RpcError):
+                stub.Stop(pb.StopRequest(job_id=job_id, grace_seconds=0), metadata=md, timeout=30)
+        channel.close()
