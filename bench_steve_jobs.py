@@ -165,18 +165,31 @@ class BenchServer:
         subprocess.run(["bash", os.path.join(HERE, "gen_certs.sh"), "--dir", self.certs],
                        check=True, capture_output=True, env={**os.environ, "PYTHON": sys.executable})
         self.address = f"127.0.0.1:{free_port()}"
-        self.log = open(os.path.join(self.dir, "server.log"), "wb")
+        self.cgroup_root = f"steve-jobs-bench-{uuid.uuid4().hex[:6]}"
+        self.log = open(os.path.join(self.dir, "server.log"), "ab")
+        self.start()
+        return self
+
+    def start(self, state="state"):
+        """Start the server process; returns seconds until it listens."""
+        t = time.perf_counter()
+        mark = self.log.tell()
         self.proc = subprocess.Popen(
             [sys.executable, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
-             "--state-dir", os.path.join(self.dir, "state"), "--output-cap", "2G",
-             "--cgroup-root", f"steve-jobs-bench-{uuid.uuid4().hex[:6]}", "--stop-jobs-on-exit"],
+             "--state-dir", os.path.join(self.dir, state), "--output-cap", "2G",
+             "--cgroup-root", self.cgroup_root, "--stop-jobs-on-exit"],
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while b"listening on" not in open(self.log.name, "rb").read():
+        deadline = time.monotonic() + 60
+        while b"listening on" not in open(self.log.name, "rb").read()[mark:]:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise SystemExit(open(self.log.name).read())
-            time.sleep(0.05)
-        return self
+            time.sleep(0.005)
+        return time.perf_counter() - t
+
+    def crash(self):
+        """SIGKILL the server: its jobs keep running."""
+        self.proc.kill()
+        self.proc.wait(30)
 
     def cli(self, *args, stdout=subprocess.PIPE):
         return subprocess.run([sys.executable, SCRIPT, "--server", self.address, "--certs",
@@ -286,17 +299,20 @@ def bench_streaming(server, sshd, runs=3):
     print(line, flush=True)
 
 
-def bench_fan_out(server, followers=1000, channels=10):
-    """1,000 followers of one job: every byte to each, first-byte latency, server memory."""
+def bench_fan_out(server, followers=1000, channels=10, spread=0.0):
+    """1,000 followers of one job: every byte to each, first-byte latency, server memory.
+
+    spread: seconds over which the followers attach (0: all at once).
+    """
     import asyncio
     import hashlib
     grpc, pb, pb_grpc = sj.import_grpc()
     read = lambda name: open(os.path.join(server.certs, name), "rb").read()
     token = read("mrarsenal.jwt").decode().strip()
     writer = ("import os, sys, time\n"
-              "for i in range(40):\n"
-              "    sys.stdout.buffer.write(os.urandom(2500)); sys.stdout.flush()\n"
-              "    time.sleep(0.05)\n")
+              "for i in range(8):\n"
+              "    sys.stdout.buffer.write(os.urandom(12500)); sys.stdout.flush()\n"
+              "    time.sleep(0.5)\n")
     rss_before, threads_before = server.rss_mb(), server.threads()
 
     async def run():
@@ -309,6 +325,7 @@ def bench_fan_out(server, followers=1000, channels=10):
         first, digests = [], []
 
         async def follow(i):
+            await asyncio.sleep(spread * i / followers)
             t = time.perf_counter()
             h, got_first = hashlib.sha256(), False
             async for chunk in stubs[i % channels].Output(
@@ -337,10 +354,65 @@ def bench_fan_out(server, followers=1000, channels=10):
 
     first, digests, expected, size, peak = asyncio.run(run())
     complete = sum(d == expected for d in digests)
-    print(f"{'fan-out: 1,000 followers, first byte':38s} p50 {statistics.median(first):7.2f} ms"
+    label = f"fan-out: 1,000 followers{f' over {spread:g}s' if spread else ', at once'}"
+    print(f"{label:38s} first byte p50 {statistics.median(first):7.2f} ms"
           f"  p99 {pct(first, 99):7.2f} ms (target p99 <= 100); {complete}/{len(digests)} got "
           f"all {size} bytes; server RSS {rss_before:.0f} -> peak {peak:.0f} MB "
           f"(target <= 300); threads {threads_before} -> {server.threads()}", flush=True)
+
+
+def bench_start_rate(server, clients=10, jobs_per_client=20):
+    """Jobs started per second by 10 concurrent clients, each on its own connection."""
+    grpc, pb, pb_grpc = sj.import_grpc()
+    read = lambda name: open(os.path.join(server.certs, name), "rb").read()
+    md = (("authorization", "Bearer " + read("mrarsenal.jwt").decode().strip()),)
+    creds = grpc.ssl_channel_credentials(read("ca.crt"), read("mrarsenal.key"),
+                                         read("mrarsenal.crt"))
+    stubs = [pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
+             for _ in range(clients)]
+    for stub in stubs:
+        stub.List(pb.ListRequest(), metadata=md)   # connect first: measure starts only
+
+    def ours(stub):
+        for _ in range(jobs_per_client):
+            stub.Start(pb.StartRequest(argv=["true"]), metadata=md, timeout=60)
+
+    def unshare(_):
+        for _ in range(jobs_per_client):
+            subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--net", "--uts",
+                            "--ipc", "true"], check=True)
+
+    rates = {}
+    for label, work, args in (("steve-jobs Start", ours, stubs), ("unshare(1)", unshare, stubs)):
+        threads = [threading.Thread(target=work, args=(a,)) for a in args]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        rates[label] = clients * jobs_per_client / (time.perf_counter() - t)
+    print(f"{'jobs started/s, 10 concurrent clients':38s} {rates['steve-jobs Start']:7.1f} /s"
+          f"  | unshare(1) whole runs {rates['unshare(1)']:.1f} /s "
+          f"(x{rates['steve-jobs Start'] / rates['unshare(1)']:.2f})", flush=True)
+
+
+def bench_readopt(server, jobs=100):
+    """Time from server start to listening with 100 running jobs to re-adopt, beside the
+    same start with an empty state directory."""
+    for _ in range(jobs):
+        server.start_job("sleep 1000")
+    server.crash()
+    with_jobs = server.start()
+    import json
+    running = [j for j in json.loads(server.cli("--json", "list").stdout)
+               if j["state"] == "running"]
+    assert len(running) == jobs, len(running)
+    server.proc.terminate()   # --stop-jobs-on-exit: stops the 100
+    server.proc.wait(120)
+    empty = server.start(state="empty-state")
+    print(f"{'restart re-adopting 100 running jobs':38s} {with_jobs * 1000:7.0f} ms to listen"
+          f"  | empty state {empty * 1000:.0f} ms (x{with_jobs / empty:.2f}); "
+          f"all {len(running)} running after it", flush=True)
 
 
 def main(argv):
@@ -358,6 +430,9 @@ def main(argv):
             bench_round_trip(server, sshd)
             bench_streaming(server, sshd)
             bench_fan_out(server)
+            bench_fan_out(server, spread=2.0)
+            bench_start_rate(server)
+            bench_readopt(server)
 
 
 if __name__ == "__main__":

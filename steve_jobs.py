@@ -76,6 +76,8 @@ MAX_ARGV_ITEMS = 4096
 MAX_ENV_ITEMS = 256
 MIN_MEMORY = 8 * MiB              # below this even the job's init cannot run
 SPAWN_TIMEOUT = 15.0              # seconds the engine waits for a job to reach exec
+WARM_SHIMS = 2                    # job supervisors the spawner keeps ready
+REFILL_DELAY = 0.02               # seconds of quiet before the spawner makes the next one
 KILL_TIMEOUT = 10.0               # seconds a killed job gets to disappear
 CHUNK = 1 * MiB                   # largest piece of output read or copied at once
 PIPE_SIZE = 1 * MiB               # job stdout pipe capacity: fewer stalls for chatty jobs
@@ -412,9 +414,15 @@ class JobCgroup:
             self.remove(timeout=0)
             raise
 
-    def apply(self, limits):
-        """Write the limits (cheap, unlike moving a process in: they can come later)."""
+    def apply(self, limits, already=None):
+        """Write the limits (cheap, unlike moving a process in: they can come later).
+
+        already: limits applied before; only what differs from them is written.
+        """
+        done = set(self.limit_writes(already)) if already else set()
         for path, value in self.limit_writes(limits):
+            if (path, value) in done:
+                continue
             if path.endswith(("memsw.limit_in_bytes", "swap.max")) and not os.path.exists(path):
                 continue   # no swap accounting on this kernel: no swap to bypass with
             write_file(path, value)
@@ -587,16 +595,22 @@ RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
 def spawner_main(sock_fd, settings):
     """Serve start requests on sock_fd until the server hangs up. Returns the exit code.
 
-    settings: {"layout": CgroupLayout.to_dict(), "cgroup_root": str}.
+    settings: {"layout": CgroupLayout.to_dict(), "cgroup_root": str,
+               "limits": the server's default Limits as a dict, "warm": int (optional)}.
     """
+    import collections
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is for the server to handle
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)    # the kernel reaps exited shims
     sock = socket.socket(fileno=sock_fd)
-    warm = None
+    warm = collections.deque()
     try:
         while True:
-            if warm is None:
-                warm = WarmShim(settings, sock)
+            # Refill in a quiet moment: a fork right after a hand-over would compete for the
+            # CPU with the job being started (and with the server waiting for its reply).
+            if len(warm) < settings.get("warm", WARM_SHIMS):
+                if not select.select([sock], [], [], REFILL_DELAY if warm else 0)[0]:
+                    warm.append(WarmShim(settings, sock))
+                    continue
             try:
                 msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 1)
             except InterruptedError:
@@ -608,15 +622,20 @@ def spawner_main(sock_fd, settings):
                     os.close(fd)
                 continue
             reply_fd = fds[0]
-            if not warm.hand_over(msg, reply_fd):   # it died while waiting: one fresh try
-                warm = WarmShim(settings, sock)
-                if not warm.hand_over(msg, reply_fd):
-                    _reply(reply_fd, ok=False, error="the job's supervisor could not start")
+            # The oldest is the likeliest to be ready; one that died meanwhile is skipped.
+            handed = False
+            while warm and not handed:
+                handed = warm.popleft().hand_over(msg, reply_fd)
+            if not handed and not WarmShim(settings, sock).hand_over(msg, reply_fd):
+                _reply(reply_fd, ok=False, error="the job's supervisor could not start")
             os.close(reply_fd)
-            warm = None
     finally:
-        if warm is not None:
-            warm.discard()
+        # Hang up on all first, then wait: they clean up in parallel.
+        pidfds = [shim.discard() for shim in warm]
+        deadline = time.monotonic() + KILL_TIMEOUT
+        for pidfd in filter(None, pidfds):
+            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            os.close(pidfd)
 
 
 def _reply(reply_fd, **fields):
@@ -669,15 +688,16 @@ class WarmShim:
             self._sock.close()
 
     def discard(self):
-        """No job will come: hanging up makes it clean up; wait (bounded) until it has."""
+        """No job will come: hang up, so it cleans up and exits.
+
+        Returns a pidfd that becomes readable once it has exited (None if already gone).
+        """
         try:
             pidfd = os.pidfd_open(self.pid)
         except OSError:
-            pidfd = None   # already gone
+            pidfd = None
         self._sock.close()
-        if pidfd is not None:
-            select.select([pidfd], [], [], KILL_TIMEOUT)   # readable once it has exited
-            os.close(pidfd)
+        return pidfd
 
 
 def shim_main(chan, settings):
@@ -690,8 +710,10 @@ def shim_main(chan, settings):
     layout = CgroupLayout.from_dict(settings["layout"])
     cg = JobCgroup(layout, settings["cgroup_root"], "j-" + random_hex(8))
     warm_error = ""
+    warm_limits = Limits(**settings["limits"])
     try:
         cg.create()
+        cg.apply(warm_limits)   # the server's defaults: most jobs need no write at start
     except OSError as e:
         warm_error = f"cannot make the job's cgroup: {e.strerror or e}"
     out_r, out_w = os.pipe2(os.O_CLOEXEC)        # the job's stdout and stderr
@@ -740,7 +762,7 @@ def shim_main(chan, settings):
     if warm_error:
         return fail(warm_error)
     try:
-        cg.apply(Limits(**req["limits"]))
+        cg.apply(Limits(**req["limits"]), already=warm_limits)
     except OSError as e:
         return fail(f"cannot apply the job's limits: {e.strerror or e}")
     out_fd = os.open(os.path.join(job_dir, OUTPUT_FILE),
@@ -940,15 +962,17 @@ def enter_job_namespaces(cg):
 
 
 def command_main(cg, go_r, out_w, err_w):
-    """The command's process: get ready, wait for the request, finish, exec. Never returns."""
-    host_net = None
+    """The command's process: get ready, wait for the request, finish, exec. Never returns.
+
+    Everything that does not depend on the request happens before it arrives.
+    """
+    warm_error = ""
     try:
         host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        prepare_process(out_w, keep=(go_r, err_w, host_net))
         enter_job_network(cg)
     except Exception as e:   # reported once a job comes: it is that job's failure
         warm_error = f"namespace setup failed: {e}"
-    else:
-        warm_error = ""
     try:
         msg = _read_all(go_r)
     except OSError:
@@ -964,9 +988,27 @@ def command_main(cg, go_r, out_w, err_w):
             leave_job_network(host_net)
         os.close(host_net)
     except Exception as e:
-        _report_start_failure(err_w, out_w, f"namespace setup failed: {e}")
+        _report_start_failure(err_w, 2, str(e) if warm_error else f"namespace setup failed: {e}")
         os._exit(126)
-    exec_command(req, out_w, err_w)
+    exec_command(req, err_w)
+
+
+def prepare_process(out_w, keep):
+    """The command's process before its job is known: session, stdio, fds, signals."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out_w, 1)
+    os.dup2(out_w, 2)
+    # Close every other fd the forks brought along (close-on-exec or not), but the kept.
+    for low, high in zip((3,) + tuple(k + 1 for k in sorted(keep)), sorted(keep) + [1 << 16]):
+        os.closerange(low, high)
+    # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: undo that.
+    for sig in FORWARDED_SIGNALS + (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    if read_file("/proc/self/oom_score_adj", "0").strip() != "0":
+        write_file("/proc/self/oom_score_adj", "0")
 
 
 def enter_job_network(cg):
@@ -995,8 +1037,8 @@ def leave_job_network(host_net):
                 ("unmount the job's /sys", lambda: umount_lazy("/sys"))])
 
 
-def exec_command(req, out_w, err_w):
-    """Redirect, drop privileges, exec. Never returns.
+def exec_command(req, err_w):
+    """Drop privileges, enter the working folder, exec. Never returns.
 
     Failures before exec reach the shim through err_w (close-on-exec, so a successful exec
     closes it silently), with shell exit codes: 127 not found, 126 cannot execute.
@@ -1004,19 +1046,6 @@ def exec_command(req, out_w, err_w):
     argv = req["argv"]
     stage = "setting up"
     try:
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(out_w, 2)
-        os.closerange(3, err_w)
-        os.closerange(err_w + 1, 1 << 16)
-        # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: undo that.
-        for sig in FORWARDED_SIGNALS + (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        if read_file("/proc/self/oom_score_adj", "0").strip() != "0":
-            write_file("/proc/self/oom_score_adj", "0")
         uid = req["uid"]
         if uid != 0:
             stage = "dropping privileges"
@@ -1344,7 +1373,8 @@ class Engine:
         self._load_jobs()
         self._sweep_cgroups()
         self._spawner.start({"layout": self.layout.to_dict(),
-                             "cgroup_root": self.config.cgroup_root})
+                             "cgroup_root": self.config.cgroup_root,
+                             "limits": self.effective_limits(Limits())._asdict()})
         return self
 
     def close(self, stop_jobs=False):
