@@ -667,8 +667,14 @@ class WarmShim:
         if self.pid == 0:
             code = 1
             try:
-                ours.close()
-                spawner_sock.close()   # the server must see EOF when the spawner alone exits
+                # Nothing of the spawner's may live on in a job's supervisor: not its socket
+                # (the server must see EOF when the spawner exits), not another job's reply
+                # pipe (its asker would wait for this job to end).
+                keep = theirs.fileno()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, 1 << 16)
+                ours.detach()
+                spawner_sock.detach()
                 code = shim_main(theirs, settings)
             except BaseException:   # a shim must never fall back into the spawner loop
                 log.exception("job supervisor failed")
@@ -1252,6 +1258,23 @@ class OutputWatcher:
                     log.exception("recording the end of job %s failed", job.id)
 
 
+def _read_reply(fd, deadline):
+    """One JSON reply from fd, read until it parses (not until EOF: copies of the pipe's
+    write end may outlive the answer). Raises UnavailableError on EOF or at the deadline."""
+    data = b""
+    while True:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise UnavailableError("the spawner did not answer in time")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise UnavailableError("the spawner or the job's supervisor exited")
+        data += chunk
+        try:
+            return json.loads(data)
+        except ValueError:
+            continue   # a partial answer: read on
+
+
 class Spawner:
     """The server's handle on the spawner process.
 
@@ -1297,19 +1320,12 @@ class Spawner:
                 raise UnavailableError(f"the spawner is gone: {e}") from None
             finally:
                 os.close(reply_w)   # now only the spawner (then the shim) holds it
-            if not select.select([reply_r], [], [], timeout)[0]:
-                raise UnavailableError("the spawner did not answer in time")
-            reply = _read_all(reply_r)
-            reply_r = None
+            return _read_reply(reply_r, time.monotonic() + timeout)
         finally:
-            if reply_r is not None:
-                os.close(reply_r)
-        if not reply:
-            raise UnavailableError("the spawner or the job's supervisor exited")
-        return json.loads(reply)
+            os.close(reply_r)
 
     def close(self):
-        """Hang up; the spawner discards its warm shim and exits (bounded wait)."""
+        """Hang up; the spawner discards its warm shims and exits (bounded wait)."""
         if self._sock:
             self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
