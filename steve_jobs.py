@@ -20,6 +20,7 @@ Security model, in five lines:
 # Only light modules here: the spawner runs this file too, and every megabyte it holds
 # makes each fork and the job's final exec slower (secrets pulls in OpenSSL, dataclasses
 # inspect, ctypes.util and uuid subprocess; logging is imported on first use).
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -455,6 +456,11 @@ class JobCgroup:
     def freeze(self):
         path, frozen, _ = self._freezer()
         write_file(path, frozen)
+
+    def frozen(self):
+        """True if the job's cgroup is frozen (or freezing)."""
+        path, frozen, _ = self._freezer()
+        return read_file(path, "").strip() in (frozen, "FREEZING")
 
     def thaw(self):
         path, _, thawed = self._freezer()
@@ -1433,6 +1439,8 @@ class Engine:
                                    "the job's supervisor died; its end is unknown",
                                    "ended_at": time.time()}, save=True)
             elif job.result is None:
+                with contextlib.suppress(OSError, Error):
+                    job.paused = job.cgroup.frozen()   # a pause outlives the server too
                 self._watch(job)
 
     def _sweep_cgroups(self):

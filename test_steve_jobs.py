@@ -611,24 +611,36 @@ def test_pause_freezes_and_resume_thaws(engine):
     assert engine.stop(job_id, grace=1).state == sj.STOPPED   # stopping a paused job works
 
 
-def test_jobs_survive_an_engine_restart():
+@contextlib.contextmanager
+def engine_that_goes_away():
+    """An engine whose server goes away afterwards without stopping its jobs.
+
+    Yields (engine, state_dir, cgroup_root); reopen them with running_engine().
+    """
     require_kernel()
     state_dir = new_state_dir()
     root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
-    first = sj.Engine(sj.EngineConfig(state_dir=state_dir, cgroup_root=root)).open()
+    engine = sj.Engine(sj.EngineConfig(state_dir=state_dir, cgroup_root=root)).open()
     try:
+        yield engine, state_dir, root
+    finally:
+        engine._spawner.close()
+        engine._watcher.close()
+
+
+def test_jobs_survive_an_engine_restart():
+    with engine_that_goes_away() as (first, state_dir, root):
         done = first.start("tester", ["sh", "-c", "echo finished; exit 4"])
         first.wait(done, 30)
         live = first.start("tester", ["sh", "-c", "echo started; sleep 1000"])
         for _ in first.follow(live):
             break
-    finally:
-        first._spawner.close()   # the server goes away without stopping its jobs
-        first._watcher.close()
+        first.pause(live)
     with running_engine(state_dir=state_dir, cgroup_root=root) as second:
         assert second.status(done).exit_code == 4
         assert b"".join(second.follow(done)) == b"finished\n"
-        assert second.status(live).state == sj.RUNNING
+        assert second.status(live).state == sj.PAUSED   # paused before the restart
+        second.resume(live)
         assert second.read_output(live) == b"started\n"
         assert second.stop(live, grace=5).state == sj.STOPPED
         assert b"".join(second.follow(live)) == b"started\n"
@@ -745,6 +757,13 @@ class Server:
         if self.proc:
             self.log.close()
         return self.proc.returncode if self.proc else None
+
+    def restart(self):
+        """A new server process on the same state and cgroup root (a new port)."""
+        self.terminate()
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        return self.start()
 
     def cleanup(self):
         """Stop every job this server's state knows of, then remove what is left."""
@@ -890,6 +909,43 @@ def test_another_users_job_is_not_found_word_for_word(server):
         cli(server, "stop", "--grace", "0", job_id)
 
 
+def test_server_refuses_to_start_without_certificates(tmp_path):
+    require_kernel()
+    srv = Server(str(tmp_path / "missing"))
+    with pytest.raises(AssertionError, match="cannot read"):
+        srv.start()
+    assert srv.proc.returncode == 1
+    log = srv.read_log().strip()
+    assert "Traceback" not in log and len(log.splitlines()) == 1, log
+    shutil.rmtree(srv.state_dir, ignore_errors=True)
+
+
+def test_server_certificates_rotate_without_a_restart(certs, tmp_path):
+    require_kernel()
+    rotating = tmp_path / "rotating"
+    shutil.copytree(certs, rotating)
+    srv = Server(str(rotating)).start()
+    try:
+        def served_serial():
+            out, _ = s_client(srv, certs, "-showcerts", *with_client_cert(certs))
+            pem = out[out.index("-----BEGIN CERTIFICATE-----"):
+                      out.index("-----END CERTIFICATE-----") + 25]
+            done = subprocess.run(["openssl", "x509", "-noout", "-serial"], input=pem.encode(),
+                                  capture_output=True, check=True)
+            return done.stdout.strip()
+        before = served_serial()
+        cert, key = forged_client_cert(certs, "steve-jobs server", server_auth=True,
+                                       san="127.0.0.1")
+        (rotating / "server.key").write_bytes(key)
+        (rotating / "server.crt").write_bytes(cert)
+        after = served_serial()
+        assert before != after
+        assert "TLS certificates reloaded" in srv.read_log()
+        assert cli(srv, "list").returncode == 0   # clients still get in
+    finally:
+        srv.cleanup()
+
+
 def test_health_service_answers(server, certs):
     grpc, _, _ = sj.import_grpc()
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -924,13 +980,11 @@ def test_graceful_shutdown_ends_streams_and_keeps_jobs_running(certs):
         assert follower.returncode == 8 and b"shutting down" in err, err
         assert "server stopped" in srv.read_log()
         # The job outlived the server; a new server re-adopts it.
-        srv2 = Server(certs, state_dir=srv.state_dir, cgroup_root=srv.cgroup_root).start()
-        srv.proc = srv2.proc
-        srv.log = srv2.log
-        assert cli_json(srv2, "status", job_id)["state"] == "running"
-        st = cli_json(srv2, "stop", "--grace", "1", job_id)
+        srv.restart()
+        assert cli_json(srv, "status", job_id)["state"] == "running"
+        st = cli_json(srv, "stop", "--grace", "1", job_id)
         assert st["state"] == "stopped"
-        assert cli(srv2, "output", job_id).stdout == b"before\n"
+        assert cli(srv, "output", job_id).stdout == b"before\n"
     finally:
         srv.cleanup()
 
@@ -1255,26 +1309,18 @@ def test_a_job_that_ends_while_no_server_runs_keeps_its_result(certs):
         job_id = start_job(srv, "echo begin; sleep 1; echo end; exit 5")
         srv.terminate(signal.SIGKILL)   # a crash, not a shutdown
         time.sleep(2)                   # the job ends while nothing serves
-        srv2 = Server(certs, state_dir=srv.state_dir, cgroup_root=srv.cgroup_root).start()
-        srv.proc, srv.log = srv2.proc, srv2.log
-        st = cli_json(srv2, "status", job_id)
+        srv.restart()
+        st = cli_json(srv, "status", job_id)
         assert (st["state"], st["exit_code"]) == ("exited", 5)
-        assert cli(srv2, "stream", job_id).stdout == b"begin\nend\n"
+        assert cli(srv, "stream", job_id).stdout == b"begin\nend\n"
     finally:
         srv.cleanup()
 
 
 def test_a_job_whose_supervisor_died_is_reported_unknown_and_cleaned_up():
-    require_kernel()
-    state_dir = new_state_dir()
-    root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
-    first = sj.Engine(sj.EngineConfig(state_dir=state_dir, cgroup_root=root)).open()
-    try:
+    with engine_that_goes_away() as (first, state_dir, root):
         job_id = first.start("tester", ["sleep", "1000"])
         shim_pid, uid = first._get(job_id).shim["shim_pid"], first.status(job_id).uid
-    finally:
-        first._spawner.close()
-        first._watcher.close()
     os.kill(shim_pid, signal.SIGKILL)
     time.sleep(0.2)
     with running_engine(state_dir=state_dir, cgroup_root=root) as second:
@@ -1353,9 +1399,13 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
         def threads():
             return len(os.listdir(f"/proc/{srv.proc.pid}/task"))
 
+        def rss_mb():
+            with open(f"/proc/{srv.proc.pid}/status") as f:
+                return int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) / 1024
+
         warm = cli(srv, "run", "-f", "true")   # let the server reach its steady state
         assert warm.returncode == 0
-        before = (fds(), threads())
+        before = (fds(), threads(), rss_mb())
         job_ids, errors, results = [], [], []
         lock = threading.Lock()
 
@@ -1401,6 +1451,7 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
         time.sleep(1)
         assert fds() <= before[0] + 2, (before, fds())
         assert threads() <= before[1] + 16, (before, threads())   # pools may have grown
+        assert rss_mb() <= before[2] + 64, (before, rss_mb())   # back near where it was
         layout = sj.CgroupLayout.detect()
         assert len(sj.JobCgroup.names(layout, srv.cgroup_root)) <= sj.WARM_SHIMS   # warm ones
     finally:
