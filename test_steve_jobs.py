@@ -1509,3 +1509,53 @@ def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(
             with contextlib.suppress(grpc.RpcError):
                 stub.Stop(pb.StopRequest(job_id=job_id, grace_seconds=0), metadata=md, timeout=30)
         channel.close()
+
+
+def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
+    require_kernel()
+    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
+    try:
+        grpc, pb, pb_grpc = sj.import_grpc()
+        md = (("authorization", "Bearer " + open(f"{certs}/mrarsenal.jwt").read().strip()),)
+        writer = "for i in $(seq 1 30); do echo line $i; sleep 0.1; done"
+        expected = b"".join(b"line %d\n" % i for i in range(1, 31))
+        job_ids, lock, followers_done = [], threading.Lock(), []
+
+        def client():
+            channel = grpc_channel(certs, srv.address, "mrarsenal")
+            stub = pb_grpc.JobServiceStub(channel)
+            try:
+                for _ in range(5):
+                    st = stub.Start(pb.StartRequest(argv=["sh", "-c", writer]), metadata=md,
+                                    timeout=60)
+                    with lock:
+                        job_ids.append(st.job_id)
+                stream = stub.Output(pb.OutputRequest(job_id=st.job_id, follow=True),
+                                     metadata=md, timeout=120)
+                try:
+                    for _ in stream:
+                        pass
+                except grpc.RpcError as e:   # the server died under this follower
+                    followers_done.append(e.code())
+            finally:
+                channel.close()
+
+        clients = [threading.Thread(target=client) for _ in range(10)]
+        for t in clients:
+            t.start()
+        time.sleep(1.5)
+        srv.terminate(signal.SIGKILL)
+        for t in clients:
+            t.join(120)
+        assert followers_done and all(c == grpc.StatusCode.UNAVAILABLE for c in followers_done)
+        srv.restart()
+        listed = {j["job_id"] for j in cli_json(srv, "list")}
+        assert len(job_ids) >= 10 and set(job_ids) <= listed
+        for job_id in listed:   # every job that started goes on to the end, nothing lost
+            assert cli(srv, "stream", job_id).stdout == expected, job_id
+            st = cli_json(srv, "status", job_id)
+            assert (st["state"], st["exit_code"]) == ("exited", 0)
+        layout = sj.CgroupLayout.detect()
+        assert len(sj.JobCgroup.names(layout, srv.cgroup_root)) <= sj.WARM_SHIMS
+    finally:
+        srv.cleanup()
