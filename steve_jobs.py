@@ -1428,7 +1428,7 @@ class Engine:
                 with open(os.path.join(job_dir, SPEC_FILE)) as f:
                     spec = json.load(f)
             except (OSError, ValueError):
-                log.warning("ignoring %s: no readable job record", job_dir)
+                self._drop_unstarted(name, job_dir)
                 continue
             job = self._new_job(name, spec)
             job.stop_requested = os.path.exists(os.path.join(job_dir, STOP_FILE))
@@ -1442,6 +1442,20 @@ class Engine:
                 with contextlib.suppress(OSError, Error):
                     job.paused = job.cgroup.frozen()   # a pause outlives the server too
                 self._watch(job)
+
+    def _drop_unstarted(self, job_id, job_dir):
+        """A job folder without a record: a start the server died in before any shim took
+        it (the shim writes the record as soon as it has answered). Remove it, and its
+        working folder, unless it is recent enough to be a start still under way."""
+        import shutil
+        try:
+            if time.time() - os.stat(job_dir).st_mtime < SPAWN_TIMEOUT:
+                return
+        except OSError:
+            return
+        log.warning("removing %s: a start that never reached its supervisor", job_dir)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(self.config.state_dir, "work", job_id), ignore_errors=True)
 
     def _sweep_cgroups(self):
         """Kill and remove job cgroups that no running job owns (left by a crash).

@@ -658,6 +658,22 @@ def test_engine_refuses_a_state_dir_jobs_cannot_reach(tmp_path):
         shutil.rmtree(hidden)
 
 
+def test_reopening_drops_starts_that_never_reached_a_supervisor():
+    with engine_that_goes_away() as (engine, state_dir, root):
+        kept = engine.start("tester", ["true"])
+        engine.wait(kept, 30)
+    for name, age in (("old", sj.SPAWN_TIMEOUT + 60), ("new", 0)):
+        for sub in ("jobs", "work"):
+            os.makedirs(os.path.join(state_dir, sub, name))
+        then = time.time() - age
+        os.utime(os.path.join(state_dir, "jobs", name), (then, then))
+    with running_engine(state_dir=state_dir, cgroup_root=root) as engine:
+        assert [s.id for s in engine.list()] == [kept]
+        assert not os.path.exists(os.path.join(state_dir, "jobs", "old"))
+        assert not os.path.exists(os.path.join(state_dir, "work", "old"))
+        assert os.path.exists(os.path.join(state_dir, "jobs", "new"))   # may be under way
+
+
 def test_start_sweeps_leftover_cgroups():
     require_kernel()
     root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
