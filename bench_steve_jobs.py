@@ -9,7 +9,6 @@ Timing on a shared machine is noisy: read medians and ratios, not single numbers
 """
 
 import os
-import resource
 import shutil
 import statistics
 import subprocess

@@ -846,9 +846,8 @@ def test_cli_run_argv_without_shell_and_signal_exit_code(server):
 def test_cli_output_is_binary_exact(server):
     script = "head -c 300000 /dev/urandom > blob; cat blob; sha256sum blob >&2"
     done = cli(server, "run", "-f", script)
-    data, digest = done.stdout[:-len(done.stdout.split(b"\n")[-2]) - 1], None
-    job = cli_json(server, "list")[-1]
-    out = cli(server, "output", job["job_id"]).stdout
+    job_id = done.stderr.decode().split()[1]   # "job ID" on stderr
+    out = cli(server, "output", job_id).stdout
     assert out == done.stdout
     blob = out[:300000]
     assert hashlib.sha256(blob).hexdigest().encode() in out[300000:]
@@ -1475,7 +1474,7 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
 
 
 def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(server, certs):
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings, strategies as st
     grpc, pb, pb_grpc = sj.import_grpc()
     channel = grpc_channel(certs, server.address, "alice")
