@@ -2459,6 +2459,10 @@ async def serve(engine, config, verifier, on_started=None):
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set("steve_jobs.v1.JobService", health_pb2.HealthCheckResponse.SERVING)
+    key_mode = os.stat(os.path.join(config.certs_dir, "server.key")).st_mode
+    if key_mode & 0o077:
+        log.warning("%s/server.key is readable by other users (jobs run as other users): "
+                    "chmod 600 it", config.certs_dir)
     if is_development_ca(ca):
         log.warning("running on the bundled DEVELOPMENT certificates: never use them in "
                     "production (see README: Security)")
