@@ -2884,6 +2884,12 @@ def cmd_run(client, args):
         raise
     if args.json:
         print_json(status_dict(st))
+    state = PB_TO_STATE.get(st.state)
+    if state != EXITED:   # say why, where it cannot mix with the output
+        why = {OOM_KILLED: "killed for exceeding its memory limit", STOPPED: "stopped",
+               FAILED: f"failed to start: {st.error}", UNKNOWN: f"ended unknown: {st.error}",
+               KILLED: f"killed by {signal_name(st.signal)}"}.get(state, state)
+        print(f"job {st.job_id} {why}", file=sys.stderr)
     if st.HasField("signal"):
         return 128 + st.signal
     return st.exit_code if st.HasField("exit_code") else EXIT_RUN_FAILED
