@@ -1113,6 +1113,7 @@ class EngineConfig(typing.NamedTuple):
     stop_grace: float = 10.0      # seconds between SIGTERM and SIGKILL by default
     uid_base: int = 0x60000000    # jobs run as uid/gid uid_base + n, one fresh uid per job
     uid_count: int = 1 << 20
+    max_running_jobs: int = 1024  # more starts get ResourceExhaustedError
 
 
 RESULT_FIELDS = ("started_at", "ended_at", "exit_code", "signal", "error", "cpu_seconds",
@@ -1361,6 +1362,7 @@ class Engine:
         self._spawner = Spawner()
         self._watcher = None
         self._uids_in_use = set()
+        self._running = set()         # ids of jobs without a result
 
     # -- life cycle -----------------------------------------------------------
 
@@ -1499,7 +1501,7 @@ class Engine:
 
         job_id = new_job_id()
         job_dir = os.path.join(self.config.state_dir, "jobs", job_id)
-        uid = 0 if options.as_root else self._allocate_uid()
+        uid = self._allocate_uid(root=options.as_root)
         workdir = options.workdir
         try:
             if not workdir:
@@ -1729,6 +1731,7 @@ class Engine:
             self._jobs[job_id] = job
             if job.result is None:
                 self._uids_in_use.add(spec["uid"])
+                self._running.add(job_id)
         return job
 
     def _set_shim(self, job, shim):
@@ -1761,6 +1764,7 @@ class Engine:
             job.result = result
             job.paused = False
             self._uids_in_use.discard(job.spec["uid"])
+            self._running.discard(job.id)
         job.ended.set()
         job.notify()
 
@@ -1770,12 +1774,20 @@ class Engine:
         with self._lock:
             self._jobs.pop(job.id, None)
             self._uids_in_use.discard(job.spec["uid"])
+            self._running.discard(job.id)
         shutil.rmtree(job.dir, ignore_errors=True)   # also ends its inotify watch
         if remove_workdir:
             shutil.rmtree(job.spec["workdir"], ignore_errors=True)
 
-    def _allocate_uid(self):
+    def _allocate_uid(self, root=False):
+        """A uid for a new job (0 for root). Raises ResourceExhaustedError at the maximum
+        of running jobs."""
         with self._lock:
+            if len(self._running) >= self.config.max_running_jobs:
+                raise ResourceExhaustedError(
+                    f"{self.config.max_running_jobs} jobs are running, the server's maximum")
+            if root:
+                return 0
             for _ in range(64):
                 uid = self.config.uid_base + int.from_bytes(os.urandom(4), "little") % self.config.uid_count
                 if uid not in self._uids_in_use:
@@ -1785,7 +1797,7 @@ class Engine:
 
     def _release_uid(self, uid):
         with self._lock:
-            self._uids_in_use.discard(uid)
+            self._uids_in_use.discard(uid)   # (root's 0 is never in it)
 
     def _get(self, job_id):
         with self._lock:
@@ -2691,6 +2703,10 @@ def build_parser():
     s.add_argument("--output-cap", type=parse_size,
                    default=parse_size(env_default("STEVE_JOBS_OUTPUT_CAP", "1G")),
                    help="output kept per job; the rest is discarded (env STEVE_JOBS_OUTPUT_CAP)")
+    s.add_argument("--max-jobs", type=int,
+                   default=int(env_default("STEVE_JOBS_MAX_JOBS", EngineConfig().max_running_jobs)),
+                   help="running jobs at most; more starts are RESOURCE_EXHAUSTED "
+                        "(env STEVE_JOBS_MAX_JOBS)")
     s.add_argument("--retain-days", type=float,
                    default=float(env_default("STEVE_JOBS_RETAIN_DAYS", 7)),
                    help="remove ended jobs after this many days (env STEVE_JOBS_RETAIN_DAYS)")
@@ -2768,7 +2784,8 @@ def cmd_server(args):
             io_write_bps=getattr(args, f"{which}_io_write"))
     engine = Engine(EngineConfig(
         state_dir=args.state_dir, cgroup_root=args.cgroup_root, default_limits=limits["default"],
-        max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs))
+        max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs,
+        max_running_jobs=args.max_jobs))
     config = ServerConfig(listen=args.listen, certs_dir=args.certs,
                           stop_jobs_on_exit=args.stop_jobs_on_exit,
                           retain_seconds=args.retain_days * 86400, retain_bytes=args.retain_size)

@@ -592,6 +592,15 @@ def test_output_cap_keeps_the_first_bytes_and_lets_the_job_finish():
     assert out == b"\0" * 100_000 and status.output_bytes == 100_000
 
 
+def test_starts_past_the_maximum_of_running_jobs_are_refused():
+    with running_engine(max_running_jobs=2) as engine:
+        first = [engine.start("tester", ["sleep", "1000"]) for _ in range(2)]
+        with pytest.raises(sj.ResourceExhaustedError):
+            engine.start("tester", ["true"])
+        engine.stop(first[0], grace=0)
+        engine.wait(engine.start("tester", ["true"]), 30)   # room again
+
+
 def test_pause_freezes_and_resume_thaws(engine):
     counter = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done"
     job_id = engine.start("tester", ["sh", "-c", counter])
