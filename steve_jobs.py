@@ -599,49 +599,62 @@ RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
 
 
 def spawner_main(sock_fd, settings):
-    """Serve start requests on sock_fd until the server hangs up. Returns the exit code.
+    """Keep warm shims on offer to the server, until it hangs up. Returns the exit code.
 
+    To the server it sends {"warm": pid} with the shim's socket: the server hands a job
+    straight to it, then says {"used": 1} so another is made. A request that comes with a
+    reply pipe (the server had no warm shim at hand) gets a shim made on the spot.
     settings: {"layout": CgroupLayout.to_dict(), "cgroup_root": str,
                "limits": the server's default Limits as a dict, "warm": int (optional)}.
     """
-    import collections
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is for the server to handle
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)    # the kernel reaps exited shims
     sock = socket.socket(fileno=sock_fd)
-    warm = collections.deque()
-    try:
-        while True:
-            # Refill in a quiet moment: a fork right after a hand-over would compete for the
-            # CPU with the job being started (and with the server waiting for its reply).
-            if len(warm) < settings.get("warm", WARM_SHIMS):
-                if not select.select([sock], [], [], REFILL_DELAY if warm else 0)[0]:
-                    warm.append(WarmShim(settings, sock))
-                    continue
-            try:
-                msg, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST_BYTES, 1)
-            except InterruptedError:
+    offered = 0
+    while True:
+        # Refill in a quiet moment: a fork right after a start would compete for the CPU
+        # with the job being started (and with the server waiting for its reply).
+        if offered < settings.get("warm", WARM_SHIMS):
+            if not select.select([sock], [], [], REFILL_DELAY if offered else 0)[0]:
+                shim = WarmShim(settings, sock)
+                try:
+                    socket.send_fds(sock, [json.dumps({"warm": shim.pid}).encode()],
+                                    [shim.sock.fileno()])
+                    offered += 1
+                except OSError:
+                    pass   # the server is gone: the recv below sees it
+                shim.sock.close()   # the server holds it now; no job comes: it cleans up
                 continue
-            if not msg:
-                return 0
-            if len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                continue
-            reply_fd = fds[0]
-            # The oldest is the likeliest to be ready; one that died meanwhile is skipped.
-            handed = False
-            while warm and not handed:
-                handed = warm.popleft().hand_over(msg, reply_fd)
-            if not handed and not WarmShim(settings, sock).hand_over(msg, reply_fd):
-                _reply(reply_fd, ok=False, error="the job's supervisor could not start")
-            os.close(reply_fd)
-    finally:
-        # Hang up on all first, then wait: they clean up in parallel.
-        pidfds = [shim.discard() for shim in warm]
-        deadline = time.monotonic() + KILL_TIMEOUT
-        for pidfd in filter(None, pidfds):
-            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
-            os.close(pidfd)
+        try:
+            msg, fds = recv_with_fds(sock, MAX_REQUEST_BYTES)
+        except InterruptedError:
+            continue
+        if not msg:
+            return 0
+        try:
+            req = json.loads(msg)
+        except ValueError:
+            req = {}
+        if req.get("used"):
+            offered -= 1
+        elif len(fds) == 1:
+            if not WarmShim(settings, sock).hand_over(msg, fds[0]):
+                _reply(fds[0], ok=False, error="the job's supervisor could not start")
+        for fd in fds:
+            os.close(fd)
+
+
+def recv_with_fds(sock, bufsize, flags=0):
+    """One message and the fds passed with it (close-on-exec); socket.recv_fds ignores its
+    flags argument in Python 3.11. Returns (bytes, [fd, ...])."""
+    import array
+    fds = array.array("i")
+    msg, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(4 * fds.itemsize),
+                                      flags | socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 def _reply(reply_fd, **fields):
@@ -665,10 +678,10 @@ def seqpacket_pair():
 
 
 class WarmShim:
-    """A forked shim, ready for the next job; the spawner's handle on it."""
+    """A forked shim, ready for the next job; .sock brings it its job."""
 
     def __init__(self, settings, spawner_sock):
-        ours, theirs = seqpacket_pair()
+        self.sock, theirs = seqpacket_pair()
         self.pid = os.fork()
         if self.pid == 0:
             code = 1
@@ -679,7 +692,7 @@ class WarmShim:
                 keep = theirs.fileno()
                 os.closerange(3, keep)
                 os.closerange(keep + 1, 1 << 16)
-                ours.detach()
+                self.sock.detach()
                 spawner_sock.detach()
                 code = shim_main(theirs, settings)
             except BaseException:   # a shim must never fall back into the spawner loop
@@ -687,29 +700,16 @@ class WarmShim:
             finally:
                 os._exit(code)
         theirs.close()
-        self._sock = ours
 
     def hand_over(self, msg, reply_fd):
         """Give it its job and the job's reply pipe. False if it is gone."""
         try:
-            socket.send_fds(self._sock, [msg], [reply_fd])
+            socket.send_fds(self.sock, [msg], [reply_fd])
             return True
         except OSError:
             return False
         finally:
-            self._sock.close()
-
-    def discard(self):
-        """No job will come: hang up, so it cleans up and exits.
-
-        Returns a pidfd that becomes readable once it has exited (None if already gone).
-        """
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except OSError:
-            pidfd = None
-        self._sock.close()
-        return pidfd
+            self.sock.close()
 
 
 def shim_main(chan, settings):
@@ -752,7 +752,7 @@ def shim_main(chan, settings):
     for fd in (out_w, err_w, status_w, go_r):
         os.close(fd)
 
-    msg, fds, _, _ = socket.recv_fds(chan, MAX_REQUEST_BYTES, 1)   # wait for a job
+    msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
     chan.close()
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
         _discard_warm(cg, init_pid)
@@ -1285,15 +1285,17 @@ def _read_reply(fd, deadline):
 
 
 class Spawner:
-    """The server's handle on the spawner process.
+    """The server's handle on the spawner process and the warm shims it offers.
 
-    Each request carries its own reply pipe (SCM_RIGHTS), so the thread that asks reads
-    the answer itself: no reply thread, no matching of answers to questions.
+    A start goes straight to a warm shim (one hop, not two); each request carries its own
+    reply pipe (SCM_RIGHTS), so the thread that asks reads the answer itself.
     """
 
     def __init__(self):
         self._sock = None
         self._proc = None
+        self._warm = []              # (pid, socket) of warm shims on offer, oldest first
+        self._lock = threading.Lock()
 
     def start(self, settings):
         """Exec the spawner helper. Raises UnavailableError if it cannot run."""
@@ -1312,6 +1314,21 @@ class Spawner:
             theirs.close()
         self._sock = ours
 
+    def _collect_offers(self):
+        """Take the warm shims the spawner has offered since (call with the lock held)."""
+        while True:
+            try:
+                msg, fds = recv_with_fds(self._sock, 4096, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return   # the spawner is gone; sending will say so
+            if not msg:
+                return
+            offer = json.loads(msg)
+            if fds:
+                self._warm.append((offer["warm"], socket.socket(fileno=fds[0])))
+
     def spawn(self, request, timeout=SPAWN_TIMEOUT):
         """Send one start request and wait (bounded) for its reply dict.
 
@@ -1324,21 +1341,43 @@ class Spawner:
         reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
         try:
             try:
-                socket.send_fds(self._sock, [msg], [reply_w])
-            except OSError as e:
-                raise UnavailableError(f"the spawner is gone: {e}") from None
+                self._send(msg, reply_w)
             finally:
-                os.close(reply_w)   # now only the spawner (then the shim) holds it
+                os.close(reply_w)   # now only the shim holds it
             return _read_reply(reply_r, time.monotonic() + timeout)
         finally:
             os.close(reply_r)
 
+    def _send(self, msg, reply_w):
+        with self._lock:
+            self._collect_offers()
+            warm = self._warm.pop(0) if self._warm else None
+        if warm is not None:
+            _, shim_sock = warm
+            try:
+                socket.send_fds(shim_sock, [msg], [reply_w])
+                sent = True
+            except OSError:
+                sent = False   # it died while on offer
+            finally:
+                shim_sock.close()
+            try:
+                self._sock.send(b'{"used": 1}')   # so the spawner makes the next one
+            except OSError:
+                pass
+            if sent:
+                return
+        try:   # no warm shim at hand: the spawner makes one on the spot
+            socket.send_fds(self._sock, [msg], [reply_w])
+        except OSError as e:
+            raise UnavailableError(f"the spawner is gone: {e}") from None
+
     def close(self):
-        """Hang up; the spawner discards its warm shims and exits (bounded wait)."""
+        """Hang up on the spawner and on every warm shim; wait (bounded) until they have
+        cleaned up."""
+        pidfds = []
         if self._sock:
-            self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
-            self._sock = None
+            self._sock.shutdown(socket.SHUT_WR)   # the spawner reads EOF and exits
         if self._proc:
             try:
                 self._proc.wait(timeout=KILL_TIMEOUT + 5)
@@ -1346,6 +1385,22 @@ class Spawner:
                 self._proc.kill()
                 self._proc.wait(timeout=5)
             self._proc = None
+        if self._sock:
+            with self._lock:
+                self._collect_offers()   # offers still in flight
+                warm, self._warm = self._warm, []
+            for pid, shim_sock in warm:
+                try:
+                    pidfds.append(os.pidfd_open(pid))
+                except OSError:
+                    pass   # already gone
+                shim_sock.close()          # no job will come: it cleans up and exits
+            self._sock.close()
+            self._sock = None
+        deadline = time.monotonic() + KILL_TIMEOUT
+        for pidfd in pidfds:
+            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            os.close(pidfd)
 
 
 class Engine:
