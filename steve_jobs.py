@@ -752,6 +752,7 @@ def shim_main(chan, settings):
     for fd in (out_w, err_w, status_w, go_r):
         os.close(fd)
 
+    me = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid())}
     msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
     chan.close()
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
@@ -787,8 +788,7 @@ def shim_main(chan, settings):
     # EOF on err_r means the command reached exec (close-on-exec closed the last copy).
     failure = _read_all(err_r)
     failure = json.loads(failure)["error"] if failure else ""
-    shim = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid()),
-            "init_pid": init_pid, "cgroup": cg.name, "started_at": started}
+    shim = {**me, "init_pid": init_pid, "cgroup": cg.name, "started_at": started}
     _reply(reply_fd, ok=True, error=failure, shim=shim)   # first: the caller is waiting
     os.close(reply_fd)
     # The job's record: what the server asked for and where the job lives. Written here,
