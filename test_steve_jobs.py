@@ -1028,6 +1028,12 @@ def grpc_channel(certs_dir, address, user, ca_dir=None, cert=None, key=None):
     return grpc.secure_channel(address, creds)
 
 
+def bearer(certs_dir, user="mrarsenal"):
+    """gRPC metadata carrying user's token from the certificate folder."""
+    return (("authorization", "Bearer " + open(os.path.join(certs_dir, f"{user}.jwt"))
+             .read().strip()),)
+
+
 def call(certs_dir, address, method, request, user="mrarsenal", token=None, **chan):
     """One RPC; returns (status code name, response or None)."""
     grpc, pb, pb_grpc = sj.import_grpc()
@@ -1388,10 +1394,8 @@ def test_a_fast_writer_is_not_slowed_by_a_reader_that_stops_reading(server, cert
     grpc, pb, pb_grpc = sj.import_grpc()
     job_id = start_job(server, "head -c 200000000 /dev/zero")
     channel = grpc_channel(certs, server.address, "mrarsenal")
-    token = open(os.path.join(certs, "mrarsenal.jwt")).read().strip()
     stalled = pb_grpc.JobServiceStub(channel).Output(
-        pb.OutputRequest(job_id=job_id, follow=True),
-        metadata=(("authorization", f"Bearer {token}"),))
+        pb.OutputRequest(job_id=job_id, follow=True), metadata=bearer(certs))
     next(stalled)   # take one chunk, then stop reading
     deadline = time.monotonic() + 60
     st = cli_json(server, "status", job_id)
@@ -1411,8 +1415,7 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
     srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
     try:
         grpc, pb, pb_grpc = sj.import_grpc()
-        token = open(os.path.join(certs, "mrarsenal.jwt")).read().strip()
-        md = (("authorization", f"Bearer {token}"),)
+        md = bearer(certs)
         writer = "for i in $(seq 1 20); do echo \"$i $(head -c 300 /dev/zero | tr '\\0' x)\"; " \
                  "sleep 0.05; done"
         expected = b"".join(b"%d %s\n" % (i, b"x" * 300) for i in range(1, 21))
@@ -1488,7 +1491,7 @@ def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(
     grpc, pb, pb_grpc = sj.import_grpc()
     channel = grpc_channel(certs, server.address, "alice")
     stub = pb_grpc.JobServiceStub(channel)
-    md = (("authorization", "Bearer " + open(f"{certs}/alice.jwt").read().strip()),)
+    md = bearer(certs, "alice")
     clear = {"OK", "INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND", "FAILED_PRECONDITION"}
     started = []
 
@@ -1540,7 +1543,7 @@ def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
     srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
     try:
         grpc, pb, pb_grpc = sj.import_grpc()
-        md = (("authorization", "Bearer " + open(f"{certs}/mrarsenal.jwt").read().strip()),)
+        md = bearer(certs)
         writer = "for i in $(seq 1 30); do echo line $i; sleep 0.1; done"
         expected = b"".join(b"line %d\n" % i for i in range(1, 31))
         job_ids, lock, followers_done = [], threading.Lock(), []
