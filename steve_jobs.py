@@ -1300,6 +1300,7 @@ class Spawner:
     def start(self, settings):
         """Exec the spawner helper. Raises UnavailableError if it cannot run."""
         import subprocess   # Popen forks and execs in C: safe in a threaded process
+        self._settings = settings
         ours, theirs = seqpacket_pair()
         try:
             # -I -S: no site-packages, no environment: a small process forks faster.
@@ -1370,7 +1371,24 @@ class Spawner:
         try:   # no warm shim at hand: the spawner makes one on the spot
             socket.send_fds(self._sock, [msg], [reply_w])
         except OSError as e:
-            raise UnavailableError(f"the spawner is gone: {e}") from None
+            if not self._restart_if_dead():
+                raise UnavailableError(f"the spawner is gone: {e}") from None
+            try:
+                socket.send_fds(self._sock, [msg], [reply_w])
+            except OSError as e2:
+                raise UnavailableError(f"the spawner is gone: {e2}") from None
+
+    def _restart_if_dead(self):
+        """Start a new spawner if ours has died (jobs it started are not affected).
+        Returns True if there is a new one."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is None:
+                return False
+            log.error("the spawner died (exit status %s); starting a new one",
+                      self._proc.returncode)
+            self._sock.close()
+            self.start(self._settings)
+            return True
 
     def close(self):
         """Hang up on the spawner and on every warm shim; wait (bounded) until they have

@@ -601,6 +601,17 @@ def test_starts_past_the_maximum_of_running_jobs_are_refused():
         engine.wait(engine.start("tester", ["true"]), 30)   # room again
 
 
+def test_a_dead_spawner_is_replaced_at_the_next_start():
+    with running_engine() as engine:
+        before = engine.start("tester", ["sleep", "1000"])
+        engine._spawner._proc.kill()
+        engine._spawner._proc.wait()
+        ids = [engine.start("tester", ["true"]) for _ in range(4)]   # past the warm ones
+        assert [engine.wait(i, 30).exit_code for i in ids] == [0] * 4
+        assert engine.status(before).state == sj.RUNNING   # its job did not notice
+        engine.stop(before, grace=0)
+
+
 def test_pause_freezes_and_resume_thaws(engine):
     counter = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done"
     job_id = engine.start("tester", ["sh", "-c", counter])
