@@ -2254,8 +2254,6 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
 
         Anything unexpected is logged with its traceback and told as INTERNAL, no details.
         """
-        if isinstance(error, grpc.aio.AbortError):
-            raise error
         for cls, code in ERROR_CODES.items():
             if isinstance(error, cls):
                 return code, str(error)
@@ -2903,7 +2901,7 @@ def write_output(data):
 
 
 def print_json(obj):
-    print(json.dumps(obj, indent=None if isinstance(obj, dict) and "data_b64" in obj else 2))
+    print(json.dumps(obj, indent=2))
 
 
 def stream_output(client, args, job_id, follow):
