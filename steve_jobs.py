@@ -3053,5 +3053,21 @@ def main(argv=None):
         return EXIT_OK
 
 
+def exit_without_teardown(code):
+    """Flush stdout and stderr, then end the process at once with code.
+
+    Why: interpreter teardown and grpc's C-core shutdown take 20-40 ms, a quarter of a
+    `status` round trip, and a finished command has nothing left to tear down: its
+    channel is closed, the server has stopped gracefully, and its only buffered output is
+    flushed here. Helpers that fork (spawner, shim) already leave with os._exit.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a reader that went away (`| head`), or closed
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
