@@ -2179,6 +2179,7 @@ ERROR_CODES = {   # engine errors -> gRPC status code names: the one mapping
 }
 
 OUTPUT_MEMORY_BUDGET = 128 * MiB    # all output streams' in-flight chunks together
+FOLLOW_SAFETY_NET = 1.0             # seconds: followers are woken this often even unasked
 
 
 class ServerConfig(typing.NamedTuple):
@@ -2281,13 +2282,16 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                                io_device=lim.io_device)
 
     class OutputHub:
-        """One engine subscription per followed job, fanned out to asyncio events."""
+        """Fan-out of followed jobs: one engine subscription per job wakes every follower,
+        and followers at the same offset share one read and one serialized message."""
 
         def __init__(self):
             self.loop = asyncio.get_running_loop()
             self.events = {}        # job id -> set of asyncio.Event
             self.unsubscribe = {}
+            self.chunks = {}        # job id -> {offset: serialized OutputChunk}, until a wake
             self.streams = 0
+            self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
 
         def watch(self, job_id):
             if job_id not in self.events:
@@ -2304,16 +2308,42 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
             self.events[job_id].discard(event)
             if not self.events[job_id]:
                 del self.events[job_id]
+                self.chunks.pop(job_id, None)
                 self.unsubscribe.pop(job_id)()
 
+        def read(self, job_id, offset):
+            """(size, serialized OutputChunk) of the output at offset; (0, b'') at its end.
+
+            Only a job with several followers keeps chunks, and at most two (the offset
+            followers are at, and the end they reach next): the cache then stays within the
+            streams' budget. Raises the engine's errors.
+            """
+            cached = self.chunks.get(job_id)
+            if cached is not None and offset in cached:
+                return cached[offset]
+            data = engine.read_output(job_id, offset, self.chunk_size())
+            chunk = len(data), (jobs_pb2.OutputChunk(data=data, offset=offset)
+                                .SerializeToString() if data else b"")
+            if len(self.events.get(job_id, ())) > 1:
+                cached = self.chunks.setdefault(job_id, {})
+                if len(cached) >= 2:
+                    del cached[next(iter(cached))]
+                cached[offset] = chunk
+            return chunk
+
         def _wake(self, job_id):
+            self.chunks.pop(job_id, None)   # the end moved: cached chunks may be short
             for event in self.events.get(job_id, ()):
                 event.set()
 
         def wake_all(self):
-            for events in self.events.values():
-                for event in events:
-                    event.set()
+            for job_id in list(self.events):
+                self._wake(job_id)
+
+        def _tick(self):
+            # Safety net: a missed inotify event delays followers by a second at most.
+            self.wake_all()
+            self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
 
         def chunk_size(self):
             return max(16 * KiB, min(CHUNK, OUTPUT_MEMORY_BUDGET // max(1, self.streams)))
@@ -2431,13 +2461,13 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                 offset = request.offset
                 while True:
                     event.clear()
-                    data = engine.read_output(request.job_id, offset, self.hub.chunk_size())
-                    if data:
+                    size, chunk = self.hub.read(request.job_id, offset)
+                    if size:
                         # write() waits for flow control: a slow reader holds one chunk here
                         # and slows nobody else.
-                        await context.write(jobs_pb2.OutputChunk(data=data, offset=offset))
-                        offset += len(data)
-                        sent += len(data)
+                        await context.write(chunk)
+                        offset += size
+                        sent += size
                         continue
                     if not request.follow:
                         return
@@ -2446,10 +2476,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                         return
                     if self.shutting_down:
                         raise UnavailableError("the server is shutting down; the job goes on")
-                    try:
-                        await asyncio.wait_for(event.wait(), timeout=1.0)   # safety net only
-                    except asyncio.TimeoutError:
-                        pass
+                    await event.wait()   # the hub's tick is the safety net
             except asyncio.CancelledError:
                 outcome = "CANCELLED"
                 raise
@@ -2499,7 +2526,9 @@ def add_job_service(grpc, jobs_pb2, server, servicer):
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=tolerant(getattr(jobs_pb2, method.input_type.name)),
-            response_serializer=getattr(jobs_pb2, method.output_type.name).SerializeToString)
+            # Output writes messages serialized once for all its followers (OutputHub).
+            response_serializer=None if method.name == "Output"
+            else getattr(jobs_pb2, method.output_type.name).SerializeToString)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))
 

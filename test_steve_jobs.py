@@ -1496,6 +1496,40 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
         srv.cleanup()
 
 
+def test_followers_at_different_offsets_sharing_chunks_each_get_their_exact_bytes(server):
+    # Followers of one job share the server's cached chunks: each must still get exactly the
+    # bytes from its own offset on, across chunk boundaries and a pause in the output.
+    script = "seq 1 300000; sleep 0.5; seq 300001 600000"
+    expected = subprocess.run(["sh", "-c", script], capture_output=True, check=True).stdout
+    grpc, pb, pb_grpc = sj.import_grpc()
+    md = bearer(server.certs)
+    job_id = start_job(server, script)
+    offsets = [0, 0, 0, 1, 7, 100_000, sj.CHUNK - 1, sj.CHUNK, sj.CHUNK + 1, 3 * sj.CHUNK,
+               len(expected) - 1, len(expected)]
+    results, errors = {}, []
+
+    def follow(i, offset):
+        channel = grpc_channel(server.certs, server.address, "mrarsenal")
+        try:
+            stream = pb_grpc.JobServiceStub(channel).Output(
+                pb.OutputRequest(job_id=job_id, offset=offset, follow=True), metadata=md,
+                timeout=60)
+            results[i] = b"".join(c.data for c in stream)
+        except Exception as e:
+            errors.append(e)
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=follow, args=item) for item in enumerate(offsets)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors, errors[:3]
+    for i, offset in enumerate(offsets):
+        assert results[i] == expected[offset:], (offset, len(results[i]))
+
+
 def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(server, certs):
     pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings, strategies as st
