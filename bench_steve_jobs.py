@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Benchmarks for steve-jobs: every figure side by side with its baseline, in one run.
 
-    .venv/bin/python bench_steve_jobs.py [engine] [api]     (as root; default: all)
+    .venv/bin/python bench_steve_jobs.py [engine] [api] [fan-out]   (as root; default: all)
 
 engine: start overhead, write-to-follower latency, server memory while following 1 GiB.
-api:    CLI round trip vs ssh, streaming throughput vs ssh and a pipe, 1,000 followers.
+api:    CLI round trip vs ssh, streaming throughput vs ssh and a pipe, 1,000 followers
+        (beside a do-nothing grpc.aio server), start rate, restart with running jobs.
+fan-out: only the 1,000 followers, twice each way (api needs openssh-server; this does not).
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -298,29 +300,101 @@ def bench_streaming(server, sshd, runs=3):
     print(line, flush=True)
 
 
-def bench_fan_out(server, followers=1000, channels=10, spread=0.0):
-    """1,000 followers of one job: every byte to each, first-byte latency, server memory.
+FAN_OUT_PIECES, FAN_OUT_PIECE_BYTES, FAN_OUT_GAP = 8, 12500, 0.5
+FAN_OUT_WRITER = ("import os, sys, time\n"
+                  f"for i in range({FAN_OUT_PIECES}):\n"
+                  f"    sys.stdout.buffer.write(os.urandom({FAN_OUT_PIECE_BYTES}))\n"
+                  "    sys.stdout.flush()\n"
+                  f"    time.sleep({FAN_OUT_GAP})\n")
 
-    spread: seconds over which the followers attach (0: all at once).
+
+class FloorServer:
+    """The baseline for fan-out: a grpc.aio server with the same TLS, service and messages
+    that does nothing else (no auth, no engine, no files). Its Start begins a clock that
+    makes a piece of FAN_OUT_PIECE_BYTES available every FAN_OUT_GAP seconds, as the job
+    does; Output streams the pieces available, then each as it comes."""
+
+    def __init__(self, certs):
+        self.certs = certs
+
+    def __enter__(self):
+        self.address = f"127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen([sys.executable, __file__, "_floor", self.certs,
+                                      self.address], stdout=subprocess.PIPE)
+        if self.proc.stdout.readline() != b"listening\n":
+            raise SystemExit("the floor server did not start")
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait(10)
+
+    @staticmethod
+    def main(certs, address):
+        import asyncio
+        grpc, pb, pb_grpc = sj.import_grpc()
+        read = lambda name: open(os.path.join(certs, name), "rb").read()
+
+        class Floor(pb_grpc.JobServiceServicer):
+            def __init__(self):
+                self.pieces, self.ready = [], asyncio.Condition()
+
+            async def Start(self, request, context):
+                async def clock():
+                    for _ in range(FAN_OUT_PIECES):
+                        async with self.ready:
+                            self.pieces.append(os.urandom(FAN_OUT_PIECE_BYTES))
+                            self.ready.notify_all()
+                        await asyncio.sleep(FAN_OUT_GAP)
+                self.pieces, self.clock = [], asyncio.ensure_future(clock())
+                return pb.JobStatus(job_id="floor")
+
+            async def Output(self, request, context):
+                offset, sent = 0, 0
+                while sent < FAN_OUT_PIECES:
+                    if sent < len(self.pieces):
+                        await context.write(pb.OutputChunk(data=self.pieces[sent], offset=offset))
+                        offset += FAN_OUT_PIECE_BYTES
+                        sent += 1
+                    elif not request.follow:
+                        return
+                    else:
+                        async with self.ready:
+                            await self.ready.wait_for(lambda: sent < len(self.pieces))
+
+        async def serve():
+            server = grpc.aio.server()
+            pb_grpc.add_JobServiceServicer_to_server(Floor(), server)
+            server.add_secure_port(address, grpc.ssl_server_credentials(
+                [(read("server.key"), read("server.crt"))], read("ca.crt"), True))
+            await server.start()
+            print("listening", flush=True)
+            await server.wait_for_termination()
+
+        asyncio.run(serve())
+
+
+def follow_all(address, certs, followers, channels, spread, sample_rss):
+    """Start the fan-out job at address, then follow it with `followers` streams over
+    `channels` connections, attaching over `spread` seconds (0: all at once).
+
+    Returns (first-byte latencies in ms, stream digests, full output digest, size, peak RSS).
     """
     import asyncio
     import hashlib
     grpc, pb, pb_grpc = sj.import_grpc()
-    read = lambda name: open(os.path.join(server.certs, name), "rb").read()
-    token = read("mrarsenal.jwt").decode().strip()
-    writer = ("import os, sys, time\n"
-              "for i in range(8):\n"
-              "    sys.stdout.buffer.write(os.urandom(12500)); sys.stdout.flush()\n"
-              "    time.sleep(0.5)\n")
-    rss_before, threads_before = server.rss_mb(), server.threads()
+    read = lambda name: open(os.path.join(certs, name), "rb").read()
+    md = (("authorization", "Bearer " + read("mrarsenal.jwt").decode().strip()),)
 
     async def run():
         creds = grpc.ssl_channel_credentials(read("ca.crt"), read("mrarsenal.key"),
                                              read("mrarsenal.crt"))
-        chans = [grpc.aio.secure_channel(server.address, creds) for _ in range(channels)]
+        chans = [grpc.aio.secure_channel(address, creds) for _ in range(channels)]
         stubs = [pb_grpc.JobServiceStub(c) for c in chans]
-        md = (("authorization", f"Bearer {token}"),)
-        st = await stubs[0].Start(pb.StartRequest(argv=["python3", "-c", writer]), metadata=md)
+        for stub in stubs:   # connect first: measure streams, not TLS handshakes
+            await stub.Output(pb.OutputRequest(job_id="none"), metadata=md).code()
+        st = await stubs[0].Start(pb.StartRequest(argv=["python3", "-c", FAN_OUT_WRITER]),
+                                  metadata=md)
         first, digests = [], []
 
         async def follow(i):
@@ -339,7 +413,7 @@ def bench_fan_out(server, followers=1000, channels=10, spread=0.0):
 
         async def sample():
             while True:
-                peak[0] = max(peak[0], server.rss_mb())
+                peak[0] = max(peak[0], sample_rss())
                 await asyncio.sleep(0.05)
 
         sampler = asyncio.ensure_future(sample())
@@ -351,13 +425,31 @@ def bench_fan_out(server, followers=1000, channels=10, spread=0.0):
             await c.close()
         return first, digests, hashlib.sha256(full).hexdigest(), len(full), peak[0]
 
-    first, digests, expected, size, peak = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def bench_fan_out(server, followers=1000, channels=10, spread=0.0):
+    """1,000 followers of one job: every byte to each, first-byte latency, server memory;
+    beside the same client against FloorServer, what grpc.aio itself costs on this machine.
+
+    spread: seconds over which the followers attach (0: all at once).
+    """
+    rss_before, threads_before = server.rss_mb(), server.threads()
+    first, digests, expected, size, peak = follow_all(
+        server.address, server.certs, followers, channels, spread, server.rss_mb)
     complete = sum(d == expected for d in digests)
+    with FloorServer(server.certs) as floor:
+        floor_first, floor_digests, floor_expected, _, _ = follow_all(
+            floor.address, server.certs, followers, channels, spread, lambda: 0.0)
+    assert all(d == floor_expected for d in floor_digests), "the floor server lost bytes"
     label = f"fan-out: 1,000 followers{f' over {spread:g}s' if spread else ', at once'}"
+    p99, floor_p99 = pct(first, 99), pct(floor_first, 99)
     print(f"{label:38s} first byte p50 {statistics.median(first):7.2f} ms"
-          f"  p99 {pct(first, 99):7.2f} ms (target p99 <= 100); {complete}/{len(digests)} got "
-          f"all {size} bytes; server RSS {rss_before:.0f} -> peak {peak:.0f} MB "
-          f"(target <= 300); threads {threads_before} -> {server.threads()}", flush=True)
+          f"  p99 {p99:7.2f} ms (target p99 <= 100) | grpc.aio do-nothing server p50 "
+          f"{statistics.median(floor_first):.2f} p99 {floor_p99:.2f} ms (x{p99 / floor_p99:.2f})"
+          f"; {complete}/{len(digests)} got all {size} bytes; server RSS {rss_before:.0f} -> "
+          f"peak {peak:.0f} MB (target <= 300); threads {threads_before} -> "
+          f"{server.threads()}", flush=True)
 
 
 def bench_start_rate(server, clients=10, jobs_per_client=20):
@@ -415,6 +507,8 @@ def bench_readopt(server, jobs=100):
 
 
 def main(argv):
+    if argv[:1] == ["_floor"]:
+        return FloorServer.main(*argv[1:])
     groups = argv or ["engine", "api"]
     if os.geteuid() != 0:
         sys.exit("bench_steve_jobs.py: run as root (it starts real jobs)")
@@ -432,6 +526,10 @@ def main(argv):
             bench_fan_out(server, spread=2.0)
             bench_start_rate(server)
             bench_readopt(server)
+    if "fan-out" in groups:
+        with BenchServer() as server:
+            for spread in (0.0, 2.0, 0.0, 2.0):
+                bench_fan_out(server, spread=spread)
 
 
 if __name__ == "__main__":
