@@ -3061,34 +3061,13 @@ def cmd_client(args):
 # main()
 ###############################################################################
 
-def main(argv=None):
-    """Dispatch: hidden helper modes first (before anything imports grpc), then the CLI."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_spawner"]:
-        return spawner_main(int(argv[1]), json.loads(argv[2]))
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "server":
-            return cmd_server(args)
-        if args.command == "token":
-            return cmd_token(args)
-        return cmd_client(args)
-    except ClientError as e:
-        if str(e):
-            print(f"steve-jobs: {e}", file=sys.stderr)
-        return e.exit_code
-    except BrokenPipeError:   # e.g. `steve_jobs.py output ID | head`
-        sys.stderr.close()
-        return EXIT_OK
-
-
 def exit_without_teardown(code):
     """Flush stdout and stderr, then end the process at once with code.
 
     Why: interpreter teardown and grpc's C-core shutdown take 20-40 ms, a quarter of a
-    `status` round trip, and a finished command has nothing left to tear down: its
-    channel is closed, the server has stopped gracefully, and its only buffered output is
-    flushed here. Helpers that fork (spawner, shim) already leave with os._exit.
+    `status` round trip, and a finished client command has nothing left to tear down: its
+    channel is closed and its only buffered output is flushed here. (The server does not
+    use this: its thread pools may still be finishing a call.)
     """
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -3098,5 +3077,36 @@ def exit_without_teardown(code):
     os._exit(code)
 
 
+def main(argv=None, exit_at_once=False):
+    """Dispatch: hidden helper modes first (before anything imports grpc), then the CLI.
+
+    Returns the exit code; with exit_at_once, a client command ends the process itself
+    (exit_without_teardown).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_spawner"]:
+        return spawner_main(int(argv[1]), json.loads(argv[2]))
+    args = build_parser().parse_args(argv)
+    if args.command == "server":
+        return report_errors(cmd_server, args)
+    code = report_errors(cmd_token if args.command == "token" else cmd_client, args)
+    if exit_at_once:
+        exit_without_teardown(code)
+    return code
+
+
+def report_errors(command, args):
+    """Run command(args); a ClientError becomes one line on stderr. Returns the exit code."""
+    try:
+        return command(args)
+    except ClientError as e:
+        if str(e):
+            print(f"steve-jobs: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:   # e.g. `steve_jobs.py output ID | head`
+        sys.stderr.close()
+        return EXIT_OK
+
+
 if __name__ == "__main__":
-    exit_without_teardown(main())
+    sys.exit(main(exit_at_once=True))

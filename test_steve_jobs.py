@@ -873,6 +873,22 @@ def test_cli_output_is_binary_exact(server):
     assert hashlib.sha256(blob).hexdigest().encode() in out[300000:]
 
 
+def test_cli_output_into_a_closed_pipe_ends_quietly(server):
+    # `steve_jobs.py output ID | head -n 1`: the reader goes away early; the CLI must end
+    # at once with code 0 and no traceback, like cat does.
+    job_id = start_job(server, "seq 1 300000")
+    while cli_json(server, "status", job_id)["state"] == "running":
+        time.sleep(0.05)
+    reader = subprocess.Popen(["head", "-n", "1"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    done = subprocess.run([PYTHON, SCRIPT, "--server", server.address, "--certs",
+                           server.certs, "output", job_id], stdout=reader.stdin,
+                          stderr=subprocess.PIPE, timeout=60)
+    reader.stdin.close()
+    assert reader.stdout.read() == b"1\n" and reader.wait(30) == 0
+    assert done.returncode == 0 and done.stderr == b"", done.stderr
+
+
 def test_cli_stream_from_a_late_follower_gets_everything(server):
     job_id = start_job(server, "for i in $(seq 1 40); do echo line $i; sleep 0.02; done")
     time.sleep(0.3)   # attach mid-run
