@@ -82,6 +82,7 @@ REFILL_DELAY = 0.02               # seconds of quiet before the spawner makes th
 KILL_TIMEOUT = 10.0               # seconds a killed job gets to disappear
 CHUNK = 1 * MiB                   # largest piece of output read or copied at once
 PIPE_SIZE = 1 * MiB               # job stdout pipe capacity: fewer stalls for chatty jobs
+JOB_PRIVATE_DIRS = ("/tmp", "/dev/shm")   # each job gets empty ones of its own
 
 # Job states, as status() reports them.
 RUNNING, PAUSED = "running", "paused"
@@ -958,7 +959,7 @@ def enter_job_namespaces(cg):
 
     def private_tmp():
         # A private /tmp and /dev/shm: jobs must not meet each other (or the host) there.
-        for path in ("/tmp", "/dev/shm"):
+        for path in JOB_PRIVATE_DIRS:
             if os.path.isdir(path):
                 mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
 
@@ -1452,7 +1453,7 @@ class Engine:
         if missing:
             raise UnavailableError(f"cgroup controllers missing: {', '.join(missing)}")
         state_dir = os.path.realpath(self.config.state_dir)
-        if any(state_dir == p or state_dir.startswith(p + "/") for p in ("/tmp", "/dev/shm")):
+        if any(state_dir == p or state_dir.startswith(p + "/") for p in JOB_PRIVATE_DIRS):
             raise UnavailableError("the state directory cannot be under /tmp or /dev/shm: "
                                    "jobs get private ones, so they would not see their files")
         # Jobs run as other uids and must reach their working folders inside the state dir.
@@ -1569,8 +1570,7 @@ class Engine:
         env = validate_env(options.env)
         if options.as_root and not self.config.allow_root:
             raise PermissionDeniedError("this server does not run jobs as root")
-        if options.workdir and (not options.workdir.startswith("/") or "\0" in options.workdir):
-            raise InvalidArgumentError("workdir must be an absolute path without NUL bytes")
+        validate_workdir(options.workdir)
 
         job_id = new_job_id()
         job_dir = os.path.join(self.config.state_dir, "jobs", job_id)
@@ -1971,6 +1971,19 @@ def validate_argv(argv):
     if size > MAX_ARGV_BYTES:
         raise InvalidArgumentError(f"the command is longer than {MAX_ARGV_BYTES} bytes")
     return list(argv)
+
+
+def validate_workdir(path):
+    """Raises InvalidArgumentError unless path is empty (a fresh folder) or absolute, without
+    NUL bytes, and outside the job's private /tmp and /dev/shm (empty when it starts)."""
+    if not path:
+        return
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise InvalidArgumentError("workdir must be an absolute path without NUL bytes")
+    inside = [p for p in JOB_PRIVATE_DIRS if os.path.normpath(path).startswith(p + "/")]
+    if inside:
+        raise InvalidArgumentError(f"workdir {path} cannot exist: a job's {inside[0]} is its "
+                                   f"own, empty when it starts")
 
 
 def validate_env(pairs):

@@ -300,6 +300,18 @@ def test_bad_argv_is_rejected(argv):
         sj.validate_argv(argv)
 
 
+@pytest.mark.parametrize("workdir", ["relative", "/a\0b", "/tmp/x", "/dev/shm/x", "/tmp/../tmp/x",
+                                     "/tmp//x"])
+def test_bad_workdir_is_rejected(workdir):
+    with pytest.raises(sj.InvalidArgumentError):
+        sj.validate_workdir(workdir)
+
+
+@pytest.mark.parametrize("workdir", ["", "/", "/tmp", "/tmp/", "/tmpdir/x", "/srv/build"])
+def test_good_workdir_is_accepted(workdir):
+    sj.validate_workdir(workdir)
+
+
 @pytest.mark.parametrize("env", [[("1BAD", "x")], [("A=B", "x")], [("OK", "a\0b")]])
 def test_bad_env_is_rejected(env):
     with pytest.raises(sj.InvalidArgumentError):
@@ -916,7 +928,8 @@ def test_cli_stop_pause_resume_rm_and_list(server):
 
 def test_cli_errors_are_one_line_with_distinct_exit_codes(server):
     cases = [(("status", "no-such-job"), 3), (("run", "--cpu", "-1", "true"), 4),
-             (("run", "--memory", "1", "true"), 4), (("run",), 2)]
+             (("run", "--memory", "1", "true"), 4), (("run",), 2),
+             (("run", "--workdir", "/tmp/build", "true"), 4)]
     for args, code in cases:
         done = cli(server, *args)
         assert done.returncode == code, (args, done.stderr)
