@@ -300,6 +300,19 @@ def bench_streaming(server, sshd, runs=3):
     print(line, flush=True)
 
 
+def read_file(certs, name):
+    with open(os.path.join(certs, name), "rb") as f:
+        return f.read()
+
+
+def mrarsenal_credentials(grpc, certs):
+    """(channel credentials, call metadata) of the admin user in certs."""
+    read = lambda name: read_file(certs, name)
+    return (grpc.ssl_channel_credentials(read("ca.crt"), read("mrarsenal.key"),
+                                         read("mrarsenal.crt")),
+            (("authorization", "Bearer " + read("mrarsenal.jwt").decode().strip()),))
+
+
 FAN_OUT_PIECES, FAN_OUT_PIECE_BYTES, FAN_OUT_GAP = 8, 12500, 0.5
 FAN_OUT_WRITER = ("import os, sys, time\n"
                   f"for i in range({FAN_OUT_PIECES}):\n"
@@ -333,7 +346,7 @@ class FloorServer:
     def main(certs, address):
         import asyncio
         grpc, pb, pb_grpc = sj.import_grpc()
-        read = lambda name: open(os.path.join(certs, name), "rb").read()
+        read = lambda name: read_file(certs, name)
 
         class Floor(pb_grpc.JobServiceServicer):
             def __init__(self):
@@ -383,12 +396,9 @@ def follow_all(address, certs, followers, channels, spread, sample_rss):
     import asyncio
     import hashlib
     grpc, pb, pb_grpc = sj.import_grpc()
-    read = lambda name: open(os.path.join(certs, name), "rb").read()
-    md = (("authorization", "Bearer " + read("mrarsenal.jwt").decode().strip()),)
+    creds, md = mrarsenal_credentials(grpc, certs)
 
     async def run():
-        creds = grpc.ssl_channel_credentials(read("ca.crt"), read("mrarsenal.key"),
-                                             read("mrarsenal.crt"))
         chans = [grpc.aio.secure_channel(address, creds) for _ in range(channels)]
         stubs = [pb_grpc.JobServiceStub(c) for c in chans]
         for stub in stubs:   # connect first: measure streams, not TLS handshakes
@@ -442,7 +452,7 @@ def bench_fan_out(server, followers=1000, channels=10, spread=0.0):
         floor_first, floor_digests, floor_expected, _, _ = follow_all(
             floor.address, server.certs, followers, channels, spread, lambda: 0.0)
     assert all(d == floor_expected for d in floor_digests), "the floor server lost bytes"
-    label = f"fan-out: 1,000 followers{f' over {spread:g}s' if spread else ', at once'}"
+    label = f"fan-out: {followers:,} followers{f' over {spread:g}s' if spread else ', at once'}"
     p99, floor_p99 = pct(first, 99), pct(floor_first, 99)
     print(f"{label:38s} first byte p50 {statistics.median(first):7.2f} ms"
           f"  p99 {p99:7.2f} ms (target p99 <= 100) | grpc.aio do-nothing server p50 "
@@ -455,10 +465,7 @@ def bench_fan_out(server, followers=1000, channels=10, spread=0.0):
 def bench_start_rate(server, clients=10, jobs_per_client=20):
     """Jobs started per second by 10 concurrent clients, each on its own connection."""
     grpc, pb, pb_grpc = sj.import_grpc()
-    read = lambda name: open(os.path.join(server.certs, name), "rb").read()
-    md = (("authorization", "Bearer " + read("mrarsenal.jwt").decode().strip()),)
-    creds = grpc.ssl_channel_credentials(read("ca.crt"), read("mrarsenal.key"),
-                                         read("mrarsenal.crt"))
+    creds, md = mrarsenal_credentials(grpc, server.certs)
     stubs = [pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
              for _ in range(clients)]
     for stub in stubs:

@@ -2337,7 +2337,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
             data = engine.read_output(job_id, offset, self.chunk_size())
             chunk = len(data), (jobs_pb2.OutputChunk(data=data, offset=offset)
                                 .SerializeToString() if data else b"")
-            if len(self.events.get(job_id, ())) > 1:
+            if len(self.events[job_id]) > 1:
                 cached = self.chunks.setdefault(job_id, {})
                 if len(cached) >= 2:
                     del cached[next(iter(cached))]
