@@ -76,10 +76,25 @@ SO_SNDBUFFORCE = 32
 MAX_ARGV_ITEMS = 4096
 MAX_ENV_ITEMS = 256
 MIN_MEMORY = 8 * MiB              # below this even the job's init cannot run
-SPAWN_TIMEOUT = 15.0              # seconds the engine waits for a job to reach exec
+
+
+def _time_scale():
+    """STEVE_JOBS_TIME_SCALE: every fixed time budget is multiplied by it (default 1), so
+    that a 10x slower machine (an emulated VM, a loaded CI host) gets 10x the patience."""
+    try:
+        scale = float(os.environ.get("STEVE_JOBS_TIME_SCALE", "1"))
+    except ValueError:
+        return 1.0
+    return scale if math.isfinite(scale) and scale >= 1 else 1.0
+
+
+TIME_SCALE = _time_scale()
+SPAWN_TIMEOUT = 15.0 * TIME_SCALE # seconds the engine waits for a job to reach exec
 WARM_SHIMS = 2                    # job supervisors the spawner keeps ready
 REFILL_DELAY = 0.02               # seconds of quiet before the spawner makes the next one
-KILL_TIMEOUT = 10.0               # seconds a killed job gets to disappear
+KILL_TIMEOUT = 10.0 * TIME_SCALE  # seconds a killed job gets to disappear
+RESULT_RESERVE = 16 * KiB         # room kept for a job's result.json from its start
+MAX_ERROR_CHARS = 2000            # longer error texts are cut (they must fit the reserve)
 CHUNK = 1 * MiB                   # largest piece of output read or copied at once
 PIPE_SIZE = 1 * MiB               # job stdout pipe capacity: fewer stalls for chatty jobs
 JOB_PRIVATE_DIRS = ("/tmp", "/dev/shm")   # each job gets empty ones of its own
@@ -89,6 +104,14 @@ RUNNING, PAUSED = "running", "paused"
 EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN = (
     "exited", "failed", "stopped", "killed", "oom_killed", "unknown")
 ENDED_STATES = (EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN)
+
+
+def human_bytes(n):
+    """1536 -> '1.5KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
 
 
 class Error(Exception):
@@ -121,6 +144,11 @@ class UnauthenticatedError(Error):
 
 class UnavailableError(Error):
     """A server facility (cgroups, namespaces, the spawner) is not working."""
+
+
+class DeadlineExceededError(Error):
+    """An operation did not finish in the time it is allowed (e.g. a job that outlives
+    SIGKILL); it may still finish later."""
 
 
 ###############################################################################
@@ -245,6 +273,12 @@ def write_file(path, data):
         os.close(fd)
 
 
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def read_file(path, default=None):
     """Read a small text file; default if it does not exist (or cannot be read)."""
     try:
@@ -257,11 +291,111 @@ def read_file(path, default=None):
 
 
 def write_json_atomic(path, obj):
-    """Replace path with obj as JSON so readers see the old or the new file, never half."""
+    """Replace path with obj as JSON so readers see the old or the new file, never half.
+
+    If path's room was reserved (reserve_room), the JSON goes into the reserved blocks,
+    so it is written even on a full filesystem. Raises OSError (ENOSPC without a reserve).
+    """
+    data = json.dumps(obj).encode()
+    spare = path + RESERVE_SUFFIX
+    try:
+        fd = os.open(spare, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    if fd is not None:
+        try:
+            fits = len(data) <= os.fstat(fd).st_size
+            if fits:
+                # Overwriting blocks that are already the file's allocates nothing.
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
+        if fits:
+            os.rename(spare, path)
+            return
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+RESERVE_SUFFIX = ".reserve"
+
+
+def reserve_room(path, size):
+    """Take size bytes of real blocks for a file to be written later by write_json_atomic
+    (zeros written, not fallocate: overwriting written blocks needs no new room on any
+    filesystem that overwrites in place). Raises OSError (ENOSPC) if there is no room."""
+    fd = os.open(path + RESERVE_SUFFIX, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                 0o600)
+    try:
+        _write_all(fd, bytes(size))
+    finally:
+        os.close(fd)
+
+
+def write_json_until_written(path, obj, give_up=None):
+    """write_json_atomic, retried while the filesystem is full (or failing), so that what a
+    supervisor knows is not lost: it is written as soon as there is room again.
+
+    give_up(): checked between tries; True stops retrying (returns False). Returns True once
+    written."""
+    pause = 0.2
+    while True:
+        try:
+            write_json_atomic(path, obj)
+            return True
+        except OSError as e:
+            if give_up is not None and give_up():
+                return False
+            if pause == 0.2:
+                log.warning("cannot write %s (%s); retrying until there is room",
+                            path, e.strerror or e)
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)
+
+
+def is_out_of_room(error):
+    """True for the OSErrors of a full filesystem or quota."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def raise_open_files_limit():
+    """Raise the soft RLIMIT_NOFILE to the hard limit. Returns (old soft, new soft).
+
+    Every connection, stream and job costs the server descriptors; the usual default soft
+    limit (1024) is far too low for a server, and jobs get the old value back (spawner)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, hard
+
+
+def set_open_files_limit(soft):
+    """Set the soft RLIMIT_NOFILE (e.g. back to what the server started with)."""
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard), hard))
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def return_freed_memory_to_the_system():
+    """Make glibc's malloc give freed memory back: large buffers (output chunks) are mmapped
+    and unmapped on free, and the heap is trimmed now. Without it, memory that thousands of
+    streams once held stays in the process after they end. No-op on other C libraries."""
+    with contextlib.suppress(AttributeError):
+        _libc.mallopt(M_MMAP_THRESHOLD, 128 * KiB)   # fixed: no "dynamic" growth
+        _libc.mallopt(M_TRIM_THRESHOLD, 1 * MiB)
+        _libc.malloc_trim(0)
 
 
 ###############################################################################
@@ -610,6 +744,8 @@ def spawner_main(sock_fd, settings):
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is for the server to handle
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)    # the kernel reaps exited shims
+    if settings.get("open_files"):
+        set_open_files_limit(settings["open_files"])  # jobs get the host's usual limit
     sock = socket.socket(fileno=sock_fd)
     offered = 0
     while True:
@@ -630,6 +766,8 @@ def spawner_main(sock_fd, settings):
             msg, fds = recv_with_fds(sock, MAX_REQUEST_BYTES)
         except InterruptedError:
             continue
+        except OSError:
+            return 0   # the server is gone (a crash resets the socket): quietly, too
         if not msg:
             return 0
         try:
@@ -766,11 +904,12 @@ def shim_main(chan, settings):
 
     def fail(message):
         _discard_warm(cg, init_pid)
-        write_json_atomic(os.path.join(job_dir, SPEC_FILE), spec)
-        write_json_atomic(os.path.join(job_dir, RESULT_FILE), {
+        message = message[:MAX_ERROR_CHARS]
+        _reply(reply_fd, ok=False, error=message, shim={**me, "started_at": started})
+        write_json_until_written(os.path.join(job_dir, SPEC_FILE), spec)
+        write_json_until_written(os.path.join(job_dir, RESULT_FILE), {
             "failed": True, "error": message, "exit_code": 126, "started_at": started,
             "ended_at": time.time(), "output_bytes": 0})
-        _reply(reply_fd, ok=False, error=message)
         return 1
 
     if warm_error:
@@ -779,8 +918,11 @@ def shim_main(chan, settings):
         cg.apply(Limits(**req["limits"]), already=warm_limits)
     except OSError as e:
         return fail(f"cannot apply the job's limits: {e.strerror or e}")
-    out_fd = os.open(os.path.join(job_dir, OUTPUT_FILE),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:   # the server made it, so that a full disk refuses the start, not the job
+        out_fd = os.open(os.path.join(job_dir, OUTPUT_FILE),
+                         os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        return fail(f"cannot open the job's output file: {e.strerror or e}")
     try:
         _write_all(go_w, msg)
     except OSError:
@@ -788,13 +930,19 @@ def shim_main(chan, settings):
     os.close(go_w)
     # EOF on err_r means the command reached exec (close-on-exec closed the last copy).
     failure = _read_all(err_r)
-    failure = json.loads(failure)["error"] if failure else ""
+    failure = json.loads(failure)["error"][:MAX_ERROR_CHARS] if failure else ""
     shim = {**me, "init_pid": init_pid, "cgroup": cg.name, "started_at": started}
     _reply(reply_fd, ok=True, error=failure, shim=shim)   # first: the caller is waiting
     os.close(reply_fd)
     # The job's record: what the server asked for and where the job lives. Written here,
-    # not by the server, so that it exists whatever happens to the server meanwhile.
-    write_json_atomic(os.path.join(job_dir, SPEC_FILE), {**spec, "shim": shim})
+    # not by the server, so that it exists whatever happens to the server meanwhile. Its
+    # room was reserved at the start; should that fail, it is written again at the end.
+    record = {**spec, "shim": shim}
+    try:
+        write_json_atomic(os.path.join(job_dir, SPEC_FILE), record)
+        record = None
+    except OSError:
+        pass
 
     written, truncated, out_error = copy_output(out_r, out_fd, req["output_cap"])
     os.close(out_fd)
@@ -813,7 +961,11 @@ def shim_main(chan, settings):
         result.update(failed=True, error=failure)
     result.update(cg.usage())
     _remove_cgroup(cg)
-    write_json_atomic(os.path.join(job_dir, RESULT_FILE), result)
+    # A supervisor never dies of a full disk: what it knows is kept until it is written
+    # (its room was reserved at the start, so this normally succeeds at once).
+    if record is not None:
+        write_json_until_written(os.path.join(job_dir, SPEC_FILE), record)
+    write_json_until_written(os.path.join(job_dir, RESULT_FILE), result)
     return 0
 
 
@@ -875,12 +1027,6 @@ def _read_all(fd):
             chunks.append(b)
     finally:
         os.close(fd)
-
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _report_start_failure(err_w, out_w, message):
@@ -997,6 +1143,8 @@ def command_main(cg, go_r, out_w, err_w):
         if warm_error:
             raise OSError(0, warm_error)
         _run_steps([("set the hostname", lambda: socket.sethostname(req["job_id"]))])
+        if req.get("workdir_size"):
+            _run_steps([("mount the working folder", lambda: mount_workdir(req))])
         if req["host_network"]:
             leave_job_network(host_net)
         os.close(host_net)
@@ -1004,6 +1152,16 @@ def command_main(cg, go_r, out_w, err_w):
         _report_start_failure(err_w, 2, str(e) if warm_error else f"namespace setup failed: {e}")
         os._exit(126)
     exec_command(req, err_w)
+
+
+def mount_workdir(req):
+    """A private tmpfs of workdir_size bytes on the job's (server-made) working folder.
+
+    Why: a job must not be able to fill the state filesystem for every other job. Its pages
+    are charged to the job's memory cgroup, so the job's memory limit bounds it too; it
+    disappears with the job's mount namespace. Raises OSError."""
+    mount("tmpfs", req["workdir"], "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={req['workdir_size']},mode=0700,uid={req['uid']},gid={req['uid']}")
 
 
 def prepare_process(out_w, keep):
@@ -1115,6 +1273,12 @@ class EngineConfig(typing.NamedTuple):
     uid_base: int = 0x60000000    # jobs run as uid/gid uid_base + n, one fresh uid per job
     uid_count: int = 1 << 20
     max_running_jobs: int = 1024  # more starts get ResourceExhaustedError
+    max_jobs_per_user: int = 0    # running jobs of one owner; 0: a quarter of the above
+    min_free: int = -1            # bytes the state filesystem keeps free; -1: 1%, <= 256 MiB
+    workdir_size: int = 1 * GiB   # a server-made working folder is a tmpfs this big; 0: disk
+
+    def user_job_cap(self):
+        return self.max_jobs_per_user or max(1, self.max_running_jobs // 4)
 
 
 RESULT_FIELDS = ("started_at", "ended_at", "exit_code", "signal", "error", "cpu_seconds",
@@ -1213,21 +1377,30 @@ def derive_state(job):
     return EXITED
 
 
-class OutputWatcher:
-    """One thread that turns inotify events on job folders into Job.notify() and ends."""
+class JobWatcher:
+    """One thread that turns kernel events into engine calls: inotify on job folders (output
+    written: Job.notify(); result.json renamed in: on_result(job)) and a pidfd per job
+    supervisor (it exited: on_supervisor_exit(job), which checks whether it left a result).
 
-    def __init__(self, on_result):
-        self._fd = inotify_init()
+    epoll, not select: descriptors numbered past 1024 are the rule on a busy server.
+    """
+
+    def __init__(self, on_result, on_supervisor_exit):
+        self._inotify = inotify_init()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._epoll = select.epoll()
+        self._epoll.register(self._inotify, select.EPOLLIN)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
         self._jobs = {}          # wd -> Job
+        self._pidfds = {}        # pidfd -> Job
         self._lock = threading.Lock()
-        self._on_result = on_result
-        self._thread = threading.Thread(target=self._run, name="output-watcher", daemon=True)
+        self._on_result, self._on_supervisor_exit = on_result, on_supervisor_exit
+        self._thread = threading.Thread(target=self._run, name="job-watcher", daemon=True)
         self._thread.start()
 
     def watch(self, job):
         """Start delivering events for job's folder. Raises OSError."""
-        wd = inotify_add_watch(self._fd, job.dir, IN_MODIFY | IN_MOVED_TO)
+        wd = inotify_add_watch(self._inotify, job.dir, IN_MODIFY | IN_MOVED_TO)
         with self._lock:
             self._jobs[wd] = job
         return wd
@@ -1235,37 +1408,71 @@ class OutputWatcher:
     def unwatch(self, wd):
         with self._lock:
             self._jobs.pop(wd, None)
-        inotify_rm_watch(self._fd, wd)
+        inotify_rm_watch(self._inotify, wd)
+
+    def watch_supervisor(self, job, pid, start_time):
+        """Call on_supervisor_exit(job) once the process (pid, start_time) has exited.
+        Returns False, and watches nothing, if it is already gone (or pid names another
+        process now)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        # The pidfd pins the process: only now can its start time say it is the same one.
+        if process_start_time(pid) != start_time:
+            os.close(pidfd)
+            return False
+        with self._lock:
+            self._pidfds[pidfd] = job
+        self._epoll.register(pidfd, select.EPOLLIN)
+        return True
 
     def close(self):
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
-        for fd in (self._fd, self._wake_r, self._wake_w):
+        with self._lock:
+            pidfds, self._pidfds = list(self._pidfds), {}
+        for fd in [self._inotify, self._wake_r, self._wake_w, *pidfds]:
             os.close(fd)
+        self._epoll.close()
 
     def _run(self):
         while True:
-            readable, _, _ = select.select([self._fd, self._wake_r], [], [])
-            if self._wake_r in readable:
+            ready = {fd for fd, _ in self._epoll.poll()}
+            if self._wake_r in ready:
                 return
-            changed, finished = {}, {}
-            for wd, mask, name in inotify_read(self._fd):
-                with self._lock:
-                    job = self._jobs.get(wd)
-                if job is None or mask & IN_IGNORED:
-                    continue
-                if name == OUTPUT_FILE:
-                    changed[job.id] = job          # many writes, one wake-up per batch
-                elif name == RESULT_FILE and mask & IN_MOVED_TO:
-                    finished[job.id] = (job, wd)
-            for job in changed.values():
-                job.notify()
-            for job, wd in finished.values():
-                self.unwatch(wd)
-                try:
-                    self._on_result(job)
-                except Exception:
-                    log.exception("recording the end of job %s failed", job.id)
+            if self._inotify in ready:
+                self._inotify_events()
+            with self._lock:
+                exited = [(fd, self._pidfds.pop(fd)) for fd in ready if fd in self._pidfds]
+            for pidfd, job in exited:
+                self._epoll.unregister(pidfd)
+                os.close(pidfd)
+                self._call(self._on_supervisor_exit, job)
+
+    def _inotify_events(self):
+        changed, finished = {}, {}
+        for wd, mask, name in inotify_read(self._inotify):
+            with self._lock:
+                job = self._jobs.get(wd)
+            if job is None or mask & IN_IGNORED:
+                continue
+            if name == OUTPUT_FILE:
+                changed[job.id] = job          # many writes, one wake-up per batch
+            elif name == RESULT_FILE and mask & IN_MOVED_TO:
+                finished[job.id] = (job, wd)
+        for job in changed.values():
+            job.notify()
+        for job, wd in finished.values():
+            self.unwatch(wd)
+            self._call(self._on_result, job)
+
+    @staticmethod
+    def _call(handler, job):
+        try:
+            handler(job)
+        except Exception:
+            log.exception("handling an event of job %s failed", job.id)
 
 
 def _read_reply(fd, deadline):
@@ -1422,6 +1629,28 @@ class Spawner:
             os.close(pidfd)
 
 
+LOCK_FILE = "server.lock"
+
+
+def lock_state_dir(state_dir):
+    """Take the state folder for this process (flock, released when the process ends).
+
+    Returns the lock's fd. Raises UnavailableError naming the other server's pid."""
+    path = os.path.join(state_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UnavailableError(f"another server (pid {other}) is using the state folder "
+                               f"{state_dir}; stop it first or choose another --state-dir")
+    with contextlib.suppress(OSError):   # only informative: a full disk may refuse it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Engine:
     """Start, stop, inspect and read the output of jobs. Thread-safe; imports no gRPC.
 
@@ -1435,6 +1664,7 @@ class Engine:
         self._lock = threading.Lock()
         self._spawner = Spawner()
         self._watcher = None
+        self._lock_fd = None
         self._uids_in_use = set()
         self._running = set()         # ids of jobs without a result
 
@@ -1469,12 +1699,20 @@ class Engine:
         os.chmod(self.config.state_dir, 0o711)
         os.chmod(os.path.join(self.config.state_dir, "jobs"), 0o700)
         os.chmod(os.path.join(self.config.state_dir, "work"), 0o711)
-        self._watcher = OutputWatcher(self._record_end)
+        # Before anything touches jobs or cgroups: a second server on this folder would
+        # take the first one's jobs for leftovers and kill them.
+        self._lock_fd = lock_state_dir(self.config.state_dir)
+        job_open_files, open_files = raise_open_files_limit()
+        if open_files != job_open_files:
+            log.info("open files limit raised from %d to %d (jobs keep %d)",
+                     job_open_files, open_files, job_open_files)
+        self._watcher = JobWatcher(self._record_end, self._supervisor_exited)
         self._load_jobs()
         self._sweep_cgroups()
         self._spawner.start({"layout": self.layout.to_dict(),
                              "cgroup_root": self.config.cgroup_root,
-                             "limits": self.effective_limits(Limits())._asdict()})
+                             "limits": self.effective_limits(Limits())._asdict(),
+                             "open_files": job_open_files})
         return self
 
     def close(self, stop_jobs=False):
@@ -1489,7 +1727,16 @@ class Engine:
         self._spawner.close()
         if self._watcher:
             self._watcher.close()
+        # Warm supervisors may still be removing their cgroups: give them a moment.
+        owned = {j.cgroup.name for j in self._all_jobs() if j.result is None and j.cgroup}
+        deadline = time.monotonic() + 2.0 * TIME_SCALE
+        while (JobCgroup.names(self.layout, self.config.cgroup_root) - owned
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
         JobCgroup.remove_root(self.layout, self.config.cgroup_root)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _stop_quietly(self, job):
         try:
@@ -1511,15 +1758,12 @@ class Engine:
             job = self._new_job(name, spec)
             job.stop_requested = os.path.exists(os.path.join(job_dir, STOP_FILE))
             self._set_shim(job, spec.get("shim"))
-            if job.result is None and not self._shim_alive(job):
-                # The shim is gone without writing a result: the job's end cannot be known.
-                self._finish(job, {"unknown": True, "error":
-                                   "the job's supervisor died; its end is unknown",
-                                   "ended_at": time.time()}, save=True)
-            elif job.result is None:
+            if job.result is None:
                 with contextlib.suppress(OSError, Error):
                     job.paused = job.cgroup.frozen()   # a pause outlives the server too
                 self._watch(job)
+                if job.result is None and not self._watch_supervisor(job):
+                    self._record_unknown_end(job)
 
     def _drop_unstarted(self, job_id, job_dir):
         """A job folder without a record: a start the server died in before any shim took
@@ -1551,10 +1795,37 @@ class Engine:
             except (OSError, Error) as e:
                 log.error("cannot remove leftover cgroup %s: %s", name, e)
 
-    @staticmethod
-    def _shim_alive(job):
+    def _watch_supervisor(self, job):
+        """Have the watcher tell of the supervisor's exit; False if it is gone already."""
         s = job.shim
-        return bool(s) and process_start_time(s["shim_pid"]) == s["shim_start"]
+        return bool(s) and self._watcher.watch_supervisor(job, s["shim_pid"], s["shim_start"])
+
+    def _supervisor_exited(self, job):
+        """The job's supervisor is gone (watcher thread). If it wrote no result, the job's
+        end cannot be known: kill what is left of the job, remove its cgroup, and record
+        state unknown. The killing is done off the watcher thread."""
+        self._check_result(job)
+        if job.result is not None:
+            return
+        threading.Thread(target=self._record_unknown_end, args=(job,),
+                         name="supervisor-died").start()
+
+    def _record_unknown_end(self, job):
+        what = "was killed or crashed"
+        if job.cgroup is not None:
+            try:
+                if job.cgroup.populated():
+                    job.cgroup.kill()
+                    what += "; its processes were killed"
+                job.cgroup.remove(timeout=KILL_TIMEOUT)
+            except (OSError, Error) as e:
+                log.error("job %s: cannot remove the cgroup of a dead supervisor: %s", job.id, e)
+        self._check_result(job)   # it may have written one just before it died
+        if job.result is None:
+            log.warning("job %s: its supervisor %s", job.id, what)
+            self._finish(job, {"unknown": True, "ended_at": time.time(), "error":
+                               f"the job's supervisor {what}; the job's end is unknown"},
+                         save=True)
 
     # -- jobs ---------------------------------------------------------------
 
@@ -1572,28 +1843,21 @@ class Engine:
             raise PermissionDeniedError("this server does not run jobs as root")
         validate_workdir(options.workdir)
 
+        self._check_room()
         job_id = new_job_id()
         job_dir = os.path.join(self.config.state_dir, "jobs", job_id)
-        uid = self._allocate_uid(root=options.as_root)
-        workdir = options.workdir
-        try:
-            if not workdir:
-                workdir = os.path.join(self.config.state_dir, "work", job_id)
-                os.mkdir(workdir, 0o700)
-                os.chown(workdir, uid, uid)
-            if (limits.io_read_bps or limits.io_write_bps) and not limits.io_device:
-                device = whole_disk_of(workdir)
-                if not device:
-                    raise InvalidArgumentError(
-                        f"cannot limit IO: {workdir} is on no block device; name io_device")
-                limits = limits._replace(io_device=device)
-            os.mkdir(job_dir, 0o700)
-        except OSError as e:
-            self._release_uid(uid)
-            raise InvalidArgumentError(f"cannot prepare the job: {e}") from None
+        uid = self._allocate_uid(owner, root=options.as_root)
+        workdir = options.workdir or os.path.join(self.config.state_dir, "work", job_id)
         spec = {"id": job_id, "owner": owner, "argv": argv, "limits": limits._asdict(),
                 "options": options._replace(env=tuple(env.items()))._asdict(),
                 "created_at": time.time(), "uid": uid, "workdir": workdir}
+        try:
+            limits = self._prepare_folders(spec, limits)
+        except BaseException:
+            self._release_uid(uid)
+            self._remove_folders(job_dir, workdir if not options.workdir else "")
+            raise
+        spec["limits"] = limits._asdict()
         job = self._new_job(job_id, spec)
         self._watch(job)   # before the spawn, or a quick job could end unseen
         try:
@@ -1601,16 +1865,82 @@ class Engine:
                 "job_id": job_id, "job_dir": job_dir, "spec": spec, "argv": argv, "uid": uid,
                 "env": {"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env},
                 "workdir": workdir, "limits": spec["limits"],
+                "workdir_size": self._workdir_size(options, limits),
                 "host_network": options.host_network, "output_cap": self.config.output_cap})
         except Error:
             self._forget(job, remove_workdir=not options.workdir)
             raise
-        self._set_shim(job, reply.get("shim"))
+        if not reply.get("shim"):   # no supervisor took it: nothing was started
+            self._forget(job, remove_workdir=not options.workdir)
+            raise UnavailableError(reply.get("error") or "the job's supervisor did not start")
+        self._set_shim(job, reply["shim"])
+        if not self._watch_supervisor(job):
+            self._supervisor_exited(job)
         if not reply.get("ok") or reply.get("error"):
             # Not started: the shim writes its result at once; show it before returning.
             job.ended.wait(KILL_TIMEOUT)
         self._check_result(job)
         return job_id
+
+    def _workdir_size(self, options, limits):
+        """Bytes of the job's private tmpfs working folder, or 0 for a folder on disk: when
+        the client named one, or when IO limits apply (they throttle a disk, not memory)."""
+        if options.workdir or limits.io_read_bps or limits.io_write_bps:
+            return 0
+        return self.config.workdir_size
+
+    def _check_room(self):
+        """Raises ResourceExhaustedError when the state filesystem is below its reserve."""
+        try:
+            st = os.statvfs(self.config.state_dir)
+        except OSError as e:
+            raise UnavailableError(f"cannot read the state folder: {e.strerror}") from None
+        free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        reserve = self.config.min_free
+        if reserve < 0:
+            reserve = min(size // 100, 256 * MiB)
+        if free < max(reserve, RESULT_RESERVE) or (st.f_files and st.f_favail < 16):
+            raise ResourceExhaustedError(
+                f"the state folder {self.config.state_dir} is full ({human_bytes(free)} free, "
+                f"{human_bytes(reserve)} kept in reserve): no job can start until there is room")
+
+    def _prepare_folders(self, spec, limits):
+        """Make the job's folders and take the room its records need at the end.
+
+        Returns the limits with io_device filled in. Raises ResourceExhaustedError (the
+        disk is full), InvalidArgumentError; the caller removes what was made."""
+        job_dir = os.path.join(self.config.state_dir, "jobs", spec["id"])
+        workdir = spec["workdir"]
+        try:
+            if not spec["options"]["workdir"]:
+                os.mkdir(workdir, 0o700)
+                os.chown(workdir, spec["uid"], spec["uid"])
+            if (limits.io_read_bps or limits.io_write_bps) and not limits.io_device:
+                device = whole_disk_of(workdir)
+                if not device:
+                    raise InvalidArgumentError(
+                        f"cannot limit IO: {workdir} is on no block device; name io_device")
+                limits = limits._replace(io_device=device)
+            os.mkdir(job_dir, 0o700)
+            os.close(os.open(os.path.join(job_dir, OUTPUT_FILE),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            # What the supervisor writes later must never fail for want of room.
+            reserve_room(os.path.join(job_dir, SPEC_FILE),
+                         len(json.dumps(spec).encode()) + 4 * KiB)
+            reserve_room(os.path.join(job_dir, RESULT_FILE), RESULT_RESERVE)
+        except OSError as e:
+            if is_out_of_room(e):
+                raise ResourceExhaustedError(
+                    f"the state folder {self.config.state_dir} is full: {e.strerror}") from None
+            raise InvalidArgumentError(f"cannot prepare the job: {e}") from None
+        return limits
+
+    @staticmethod
+    def _remove_folders(job_dir, workdir):
+        import shutil
+        for path in (job_dir, workdir):
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
 
     def effective_limits(self, requested):
         """The limits a job gets: defaults filled in, every value checked against the maximums.
@@ -1648,18 +1978,23 @@ class Engine:
     def stop(self, job_id, grace=None):
         """SIGTERM the job, wait up to grace seconds, then kill everything in its cgroup.
 
-        Blocks (bounded) until the job has ended; holds no lock while waiting.
-        Raises NotFoundError, FailedPreconditionError (already ended), InvalidArgumentError.
+        Blocks (bounded) until the job has ended; holds no lock while waiting. Stopping an
+        ended job changes nothing and returns its status, as `docker stop` does.
+        Raises NotFoundError, InvalidArgumentError, DeadlineExceededError (it outlived
+        SIGKILL by KILL_TIMEOUT), UnavailableError (its cgroup cannot be killed).
         """
         job = self._get(job_id)
         grace = self.config.stop_grace if grace is None else grace
         if not (isinstance(grace, (int, float)) and math.isfinite(grace) and 0 <= grace <= 3600):
             raise InvalidArgumentError("grace must be between 0 and 3600 seconds")
         if job.result is not None:
-            raise FailedPreconditionError(f"job {job_id} has already ended")
+            return self._status(job)
         if not job.stop_requested:
             job.stop_requested = True
-            open(os.path.join(job.dir, STOP_FILE), "w").close()
+            try:
+                open(os.path.join(job.dir, STOP_FILE), "w").close()
+            except OSError as e:   # a full disk: the stop goes on; a restart says "killed"
+                log.warning("job %s: cannot record the stop request: %s", job_id, e.strerror)
         self._signal_init(job, signal.SIGTERM)
         if job.paused:
             self.resume(job_id, quiet=True)   # a frozen job cannot act on SIGTERM
@@ -1670,7 +2005,8 @@ class Engine:
                 if job.result is None and e.errno != errno.ENOENT:
                     raise UnavailableError(f"cannot kill job {job_id}: {e}") from None
         if not job.ended.wait(KILL_TIMEOUT):
-            raise UnavailableError(f"job {job_id} did not end {KILL_TIMEOUT:g}s after SIGKILL")
+            raise DeadlineExceededError(
+                f"job {job_id} did not end {KILL_TIMEOUT:g}s after SIGKILL; it may still end")
         return self.status(job_id)
 
     def wait(self, job_id, timeout):
@@ -1685,7 +2021,8 @@ class Engine:
         return self._status(job)
 
     def pause(self, job_id):
-        """Freeze every process of the job. Raises NotFoundError, FailedPreconditionError."""
+        """Freeze every process of the job (a paused job stays paused: no error).
+        Raises NotFoundError, FailedPreconditionError (it has ended)."""
         job = self._get(job_id)
         self._require_running(job)
         self._cgroup_of(job).freeze()
@@ -1693,12 +2030,11 @@ class Engine:
         return self.status(job_id)
 
     def resume(self, job_id, quiet=False):
-        """Thaw a paused job. Raises NotFoundError, FailedPreconditionError."""
+        """Thaw a paused job (a running one goes on: no error).
+        Raises NotFoundError, FailedPreconditionError (it has ended)."""
         job = self._get(job_id)
         if not quiet:
             self._require_running(job)
-            if not job.paused:
-                raise FailedPreconditionError(f"job {job_id} is not paused")
         try:
             self._cgroup_of(job).thaw()
         except (OSError, Error):
@@ -1829,8 +2165,14 @@ class Engine:
             self._finish(job, result)
 
     def _finish(self, job, result, save=False):
+        """Record the job's end in memory (and with save, in its result.json: best effort,
+        since a full disk must not stop the server from serving what it knows)."""
         if save:
-            write_json_atomic(os.path.join(job.dir, RESULT_FILE), result)
+            try:
+                write_json_atomic(os.path.join(job.dir, RESULT_FILE), result)
+            except OSError as e:
+                log.warning("job %s: cannot write its result (%s); it is decided again at "
+                            "the next start", job.id, e.strerror or e)
         with self._lock:
             if job.result is not None:
                 return
@@ -1852,13 +2194,18 @@ class Engine:
         if remove_workdir:
             shutil.rmtree(job.spec["workdir"], ignore_errors=True)
 
-    def _allocate_uid(self, root=False):
-        """A uid for a new job (0 for root). Raises ResourceExhaustedError at the maximum
-        of running jobs."""
+    def _allocate_uid(self, owner, root=False):
+        """A uid for a new job of owner (0 for root). Raises ResourceExhaustedError at the
+        maximum of running jobs, in all or of this owner."""
         with self._lock:
             if len(self._running) >= self.config.max_running_jobs:
                 raise ResourceExhaustedError(
                     f"{self.config.max_running_jobs} jobs are running, the server's maximum")
+            cap = self.config.user_job_cap()
+            if sum(self._jobs[i].spec["owner"] == owner for i in self._running) >= cap:
+                raise ResourceExhaustedError(
+                    f"{owner} has {cap} jobs running, the most one user may have "
+                    f"(--max-jobs-per-user)")
             if root:
                 return 0
             for _ in range(64):
@@ -2752,13 +3099,6 @@ def signal_name(num):
         return signal.Signals(num).name
     except ValueError:
         return "?"
-
-
-def human_bytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
 
 
 def format_time(t):

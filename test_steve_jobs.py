@@ -67,6 +67,11 @@ def require_kernel():
         pytest.skip(KERNEL_UNAVAILABLE)
 
 
+def scaled(seconds):
+    """A time budget, stretched by STEVE_JOBS_TIME_SCALE on slow machines."""
+    return seconds * sj.TIME_SCALE
+
+
 def new_state_dir():
     # Not under /tmp: jobs get a private /tmp, so they could not see their working folder.
     return tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/tmp")
@@ -551,8 +556,7 @@ def test_stop_kills_a_tree_that_traps_sigterm_and_daemonizes(engine):
     assert status.state == sj.STOPPED and status.signal == signal.SIGKILL
     assert not pids_of_uid(uid)
     assert not [d for d in dirs if os.path.exists(d)]
-    with pytest.raises(sj.FailedPreconditionError):
-        engine.stop(job_id)
+    assert engine.stop(job_id) == engine.status(job_id)   # stopping it again: its status
 
 
 def test_stop_with_sigterm_ends_a_polite_job_at_once(engine):
@@ -571,7 +575,11 @@ def test_twenty_followers_attaching_at_different_moments_get_every_byte(engine):
               "    sys.stdout.buffer.write(chunk); sys.stdout.flush()\n"
               "    time.sleep(0.02)\n"
               "open('digest', 'w').write(h.hexdigest())\n")
-    job_id = engine.start("tester", ["python3", "-c", writer])
+    # A folder of the test's: the default working folder is a tmpfs that ends with the job.
+    workdir = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/tmp")
+    os.chmod(workdir, 0o777)
+    job_id = engine.start("tester", ["python3", "-c", writer], options=sj.JobOptions(
+        workdir=workdir))
     digests, errors = [None] * 20, []
 
     def follow(i):
@@ -591,8 +599,8 @@ def test_twenty_followers_attaching_at_different_moments_get_every_byte(engine):
         t.join(120)
     status = engine.wait(job_id, 60)
     assert status.exit_code == 0 and not errors
-    workdir = engine._get(job_id).spec["workdir"]
     expected = open(os.path.join(workdir, "digest")).read()
+    shutil.rmtree(workdir)
     assert digests == [expected] * 20
     assert status.output_bytes == 50_000_000
 
@@ -605,12 +613,24 @@ def test_output_cap_keeps_the_first_bytes_and_lets_the_job_finish():
 
 
 def test_starts_past_the_maximum_of_running_jobs_are_refused():
-    with running_engine(max_running_jobs=2) as engine:
+    with running_engine(max_running_jobs=4, max_jobs_per_user=2) as engine:
         first = [engine.start("tester", ["sleep", "1000"]) for _ in range(2)]
-        with pytest.raises(sj.ResourceExhaustedError):
+        with pytest.raises(sj.ResourceExhaustedError, match="tester has 2 jobs running"):
             engine.start("tester", ["true"])
+        # One user at the cap leaves room for the others, up to the server's maximum.
+        others = [engine.start(user, ["sleep", "1000"]) for user in ("alice", "bob")]
+        with pytest.raises(sj.ResourceExhaustedError, match="4 jobs are running"):
+            engine.start("carol", ["true"])
         engine.stop(first[0], grace=0)
         engine.wait(engine.start("tester", ["true"]), 30)   # room again
+        for job_id in first[1:] + others:
+            engine.stop(job_id, grace=0)
+
+
+def test_a_user_job_cap_defaults_to_a_quarter_of_the_maximum():
+    assert sj.EngineConfig(max_running_jobs=1024).user_job_cap() == 256
+    assert sj.EngineConfig(max_running_jobs=2).user_job_cap() == 1
+    assert sj.EngineConfig(max_running_jobs=8, max_jobs_per_user=8).user_job_cap() == 8
 
 
 def test_a_dead_spawner_is_replaced_at_the_next_start():
@@ -637,27 +657,28 @@ def test_pause_freezes_and_resume_thaws(engine):
     assert engine.resume(job_id).state == sj.RUNNING
     time.sleep(0.3)
     assert engine.status(job_id).output_bytes > size
-    with pytest.raises(sj.FailedPreconditionError):
-        engine.resume(job_id)
+    assert engine.resume(job_id).state == sj.RUNNING   # resuming a running job: a no-op
     engine.pause(job_id)
+    assert engine.pause(job_id).state == sj.PAUSED     # pausing a paused one: likewise
     assert engine.stop(job_id, grace=1).state == sj.STOPPED   # stopping a paused job works
+    with pytest.raises(sj.FailedPreconditionError):
+        engine.pause(job_id)                            # an ended job cannot be paused
 
 
 @contextlib.contextmanager
-def engine_that_goes_away():
+def engine_that_goes_away(state_dir=None, **config):
     """An engine whose server goes away afterwards without stopping its jobs.
 
     Yields (engine, state_dir, cgroup_root); reopen them with running_engine().
     """
     require_kernel()
-    state_dir = new_state_dir()
+    state_dir = state_dir or new_state_dir()
     root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
-    engine = sj.Engine(sj.EngineConfig(state_dir=state_dir, cgroup_root=root)).open()
+    engine = sj.Engine(sj.EngineConfig(state_dir=state_dir, cgroup_root=root, **config)).open()
     try:
         yield engine, state_dir, root
     finally:
-        engine._spawner.close()
-        engine._watcher.close()
+        engine.close()   # without stop_jobs: as a server that exits
 
 
 def test_jobs_survive_an_engine_restart():
@@ -918,7 +939,8 @@ def test_cli_stop_pause_resume_rm_and_list(server):
     assert cli(server, "rm", job_id).returncode == 5           # FAILED_PRECONDITION: running
     st = cli_json(server, "stop", "--grace", "1", job_id)
     assert st["state"] == "stopped" and st["signal"] == 15
-    assert cli(server, "stop", job_id).returncode == 5          # already ended
+    assert cli_json(server, "stop", job_id) == st              # already ended: its status
+    assert cli(server, "pause", job_id).returncode == 5         # FAILED_PRECONDITION: ended
     assert job_id in [j["job_id"] for j in cli_json(server, "list")]
     assert cli(server, "list").stdout.count(job_id.encode()) == 1
     assert cli_json(server, "rm", job_id) == {"removed": job_id}
@@ -1660,3 +1682,113 @@ def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
         assert len(sj.JobCgroup.names(layout, srv.cgroup_root)) <= sj.WARM_SHIMS
     finally:
         srv.cleanup()
+
+
+###############################################################################
+# Fault tests: full disks, dead supervisors, shared state folders, file handles,
+# stream memory (real kernel and real servers, as root)
+###############################################################################
+
+@contextlib.contextmanager
+def small_filesystem(size):
+    """A tmpfs of size (e.g. '64m') mounted on a fresh folder; unmounted afterwards."""
+    require_kernel()
+    path = tempfile.mkdtemp(prefix="steve-jobs-test-fs-", dir="/var/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", path],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+        os.rmdir(path)
+
+
+def test_a_full_state_disk_jams_no_job_and_no_restart():
+    with small_filesystem("64m") as fs:
+        state_dir = os.path.join(fs, "state")
+        with engine_that_goes_away(state_dir=state_dir) as (engine, _, root):
+            sleeper = engine.start("tester", ["sleep", "1000"])
+            later = engine.start("tester", ["sh", "-c", "sleep 1; echo done; exit 3"])
+            filler = engine.start("tester", ["head", "-c", "200M", "/dev/zero"])
+            st = engine.wait(filler, scaled(60))
+            assert (st.state, st.exit_code, st.output_truncated) == (sj.EXITED, 0, True), st
+            st = engine.wait(later, scaled(30))   # its "done" found no room; its end did
+            assert (st.state, st.exit_code) == (sj.EXITED, 3), st
+            jobs_before = sorted(os.listdir(os.path.join(state_dir, "jobs")))
+            with pytest.raises(sj.ResourceExhaustedError, match=f"{state_dir} is full"):
+                engine.start("tester", ["true"])
+            assert sorted(os.listdir(os.path.join(state_dir, "jobs"))) == jobs_before
+            assert len(os.listdir(os.path.join(state_dir, "work"))) == 3   # nothing half-made
+            # A supervisor killed while the disk is full: its job's end is recorded too.
+            os.kill(engine._get(sleeper).shim["shim_pid"], signal.SIGKILL)
+            assert engine.wait(sleeper, scaled(10)).state == sj.UNKNOWN
+        # A restart on the full disk: serves every job.
+        with running_engine(state_dir=state_dir, cgroup_root=root) as second:
+            assert second.status(later).exit_code == 3
+            assert second.status(sleeper).state == sj.UNKNOWN
+            assert second.stop(sleeper).state == sj.UNKNOWN
+            assert len(second.read_output(filler)) == sj.CHUNK
+            second.remove(sleeper)
+            second.remove(filler)   # room again: starts work again
+            st = second.wait(second.start("tester", ["sh", "-c", "echo back"]), scaled(30))
+            assert st.exit_code == 0 and st.output_bytes == 5
+
+
+def test_a_start_below_the_free_space_reserve_is_refused_and_leaves_nothing():
+    with running_engine(min_free=1 << 60) as engine:
+        with pytest.raises(sj.ResourceExhaustedError, match="is full"):
+            engine.start("tester", ["true"])
+        for sub in ("jobs", "work"):
+            assert os.listdir(os.path.join(engine.config.state_dir, sub)) == []
+        assert engine.list() == []
+
+
+def test_the_working_folder_is_a_bounded_private_tmpfs():
+    with running_engine(workdir_size=4 * sj.MiB) as engine:
+        st, out = sh(engine, "head -c 8M /dev/zero > big; echo $?; df -k . | tail -1")
+        lines = out.decode().splitlines()
+        assert lines[0] != "0" and "tmpfs" in lines[-1], out
+        assert int(lines[-1].split()[1]) == 4096   # 4 MiB, in KiB
+        workdir = os.path.join(engine.config.state_dir, "work", st.id)
+        assert os.listdir(workdir) == []   # the host's disk got nothing
+
+
+def test_a_killed_supervisor_is_noticed_at_once_and_its_job_cleaned_up(engine):
+    job_id = engine.start("tester", ["sleep", "1000"])
+    job = engine._get(job_id)
+    uid, dirs = job.spec["uid"], job_cgroup_dirs(engine, job_id)
+    os.kill(job.shim["shim_pid"], signal.SIGKILL)
+    st = engine.wait(job_id, scaled(5))
+    assert st.state == sj.UNKNOWN and "supervisor" in st.error, st
+    assert not pids_of_uid(uid) and not [d for d in dirs if os.path.exists(d)]
+    assert engine.stop(job_id, grace=0).state == sj.UNKNOWN   # at once, no error
+    engine.remove(job_id)
+
+
+def test_a_second_engine_on_the_same_state_folder_is_refused_and_harms_nothing():
+    with running_engine() as first:
+        second = sj.Engine(sj.EngineConfig(state_dir=first.config.state_dir,
+                                           cgroup_root=first.config.cgroup_root))
+        with pytest.raises(sj.UnavailableError, match=f"another server \\(pid {os.getpid()}\\)"):
+            second.open()
+        # The first one's warm supervisors were not swept: its next jobs run normally.
+        ids = [first.start("tester", ["sh", "-c", "exit 7"]) for _ in range(3)]
+        assert [first.wait(i, scaled(30)).exit_code for i in ids] == [7] * 3
+
+
+def test_a_second_server_on_the_same_state_folder_exits_with_one_line(certs):
+    require_kernel()
+    first = Server(certs).start()
+    try:
+        second = Server(certs, state_dir=first.state_dir, cgroup_root=first.cgroup_root)
+        second.log_path = os.path.join(first.state_dir, "second.log")
+        with pytest.raises(AssertionError, match="another server"):
+            second.start()
+        assert second.proc.wait(30) == 1
+        log = second.read_log().strip()
+        assert f"pid {first.proc.pid}" in log and "Traceback" not in log, log
+        assert len([line for line in log.splitlines() if "another server" in line]) == 1
+        job_id = start_job(first, "exit 5")
+        assert cli_json(first, "stop", job_id)["exit_code"] == 5
+    finally:
+        first.cleanup()
