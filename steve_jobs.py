@@ -2535,8 +2535,12 @@ ERROR_CODES = {   # engine errors -> gRPC status code names: the one mapping
     NotFoundError: "NOT_FOUND", InvalidArgumentError: "INVALID_ARGUMENT",
     FailedPreconditionError: "FAILED_PRECONDITION", ResourceExhaustedError: "RESOURCE_EXHAUSTED",
     PermissionDeniedError: "PERMISSION_DENIED", UnauthenticatedError: "UNAUTHENTICATED",
-    UnavailableError: "UNAVAILABLE",
+    UnavailableError: "UNAVAILABLE", DeadlineExceededError: "DEADLINE_EXCEEDED",
 }
+# Trailing metadata on every error status the server itself sends, so a client can tell
+# "the server says it is unavailable" from "the server could not be reached".
+ERROR_ORIGIN_KEY = "steve-jobs-status"
+OUT_OF_HANDLES = (errno.EMFILE, errno.ENFILE)
 
 OUTPUT_MEMORY_BUDGET = 128 * MiB    # all output streams' in-flight chunks together
 FOLLOW_SAFETY_NET = 1.0             # seconds: followers are woken this often even unasked
@@ -2551,6 +2555,14 @@ class ServerConfig(typing.NamedTuple):
     retain_seconds: float = 7 * 86400     # ended jobs older than this are removed
     retain_bytes: int = 10 * GiB          # then the oldest, until ended jobs' output fits
     prune_every: float = 60.0
+    max_streams_per_user: int = 1024      # concurrent Output streams of one user
+    handshake_timeout: float = 10.0       # seconds a new connection has to finish TLS
+    open_files: int = 1024                # the server's RLIMIT_NOFILE, once raised
+
+    def connection_cap(self, max_jobs):
+        """Connections the server accepts at once: what its file handles allow, less a
+        reserve for jobs (a pidfd each), output reads and supervisors."""
+        return max(64, self.open_files - max_jobs - 512)
 
 
 class CertificateStore:
@@ -2600,8 +2612,9 @@ def _subject_of(pem):
         return b""
 
 
-def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
+def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
     """The JobService servicer: translates protobuf to engine calls and back."""
+    config = config or ServerConfig()
     import asyncio
     import concurrent.futures
 
@@ -2618,8 +2631,16 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
         for cls, code in ERROR_CODES.items():
             if isinstance(error, cls):
                 return code, str(error)
+        if isinstance(error, OSError) and error.errno in OUT_OF_HANDLES:
+            log.error("out of file handles: %s", error)   # one line: it may come often
+            return "RESOURCE_EXHAUSTED", "the server is out of file handles; try again later"
         log.error("internal error", exc_info=error)
         return "INTERNAL", "internal error"
+
+    async def abort(context, code, message):
+        """End the call with this status, marked as the server's own (ERROR_ORIGIN_KEY)."""
+        await context.abort(getattr(grpc.StatusCode, code), message,
+                            trailing_metadata=((ERROR_ORIGIN_KEY, code.lower()),))
 
     def status_pb(st):
         pb = jobs_pb2.JobStatus(
@@ -2651,9 +2672,17 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
             self.unsubscribe = {}
             self.chunks = {}        # job id -> {offset: serialized OutputChunk}, until a wake
             self.streams = 0
+            self.per_user = {}      # user -> streams open
             self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
 
-        def watch(self, job_id):
+        def watch(self, job_id, user):
+            """An event set on every change of the job's output. Raises
+            ResourceExhaustedError when user has max_streams_per_user streams open."""
+            if self.per_user.get(user, 0) >= config.max_streams_per_user:
+                raise ResourceExhaustedError(
+                    f"{user} has {config.max_streams_per_user} output streams open, the most "
+                    f"one user may have (--max-streams-per-user)")
+            self.per_user[user] = self.per_user.get(user, 0) + 1
             if job_id not in self.events:
                 self.events[job_id] = set()
                 self.unsubscribe[job_id] = engine.subscribe(
@@ -2663,13 +2692,19 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
             self.streams += 1
             return event
 
-        def unwatch(self, job_id, event):
+        def unwatch(self, job_id, event, user):
             self.streams -= 1
+            self.per_user[user] -= 1
+            if not self.per_user[user]:
+                del self.per_user[user]
             self.events[job_id].discard(event)
             if not self.events[job_id]:
                 del self.events[job_id]
                 self.chunks.pop(job_id, None)
                 self.unsubscribe.pop(job_id)()
+            if not self.streams:
+                # The chunks streams held are freed now: give the memory back at once.
+                return_freed_memory_to_the_system()
 
         def read(self, job_id, offset):
             """(size, serialized OutputChunk) of the output at offset; (0, b'') at its end.
@@ -2706,7 +2741,10 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
             self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
 
         def chunk_size(self):
-            return max(16 * KiB, min(CHUNK, OUTPUT_MEMORY_BUDGET // max(1, self.streams)))
+            # A chunk in flight exists about three times (the bytes read, the serialized
+            # message, grpc's copy of it): the budget counts all three.
+            share = OUTPUT_MEMORY_BUDGET // (3 * max(1, self.streams))
+            return max(16 * KiB, min(CHUNK, share))
 
     class JobService(jobs_pb2_grpc.JobServiceServicer):
         """Every RPC: identify, decide, call the engine, translate, log one line."""
@@ -2800,7 +2838,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                 return result
             except Exception as e:
                 outcome, message = status_of(e)
-                await context.abort(getattr(grpc.StatusCode, outcome), message)
+                await abort(context, outcome, message)
             finally:
                 log.info("rpc user=%s method=%s job=%s result=%s duration_ms=%.1f",
                          user, rpc, job_id or "-", outcome, (time.monotonic() - started) * 1000)
@@ -2817,7 +2855,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                 self.job_for(identity, "Output", request.job_id)
                 if self.hub is None:
                     self.hub = OutputHub()
-                event = self.hub.watch(request.job_id)
+                event = self.hub.watch(request.job_id, user)
                 offset = request.offset
                 while True:
                     event.clear()
@@ -2842,10 +2880,10 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier):
                 raise
             except Exception as e:
                 outcome, message = status_of(e)
-                await context.abort(getattr(grpc.StatusCode, outcome), message)
+                await abort(context, outcome, message)
             finally:
                 if event is not None:
-                    self.hub.unwatch(request.job_id, event)
+                    self.hub.unwatch(request.job_id, event, user)
                 log.info("rpc user=%s method=Output job=%s result=%s bytes=%d duration_ms=%.1f",
                          user, getattr(request, "job_id", "") or "-", outcome, sent,
                          (time.monotonic() - started) * 1000)
@@ -2918,9 +2956,17 @@ async def serve(engine, config, verifier, on_started=None):
     credentials = grpc.dynamic_ssl_server_credentials(
         grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca),
         fetch_certificates, require_client_authentication=True)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * MiB),
-                                      ("grpc.so_reuseport", 0)])
-    service = build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier)
+    connections = config.connection_cap(engine.config.max_running_jobs)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", 4 * MiB), ("grpc.so_reuseport", 0),
+        # A connection that has not finished its TLS handshake by then is dropped: idle
+        # sockets must not hold the server's file handles.
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
+        # Fewer connections than file handles: a flood of connections then meets a closed
+        # door instead of leaving the server unable to open a job's files.
+        ("grpc.max_allowed_incoming_connections", connections)])
+    return_freed_memory_to_the_system()
+    service = build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config)
     add_job_service(grpc, jobs_pb2, server, service)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -2938,8 +2984,8 @@ async def serve(engine, config, verifier, on_started=None):
     if is_development_ca(ca):
         log.warning("running on the bundled DEVELOPMENT certificates: never use them in "
                     "production (see README: Security)")
-    log.info("listening on %s (mutual TLS), state in %s", config.listen,
-             engine.config.state_dir)
+    log.info("listening on %s (mutual TLS), state in %s, at most %d connections",
+             config.listen, engine.config.state_dir, connections)
     if on_started:
         on_started()
 
@@ -3013,7 +3059,7 @@ class Client:
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_CODES = {"NOT_FOUND": 3, "INVALID_ARGUMENT": 4, "FAILED_PRECONDITION": 5,
               "PERMISSION_DENIED": 6, "UNAUTHENTICATED": 7, "UNAVAILABLE": 8,
-              "RESOURCE_EXHAUSTED": 9, "DEADLINE_EXCEEDED": 8}
+              "RESOURCE_EXHAUSTED": 9, "DEADLINE_EXCEEDED": 10}
 EXIT_RUN_FAILED = 125
 
 
@@ -3028,8 +3074,10 @@ class ClientError(Exception):
     def from_rpc(cls, error):
         code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
         details = (error.details() if hasattr(error, "details") else "") or code
-        if code == "UNAVAILABLE" and "shutting down" not in details:
-            details = f"cannot reach the server: {details}"
+        trailer = dict(error.trailing_metadata() or ()) if hasattr(
+            error, "trailing_metadata") else {}
+        if code == "UNAVAILABLE" and ERROR_ORIGIN_KEY not in trailer:
+            details = f"cannot reach the server: {details}"   # grpc's words, not the server's
         return cls(EXIT_CODES.get(code, EXIT_ERROR), f"{code.lower()}: {details}")
 
 
@@ -3167,6 +3215,26 @@ def build_parser():
                    default=parse_size(env_default("STEVE_JOBS_RETAIN_SIZE", "10G")),
                    help="then remove the oldest ended jobs until their output fits "
                         "(env STEVE_JOBS_RETAIN_SIZE)")
+    s.add_argument("--max-jobs-per-user", type=int,
+                   default=int(env_default("STEVE_JOBS_MAX_JOBS_PER_USER", 0)),
+                   help="running jobs of one user at most; 0: a quarter of --max-jobs "
+                        "(env STEVE_JOBS_MAX_JOBS_PER_USER)")
+    s.add_argument("--max-streams-per-user", type=int,
+                   default=int(env_default("STEVE_JOBS_MAX_STREAMS_PER_USER",
+                                           ServerConfig().max_streams_per_user)),
+                   help="output streams one user may have open at once "
+                        "(env STEVE_JOBS_MAX_STREAMS_PER_USER)")
+    s.add_argument("--min-free", type=parse_size, default=env_default("STEVE_JOBS_MIN_FREE", -1),
+                   help="free space the state filesystem keeps; starts below it are refused "
+                        "(default: 1%% of it, at most 256M; env STEVE_JOBS_MIN_FREE)")
+    s.add_argument("--workdir-size", type=parse_size,
+                   default=parse_size(env_default("STEVE_JOBS_WORKDIR_SIZE", "1G")),
+                   help="a job's own working folder is a private tmpfs this big, charged to "
+                        "its memory; 0: a folder on the state disk (env STEVE_JOBS_WORKDIR_SIZE)")
+    s.add_argument("--handshake-timeout", type=float,
+                   default=float(env_default("STEVE_JOBS_HANDSHAKE_TIMEOUT", 10)),
+                   help="seconds a connection has to finish its TLS handshake "
+                        "(env STEVE_JOBS_HANDSHAKE_TIMEOUT)")
     s.add_argument("--no-root-jobs", action="store_true",
                    help="refuse root jobs even for admins")
     s.add_argument("--stop-jobs-on-exit", action="store_true",
@@ -3238,15 +3306,20 @@ def cmd_server(args):
     engine = Engine(EngineConfig(
         state_dir=args.state_dir, cgroup_root=args.cgroup_root, default_limits=limits["default"],
         max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs,
-        max_running_jobs=args.max_jobs))
-    config = ServerConfig(listen=args.listen, certs_dir=args.certs,
-                          stop_jobs_on_exit=args.stop_jobs_on_exit,
-                          retain_seconds=args.retain_days * 86400, retain_bytes=args.retain_size)
+        max_running_jobs=args.max_jobs, max_jobs_per_user=args.max_jobs_per_user,
+        min_free=args.min_free, workdir_size=args.workdir_size))
     try:
         CertificateStore(args.certs).read()
         engine.open()
     except Error as e:
         raise ClientError(EXIT_ERROR, f"cannot start: {e}") from None
+    import resource
+    config = ServerConfig(listen=args.listen, certs_dir=args.certs,
+                          stop_jobs_on_exit=args.stop_jobs_on_exit,
+                          retain_seconds=args.retain_days * 86400, retain_bytes=args.retain_size,
+                          max_streams_per_user=args.max_streams_per_user,
+                          handshake_timeout=args.handshake_timeout,
+                          open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     try:
         asyncio.run(serve(engine, config, verifier))
     except Error as e:
@@ -3294,22 +3367,52 @@ def stream_output(client, args, job_id, follow):
     import base64
     stream = client.output(job_id, follow=follow)
     total = 0
-    try:
-        for chunk in stream:
-            total += len(chunk.data)
-            if args.json:
-                print(json.dumps({"offset": chunk.offset,
-                                  "data_b64": base64.b64encode(chunk.data).decode()}),
-                      flush=True)
-            else:
-                write_output(chunk.data)
-    except client.grpc.RpcError as e:
-        raise ClientError.from_rpc(e) from None
-    except KeyboardInterrupt:
-        stream.cancel()
-        print(f"\ndetached from job {job_id}; it keeps running", file=sys.stderr)
-        raise ClientError(130, "") from None
+    with detach_on_ctrl_c(stream, job_id) as detached:
+        try:
+            for chunk in stream:
+                total += len(chunk.data)
+                if args.json:
+                    print(json.dumps({"offset": chunk.offset,
+                                      "data_b64": base64.b64encode(chunk.data).decode()}),
+                          flush=True)
+                else:
+                    write_output(chunk.data)
+        except client.grpc.RpcError as e:
+            if not detached:
+                raise ClientError.from_rpc(e) from None
     return total
+
+
+@contextlib.contextmanager
+def detach_on_ctrl_c(stream, job_id):
+    """While following: Ctrl-C cancels the stream (the job goes on) and the command exits
+    130; a second Ctrl-C, or a cancel that has not ended the stream within 2 s, ends the
+    process at once. Yields a list that is non-empty once detached.
+
+    Why a handler and not KeyboardInterrupt: an exception raised at an arbitrary point of
+    grpc's iterator can leave the call half-registered, and the exit then hangs on it."""
+    detached = []
+
+    def leave():
+        sys.stderr.write(f"\ndetached from job {job_id}; it keeps running\n")
+        exit_without_teardown(130)
+
+    def on_sigint(_signum, _frame):
+        if detached:
+            leave()
+        detached.append(True)
+        timer = threading.Timer(2.0, leave)
+        timer.daemon = True
+        timer.start()
+        stream.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield detached
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if detached:
+        leave()
 
 
 def cmd_run(client, args):
