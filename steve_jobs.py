@@ -2543,6 +2543,7 @@ ERROR_ORIGIN_KEY = "steve-jobs-status"
 OUT_OF_HANDLES = (errno.EMFILE, errno.ENFILE)
 
 OUTPUT_MEMORY_BUDGET = 128 * MiB    # all output streams' in-flight chunks together
+MIN_STREAM_CHUNK = 16 * KiB          # what a stream may read even when the budget is spent
 FOLLOW_SAFETY_NET = 1.0             # seconds: followers are woken this often even unasked
 
 
@@ -2673,6 +2674,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
             self.chunks = {}        # job id -> {offset: serialized OutputChunk}, until a wake
             self.streams = 0
             self.per_user = {}      # user -> streams open
+            self.in_flight = 0      # bytes of chunks read and not yet written out
             self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
 
         def watch(self, job_id, user):
@@ -2741,10 +2743,22 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
             self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
 
         def chunk_size(self):
+            """How much the next read may take: half of what the budget has left, so that
+            however many streams stall holding a chunk, together they hold at most the
+            budget, plus MIN_STREAM_CHUNK each (every stream can always move on)."""
             # A chunk in flight exists about three times (the bytes read, the serialized
             # message, grpc's copy of it): the budget counts all three.
-            share = OUTPUT_MEMORY_BUDGET // (3 * max(1, self.streams))
-            return max(16 * KiB, min(CHUNK, share))
+            left = OUTPUT_MEMORY_BUDGET // 3 - self.in_flight
+            return max(MIN_STREAM_CHUNK, min(CHUNK, left // 2))
+
+        @contextlib.contextmanager
+        def sending(self, size):
+            """Context of one chunk's write: its bytes count against the budget meanwhile."""
+            self.in_flight += size
+            try:
+                yield
+            finally:
+                self.in_flight -= size
 
     class JobService(jobs_pb2_grpc.JobServiceServicer):
         """Every RPC: identify, decide, call the engine, translate, log one line."""
@@ -2863,7 +2877,8 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
                     if size:
                         # write() waits for flow control: a slow reader holds one chunk here
                         # and slows nobody else.
-                        await context.write(chunk)
+                        with self.hub.sending(size):
+                            await context.write(chunk)
                         offset += size
                         sent += size
                         continue

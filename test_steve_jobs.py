@@ -788,8 +788,9 @@ def other_ca_certs(tmp_path_factory):
 class Server:
     """A real `steve_jobs.py server` process on a free loopback port."""
 
-    def __init__(self, certs_dir, state_dir=None, cgroup_root=None, extra=()):
+    def __init__(self, certs_dir, state_dir=None, cgroup_root=None, extra=(), prefix=()):
         self.certs = certs_dir
+        self.prefix = list(prefix)   # e.g. prlimit: how the operator starts it
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.state_dir = state_dir or new_state_dir()
@@ -802,7 +803,7 @@ class Server:
         self.log = open(self.log_path, "ab")
         self.log_start = self.log.tell()   # a restarted server appends to the same log
         self.proc = subprocess.Popen(
-            [PYTHON, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
+            [*self.prefix, PYTHON, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
              "--state-dir", self.state_dir, "--cgroup-root", self.cgroup_root, *self.extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -1792,3 +1793,240 @@ def test_a_second_server_on_the_same_state_folder_exits_with_one_line(certs):
         assert cli_json(first, "stop", job_id)["exit_code"] == 5
     finally:
         first.cleanup()
+
+
+def hard_open_files_limit():
+    import resource
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def raise_own_open_files_limit(n):
+    """Let this test process hold n descriptors (at most its hard limit: raising that needs
+    CAP_SYS_RESOURCE, which containers often withhold from root)."""
+    import resource
+    hard = hard_open_files_limit()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
+
+
+def at_a_1024_soft_limit():
+    """How systemd starts a service by default: soft 1024, hard as high as allowed."""
+    return ["prlimit", f"--nofile=1024:{hard_open_files_limit()}", "--"]
+
+
+def aio_credentials(certs_dir, user="mrarsenal"):
+    grpc, _, _ = sj.import_grpc()
+    read = lambda name: open(os.path.join(certs_dir, name), "rb").read()
+    return grpc.ssl_channel_credentials(read("ca.crt"), read(f"{user}.key"),
+                                        read(f"{user}.crt")), bearer(certs_dir, user)
+
+
+def server_rss_mb(srv):
+    with open(f"/proc/{srv.proc.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_more_followers_than_a_1024_file_limit_each_on_its_own_connection(certs):
+    require_kernel()
+    import asyncio
+    raise_own_open_files_limit(8192)
+    srv = Server(certs, prefix=at_a_1024_soft_limit(),
+                 extra=["--stop-jobs-on-exit", "--max-streams-per-user", "2000"]).start()
+    try:
+        assert f"open files limit raised from 1024 to {hard_open_files_limit()}" in srv.read_log()
+        job_id = start_job(srv, "echo first; sleep 1000")
+        grpc, pb, pb_grpc = sj.import_grpc()
+        creds, md = aio_credentials(certs)
+
+        async def follow_each_on_its_own_connection(n):
+            channels = [grpc.aio.secure_channel(srv.address, creds) for _ in range(n)]
+            attached = asyncio.Semaphore(0)
+
+            async def follow(channel):
+                call = pb_grpc.JobServiceStub(channel).Output(
+                    pb.OutputRequest(job_id=job_id, follow=True), metadata=md,
+                    timeout=scaled(180))
+                got = b""
+                async for chunk in call:
+                    got += chunk.data
+                    attached.release()
+                return got
+            try:
+                followers = asyncio.gather(*map(follow, channels), return_exceptions=True)
+                for _ in range(n):   # every one of them holds its connection now
+                    await asyncio.wait_for(attached.acquire(), scaled(120))
+                # ... and the server still has handles for another user's call, and a stop.
+                stop = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: cli(srv, "--json", "stop", "--grace", "0", job_id))
+                return stop, await followers
+            finally:
+                for channel in channels:
+                    await channel.close()
+
+        stop, outputs = asyncio.run(follow_each_on_its_own_connection(1200))
+        assert stop.returncode == 0 and json.loads(stop.stdout)["state"] == "stopped", stop
+        failed = [o for o in outputs if o != b"first\n"]
+        assert not failed, f"{len(failed)} of 1200 followers failed, e.g. {failed[0]!r:.300}"
+    finally:
+        srv.cleanup()
+
+
+def test_idle_connections_neither_starve_certified_users_nor_stay(certs):
+    require_kernel()
+    raise_own_open_files_limit(1 << 20)
+    # 20,000, or what the hard limit on file handles lets both ends hold (with room for
+    # the server's own files: it caps connections below its limit).
+    count = min(20000, hard_open_files_limit() - 4096)
+    srv = Server(certs, prefix=at_a_1024_soft_limit(),
+                 extra=["--handshake-timeout", str(scaled(3))]).start()
+    idle = []
+    try:
+        for _ in range(count):   # connections that never send a byte
+            idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=scaled(10)))
+        grpc, pb, pb_grpc = sj.import_grpc()
+        channel = grpc_channel(certs, srv.address, "mrarsenal")
+        stub = pb_grpc.JobServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as e:   # a full round trip, TLS handshake included
+            stub.Status(pb.JobRef(job_id="no-such-job"), metadata=bearer(certs),
+                        timeout=scaled(2))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value
+        channel.close()
+        # Past the handshake timeout the server has closed them: recv sees EOF.
+        time.sleep(scaled(3) + 2)
+        sample = idle[::500]
+        for sock in sample:
+            sock.settimeout(scaled(10))
+        assert [sock.recv(1) for sock in sample] == [b""] * len(sample)
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.cleanup()
+
+
+def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(certs):
+    require_kernel()
+    import asyncio
+    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
+    try:
+        job_id = start_job(srv, "head -c 400M /dev/urandom")
+        deadline = time.monotonic() + scaled(60)
+        while cli_json(srv, "status", job_id)["state"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        grpc, pb, pb_grpc = sj.import_grpc()
+        creds, md = aio_credentials(certs)
+        before = server_rss_mb(srv)
+
+        async def stall(followers=300, connections=30):
+            channels = [grpc.aio.secure_channel(srv.address, creds) for _ in range(connections)]
+            calls = [pb_grpc.JobServiceStub(channels[i % connections]).Output(
+                pb.OutputRequest(job_id=job_id, offset=i * (sj.MiB + 4099), follow=True),
+                metadata=md) for i in range(followers)]
+            for call in calls:
+                await call.read()   # one message each, then never another
+            peak = 0.0
+            for _ in range(int(scaled(3) / 0.1)):
+                peak = max(peak, server_rss_mb(srv))
+                await asyncio.sleep(0.1)
+            for call in calls:
+                call.cancel()
+            for channel in channels:
+                await channel.close()
+            return peak
+
+        peak = asyncio.run(stall())
+        time.sleep(scaled(2))
+        after = server_rss_mb(srv)
+        assert peak <= 300, f"server RSS {before:.0f} -> peak {peak:.0f} MB"
+        assert after <= before + 50, f"server RSS {before:.0f} -> {after:.0f} MB after"
+        assert cli(srv, "status", job_id).returncode == 0
+    finally:
+        srv.cleanup()
+
+
+def test_one_users_streams_are_capped_and_do_not_stop_anothers(certs):
+    require_kernel()
+    srv = Server(certs, extra=["--stop-jobs-on-exit", "--max-streams-per-user", "3"]).start()
+    try:
+        job_id = start_job(srv, "echo on; sleep 1000", user="alice")
+        follow = lambda user: subprocess.Popen(
+            [PYTHON, SCRIPT, "--server", srv.address, "--certs", certs, "--user", user,
+             "stream", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        held = [follow("alice") for _ in range(3)]
+        for proc in held:
+            assert proc.stdout.readline() == b"on\n"
+        done = cli(srv, "output", job_id, user="alice")
+        assert done.returncode == 9 and b"--max-streams-per-user" in done.stderr, done.stderr
+        assert cli(srv, "output", job_id).stdout == b"on\n"   # the admin's are not counted
+        for proc in held:
+            proc.kill()
+            proc.wait()
+        deadline = time.monotonic() + scaled(10)
+        while cli(srv, "output", job_id, user="alice").returncode != 0:
+            assert time.monotonic() < deadline, "closed streams were not given back"
+            time.sleep(0.1)
+    finally:
+        srv.cleanup()
+
+
+def children_of(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = open(f"/proc/{entry}/stat").read()
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def test_a_killed_server_leaves_a_quiet_spawner_and_a_stopped_one_no_cgroup_root(certs):
+    require_kernel()
+    srv = Server(certs).start()
+    try:
+        job_id = start_job(srv, "exit 0")
+        for _ in range(3):   # supervisors used: the spawner offers new ones, left unread
+            start_job(srv, "exit 0")
+        time.sleep(0.5)
+        spawners = children_of(srv.proc.pid)
+        assert spawners
+        srv.terminate(signal.SIGKILL)
+        deadline = time.monotonic() + scaled(10)
+        while any(sj.process_start_time(p) for p in spawners):
+            assert time.monotonic() < deadline, "the spawner outlived its server"
+            time.sleep(0.05)
+        assert "Traceback" not in srv.read_log(), srv.read_log()
+        srv.restart()
+        assert cli_json(srv, "status", job_id)["exit_code"] == 0
+        assert srv.terminate() == 0
+        layout = sj.CgroupLayout.detect()
+        roots = [os.path.join(m, srv.cgroup_root) for m in [*layout.v1.values(), layout.unified]]
+        assert not [r for r in roots if os.path.exists(r)]
+    finally:
+        srv.cleanup()
+
+
+class _RpcError(Exception):
+    def __init__(self, code, details, trailer=()):
+        self._code, self._details, self._trailer = code, details, trailer
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailer
+
+
+def test_the_cli_says_cannot_reach_only_when_the_server_did_not_answer():
+    grpc, _, _ = sj.import_grpc(aio=False)
+    transport = sj.ClientError.from_rpc(_RpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"))
+    assert transport.exit_code == 8 and "cannot reach the server" in str(transport)
+    said = sj.ClientError.from_rpc(_RpcError(
+        grpc.StatusCode.UNAVAILABLE, "the spawner is gone",
+        ((sj.ERROR_ORIGIN_KEY, "unavailable"),)))
+    assert said.exit_code == 8 and "cannot reach" not in str(said)
+    late = sj.ClientError.from_rpc(_RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "x did not end",
+                                             ((sj.ERROR_ORIGIN_KEY, "deadline_exceeded"),)))
+    assert late.exit_code == 10 and "cannot reach" not in str(late)
