@@ -1,8 +1,13 @@
-"""Tests for steve-jobs, in three groups:
+"""Tests for steve-jobs, in four groups:
 
   unit    no root needed: parsing, validation, the cgroup v2 path against a fake cgroupfs tree
   kernel  the job engine against the real kernel: real cgroups, namespaces, processes
   e2e     a real server process over real mutual TLS on loopback
+  faults  full disks, killed supervisors and servers, two servers on one state folder, file
+          handle limits, idle connections, stalled followers (real kernel and servers)
+
+Every time budget is multiplied by STEVE_JOBS_TIME_SCALE (default 1; e.g. 10 in an emulated
+VM), through scaled(), and so are the server's own waits.
 
 Kernel and e2e tests skip without root, cgroups or namespaces, unless STEVE_JOBS_MUST_WORK=1,
 under which they fail instead. Every test removes the cgroups and processes it makes.
@@ -101,7 +106,7 @@ def remove_cgroups(layout, root):
         cg = sj.JobCgroup(layout, root, name)
         with contextlib.suppress(OSError, sj.Error):
             cg.kill()
-        cg.remove(timeout=5)
+        cg.remove(timeout=scaled(5))
     sj.JobCgroup.remove_root(layout, root)
     return names
 
@@ -112,7 +117,7 @@ def engine():
         yield e
 
 
-def run(engine, argv, limits=sj.Limits(), timeout=60, **options):
+def run(engine, argv, limits=sj.Limits(), timeout=scaled(60), **options):
     """Start argv, wait for its end; returns (status, output bytes)."""
     job_id = engine.start("tester", argv, limits, sj.JobOptions(**options))
     status = engine.wait(job_id, timeout)
@@ -511,7 +516,7 @@ def test_ps_inside_shows_only_the_job(engine):
 
 def test_hostname_is_the_job_id(engine):
     job_id = engine.start("tester", ["hostname"])
-    engine.wait(job_id, 30)
+    engine.wait(job_id, scaled(30))
     assert b"".join(engine.follow(job_id)).decode().strip() == job_id
 
 
@@ -532,7 +537,7 @@ def test_ended_job_leaves_no_cgroup_and_no_process(engine):
     job_id = engine.start("tester", ["sh", "-c", "sleep 0.2 & sleep 0.1"])
     dirs = job_cgroup_dirs(engine, job_id)
     assert dirs, "a running job has cgroup folders"
-    status = engine.wait(job_id, 30)
+    status = engine.wait(job_id, scaled(30))
     assert status.state == sj.EXITED
     assert not [d for d in dirs if os.path.exists(d)]
     assert not pids_of_uid(status.uid)
@@ -547,7 +552,7 @@ def test_stop_kills_a_tree_that_traps_sigterm_and_daemonizes(engine):
     for _ in engine.follow(job_id):
         break   # 'ready': the tree exists
     uid = engine.status(job_id).uid
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while len(pids_of_uid(uid)) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)   # the daemons' own forks may still be under way
     assert len(pids_of_uid(uid)) >= 4
@@ -597,7 +602,7 @@ def test_twenty_followers_attaching_at_different_moments_get_every_byte(engine):
         t.start()
     for t in threads:
         t.join(120)
-    status = engine.wait(job_id, 60)
+    status = engine.wait(job_id, scaled(60))
     assert status.exit_code == 0 and not errors
     expected = open(os.path.join(workdir, "digest")).read()
     shutil.rmtree(workdir)
@@ -639,7 +644,7 @@ def test_a_dead_spawner_is_replaced_at_the_next_start():
         engine._spawner._proc.kill()
         engine._spawner._proc.wait()
         ids = [engine.start("tester", ["true"]) for _ in range(4)]   # past the warm ones
-        assert [engine.wait(i, 30).exit_code for i in ids] == [0] * 4
+        assert [engine.wait(i, scaled(30)).exit_code for i in ids] == [0] * 4
         assert engine.status(before).state == sj.RUNNING   # its job did not notice
         engine.stop(before, grace=0)
 
@@ -647,15 +652,15 @@ def test_a_dead_spawner_is_replaced_at_the_next_start():
 def test_pause_freezes_and_resume_thaws(engine):
     counter = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done"
     job_id = engine.start("tester", ["sh", "-c", counter])
-    time.sleep(0.3)
+    time.sleep(scaled(0.3))
     assert engine.pause(job_id).state == sj.PAUSED
-    time.sleep(0.1)   # let the freeze settle
+    time.sleep(scaled(0.1))   # let the freeze settle
     size, cpu = engine.status(job_id).output_bytes, engine.status(job_id).cpu_seconds
-    time.sleep(0.5)
+    time.sleep(scaled(0.5))
     paused = engine.status(job_id)
     assert (paused.output_bytes, paused.cpu_seconds) == (size, cpu)
     assert engine.resume(job_id).state == sj.RUNNING
-    time.sleep(0.3)
+    time.sleep(scaled(0.3))
     assert engine.status(job_id).output_bytes > size
     assert engine.resume(job_id).state == sj.RUNNING   # resuming a running job: a no-op
     engine.pause(job_id)
@@ -684,7 +689,7 @@ def engine_that_goes_away(state_dir=None, **config):
 def test_jobs_survive_an_engine_restart():
     with engine_that_goes_away() as (first, state_dir, root):
         done = first.start("tester", ["sh", "-c", "echo finished; exit 4"])
-        first.wait(done, 30)
+        first.wait(done, scaled(30))
         live = first.start("tester", ["sh", "-c", "echo started; sleep 1000"])
         for _ in first.follow(live):
             break
@@ -714,7 +719,7 @@ def test_engine_refuses_a_state_dir_jobs_cannot_reach(tmp_path):
 def test_reopening_drops_starts_that_never_reached_a_supervisor():
     with engine_that_goes_away() as (engine, state_dir, root):
         kept = engine.start("tester", ["true"])
-        engine.wait(kept, 30)
+        engine.wait(kept, scaled(30))
     for name, age in (("old", sj.SPAWN_TIMEOUT + 60), ("new", 0)):
         for sub in ("jobs", "work"):
             os.makedirs(os.path.join(state_dir, sub, name))
@@ -745,7 +750,7 @@ def test_start_sweeps_leftover_cgroups():
 
 def test_many_quick_jobs_all_report_their_exit(engine):
     ids = [engine.start("tester", ["sh", "-c", f"exit {i % 7}"]) for i in range(30)]
-    statuses = [engine.wait(i, 30) for i in ids]
+    statuses = [engine.wait(i, scaled(30)) for i in ids]
     assert [s.exit_code for s in statuses] == [i % 7 for i in range(30)]
     assert {s.state for s in statuses} == {sj.EXITED}
 
@@ -806,7 +811,7 @@ class Server:
             [*self.prefix, PYTHON, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
              "--state-dir", self.state_dir, "--cgroup-root", self.cgroup_root, *self.extra],
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while time.monotonic() < deadline:
             if "listening on" in self.read_log():
                 return self
@@ -820,7 +825,7 @@ class Server:
             f.seek(getattr(self, "log_start", 0))
             return f.read().decode(errors="replace")
 
-    def terminate(self, sig=signal.SIGTERM, timeout=30):
+    def terminate(self, sig=signal.SIGTERM, timeout=scaled(30)):
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout)
@@ -852,7 +857,7 @@ def server(certs):
         srv.cleanup()
 
 
-def cli(server, *args, user="mrarsenal", timeout=60, **kw):
+def cli(server, *args, user="mrarsenal", timeout=scaled(60), **kw):
     """Run the CLI as a user would; returns CompletedProcess with bytes stdout/stderr."""
     return subprocess.run([PYTHON, SCRIPT, "--server", server.address, "--certs", server.certs,
                            "--user", user, *args], capture_output=True, timeout=timeout, **kw)
@@ -873,7 +878,7 @@ def start_job(server, script, user="mrarsenal"):
 def test_cli_run_prints_an_id_and_status_shows_the_job(server):
     job_id = start_job(server, "echo hi; exit 3")
     st = cli_json(server, "status", job_id)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while st["state"] == "running" and time.monotonic() < deadline:
         time.sleep(0.05)
         st = cli_json(server, "status", job_id)
@@ -917,7 +922,7 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(server):
                               stdout=subprocess.PIPE)
     done = subprocess.run([PYTHON, SCRIPT, "--server", server.address, "--certs",
                            server.certs, "output", job_id], stdout=reader.stdin,
-                          stderr=subprocess.PIPE, timeout=60)
+                          stderr=subprocess.PIPE, timeout=scaled(60))
     reader.stdin.close()
     assert reader.stdout.read() == b"1\n" and reader.wait(30) == 0
     assert done.returncode == 0 and done.stderr == b"", done.stderr
@@ -925,7 +930,7 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(server):
 
 def test_cli_stream_from_a_late_follower_gets_everything(server):
     job_id = start_job(server, "for i in $(seq 1 40); do echo line $i; sleep 0.02; done")
-    time.sleep(0.3)   # attach mid-run
+    time.sleep(scaled(0.3))   # attach mid-run
     mid = cli(server, "stream", job_id)
     late = cli(server, "stream", job_id)   # after the end
     expected = b"".join(b"line %d\n" % i for i in range(1, 41))
@@ -959,7 +964,7 @@ def test_cli_errors_are_one_line_with_distinct_exit_codes(server):
         assert b"Traceback" not in done.stderr and done.stderr.count(b"\n") == 1, done.stderr
     unreachable = subprocess.run([PYTHON, SCRIPT, "--server", f"127.0.0.1:{free_port()}",
                                   "--certs", server.certs, "status", "x"],
-                                 capture_output=True, timeout=60)
+                                 capture_output=True, timeout=scaled(60))
     assert unreachable.returncode == 8 and b"cannot reach the server" in unreachable.stderr
     nocerts = cli(server, "--certs", "/nonexistent", "status", "x")
     assert nocerts.returncode == 2 and b"Traceback" not in nocerts.stderr
@@ -972,7 +977,7 @@ def test_cli_ctrl_c_while_following_detaches_without_stopping(server):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline() == b"started\n"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=scaled(30))
     assert proc.returncode == 130 and b"keeps running" in err
     assert cli_json(server, "status", job_id)["state"] == "running"
     cli(server, "stop", "--grace", "0", job_id)
@@ -1038,7 +1043,7 @@ def test_health_service_answers(server, certs):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     channel = grpc_channel(certs, server.address, "mrarsenal")
     reply = health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service="steve_jobs.v1.JobService"), timeout=10)
+        health_pb2.HealthCheckRequest(service="steve_jobs.v1.JobService"), timeout=scaled(10))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     channel.close()
 
@@ -1063,7 +1068,7 @@ def test_graceful_shutdown_ends_streams_and_keeps_jobs_running(certs):
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert follower.stdout.readline() == b"before\n"
         assert srv.terminate() == 0
-        _, err = follower.communicate(timeout=30)
+        _, err = follower.communicate(timeout=scaled(30))
         assert follower.returncode == 8 and b"shutting down" in err, err
         assert "server stopped" in srv.read_log()
         # The job outlived the server; a new server re-adopts it.
@@ -1106,7 +1111,7 @@ def call(certs_dir, address, method, request, user="mrarsenal", token=None, **ch
     channel = grpc_channel(certs_dir, address, user, **chan)
     try:
         stub = pb_grpc.JobServiceStub(channel)
-        reply = getattr(stub, method)(request, metadata=metadata, timeout=20)
+        reply = getattr(stub, method)(request, metadata=metadata, timeout=scaled(20))
         if method == "Output":
             reply = list(reply)
         return "OK", reply
@@ -1245,7 +1250,7 @@ def test_connections_without_a_valid_client_certificate_are_refused(server, cert
     creds = grpc.ssl_channel_credentials(root_certificates=open(f"{certs}/ca.crt", "rb").read())
     channel = grpc.secure_channel(server.address, creds)
     with pytest.raises(grpc.RpcError) as e:
-        pb_grpc.JobServiceStub(channel).List(req, timeout=10)
+        pb_grpc.JobServiceStub(channel).List(req, timeout=scaled(10))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     channel.close()
     # A certificate (and a token for it) from another CA.
@@ -1310,7 +1315,7 @@ def s_client(server, certs, *args):
     done = subprocess.run(
         ["openssl", "s_client", "-connect", server.address, "-servername", "localhost",
          "-CAfile", f"{certs}/ca.crt", "-alpn", "h2", *args],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=scaled(30))
     return (done.stdout + done.stderr).decode(errors="replace"), done.returncode
 
 
@@ -1347,7 +1352,7 @@ def tls_first_bytes(server, certs, version, client_cert):
     ctx.set_alpn_protocols(["h2"])
     if client_cert:
         ctx.load_cert_chain(f"{certs}/mrarsenal.crt", f"{certs}/mrarsenal.key")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=scaled(10)) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
             # TLS 1.3 ends the client's side of the handshake before the server has judged
             # the certificate: only reading from the connection tells the outcome.
@@ -1377,7 +1382,7 @@ def test_retention_removes_old_then_oldest_ended_jobs_never_running_ones(engine)
     ids = []
     for i in range(4):   # one after the other: they end in this order
         ids.append(engine.start("tester", ["head", "-c", str(1000 * (i + 1)), "/dev/zero"]))
-        engine.wait(ids[-1], 30)
+        engine.wait(ids[-1], scaled(30))
     live = engine.start("tester", ["sleep", "1000"])
     try:
         ended = [engine.status(i).ended_at for i in ids]
@@ -1401,7 +1406,7 @@ def test_a_job_that_ends_while_no_server_runs_keeps_its_result(certs):
     try:
         job_id = start_job(srv, "echo begin; sleep 1; echo end; exit 5")
         srv.terminate(signal.SIGKILL)   # a crash, not a shutdown
-        time.sleep(2)                   # the job ends while nothing serves
+        time.sleep(scaled(2))                   # the job ends while nothing serves
         srv.restart()
         st = cli_json(srv, "status", job_id)
         assert (st["state"], st["exit_code"]) == ("exited", 5)
@@ -1460,7 +1465,7 @@ def test_a_fast_writer_is_not_slowed_by_a_reader_that_stops_reading(server, cert
     stalled = pb_grpc.JobServiceStub(channel).Output(
         pb.OutputRequest(job_id=job_id, follow=True), metadata=bearer(certs))
     next(stalled)   # take one chunk, then stop reading
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + scaled(60)
     st = cli_json(server, "status", job_id)
     while st["state"] == "running" and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -1505,14 +1510,14 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
             try:
                 for _ in range(10):   # 20 clients x 10 jobs = 200 jobs
                     st = stub.Start(pb.StartRequest(argv=["sh", "-c", writer]), metadata=md,
-                                    timeout=60)
+                                    timeout=scaled(60))
                     with lock:
                         job_ids.append(st.job_id)
                 for _ in range(50):   # 20 x 50 = 1,000 followers
                     with lock:
                         job_id = random.choice(job_ids)
                     stream = stub.Output(pb.OutputRequest(job_id=job_id, follow=True),
-                                         metadata=md, timeout=120)
+                                         metadata=md, timeout=scaled(120))
                     if random.random() < 0.3:   # a follower that disconnects mid-stream
                         next(stream, None)
                         stream.cancel()
@@ -1534,7 +1539,7 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
         assert len(job_ids) == 200 and results
         assert all(r == expected for r in results), "a follower that stayed lost bytes"
         # Afterwards: every job ended and left nothing; the server holds what it held.
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while any(j["state"] == "running" for j in cli_json(srv, "list")):
             assert time.monotonic() < deadline
             time.sleep(0.5)
@@ -1565,7 +1570,7 @@ def test_followers_at_different_offsets_sharing_chunks_each_get_their_exact_byte
         try:
             stream = pb_grpc.JobServiceStub(channel).Output(
                 pb.OutputRequest(job_id=job_id, offset=offset, follow=True), metadata=md,
-                timeout=60)
+                timeout=scaled(60))
             results[i] = b"".join(c.data for c in stream)
         except Exception as e:
             errors.append(e)
@@ -1611,7 +1616,7 @@ def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(
         ]
         for method, request in calls:
             try:
-                reply = getattr(stub, method)(request, metadata=md, timeout=30)
+                reply = getattr(stub, method)(request, metadata=md, timeout=scaled(30))
                 if method == "Output":
                     list(reply)
                 if method == "Start":
@@ -1624,14 +1629,14 @@ def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(
         # Bytes that are not even a valid message (invalid UTF-8 in a string field).
         raw = channel.unary_unary("/steve_jobs.v1.JobService/Start")
         with pytest.raises(grpc.RpcError) as e:
-            raw(b"\x0a\x02\xff\xfe", metadata=md, timeout=10)
+            raw(b"\x0a\x02\xff\xfe", metadata=md, timeout=scaled(10))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "malformed" in e.value.details() and "protobuf" not in e.value.details()
         assert cli(server, "list").returncode == 0   # still healthy
     finally:
         for job_id in started:
             with contextlib.suppress(grpc.RpcError):
-                stub.Stop(pb.StopRequest(job_id=job_id, grace_seconds=0), metadata=md, timeout=30)
+                stub.Stop(pb.StopRequest(job_id=job_id, grace_seconds=0), metadata=md, timeout=scaled(30))
         channel.close()
 
 
@@ -1651,11 +1656,11 @@ def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
             try:
                 for _ in range(5):
                     st = stub.Start(pb.StartRequest(argv=["sh", "-c", writer]), metadata=md,
-                                    timeout=60)
+                                    timeout=scaled(60))
                     with lock:
                         job_ids.append(st.job_id)
                 stream = stub.Output(pb.OutputRequest(job_id=st.job_id, follow=True),
-                                     metadata=md, timeout=120)
+                                     metadata=md, timeout=scaled(120))
                 try:
                     for _ in stream:
                         pass
@@ -1667,7 +1672,7 @@ def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
         clients = [threading.Thread(target=client) for _ in range(10)]
         for t in clients:
             t.start()
-        time.sleep(1.5)
+        time.sleep(scaled(1.5))
         srv.terminate(signal.SIGKILL)
         for t in clients:
             t.join(120)
