@@ -7,6 +7,8 @@ engine: start overhead, write-to-follower latency, server memory while following
 api:    CLI round trip vs ssh, streaming throughput vs ssh and a pipe, 1,000 followers
         (beside a do-nothing grpc.aio server), start rate, restart with running jobs.
 fan-out: only the 1,000 followers, twice each way (api needs openssh-server; this does not).
+faults: server RSS with 1,000 stalled followers at distinct offsets; status latency with
+        20,000 idle connections open vs none; time from a supervisor's death to `unknown`.
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -513,6 +515,105 @@ def bench_readopt(server, jobs=100):
           f"all {len(running)} running after it", flush=True)
 
 
+def bench_supervisor_death(engine, runs=20):
+    """Time from SIGKILL of a job's supervisor to the job's state `unknown` (goal <= 1 s),
+    beside the time a job that exits normally takes to be seen as ended."""
+    import signal
+    dead, ended = [], []
+    for _ in range(runs):
+        job_id = engine.start("bench", ["sleep", "1000"])
+        job = engine._get(job_id)
+        t = time.perf_counter()
+        os.kill(job.shim["shim_pid"], signal.SIGKILL)
+        job.ended.wait(30)
+        dead.append((time.perf_counter() - t) * 1000)
+        assert engine.status(job_id).state == sj.UNKNOWN
+        engine.remove(job_id)
+        job_id = engine.start("bench", ["sleep", "0.05"])
+        t = time.perf_counter()
+        engine._get(job_id).ended.wait(30)
+        ended.append((time.perf_counter() - t) * 1000 - 50)
+        engine.remove(job_id)
+    report("supervisor SIGKILL -> state unknown", dead,
+           {"a normal end seen (less its 50 ms)": ended})
+
+
+def bench_stalled_followers(server, followers=1000, connections=50):
+    """Server RSS before, at the peak and after 1,000 followers that each take one chunk at
+    a distinct offset of a 1 GB job and then stop reading (goal: peak <= 300 MB, after <=
+    before + 50 MB)."""
+    import asyncio
+    grpc, pb, pb_grpc = sj.import_grpc()
+    creds, md = mrarsenal_credentials(grpc, server.certs)
+    job_id = server.start_job(f"head -c {1000 * (sj.MiB + 4099)} /dev/urandom")
+    server.wait_ended(job_id)
+    before = server.rss_mb()
+
+    async def stall():
+        channels = [grpc.aio.secure_channel(server.address, creds) for _ in range(connections)]
+        calls = [pb_grpc.JobServiceStub(channels[i % connections]).Output(
+            pb.OutputRequest(job_id=job_id, offset=i * (sj.MiB + 4099), follow=True),
+            metadata=md) for i in range(followers)]
+        for call in calls:
+            await call.read()
+        peak = 0.0
+        for _ in range(50):
+            peak = max(peak, server.rss_mb())
+            await asyncio.sleep(0.1)
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+        return peak
+
+    peak = asyncio.run(stall())
+    time.sleep(2)
+    print(f"{f'{followers:,} stalled followers, distinct offsets':38s} server RSS {before:.0f} MB"
+          f" -> peak {peak:.0f} MB (goal <= 300) -> after {server.rss_mb():.0f} MB "
+          f"(goal <= {before + 50:.0f})", flush=True)
+    server.cli("rm", job_id)
+
+
+def bench_idle_connections(server, runs=20):
+    """`status` round trips of a certified user (new connection, TLS, call) with idle
+    connections open that never send a byte, beside the same calls with none open."""
+    import resource
+    import socket
+    grpc, pb, pb_grpc = sj.import_grpc()
+    creds, md = mrarsenal_credentials(grpc, server.certs)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    count = min(20000, hard - 4096)   # what both ends can hold under the hard limit
+
+    def status_calls():
+        samples = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            channel = grpc.secure_channel(server.address, creds)
+            try:
+                pb_grpc.JobServiceStub(channel).Status(pb.JobRef(job_id="none"), metadata=md,
+                                                       timeout=30)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e
+            channel.close()
+            samples.append((time.perf_counter() - t) * 1000)
+        return samples
+
+    quiet = status_calls()
+    idle = [socket.create_connection(("127.0.0.1", int(server.address.rsplit(":", 1)[1])))
+            for _ in range(count)]
+    try:
+        crowded = status_calls()
+    finally:
+        for sock in idle:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print(f"{f'status with {count:,} idle connections':38s} p50 {statistics.median(crowded):7.2f}"
+          f" ms  p99 {pct(crowded, 99):7.2f} ms (goal p99 <= 2000) | none open p50 "
+          f"{statistics.median(quiet):.2f} ms p99 {pct(quiet, 99):.2f} ms "
+          f"(x{pct(crowded, 99) / pct(quiet, 99):.2f})", flush=True)
+
+
 def main(argv):
     if argv[:1] == ["_floor"]:
         return FloorServer.main(*argv[1:])
@@ -533,6 +634,12 @@ def main(argv):
             bench_fan_out(server, spread=2.0)
             bench_start_rate(server)
             bench_readopt(server)
+    if "faults" in groups:
+        with BenchEngine() as engine:
+            bench_supervisor_death(engine)
+        with BenchServer() as server:
+            bench_stalled_followers(server)
+            bench_idle_connections(server)
     if "fan-out" in groups:
         with BenchServer() as server:
             for spread in (0.0, 2.0, 0.0, 2.0):

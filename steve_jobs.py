@@ -2674,7 +2674,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
             self.chunks = {}        # job id -> {offset: serialized OutputChunk}, until a wake
             self.streams = 0
             self.per_user = {}      # user -> streams open
-            self.in_flight = 0      # bytes of chunks read and not yet written out
+            self.in_flight = {}     # user -> bytes of chunks read, not yet written out
             self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
 
         def watch(self, job_id, user):
@@ -2708,7 +2708,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
                 # The chunks streams held are freed now: give the memory back at once.
                 return_freed_memory_to_the_system()
 
-        def read(self, job_id, offset):
+        def read(self, job_id, offset, user):
             """(size, serialized OutputChunk) of the output at offset; (0, b'') at its end.
 
             Only a job with several followers keeps chunks, and at most two (the offset
@@ -2718,7 +2718,7 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
             cached = self.chunks.get(job_id)
             if cached is not None and offset in cached:
                 return cached[offset]
-            data = engine.read_output(job_id, offset, self.chunk_size())
+            data = engine.read_output(job_id, offset, self.chunk_size(user))
             chunk = len(data), (jobs_pb2.OutputChunk(data=data, offset=offset)
                                 .SerializeToString() if data else b"")
             if len(self.events[job_id]) > 1:
@@ -2742,23 +2742,27 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
             self.wake_all()
             self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
 
-        def chunk_size(self):
-            """How much the next read may take: half of what the budget has left, so that
-            however many streams stall holding a chunk, together they hold at most the
-            budget, plus MIN_STREAM_CHUNK each (every stream can always move on)."""
+        def chunk_size(self, user):
+            """How much user's next read may take: half of what user's share of the budget
+            has left. However many streams stall holding a chunk, together they hold at
+            most the budget, plus MIN_STREAM_CHUNK each (every stream can always move on);
+            and one user's stalled streams never shrink another user's share."""
             # A chunk in flight exists about three times (the bytes read, the serialized
             # message, grpc's copy of it): the budget counts all three.
-            left = OUTPUT_MEMORY_BUDGET // 3 - self.in_flight
+            share = OUTPUT_MEMORY_BUDGET // 3 // max(1, len(self.per_user))
+            left = share - self.in_flight.get(user, 0)
             return max(MIN_STREAM_CHUNK, min(CHUNK, left // 2))
 
         @contextlib.contextmanager
-        def sending(self, size):
+        def sending(self, user, size):
             """Context of one chunk's write: its bytes count against the budget meanwhile."""
-            self.in_flight += size
+            self.in_flight[user] = self.in_flight.get(user, 0) + size
             try:
                 yield
             finally:
-                self.in_flight -= size
+                self.in_flight[user] -= size
+                if not self.in_flight[user]:
+                    del self.in_flight[user]
 
     class JobService(jobs_pb2_grpc.JobServiceServicer):
         """Every RPC: identify, decide, call the engine, translate, log one line."""
@@ -2873,11 +2877,11 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
                 offset = request.offset
                 while True:
                     event.clear()
-                    size, chunk = self.hub.read(request.job_id, offset)
+                    size, chunk = self.hub.read(request.job_id, offset, user)
                     if size:
                         # write() waits for flow control: a slow reader holds one chunk here
                         # and slows nobody else.
-                        with self.hub.sending(size):
+                        with self.hub.sending(user, size):
                             await context.write(chunk)
                         offset += size
                         sent += size
@@ -3172,6 +3176,14 @@ def env_default(name, fallback):
     return os.environ.get(name, fallback)
 
 
+def add_env_flag(parser, flag, kind, default, help_text):
+    """Add --flag, parsed by kind, whose default comes from STEVE_JOBS_<FLAG> if set."""
+    env = "STEVE_JOBS_" + flag.lstrip("-").upper().replace("-", "_")
+    raw = os.environ.get(env)
+    parser.add_argument(flag, type=kind, default=default if raw is None else kind(raw),
+                        help=f"{help_text} (env {env})")
+
+
 def build_parser():
     import argparse
     here = os.path.dirname(os.path.abspath(__file__))
@@ -3216,40 +3228,25 @@ def build_parser():
                                                f"io 0: unlimited)")
         s.add_argument(f"--max-{name}", type=kind, default=kind(str(env_default(
             f"{env}_MAX", maximum))), help=f"per-job maximum (env {env}_MAX; io 0: none)")
-    s.add_argument("--output-cap", type=parse_size,
-                   default=parse_size(env_default("STEVE_JOBS_OUTPUT_CAP", "1G")),
-                   help="output kept per job; the rest is discarded (env STEVE_JOBS_OUTPUT_CAP)")
-    s.add_argument("--max-jobs", type=int,
-                   default=int(env_default("STEVE_JOBS_MAX_JOBS", EngineConfig().max_running_jobs)),
-                   help="running jobs at most; more starts are RESOURCE_EXHAUSTED "
-                        "(env STEVE_JOBS_MAX_JOBS)")
-    s.add_argument("--retain-days", type=float,
-                   default=float(env_default("STEVE_JOBS_RETAIN_DAYS", 7)),
-                   help="remove ended jobs after this many days (env STEVE_JOBS_RETAIN_DAYS)")
-    s.add_argument("--retain-size", type=parse_size,
-                   default=parse_size(env_default("STEVE_JOBS_RETAIN_SIZE", "10G")),
-                   help="then remove the oldest ended jobs until their output fits "
-                        "(env STEVE_JOBS_RETAIN_SIZE)")
-    s.add_argument("--max-jobs-per-user", type=int,
-                   default=int(env_default("STEVE_JOBS_MAX_JOBS_PER_USER", 0)),
-                   help="running jobs of one user at most; 0: a quarter of --max-jobs "
-                        "(env STEVE_JOBS_MAX_JOBS_PER_USER)")
-    s.add_argument("--max-streams-per-user", type=int,
-                   default=int(env_default("STEVE_JOBS_MAX_STREAMS_PER_USER",
-                                           ServerConfig().max_streams_per_user)),
-                   help="output streams one user may have open at once "
-                        "(env STEVE_JOBS_MAX_STREAMS_PER_USER)")
-    s.add_argument("--min-free", type=parse_size, default=env_default("STEVE_JOBS_MIN_FREE", -1),
-                   help="free space the state filesystem keeps; starts below it are refused "
-                        "(default: 1%% of it, at most 256M; env STEVE_JOBS_MIN_FREE)")
-    s.add_argument("--workdir-size", type=parse_size,
-                   default=parse_size(env_default("STEVE_JOBS_WORKDIR_SIZE", "1G")),
-                   help="a job's own working folder is a private tmpfs this big, charged to "
-                        "its memory; 0: a folder on the state disk (env STEVE_JOBS_WORKDIR_SIZE)")
-    s.add_argument("--handshake-timeout", type=float,
-                   default=float(env_default("STEVE_JOBS_HANDSHAKE_TIMEOUT", 10)),
-                   help="seconds a connection has to finish its TLS handshake "
-                        "(env STEVE_JOBS_HANDSHAKE_TIMEOUT)")
+    for flag, kind, default, help_text in (
+            ("--output-cap", parse_size, 1 * GiB,
+             "output kept per job; the rest is discarded"),
+            ("--max-jobs", int, EngineConfig().max_running_jobs,
+             "running jobs at most; more starts are RESOURCE_EXHAUSTED"),
+            ("--max-jobs-per-user", int, 0,
+             "running jobs of one user at most; 0: a quarter of --max-jobs"),
+            ("--max-streams-per-user", int, ServerConfig().max_streams_per_user,
+             "output streams one user may have open at once"),
+            ("--min-free", parse_size, -1, "free space the state filesystem keeps; starts "
+             "below it are refused (default: 1%% of it, at most 256M)"),
+            ("--workdir-size", parse_size, EngineConfig().workdir_size, "a job's own working "
+             "folder is a private tmpfs this big, charged to its memory; 0: on the state disk"),
+            ("--handshake-timeout", float, ServerConfig().handshake_timeout,
+             "seconds a connection has to finish its TLS handshake"),
+            ("--retain-days", float, 7.0, "remove ended jobs after this many days"),
+            ("--retain-size", parse_size, 10 * GiB,
+             "then remove the oldest ended jobs until their output fits")):
+        add_env_flag(s, flag, kind, default, help_text)
     s.add_argument("--no-root-jobs", action="store_true",
                    help="refuse root jobs even for admins")
     s.add_argument("--stop-jobs-on-exit", action="store_true",

@@ -1917,9 +1917,11 @@ def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(cer
         while cli_json(srv, "status", job_id)["state"] == "running":
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        alices = start_job(srv, "head -c 8M /dev/zero", user="alice")
         grpc, pb, pb_grpc = sj.import_grpc()
         creds, md = aio_credentials(certs)
-        before = server_rss_mb(srv)
+        alice_creds, alice_md = aio_credentials(certs, "alice")
+        before, handles = server_rss_mb(srv), len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
 
         async def stall(followers=300, connections=30):
             channels = [grpc.aio.secure_channel(srv.address, creds) for _ in range(connections)]
@@ -1928,6 +1930,13 @@ def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(cer
                 metadata=md) for i in range(followers)]
             for call in calls:
                 await call.read()   # one message each, then never another
+            # The streams cost no file handle each: only their connections do.
+            assert len(os.listdir(f"/proc/{srv.proc.pid}/fd")) <= handles + connections + 10
+            # Another user's stream is not starved of chunk size by them.
+            async with grpc.aio.secure_channel(srv.address, alice_creds) as channel:
+                alice_chunks = [len(c.data) async for c in pb_grpc.JobServiceStub(
+                    channel).Output(pb.OutputRequest(job_id=alices, follow=True),
+                                    metadata=alice_md)]
             peak = 0.0
             for _ in range(int(scaled(3) / 0.1)):
                 peak = max(peak, server_rss_mb(srv))
@@ -1936,9 +1945,10 @@ def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(cer
                 call.cancel()
             for channel in channels:
                 await channel.close()
-            return peak
+            return peak, alice_chunks
 
-        peak = asyncio.run(stall())
+        peak, alice_chunks = asyncio.run(stall())
+        assert sum(alice_chunks) == 8 * sj.MiB and max(alice_chunks) == sj.CHUNK, alice_chunks
         time.sleep(scaled(2))
         after = server_rss_mb(srv)
         assert peak <= 300, f"server RSS {before:.0f} -> peak {peak:.0f} MB"
