@@ -2613,40 +2613,145 @@ def _subject_of(pem):
         return b""
 
 
-def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
-    """The JobService servicer: translates protobuf to engine calls and back."""
-    config = config or ServerConfig()
-    import asyncio
-    import concurrent.futures
+def rpc_status(error):
+    """(gRPC status code name, message) for an exception: the one mapping point.
 
-    # Blocking engine calls run here, never on the event loop. Stops wait up to their
-    # grace period, so they get their own pool: a slow stop never delays a start.
-    start_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="start")
-    stop_pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="stop")
+    Anything unexpected is logged with its traceback and told as INTERNAL, no details.
+    """
+    for cls, code in ERROR_CODES.items():
+        if isinstance(error, cls):
+            return code, str(error)
+    if isinstance(error, OSError) and error.errno in OUT_OF_HANDLES:
+        log.error("out of file handles: %s", error)   # one line: it may come often
+        return "RESOURCE_EXHAUSTED", "the server is out of file handles; try again later"
+    log.error("internal error", exc_info=error)
+    return "INTERNAL", "internal error"
 
-    def status_of(error):
-        """(status code name, message) for an exception: the one mapping point.
 
-        Anything unexpected is logged with its traceback and told as INTERNAL, no details.
+class OutputHub:
+    """Fan-out of followed jobs: one engine subscription per job wakes every follower,
+    and followers at the same offset share one read and one serialized message."""
+
+    def __init__(self, engine, jobs_pb2, config):
+        import asyncio
+        self.engine, self.pb, self.config = engine, jobs_pb2, config
+        self.loop = asyncio.get_running_loop()
+        self.events = {}        # job id -> set of asyncio.Event
+        self.unsubscribe = {}
+        self.chunks = {}        # job id -> {offset: serialized OutputChunk}, until a wake
+        self.streams = 0
+        self.per_user = {}      # user -> streams open
+        self.in_flight = {}     # user -> bytes of chunks read, not yet written out
+        self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
+
+    def watch(self, job_id, user):
+        """An event set on every change of the job's output. Raises
+        ResourceExhaustedError when user has max_streams_per_user streams open."""
+        if self.per_user.get(user, 0) >= self.config.max_streams_per_user:
+            raise ResourceExhaustedError(
+                f"{user} has {self.config.max_streams_per_user} output streams open, the most "
+                f"one user may have (--max-streams-per-user)")
+        self.per_user[user] = self.per_user.get(user, 0) + 1
+        if job_id not in self.events:
+            self.events[job_id] = set()
+            self.unsubscribe[job_id] = self.engine.subscribe(
+                job_id, lambda: self.loop.call_soon_threadsafe(self._wake, job_id))
+        import asyncio
+        event = asyncio.Event()
+        self.events[job_id].add(event)
+        self.streams += 1
+        return event
+
+    def unwatch(self, job_id, event, user):
+        self.streams -= 1
+        self.per_user[user] -= 1
+        if not self.per_user[user]:
+            del self.per_user[user]
+        self.events[job_id].discard(event)
+        if not self.events[job_id]:
+            del self.events[job_id]
+            self.chunks.pop(job_id, None)
+            self.unsubscribe.pop(job_id)()
+        if not self.streams:
+            # The chunks streams held are freed now: give the memory back at once.
+            return_freed_memory_to_the_system()
+
+    def read(self, job_id, offset, user):
+        """(size, serialized OutputChunk) of the output at offset; (0, b'') at its end.
+
+        Only a job with several followers keeps chunks, and at most two (the offset
+        followers are at, and the end they reach next): the cache then stays within the
+        streams' budget. Raises the engine's errors.
         """
-        for cls, code in ERROR_CODES.items():
-            if isinstance(error, cls):
-                return code, str(error)
-        if isinstance(error, OSError) and error.errno in OUT_OF_HANDLES:
-            log.error("out of file handles: %s", error)   # one line: it may come often
-            return "RESOURCE_EXHAUSTED", "the server is out of file handles; try again later"
-        log.error("internal error", exc_info=error)
-        return "INTERNAL", "internal error"
+        cached = self.chunks.get(job_id)
+        if cached is not None and offset in cached:
+            return cached[offset]
+        data = self.engine.read_output(job_id, offset, self.chunk_size(user))
+        chunk = len(data), (self.pb.OutputChunk(data=data, offset=offset)
+                            .SerializeToString() if data else b"")
+        if len(self.events[job_id]) > 1:
+            cached = self.chunks.setdefault(job_id, {})
+            if len(cached) >= 2:
+                del cached[next(iter(cached))]
+            cached[offset] = chunk
+        return chunk
 
-    async def abort(context, code, message):
-        """End the call with this status, marked as the server's own (ERROR_ORIGIN_KEY)."""
-        await context.abort(getattr(grpc.StatusCode, code), message,
-                            trailing_metadata=((ERROR_ORIGIN_KEY, code.lower()),))
+    def _wake(self, job_id):
+        self.chunks.pop(job_id, None)   # the end moved: cached chunks may be short
+        for event in self.events.get(job_id, ()):
+            event.set()
 
-    def status_pb(st):
-        pb = jobs_pb2.JobStatus(
+    def wake_all(self):
+        for job_id in list(self.events):
+            self._wake(job_id)
+
+    def _tick(self):
+        # Safety net: a missed inotify event delays followers by a second at most.
+        self.wake_all()
+        self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
+
+    def chunk_size(self, user):
+        """How much user's next read may take: half of what user's share of the budget
+        has left. However many streams stall holding a chunk, together they hold at
+        most the budget, plus MIN_STREAM_CHUNK each (every stream can always move on);
+        and one user's stalled streams never shrink another user's share."""
+        # A chunk in flight exists about three times (the bytes read, the serialized
+        # message, grpc's copy of it): the budget counts all three.
+        share = OUTPUT_MEMORY_BUDGET // 3 // max(1, len(self.per_user))
+        left = share - self.in_flight.get(user, 0)
+        return max(MIN_STREAM_CHUNK, min(CHUNK, left // 2))
+
+    @contextlib.contextmanager
+    def sending(self, user, size):
+        """Context of one chunk's write: its bytes count against the budget meanwhile."""
+        self.in_flight[user] = self.in_flight.get(user, 0) + size
+        try:
+            yield
+        finally:
+            self.in_flight[user] -= size
+            if not self.in_flight[user]:
+                del self.in_flight[user]
+
+
+class JobService:
+    """Every RPC: identify, decide, call the engine, translate, log one line. It only
+    translates between protobuf and the engine; add_job_service registers it."""
+
+    def __init__(self, grpc, jobs_pb2, engine, verifier, config=None):
+        import concurrent.futures
+        self.grpc, self.pb, self.engine, self.verifier = grpc, jobs_pb2, engine, verifier
+        self.config = config or ServerConfig()
+        # Blocking engine calls run here, never on the event loop. Stops wait up to their
+        # grace period, so they get their own pool: a slow stop never delays a start.
+        self.start_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="start")
+        self.stop_pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="stop")
+        self.hub = None
+        self.shutting_down = False
+
+    def status_pb(self, st):
+        pb = self.pb.JobStatus(
             job_id=st.id, owner=st.owner, argv=st.argv, state=STATE_TO_PB[st.state],
-            error=st.error, limits=limits_pb(st.limits), created_at=st.created_at,
+            error=st.error, limits=self.limits_pb(st.limits), created_at=st.created_at,
             started_at=st.started_at, ended_at=st.ended_at, cpu_seconds=st.cpu_seconds,
             memory_bytes=st.memory_bytes, peak_memory_bytes=st.peak_memory_bytes,
             oom_kills=st.oom_kills, output_bytes=st.output_bytes,
@@ -2658,261 +2763,158 @@ def build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config=None):
             pb.signal = st.signal
         return pb
 
-    def limits_pb(lim):
-        return jobs_pb2.Limits(cpu=lim.cpu, memory_bytes=lim.memory, pids=lim.pids,
-                               io_read_bps=lim.io_read_bps, io_write_bps=lim.io_write_bps,
-                               io_device=lim.io_device)
+    def limits_pb(self, lim):
+        return self.pb.Limits(cpu=lim.cpu, memory_bytes=lim.memory, pids=lim.pids,
+                              io_read_bps=lim.io_read_bps, io_write_bps=lim.io_write_bps,
+                              io_device=lim.io_device)
 
-    class OutputHub:
-        """Fan-out of followed jobs: one engine subscription per job wakes every follower,
-        and followers at the same offset share one read and one serialized message."""
+    async def abort(self, context, code, message):
+        """End the call with this status, marked as the server's own (ERROR_ORIGIN_KEY)."""
+        await context.abort(getattr(self.grpc.StatusCode, code), message,
+                            trailing_metadata=((ERROR_ORIGIN_KEY, code.lower()),))
 
-        def __init__(self):
-            self.loop = asyncio.get_running_loop()
-            self.events = {}        # job id -> set of asyncio.Event
-            self.unsubscribe = {}
-            self.chunks = {}        # job id -> {offset: serialized OutputChunk}, until a wake
-            self.streams = 0
-            self.per_user = {}      # user -> streams open
-            self.in_flight = {}     # user -> bytes of chunks read, not yet written out
-            self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
+    def identify(self, context):
+        auth = context.auth_context()
+        cn = (auth.get("x509_common_name") or [b""])[0].decode(errors="replace")
+        pem = (auth.get("x509_pem_cert") or [b""])[0].decode(errors="replace")
+        header = dict(context.invocation_metadata()).get("authorization", "")
+        token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+        return self.verifier.verify(token, cn, pem)
 
-        def watch(self, job_id, user):
-            """An event set on every change of the job's output. Raises
-            ResourceExhaustedError when user has max_streams_per_user streams open."""
-            if self.per_user.get(user, 0) >= config.max_streams_per_user:
-                raise ResourceExhaustedError(
-                    f"{user} has {config.max_streams_per_user} output streams open, the most "
-                    f"one user may have (--max-streams-per-user)")
-            self.per_user[user] = self.per_user.get(user, 0) + 1
-            if job_id not in self.events:
-                self.events[job_id] = set()
-                self.unsubscribe[job_id] = engine.subscribe(
-                    job_id, lambda: self.loop.call_soon_threadsafe(self._wake, job_id))
-            event = asyncio.Event()
-            self.events[job_id].add(event)
-            self.streams += 1
-            return event
+    def job_for(self, identity, rpc, job_id):
+        """Authorize a call about one job. Raises NotFoundError, PermissionDeniedError."""
+        if not isinstance(job_id, str) or not job_id:
+            raise InvalidArgumentError("job_id is required")
+        owner = self.engine.owner(job_id)
+        try:
+            decide(identity, rpc, job_owner=owner)
+        except NotFoundError:
+            # Word for word what the engine says of an id that does not exist.
+            raise NotFoundError(f"no job {job_id!r}") from None
 
-        def unwatch(self, job_id, event, user):
-            self.streams -= 1
-            self.per_user[user] -= 1
-            if not self.per_user[user]:
-                del self.per_user[user]
-            self.events[job_id].discard(event)
-            if not self.events[job_id]:
-                del self.events[job_id]
-                self.chunks.pop(job_id, None)
-                self.unsubscribe.pop(job_id)()
-            if not self.streams:
-                # The chunks streams held are freed now: give the memory back at once.
-                return_freed_memory_to_the_system()
+    async def Start(self, request, context):
+        return await self.unary(context, "Start", self._start, request)
 
-        def read(self, job_id, offset, user):
-            """(size, serialized OutputChunk) of the output at offset; (0, b'') at its end.
+    async def Stop(self, request, context):
+        return await self.unary(context, "Stop", self._stop, request)
 
-            Only a job with several followers keeps chunks, and at most two (the offset
-            followers are at, and the end they reach next): the cache then stays within the
-            streams' budget. Raises the engine's errors.
-            """
-            cached = self.chunks.get(job_id)
-            if cached is not None and offset in cached:
-                return cached[offset]
-            data = engine.read_output(job_id, offset, self.chunk_size(user))
-            chunk = len(data), (jobs_pb2.OutputChunk(data=data, offset=offset)
-                                .SerializeToString() if data else b"")
-            if len(self.events[job_id]) > 1:
-                cached = self.chunks.setdefault(job_id, {})
-                if len(cached) >= 2:
-                    del cached[next(iter(cached))]
-                cached[offset] = chunk
-            return chunk
+    async def Status(self, request, context):
+        return await self.unary(context, "Status",
+                                lambda i, r: self.status_pb(self.engine.status(r.job_id)), request)
 
-        def _wake(self, job_id):
-            self.chunks.pop(job_id, None)   # the end moved: cached chunks may be short
-            for event in self.events.get(job_id, ()):
-                event.set()
+    async def Pause(self, request, context):
+        return await self.unary(context, "Pause",
+                                lambda i, r: self.status_pb(self.engine.pause(r.job_id)), request)
 
-        def wake_all(self):
-            for job_id in list(self.events):
-                self._wake(job_id)
+    async def Resume(self, request, context):
+        return await self.unary(context, "Resume",
+                                lambda i, r: self.status_pb(self.engine.resume(r.job_id)), request)
 
-        def _tick(self):
-            # Safety net: a missed inotify event delays followers by a second at most.
-            self.wake_all()
-            self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
+    async def Remove(self, request, context):
+        def remove(identity, r):
+            self.engine.remove(r.job_id)
+            return self.pb.RemoveResponse()
+        return await self.unary(context, "Remove", remove, request)
 
-        def chunk_size(self, user):
-            """How much user's next read may take: half of what user's share of the budget
-            has left. However many streams stall holding a chunk, together they hold at
-            most the budget, plus MIN_STREAM_CHUNK each (every stream can always move on);
-            and one user's stalled streams never shrink another user's share."""
-            # A chunk in flight exists about three times (the bytes read, the serialized
-            # message, grpc's copy of it): the budget counts all three.
-            share = OUTPUT_MEMORY_BUDGET // 3 // max(1, len(self.per_user))
-            left = share - self.in_flight.get(user, 0)
-            return max(MIN_STREAM_CHUNK, min(CHUNK, left // 2))
+    async def List(self, request, context):
+        def list_jobs(identity, r):
+            role = ROLES[identity.role]
+            if r.all_users and not role.all_jobs:
+                raise PermissionDeniedError(f"role {identity.role} sees only its own jobs")
+            owner = None if r.all_users else identity.user
+            return self.pb.ListResponse(jobs=[self.status_pb(s) for s in self.engine.list(owner)])
+        return await self.unary(context, "List", list_jobs, request)
 
-        @contextlib.contextmanager
-        def sending(self, user, size):
-            """Context of one chunk's write: its bytes count against the budget meanwhile."""
-            self.in_flight[user] = self.in_flight.get(user, 0) + size
-            try:
-                yield
-            finally:
-                self.in_flight[user] -= size
-                if not self.in_flight[user]:
-                    del self.in_flight[user]
+    def _start(self, identity, r):
+        limits = Limits(cpu=r.limits.cpu, memory=r.limits.memory_bytes, pids=r.limits.pids,
+                        io_read_bps=r.limits.io_read_bps, io_write_bps=r.limits.io_write_bps,
+                        io_device=r.limits.io_device)
+        options = JobOptions(env=tuple(sorted(r.env.items())), workdir=r.workdir,
+                             as_root=r.as_root, host_network=r.host_network)
+        check_start_allowed(identity, limits, options, self.engine.config.default_limits)
+        job_id = self.engine.start(identity.user, list(r.argv), limits, options)
+        return self.status_pb(self.engine.status(job_id))
 
-    class JobService(jobs_pb2_grpc.JobServiceServicer):
-        """Every RPC: identify, decide, call the engine, translate, log one line."""
+    def _stop(self, identity, r):
+        grace = r.grace_seconds if r.HasField("grace_seconds") else None
+        return self.status_pb(self.engine.stop(r.job_id, grace))
 
-        def __init__(self):
-            self.hub = None
-            self.shutting_down = False
+    async def unary(self, context, rpc, func, request):
+        """Run one unary RPC: auth, engine call in a thread, errors mapped, one log line."""
+        import asyncio
+        started, user, outcome = time.monotonic(), "-", "OK"
+        job_id = getattr(request, "job_id", "")
+        try:
+            if request is MALFORMED:
+                raise InvalidArgumentError("malformed request")
+            identity = self.identify(context)
+            user = identity.user
+            decide(identity, rpc)
+            if rpc in JOB_RPCS:
+                self.job_for(identity, rpc, request.job_id)
+            pool = self.stop_pool if rpc == "Stop" else self.start_pool
+            result = await asyncio.get_running_loop().run_in_executor(
+                pool, func, identity, request)
+            job_id = job_id or getattr(result, "job_id", "")
+            return result
+        except Exception as e:
+            outcome, message = rpc_status(e)
+            await self.abort(context, outcome, message)
+        finally:
+            log.info("rpc user=%s method=%s job=%s result=%s duration_ms=%.1f",
+                     user, rpc, job_id or "-", outcome, (time.monotonic() - started) * 1000)
 
-        def identify(self, context):
-            auth = context.auth_context()
-            cn = (auth.get("x509_common_name") or [b""])[0].decode(errors="replace")
-            pem = (auth.get("x509_pem_cert") or [b""])[0].decode(errors="replace")
-            header = dict(context.invocation_metadata()).get("authorization", "")
-            token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
-            return verifier.verify(token, cn, pem)
+    async def Output(self, request, context):
+        import asyncio
+        started, user, outcome, sent = time.monotonic(), "-", "OK", 0
+        event = None
+        try:
+            if request is MALFORMED:
+                raise InvalidArgumentError("malformed request")
+            identity = self.identify(context)
+            user = identity.user
+            decide(identity, "Output")
+            self.job_for(identity, "Output", request.job_id)
+            if self.hub is None:
+                self.hub = OutputHub(self.engine, self.pb, self.config)
+            event = self.hub.watch(request.job_id, user)
+            offset = request.offset
+            while True:
+                event.clear()
+                size, chunk = self.hub.read(request.job_id, offset, user)
+                if size:
+                    # write() waits for flow control: a slow reader holds one chunk here
+                    # and slows nobody else.
+                    with self.hub.sending(user, size):
+                        await context.write(chunk)
+                    offset += size
+                    sent += size
+                    continue
+                if not request.follow:
+                    return
+                end = self.engine.output_end(request.job_id)
+                if end is not None and offset >= end:
+                    return
+                if self.shutting_down:
+                    raise UnavailableError("the server is shutting down; the job goes on")
+                await event.wait()   # the hub's tick is the safety net
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        except Exception as e:
+            outcome, message = rpc_status(e)
+            await self.abort(context, outcome, message)
+        finally:
+            if event is not None:
+                self.hub.unwatch(request.job_id, event, user)
+            log.info("rpc user=%s method=Output job=%s result=%s bytes=%d duration_ms=%.1f",
+                     user, getattr(request, "job_id", "") or "-", outcome, sent,
+                     (time.monotonic() - started) * 1000)
 
-        def job_for(self, identity, rpc, job_id):
-            """Authorize a call about one job. Raises NotFoundError, PermissionDeniedError."""
-            if not isinstance(job_id, str) or not job_id:
-                raise InvalidArgumentError("job_id is required")
-            owner = engine.owner(job_id)
-            try:
-                decide(identity, rpc, job_owner=owner)
-            except NotFoundError:
-                # Word for word what the engine says of an id that does not exist.
-                raise NotFoundError(f"no job {job_id!r}") from None
-
-        async def Start(self, request, context):
-            return await self.unary(context, "Start", self._start, request)
-
-        async def Stop(self, request, context):
-            return await self.unary(context, "Stop", self._stop, request)
-
-        async def Status(self, request, context):
-            return await self.unary(context, "Status",
-                                    lambda i, r: status_pb(engine.status(r.job_id)), request)
-
-        async def Pause(self, request, context):
-            return await self.unary(context, "Pause",
-                                    lambda i, r: status_pb(engine.pause(r.job_id)), request)
-
-        async def Resume(self, request, context):
-            return await self.unary(context, "Resume",
-                                    lambda i, r: status_pb(engine.resume(r.job_id)), request)
-
-        async def Remove(self, request, context):
-            def remove(identity, r):
-                engine.remove(r.job_id)
-                return jobs_pb2.RemoveResponse()
-            return await self.unary(context, "Remove", remove, request)
-
-        async def List(self, request, context):
-            def list_jobs(identity, r):
-                role = ROLES[identity.role]
-                if r.all_users and not role.all_jobs:
-                    raise PermissionDeniedError(f"role {identity.role} sees only its own jobs")
-                owner = None if r.all_users else identity.user
-                return jobs_pb2.ListResponse(jobs=[status_pb(s) for s in engine.list(owner)])
-            return await self.unary(context, "List", list_jobs, request)
-
-        def _start(self, identity, r):
-            limits = Limits(cpu=r.limits.cpu, memory=r.limits.memory_bytes, pids=r.limits.pids,
-                            io_read_bps=r.limits.io_read_bps, io_write_bps=r.limits.io_write_bps,
-                            io_device=r.limits.io_device)
-            options = JobOptions(env=tuple(sorted(r.env.items())), workdir=r.workdir,
-                                 as_root=r.as_root, host_network=r.host_network)
-            check_start_allowed(identity, limits, options, engine.config.default_limits)
-            job_id = engine.start(identity.user, list(r.argv), limits, options)
-            return status_pb(engine.status(job_id))
-
-        def _stop(self, identity, r):
-            grace = r.grace_seconds if r.HasField("grace_seconds") else None
-            return status_pb(engine.stop(r.job_id, grace))
-
-        async def unary(self, context, rpc, func, request):
-            """Run one unary RPC: auth, engine call in a thread, errors mapped, one log line."""
-            started, user, outcome = time.monotonic(), "-", "OK"
-            job_id = getattr(request, "job_id", "")
-            try:
-                if request is MALFORMED:
-                    raise InvalidArgumentError("malformed request")
-                identity = self.identify(context)
-                user = identity.user
-                decide(identity, rpc)
-                if rpc in JOB_RPCS:
-                    self.job_for(identity, rpc, request.job_id)
-                pool = stop_pool if rpc == "Stop" else start_pool
-                result = await asyncio.get_running_loop().run_in_executor(
-                    pool, func, identity, request)
-                job_id = job_id or getattr(result, "job_id", "")
-                return result
-            except Exception as e:
-                outcome, message = status_of(e)
-                await abort(context, outcome, message)
-            finally:
-                log.info("rpc user=%s method=%s job=%s result=%s duration_ms=%.1f",
-                         user, rpc, job_id or "-", outcome, (time.monotonic() - started) * 1000)
-
-        async def Output(self, request, context):
-            started, user, outcome, sent = time.monotonic(), "-", "OK", 0
-            event = None
-            try:
-                if request is MALFORMED:
-                    raise InvalidArgumentError("malformed request")
-                identity = self.identify(context)
-                user = identity.user
-                decide(identity, "Output")
-                self.job_for(identity, "Output", request.job_id)
-                if self.hub is None:
-                    self.hub = OutputHub()
-                event = self.hub.watch(request.job_id, user)
-                offset = request.offset
-                while True:
-                    event.clear()
-                    size, chunk = self.hub.read(request.job_id, offset, user)
-                    if size:
-                        # write() waits for flow control: a slow reader holds one chunk here
-                        # and slows nobody else.
-                        with self.hub.sending(user, size):
-                            await context.write(chunk)
-                        offset += size
-                        sent += size
-                        continue
-                    if not request.follow:
-                        return
-                    end = engine.output_end(request.job_id)
-                    if end is not None and offset >= end:
-                        return
-                    if self.shutting_down:
-                        raise UnavailableError("the server is shutting down; the job goes on")
-                    await event.wait()   # the hub's tick is the safety net
-            except asyncio.CancelledError:
-                outcome = "CANCELLED"
-                raise
-            except Exception as e:
-                outcome, message = status_of(e)
-                await abort(context, outcome, message)
-            finally:
-                if event is not None:
-                    self.hub.unwatch(request.job_id, event, user)
-                log.info("rpc user=%s method=Output job=%s result=%s bytes=%d duration_ms=%.1f",
-                         user, getattr(request, "job_id", "") or "-", outcome, sent,
-                         (time.monotonic() - started) * 1000)
-
-        def begin_shutdown(self):
-            self.shutting_down = True
-            if self.hub is not None:
-                self.hub.wake_all()
-
-    return JobService()
+    def begin_shutdown(self):
+        self.shutting_down = True
+        if self.hub is not None:
+            self.hub.wake_all()
 
 
 class _Malformed:
@@ -2985,7 +2987,7 @@ async def serve(engine, config, verifier, on_started=None):
         # door instead of leaving the server unable to open a job's files.
         ("grpc.max_allowed_incoming_connections", connections)])
     return_freed_memory_to_the_system()
-    service = build_service(grpc, jobs_pb2, jobs_pb2_grpc, engine, verifier, config)
+    service = JobService(grpc, jobs_pb2, engine, verifier, config)
     add_job_service(grpc, jobs_pb2, server, service)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
