@@ -1838,6 +1838,7 @@ def test_more_followers_than_a_1024_file_limit_each_on_its_own_connection(certs)
                  extra=["--stop-jobs-on-exit", "--max-streams-per-user", "2000"]).start()
     try:
         assert f"open files limit raised from 1024 to {hard_open_files_limit()}" in srv.read_log()
+        assert cli(srv, "run", "-f", "ulimit -n").stdout == b"1024\n"   # jobs keep the usual
         job_id = start_job(srv, "echo first; sleep 1000")
         grpc, pb, pb_grpc = sj.import_grpc()
         creds, md = aio_credentials(certs)
