@@ -54,6 +54,22 @@ def random_hex(nbytes):
     return os.urandom(nbytes).hex()
 
 
+def loggable(value, limit=128):
+    """value as one safe log token: control and non-ASCII characters escaped (no forged
+    lines, no terminal escapes), and cut at limit characters of the original."""
+    text = value if isinstance(value, str) else repr(value)
+    cut = text[:limit].encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
+    return cut + ("..." if len(text) > limit else "")
+
+
+def quoted(value, limit=128):
+    """value quoted for an error message: escaped and cut like loggable."""
+    return f"'{loggable(value, limit)}'"
+
+
+JOB_ID_FORMAT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
 def new_job_id():
     """A random (version 4) UUID string, as uuid.uuid4() would make."""
     b = bytearray(os.urandom(16))
@@ -2220,10 +2236,12 @@ class Engine:
             self._uids_in_use.discard(uid)   # (root's 0 is never in it)
 
     def _get(self, job_id):
-        with self._lock:
-            job = self._jobs.get(job_id) if isinstance(job_id, str) else None
+        job = None
+        if isinstance(job_id, str) and JOB_ID_FORMAT.fullmatch(job_id):   # no lookup else
+            with self._lock:
+                job = self._jobs.get(job_id)
         if job is None:
-            raise NotFoundError(f"no job {job_id!r}")
+            raise NotFoundError(f"no job {quoted(job_id)}")
         return job
 
     def _all_jobs(self):
@@ -2404,9 +2422,11 @@ class TokenVerifier:
 
     CACHE_SIZE = 4096
 
-    def __init__(self, public_key_pem, issuer=JWT_ISSUER, audience=JWT_AUDIENCE):
+    def __init__(self, public_key_pem, issuer=JWT_ISSUER, audience=JWT_AUDIENCE,
+                 client_ca_path=None):
         import jwt   # PyJWT, with cryptography for ES256
         self._jwt = jwt
+        self._issuer_check = ClientCertificateCheck(client_ca_path) if client_ca_path else None
         self._key = jwt.algorithms.ECAlgorithm(jwt.algorithms.ECAlgorithm.SHA256) \
             .prepare_key(public_key_pem)
         self.issuer, self.audience = issuer, audience
@@ -2420,6 +2440,8 @@ class TokenVerifier:
             raise UnauthenticatedError("no verified client certificate")
         if not token:
             raise UnauthenticatedError("no bearer token (metadata 'authorization: Bearer ...')")
+        if self._issuer_check:
+            self._issuer_check.check(cert_pem)
         cached = self._verified.get((token, cert_pem))
         if cached and time.time() < cached[1] + JWT_LEEWAY:
             return cached[0]
@@ -2441,6 +2463,9 @@ class TokenVerifier:
             raise UnauthenticatedError("token expired") from None
         except jwt.InvalidTokenError as e:
             raise UnauthenticatedError(f"invalid token: {e}") from None
+        for name, kind in CLAIM_TYPES.items():   # a signed token is not a well-formed one
+            if name in claims and not isinstance(claims[name], kind):
+                raise UnauthenticatedError(f"invalid token: claim {name!r} has the wrong type")
         if claims["sub"] != cert_cn:
             raise UnauthenticatedError("token is for another user than the certificate")
         cnf = claims.get("cnf")
@@ -2450,6 +2475,63 @@ class TokenVerifier:
         if role not in ROLES:
             raise UnauthenticatedError(f"token has no valid role (one of {', '.join(ROLES)})")
         return Identity(user=cert_cn, role=role), claims["exp"]
+
+
+# Claims and the types they must have; bool is excluded from numbers by the check order
+# only in spirit: PyJWT already refuses non-numeric exp, iat and nbf.
+CLAIM_TYPES = {"sub": str, "role": str, "iss": str, "jti": str, "cnf": dict,
+               "exp": (int, float), "iat": (int, float), "nbf": (int, float)}
+
+
+class ClientCertificateCheck:
+    """A client certificate must be issued directly by a CA certificate in ca_path, and must
+    not be a CA itself. Why: grpc's TLS stack accepts longer chains and ignores the CA's
+    pathlen:0, so a sub-CA that somehow got signed could mint users. ca_path is re-read
+    when it changes (rotation)."""
+
+    def __init__(self, ca_path):
+        self.path = ca_path
+        self._stamp, self._cas, self._passed = None, [], set()
+
+    def check(self, cert_pem):
+        """Raises UnauthenticatedError saying what is wrong."""
+        self._reload_if_changed()
+        if cert_pem in self._passed:
+            return
+        from cryptography import x509
+        leaf = x509.load_pem_x509_certificate(cert_pem.encode())
+        try:
+            is_ca = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if is_ca:
+            raise UnauthenticatedError("the client certificate is a CA certificate")
+        if not any(self._issued_by(leaf, ca) for ca in self._cas):
+            raise UnauthenticatedError(
+                "the client certificate is not issued directly by the server's CA")
+        if len(self._passed) >= TokenVerifier.CACHE_SIZE:
+            self._passed.clear()
+        self._passed.add(cert_pem)
+
+    @staticmethod
+    def _issued_by(leaf, ca):
+        try:
+            leaf.verify_directly_issued_by(ca)
+            return True
+        except Exception:   # ValueError, TypeError, InvalidSignature: not this one
+            return False
+
+    def _reload_if_changed(self):
+        try:
+            stamp = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return   # keep the last good set (grpc keeps its old CA too)
+        if stamp == self._stamp:
+            return
+        from cryptography import x509
+        with open(self.path, "rb") as f:
+            self._cas = x509.load_pem_x509_certificates(f.read())
+        self._stamp, self._passed = stamp, set()
 
 
 def issue_token(signing_key_pem, user, role, cert_der, lifetime,
@@ -2790,7 +2872,7 @@ class JobService:
             decide(identity, rpc, job_owner=owner)
         except NotFoundError:
             # Word for word what the engine says of an id that does not exist.
-            raise NotFoundError(f"no job {job_id!r}") from None
+            raise NotFoundError(f"no job {quoted(job_id)}") from None
 
     async def Start(self, request, context):
         return await self.unary(context, "Start", self._start, request)
@@ -2862,7 +2944,8 @@ class JobService:
             await self.abort(context, outcome, message)
         finally:
             log.info("rpc user=%s method=%s job=%s result=%s duration_ms=%.1f",
-                     user, rpc, job_id or "-", outcome, (time.monotonic() - started) * 1000)
+                     loggable(user), rpc, loggable(job_id or "-"), outcome,
+                     (time.monotonic() - started) * 1000)
 
     async def Output(self, request, context):
         import asyncio
@@ -2908,8 +2991,8 @@ class JobService:
             if event is not None:
                 self.hub.unwatch(request.job_id, event, user)
             log.info("rpc user=%s method=Output job=%s result=%s bytes=%d duration_ms=%.1f",
-                     user, getattr(request, "job_id", "") or "-", outcome, sent,
-                     (time.monotonic() - started) * 1000)
+                     loggable(user), loggable(getattr(request, "job_id", "") or "-"), outcome,
+                     sent, (time.monotonic() - started) * 1000)
 
     def begin_shutdown(self):
         self.shutting_down = True
@@ -3305,7 +3388,7 @@ def cmd_server(args):
                                       "namespaces)")
     try:
         with open(os.path.join(args.certs, "jwt-signing.pub"), "rb") as f:
-            verifier = TokenVerifier(f.read())
+            verifier = TokenVerifier(f.read(), client_ca_path=os.path.join(args.certs, "ca.crt"))
     except OSError as e:
         raise ClientError(EXIT_ERROR, f"cannot read the token key {e.filename}: {e.strerror} "
                                       f"(make certificates with gen_certs.sh)") from None

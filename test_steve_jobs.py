@@ -1189,6 +1189,11 @@ BAD_TOKENS = {
     "cnf thumbprint mismatch": lambda c: signed(c, jwt_claims(
         c, "mrarsenal", cnf={"x5t#S256": b64url(b"\0" * 32)})),
     "no cnf": lambda c: signed(c, jwt_claims(c, "mrarsenal", cnf=None)),
+    "role not a string": lambda c: signed(c, jwt_claims(c, "mrarsenal", role=["admin"])),
+    "role an object": lambda c: signed(c, jwt_claims(c, "mrarsenal", role={"admin": 1})),
+    "sub not a string": lambda c: signed(c, jwt_claims(c, "mrarsenal", sub=["mrarsenal"])),
+    "cnf thumbprint a list": lambda c: signed(c, jwt_claims(
+        c, "mrarsenal", cnf={"x5t#S256": ["x"]})),
 }
 
 
@@ -2046,3 +2051,74 @@ def test_the_cli_says_cannot_reach_only_when_the_server_did_not_answer():
     late = sj.ClientError.from_rpc(_RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "x did not end",
                                              ((sj.ERROR_ORIGIN_KEY, "deadline_exceeded"),)))
     assert late.exit_code == 10 and "cannot reach" not in str(late)
+
+
+###############################################################################
+# Tenant tests: what a hostile user (alice, role user) can do to others and the host
+###############################################################################
+
+def sub_ca_client_cert(certs_dir, cn):
+    """A client certificate for cn issued by a sub-CA that the test CA signed (its
+    pathlen:0 forbids that). Returns (leaf + sub-CA chain pem, key pem, leaf der)."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    ca_key = serialization.load_pem_private_key(open(f"{certs_dir}/ca.key", "rb").read(), None)
+    ca = x509.load_pem_x509_certificate(open(f"{certs_dir}/ca.crt", "rb").read())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+
+    def issue(subject, key, issuer_name, issuer_key, is_ca):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer_name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - day).not_valid_after(now + 30 * day)
+                   .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), True))
+        if is_ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False), True)
+        else:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    sub_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    sub = issue("rogue sub-CA", sub_key, ca.subject, ca_key, True)
+    leaf = issue(cn, leaf_key, sub.subject, sub_key, False)
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)
+    return (pem(leaf) + pem(sub), leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), leaf.public_bytes(serialization.Encoding.DER))
+
+
+def test_a_client_certificate_from_a_sub_ca_is_refused(server, certs):
+    _, pb, _ = sj.import_grpc()
+    chain, key, der = sub_ca_client_cert(certs, "mrarsenal")
+    token = signed(certs, jwt_claims(certs, "mrarsenal", cnf={
+        "x5t#S256": sj.certificate_thumbprint(der)}))
+    code, _ = call(certs, server.address, "List", pb.ListRequest(all_users=True),
+                   token=token, cert=chain, key=key)
+    assert code == "UNAUTHENTICATED"
+
+
+def test_client_supplied_strings_cannot_forge_or_flood_log_lines(server, certs):
+    _, pb, _ = sj.import_grpc()
+    forged = ("x\n2026-01-01 00:00:00,000 INFO rpc user=mrarsenal method=Remove job=y "
+              "result=OK duration_ms=1.0")
+    huge = "a" * 100_000
+    for job_id in (forged, huge):
+        done = cli(server, "status", job_id, user="alice")
+        assert done.returncode == 3 and len(done.stderr) < 400, done.stderr[:500]
+        code, _ = call(certs, server.address, "Output", pb.OutputRequest(job_id=job_id),
+                       user="alice")
+        assert code == "NOT_FOUND"
+    log = server.read_log()
+    assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
+    assert max(len(line) for line in log.splitlines()) < 1000
+    assert "\\n2026-01-01" in log   # the forged id, escaped into its own log line
