@@ -180,7 +180,8 @@ class BenchServer:
         self.proc = subprocess.Popen(
             [sys.executable, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
              "--state-dir", os.path.join(self.dir, state), "--output-cap", "2G",
-             "--cgroup-root", self.cgroup_root, "--stop-jobs-on-exit"],
+             "--cgroup-root", self.cgroup_root, "--stop-jobs-on-exit",
+             "--insecure-dev-certs"],   # a throwaway set: its CA key is beside it
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while b"listening on" not in open(self.log.name, "rb").read()[mark:]:

@@ -2566,11 +2566,19 @@ def decide(identity, rpc, job_owner=None):
         raise NotFoundError("no such job")
 
 
-def check_start_allowed(identity, limits, options, default_limits):
-    """Role limits on Start. Raises PermissionDeniedError."""
+def check_start_allowed(identity, limits, options, default_limits,
+                        host_network_roles=("admin",)):
+    """Role limits on Start. Raises PermissionDeniedError.
+
+    host_network_roles: the roles that may share the host's network namespace (it reaches
+    the server's own port and every loopback service of the host)."""
     role = ROLES[identity.role]
     if options.as_root and not role.root_jobs:
         raise PermissionDeniedError(f"role {identity.role} may not run jobs as root")
+    if options.host_network and identity.role not in host_network_roles:
+        raise PermissionDeniedError(
+            f"role {identity.role} may not share the host's network (the server's "
+            f"--allow-host-network-role opens it)")
     if not role.up_to_max_limits:
         for field in ("cpu", "memory", "pids"):
             asked, cap = getattr(limits, field), getattr(default_limits, field)
@@ -2641,6 +2649,7 @@ class ServerConfig(typing.NamedTuple):
     max_streams_per_user: int = 1024      # concurrent Output streams of one user
     handshake_timeout: float = 10.0       # seconds a new connection has to finish TLS
     open_files: int = 1024                # the server's RLIMIT_NOFILE, once raised
+    host_network_roles: tuple = ("admin",)  # roles that may ask for the host's network
 
     def connection_cap(self, max_jobs):
         """Connections the server accepts at once: what its file handles allow, less a
@@ -2681,6 +2690,23 @@ class CertificateStore:
             except OSError:
                 stamps.append(None)
         return tuple(stamps)
+
+
+OPERATOR_KEYS = ("ca.key", "jwt-signing.key")   # they mint users and tokens: never on the host
+
+
+def certificate_folder_problems(certs_dir):
+    """Why certs_dir is unsafe to serve from: a list of one-line reasons (empty: safe).
+
+    Jobs run as other users on this host: a private key or token they can read, or a key
+    that can mint certificates or tokens, would make any job an admin."""
+    problems = [f"{os.path.join(certs_dir, name)} is here: it can mint users or tokens; "
+                f"keep it with the operator, off the job host"
+                for name in OPERATOR_KEYS if os.path.exists(os.path.join(certs_dir, name))]
+    for entry in sorted(os.scandir(certs_dir), key=lambda e: e.name):
+        if entry.name.endswith((".key", ".jwt")) and entry.stat().st_mode & 0o077:
+            problems.append(f"{entry.path} is readable by other users: chmod 600 it")
+    return problems
 
 
 def is_development_ca(ca_pem):
@@ -2913,7 +2939,8 @@ class JobService:
                         io_device=r.limits.io_device)
         options = JobOptions(env=tuple(sorted(r.env.items())), workdir=r.workdir,
                              as_root=r.as_root, host_network=r.host_network)
-        check_start_allowed(identity, limits, options, self.engine.config.default_limits)
+        check_start_allowed(identity, limits, options, self.engine.config.default_limits,
+                            self.config.host_network_roles)
         job_id = self.engine.start(identity.user, list(r.argv), limits, options)
         return self.status_pb(self.engine.status(job_id))
 
@@ -3081,10 +3108,6 @@ async def serve(engine, config, verifier, on_started=None):
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set("steve_jobs.v1.JobService", health_pb2.HealthCheckResponse.SERVING)
-    key_mode = os.stat(os.path.join(config.certs_dir, "server.key")).st_mode
-    if key_mode & 0o077:
-        log.warning("%s/server.key is readable by other users (jobs run as other users): "
-                    "chmod 600 it", config.certs_dir)
     if is_development_ca(ca):
         log.warning("running on the bundled DEVELOPMENT certificates: never use them in "
                     "production (see README: Security)")
@@ -3332,6 +3355,13 @@ def build_parser():
             ("--retain-size", parse_size, 10 * GiB,
              "then remove the oldest ended jobs until their output fits")):
         add_env_flag(s, flag, kind, default, help_text)
+    s.add_argument("--allow-host-network-role", action="append", default=[],
+                   choices=sorted(ROLES), metavar="ROLE",
+                   help="let this role (besides admin) run jobs in the host's network "
+                        "namespace (--network); may be repeated")
+    s.add_argument("--insecure-dev-certs", action="store_true",
+                   help="start even though --certs holds the CA's or token signer's private "
+                        "key, or keys readable by others (the bundled development set)")
     s.add_argument("--no-root-jobs", action="store_true",
                    help="refuse root jobs even for admins")
     s.add_argument("--stop-jobs-on-exit", action="store_true",
@@ -3407,6 +3437,12 @@ def cmd_server(args):
         min_free=args.min_free, workdir_size=args.workdir_size))
     try:
         CertificateStore(args.certs).read()
+        problems = certificate_folder_problems(args.certs)
+        if problems and not args.insecure_dev_certs:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise UnavailableError(f"{problems[0]}{more}; --insecure-dev-certs starts anyway")
+        for problem in problems:
+            log.warning("--insecure-dev-certs: %s", problem)
         engine.open()
     except Error as e:
         raise ClientError(EXIT_ERROR, f"cannot start: {e}") from None
@@ -3416,6 +3452,7 @@ def cmd_server(args):
                           retain_seconds=args.retain_days * 86400, retain_bytes=args.retain_size,
                           max_streams_per_user=args.max_streams_per_user,
                           handshake_timeout=args.handshake_timeout,
+                          host_network_roles=("admin", *args.allow_host_network_role),
                           open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     try:
         asyncio.run(serve(engine, config, verifier))

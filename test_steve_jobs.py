@@ -790,11 +790,32 @@ def other_ca_certs(tmp_path_factory):
     return make_cert_set(str(tmp_path_factory.mktemp("other-ca")), users=("mrarsenal:admin",))
 
 
+def server_only(certs_dir):
+    """What an operator puts on the job host: certs_dir without the keys that mint users
+    and tokens (the server refuses to start beside them). A folder beside certs_dir."""
+    if not os.path.exists(os.path.join(certs_dir, "ca.key")):
+        return certs_dir
+    target = certs_dir.rstrip("/") + ".server"
+    if not os.path.isdir(target):
+        os.makedirs(target + ".tmp", exist_ok=True)
+        for name in ("ca.crt", "server.crt", "server.key", "jwt-signing.pub"):
+            shutil.copy2(os.path.join(certs_dir, name), os.path.join(target + ".tmp", name))
+        os.rename(target + ".tmp", target)
+    return target
+
+
+def copy_server_certs(certs_dir, to):
+    """A copy of the server's files only, to change (keys written mode 0600)."""
+    shutil.copytree(server_only(certs_dir), to)
+    return to
+
+
 class Server:
     """A real `steve_jobs.py server` process on a free loopback port."""
 
     def __init__(self, certs_dir, state_dir=None, cgroup_root=None, extra=(), prefix=()):
-        self.certs = certs_dir
+        self.certs = certs_dir                        # the clients'
+        self.server_certs = server_only(certs_dir)    # the server's
         self.prefix = list(prefix)   # e.g. prlimit: how the operator starts it
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -808,7 +829,8 @@ class Server:
         self.log = open(self.log_path, "ab")
         self.log_start = self.log.tell()   # a restarted server appends to the same log
         self.proc = subprocess.Popen(
-            [*self.prefix, PYTHON, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
+            [*self.prefix, PYTHON, SCRIPT, "server", "--listen", self.address,
+             "--certs", self.server_certs,
              "--state-dir", self.state_dir, "--cgroup-root", self.cgroup_root, *self.extra],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + scaled(30)
@@ -1014,9 +1036,9 @@ def test_server_refuses_to_start_without_certificates(tmp_path):
 
 def test_server_certificates_rotate_without_a_restart(certs, tmp_path):
     require_kernel()
-    rotating = tmp_path / "rotating"
-    shutil.copytree(certs, rotating)
+    rotating = copy_server_certs(certs, tmp_path / "rotating")
     srv = Server(str(rotating)).start()
+    srv.certs = certs   # the clients' folder
     try:
         def served_serial():
             out, _ = s_client(srv, certs, "-showcerts", *with_client_cert(certs))
@@ -1239,6 +1261,9 @@ def test_user_role_limits_root_and_caps(server, certs):
                     pb.StartRequest(argv=["true"], limits=pb.Limits(cpu=2))):
         assert call(certs, server.address, "Start", request, user="alice")[0] == \
             "PERMISSION_DENIED"
+    # The host's network reaches the server's port and the host's loopback services.
+    assert call(certs, server.address, "Start", pb.StartRequest(argv=["true"],
+                host_network=True), user="alice")[0] == "PERMISSION_DENIED"
     code, st = call(certs, server.address, "Start", pb.StartRequest(argv=["id", "-u"],
                                                                    as_root=True))
     assert code == "OK" and st.as_root   # an admin may
@@ -1302,8 +1327,7 @@ def forged_client_cert(certs_dir, cn, expired=False, server_auth=False, san=None
 def test_a_client_certificate_cannot_serve_as_the_server_certificate(certs, tmp_path):
     require_kernel()
     # A server whose certificate has the right SAN but only clientAuth key usage.
-    bad = tmp_path / "bad-server"
-    shutil.copytree(certs, bad)
+    bad = copy_server_certs(certs, tmp_path / "bad-server")
     cert, key = forged_client_cert(certs, "steve-jobs server", san="127.0.0.1")
     (bad / "server.crt").write_bytes(cert)
     (bad / "server.key").write_bytes(key)
@@ -2122,3 +2146,38 @@ def test_client_supplied_strings_cannot_forge_or_flood_log_lines(server, certs):
     assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
     assert max(len(line) for line in log.splitlines()) < 1000
     assert "\\n2026-01-01" in log   # the forged id, escaped into its own log line
+
+
+def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
+    alice, wants = sj.Identity("alice", "user"), sj.JobOptions(host_network=True)
+    with pytest.raises(sj.PermissionDeniedError, match="--allow-host-network-role"):
+        sj.check_start_allowed(alice, sj.Limits(), wants, sj.Limits())
+    sj.check_start_allowed(alice, sj.Limits(), wants, sj.Limits(), ("admin", "user"))
+    sj.check_start_allowed(sj.Identity("root", "admin"), sj.Limits(), wants, sj.Limits())
+
+
+def test_the_server_refuses_a_certificate_folder_that_jobs_could_use(certs, tmp_path):
+    require_kernel()
+    cases = {"the CA's key beside it": lambda d: shutil.copy2(f"{certs}/ca.key", d),
+             "the token signer's key": lambda d: shutil.copy2(f"{certs}/jwt-signing.key", d),
+             "a key others can read": lambda d: os.chmod(f"{d}/server.key", 0o644),
+             "a token others can read": lambda d: (shutil.copy2(f"{certs}/alice.jwt", d),
+                                                   os.chmod(f"{d}/alice.jwt", 0o640))}
+    for i, (case, spoil) in enumerate(cases.items()):
+        folder = copy_server_certs(certs, tmp_path / f"case{i}")
+        spoil(folder)
+        srv = Server(str(folder))
+        srv.server_certs = str(folder)   # as it is, keys and all
+        with pytest.raises(AssertionError, match="insecure-dev-certs"):
+            srv.start()
+        log = srv.read_log().strip()
+        assert srv.proc.wait(30) == 1 and len(log.splitlines()) == 1, (case, log)
+        shutil.rmtree(srv.state_dir, ignore_errors=True)
+    # With the flag (the quickstart, on the bundled set) it starts, and its log says why not.
+    srv = Server(str(folder), extra=["--insecure-dev-certs"])
+    srv.server_certs = str(folder)
+    srv.start()
+    try:
+        assert "--insecure-dev-certs: " in srv.read_log()
+    finally:
+        srv.cleanup()
