@@ -21,12 +21,14 @@ umask 077
 
 dir="$(cd "$(dirname "$0")" && pwd)/certs"
 force=0; add_user=""; dev=0; sans=(); users=()
+die() { echo "gen_certs.sh: $*" >&2; exit 2; }
+value() { [ $# -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
     case "$1" in
-        --dir) dir="$2"; shift 2 ;;
+        --dir) value "$@"; dir="$2"; shift 2 ;;
         --force) force=1; shift ;;
-        --san) sans+=("$2"); shift 2 ;;
-        --add-user) add_user="$2"; shift 2 ;;
+        --san) value "$@"; sans+=("$2"); shift 2 ;;
+        --add-user) value "$@"; add_user="$2"; shift 2 ;;
         --development) dev=1; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         -*) echo "gen_certs.sh: unknown option $1" >&2; exit 2 ;;
@@ -34,6 +36,31 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ ${#users[@]} -gt 0 ] || users=("mrarsenal:admin" "alice:user")
+
+# Every argument is checked before anything is written: a bad one leaves no half-made set.
+# A user name becomes a certificate subject and file names; a SAN goes into an openssl
+# config file, where a newline or comma would add extensions of the caller's choosing.
+check_user() {   # USER[:ROLE]
+    local user="${1%%:*}" role="${1#*:}"
+    [ "$role" = "$1" ] && role=user
+    case "$user" in ""|-*|*[!A-Za-z0-9._-]*) die "bad user name $(printf %q "$user") (letters, digits, . _ -)" ;; esac
+    case "$role" in admin|user|reader) ;; *) die "bad role $(printf %q "$role") (admin, user or reader)" ;; esac
+}
+check_san() {
+    [[ "$1" =~ ^[A-Za-z0-9*]([A-Za-z0-9.*-]*[A-Za-z0-9])?$ || "$1" =~ ^[0-9A-Fa-f:.]+$ ]] ||
+        die "bad --san $(printf %q "$1") (a DNS name or an IP address)"
+}
+for u in "${users[@]}"; do check_user "$u"; done
+[ -z "$add_user" ] || check_user "$add_user"
+for s in "${sans[@]+"${sans[@]}"}"; do check_san "$s"; done
+
+ossl() {   # openssl, quiet unless it fails; then its own words
+    local log; log="$(mktemp)"
+    if ! openssl "$@" 2>"$log"; then
+        echo "gen_certs.sh: openssl $1 failed:" >&2; cat "$log" >&2; rm -f "$log"; exit 1
+    fi
+    rm -f "$log"
+}
 here="$(cd "$(dirname "$0")" && pwd)"
 python="${PYTHON:-}"
 if [ -z "$python" ]; then
@@ -43,18 +70,16 @@ token_days=30; [ $dev = 1 ] && token_days=730
 cert_days=825
 
 serial() { echo "0x$(openssl rand -hex 16)"; }   # random 128-bit serial
-new_key() { openssl ecparam -name prime256v1 -genkey -noout -out "$1"; chmod 600 "$1"; }
+new_key() { ossl ecparam -name prime256v1 -genkey -noout -out "$1"; chmod 600 "$1"; }
 
 make_client() {   # USER ROLE
     local user="$1" role="$2" tmp
-    case "$user" in ""|*[!A-Za-z0-9._-]*) echo "gen_certs.sh: bad user name '$user'" >&2; exit 2 ;; esac
-    case "$role" in admin|user|reader) ;; *) echo "gen_certs.sh: bad role '$role'" >&2; exit 2 ;; esac
     tmp="$(mktemp)"
     printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' > "$tmp"
     new_key "$dir/$user.key"
-    openssl req -new -key "$dir/$user.key" -subj "/O=steve-jobs/CN=$user" -out "$dir/$user.csr"
-    openssl x509 -req -in "$dir/$user.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
-        -set_serial "$(serial)" -days "$cert_days" -sha256 -extfile "$tmp" -out "$dir/$user.crt" 2>/dev/null
+    ossl req -new -key "$dir/$user.key" -subj "/O=steve-jobs/CN=$user" -out "$dir/$user.csr"
+    ossl x509 -req -in "$dir/$user.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+        -set_serial "$(serial)" -days "$cert_days" -sha256 -extfile "$tmp" -out "$dir/$user.crt"
     rm -f "$dir/$user.csr" "$tmp"
     "$python" "$here/steve_jobs.py" token --for-user "$user" --role "$role" \
         --cert "$dir/$user.crt" --signing-key "$dir/jwt-signing.key" --days "$token_days" > "$dir/$user.jwt"
@@ -84,7 +109,7 @@ ca_name="steve-jobs CA"; [ $dev = 1 ] && ca_name="steve-jobs DEVELOPMENT CA"
 tmp="$(mktemp)"
 printf '[req]\ndistinguished_name=dn\nx509_extensions=v3_ca\nprompt=no\n[dn]\nO=steve-jobs\nCN=%s\n[v3_ca]\nbasicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n' "$ca_name" > "$tmp"
 new_key "$dir/ca.key"
-openssl req -new -x509 -key "$dir/ca.key" -config "$tmp" -set_serial "$(serial)" \
+ossl req -new -x509 -key "$dir/ca.key" -config "$tmp" -set_serial "$(serial)" \
     -days 3650 -sha256 -out "$dir/ca.crt"
 rm -f "$tmp"
 
@@ -95,13 +120,13 @@ done
 tmp="$(mktemp)"
 printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' "$san" > "$tmp"
 new_key "$dir/server.key"
-openssl req -new -key "$dir/server.key" -subj "/O=steve-jobs/CN=steve-jobs server" -out "$dir/server.csr"
-openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
-    -set_serial "$(serial)" -days "$cert_days" -sha256 -extfile "$tmp" -out "$dir/server.crt" 2>/dev/null
+ossl req -new -key "$dir/server.key" -subj "/O=steve-jobs/CN=steve-jobs server" -out "$dir/server.csr"
+ossl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+    -set_serial "$(serial)" -days "$cert_days" -sha256 -extfile "$tmp" -out "$dir/server.crt"
 rm -f "$dir/server.csr" "$tmp"
 
 new_key "$dir/jwt-signing.key"
-openssl ec -in "$dir/jwt-signing.key" -pubout -out "$dir/jwt-signing.pub" 2>/dev/null
+ossl ec -in "$dir/jwt-signing.key" -pubout -out "$dir/jwt-signing.pub"
 chmod 644 "$dir/jwt-signing.pub" "$dir/ca.crt" "$dir/server.crt"
 echo "made $dir/ca.crt, server.crt (SAN $san) and the token signing key pair"
 

@@ -2181,3 +2181,15 @@ def test_the_server_refuses_a_certificate_folder_that_jobs_could_use(certs, tmp_
         assert "--insecure-dev-certs: " in srv.read_log()
     finally:
         srv.cleanup()
+
+
+@pytest.mark.parametrize("args", [
+    ["mrarsenal:admin", "bad name:user"], ["alice:root"], ["-rf:user"],
+    ["--san", "x\nextendedKeyUsage=serverAuth,clientAuth", "alice:user"],
+    ["--san", "jobs.example.com,IP:10.0.0.1"], ["--san"]])
+def test_gen_certs_checks_every_argument_before_writing_anything(tmp_path, args):
+    target = tmp_path / "set"
+    done = subprocess.run(["bash", os.path.join(HERE, "gen_certs.sh"), "--dir", str(target),
+                           *args], capture_output=True, env={**os.environ, "PYTHON": PYTHON})
+    assert done.returncode == 2 and not target.exists(), done
+    assert done.stderr.startswith(b"gen_certs.sh: ") and done.stderr.count(b"\n") == 1
