@@ -113,7 +113,10 @@ RESULT_RESERVE = 16 * KiB         # room kept for a job's result.json from its s
 MAX_ERROR_CHARS = 2000            # longer error texts are cut (they must fit the reserve)
 CHUNK = 1 * MiB                   # largest piece of output read or copied at once
 PIPE_SIZE = 1 * MiB               # job stdout pipe capacity: fewer stalls for chatty jobs
-JOB_PRIVATE_DIRS = ("/tmp", "/dev/shm")   # each job gets empty ones of its own
+JOB_PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")   # each job: empty, its own
+STATE_DIR_REFUSED = ("/tmp", "/dev/shm")   # cleaned by the host, or memory: not for state
+JOB_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")   # what /dev holds
+PRIVATE_DIR_SIZE = 1 * GiB        # a job's private /tmp and the like (and its memory limit)
 
 # Job states, as status() reports them.
 RUNNING, PAUSED = "running", "paused"
@@ -178,7 +181,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
-MS_REC, MS_PRIVATE = 0x4000, 0x40000
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
 PR_SET_NAME, PR_SET_NO_NEW_PRIVS = 15, 38
 IN_MODIFY, IN_MOVED_TO, IN_IGNORED = 0x2, 0x80, 0x8000
@@ -208,6 +211,39 @@ def mount(source, target, fstype, flags, data=None):
     enc = lambda s: s.encode() if s is not None else None
     _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
            f"mount {target}")
+
+
+SYS_MOUNT_SETATTR = 442          # the same number on x86_64 and aarch64
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+
+
+def make_mounts_read_only(top):
+    """Make top and every mount below it read-only, in this mount namespace only.
+
+    mount_setattr(2) does it in one call (Linux 5.12+); older kernels get a bind-remount
+    per mount point, keeping each one's nosuid/nodev/noexec. Raises OSError."""
+    attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY, 0, 0, 0)   # set, clear, propagation, userns
+    if _libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, os.fsencode(top), AT_RECURSIVE, attr,
+                     len(attr)) == 0:
+        return
+    if ctypes.get_errno() != errno.ENOSYS:
+        _check(-1, f"mount_setattr {top}")
+    keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+    for line in read_file("/proc/self/mountinfo").splitlines():
+        fields = line.split()
+        point = fields[4].encode().decode("unicode_escape")   # octal escapes: \040 is a space
+        if point == top or point.startswith(top.rstrip("/") + "/"):
+            flags = sum(keep[o] for o in fields[5].split(",") if o in keep)
+            with contextlib.suppress(OSError):   # a mount gone meanwhile, or not ours
+                mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags)
+
+
+def bind_mount(source, target, read_only=False):
+    """Bind source onto target; writable unless read_only, whatever source's mount is.
+    Raises OSError."""
+    mount(source, target, None, MS_BIND)
+    mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV
+          | (MS_RDONLY if read_only else 0))
 
 
 def umount_lazy(target):
@@ -901,7 +937,7 @@ def shim_main(chan, settings):
             chan.close()
             code = 126
             try:
-                code = init_main(cg, out_w, err_w, status_w, go_r)
+                code = init_main(cg, settings, out_w, err_w, status_w, go_r)
             finally:
                 os._exit(code)
     for fd in (out_w, err_w, status_w, go_r):
@@ -1054,10 +1090,10 @@ def _report_start_failure(err_w, out_w, message):
         pass
 
 
-def init_main(cg, out_w, err_w, status_w, go_r):
+def init_main(cg, settings, out_w, err_w, status_w, go_r):
     """Pid 1 of the job: enter namespaces, fork the command, reap, report its wait status."""
     try:
-        enter_job_namespaces(cg)
+        work_fd = enter_job_namespaces(cg, settings)
     except Exception as e:   # whatever it is, the shim must hear why the job did not start
         _report_start_failure(err_w, out_w, f"namespace setup failed: {e}")
         return 126
@@ -1075,8 +1111,9 @@ def init_main(cg, out_w, err_w, status_w, go_r):
         signal.signal(sig, forward)
     command_pid = os.fork()
     if command_pid == 0:
-        command_main(cg, go_r, out_w, err_w)   # never returns
-    for fd in (out_w, err_w, go_r):
+        command_main(cg, go_r, out_w, err_w, work_fd)   # never returns
+    # A --root job could reach pid 1's descriptors: keep none on the host's folders.
+    for fd in (out_w, err_w, go_r) + ((work_fd,) if work_fd is not None else ()):
         os.close(fd)
     status = reap_until(command_pid)
     os.write(status_w, struct.pack("i", status))
@@ -1096,18 +1133,37 @@ def _run_steps(steps):
             raise OSError(e.errno, f"cannot {what}: {e.strerror or e}") from None
 
 
-def enter_job_namespaces(cg):
-    """In init: join the cgroup, unshare mount, UTS, IPC and cgroup namespaces, remount.
+def enter_job_namespaces(cg, settings):
+    """In init: join the cgroup, unshare mount, UTS, IPC and cgroup namespaces, and build
+    the job's view of the host: all of it read-only, a fresh /proc, a minimal /dev, empty
+    private /tmp, /var/tmp, /dev/shm and /run/lock, and the server's own folders (state,
+    certificates: settings["hidden"]) covered by empty ones.
 
-    What depends on the request (network, hostname) is the command's to do.
+    What depends on the request (network, hostname, working folder) is the command's to do.
+    Returns an O_PATH handle on the host's settings["work"] folder (working folders on disk
+    are bound from it once the state folder is hidden), or None.
     Raises OSError naming the step that failed.
     """
+    handles = {}
+
     def private_mounts():
         # Private propagation first, or our mounts would leak back into the host's namespace.
         mount(None, "/", None, MS_REC | MS_PRIVATE)
 
+    def hold_what_gets_covered():
+        # Handles on what the job's view will cover, to bind from /proc/self/fd later.
+        for name in JOB_DEVICES:
+            handles[name] = os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC)
+        if settings.get("work"):
+            handles["work"] = os.open(settings["work"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
     def fresh_proc():
+        # After the host went read-only: the command must still write its oom_score_adj.
+        # /proc/sys and sysrq-trigger stay read-only (a --root job is host root).
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        for path in ("/proc/sys", "/proc/sysrq-trigger"):
+            if os.path.exists(path):
+                bind_mount(path, path, read_only=True)
 
     def protect_init_from_oom():
         # The OOM killer should pick the job's hungry process, never its init (which would
@@ -1119,32 +1175,65 @@ def enter_job_namespaces(cg):
         except PermissionError:
             pass
 
-    def private_tmp():
-        # A private /tmp and /dev/shm: jobs must not meet each other (or the host) there.
+    def minimal_dev():
+        # The devices a program expects, bound from the host's (no mknod: containers may
+        # forbid it), a private devpts for terminals, and nothing else of the host's /dev.
+        mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+        for name in JOB_DEVICES:
+            os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+            mount(f"/proc/self/fd/{handles.pop(name)}", f"/dev/{name}", None, MS_BIND)
+        for name in ("pts", "shm"):
+            os.mkdir(f"/dev/{name}", 0o755)
+        mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+              "newinstance,ptmxmode=0666,mode=0620")
+        for link, to in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"),
+                         ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+            os.symlink(to, f"/dev/{link}")
+
+    def private_dirs():
+        # Empty and private: jobs must not meet each other (or the host) there. Their pages
+        # are charged to the job's memory cgroup.
         for path in JOB_PRIVATE_DIRS:
             if os.path.isdir(path):
-                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
+                      f"mode=1777,size={settings.get('private_size', PRIVATE_DIR_SIZE)}")
+        mount(None, "/dev", None, MS_REMOUNT | MS_NOSUID | MS_NOEXEC | MS_RDONLY)
+
+    def hide_server_folders():
+        # Keys, tokens and every other job's records and output: not even their names.
+        for path in settings.get("hidden", ()):
+            if os.path.isdir(path):
+                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                      "mode=0755,size=1m")
 
     _run_steps([
         ("join the job's cgroup", cg.join),
         ("unshare namespaces", lambda: unshare(
             CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP)),
         ("make mounts private", private_mounts),
+        ("hold the host's devices", hold_what_gets_covered),
+        ("make the host read-only", lambda: make_mounts_read_only("/")),
         ("mount /proc", fresh_proc),
         ("protect init from the OOM killer", protect_init_from_oom),
-        ("mount private /tmp", private_tmp),
+        ("make a minimal /dev", minimal_dev),
+        ("mount private /tmp and the like", private_dirs),
+        ("hide the server's folders", hide_server_folders),
         ("name init", lambda: prctl(PR_SET_NAME, b"steve-init"))])
+    return handles.get("work")
 
 
-def command_main(cg, go_r, out_w, err_w):
+def command_main(cg, go_r, out_w, err_w, work_fd):
     """The command's process: get ready, wait for the request, finish, exec. Never returns.
 
     Everything that does not depend on the request happens before it arrives.
+    work_fd: an O_PATH handle on the host's folder of working folders (or None).
     """
     warm_error = ""
     try:
         host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        prepare_process(out_w, keep=(go_r, err_w, host_net))
+        keep = (go_r, err_w, host_net) + ((work_fd,) if work_fd is not None else ())
+        prepare_process(out_w, keep=keep)
         enter_job_network(cg)
     except Exception as e:   # reported once a job comes: it is that job's failure
         warm_error = f"namespace setup failed: {e}"
@@ -1159,25 +1248,56 @@ def command_main(cg, go_r, out_w, err_w):
         if warm_error:
             raise OSError(0, warm_error)
         _run_steps([("set the hostname", lambda: socket.sethostname(req["job_id"]))])
-        if req.get("workdir_size"):
-            _run_steps([("mount the working folder", lambda: mount_workdir(req))])
         if req["host_network"]:
             leave_job_network(host_net)
         os.close(host_net)
     except Exception as e:
         _report_start_failure(err_w, 2, str(e) if warm_error else f"namespace setup failed: {e}")
         os._exit(126)
+    try:
+        mount_workdir(req, work_fd)
+    except OSError as e:
+        _report_start_failure(err_w, 2, f"cannot enter working directory {req['workdir']}: "
+                                        f"{e.strerror or e}")
+        os._exit(126)
     exec_command(req, err_w)
 
 
-def mount_workdir(req):
-    """A private tmpfs of workdir_size bytes on the job's (server-made) working folder.
+def mount_workdir(req, work_fd):
+    """Make the job's working folder, the one writable place of the host's in its view.
 
-    Why: a job must not be able to fill the state filesystem for every other job. Its pages
-    are charged to the job's memory cgroup, so the job's memory limit bounds it too; it
-    disappears with the job's mount namespace. Raises OSError."""
-    mount("tmpfs", req["workdir"], "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={req['workdir_size']},mode=0700,uid={req['uid']},gid={req['uid']}")
+    Its own folder (req["own_workdir"]) is a private tmpfs of workdir_size bytes, or with
+    workdir_size 0 the host's folder bound from work_fd (the state folder is hidden). A
+    folder the client named is the host's, bound writable onto itself. Why a tmpfs: a job
+    must not be able to fill the state filesystem for every other job; its pages are
+    charged to the job's memory cgroup, and it disappears with the job. Raises OSError."""
+    path, uid = req["workdir"], req["uid"]
+    if not req.get("own_workdir"):
+        fd = open_as(uid, path)   # a path the job cannot reach is no business of ours
+        try:
+            bind_mount(f"/proc/self/fd/{fd}", path)
+        finally:
+            os.close(fd)
+        return
+    os.makedirs(path, 0o755, exist_ok=True)   # in the empty folder hiding the state folder
+    if req["workdir_size"]:
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
+              f"size={req['workdir_size']},mode=0700,uid={uid},gid={uid}")
+    else:
+        bind_mount(f"/proc/self/fd/{work_fd}/{req['job_id']}", path)
+
+
+def open_as(uid, path):
+    """An O_PATH handle on the folder path, opened with uid's permissions (so that its
+    errors tell nothing uid could not learn itself). Single-threaded callers only: it
+    switches the effective ids of the process. Raises OSError."""
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
 def prepare_process(out_w, keep):
@@ -1292,6 +1412,7 @@ class EngineConfig(typing.NamedTuple):
     max_jobs_per_user: int = 0    # running jobs of one owner; 0: a quarter of the above
     min_free: int = -1            # bytes the state filesystem keeps free; -1: 1%, <= 256 MiB
     workdir_size: int = 1 * GiB   # a server-made working folder is a tmpfs this big; 0: disk
+    hidden_paths: tuple = ()      # host folders jobs must not see (the server's certificates)
 
     def user_job_cap(self):
         return self.max_jobs_per_user or max(1, self.max_running_jobs // 4)
@@ -1699,7 +1820,7 @@ class Engine:
         if missing:
             raise UnavailableError(f"cgroup controllers missing: {', '.join(missing)}")
         state_dir = os.path.realpath(self.config.state_dir)
-        if any(state_dir == p or state_dir.startswith(p + "/") for p in JOB_PRIVATE_DIRS):
+        if any(state_dir == p or state_dir.startswith(p + "/") for p in STATE_DIR_REFUSED):
             raise UnavailableError("the state directory cannot be under /tmp or /dev/shm: "
                                    "jobs get private ones, so they would not see their files")
         # Jobs run as other uids and must reach their working folders inside the state dir.
@@ -1728,7 +1849,11 @@ class Engine:
         self._spawner.start({"layout": self.layout.to_dict(),
                              "cgroup_root": self.config.cgroup_root,
                              "limits": self.effective_limits(Limits())._asdict(),
-                             "open_files": job_open_files})
+                             "open_files": job_open_files,
+                             "hidden": [os.path.realpath(p) for p in
+                                        (self.config.state_dir, *self.config.hidden_paths)],
+                             "work": os.path.realpath(os.path.join(state_dir, "work")),
+                             "private_size": self.config.workdir_size or PRIVATE_DIR_SIZE})
         return self
 
     def close(self, stop_jobs=False):
@@ -1882,6 +2007,7 @@ class Engine:
                 "env": {"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env},
                 "workdir": workdir, "limits": spec["limits"],
                 "workdir_size": self._workdir_size(options, limits),
+                "own_workdir": not options.workdir,
                 "host_network": options.host_network, "output_cap": self.config.output_cap})
         except Error:
             self._forget(job, remove_workdir=not options.workdir)
@@ -1932,6 +2058,11 @@ class Engine:
                 os.mkdir(workdir, 0o700)
                 os.chown(workdir, spec["uid"], spec["uid"])
             if (limits.io_read_bps or limits.io_write_bps) and not limits.io_device:
+                if spec["options"]["workdir"]:
+                    # Not looked up here: the server is root, and whether a path exists
+                    # is not the client's to learn.
+                    raise InvalidArgumentError("IO limits with a --workdir need io_device "
+                                               "(MAJOR:MINOR of the disk to limit)")
                 device = whole_disk_of(workdir)
                 if not device:
                     raise InvalidArgumentError(
@@ -3434,7 +3565,8 @@ def cmd_server(args):
         state_dir=args.state_dir, cgroup_root=args.cgroup_root, default_limits=limits["default"],
         max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs,
         max_running_jobs=args.max_jobs, max_jobs_per_user=args.max_jobs_per_user,
-        min_free=args.min_free, workdir_size=args.workdir_size))
+        min_free=args.min_free, workdir_size=args.workdir_size,
+        hidden_paths=(args.certs,)))
     try:
         CertificateStore(args.certs).read()
         problems = certificate_folder_problems(args.certs)

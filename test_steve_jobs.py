@@ -77,6 +77,14 @@ def scaled(seconds):
     return seconds * sj.TIME_SCALE
 
 
+def host_folder_for_jobs():
+    """A folder on the host that jobs may write to (as --workdir): not under a folder
+    they get a private copy of (/tmp, /var/tmp). The caller removes it."""
+    folder = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/lib")
+    os.chmod(folder, 0o777)
+    return folder
+
+
 def new_state_dir():
     # Not under /tmp: jobs get a private /tmp, so they could not see their working folder.
     return tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/tmp")
@@ -581,8 +589,7 @@ def test_twenty_followers_attaching_at_different_moments_get_every_byte(engine):
               "    time.sleep(0.02)\n"
               "open('digest', 'w').write(h.hexdigest())\n")
     # A folder of the test's: the default working folder is a tmpfs that ends with the job.
-    workdir = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/tmp")
-    os.chmod(workdir, 0o777)
+    workdir = host_folder_for_jobs()
     job_id = engine.start("tester", ["python3", "-c", writer], options=sj.JobOptions(
         workdir=workdir))
     digests, errors = [None] * 20, []
@@ -1814,8 +1821,8 @@ def test_a_second_engine_on_the_same_state_folder_is_refused_and_harms_nothing()
 def test_a_second_server_on_the_same_state_folder_exits_with_one_line(certs):
     require_kernel()
     first = Server(certs).start()
+    second = Server(certs, state_dir=first.state_dir, cgroup_root=first.cgroup_root)
     try:
-        second = Server(certs, state_dir=first.state_dir, cgroup_root=first.cgroup_root)
         second.log_path = os.path.join(first.state_dir, "second.log")
         with pytest.raises(AssertionError, match="another server"):
             second.start()
@@ -1826,6 +1833,8 @@ def test_a_second_server_on_the_same_state_folder_exits_with_one_line(certs):
         job_id = start_job(first, "exit 5")
         assert cli_json(first, "stop", job_id)["exit_code"] == 5
     finally:
+        if second.proc:
+            second.terminate(signal.SIGKILL)   # if it started after all: not its state
         first.cleanup()
 
 
@@ -2168,11 +2177,13 @@ def test_the_server_refuses_a_certificate_folder_that_jobs_could_use(certs, tmp_
         spoil(folder)
         srv = Server(str(folder))
         srv.server_certs = str(folder)   # as it is, keys and all
-        with pytest.raises(AssertionError, match="insecure-dev-certs"):
-            srv.start()
-        log = srv.read_log().strip()
-        assert srv.proc.wait(30) == 1 and len(log.splitlines()) == 1, (case, log)
-        shutil.rmtree(srv.state_dir, ignore_errors=True)
+        try:
+            with pytest.raises(AssertionError, match="insecure-dev-certs"):
+                srv.start()
+            log = srv.read_log().strip()
+            assert srv.proc.wait(30) == 1 and len(log.splitlines()) == 1, (case, log)
+        finally:
+            srv.cleanup()   # a server that started after all is stopped, its state removed
     # With the flag (the quickstart, on the bundled set) it starts, and its log says why not.
     srv = Server(str(folder), extra=["--insecure-dev-certs"])
     srv.server_certs = str(folder)
@@ -2193,3 +2204,59 @@ def test_gen_certs_checks_every_argument_before_writing_anything(tmp_path, args)
                            *args], capture_output=True, env={**os.environ, "PYTHON": PYTHON})
     assert done.returncode == 2 and not target.exists(), done
     assert done.stderr.startswith(b"gen_certs.sh: ") and done.stderr.count(b"\n") == 1
+
+
+def test_a_job_sees_the_host_read_only_and_none_of_the_servers_folders():
+    certs_like = host_folder_for_jobs()   # stands for the server's certificate folder
+    with open(os.path.join(certs_like, "server.key"), "w") as f:
+        f.write("-----BEGIN PRIVATE KEY-----\n")
+    os.chmod(os.path.join(certs_like, "server.key"), 0o644)
+    try:
+        with running_engine(hidden_paths=(certs_like,), allow_root=True) as engine:
+            state = engine.config.state_dir
+            probe = (f"cat {certs_like}/server.key; ls {state}/jobs; "
+                     "for f in /etc/steve-x /usr/steve-x /var/lib/steve-x /root/steve-x; do "
+                     "  touch $f 2>/dev/null && echo WROTE $f; done; "
+                     "touch ./mine /tmp/mine /var/tmp/mine /dev/shm/mine && echo private-ok; "
+                     "ls /dev | tr '\\n' ' '")
+            for as_root in (False, True):   # a --root job too: host root, namespaced view
+                st, out = sh(engine, probe, as_root=as_root)
+                text = out.decode()
+                assert "PRIVATE KEY" not in text and "WROTE" not in text, text
+                assert "private-ok" in text, text
+                assert text.split("private-ok\n")[1].split() == sorted(
+                    list(sj.JOB_DEVICES) + ["fd", "ptmx", "pts", "shm", "stderr", "stdin",
+                                            "stdout"]), text
+            for f in ("/etc/steve-x", "/usr/steve-x", "/var/lib/steve-x", "/root/steve-x"):
+                assert not os.path.exists(f)
+    finally:
+        shutil.rmtree(certs_like)
+
+
+def test_what_one_job_leaves_in_var_tmp_no_later_job_sees(engine):
+    sh(engine, "echo secret > /var/tmp/left-behind; echo secret > /run/lock/left-behind")
+    st, out = sh(engine, "cat /var/tmp/left-behind /run/lock/left-behind")
+    assert b"secret" not in out and st.exit_code != 0, out
+    assert not os.path.exists("/var/tmp/left-behind")
+
+
+def test_a_named_working_folder_is_checked_as_the_jobs_user(engine):
+    private = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/lib")   # 0700, root's
+    os.mkdir(os.path.join(private, "there"))
+    try:
+        there = run(engine, ["true"], workdir=f"{private}/there")[0]
+        nowhere = run(engine, ["true"], workdir=f"{private}/nowhere")[0]
+        assert there.state == nowhere.state == sj.FAILED
+        # What the job's user cannot reach, it cannot tell from what does not exist.
+        assert "Permission denied" in there.error and "Permission denied" in nowhere.error
+        with pytest.raises(sj.InvalidArgumentError, match="io_device"):
+            engine.start("tester", ["true"], sj.Limits(io_write_bps=1 << 20),
+                         sj.JobOptions(workdir=f"{private}/nowhere"))
+    finally:
+        shutil.rmtree(private)
+
+
+def test_a_user_cannot_read_the_servers_keys_from_a_job(server):
+    done = cli(server, "run", "-f", "--", "cat", f"{server.server_certs}/server.key",
+               user="alice")
+    assert done.returncode != 0 and b"PRIVATE KEY" not in done.stdout, done
