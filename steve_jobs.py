@@ -1767,6 +1767,7 @@ class Spawner:
 
 
 LOCK_FILE = "server.lock"
+UID_FILE, UID_BLOCK = "uids.json", 256
 
 
 def lock_state_dir(state_dir):
@@ -1802,7 +1803,9 @@ class Engine:
         self._spawner = Spawner()
         self._watcher = None
         self._lock_fd = None
-        self._uids_in_use = set()
+        self._uids_kept = set()       # uids of every job with a record, running or not
+        self._next_uid = 0            # uids are handed out in order, never twice in a row
+        self._uid_block_end = 0       # what uids.json says: restarts continue from there
         self._running = set()         # ids of jobs without a result
 
     # -- life cycle -----------------------------------------------------------
@@ -1844,6 +1847,9 @@ class Engine:
             log.info("open files limit raised from %d to %d (jobs keep %d)",
                      job_open_files, open_files, job_open_files)
         self._watcher = JobWatcher(self._record_end, self._supervisor_exited)
+        saved = (_load_json(os.path.join(self.config.state_dir, UID_FILE)) or {}).get("next")
+        self._next_uid = saved if isinstance(saved, int) and saved >= 0 else 0
+        self._uid_block_end = self._next_uid
         self._load_jobs()
         self._sweep_cgroups()
         self._spawner.start({"layout": self.layout.to_dict(),
@@ -2285,8 +2291,9 @@ class Engine:
             job.ended.set()
         with self._lock:
             self._jobs[job_id] = job
+            if spec["uid"]:
+                self._uids_kept.add(spec["uid"])
             if job.result is None:
-                self._uids_in_use.add(spec["uid"])
                 self._running.add(job_id)
         return job
 
@@ -2325,7 +2332,6 @@ class Engine:
                 return
             job.result = result
             job.paused = False
-            self._uids_in_use.discard(job.spec["uid"])
             self._running.discard(job.id)
         job.ended.set()
         job.notify()
@@ -2335,7 +2341,7 @@ class Engine:
         import shutil
         with self._lock:
             self._jobs.pop(job.id, None)
-            self._uids_in_use.discard(job.spec["uid"])
+            self._uids_kept.discard(job.spec["uid"])
             self._running.discard(job.id)
         shutil.rmtree(job.dir, ignore_errors=True)   # also ends its inotify watch
         if remove_workdir:
@@ -2355,16 +2361,35 @@ class Engine:
                     f"(--max-jobs-per-user)")
             if root:
                 return 0
-            for _ in range(64):
-                uid = self.config.uid_base + int.from_bytes(os.urandom(4), "little") % self.config.uid_count
-                if uid not in self._uids_in_use:
-                    self._uids_in_use.add(uid)
-                    return uid
-        raise ResourceExhaustedError("no free job uid")
+            # In order, from where the last server left off: a uid comes back only after
+            # all uid_count others were used, and never while a job record holds it (its
+            # files, its keyrings, its processes are that job's alone).
+            for _ in range(min(self.config.uid_count, len(self._uids_kept) + 1)):
+                uid = self.config.uid_base + self._next_uid % self.config.uid_count
+                self._next_uid += 1
+                if uid not in self._uids_kept:
+                    break
+            else:
+                raise ResourceExhaustedError("every job uid is held by a job record: rm some")
+            if self._next_uid >= self._uid_block_end:
+                self._save_uid_block()
+            self._uids_kept.add(uid)
+            return uid
+
+    def _save_uid_block(self):
+        """Record in uids.json where the next server starts handing out uids (a block
+        ahead, so that this is written once per UID_BLOCK starts). Best effort."""
+        self._uid_block_end = self._next_uid + UID_BLOCK
+        try:
+            write_json_atomic(os.path.join(self.config.state_dir, UID_FILE),
+                              {"next": self._uid_block_end})
+        except OSError as e:
+            log.warning("cannot record the next job uid (%s): a restart may hand out "
+                        "uids of removed jobs again", e.strerror or e)
 
     def _release_uid(self, uid):
         with self._lock:
-            self._uids_in_use.discard(uid)   # (root's 0 is never in it)
+            self._uids_kept.discard(uid)   # (root's 0 is never in it)
 
     def _get(self, job_id):
         job = None

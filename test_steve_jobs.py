@@ -2260,3 +2260,29 @@ def test_a_user_cannot_read_the_servers_keys_from_a_job(server):
     done = cli(server, "run", "-f", "--", "cat", f"{server.server_certs}/server.key",
                user="alice")
     assert done.returncode != 0 and b"PRIVATE KEY" not in done.stdout, done
+
+
+def test_job_uids_come_in_order_and_only_back_once_no_record_holds_them(tmp_path):
+    engine = sj.Engine(sj.EngineConfig(state_dir=str(tmp_path), uid_count=3))
+    base = engine.config.uid_base
+    engine._jobs = {}
+    uids = [engine._allocate_uid("tester") for _ in range(3)]
+    assert uids == [base, base + 1, base + 2]
+    with pytest.raises(sj.ResourceExhaustedError, match="job uid"):
+        engine._allocate_uid("tester")
+    engine._release_uid(base + 1)              # its record was removed
+    assert engine._allocate_uid("tester") == base + 1
+    assert json.load(open(tmp_path / sj.UID_FILE))["next"] >= 4   # a restart goes on
+
+
+def test_a_removed_jobs_uid_is_not_given_to_the_next_job_nor_after_a_restart():
+    with engine_that_goes_away() as (first, state_dir, root):
+        a = first.start("tester", ["true"])
+        b = first.start("tester", ["true"])
+        ua, ub = first.wait(a, scaled(30)).uid, first.wait(b, scaled(30)).uid
+        first.remove(a)
+        uc = first.wait(first.start("tester", ["true"]), scaled(30)).uid
+        assert ua < ub < uc
+    with running_engine(state_dir=state_dir, cgroup_root=root) as second:
+        ud = second.wait(second.start("tester", ["true"]), scaled(30)).uid
+        assert ud > uc
