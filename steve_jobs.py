@@ -907,7 +907,10 @@ def spawner_main(sock_fd, settings):
         if req.get("used"):
             offered -= 1
         elif len(fds) == 1:
-            if not WarmShim(settings, sock).hand_over(msg, fds[0]):
+            # A job that must see the host writable cannot use a warm shim (its view was
+            # made read-only before any job came): it gets one made for it.
+            own = {**settings, "rw_host": True} if req.get("rw_host") else settings
+            if not WarmShim(own, sock).hand_over(msg, fds[0]):
                 _reply(fds[0], ok=False, error="the job's supervisor could not start")
         for fd in fds:
             os.close(fd)
@@ -1291,7 +1294,8 @@ def enter_job_namespaces(cg, settings):
             CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP)),
         ("make mounts private", private_mounts),
         ("hold the host's devices", hold_what_gets_covered),
-        ("make the host read-only", lambda: make_mounts_read_only("/")),
+        ("make the host read-only",
+         lambda: None if settings.get("rw_host") else make_mounts_read_only("/")),
         ("mount /proc", fresh_proc),
         ("protect init from the OOM killer", protect_init_from_oom),
         ("make a minimal /dev", minimal_dev),
@@ -1478,6 +1482,7 @@ class JobOptions(typing.NamedTuple):
     workdir: str = ""             # absolute path; default: a fresh folder per job
     as_root: bool = False         # run as uid 0 (inside the namespaces); server must allow it
     host_network: bool = False    # share the host's network namespace
+    rw_host: bool = False         # the host's filesystem writable (else read-only); admins
 
 
 class EngineConfig(typing.NamedTuple):
@@ -1771,17 +1776,17 @@ class Spawner:
         reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
         try:
             try:
-                self._send(msg, reply_w)
+                self._send(msg, reply_w, warm_ok=not request.get("rw_host"))
             finally:
                 os.close(reply_w)   # now only the shim holds it
             return _read_reply(reply_r, time.monotonic() + timeout)
         finally:
             os.close(reply_r)
 
-    def _send(self, msg, reply_w):
+    def _send(self, msg, reply_w, warm_ok=True):
         with self._lock:
             self._collect_offers()
-            warm = self._warm.pop(0) if self._warm else None
+            warm = self._warm.pop(0) if self._warm and warm_ok else None
         if warm is not None:
             _, shim_sock = warm
             try:
@@ -2173,7 +2178,8 @@ class Engine:
                 "workdir": workdir, "limits": spec["limits"],
                 "workdir_size": self._workdir_size(options, limits),
                 "own_workdir": not options.workdir,
-                "host_network": options.host_network, "output_cap": self.config.output_cap})
+                "host_network": options.host_network, "rw_host": options.rw_host,
+                "output_cap": self.config.output_cap})
         except Error:
             self._forget(job, remove_workdir=not options.workdir)
             raise
@@ -2885,6 +2891,8 @@ def check_start_allowed(identity, limits, options, default_limits,
     role = ROLES[identity.role]
     if options.as_root and not role.root_jobs:
         raise PermissionDeniedError(f"role {identity.role} may not run jobs as root")
+    if options.rw_host and not role.root_jobs:
+        raise PermissionDeniedError(f"role {identity.role} may not make the host writable")
     if options.host_network and identity.role not in host_network_roles:
         raise PermissionDeniedError(
             f"role {identity.role} may not share the host's network (the server's "
@@ -3174,7 +3182,8 @@ class JobService:
             memory_bytes=st.memory_bytes, peak_memory_bytes=st.peak_memory_bytes,
             oom_kills=st.oom_kills, output_bytes=st.output_bytes,
             output_truncated=st.output_truncated, as_root=st.options.as_root,
-            host_network=st.options.host_network, workdir=st.options.workdir, uid=st.uid)
+            host_network=st.options.host_network, workdir=st.options.workdir, uid=st.uid,
+            rw_host=st.options.rw_host)
         if st.exit_code is not None:
             pb.exit_code = st.exit_code
         if st.signal is not None:
@@ -3248,7 +3257,8 @@ class JobService:
                         io_read_bps=r.limits.io_read_bps, io_write_bps=r.limits.io_write_bps,
                         io_device=r.limits.io_device)
         options = JobOptions(env=tuple(sorted(r.env.items())), workdir=r.workdir,
-                             as_root=r.as_root, host_network=r.host_network)
+                             as_root=r.as_root, host_network=r.host_network,
+                             rw_host=r.rw_host)
         check_start_allowed(identity, limits, options, self.engine.config.default_limits,
                             self.config.host_network_roles)
         job_id = self.engine.start(identity.user, list(r.argv), limits, options)
@@ -3691,6 +3701,8 @@ def build_parser():
     r.add_argument("--io-device", default="", help="MAJOR:MINOR the IO limits apply to")
     r.add_argument("--network", action="store_true", help="share the host's network")
     r.add_argument("--root", action="store_true", help="run as root (admins only)")
+    r.add_argument("--rw-host", action="store_true",
+                   help="see the host's filesystem writable, not read-only (admins only)")
     r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     r.add_argument("--workdir", default="", help="absolute path on the server")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help='"CMD" or -- PROG ARG...')
@@ -3879,6 +3891,7 @@ def cmd_run(client, args):
         env[name] = value
     request = pb.StartRequest(
         argv=argv, env=env, workdir=args.workdir, as_root=args.root, host_network=args.network,
+        rw_host=args.rw_host,
         limits=pb.Limits(cpu=args.cpu, memory_bytes=args.memory, pids=args.pids,
                          io_read_bps=args.io_read, io_write_bps=args.io_write,
                          io_device=args.io_device))

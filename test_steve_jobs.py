@@ -1271,6 +1271,8 @@ def test_user_role_limits_root_and_caps(server, certs):
     # The host's network reaches the server's port and the host's loopback services.
     assert call(certs, server.address, "Start", pb.StartRequest(argv=["true"],
                 host_network=True), user="alice")[0] == "PERMISSION_DENIED"
+    assert call(certs, server.address, "Start", pb.StartRequest(argv=["true"],
+                rw_host=True), user="alice")[0] == "PERMISSION_DENIED"
     code, st = call(certs, server.address, "Start", pb.StartRequest(argv=["id", "-u"],
                                                                    as_root=True))
     assert code == "OK" and st.as_root   # an admin may
@@ -2335,3 +2337,18 @@ def test_a_job_cannot_make_user_namespaces_or_reach_the_kernels_wider_surface():
             "make -v >/dev/null" if shutil.which("make") else "") if t)
         st, out = sh(engine, tools + " && echo all-ok")
         assert out.endswith(b"all-ok\n"), out
+
+
+def test_an_admin_may_ask_for_a_writable_host_and_gets_it_for_that_job_only():
+    target = f"/var/lib/steve-jobs-test-rw-{uuid.uuid4().hex[:8]}"
+    with running_engine(allow_root=True) as engine:
+        try:
+            st, out = sh(engine, f"touch {target} && echo wrote", as_root=True, rw_host=True)
+            assert out == b"wrote\n" and os.path.exists(target), out
+            assert engine.status(st.id).options.rw_host
+            os.unlink(target)
+            st, out = sh(engine, f"touch {target} || echo refused", as_root=True)
+            assert out.endswith(b"refused\n") and not os.path.exists(target), out
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
