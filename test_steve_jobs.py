@@ -2337,6 +2337,14 @@ def test_a_job_cannot_make_user_namespaces_or_reach_the_kernels_wider_surface():
             "make -v >/dev/null" if shutil.which("make") else "") if t)
         st, out = sh(engine, tools + " && echo all-ok")
         assert out.endswith(b"all-ok\n"), out
+        if shutil.which("curl"):   # and a client on the host's network, to the host
+            import http.server
+            web = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+            threading.Thread(target=web.handle_request, daemon=True).start()
+            st, out = sh(engine, f"curl -s -o /dev/null -w '%{{http_code}}' "
+                                 f"http://127.0.0.1:{web.server_port}/", host_network=True)
+            web.server_close()
+            assert out == b"200", out
 
 
 def test_an_admin_may_ask_for_a_writable_host_and_gets_it_for_that_job_only():
