@@ -420,6 +420,9 @@ def read_file(path, default=None):
         return default
 
 
+RESERVE_SUFFIX = ".reserve"
+
+
 def write_json_atomic(path, obj):
     """Replace path with obj as JSON so readers see the old or the new file, never half.
 
@@ -455,8 +458,6 @@ def write_json_atomic(path, obj):
         raise
 
 
-RESERVE_SUFFIX = ".reserve"
-
 
 def reserve_room(path, size):
     """Take size bytes of real blocks for a file to be written later by write_json_atomic
@@ -470,20 +471,15 @@ def reserve_room(path, size):
         os.close(fd)
 
 
-def write_json_until_written(path, obj, give_up=None):
+def write_json_until_written(path, obj):
     """write_json_atomic, retried while the filesystem is full (or failing), so that what a
-    supervisor knows is not lost: it is written as soon as there is room again.
-
-    give_up(): checked between tries; True stops retrying (returns False). Returns True once
-    written."""
+    supervisor knows is not lost: it is written as soon as there is room again."""
     pause = 0.2
     while True:
         try:
             write_json_atomic(path, obj)
-            return True
+            return
         except OSError as e:
-            if give_up is not None and give_up():
-                return False
             if pause == 0.2:
                 log.warning("cannot write %s (%s); retrying until there is room",
                             path, e.strerror or e)
@@ -3225,17 +3221,21 @@ class JobService:
     async def Stop(self, request, context):
         return await self.unary(context, "Stop", self._stop, request)
 
+    def _on_job(self, method):
+        """An RPC body: the engine's method on the request's job, answered with its status."""
+        return lambda identity, r: self.status_pb(method(r.job_id))
+
     async def Status(self, request, context):
-        return await self.unary(context, "Status",
-                                lambda i, r: self.status_pb(self.engine.status(r.job_id)), request)
+        return await self.unary(context, "Status", self._on_job(self.engine.status),
+                                request)
 
     async def Pause(self, request, context):
-        return await self.unary(context, "Pause",
-                                lambda i, r: self.status_pb(self.engine.pause(r.job_id)), request)
+        return await self.unary(context, "Pause", self._on_job(self.engine.pause),
+                                request)
 
     async def Resume(self, request, context):
-        return await self.unary(context, "Resume",
-                                lambda i, r: self.status_pb(self.engine.resume(r.job_id)), request)
+        return await self.unary(context, "Resume", self._on_job(self.engine.resume),
+                                request)
 
     async def Remove(self, request, context):
         def remove(identity, r):
