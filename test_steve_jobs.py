@@ -1,15 +1,16 @@
-"""Tests for steve-jobs, in four groups:
+"""Tests for steve-jobs, in five groups:
 
   unit    no root needed: parsing, validation, the cgroup v2 path against a fake cgroupfs tree
   kernel  the job engine against the real kernel: real cgroups, namespaces, processes
   e2e     a real server process over real mutual TLS on loopback
   faults  full disks, killed supervisors and servers, two servers on one state folder, file
           handle limits, idle connections, stalled followers (real kernel and servers)
+  tenants what a hostile user (alice, role user) can do to other users and to the host
 
 Every time budget is multiplied by STEVE_JOBS_TIME_SCALE (default 1; e.g. 10 in an emulated
 VM), through scaled(), and so are the server's own waits.
 
-Kernel and e2e tests skip without root, cgroups or namespaces, unless STEVE_JOBS_MUST_WORK=1,
+Kernel, e2e, fault and tenant tests skip without root, cgroups or namespaces, unless STEVE_JOBS_MUST_WORK=1,
 under which they fail instead. Every test removes the cgroups and processes it makes.
 """
 
