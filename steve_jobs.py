@@ -228,6 +228,12 @@ def make_mounts_read_only(top):
         return
     if ctypes.get_errno() != errno.ENOSYS:
         _check(-1, f"mount_setattr {top}")
+    remount_each_read_only(top)
+
+
+def remount_each_read_only(top):
+    """make_mounts_read_only for kernels without mount_setattr: a read-only bind-remount of
+    every mount point at or below top (nosuid, nodev, noexec kept)."""
     keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
     for line in read_file("/proc/self/mountinfo").splitlines():
         fields = line.split()

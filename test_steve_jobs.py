@@ -2361,3 +2361,27 @@ def test_an_admin_may_ask_for_a_writable_host_and_gets_it_for_that_job_only():
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
+
+
+@pytest.mark.parametrize("way", ["make_mounts_read_only", "remount_each_read_only"])
+def test_both_ways_of_making_the_host_read_only_cover_every_mount(way):
+    require_kernel()
+    probe = (f"import os, steve_jobs as sj\n"
+             f"sj.mount(None, '/', None, sj.MS_REC | sj.MS_PRIVATE)\n"
+             f"sj.{way}('/')\n"
+             f"for path in ('/var/tmp', '/dev/shm', '/run', '/sys/fs/cgroup', '/proc/sys'):\n"
+             f"    try:\n"
+             f"        os.mkdir(path + '/steve-jobs-test-ro')\n"
+             f"        print('WROTE', path)\n"
+             f"    except OSError as e:\n"
+             f"        print(path, e.errno)\n")
+    done = subprocess.run(["unshare", "--mount", PYTHON, "-c", probe], cwd=HERE,
+                          capture_output=True, timeout=scaled(30))
+    assert done.returncode == 0 and b"WROTE" not in done.stdout, done
+    assert done.stdout.count(b" %d\n" % errno.EROFS) >= 3, done.stdout
+
+
+def test_running_out_of_file_handles_is_resource_exhausted_not_internal(caplog):
+    code, message = sj.rpc_status(OSError(errno.EMFILE, "Too many open files"))
+    assert code == "RESOURCE_EXHAUSTED" and "file handles" in message
+    assert "Traceback" not in caplog.text
