@@ -1969,6 +1969,8 @@ class Engine:
         self._uids_kept = set()       # uids of every job with a record, running or not
         self._next_uid = 0            # uids are handed out in order, never twice in a row
         self._uid_block_end = 0       # what uids.json says: restarts continue from there
+        self._uids_retired = set()    # uids of jobs that could leave files on the host
+        self._uid_file_lock = threading.Lock()
         self._running = set()         # ids of jobs without a result
 
     # -- life cycle -----------------------------------------------------------
@@ -2011,8 +2013,10 @@ class Engine:
                      job_open_files, open_files, job_open_files)
         self._watcher = JobWatcher(self._record_end, self._supervisor_exited)
         self._spare_folders = SpareJobFolders(self.config.state_dir)
-        saved = (_load_json(os.path.join(self.config.state_dir, UID_FILE)) or {}).get("next")
-        self._next_uid = saved if isinstance(saved, int) and saved >= 0 else 0
+        saved = _load_json(os.path.join(self.config.state_dir, UID_FILE))
+        saved = saved if isinstance(saved, dict) else {}
+        self._next_uid = saved.get("next") if isinstance(saved.get("next"), int) else 0
+        self._uids_retired = {u for u in saved.get("retired", ()) if isinstance(u, int)}
         self._uid_block_end = self._next_uid
         self._load_jobs()
         self._sweep_cgroups()
@@ -2159,7 +2163,8 @@ class Engine:
         self._check_room()
         job_id = new_job_id()
         job_dir = os.path.join(self.config.state_dir, "jobs", job_id)
-        uid = self._allocate_uid(owner, root=options.as_root)
+        uid = self._allocate_uid(owner, root=options.as_root,
+                                 leaves_files=bool(options.workdir or options.rw_host))
         workdir = options.workdir or os.path.join(self.config.state_dir, "work", job_id)
         spec = {"id": job_id, "owner": owner, "argv": argv, "limits": limits._asdict(),
                 "options": options._replace(env=tuple(env.items()))._asdict(),
@@ -2509,9 +2514,12 @@ class Engine:
         if remove_workdir:
             shutil.rmtree(job.spec["workdir"], ignore_errors=True)
 
-    def _allocate_uid(self, owner, root=False):
+    def _allocate_uid(self, owner, root=False, leaves_files=False):
         """A uid for a new job of owner (0 for root). Raises ResourceExhaustedError at the
-        maximum of running jobs, in all or of this owner."""
+        maximum of running jobs, in all or of this owner.
+
+        leaves_files: the job can write somewhere on the host that outlives it (a --workdir,
+        --rw-host): its uid is retired for good, since files it owns may stay there."""
         with self._lock:
             if len(self._running) >= self.config.max_running_jobs:
                 raise ResourceExhaustedError(
@@ -2526,28 +2534,35 @@ class Engine:
             # In order, from where the last server left off: a uid comes back only after
             # all uid_count others were used, and never while a job record holds it (its
             # files, its keyrings, its processes are that job's alone).
-            for _ in range(min(self.config.uid_count, len(self._uids_kept) + 1)):
+            taken = self._uids_kept | self._uids_retired
+            for _ in range(min(self.config.uid_count, len(taken) + 1)):
                 uid = self.config.uid_base + self._next_uid % self.config.uid_count
                 self._next_uid += 1
-                if uid not in self._uids_kept:
+                if uid not in taken:
                     break
             else:
                 raise ResourceExhaustedError("every job uid is held by a job record: rm some")
-            if self._next_uid >= self._uid_block_end:
-                self._save_uid_block()
             self._uids_kept.add(uid)
-            return uid
+            if leaves_files:
+                self._uids_retired.add(uid)
+            save = leaves_files or self._next_uid >= self._uid_block_end
+        if save:
+            self._save_uids()
+        return uid
 
-    def _save_uid_block(self):
+    def _save_uids(self):
         """Record in uids.json where the next server starts handing out uids (a block
-        ahead, so that this is written once per UID_BLOCK starts). Best effort."""
-        self._uid_block_end = self._next_uid + UID_BLOCK
-        try:
-            write_json_atomic(os.path.join(self.config.state_dir, UID_FILE),
-                              {"next": self._uid_block_end})
-        except OSError as e:
-            log.warning("cannot record the next job uid (%s): a restart may hand out "
-                        "uids of removed jobs again", e.strerror or e)
+        ahead, so that this is written once per UID_BLOCK starts) and the retired ones.
+        Best effort. Not under the engine's lock: each save writes the latest state."""
+        with self._uid_file_lock:
+            with self._lock:
+                self._uid_block_end = max(self._uid_block_end, self._next_uid + UID_BLOCK)
+                saved = {"next": self._uid_block_end, "retired": sorted(self._uids_retired)}
+            try:
+                write_json_atomic(os.path.join(self.config.state_dir, UID_FILE), saved)
+            except OSError as e:
+                log.warning("cannot record the next job uid (%s): a restart may hand out "
+                            "uids of removed jobs again", e.strerror or e)
 
     def _release_uid(self, uid):
         with self._lock:

@@ -2292,6 +2292,13 @@ def test_job_uids_come_in_order_and_only_back_once_no_record_holds_them(tmp_path
     engine._release_uid(base + 1)              # its record was removed
     assert engine._allocate_uid("tester") == base + 1
     assert json.load(open(tmp_path / sj.UID_FILE))["next"] >= 4   # a restart goes on
+    # A job that could leave files on the host (a --workdir) retires its uid for good.
+    engine._release_uid(base + 2)
+    assert engine._allocate_uid("tester", leaves_files=True) == base + 2
+    engine._release_uid(base + 2)
+    with pytest.raises(sj.ResourceExhaustedError, match="job uid"):
+        engine._allocate_uid("tester")
+    assert json.load(open(tmp_path / sj.UID_FILE))["retired"] == [base + 2]
 
 
 def test_a_removed_jobs_uid_is_not_given_to_the_next_job_nor_after_a_restart():
