@@ -1938,7 +1938,7 @@ def test_idle_connections_neither_starve_certified_users_nor_stay(certs):
     raise_own_open_files_limit(1 << 20)
     # 20,000, or what the hard limit on file handles lets both ends hold (with room for
     # the server's own files: it caps connections below its limit).
-    count = min(20000, hard_open_files_limit() - 4096)
+    count = max(1000, min(20000, hard_open_files_limit() - 4096))
     srv = Server(certs, prefix=at_a_1024_soft_limit(),
                  extra=["--handshake-timeout", str(scaled(3))]).start()
     idle = []
