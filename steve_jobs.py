@@ -2151,7 +2151,8 @@ class Engine:
 
         A command that cannot be started (not found, not executable) still makes a job,
         whose status says why (exit code 127 or 126, as a shell would).
-        Raises InvalidArgumentError, PermissionDeniedError, UnavailableError.
+        Raises InvalidArgumentError, PermissionDeniedError, UnavailableError,
+        ResourceExhaustedError (a cap of running jobs, or a full state filesystem).
         """
         argv = validate_argv(argv)
         limits = self.effective_limits(limits)
