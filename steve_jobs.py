@@ -464,7 +464,6 @@ def write_json_atomic(path, obj):
         raise
 
 
-
 def reserve_room(path, size):
     """Take size bytes of real blocks for a file to be written later by write_json_atomic
     (zeros written, not fallocate: overwriting written blocks needs no new room on any
@@ -521,12 +520,18 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 def return_freed_memory_to_the_system():
-    """Make glibc's malloc give freed memory back: large buffers (output chunks) are mmapped
-    and unmapped on free, and the heap is trimmed now. Without it, memory that thousands of
-    streams once held stays in the process after they end. No-op on other C libraries."""
+    """Make glibc's malloc give freed memory back from now on: large buffers (output
+    chunks) are mmapped and unmapped on free. Without it, memory that thousands of streams
+    once held stays in the process after they end. No-op on other C libraries."""
     with contextlib.suppress(AttributeError):
         _libc.mallopt(M_MMAP_THRESHOLD, 128 * KiB)   # fixed: no "dynamic" growth
         _libc.mallopt(M_TRIM_THRESHOLD, 1 * MiB)
+        trim_freed_memory()
+
+
+def trim_freed_memory():
+    """Give the heap's free memory back to the system now (glibc; no-op elsewhere)."""
+    with contextlib.suppress(AttributeError):
         _libc.malloc_trim(0)
 
 
@@ -1281,7 +1286,6 @@ def enter_job_namespaces(cg, settings):
             if os.path.isdir(path):
                 mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
                       f"mode=1777,size={settings.get('private_size', PRIVATE_DIR_SIZE)}")
-        mount(None, "/dev", None, MS_REMOUNT | MS_NOSUID | MS_NOEXEC | MS_RDONLY)
 
     def hide_server_folders():
         # Keys, tokens and every other job's records and output: not even their names.
@@ -1302,6 +1306,8 @@ def enter_job_namespaces(cg, settings):
         ("protect init from the OOM killer", protect_init_from_oom),
         ("make a minimal /dev", minimal_dev),
         ("mount private /tmp and the like", private_dirs),
+        ("make /dev read-only", lambda: mount(None, "/dev", None,   # after /dev/shm is in
+                                              MS_REMOUNT | MS_NOSUID | MS_NOEXEC | MS_RDONLY)),
         ("hide the server's folders", hide_server_folders),
         ("name init", lambda: prctl(PR_SET_NAME, b"steve-init"))])
     return handles.get("work")
@@ -2013,11 +2019,7 @@ class Engine:
                      job_open_files, open_files, job_open_files)
         self._watcher = JobWatcher(self._record_end, self._supervisor_exited)
         self._spare_folders = SpareJobFolders(self.config.state_dir)
-        saved = _load_json(os.path.join(self.config.state_dir, UID_FILE))
-        saved = saved if isinstance(saved, dict) else {}
-        self._next_uid = saved.get("next") if isinstance(saved.get("next"), int) else 0
-        self._uids_retired = {u for u in saved.get("retired", ()) if isinstance(u, int)}
-        self._uid_block_end = self._next_uid
+        self._load_uids()
         self._load_jobs()
         self._sweep_cgroups()
         self._spawner.start({"layout": self.layout.to_dict(),
@@ -2081,6 +2083,14 @@ class Engine:
                 self._watch(job)
                 if job.result is None and not self._watch_supervisor(job):
                     self._record_unknown_end(job)
+
+    def _load_uids(self):
+        """Where the last server stopped handing out uids, and the retired ones."""
+        saved = _load_json(os.path.join(self.config.state_dir, UID_FILE))
+        saved = saved if isinstance(saved, dict) else {}
+        self._next_uid = saved.get("next") if isinstance(saved.get("next"), int) else 0
+        self._uids_retired = {u for u in saved.get("retired", ()) if isinstance(u, int)}
+        self._uid_block_end = self._next_uid
 
     def _drop_unstarted(self, job_id, job_dir):
         """A job folder without a record: a start the server died in before any shim took
@@ -2170,8 +2180,9 @@ class Engine:
         spec = {"id": job_id, "owner": owner, "argv": argv, "limits": limits._asdict(),
                 "options": options._replace(env=tuple(env.items()))._asdict(),
                 "created_at": time.time(), "uid": uid, "workdir": workdir}
+        workdir_size = self._workdir_size(options, limits)
         try:
-            limits = self._prepare_folders(spec, options, limits)
+            limits = self._prepare_folders(spec, options, limits, workdir_size)
         except BaseException:
             self._release_uid(uid)
             self._remove_folders(job_dir, workdir if not options.workdir else "")
@@ -2184,7 +2195,7 @@ class Engine:
                 "job_id": job_id, "job_dir": job_dir, "spec": spec, "argv": argv, "uid": uid,
                 "env": {"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env},
                 "workdir": workdir, "limits": spec["limits"],
-                "workdir_size": self._workdir_size(options, limits),
+                "workdir_size": workdir_size,
                 "own_workdir": not options.workdir,
                 "host_network": options.host_network, "rw_host": options.rw_host,
                 "output_cap": self.config.output_cap})
@@ -2225,7 +2236,7 @@ class Engine:
                 f"the state folder {self.config.state_dir} is full ({human_bytes(free)} free, "
                 f"{human_bytes(reserve)} kept in reserve): no job can start until there is room")
 
-    def _prepare_folders(self, spec, options, limits):
+    def _prepare_folders(self, spec, options, limits, workdir_size):
         """Make the job's folders and take the room its records need at the end.
 
         Returns the limits with io_device filled in. Raises ResourceExhaustedError (the
@@ -2233,7 +2244,7 @@ class Engine:
         job_dir = os.path.join(self.config.state_dir, "jobs", spec["id"])
         workdir = spec["workdir"]
         try:
-            if not options.workdir and not self._workdir_size(options, limits):
+            if not options.workdir and not workdir_size:
                 # (A tmpfs working folder exists only in the job's view.)
                 os.mkdir(workdir, 0o700)
                 os.chown(workdir, spec["uid"], spec["uid"])
@@ -2506,14 +2517,12 @@ class Engine:
 
     def _forget(self, job, remove_workdir):
         """Drop a job: its record, its folder and (if the server made it) its workdir."""
-        import shutil
         with self._lock:
             self._jobs.pop(job.id, None)
             self._uids_kept.discard(job.spec["uid"])
             self._running.discard(job.id)
-        shutil.rmtree(job.dir, ignore_errors=True)   # also ends its inotify watch
-        if remove_workdir:
-            shutil.rmtree(job.spec["workdir"], ignore_errors=True)
+        # (Removing the folder also ends its inotify watch.)
+        self._remove_folders(job.dir, job.spec["workdir"] if remove_workdir else "")
 
     def _allocate_uid(self, owner, root=False, leaves_files=False):
         """A uid for a new job of owner (0 for root). Raises ResourceExhaustedError at the
@@ -2811,8 +2820,7 @@ class TokenVerifier:
         return Identity(user=cert_cn, role=role), claims["exp"]
 
 
-# Claims and the types they must have; bool is excluded from numbers by the check order
-# only in spirit: PyJWT already refuses non-numeric exp, iat and nbf.
+# Claims and the types they must have (PyJWT itself checks only exp, iat and nbf).
 CLAIM_TYPES = {"sub": str, "role": str, "iss": str, "jti": str, "cnf": dict,
                "exp": (int, float), "iat": (int, float), "nbf": (int, float)}
 
@@ -3091,6 +3099,7 @@ class OutputHub:
     def watch(self, job_id, user):
         """An event set on every change of the job's output. Raises
         ResourceExhaustedError when user has max_streams_per_user streams open."""
+        import asyncio
         if self.per_user.get(user, 0) >= self.config.max_streams_per_user:
             raise ResourceExhaustedError(
                 f"{user} has {self.config.max_streams_per_user} output streams open, the most "
@@ -3100,7 +3109,6 @@ class OutputHub:
             self.events[job_id] = set()
             self.unsubscribe[job_id] = self.engine.subscribe(
                 job_id, lambda: self.loop.call_soon_threadsafe(self._wake, job_id))
-        import asyncio
         event = asyncio.Event()
         self.events[job_id].add(event)
         self.streams += 1
@@ -3118,7 +3126,7 @@ class OutputHub:
             self.unsubscribe.pop(job_id)()
         if not self.streams:
             # The chunks streams held are freed now: give the memory back at once.
-            return_freed_memory_to_the_system()
+            trim_freed_memory()
 
     def read(self, job_id, offset, user):
         """(size, serialized OutputChunk) of the output at offset; (0, b'') at its end.
