@@ -84,7 +84,7 @@ def new_job_id():
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 DEFAULT_STATE_DIR = "/var/lib/steve-jobs"
-DEFAULT_CGROUP_ROOT = "steve-jobs"
+DEFAULT_CGROUP_ROOT = "steve-jobs"     # under the root cgroup; "jobs" in a delegated one
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ARGV_BYTES = 128 * KiB        # one start request must fit one SOCK_SEQPACKET message
 MAX_REQUEST_BYTES = 1 * MiB       # a start request, argv and environment JSON-encoded
@@ -109,6 +109,7 @@ SPAWN_TIMEOUT = 15.0 * TIME_SCALE # seconds the engine waits for a job to reach 
 WARM_SHIMS = 2                    # job supervisors the spawner keeps ready
 REFILL_DELAY = 0.02               # seconds of quiet before the spawner makes the next one
 KILL_TIMEOUT = 10.0 * TIME_SCALE  # seconds a killed job gets to disappear
+PEAK_SAMPLE_INTERVAL = 0.1        # seconds between samples where memory.peak is missing
 RESULT_RESERVE = 16 * KiB         # room kept for a job's result.json from its start
 MAX_ERROR_CHARS = 2000            # longer error texts are cut (they must fit the reserve)
 CHUNK = 1 * MiB                   # largest piece of output read or copied at once
@@ -559,6 +560,7 @@ class CgroupLayout(typing.NamedTuple):
     unified: str = ""        # cgroup2 mount point, if any
     v1: dict = {}            # controller -> v1 mount point (never mutated)
     v2: tuple = ()           # controllers the unified root offers
+    v2_base: str = ""        # the cgroup, under unified, whose subtree the server may write
 
     @classmethod
     def from_mountinfo(cls, mountinfo, read=read_file):
@@ -591,16 +593,145 @@ class CgroupLayout(typing.NamedTuple):
         return layout
 
     def missing(self):
-        """Controllers a job needs that this host offers in neither version."""
-        need = {"cpu": "cpu", "memory": "memory", "pids": "pids", "blkio": "io"}
+        """Controllers a job needs that this host offers in neither version (IO limits are
+        optional: without blkio/io, requests for them are refused, jobs still run)."""
+        need = {"cpu": "cpu", "memory": "memory", "pids": "pids"}
         return [ctl for ctl, v2 in need.items() if ctl not in self.v1 and v2 not in self.v2]
 
+    def has_io(self):
+        return "blkio" in self.v1 or "io" in self.v2
+
     def to_dict(self):
-        return {"unified": self.unified, "v1": self.v1, "v2": list(self.v2)}
+        return {"unified": self.unified, "v1": self.v1, "v2": list(self.v2),
+                "v2_base": self.v2_base}
 
     @classmethod
     def from_dict(cls, d):
-        return cls(unified=d["unified"], v1=dict(d["v1"]), v2=tuple(d["v2"]))
+        return cls(unified=d["unified"], v1=dict(d["v1"]), v2=tuple(d["v2"]),
+                   v2_base=d.get("v2_base", ""))
+
+
+# Where jobs go in the unified tree. cgroup v2 has two rules that decide it:
+# - no internal processes: a cgroup that enables controllers for its children
+#   (cgroup.subtree_control) may hold no process itself (the root cgroup is exempt);
+# - systemd's single writer: under systemd, a service writes only below the cgroup it was
+#   delegated (Delegate=yes, marked with the xattr trusted.delegate); containers get theirs
+#   through a cgroup namespace whose root is the container's cgroup.
+# So a server in a delegated cgroup C moves every process of C into C/supervisor (the
+# supervisors of jobs it starts are born there too), then enables controllers in C and
+# makes jobs under C/jobs. A server in the true root cgroup (a host without systemd) keeps
+# the old layout, /steve-jobs under the root.
+
+SUPERVISOR_LEAF = "supervisor"
+DELEGATED_JOBS_ROOT = "jobs"
+
+
+class CgroupPlacement(typing.NamedTuple):
+    """Where the server keeps its processes and its jobs, and why (said in its first log lines)."""
+    layout: CgroupLayout     # with v2_base set
+    root: str                # the jobs' folder, relative to v2_base (and to each v1 mount)
+    supervisor: str          # folder to move the server's cgroup's processes into, or ""
+    why: str
+
+
+def own_cgroup(proc_self_cgroup):
+    """The unified-tree path of this process, from /proc/self/cgroup text ('' if none)."""
+    for line in proc_self_cgroup.splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip()
+    return ""
+
+
+def is_delegated(path):
+    """True if systemd delegated this cgroup folder (Delegate=yes sets the xattr, v251+)."""
+    for name in ("trusted.delegate", "user.delegate"):
+        try:
+            if os.getxattr(path, name) == b"1":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def place_jobs(layout, cgroup_root, own, is_true_root, delegated):
+    """Decide where jobs go (pure: the caller reads the host).
+
+    cgroup_root: '' (automatic), a name (under the chosen cgroup), or '/a/path' (exactly
+    there, from the top of every hierarchy; the server is not moved). own: this process's
+    unified path ('/' or '/x/y'). is_true_root(rel) / delegated(rel): tests on unified/rel.
+    """
+    name = cgroup_root.strip("/")
+    if not layout.unified or cgroup_root.startswith("/"):
+        why = (f"--cgroup-root {cgroup_root}: jobs there in every hierarchy"
+               if cgroup_root.startswith("/") else "cgroup v1 only: jobs under each controller's root")
+        return CgroupPlacement(layout, name or DEFAULT_CGROUP_ROOT, "", why)
+    mine = own.rstrip("/")
+    if mine.endswith("/" + SUPERVISOR_LEAF):      # placed there by an earlier start or systemd
+        mine = mine[:-len(SUPERVISOR_LEAF) - 1]
+    mine = mine.strip("/")
+    where = os.path.join(layout.unified, mine)
+    if not mine and is_true_root(""):
+        return CgroupPlacement(layout, name or DEFAULT_CGROUP_ROOT, "",
+                               f"the server runs in the root cgroup (no systemd, no container): "
+                               f"jobs in {os.path.join(where, name or DEFAULT_CGROUP_ROOT)}")
+    if not mine:
+        why = (f"the server's cgroup is the root of a cgroup namespace, not the host's root "
+               f"(a container): it keeps to {where}")
+    elif delegated(mine):
+        why = f"systemd delegated {where} to the server (Delegate=yes): it keeps to that subtree"
+    else:
+        return CgroupPlacement(
+            layout, name or DEFAULT_CGROUP_ROOT, "",
+            f"the server's cgroup {where} is not delegated to it (run it from a unit with "
+            f"Delegate=yes): jobs under the root instead, in "
+            f"{os.path.join(layout.unified, name or DEFAULT_CGROUP_ROOT)}")
+    root = name or DELEGATED_JOBS_ROOT
+    supervisor = os.path.join(where, SUPERVISOR_LEAF)
+    return CgroupPlacement(layout._replace(v2_base=mine), root, supervisor,
+                           f"{why}; server in {supervisor}, jobs in {os.path.join(where, root)}")
+
+
+def detect_placement(layout, cgroup_root):
+    """place_jobs for this process on this host."""
+    def is_true_root(rel):   # the root cgroup has no cgroup.type; a namespace's root has one
+        return not os.path.exists(os.path.join(layout.unified, rel, "cgroup.type"))
+    return place_jobs(layout, cgroup_root, own_cgroup(read_file("/proc/self/cgroup", "")),
+                      is_true_root, lambda rel: is_delegated(os.path.join(layout.unified, rel)))
+
+
+def move_into_leaf(cgroup, leaf, tries=100):
+    """Move every process of cgroup (the server's, and any other the delegation gave it)
+    into cgroup/leaf, so that cgroup may enable controllers. Returns how many were moved.
+
+    Raises OSError (not permitted, no such cgroup...)."""
+    os.makedirs(leaf, exist_ok=True)
+    moved = 0
+    for _ in range(tries):    # bounded: a process forking there as fast as we move is a bug
+        pids = read_file(os.path.join(cgroup, "cgroup.procs"), "").split()
+        if not pids:
+            return moved
+        for pid in pids:
+            try:
+                write_file(os.path.join(leaf, "cgroup.procs"), pid)
+                moved += 1
+            except ProcessLookupError:
+                pass
+    raise OSError(errno.EBUSY, f"{cgroup} keeps getting new processes")
+
+
+def enable_v2_controllers(layout, root):
+    """v2: controllers must be enabled in every ancestor's subtree_control, from the base
+    down to the jobs' root (never above the base: that is not ours to write)."""
+    if not layout.v2:
+        return
+    parent = os.path.join(layout.unified, layout.v2_base)
+    for part in [""] + root.strip("/").split("/"):
+        parent = os.path.join(parent, part) if part else parent
+        path = os.path.join(parent, "cgroup.subtree_control")
+        enabled = read_file(path, "").split()
+        missing = [c for c in layout.v2 if c not in enabled]
+        if missing:
+            write_file(path, " ".join("+" + c for c in missing))
 
 
 class JobCgroup:
@@ -613,7 +744,9 @@ class JobCgroup:
     def __init__(self, layout, root, name):
         self.layout, self.root, self.name = layout, root, name
         self.v1_dirs = {ctl: os.path.join(mnt, root, name) for ctl, mnt in layout.v1.items()}
-        self.v2_dir = os.path.join(layout.unified, root, name) if layout.unified else ""
+        self.sampled_peak = 0   # max memory.current seen, where the kernel has no memory.peak
+        self.v2_dir = (os.path.join(layout.unified, layout.v2_base, root, name)
+                       if layout.unified else "")
 
     def dirs(self):
         """Every folder of this job, one per hierarchy (v1 co-mounts share one)."""
@@ -663,18 +796,6 @@ class JobCgroup:
                 writes += [(f"{d}/io.max", f"{dev} rbps={rbps} wbps={wbps}")]
         return writes
 
-    def _enable_v2_controllers(self):
-        """v2 delegation: controllers must be enabled in every ancestor's subtree_control."""
-        want = list(self.layout.v2)
-        if not want:
-            return
-        for parent in (self.layout.unified, os.path.join(self.layout.unified, self.root)):
-            path = os.path.join(parent, "cgroup.subtree_control")
-            enabled = read_file(path, "").split()
-            missing = [c for c in want if c not in enabled]
-            if missing:
-                write_file(path, " ".join("+" + c for c in missing))
-
     def create(self):
         """Make the folders (no limits yet). On failure removes what it made and raises."""
         try:
@@ -682,7 +803,7 @@ class JobCgroup:
                 os.makedirs(os.path.dirname(d), exist_ok=True)
                 os.mkdir(d)
             if self.v2_dir:
-                self._enable_v2_controllers()
+                enable_v2_controllers(self.layout, self.root)
         except OSError:
             self.remove(timeout=0)
             raise
@@ -742,8 +863,12 @@ class JobCgroup:
         """SIGKILL every process in the cgroup, including ones that forked meanwhile."""
         if self.v2_dir and os.path.exists(os.path.join(self.v2_dir, "cgroup.kill")):
             write_file(os.path.join(self.v2_dir, "cgroup.kill"), "1")
-            return
-        # v1: freeze so nothing can fork between reading the list and killing it.
+        else:
+            self.kill_by_signals()
+
+    def kill_by_signals(self):
+        """kill() for v1 and v2 kernels before 5.14 (no cgroup.kill)."""
+        # Frozen first, so nothing can fork between reading the list and killing it.
         self.freeze()
         try:
             for pid in self.pids():
@@ -770,9 +895,22 @@ class JobCgroup:
             out["oom_kills"] = _keyed(read_file(f"{d}/memory.oom_control", "")).get("oom_kill", 0)
         elif version == 2:
             out["memory_bytes"] = int(read_file(f"{d}/memory.current", "0") or 0)
-            out["peak_memory_bytes"] = int(read_file(f"{d}/memory.peak", "0") or 0)
+            peak = read_file(f"{d}/memory.peak", "")     # kernel 5.19+
+            out["peak_memory_bytes"] = (int(peak) if peak.strip() else
+                                        max(out["memory_bytes"], self.sampled_peak))
             out["oom_kills"] = _keyed(read_file(f"{d}/memory.events", "")).get("oom_kill", 0)
         return out
+
+    def needs_peak_sampling(self):
+        version, d = self._dir("memory")
+        return version == 2 and not os.path.exists(f"{d}/memory.peak")
+
+    def sample_peak_memory(self, stopped, interval=PEAK_SAMPLE_INTERVAL):
+        """Keep sampled_peak up to date until the stopped event is set (run in a thread)."""
+        _, d = self._dir("memory")
+        while not stopped.wait(interval):
+            current = int(read_file(f"{d}/memory.current", "0") or 0)
+            self.sampled_peak = max(self.sampled_peak, current)
 
     def remove(self, timeout=2.0):
         """rmdir every folder; retries while the kernel still counts exiting tasks.
@@ -800,19 +938,25 @@ class JobCgroup:
     def names(layout, root):
         """Names of every job cgroup under the root in any hierarchy (to sweep leftovers)."""
         ids = set()
-        for mnt in list(layout.v1.values()) + ([layout.unified] if layout.unified else []):
+        for folder in JobCgroup.roots(layout, root):
             try:
-                ids.update(e.name for e in os.scandir(os.path.join(mnt, root)) if e.is_dir())
+                ids.update(e.name for e in os.scandir(folder) if e.is_dir())
             except FileNotFoundError:
                 pass
         return ids
 
     @staticmethod
+    def roots(layout, root):
+        """The jobs' root folder in every hierarchy."""
+        v2 = [os.path.join(layout.unified, layout.v2_base, root)] if layout.unified else []
+        return list(dict.fromkeys([os.path.join(m, root) for m in layout.v1.values()] + v2))
+
+    @staticmethod
     def remove_root(layout, root):
         """Remove the (empty) root folders; a root still holding jobs stays."""
-        for mnt in set(list(layout.v1.values()) + ([layout.unified] if layout.unified else [])):
+        for folder in JobCgroup.roots(layout, root):
             try:
-                os.rmdir(os.path.join(mnt, root))
+                os.rmdir(folder)
             except OSError:
                 pass
 
@@ -1071,7 +1215,8 @@ def shim_main(chan, settings):
     # EOF on err_r means the command reached exec (close-on-exec closed the last copy).
     failure = _read_all(err_r)
     failure = json.loads(failure)["error"][:MAX_ERROR_CHARS] if failure else ""
-    shim = {**me, "init_pid": init_pid, "cgroup": cg.name, "started_at": started}
+    shim = {**me, "init_pid": init_pid, "cgroup": cg.name, "cgroup_root": cg.root,
+            "v2_base": layout.v2_base, "started_at": started}
     _reply(reply_fd, ok=True, error=failure, shim=shim)   # first: the caller is waiting
     os.close(reply_fd)
     # The job's record: what the server asked for and where the job lives. Written here,
@@ -1084,9 +1229,13 @@ def shim_main(chan, settings):
     except OSError:
         pass
 
+    sampling = threading.Event()
+    if cg.needs_peak_sampling():   # old kernels: no thread otherwise, this process stays lean
+        threading.Thread(target=cg.sample_peak_memory, args=(sampling,), daemon=True).start()
     written, truncated, out_error = copy_output(out_r, out_fd, req["output_cap"])
     os.close(out_fd)
     _, init_status = os.waitpid(init_pid, 0)
+    sampling.set()
     raw = _read_all(status_r)
     result = {"started_at": started, "ended_at": time.time(), "output_bytes": written,
               "output_truncated": truncated, "output_error": out_error}
@@ -1496,7 +1645,7 @@ class JobOptions(typing.NamedTuple):
 class EngineConfig(typing.NamedTuple):
     """Server-side settings of the engine; every limit has a default and a maximum."""
     state_dir: str = DEFAULT_STATE_DIR
-    cgroup_root: str = DEFAULT_CGROUP_ROOT
+    cgroup_root: str = ""         # '': automatic (see place_jobs); 'name'; or '/exact/path'
     default_limits: Limits = Limits(cpu=1.0, memory=512 * MiB, pids=512)
     max_limits: Limits = Limits(cpu=float(os.cpu_count() or 1), memory=16 * GiB, pids=32768,
                                 io_read_bps=0, io_write_bps=0)   # io 0: no maximum
@@ -1978,6 +2127,7 @@ class Engine:
         self._uids_retired = set()    # uids of jobs that could leave files on the host
         self._uid_file_lock = threading.Lock()
         self._running = set()         # ids of jobs without a result
+        self.cgroup_root = config.cgroup_root or DEFAULT_CGROUP_ROOT   # decided at open()
 
     # -- life cycle -----------------------------------------------------------
 
@@ -1993,6 +2143,7 @@ class Engine:
         missing = self.layout.missing()
         if missing:
             raise UnavailableError(f"cgroup controllers missing: {', '.join(missing)}")
+        placement = detect_placement(self.layout, self.config.cgroup_root)
         state_dir = os.path.realpath(self.config.state_dir)
         if any(state_dir == p or state_dir.startswith(p + "/") for p in STATE_DIR_REFUSED):
             raise UnavailableError("the state directory cannot be under /tmp or /dev/shm: "
@@ -2013,6 +2164,7 @@ class Engine:
         # Before anything touches jobs or cgroups: a second server on this folder would
         # take the first one's jobs for leftovers and kill them.
         self._lock_fd = lock_state_dir(self.config.state_dir)
+        self._take_place(placement)
         job_open_files, open_files = raise_open_files_limit()
         if open_files != job_open_files:
             log.info("open files limit raised from %d to %d (jobs keep %d)",
@@ -2023,7 +2175,7 @@ class Engine:
         self._load_jobs()
         self._sweep_cgroups()
         self._spawner.start({"layout": self.layout.to_dict(),
-                             "cgroup_root": self.config.cgroup_root,
+                             "cgroup_root": self.cgroup_root,
                              "limits": self.effective_limits(Limits())._asdict(),
                              "open_files": job_open_files,
                              "hidden": [os.path.realpath(p) for p in
@@ -2031,6 +2183,56 @@ class Engine:
                              "work": os.path.realpath(os.path.join(state_dir, "work")),
                              "private_size": self.config.workdir_size or PRIVATE_DIR_SIZE})
         return self
+
+    def _take_place(self, placement):
+        """Move into the supervisor leaf, make the jobs' root, enable controllers; log why.
+
+        Raises UnavailableError with what to change when the cgroup tree refuses."""
+        log.info("cgroups: %s", placement.why)
+        self.layout, self.cgroup_root = placement.layout, placement.root
+        step = "cannot move the server's cgroup's processes into " + placement.supervisor
+        try:
+            if placement.supervisor:
+                moved = move_into_leaf(os.path.dirname(placement.supervisor),
+                                       placement.supervisor)
+                if moved > 1:
+                    log.info("cgroups: moved %d processes (the server and %d more) into %s",
+                             moved, moved - 1, placement.supervisor)
+            step = "cannot make the jobs' cgroup"
+            for folder in JobCgroup.roots(self.layout, self.cgroup_root):
+                os.makedirs(folder, exist_ok=True)
+            step = "cannot enable the cgroup controllers jobs need"
+            enable_v2_controllers(self.layout, self.cgroup_root)
+        except OSError as e:
+            hint = ""
+            if e.errno == errno.EBUSY:
+                hint = ("; a cgroup v2 folder with controllers for its children may hold no "
+                        "process: run the server in a cgroup of its own (Delegate=yes under "
+                        "systemd; as the container's main process), or name an empty place "
+                        "with --cgroup-root /path")
+            elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                hint = ("; the cgroup filesystem must be writable by the server (in a "
+                        "container: --cgroupns=private and a read-write /sys/fs/cgroup)")
+            raise UnavailableError(f"{step}: {e.strerror or e}{hint}") from None
+        for line in self._fallbacks():
+            log.info("cgroups: %s", line)
+
+    def _fallbacks(self):
+        """What this kernel lacks, and what the engine does instead."""
+        if not self.layout.unified:
+            return []
+        probe = JobCgroup.roots(self.layout, self.cgroup_root)[-1]
+        lines = []
+        if not self.layout.v1 and not os.path.exists(os.path.join(probe, "cgroup.kill")):
+            lines.append("no cgroup.kill (kernel < 5.14): jobs are killed by freezing them "
+                         "and signalling every process")
+        if "memory" in self.layout.v2 and not os.path.exists(os.path.join(probe, "memory.peak")):
+            lines.append("no memory.peak (kernel < 5.19): peak memory is sampled every "
+                         f"{PEAK_SAMPLE_INTERVAL:g} s")
+        if not self.layout.has_io():
+            lines.append("no io controller offered to the server: requests for IO limits "
+                         "are refused (FAILED_PRECONDITION)")
+        return lines
 
     def close(self, stop_jobs=False):
         """Stop serving; with stop_jobs, stop every running job first (bounded)."""
@@ -2049,10 +2251,10 @@ class Engine:
         # Warm supervisors may still be removing their cgroups: give them a moment.
         owned = {j.cgroup.name for j in self._all_jobs() if j.result is None and j.cgroup}
         deadline = time.monotonic() + 2.0 * TIME_SCALE
-        while (JobCgroup.names(self.layout, self.config.cgroup_root) - owned
+        while (JobCgroup.names(self.layout, self.cgroup_root) - owned
                and time.monotonic() < deadline):
             time.sleep(0.02)
-        JobCgroup.remove_root(self.layout, self.config.cgroup_root)
+        JobCgroup.remove_root(self.layout, self.cgroup_root)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -2112,8 +2314,8 @@ class Engine:
         Called before the spawner starts, so no warm shim of ours can be among them.
         """
         owned = {j.cgroup.name for j in self._all_jobs() if j.result is None and j.cgroup}
-        for name in JobCgroup.names(self.layout, self.config.cgroup_root) - owned:
-            cg = JobCgroup(self.layout, self.config.cgroup_root, name)
+        for name in JobCgroup.names(self.layout, self.cgroup_root) - owned:
+            cg = JobCgroup(self.layout, self.cgroup_root, name)
             log.warning("removing leftover job cgroup %s", name)
             try:
                 if cg.populated():
@@ -2162,10 +2364,14 @@ class Engine:
         A command that cannot be started (not found, not executable) still makes a job,
         whose status says why (exit code 127 or 126, as a shell would).
         Raises InvalidArgumentError, PermissionDeniedError, UnavailableError,
-        ResourceExhaustedError (a cap of running jobs, or a full state filesystem).
+        ResourceExhaustedError (a cap of running jobs, or a full state filesystem),
+        FailedPreconditionError (IO limits on a host or folder that cannot have them).
         """
         argv = validate_argv(argv)
         limits = self.effective_limits(limits)
+        if (limits.io_read_bps or limits.io_write_bps) and not self.layout.has_io():
+            raise FailedPreconditionError("this host offers the server no io controller: "
+                                          "IO limits cannot be applied")
         env = validate_env(options.env)
         if options.as_root and not self.config.allow_root:
             raise PermissionDeniedError("this server does not run jobs as root")
@@ -2256,8 +2462,10 @@ class Engine:
                                                "(MAJOR:MINOR of the disk to limit)")
                 device = whole_disk_of(workdir)
                 if not device:
-                    raise InvalidArgumentError(
-                        f"cannot limit IO: {workdir} is on no block device; name io_device")
+                    raise FailedPreconditionError(
+                        f"cannot limit IO: the job's folder {workdir} is on no block device "
+                        f"(tmpfs, overlay...); name io_device, or give the server a state "
+                        f"folder on a disk")
                 limits = limits._replace(io_device=device)
             self._spare_folders.take(job_dir, len(json.dumps(spec).encode()))
         except OSError as e:
@@ -2480,7 +2688,10 @@ class Engine:
         """Record the shim's facts (pids, cgroup), from its reply or its shim.json."""
         job.shim = shim
         if shim and shim.get("cgroup"):
-            job.cgroup = JobCgroup(self.layout, self.config.cgroup_root, shim["cgroup"])
+            # Where the supervisor made it: a server placed otherwise since still finds it.
+            layout = self.layout._replace(v2_base=shim.get("v2_base", self.layout.v2_base))
+            job.cgroup = JobCgroup(layout, shim.get("cgroup_root", self.cgroup_root),
+                                   shim["cgroup"])
 
     def _watch(self, job):
         self._watcher.watch(job)
@@ -3671,9 +3882,11 @@ def build_parser():
                         "(env STEVE_JOBS_CERTS)")
     s.add_argument("--state-dir", default=env_default("STEVE_JOBS_STATE_DIR", DEFAULT_STATE_DIR),
                    help="job records and output (env STEVE_JOBS_STATE_DIR)")
-    s.add_argument("--cgroup-root", default=env_default("STEVE_JOBS_CGROUP_ROOT",
-                                                         DEFAULT_CGROUP_ROOT),
-                   help="cgroup folder for jobs, in every hierarchy (env STEVE_JOBS_CGROUP_ROOT)")
+    s.add_argument("--cgroup-root", default=env_default("STEVE_JOBS_CGROUP_ROOT", ""),
+                   help="cgroup folder for jobs: a name, under the server's delegated cgroup "
+                        "(systemd Delegate=yes, a container) or else under the root "
+                        "(default: 'jobs' or 'steve-jobs'); or /a/path, exactly there in "
+                        "every hierarchy (env STEVE_JOBS_CGROUP_ROOT)")
     d, m = EngineConfig().default_limits, EngineConfig().max_limits
     for name, default, maximum, kind in (("cpu", d.cpu, m.cpu, float),
                                          ("memory", d.memory, m.memory, parse_size),

@@ -281,6 +281,100 @@ def test_v1_limit_writes_are_parallel_to_v2():
     }
 
 
+def _placement(own, cgroup_root="", true_root=("",), delegated=(), unified="/sys/fs/cgroup"):
+    layout = sj.CgroupLayout(unified=unified, v2=("cpu", "memory", "io", "pids"))
+    return sj.place_jobs(layout, cgroup_root, own, lambda rel: rel in true_root,
+                         lambda rel: rel in delegated)
+
+
+def test_placement_in_the_true_root_keeps_the_old_layout():
+    p = _placement("/")
+    assert (p.layout.v2_base, p.root, p.supervisor) == ("", "steve-jobs", "")
+    assert "root cgroup" in p.why
+
+
+def test_placement_in_a_containers_namespace_root_moves_into_a_leaf():
+    p = _placement("/", true_root=())
+    assert (p.layout.v2_base, p.root) == ("", "jobs")
+    assert p.supervisor == "/sys/fs/cgroup/supervisor" and "container" in p.why
+    # A second start (or a test's second engine) finds itself in the leaf already.
+    assert _placement("/supervisor", true_root=()) == p
+
+
+def test_placement_under_systemd_keeps_to_the_delegated_service_cgroup():
+    service = "system.slice/steve-jobs.service"
+    p = _placement("/" + service, delegated=(service,))
+    assert (p.layout.v2_base, p.root) == (service, "jobs")
+    assert p.supervisor == f"/sys/fs/cgroup/{service}/supervisor" and "Delegate=yes" in p.why
+    # DelegateSubgroup=supervisor starts the server in the leaf: the same place.
+    assert _placement(f"/{service}/supervisor", delegated=(service,)) == p
+    assert _placement("/" + service, "ci", delegated=(service,)).root == "ci"
+
+
+def test_placement_in_a_cgroup_not_delegated_uses_the_root_and_says_why():
+    p = _placement("/user.slice/user-0.slice/session-4.scope")
+    assert (p.layout.v2_base, p.root, p.supervisor) == ("", "steve-jobs", "")
+    assert "not delegated" in p.why and "Delegate=yes" in p.why
+
+
+def test_placement_at_an_explicit_path_moves_nothing():
+    p = _placement("/system.slice/x.service", "/batch/jobs", delegated=("system.slice/x.service",))
+    assert (p.layout.v2_base, p.root, p.supervisor) == ("", "batch/jobs", "")
+    assert _placement("/", unified="").root == "steve-jobs"   # v1 only
+
+
+def test_v2_delegated_cgroup_enables_controllers_only_in_its_subtree(fake_v2):
+    root, layout = fake_v2
+    (root / "svc").mkdir()
+    layout = layout._replace(v2_base="svc")
+    cg = sj.JobCgroup(layout, "jobs", "j-1")
+    cg.create()
+    assert cg.dirs() == [str(root / "svc" / "jobs" / "j-1")]
+    assert (root / "cgroup.subtree_control").read_text() == ""   # not ours to write
+    assert (root / "svc" / "cgroup.subtree_control").read_text() == "+cpu +memory +io +pids"
+    assert (root / "svc/jobs/cgroup.subtree_control").read_text() == "+cpu +memory +io +pids"
+    assert sj.JobCgroup.names(layout, "jobs") == {"j-1"}
+    assert sj.CgroupLayout.from_dict(layout.to_dict()) == layout
+
+
+def test_v2_without_memory_peak_samples_the_peak(fake_v2):
+    root, layout = fake_v2
+    cg = sj.JobCgroup(layout, "steve-jobs", "j-4")
+    cg.create()
+    job = root / "steve-jobs" / "j-4"
+    (job / "memory.peak").unlink()                 # kernels before 5.19
+    assert cg.needs_peak_sampling()
+    (job / "memory.current").write_text("5000\n")
+    stopped = threading.Event()
+    sampler = threading.Thread(target=cg.sample_peak_memory, args=(stopped, 0.001))
+    sampler.start()
+    deadline = time.monotonic() + scaled(5)
+    while cg.sampled_peak < 5000 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    (job / "memory.current").write_text("100\n")
+    stopped.set()
+    sampler.join()
+    assert cg.usage()["peak_memory_bytes"] == 5000 and cg.usage()["memory_bytes"] == 100
+
+
+def test_v2_without_cgroup_kill_freezes_and_signals(fake_v2):
+    root, layout = fake_v2
+    cg = sj.JobCgroup(layout, "steve-jobs", "j-5")
+    cg.create()
+    job = root / "steve-jobs" / "j-5"
+    (job / "cgroup.kill").unlink()                 # kernels before 5.14
+    cg.kill()
+    assert not (job / "cgroup.kill").exists()
+    assert (job / "cgroup.freeze").read_text() == "0"   # frozen, then thawed
+
+
+def test_a_host_without_an_io_controller_refuses_io_limits_not_jobs():
+    layout = sj.CgroupLayout.from_mountinfo(V2_MOUNTINFO, read=lambda p, d=None: "cpu memory pids")
+    assert layout.missing() == [] and not layout.has_io()
+    with pytest.raises(sj.FailedPreconditionError, match="no io controller"):
+        _unopened_engine().start("tester", ["true"], sj.Limits(io_write_bps=1 << 20))
+
+
 def _unopened_engine(**config):
     return sj.Engine(sj.EngineConfig(**config), layout=sj.CgroupLayout(unified="/x"))
 
@@ -2392,3 +2486,130 @@ def test_running_out_of_file_handles_is_resource_exhausted_not_internal(caplog):
     code, message = sj.rpc_status(OSError(errno.EMFILE, "Too many open files"))
     assert code == "RESOURCE_EXHAUSTED" and "file handles" in message
     assert "Traceback" not in caplog.text
+
+
+###############################################################################
+# Host tests: where the server puts itself and its jobs on real hosts (a systemd unit
+# with Delegate=yes, a container's cgroup namespace) and what old kernels lack. On a pure
+# cgroup v2 kernel (.ci/v2vm) these meet v2's no-internal-process rule for real.
+###############################################################################
+
+LAUNCH_IN_CGROUP = """\
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import steve_jobs as sj
+cgroup, container, unified = sys.argv[2], sys.argv[3] == "container", sys.argv[4]
+with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+    f.write("0")
+if container:   # what docker --cgroupns=private does: a namespace rooted at its cgroup
+    sj.unshare(sj.CLONE_NEWCGROUP | sj.CLONE_NEWNS)
+    sj.mount(None, "/", None, sj.MS_REC | sj.MS_PRIVATE)
+    sj.umount_lazy(unified)   # (mounting over the host's view is refused: EBUSY)
+    sj.mount("cgroup2", unified, "cgroup2", 0)
+os.execv(sys.argv[5], sys.argv[5:])
+"""
+
+
+def launched_in(cgroup, kind="service"):
+    """A Server prefix that starts it in cgroup (kind 'container': in a cgroup namespace
+    rooted there, with its own cgroup2 mount, as a container engine does)."""
+    return [PYTHON, "-c", LAUNCH_IN_CGROUP, HERE, cgroup, kind, sj.CgroupLayout.detect().unified]
+
+
+@contextlib.contextmanager
+def a_cgroup_of_its_own(kind, delegated=False):
+    """A fresh cgroup under the unified root, as systemd makes for a unit (delegated: with
+    the trusted.delegate xattr) or a container engine for a container. Afterwards every
+    process in it is killed and every folder removed."""
+    require_kernel()
+    layout = sj.CgroupLayout.detect()
+    path = os.path.join(layout.unified, f"steve-jobs-test-{kind}-{uuid.uuid4().hex[:8]}")
+    if layout.v2:   # as the host's manager would: controllers for its children
+        with open(os.path.join(layout.unified, "cgroup.subtree_control"), "w") as f:
+            f.write(" ".join("+" + c for c in layout.v2))
+    os.mkdir(path)
+    try:
+        if delegated:
+            os.setxattr(path, "trusted.delegate", b"1")
+        yield path
+    finally:
+        folders = [d for d, _, _ in os.walk(path, topdown=False)]
+        for d in folders:
+            with contextlib.suppress(OSError):
+                if os.path.exists(f"{d}/cgroup.kill"):
+                    sj.write_file(f"{d}/cgroup.kill", "1")
+                else:
+                    for pid in sj.read_file(f"{d}/cgroup.procs", "").split():
+                        os.kill(int(pid), signal.SIGKILL)
+        deadline = time.monotonic() + scaled(5)
+        for d in folders:
+            while os.path.exists(d) and time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+                time.sleep(0.01)
+        left = [d for d in folders if os.path.exists(d)]
+        assert not left, f"cgroups left behind: {left}"
+
+
+def cgroup_of(pid):
+    return sj.own_cgroup(sj.read_file(f"/proc/{pid}/cgroup"))
+
+
+def test_a_server_in_a_containers_cgroup_namespace_moves_into_a_leaf(certs):
+    with a_cgroup_of_its_own("container") as container:
+        srv = Server(certs, prefix=launched_in(container, "container"),
+                     extra=["--stop-jobs-on-exit"])
+        try:
+            srv.start()
+            assert "(a container)" in srv.read_log()
+            # Seen from the host: the server left its container's cgroup for a leaf...
+            name = os.path.basename(container)
+            assert cgroup_of(srv.proc.pid) == f"/{name}/supervisor"
+            job_id = start_job(srv, "echo ok; sleep 1000")
+            # ... and its jobs are in the container's cgroup too, not at the host's root.
+            jobs = os.path.join(container, srv.cgroup_root)
+            assert [n for n in os.listdir(jobs) if n.startswith("j-")], os.listdir(jobs)
+            layout = sj.CgroupLayout.detect()
+            assert not os.path.exists(os.path.join(layout.unified, srv.cgroup_root))
+            st = cli_json(srv, "stop", "--grace", "1", job_id)
+            assert st["state"] == "stopped" and cli(srv, "output", job_id).stdout == b"ok\n"
+            done = cli(srv, "run", "-f", "--memory", "64M", "--pids", "20", "echo limited")
+            assert done.returncode == 0 and done.stdout == b"limited\n", done.stderr
+        finally:
+            srv.terminate()
+            shutil.rmtree(srv.state_dir, ignore_errors=True)
+        assert not os.path.exists(os.path.join(container, srv.cgroup_root))
+
+
+def test_a_server_in_a_delegated_unit_keeps_to_its_subtree_and_survives_a_restart(certs):
+    with a_cgroup_of_its_own("unit.service", delegated=True) as unit:
+        srv = Server(certs, prefix=launched_in(unit))
+        try:
+            srv.start()
+            log = srv.read_log()
+            assert "Delegate=yes" in log and f"jobs in {unit}/{srv.cgroup_root}" in log, log
+            unified = sj.CgroupLayout.detect().unified
+            assert cgroup_of(srv.proc.pid) == f"/{os.path.relpath(unit, unified)}/supervisor"
+            job_id = start_job(srv, "echo ok; sleep 1000")
+            layout = sj.CgroupLayout.detect()
+            assert not os.path.exists(os.path.join(layout.unified, srv.cgroup_root))
+            # systemctl restart with KillMode=process: only the server dies; systemd
+            # starts the next one in the leaf (DelegateSubgroup=supervisor).
+            srv.prefix = launched_in(os.path.join(unit, "supervisor"))
+            srv.restart()
+            assert cli_json(srv, "status", job_id)["state"] == "running"
+            assert cli_json(srv, "stop", "--grace", "1", job_id)["state"] == "stopped"
+        finally:
+            srv.cleanup()
+            shutil.rmtree(srv.state_dir, ignore_errors=True)
+        assert os.listdir(unit) and not os.path.exists(os.path.join(unit, srv.cgroup_root))
+
+
+def test_a_job_is_killed_without_cgroup_kill_as_on_kernels_before_5_14(engine):
+    job_id = engine.start("tester", ["sh", "-c", "sleep 1000 & sleep 1000 & echo up; wait"])
+    deadline = time.monotonic() + scaled(10)
+    while b"up" not in engine.read_output(job_id) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    engine._get(job_id).cgroup.kill_by_signals()
+    st = engine.wait(job_id, scaled(30))
+    assert st.state in sj.ENDED_STATES and st.signal == signal.SIGKILL, st
