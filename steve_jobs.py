@@ -2128,6 +2128,7 @@ class Engine:
         self._uid_file_lock = threading.Lock()
         self._running = set()         # ids of jobs without a result
         self.cgroup_root = config.cgroup_root or DEFAULT_CGROUP_ROOT   # decided at open()
+        self._placement = None
 
     # -- life cycle -----------------------------------------------------------
 
@@ -2189,6 +2190,7 @@ class Engine:
 
         Raises UnavailableError with what to change when the cgroup tree refuses."""
         log.info("cgroups: %s", placement.why)
+        self._placement = placement
         self.layout, self.cgroup_root = placement.layout, placement.root
         step = "cannot move the server's cgroup's processes into " + placement.supervisor
         try:
@@ -2255,9 +2257,24 @@ class Engine:
                and time.monotonic() < deadline):
             time.sleep(0.02)
         JobCgroup.remove_root(self.layout, self.cgroup_root)
+        if self._placement and self._placement.supervisor:
+            self._hand_back_controllers()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _hand_back_controllers(self):
+        """With no job left, disable the controllers we enabled in our delegated cgroup: a
+        systemd older than 254 must put the next server's process there, which v2 refuses
+        while they are enabled. (With jobs left they stay: see the README.)"""
+        base = os.path.join(self.layout.unified, self.layout.v2_base)
+        enabled = read_file(os.path.join(base, "cgroup.subtree_control"), "").split()
+        if not enabled or [e for e in os.scandir(base) if e.is_dir() and
+                           e.path != self._placement.supervisor]:
+            return
+        with contextlib.suppress(OSError):
+            write_file(os.path.join(base, "cgroup.subtree_control"),
+                       " ".join("-" + c for c in enabled))
 
     def _stop_quietly(self, job):
         try:

@@ -375,6 +375,23 @@ def test_a_host_without_an_io_controller_refuses_io_limits_not_jobs():
         _unopened_engine().start("tester", ["true"], sj.Limits(io_write_bps=1 << 20))
 
 
+def test_the_systemd_unit_is_the_readmes_and_starts_the_server_it_documents():
+    unit = open(os.path.join(HERE, "steve-jobs.service")).read()
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert "```ini\n" + unit + "```" in readme           # verbatim
+    lines = dict(line.split("=", 1) for line in unit.splitlines()
+                 if "=" in line and not line.startswith("#"))
+    assert lines["Delegate"] == "yes" and lines["KillMode"] == "process"
+    assert lines["DelegateSubgroup"] == sj.SUPERVISOR_LEAF
+    assert lines["After"] == "network.target" and lines["TasksMax"] == "infinity"
+    argv = lines["ExecStart"].split()
+    assert argv[1].endswith("/steve_jobs.py") and argv[2] == "server"
+    args = sj.build_parser().parse_args(argv[2:])
+    # The folder the README's install command fills with the server's files:
+    assert f"install -m 600 ca.crt server.crt server.key jwt-signing.pub {args.certs}/" in readme
+    assert "sudo install -m 644 /opt/steve-jobs/steve-jobs.service /etc/systemd/system/" in readme
+
+
 def _unopened_engine(**config):
     return sj.Engine(sj.EngineConfig(**config), layout=sj.CgroupLayout(unified="/x"))
 
@@ -2599,10 +2616,14 @@ def test_a_server_in_a_delegated_unit_keeps_to_its_subtree_and_survives_a_restar
             srv.restart()
             assert cli_json(srv, "status", job_id)["state"] == "running"
             assert cli_json(srv, "stop", "--grace", "1", job_id)["state"] == "stopped"
+            srv.terminate()
+            # No job left: the controllers are handed back, so that a systemd before 254
+            # can start the next server in the unit's cgroup.
+            assert not os.path.exists(os.path.join(unit, srv.cgroup_root))
+            assert sj.read_file(os.path.join(unit, "cgroup.subtree_control")).split() == []
         finally:
             srv.cleanup()
             shutil.rmtree(srv.state_dir, ignore_errors=True)
-        assert os.listdir(unit) and not os.path.exists(os.path.join(unit, srv.cgroup_root))
 
 
 def test_a_job_is_killed_without_cgroup_kill_as_on_kernels_before_5_14(engine):
