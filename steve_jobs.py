@@ -692,11 +692,18 @@ def place_jobs(layout, cgroup_root, own, is_true_root, delegated):
 
 
 def detect_placement(layout, cgroup_root):
-    """place_jobs for this process on this host."""
+    """place_jobs for this process on this host, with the v2 controllers its cgroup offers."""
     def is_true_root(rel):   # the root cgroup has no cgroup.type; a namespace's root has one
         return not os.path.exists(os.path.join(layout.unified, rel, "cgroup.type"))
-    return place_jobs(layout, cgroup_root, own_cgroup(read_file("/proc/self/cgroup", "")),
-                      is_true_root, lambda rel: is_delegated(os.path.join(layout.unified, rel)))
+    placement = place_jobs(layout, cgroup_root, own_cgroup(read_file("/proc/self/cgroup", "")),
+                           is_true_root,
+                           lambda rel: is_delegated(os.path.join(layout.unified, rel)))
+    base = placement.layout
+    if base.v2_base:   # a delegated cgroup may be offered fewer controllers than the root
+        offered = read_file(os.path.join(base.unified, base.v2_base, "cgroup.controllers"), "")
+        placement = placement._replace(layout=base._replace(
+            v2=tuple(c for c in base.v2 if c in offered.split())))
+    return placement
 
 
 def move_into_leaf(cgroup, leaf, tries=100):
@@ -2141,10 +2148,13 @@ class Engine:
             raise UnavailableError("the job engine must run as root")
         if self.layout is None:
             self.layout = CgroupLayout.detect()
-        missing = self.layout.missing()
-        if missing:
-            raise UnavailableError(f"cgroup controllers missing: {', '.join(missing)}")
         placement = detect_placement(self.layout, self.config.cgroup_root)
+        missing = placement.layout.missing()
+        if missing:
+            raise UnavailableError(
+                f"cgroup controllers missing: {', '.join(missing)}" +
+                (f" (not offered to {placement.layout.v2_base}: under systemd, Delegate=yes)"
+                 if placement.layout.v2_base else ""))
         state_dir = os.path.realpath(self.config.state_dir)
         if any(state_dir == p or state_dir.startswith(p + "/") for p in STATE_DIR_REFUSED):
             raise UnavailableError("the state directory cannot be under /tmp or /dev/shm: "
@@ -2206,6 +2216,7 @@ class Engine:
             step = "cannot enable the cgroup controllers jobs need"
             enable_v2_controllers(self.layout, self.cgroup_root)
         except OSError as e:
+            JobCgroup.remove_root(self.layout, self.cgroup_root)   # (only if empty)
             hint = ""
             if e.errno == errno.EBUSY:
                 hint = ("; a cgroup v2 folder with controllers for its children may hold no "
@@ -2225,7 +2236,7 @@ class Engine:
             return []
         probe = JobCgroup.roots(self.layout, self.cgroup_root)[-1]
         lines = []
-        if not self.layout.v1 and not os.path.exists(os.path.join(probe, "cgroup.kill")):
+        if not os.path.exists(os.path.join(probe, "cgroup.kill")):
             lines.append("no cgroup.kill (kernel < 5.14): jobs are killed by freezing them "
                          "and signalling every process")
         if "memory" in self.layout.v2 and not os.path.exists(os.path.join(probe, "memory.peak")):

@@ -1,4 +1,4 @@
-"""Tests for steve-jobs, in five groups:
+"""Tests for steve-jobs, in six groups:
 
   unit    no root needed: parsing, validation, the cgroup v2 path against a fake cgroupfs tree
   kernel  the job engine against the real kernel: real cgroups, namespaces, processes
@@ -6,11 +6,13 @@
   faults  full disks, killed supervisors and servers, two servers on one state folder, file
           handle limits, idle connections, stalled followers (real kernel and servers)
   tenants what a hostile user (alice, role user) can do to other users and to the host
+  hosts   where the server and its jobs go in a delegated (systemd) or a container's cgroup,
+          what old kernels lack (on pure cgroup v2 only .ci/v2vm's kernel enforces the rules)
 
 Every time budget is multiplied by STEVE_JOBS_TIME_SCALE (default 1; e.g. 10 in an emulated
 VM), through scaled(), and so are the server's own waits.
 
-Kernel, e2e, fault and tenant tests skip without root, cgroups or namespaces, unless STEVE_JOBS_MUST_WORK=1,
+Kernel, e2e, fault, tenant and host tests skip without root, cgroups or namespaces, unless STEVE_JOBS_MUST_WORK=1,
 under which they fail instead. Every test removes the cgroups and processes it makes.
 """
 
@@ -28,6 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 
 import pytest
 
@@ -337,12 +340,17 @@ def test_v2_delegated_cgroup_enables_controllers_only_in_its_subtree(fake_v2):
     assert sj.CgroupLayout.from_dict(layout.to_dict()) == layout
 
 
-def test_v2_without_memory_peak_samples_the_peak(fake_v2):
+def fake_job_cgroup_without(fake_v2, name, missing_file):
+    """A job's cgroup in the fake tree, as an older kernel makes it (without a file)."""
     root, layout = fake_v2
-    cg = sj.JobCgroup(layout, "steve-jobs", "j-4")
+    cg = sj.JobCgroup(layout, "steve-jobs", name)
     cg.create()
-    job = root / "steve-jobs" / "j-4"
-    (job / "memory.peak").unlink()                 # kernels before 5.19
+    (root / "steve-jobs" / name / missing_file).unlink()
+    return cg, root / "steve-jobs" / name
+
+
+def test_v2_without_memory_peak_samples_the_peak(fake_v2):
+    cg, job = fake_job_cgroup_without(fake_v2, "j-4", "memory.peak")   # kernels before 5.19
     assert cg.needs_peak_sampling()
     (job / "memory.current").write_text("5000\n")
     stopped = threading.Event()
@@ -358,14 +366,23 @@ def test_v2_without_memory_peak_samples_the_peak(fake_v2):
 
 
 def test_v2_without_cgroup_kill_freezes_and_signals(fake_v2):
-    root, layout = fake_v2
-    cg = sj.JobCgroup(layout, "steve-jobs", "j-5")
-    cg.create()
-    job = root / "steve-jobs" / "j-5"
-    (job / "cgroup.kill").unlink()                 # kernels before 5.14
+    cg, job = fake_job_cgroup_without(fake_v2, "j-5", "cgroup.kill")   # kernels before 5.14
     cg.kill()
     assert not (job / "cgroup.kill").exists()
     assert (job / "cgroup.freeze").read_text() == "0"   # frozen, then thawed
+
+
+def test_the_start_log_names_what_an_old_kernel_lacks_and_the_fallback(fake_v2):
+    root, layout = fake_v2
+    engine = sj.Engine(sj.EngineConfig(), layout=layout._replace(v2=("cpu", "memory", "pids")))
+    os.mkdir(root / "steve-jobs")
+    assert engine._fallbacks() == ["no io controller offered to the server: requests for IO "
+                                   "limits are refused (FAILED_PRECONDITION)"]
+    (root / "steve-jobs" / "cgroup.kill").unlink()
+    (root / "steve-jobs" / "memory.peak").unlink()
+    said = " / ".join(engine._fallbacks())
+    assert "no cgroup.kill (kernel < 5.14): jobs are killed by freezing" in said
+    assert "no memory.peak (kernel < 5.19): peak memory is sampled" in said
 
 
 def test_a_host_without_an_io_controller_refuses_io_limits_not_jobs():
@@ -2515,14 +2532,14 @@ LAUNCH_IN_CGROUP = """\
 import os, sys
 sys.path.insert(0, sys.argv[1])
 import steve_jobs as sj
-cgroup, container, unified = sys.argv[2], sys.argv[3] == "container", sys.argv[4]
+cgroup, kind, unified = sys.argv[2], sys.argv[3], sys.argv[4]
 with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
     f.write("0")
-if container:   # what docker --cgroupns=private does: a namespace rooted at its cgroup
+if kind.startswith("container"):   # docker --cgroupns=private: a namespace rooted there
     sj.unshare(sj.CLONE_NEWCGROUP | sj.CLONE_NEWNS)
     sj.mount(None, "/", None, sj.MS_REC | sj.MS_PRIVATE)
     sj.umount_lazy(unified)   # (mounting over the host's view is refused: EBUSY)
-    sj.mount("cgroup2", unified, "cgroup2", 0)
+    sj.mount("cgroup2", unified, "cgroup2", sj.MS_RDONLY if kind.endswith("-ro") else 0)
 os.execv(sys.argv[5], sys.argv[5:])
 """
 
@@ -2542,6 +2559,11 @@ def a_cgroup_of_its_own(kind, delegated=False):
     layout = sj.CgroupLayout.detect()
     path = os.path.join(layout.unified, f"steve-jobs-test-{kind}-{uuid.uuid4().hex[:8]}")
     if layout.v2:   # as the host's manager would: controllers for its children
+        # (In a container, the tests' own process must leave its cgroup for that, as the
+        # server does: the first engine of the run usually did it already.)
+        placement = sj.detect_placement(layout, "")
+        if placement.supervisor:
+            sj.move_into_leaf(os.path.dirname(placement.supervisor), placement.supervisor)
         with open(os.path.join(layout.unified, "cgroup.subtree_control"), "w") as f:
             f.write(" ".join("+" + c for c in layout.v2))
     os.mkdir(path)
@@ -2598,6 +2620,21 @@ def test_a_server_in_a_containers_cgroup_namespace_moves_into_a_leaf(certs):
         assert not os.path.exists(os.path.join(container, srv.cgroup_root))
 
 
+def test_a_container_without_a_writable_cgroup_mount_is_refused_in_one_line(certs):
+    with a_cgroup_of_its_own("container") as container:
+        srv = Server(certs, prefix=launched_in(container, "container-ro"))
+        try:
+            with pytest.raises(AssertionError, match="did not start"):
+                srv.start()
+            assert srv.proc.wait(scaled(30)) == 1
+            last = srv.read_log().strip().splitlines()[-1]
+            assert "Read-only file system" in last and "read-write /sys/fs/cgroup" in last
+            assert "Traceback" not in srv.read_log()
+        finally:
+            srv.terminate()
+            shutil.rmtree(srv.state_dir, ignore_errors=True)
+
+
 def test_a_server_in_a_delegated_unit_keeps_to_its_subtree_and_survives_a_restart(certs):
     with a_cgroup_of_its_own("unit.service", delegated=True) as unit:
         srv = Server(certs, prefix=launched_in(unit))
@@ -2634,3 +2671,32 @@ def test_a_job_is_killed_without_cgroup_kill_as_on_kernels_before_5_14(engine):
     engine._get(job_id).cgroup.kill_by_signals()
     st = engine.wait(job_id, scaled(30))
     assert st.state in sj.ENDED_STATES and st.signal == signal.SIGKILL, st
+
+
+###############################################################################
+# Groups: each test carries its section's group as a mark, to run some of them
+# (pytest -m "kernel or e2e", as .ci/run does on the cgroup v2 VM)
+###############################################################################
+
+SECTION_GROUPS = (("# Unit tests", "unit"), ("# Kernel tests", "kernel"),
+                  ("# End-to-end tests", "e2e"), ("# Security tests", "e2e"),
+                  ("# Restarts, faults", "faults"), ("# Fault tests", "faults"),
+                  ("# Tenant tests", "tenants"), ("# Host tests", "hosts"))
+
+
+def _mark_each_test_with_its_group():
+    starts = []
+    with open(__file__) as f:
+        for number, line in enumerate(f, 1):
+            starts += [(number, group) for banner, group in SECTION_GROUPS
+                       if line.startswith(banner)]
+    with warnings.catch_warnings():   # the marks are not registered: there is no config file
+        warnings.simplefilter("ignore")
+        for name, test in list(globals().items()):
+            if name.startswith("test_") and callable(test):
+                line = test.__code__.co_firstlineno
+                group = [g for number, g in starts if number < line][-1]
+                globals()[name] = getattr(pytest.mark, group)(test)
+
+
+_mark_each_test_with_its_group()
