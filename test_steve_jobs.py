@@ -1815,7 +1815,7 @@ def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
         md = bearer(certs)
         writer = "for i in $(seq 1 30); do echo line $i; sleep 0.1; done"
         expected = b"".join(b"line %d\n" % i for i in range(1, 31))
-        job_ids, lock, followers_done = [], threading.Lock(), []
+        job_ids, lock, followers_done, following = [], threading.Lock(), [], []
 
         def client():
             channel = grpc_channel(certs, srv.address, "mrarsenal")
@@ -1828,6 +1828,7 @@ def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
                         job_ids.append(st.job_id)
                 stream = stub.Output(pb.OutputRequest(job_id=st.job_id, follow=True),
                                      metadata=md, timeout=scaled(120))
+                following.append(st.job_id)
                 try:
                     for _ in stream:
                         pass
@@ -1839,7 +1840,9 @@ def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
         clients = [threading.Thread(target=client) for _ in range(10)]
         for t in clients:
             t.start()
-        time.sleep(scaled(1.5))
+        deadline = time.monotonic() + scaled(60)   # every client started its jobs, follows
+        while len(following) < len(clients) and time.monotonic() < deadline:
+            time.sleep(0.05)
         srv.terminate(signal.SIGKILL)
         for t in clients:
             t.join(120)
