@@ -661,19 +661,20 @@ def place_jobs(layout, cgroup_root, own, is_true_root, delegated):
     unified path ('/' or '/x/y'). is_true_root(rel) / delegated(rel): tests on unified/rel.
     """
     name = cgroup_root.strip("/")
+    at_root = name or DEFAULT_CGROUP_ROOT
     if not layout.unified or cgroup_root.startswith("/"):
         why = (f"--cgroup-root {cgroup_root}: jobs there in every hierarchy"
                if cgroup_root.startswith("/") else "cgroup v1 only: jobs under each controller's root")
-        return CgroupPlacement(layout, name or DEFAULT_CGROUP_ROOT, "", why)
+        return CgroupPlacement(layout, at_root, "", why)
     mine = own.rstrip("/")
     if mine.endswith("/" + SUPERVISOR_LEAF):      # placed there by an earlier start or systemd
         mine = mine[:-len(SUPERVISOR_LEAF) - 1]
     mine = mine.strip("/")
     where = os.path.join(layout.unified, mine)
     if not mine and is_true_root(""):
-        return CgroupPlacement(layout, name or DEFAULT_CGROUP_ROOT, "",
+        return CgroupPlacement(layout, at_root, "",
                                f"the server runs in the root cgroup (no systemd, no container): "
-                               f"jobs in {os.path.join(where, name or DEFAULT_CGROUP_ROOT)}")
+                               f"jobs in {os.path.join(where, at_root)}")
     if not mine:
         why = (f"the server's cgroup is the root of a cgroup namespace, not the host's root "
                f"(a container): it keeps to {where}")
@@ -681,10 +682,9 @@ def place_jobs(layout, cgroup_root, own, is_true_root, delegated):
         why = f"systemd delegated {where} to the server (Delegate=yes): it keeps to that subtree"
     else:
         return CgroupPlacement(
-            layout, name or DEFAULT_CGROUP_ROOT, "",
+            layout, at_root, "",
             f"the server's cgroup {where} is not delegated to it (run it from a unit with "
-            f"Delegate=yes): jobs under the root instead, in "
-            f"{os.path.join(layout.unified, name or DEFAULT_CGROUP_ROOT)}")
+            f"Delegate=yes): jobs under the root instead, in {os.path.join(layout.unified, at_root)}")
     root = name or DELEGATED_JOBS_ROOT
     supervisor = os.path.join(where, SUPERVISOR_LEAF)
     return CgroupPlacement(layout._replace(v2_base=mine), root, supervisor,

@@ -2648,8 +2648,7 @@ def test_a_server_in_a_delegated_unit_keeps_to_its_subtree_and_survives_a_restar
             unified = sj.CgroupLayout.detect().unified
             assert cgroup_of(srv.proc.pid) == f"/{os.path.relpath(unit, unified)}/supervisor"
             job_id = start_job(srv, "echo ok; sleep 1000")
-            layout = sj.CgroupLayout.detect()
-            assert not os.path.exists(os.path.join(layout.unified, srv.cgroup_root))
+            assert not os.path.exists(os.path.join(unified, srv.cgroup_root))
             # systemctl restart with KillMode=process: only the server dies; systemd
             # starts the next one in the leaf (DelegateSubgroup=supervisor).
             srv.prefix = launched_in(os.path.join(unit, "supervisor"))
