@@ -74,6 +74,16 @@ class JobServiceStub:
                 request_serializer=jobs__pb2.JobRef.SerializeToString,
                 response_deserializer=jobs__pb2.RemoveResponse.FromString,
                 _registered_method=True)
+        self.Wait = channel.unary_unary(
+                '/steve_jobs.v1.JobService/Wait',
+                request_serializer=jobs__pb2.JobRef.SerializeToString,
+                response_deserializer=jobs__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.Signal = channel.unary_unary(
+                '/steve_jobs.v1.JobService/Signal',
+                request_serializer=jobs__pb2.SignalRequest.SerializeToString,
+                response_deserializer=jobs__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -100,15 +110,18 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Output(self, request, context):
-        """The job's output (stdout and stderr merged, bytes as written) from offset. With
-        follow, the stream stays open until the job has ended and every byte was sent.
+        """The job's output (stdout and stderr in the order written; each chunk says which) from
+        offset. With follow, the stream stays open until the job has ended and every byte
+        was sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The caller's jobs (or everyone's, for admins and readers), oldest first, a page at a
+        time, in the summary view unless asked otherwise.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -128,6 +141,21 @@ class JobServiceServicer:
 
     def Remove(self, request, context):
         """Delete an ended job's record and output. FAILED_PRECONDITION while it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Wait(self, request, context):
+        """Returns once the job has ended, with its final status; DEADLINE_EXCEEDED if the
+        call's deadline comes first (the job goes on).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Signal(self, request, context):
+        """Send a signal to the job's command, or with all to every process of the job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,6 +203,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Remove,
                     request_deserializer=jobs__pb2.JobRef.FromString,
                     response_serializer=jobs__pb2.RemoveResponse.SerializeToString,
+            ),
+            'Wait': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wait,
+                    request_deserializer=jobs__pb2.JobRef.FromString,
+                    response_serializer=jobs__pb2.JobStatus.SerializeToString,
+            ),
+            'Signal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Signal,
+                    request_deserializer=jobs__pb2.SignalRequest.FromString,
+                    response_serializer=jobs__pb2.JobStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -393,6 +431,60 @@ class JobService:
             '/steve_jobs.v1.JobService/Remove',
             jobs__pb2.JobRef.SerializeToString,
             jobs__pb2.RemoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steve_jobs.v1.JobService/Wait',
+            jobs__pb2.JobRef.SerializeToString,
+            jobs__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Signal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/steve_jobs.v1.JobService/Signal',
+            jobs__pb2.SignalRequest.SerializeToString,
+            jobs__pb2.JobStatus.FromString,
             options,
             channel_credentials,
             insecure,

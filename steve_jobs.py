@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import math
 import os
@@ -35,7 +36,10 @@ import struct
 import sys
 import threading
 import time
+import types
 import typing
+
+__version__ = "1.0.0"
 
 
 class _LazyLogger:
@@ -118,6 +122,13 @@ JOB_PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")   # each job: e
 STATE_DIR_REFUSED = ("/tmp", "/dev/shm")   # cleaned by the host, or memory: not for state
 JOB_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")   # what /dev holds
 PRIVATE_DIR_SIZE = 1 * GiB        # a job's private /tmp and the like (and its memory limit)
+NAME_FORMAT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")        # a job's name
+LABEL_KEY_FORMAT = re.compile(r"[A-Za-z0-9_./-]{1,63}")
+MAX_LABELS, MAX_LABEL_VALUE = 32, 255
+REQUEST_ID_FORMAT = re.compile(r"[\x21-\x7e]{1,128}")
+REQUEST_ID_TTL = 24 * 3600        # seconds a start's request id keeps meaning that start
+NSIG = 65                         # signals are 1..64 on Linux
+PENDING = object()                # a name or request id held by a start under way
 
 # Job states, as status() reports them.
 RUNNING, PAUSED = "running", "paused"
@@ -135,40 +146,63 @@ def human_bytes(n):
 
 
 class Error(Exception):
-    """Base of every error a caller of the engine can cause or be told about."""
+    """Base of every error a caller of the engine can cause or be told about.
+
+    reason: what went wrong as one UPPER_SNAKE word for programs (google.rpc.ErrorInfo);
+    field: for an invalid request, the request field at fault (google.rpc.BadRequest).
+    """
+    reason = "ERROR"
+
+    def __init__(self, message, reason=None, field=None):
+        super().__init__(message)
+        self.reason = reason or self.reason
+        self.field = field
 
 
 class NotFoundError(Error):
     """No such job (or not one the caller may see)."""
+    reason = "JOB_NOT_FOUND"
 
 
 class InvalidArgumentError(Error):
     """The request is malformed or a value is out of range; nothing was changed."""
+    reason = "INVALID_ARGUMENT"
+
+
+class AlreadyExistsError(Error):
+    """A name the caller chose is taken by one of its jobs."""
+    reason = "NAME_TAKEN"
 
 
 class FailedPreconditionError(Error):
-    """The job is not in a state that allows the operation (e.g. stopping an ended job)."""
+    """The job is not in a state that allows the operation (e.g. pausing an ended job)."""
+    reason = "FAILED_PRECONDITION"
 
 
 class ResourceExhaustedError(Error):
     """The server cannot take more work right now."""
+    reason = "RESOURCE_EXHAUSTED"
 
 
 class PermissionDeniedError(Error):
     """The caller is known but may not do this."""
+    reason = "ROLE_NOT_ALLOWED"
 
 
 class UnauthenticatedError(Error):
     """The caller could not be identified."""
+    reason = "TOKEN_INVALID"
 
 
 class UnavailableError(Error):
     """A server facility (cgroups, namespaces, the spawner) is not working."""
+    reason = "UNAVAILABLE"
 
 
 class DeadlineExceededError(Error):
     """An operation did not finish in the time it is allowed (e.g. a job that outlives
     SIGKILL); it may still finish later."""
+    reason = "DEADLINE_EXCEEDED"
 
 
 ###############################################################################
@@ -374,6 +408,20 @@ def inotify_read(fd):
         name = buf[pos + 16:pos + 16 + size].rstrip(b"\0").decode(errors="replace")
         pos += 16 + size
         yield wd, mask, name
+
+
+def children_of(pid):
+    """The pids of pid's children (its main thread's), [] if it is gone."""
+    text = read_file(f"/proc/{pid}/task/{pid}/children", "")
+    return [int(c) for c in text.split()]
+
+
+def innermost_pid(pid):
+    """pid's number in its own pid namespace (NSpid's last field), None if it is gone."""
+    for line in read_file(f"/proc/{pid}/status", "").splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return None
 
 
 def bring_loopback_up():
@@ -1017,6 +1065,12 @@ def whole_disk_of(path):
 # writes the job's result. Everything the server needs later is in files, so a job does
 # not depend on the server process.
 
+# The output index: one record wherever the stream changes, and every INDEX_GRANULE while
+# output flows: from output offset on, the bytes came from stream, written at time.
+OUTPUT_INDEX_FILE = "output.idx"
+INDEX_RECORD = struct.Struct("<QdB7x")   # offset, time (seconds since the epoch), stream
+INDEX_GRANULE = 0.01                     # seconds: the precision of output timestamps
+STDOUT, STDERR = 1, 2                    # as in the API's Stream
 RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
     "result.json", "job.json", "output", "stop_requested")
 
@@ -1158,20 +1212,23 @@ def shim_main(chan, settings):
         cg.apply(warm_limits)   # the server's defaults: most jobs need no write at start
     except OSError as e:
         warm_error = f"cannot make the job's cgroup: {e.strerror or e}"
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)        # the job's stdout and stderr
+    stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)  # the job's stdout
+    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)  # and stderr, kept apart
+    out_w = (stdout_w, stderr_w)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)        # init/command -> shim: why it did not start
     status_r, status_w = os.pipe2(os.O_CLOEXEC)  # init -> shim: the command's wait status
     go_r, go_w = os.pipe2(os.O_CLOEXEC)          # shim -> command: the request
-    try:
-        fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass   # over /proc/sys/fs/pipe-max-size: the default pipe works, in smaller steps
+    for fd in out_w:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass   # over /proc/sys/fs/pipe-max-size: the default pipe works, in smaller steps
     init_pid = None
     if not warm_error:
         unshare(CLONE_NEWPID)                    # the next child is pid 1 of a new namespace
         init_pid = os.fork()
         if init_pid == 0:
-            for fd in (out_r, err_r, status_r, go_w):
+            for fd in (stdout_r, stderr_r, err_r, status_r, go_w):
                 os.close(fd)
             chan.close()
             code = 126
@@ -1179,7 +1236,7 @@ def shim_main(chan, settings):
                 code = init_main(cg, settings, out_w, err_w, status_w, go_r)
             finally:
                 os._exit(code)
-    for fd in (out_w, err_w, status_w, go_r):
+    for fd in (*out_w, err_w, status_w, go_r):
         os.close(fd)
 
     me = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid())}
@@ -1212,6 +1269,8 @@ def shim_main(chan, settings):
     try:   # the server made it, so that a full disk refuses the start, not the job
         out_fd = os.open(os.path.join(job_dir, OUTPUT_FILE),
                          os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        index_fd = os.open(os.path.join(job_dir, OUTPUT_INDEX_FILE), os.O_WRONLY | os.O_CREAT
+                           | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
         return fail(f"cannot open the job's output file: {e.strerror or e}")
     try:
@@ -1239,8 +1298,10 @@ def shim_main(chan, settings):
     sampling = threading.Event()
     if cg.needs_peak_sampling():   # old kernels: no thread otherwise, this process stays lean
         threading.Thread(target=cg.sample_peak_memory, args=(sampling,), daemon=True).start()
-    written, truncated, out_error = copy_output(out_r, out_fd, req["output_cap"])
+    written, truncated, out_error = copy_output(
+        {stdout_r: STDOUT, stderr_r: STDERR}, out_fd, index_fd, req["output_cap"])
     os.close(out_fd)
+    os.close(index_fd)
     _, init_status = os.waitpid(init_pid, 0)
     sampling.set()
     raw = _read_all(status_r)
@@ -1281,35 +1342,57 @@ def _remove_cgroup(cg):
         cg.remove(timeout=KILL_TIMEOUT)
 
 
-def copy_output(pipe_fd, out_fd, cap):
-    """Move bytes from the job's pipe to its output file until EOF, zero-copy.
+def copy_output(pipes, out_fd, index_fd, cap):
+    """Move bytes from the job's pipes ({fd: STDOUT or STDERR}) to its output file, zero-copy,
+    in the order they come, until every pipe has ended; closes the pipes.
 
-    Past `cap` bytes (or a write error such as a full disk) the rest is read and discarded,
-    so the job is never blocked or killed by its own output. Returns (written, truncated, error).
+    index_fd gets an INDEX_RECORD before the bytes it describes, wherever the stream
+    changes and every INDEX_GRANULE while output flows (at most `cap` bytes of them; later
+    bytes count as the last record's). Past `cap` bytes of output (or a write error such as
+    a full disk) the rest is read and discarded, so the job is never blocked or killed by
+    its own output. Returns (written, truncated, error).
     """
     written, truncated, error = 0, False, ""
-    sink = out_fd
+    sink, index_room = out_fd, cap
+    last_stream, last_time = None, 0.0
     devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    poller = select.poll()
+    for fd in pipes:
+        poller.register(fd, select.POLLIN)
+    pipes = dict(pipes)
     try:
-        while True:
-            room = cap - written if sink == out_fd else CHUNK
-            if room <= 0:
-                sink, truncated = devnull, True
-                continue
-            try:
-                n = os.splice(pipe_fd, sink, min(CHUNK, room))
-            except OSError as e:
-                if sink == devnull:
-                    raise
-                sink, truncated, error = devnull, True, str(e)
-                continue
-            if n == 0:
-                return written, truncated, error
-            if sink == out_fd:
-                written += n
+        while pipes:
+            for fd, _ in poller.poll():
+                room = cap - written if sink == out_fd else CHUNK
+                if room <= 0:
+                    sink, truncated, room = devnull, True, CHUNK
+                now = time.time()
+                if sink == out_fd and index_room > 0 and (
+                        pipes[fd] != last_stream or now - last_time >= INDEX_GRANULE):
+                    last_stream, last_time = pipes[fd], now
+                    try:
+                        index_room -= os.write(index_fd, INDEX_RECORD.pack(written, now,
+                                                                           last_stream))
+                    except OSError:
+                        index_room = 0   # (a full disk) the output itself matters more
+                try:
+                    n = os.splice(fd, sink, min(CHUNK, room))
+                except OSError as e:
+                    if sink == devnull:
+                        raise
+                    sink, truncated, error = devnull, True, str(e)
+                    continue
+                if n == 0:
+                    poller.unregister(fd)
+                    del pipes[fd]
+                    os.close(fd)
+                elif sink == out_fd:
+                    written += n
+        return written, truncated, error
     finally:
         os.close(devnull)
-        os.close(pipe_fd)
+        for fd in pipes:
+            os.close(fd)
 
 
 def _read_all(fd):
@@ -1325,11 +1408,11 @@ def _read_all(fd):
         os.close(fd)
 
 
-def _report_start_failure(err_w, out_w, message):
-    """Tell the shim why the job could not start, and the job's output too, as a shell would."""
+def _report_start_failure(err_w, stderr_fd, message):
+    """Tell the shim why the job could not start, and the job's stderr too, as a shell would."""
     try:
         os.write(err_w, json.dumps({"error": message}).encode())
-        os.write(out_w, f"steve-jobs: {message}\n".encode())
+        os.write(stderr_fd, f"steve-jobs: {message}\n".encode())
     except OSError:
         pass
 
@@ -1339,7 +1422,7 @@ def init_main(cg, settings, out_w, err_w, status_w, go_r):
     try:
         work_fd = enter_job_namespaces(cg, settings)
     except Exception as e:   # whatever it is, the shim must hear why the job did not start
-        _report_start_failure(err_w, out_w, f"namespace setup failed: {e}")
+        _report_start_failure(err_w, out_w[1], f"namespace setup failed: {e}")
         return 126
     command_pid = None
 
@@ -1357,7 +1440,7 @@ def init_main(cg, settings, out_w, err_w, status_w, go_r):
     if command_pid == 0:
         command_main(cg, go_r, out_w, err_w, work_fd)   # never returns
     # A --root job could reach pid 1's descriptors: keep none on the host's folders.
-    for fd in (out_w, err_w, go_r) + ((work_fd,) if work_fd is not None else ()):
+    for fd in (*out_w, err_w, go_r) + ((work_fd,) if work_fd is not None else ()):
         os.close(fd)
     status = reap_until(command_pid)
     os.write(status_w, struct.pack("i", status))
@@ -1552,8 +1635,8 @@ def prepare_process(out_w, keep):
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    os.dup2(out_w, 1)
-    os.dup2(out_w, 2)
+    os.dup2(out_w[0], 1)
+    os.dup2(out_w[1], 2)
     # Close every other fd the forks brought along (close-on-exec or not), but the kept.
     low = 3
     for fd in sorted(keep) + [1 << 16]:
@@ -1649,6 +1732,13 @@ class JobOptions(typing.NamedTuple):
     rw_host: bool = False         # the host's filesystem writable (else read-only); admins
 
 
+class JobMeta(typing.NamedTuple):
+    """What a job is called and how its start is retried; nothing of how it runs."""
+    name: str = ""                # unique among its owner's jobs kept; usable as its id
+    labels: tuple = ()            # sorted (key, value) pairs, for list filters
+    request_id: str = ""          # client-chosen: a retried start returns the first's job
+
+
 class EngineConfig(typing.NamedTuple):
     """Server-side settings of the engine; every limit has a default and a maximum."""
     state_dir: str = DEFAULT_STATE_DIR
@@ -1696,6 +1786,9 @@ class JobStatus(typing.NamedTuple):
     output_bytes: int = 0
     output_truncated: bool = False
     uid: int = 0
+    name: str = ""
+    labels: tuple = ()            # sorted (key, value) pairs
+    request_id: str = ""
 
 
 class Job:
@@ -1712,10 +1805,18 @@ class Job:
         self._cond = threading.Condition()
         self._version = 0             # bumped on every output change or end
         self._callbacks = set()
+        self._index = None
 
     @property
     def output_path(self):
         return os.path.join(self.dir, OUTPUT_FILE)
+
+    def output_index(self):
+        """The job's OutputIndex (made on first use: most jobs are never read)."""
+        with self._cond:
+            if self._index is None:
+                self._index = OutputIndex(os.path.join(self.dir, OUTPUT_INDEX_FILE))
+            return self._index
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -2060,6 +2161,7 @@ class SpareJobFolders:
             make_job_folder(job_dir, spec_bytes)
         else:
             os.rename(spare, job_dir)
+            os.utime(job_dir)   # its age is its start's: a restart awaits young ones
 
     def close(self):
         import shutil
@@ -2134,6 +2236,9 @@ class Engine:
         self._uids_retired = set()    # uids of jobs that could leave files on the host
         self._uid_file_lock = threading.Lock()
         self._running = set()         # ids of jobs without a result
+        self._names = {}              # (owner, name) -> job id, or PENDING while it starts
+        self._requests = {}           # (owner, request id) -> job id, or PENDING
+        self._claims = threading.Condition(self._lock)   # a pending start settled
         self.cgroup_root = config.cgroup_root or DEFAULT_CGROUP_ROOT   # decided at open()
         self._placement = None
 
@@ -2294,25 +2399,52 @@ class Engine:
             pass
 
     def _load_jobs(self):
-        """Re-adopt the jobs in the state directory after a restart."""
+        """Re-adopt the jobs in the state directory after a restart.
+
+        A folder without a record is a start the last server died in: its supervisor may
+        still be starting it. Such starts are awaited (up to SPAWN_TIMEOUT from their
+        beginning) so that the job is known, by its request id too, before any call is
+        served and before leftover cgroups are swept; the rest are removed."""
         jobs_dir = os.path.join(self.config.state_dir, "jobs")
+        unrecorded = []
         for name in os.listdir(jobs_dir):
             job_dir = os.path.join(jobs_dir, name)
-            try:
-                with open(os.path.join(job_dir, SPEC_FILE)) as f:
-                    spec = json.load(f)
-            except (OSError, ValueError):
-                self._drop_unstarted(name, job_dir)
-                continue
-            job = self._new_job(name, spec)
-            job.stop_requested = os.path.exists(os.path.join(job_dir, STOP_FILE))
-            self._set_shim(job, spec.get("shim"))
-            if job.result is None:
-                with contextlib.suppress(OSError, Error):
-                    job.paused = job.cgroup.frozen()   # a pause outlives the server too
-                self._watch(job)
-                if job.result is None and not self._watch_supervisor(job):
-                    self._record_unknown_end(job)
+            spec = _load_json(os.path.join(job_dir, SPEC_FILE))
+            if spec is None:
+                unrecorded.append((name, job_dir))
+            else:
+                self._adopt(name, job_dir, spec)
+        while unrecorded:
+            for name, job_dir in list(unrecorded):
+                spec = _load_json(os.path.join(job_dir, SPEC_FILE))
+                if spec is not None:
+                    self._adopt(name, job_dir, spec)
+                if spec is not None or not self._may_still_start(job_dir):
+                    unrecorded.remove((name, job_dir))
+                    if spec is None:
+                        self._drop_unstarted(name, job_dir)
+            if unrecorded:
+                time.sleep(0.05)
+
+    def _adopt(self, job_id, job_dir, spec):
+        """Take over the job whose folder and record these are."""
+        job = self._new_job(job_id, spec)
+        job.stop_requested = os.path.exists(os.path.join(job_dir, STOP_FILE))
+        self._set_shim(job, spec.get("shim"))
+        if job.result is None:
+            with contextlib.suppress(OSError, Error):
+                job.paused = job.cgroup.frozen()   # a pause outlives the server too
+            self._watch(job)
+            if job.result is None and not self._watch_supervisor(job):
+                self._record_unknown_end(job)
+
+    @staticmethod
+    def _may_still_start(job_dir):
+        """Whether a folder without a record is young enough to be a start under way."""
+        try:
+            return time.time() - os.stat(job_dir).st_mtime < SPAWN_TIMEOUT
+        except OSError:
+            return False
 
     def _load_uids(self):
         """Where the last server stopped handing out uids, and the retired ones."""
@@ -2325,13 +2457,8 @@ class Engine:
     def _drop_unstarted(self, job_id, job_dir):
         """A job folder without a record: a start the server died in before any shim took
         it (the shim writes the record as soon as it has answered). Remove it, and its
-        working folder, unless it is recent enough to be a start still under way."""
+        working folder."""
         import shutil
-        try:
-            if time.time() - os.stat(job_dir).st_mtime < SPAWN_TIMEOUT:
-                return
-        except OSError:
-            return
         log.warning("removing %s: a start that never reached its supervisor", job_dir)
         shutil.rmtree(job_dir, ignore_errors=True)
         shutil.rmtree(os.path.join(self.config.state_dir, "work", job_id), ignore_errors=True)
@@ -2386,25 +2513,39 @@ class Engine:
 
     # -- jobs ---------------------------------------------------------------
 
-    def start(self, owner, argv, limits=Limits(), options=JobOptions()):
+    def start(self, owner, argv, limits=Limits(), options=JobOptions(), meta=JobMeta()):
         """Start argv as a job owned by owner; returns its id once the command has exec'd.
 
         A command that cannot be started (not found, not executable) still makes a job,
-        whose status says why (exit code 127 or 126, as a shell would).
+        whose status says why (exit code 127 or 126, as a shell would). A start whose
+        meta.request_id owner used in the last 24 h starts nothing and returns that job.
         Raises InvalidArgumentError, PermissionDeniedError, UnavailableError,
-        ResourceExhaustedError (a cap of running jobs, or a full state filesystem),
-        FailedPreconditionError (IO limits on a host or folder that cannot have them).
+        AlreadyExistsError (the name is taken), DeadlineExceededError (a start with this
+        request id is still under way), ResourceExhaustedError (a cap of running jobs, or
+        a full state filesystem), FailedPreconditionError (IO limits on a host or folder
+        that cannot have them).
         """
         argv = validate_argv(argv)
         limits = self.effective_limits(limits)
         if (limits.io_read_bps or limits.io_write_bps) and not self.layout.has_io():
             raise FailedPreconditionError("this host offers the server no io controller: "
-                                          "IO limits cannot be applied")
+                                          "IO limits cannot be applied",
+                                          reason="IO_LIMITS_UNAVAILABLE")
         env = validate_env(options.env)
         if options.as_root and not self.config.allow_root:
             raise PermissionDeniedError("this server does not run jobs as root")
         validate_workdir(options.workdir)
+        meta = validate_meta(meta)
+        earlier = self._claim(owner, argv, meta)
+        if earlier:
+            return earlier
+        try:
+            return self._launch(owner, argv, limits, options, env, meta)
+        finally:
+            self._settle(owner, meta)
 
+    def _launch(self, owner, argv, limits, options, env, meta):
+        """start()'s second half: folders, uid, spawn. Returns the job id."""
         self._check_room()
         job_id = new_job_id()
         job_dir = os.path.join(self.config.state_dir, "jobs", job_id)
@@ -2413,7 +2554,8 @@ class Engine:
         workdir = options.workdir or os.path.join(self.config.state_dir, "work", job_id)
         spec = {"id": job_id, "owner": owner, "argv": argv, "limits": limits._asdict(),
                 "options": options._replace(env=tuple(env.items()))._asdict(),
-                "created_at": time.time(), "uid": uid, "workdir": workdir}
+                "created_at": time.time(), "uid": uid, "workdir": workdir,
+                "name": meta.name, "labels": dict(meta.labels), "request_id": meta.request_id}
         workdir_size = self._workdir_size(options, limits)
         try:
             limits = self._prepare_folders(spec, options, limits, workdir_size)
@@ -2448,6 +2590,53 @@ class Engine:
         self._check_result(job)
         return job_id
 
+    def _claim(self, owner, argv, meta):
+        """Hold meta's name and request id for a start of owner's (until _settle).
+
+        Returns the id of the job an earlier start with this request id made, waiting
+        (bounded) for one still under way; None: go on and start one.
+        Raises AlreadyExistsError, InvalidArgumentError (the request id came with another
+        command), DeadlineExceededError.
+        """
+        deadline = time.monotonic() + SPAWN_TIMEOUT + KILL_TIMEOUT
+        key = (owner, meta.request_id)
+        with self._claims:
+            while meta.request_id and key in self._requests:
+                held = self._requests[key]
+                job = self._jobs.get(held)
+                if held is not PENDING and (job is None or time.time() - job.spec[
+                        "created_at"] > REQUEST_ID_TTL):
+                    del self._requests[key]   # old enough to mean another start now
+                elif job is not None:
+                    if job.spec["argv"] != argv:
+                        raise InvalidArgumentError(
+                            f"request_id {quoted(meta.request_id)} started job {held} with "
+                            f"another command", reason="REQUEST_ID_REUSED", field="request_id")
+                    return held
+                elif time.monotonic() >= deadline:
+                    raise DeadlineExceededError("a start with this request_id is still under "
+                                                "way; try again later")
+                else:
+                    self._claims.wait(deadline - time.monotonic())
+            if meta.name and (owner, meta.name) in self._names:
+                raise AlreadyExistsError(f"{owner} already has a job named {quoted(meta.name)}"
+                                         f" (rm it, or choose another name)", field="name")
+            if meta.name:
+                self._names[(owner, meta.name)] = PENDING
+            if meta.request_id:
+                self._requests[key] = PENDING
+        return None
+
+    def _settle(self, owner, meta):
+        """End _claim's hold: what the start made now holds them (see _new_job); a start
+        that made nothing lets them go. Wakes starts waiting on the same request id."""
+        with self._claims:
+            for table, key in ((self._names, (owner, meta.name)),
+                               (self._requests, (owner, meta.request_id))):
+                if table.get(key) is PENDING:
+                    del table[key]
+            self._claims.notify_all()
+
     def _workdir_size(self, options, limits):
         """Bytes of the job's private tmpfs working folder, or 0 for a folder on disk: when
         the client named one, or when IO limits apply (they throttle a disk, not memory)."""
@@ -2468,7 +2657,8 @@ class Engine:
         if free < max(reserve, RESULT_RESERVE) or (st.f_files and st.f_favail < 16):
             raise ResourceExhaustedError(
                 f"the state folder {self.config.state_dir} is full ({human_bytes(free)} free, "
-                f"{human_bytes(reserve)} kept in reserve): no job can start until there is room")
+                f"{human_bytes(reserve)} kept in reserve): no job can start until there is room",
+                reason="STATE_DISK_FULL")
 
     def _prepare_folders(self, spec, options, limits, workdir_size):
         """Make the job's folders and take the room its records need at the end.
@@ -2499,7 +2689,8 @@ class Engine:
         except OSError as e:
             if is_out_of_room(e):
                 raise ResourceExhaustedError(
-                    f"the state folder {self.config.state_dir} is full: {e.strerror}") from None
+                    f"the state folder {self.config.state_dir} is full: {e.strerror}",
+                    reason="STATE_DISK_FULL") from None
             raise InvalidArgumentError(f"cannot prepare the job: {e}") from None
         return limits
 
@@ -2523,23 +2714,29 @@ class Engine:
             rbps = int(requested.io_read_bps or d.io_read_bps)
             wbps = int(requested.io_write_bps or d.io_write_bps)
         except (TypeError, ValueError, OverflowError):
-            raise InvalidArgumentError("limits must be numbers") from None
+            raise InvalidArgumentError("limits must be numbers", field="limits") from None
+
+        def out_of_range(field, too_big, low, high):
+            return InvalidArgumentError(
+                f"{field} must be between {low} and {high}", field=f"limits.{field}",
+                reason="LIMIT_ABOVE_MAX" if too_big else "LIMIT_BELOW_MIN")
         if not (math.isfinite(cpu) and 0.01 <= cpu <= m.cpu):
-            raise InvalidArgumentError(f"cpu must be between 0.01 and {m.cpu:g} cores")
+            raise out_of_range("cpu", cpu > m.cpu, "0.01", f"{m.cpu:g} cores")
         if not MIN_MEMORY <= memory <= m.memory:
-            raise InvalidArgumentError(f"memory must be between {MIN_MEMORY} and {m.memory} bytes")
+            raise out_of_range("memory_bytes", memory > m.memory, human_bytes(MIN_MEMORY), human_bytes(m.memory))
         if not 1 <= pids <= m.pids:
-            raise InvalidArgumentError(f"pids must be between 1 and {m.pids}")
+            raise out_of_range("pids", pids > m.pids, 1, m.pids)
         for name, value, cap in (("io_read_bps", rbps, m.io_read_bps),
                                  ("io_write_bps", wbps, m.io_write_bps)):
             if value < 0 or (cap and value > cap) or value > 1 << 62:
-                raise InvalidArgumentError(f"{name} must be between 0 and {cap or 1 << 62}")
+                raise out_of_range(name, value > 0, 0, f"{human_bytes(cap or 1 << 62)}/s")
         if cap_small := [n for n, v in (("io_read_bps", rbps), ("io_write_bps", wbps))
                          if 0 < v < 4096]:
-            raise InvalidArgumentError(f"{cap_small[0]} must be at least 4096 bytes/s")
+            raise InvalidArgumentError(f"{cap_small[0]} must be at least 4.0KiB/s",
+                                       reason="LIMIT_BELOW_MIN", field=f"limits.{cap_small[0]}")
         device = requested.io_device or d.io_device
         if device and not re.fullmatch(r"\d{1,4}:\d{1,7}", device):
-            raise InvalidArgumentError("io_device must be MAJOR:MINOR")
+            raise InvalidArgumentError("io_device must be MAJOR:MINOR", field="limits.io_device")
         return Limits(cpu=cpu, memory=memory, pids=pids, io_read_bps=rbps,
                       io_write_bps=wbps, io_device=device)
 
@@ -2618,7 +2815,8 @@ class Engine:
         """
         job = self._get(job_id)
         if job.result is None:
-            raise FailedPreconditionError(f"job {job_id} is still running; stop it first")
+            raise FailedPreconditionError(f"job {job_id} is still running; stop it first",
+                                          reason="JOB_STILL_RUNNING")
         self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
 
     def prune(self, max_age=None, max_bytes=None, now=None):
@@ -2649,10 +2847,77 @@ class Engine:
         """A JobStatus snapshot. Raises NotFoundError."""
         return self._status(self._get(job_id))
 
-    def list(self, owner=None):
-        """Statuses of every job (or only owner's), oldest first."""
-        jobs = [j for j in self._all_jobs() if owner is None or j.spec["owner"] == owner]
-        return sorted((self._status(j) for j in jobs), key=lambda s: s.created_at)
+    def list(self, owner=None, **filters):
+        """Statuses of every job (or only owner's), oldest first; filters as iter_jobs."""
+        return list(self.iter_jobs(owner, **filters))
+
+    def iter_jobs(self, owner=None, states=(), labels=(), name="", after=None):
+        """Statuses of every job (or only owner's) in order of creation, made one by one as
+        they are taken, after the cursor `after` (a job's list_cursor). Filters: states
+        (any of), labels ((key, value) pairs, all of), name."""
+        def wanted(job):
+            spec = job.spec
+            return ((owner is None or spec["owner"] == owner)
+                    and (not name or spec.get("name") == name)
+                    and all(spec.get("labels", {}).get(k) == v for k, v in labels)
+                    and (not states or derive_state(job) in states))
+        jobs = sorted((j for j in self._all_jobs() if wanted(j)), key=list_cursor)
+        if after is not None:
+            import bisect
+            jobs = jobs[bisect.bisect_right(jobs, tuple(after), key=list_cursor):]
+        return (self._status(j) for j in jobs)
+
+    def resolve(self, ref, caller=None, sees_all=True):
+        """The id of the job ref names: an id, the name of one of caller's jobs, or a prefix
+        of the id of exactly one job the caller sees (every job's with sees_all).
+
+        An id is returned as it is, whoever owns it (the caller's authorization decides).
+        Raises InvalidArgumentError (empty, or a prefix of several ids), NotFoundError.
+        """
+        if not isinstance(ref, str) or not ref:
+            raise InvalidArgumentError("job_id is required", field="job_id")
+        with self._lock:
+            if ref in self._jobs:
+                return ref
+            named = self._names.get((caller, ref))
+            if named is not None and named is not PENDING:
+                return named
+            matches = [] if not re.fullmatch(r"[0-9a-f-]{1,35}", ref) else [
+                i for i, j in self._jobs.items()
+                if i.startswith(ref) and (sees_all or j.spec["owner"] == caller)][:2]
+        if len(matches) > 1:
+            raise InvalidArgumentError(f"{quoted(ref)} is the start of several job ids; give "
+                                       f"more of it", reason="AMBIGUOUS_JOB_ID", field="job_id")
+        if not matches:
+            raise NotFoundError(f"no job {quoted(ref)}")
+        return matches[0]
+
+    def signal(self, job_id, signum, all_processes=False):
+        """Send signal signum to the job's command, or with all_processes to every process
+        of the job (its init aside); returns its JobStatus.
+
+        Raises NotFoundError, InvalidArgumentError (not a signal number),
+        FailedPreconditionError (the job has ended, or its command has and all_processes
+        is not set).
+        """
+        if isinstance(signum, bool) or not isinstance(signum, int) or not 0 < signum < NSIG:
+            raise InvalidArgumentError(f"{signum!r} is not a signal number (1-{NSIG - 1})",
+                                       field="signal")
+        job = self._get(job_id)
+        self._require_running(job)
+        init_pid = (job.shim or {}).get("init_pid")
+        pids = []
+        if all_processes:
+            with contextlib.suppress(OSError):
+                pids = [p for p in self._cgroup_of(job).pids() if p != init_pid]
+        else:   # init's first child is the command: pid 2 of the job's namespace
+            pids = [p for p in children_of(init_pid) if innermost_pid(p) == 2] if init_pid else []
+        if not sum(self._signal_job_process(job, pid, signum) for pid in pids):
+            self._require_running(job)
+            raise FailedPreconditionError(
+                f"job {job.id}'s command has exited" + ("" if all_processes else
+                "; --all signals what it left running"), reason="COMMAND_EXITED")
+        return self._status(job)
 
     def read_output(self, job_id, offset=0, size=CHUNK):
         """Up to size bytes of the job's output from offset (b'' at the current end).
@@ -2663,6 +2928,51 @@ class Engine:
         if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int) and size > 0):
             raise InvalidArgumentError("offset must be >= 0 and size > 0")
         return read_output_file(job.output_path, offset, min(size, CHUNK))
+
+    def read_piece(self, job_id, offset=0, size=CHUNK, stream=0, by_time=False):
+        """The OutputPiece at offset: up to size bytes of one stream (stream 0: either),
+        and with by_time of one write time. Output of another stream is skipped: the
+        piece's offset is where its data starts. Empty data at the current end (the
+        offset then says how far the skipping got; it may stop short of the end).
+
+        Raises NotFoundError, InvalidArgumentError.
+        """
+        job = self._get(job_id)
+        if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int) and size > 0):
+            raise InvalidArgumentError("offset must be >= 0 and size > 0")
+        try:   # the size first: every byte below it has its index record by now
+            end = os.stat(job.output_path).st_size
+        except FileNotFoundError:
+            return OutputPiece(offset, b"")
+        index = job.output_index()
+        index.refresh()
+        for _ in range(4096):   # skipping many short pieces of the other stream: in turns
+            if offset >= end:
+                break
+            stop, piece_stream, t = index.piece_at(offset, end, by_time)
+            if stream and piece_stream and piece_stream != stream:
+                offset = stop
+                continue
+            data = read_output_file(job.output_path, offset, min(size, stop - offset, CHUNK))
+            return OutputPiece(offset, data, piece_stream, t)
+        return OutputPiece(offset, b"")
+
+    def output_start(self, job_id, stream=0, tail_lines=0, tail_bytes=0, since=0.0):
+        """Where reading starts for the last tail_lines lines and tail_bytes bytes of stream
+        (0: both), and what was written since (a time): the latest of those set, else 0.
+        Reads the output backwards as far as the lines go. Raises NotFoundError."""
+        job = self._get(job_id)
+        try:
+            end = os.stat(job.output_path).st_size
+        except FileNotFoundError:
+            return 0
+        index = job.output_index()
+        index.refresh()
+        start = index.first_written_at(since, end) if since else 0
+        if tail_lines or tail_bytes:
+            start = max(start, tail_start(index, job.output_path, end, stream, tail_lines,
+                                          tail_bytes))
+        return start
 
     def output_end(self, job_id):
         """Final output size once the job has ended and every byte is on disk, else None."""
@@ -2706,6 +3016,10 @@ class Engine:
             job.ended.set()
         with self._lock:
             self._jobs[job_id] = job
+            for table, key in ((self._names, spec.get("name")),
+                               (self._requests, spec.get("request_id"))):
+                if key:
+                    table[(spec["owner"], key)] = job_id
             if spec["uid"]:
                 self._uids_kept.add(spec["uid"])
             if job.result is None:
@@ -2758,6 +3072,10 @@ class Engine:
         """Drop a job: its record, its folder and (if the server made it) its workdir."""
         with self._lock:
             self._jobs.pop(job.id, None)
+            for table, key in ((self._names, job.spec.get("name")),
+                               (self._requests, job.spec.get("request_id"))):
+                if table.get((job.spec["owner"], key)) == job.id:
+                    del table[(job.spec["owner"], key)]
             self._uids_kept.discard(job.spec["uid"])
             self._running.discard(job.id)
         # (Removing the folder also ends its inotify watch.)
@@ -2772,12 +3090,13 @@ class Engine:
         with self._lock:
             if len(self._running) >= self.config.max_running_jobs:
                 raise ResourceExhaustedError(
-                    f"{self.config.max_running_jobs} jobs are running, the server's maximum")
+                    f"{self.config.max_running_jobs} jobs are running, the server's maximum",
+                    reason="TOO_MANY_JOBS")
             cap = self.config.user_job_cap()
             if sum(self._jobs[i].spec["owner"] == owner for i in self._running) >= cap:
                 raise ResourceExhaustedError(
                     f"{owner} has {cap} jobs running, the most one user may have "
-                    f"(--max-jobs-per-user)")
+                    f"(--max-jobs-per-user)", reason="TOO_MANY_JOBS_OF_USER")
             if root:
                 return 0
             # In order, from where the last server left off: a uid comes back only after
@@ -2839,23 +3158,30 @@ class Engine:
     @staticmethod
     def _require_running(job):
         if job.result is not None:
-            raise FailedPreconditionError(f"job {job.id} has ended")
+            raise FailedPreconditionError(f"job {job.id} has ended", reason="JOB_NOT_RUNNING")
 
     def _signal_init(self, job, signum):
         """Signal the job's init (which forwards to the command), never a reused pid."""
         init_pid = (job.shim or {}).get("init_pid")
-        if not init_pid:
-            return
+        if init_pid:
+            self._signal_job_process(job, init_pid, signum)
+
+    @staticmethod
+    def _signal_job_process(job, pid, signum):
+        """Send signum to pid if it is a process of this job (not a reused pid).
+        Returns whether it was sent."""
         try:
-            pidfd = os.pidfd_open(init_pid)
+            pidfd = os.pidfd_open(pid)
         except OSError:
-            return   # already gone
+            return False   # already gone
         try:
-            # The pidfd pins the process; check it is still this job's init, not a reused pid.
-            if job.cgroup and f"/{job.cgroup.name}\n" in read_file(f"/proc/{init_pid}/cgroup", ""):
+            # The pidfd pins the process; check it is still in the job's cgroup.
+            if job.cgroup and f"/{job.cgroup.name}\n" in read_file(f"/proc/{pid}/cgroup", ""):
                 signal.pidfd_send_signal(pidfd, signum)
+                return True
+            return False
         except ProcessLookupError:
-            pass
+            return False
         finally:
             os.close(pidfd)
 
@@ -2867,7 +3193,9 @@ class Engine:
             options=JobOptions(**{**spec["options"],
                                   "env": tuple(map(tuple, spec["options"]["env"]))}),
             created_at=spec["created_at"], uid=spec["uid"],
-            started_at=(job.shim or {}).get("started_at", 0.0))
+            started_at=(job.shim or {}).get("started_at", 0.0), name=spec.get("name", ""),
+            labels=tuple(sorted(spec.get("labels", {}).items())),
+            request_id=spec.get("request_id", ""))
         if r is None:   # running: live figures from the cgroup and the output file
             try:
                 fields.update(job.cgroup.usage() if job.cgroup else {})
@@ -2877,6 +3205,104 @@ class Engine:
             return JobStatus(**fields)
         fields.update((k, r[k]) for k in RESULT_FIELDS if k in r)
         return JobStatus(**fields)
+
+
+class OutputPiece(typing.NamedTuple):
+    """Bytes of one stream from a job's merged output, starting at offset."""
+    offset: int
+    data: bytes
+    stream: int = 0               # STDOUT, STDERR; 0: not recorded (jobs of older servers)
+    time: float = 0.0             # when written (INDEX_GRANULE precision); 0: not recorded
+
+
+class OutputIndex:
+    """A job's output index (OUTPUT_INDEX_FILE), read as it grows: which stream each byte
+    of the merged output came from, and when it was written. Thread-safe."""
+
+    def __init__(self, path):
+        self.path = path
+        self.offsets, self.times, self.streams = [], [], []   # every record
+        self.run_offsets, self.run_streams = [], []            # where the stream changes
+        self.size_read = 0
+        self._lock = threading.Lock()
+
+    def refresh(self):
+        """Take in the records written since the last call."""
+        with self._lock:
+            data = read_output_file(self.path, self.size_read, 64 * MiB)
+            whole = len(data) - len(data) % INDEX_RECORD.size
+            for offset, t, stream in INDEX_RECORD.iter_unpack(data[:whole]):
+                self.offsets.append(offset)
+                self.times.append(t)
+                self.streams.append(stream)
+                if not self.run_streams or self.run_streams[-1] != stream:
+                    self.run_offsets.append(offset)
+                    self.run_streams.append(stream)
+            self.size_read += whole
+
+    def piece_at(self, pos, end, by_time):
+        """(stop, stream, time) of the bytes from pos: one stream (and with by_time, one
+        record's write time) up to stop <= end."""
+        import bisect
+        offsets, streams = (self.offsets, self.streams) if by_time else (
+            self.run_offsets, self.run_streams)
+        with self._lock:
+            i = bisect.bisect_right(offsets, pos) - 1
+            if i < 0:
+                return (offsets[0] if offsets else end), 0, 0.0
+            stop = offsets[i + 1] if i + 1 < len(offsets) else end
+            t = self.times[bisect.bisect_right(self.offsets, pos) - 1]
+            return min(stop, end), streams[i], t
+
+    def runs_backwards(self, end):
+        """(start, stop, stream) of each run of one stream before end, the last first."""
+        with self._lock:
+            runs = list(zip(self.run_offsets, self.run_offsets[1:] + [end], self.run_streams))
+        if not runs or runs[0][0] > 0:
+            runs.insert(0, (0, runs[0][0] if runs else end, 0))
+        for start, stop, stream in reversed(runs):
+            if start < end:
+                yield start, min(stop, end), stream
+
+    def first_written_at(self, since, end):
+        """The offset of the first byte written at or after since (end if none yet)."""
+        import bisect
+        with self._lock:
+            if not self.times:
+                return 0   # nothing recorded: a job of an older server, keep it all
+            i = bisect.bisect_left(self.times, since)
+            return self.offsets[i] if i < len(self.offsets) else end
+
+
+def tail_start(index, path, end, stream, lines, nbytes):
+    """Where the last `lines` lines (or `nbytes` bytes, whichever is less) of stream (0:
+    both) before end start. 0 if there are fewer."""
+    taken, newlines, at_end = 0, 0, True
+    for start, stop, s in index.runs_backwards(end):
+        if stream and s and s != stream:
+            continue
+        if nbytes and taken + stop - start >= nbytes:
+            return stop - (nbytes - taken)
+        pos = stop
+        while lines and pos > start:
+            block = max(start, pos - 64 * KiB)
+            data = read_output_file(path, block, pos - block)
+            if at_end and data.endswith(b"\n"):
+                data = data[:-1]   # the last line's own end
+            at_end = False
+            i = len(data)
+            while (i := data.rfind(b"\n", 0, i)) >= 0:
+                newlines += 1
+                if newlines == lines:
+                    return block + i + 1
+            pos = block
+        taken += stop - start
+    return 0
+
+
+def list_cursor(job):
+    """Where a job stands in list order (creation time, then id): a page token's content."""
+    return (job.spec["created_at"], job.id)
 
 
 def read_output_file(path, offset, size):
@@ -2918,6 +3344,31 @@ def validate_argv(argv):
     if size > MAX_ARGV_BYTES:
         raise InvalidArgumentError(f"the command is longer than {MAX_ARGV_BYTES} bytes")
     return list(argv)
+
+
+def validate_meta(meta):
+    """meta with its labels sorted. Raises InvalidArgumentError for a bad name, label or
+    request id."""
+    if meta.name and (not isinstance(meta.name, str) or not NAME_FORMAT.fullmatch(meta.name)
+                      or JOB_ID_FORMAT.fullmatch(meta.name)):
+        raise InvalidArgumentError(
+            f"invalid name {quoted(meta.name)}: up to 64 letters, digits, '_', '.' or '-', "
+            f"starting with a letter or digit", field="name")
+    labels = dict(meta.labels)
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgumentError(f"at most {MAX_LABELS} labels", field="labels")
+    for key, value in labels.items():
+        if not (isinstance(key, str) and LABEL_KEY_FORMAT.fullmatch(key)):
+            raise InvalidArgumentError(f"invalid label key {quoted(key)}: up to 63 letters, "
+                                       f"digits, '_', '.', '/' or '-'", field="labels")
+        if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or "\0" in value:
+            raise InvalidArgumentError(f"label {key}: a value of at most {MAX_LABEL_VALUE} "
+                                       f"characters", field="labels")
+    if meta.request_id and not (isinstance(meta.request_id, str)
+                                and REQUEST_ID_FORMAT.fullmatch(meta.request_id)):
+        raise InvalidArgumentError("request_id: 1 to 128 printable ASCII characters",
+                                   field="request_id")
+    return meta._replace(labels=tuple(sorted(labels.items())))
 
 
 def validate_workdir(path):
@@ -2964,9 +3415,9 @@ JWT_LEEWAY = 30                     # seconds of clock skew tolerated
 # Every RPC and what it needs. "job" RPCs act on one job and are scoped by ownership.
 RPC_ACTIONS = {
     "Start": "write", "Stop": "write", "Pause": "write", "Resume": "write", "Remove": "write",
-    "Status": "read", "Output": "read", "List": "read",
+    "Status": "read", "Output": "read", "List": "read", "Wait": "read", "Signal": "write",
 }
-JOB_RPCS = ("Stop", "Pause", "Resume", "Remove", "Status", "Output")
+JOB_RPCS = ("Stop", "Pause", "Resume", "Remove", "Status", "Output", "Wait", "Signal")
 
 
 class Role(typing.NamedTuple):
@@ -3042,7 +3493,7 @@ class TokenVerifier:
                 issuer=self.issuer, leeway=JWT_LEEWAY,
                 options={"require": ["exp", "iat", "sub", "aud", "iss"]})
         except jwt.ExpiredSignatureError:
-            raise UnauthenticatedError("token expired") from None
+            raise UnauthenticatedError("token expired", reason="TOKEN_EXPIRED") from None
         except jwt.InvalidTokenError as e:
             raise UnauthenticatedError(f"invalid token: {e}") from None
         for name, kind in CLAIM_TYPES.items():   # a signed token is not a well-formed one
@@ -3167,7 +3618,9 @@ def check_start_allowed(identity, limits, options, default_limits,
             asked, cap = getattr(limits, field), getattr(default_limits, field)
             if asked and asked > cap:
                 raise PermissionDeniedError(
-                    f"role {identity.role} may ask for at most {field}={cap:g}")
+                    f"role {identity.role} may ask for at most {field}="
+                    f"{human_bytes(cap) if field == 'memory' else f'{cap:g}'}",
+                    reason="LIMIT_ABOVE_ROLE_MAX", field=f"limits.{field}")
 
 
 ###############################################################################
@@ -3189,6 +3642,8 @@ def import_grpc(aio=True):
     Returns (grpc, jobs_pb2, jobs_pb2_grpc).
     """
     os.environ["GRPC_SSL_CIPHER_SUITES"] = TLS12_CIPHER_SUITES
+    if not aio:   # a client's failed handshake is told in one line of ours, not grpc's log
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
@@ -3206,6 +3661,7 @@ PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 
 ERROR_CODES = {   # engine errors -> gRPC status code names: the one mapping
     NotFoundError: "NOT_FOUND", InvalidArgumentError: "INVALID_ARGUMENT",
+    AlreadyExistsError: "ALREADY_EXISTS",
     FailedPreconditionError: "FAILED_PRECONDITION", ResourceExhaustedError: "RESOURCE_EXHAUSTED",
     PermissionDeniedError: "PERMISSION_DENIED", UnauthenticatedError: "UNAUTHENTICATED",
     UnavailableError: "UNAVAILABLE", DeadlineExceededError: "DEADLINE_EXCEEDED",
@@ -3214,6 +3670,44 @@ ERROR_CODES = {   # engine errors -> gRPC status code names: the one mapping
 # "the server says it is unavailable" from "the server could not be reached".
 ERROR_ORIGIN_KEY = "steve-jobs-status"
 OUT_OF_HANDLES = (errno.EMFILE, errno.ENFILE)
+
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000   # jobs in one List response
+LIST_PAGE_BYTES = 3 * MiB           # and at most this much of them: any client can take it
+SUMMARY_ARGV_BYTES = 256            # of a job's command in List's summary view
+
+
+def page_token(created_at, job_id):
+    """The opaque token of the page after the job (created_at, job_id) in list order."""
+    import base64
+    return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).decode()
+
+
+def parse_page_token(token):
+    """The list cursor in a page token (None for ''). Raises InvalidArgumentError."""
+    if not token:
+        return None
+    import base64
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if isinstance(created_at, (int, float)) and isinstance(job_id, str):
+            return (created_at, job_id)
+    except (ValueError, TypeError):
+        pass
+    raise InvalidArgumentError("page_token is not one a List returned", field="page_token")
+
+
+def cut_argv(argv, limit):
+    """argv cut to about limit bytes of UTF-8 in all (the cut marked with '...')."""
+    out, left = [], limit
+    for arg in argv:
+        data = arg.encode()
+        if len(data) > left:
+            out.append(data[:max(0, left)].decode(errors="ignore") + "...")
+            break
+        out.append(arg)
+        left -= len(data) + 1
+    return out
+
 
 OUTPUT_MEMORY_BUDGET = 128 * MiB    # all output streams' in-flight chunks together
 MIN_STREAM_CHUNK = 16 * KiB          # what a stream may read even when the budget is spent
@@ -3304,19 +3798,97 @@ def _subject_of(pem):
         return b""
 
 
+class RpcStatus(typing.NamedTuple):
+    """What a failed call answers: a gRPC status code name, a message, and the error's
+    reason and field for google.rpc.ErrorInfo and BadRequest."""
+    code: str
+    message: str
+    reason: str = "INTERNAL"
+    field: str = None
+
+
 def rpc_status(error):
-    """(gRPC status code name, message) for an exception: the one mapping point.
+    """The RpcStatus of an exception: the one mapping point.
 
     Anything unexpected is logged with its traceback and told as INTERNAL, no details.
     """
     for cls, code in ERROR_CODES.items():
         if isinstance(error, cls):
-            return code, str(error)
+            return RpcStatus(code, str(error), error.reason, error.field)
     if isinstance(error, OSError) and error.errno in OUT_OF_HANDLES:
         log.error("out of file handles: %s", error)   # one line: it may come often
-        return "RESOURCE_EXHAUSTED", "the server is out of file handles; try again later"
+        return RpcStatus("RESOURCE_EXHAUSTED", "the server is out of file handles; try "
+                         "again later", "SERVER_OUT_OF_FILE_HANDLES")
     log.error("internal error", exc_info=error)
-    return "INTERNAL", "internal error"
+    return RpcStatus("INTERNAL", "internal error")
+
+
+@functools.cache
+def rpc_error_messages():
+    """The google.rpc Status, ErrorInfo and BadRequest message classes (a namespace).
+
+    Built from their descriptors in a pool of their own: the googleapis-common-protos
+    package would be a dependency for three small messages, and a private pool cannot
+    clash with it if a program imports both."""
+    from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
+    F = descriptor_pb2.FieldDescriptorProto
+    string, repeated, message = F.TYPE_STRING, F.LABEL_REPEATED, F.TYPE_MESSAGE
+
+    def field(name, number, kind=string, label=F.LABEL_OPTIONAL, type_name=None):
+        return F(name=name, number=number, type=kind, label=label, type_name=type_name)
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="google/rpc/steve_jobs_error_model.proto", package="google.rpc",
+        syntax="proto3", dependency=["google/protobuf/any.proto"])
+    proto.message_type.add(name="Status", field=[
+        field("code", 1, F.TYPE_INT32), field("message", 2),
+        field("details", 3, message, repeated, ".google.protobuf.Any")])
+    proto.message_type.add(name="ErrorInfo", field=[field("reason", 1), field("domain", 2)])
+    bad_request = proto.message_type.add(name="BadRequest", field=[
+        field("field_violations", 1, message, repeated, ".google.rpc.BadRequest.FieldViolation")])
+    bad_request.nested_type.add(name="FieldViolation", field=[
+        field("field", 1), field("description", 2)])
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(any_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(proto)
+    classes = {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(
+        f"google.rpc.{name}")) for name in ("Status", "ErrorInfo", "BadRequest")}
+    return types.SimpleNamespace(Any=any_pb2.Any, **classes)
+
+
+ERROR_DOMAIN = "steve-jobs"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"   # where gRPC's richer error model lives
+
+
+def status_details(grpc, status):
+    """A google.rpc.Status for RpcStatus status, serialized for STATUS_DETAILS_KEY."""
+    m = rpc_error_messages()
+    details = m.Status(code=getattr(grpc.StatusCode, status.code).value[0],
+                       message=status.message)
+    details.details.add().Pack(m.ErrorInfo(reason=status.reason, domain=ERROR_DOMAIN))
+    if status.field:
+        violations = m.BadRequest()
+        violations.field_violations.add(field=status.field, description=status.message)
+        details.details.add().Pack(violations)
+    return details.SerializeToString()
+
+
+def error_reason(details_bin):
+    """(reason, field) from a serialized google.rpc.Status; ('', '') if it has none."""
+    m = rpc_error_messages()
+    reason, field = "", ""
+    try:
+        for detail in m.Status.FromString(details_bin).details:
+            if detail.Is(m.ErrorInfo.DESCRIPTOR):
+                info = m.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+            elif detail.Is(m.BadRequest.DESCRIPTOR):
+                bad = m.BadRequest()
+                detail.Unpack(bad)
+                field = bad.field_violations[0].field if bad.field_violations else ""
+    except Exception:   # an odd server's details: the code and message still say enough
+        pass
+    return reason, field
 
 
 class OutputHub:
@@ -3342,7 +3914,7 @@ class OutputHub:
         if self.per_user.get(user, 0) >= self.config.max_streams_per_user:
             raise ResourceExhaustedError(
                 f"{user} has {self.config.max_streams_per_user} output streams open, the most "
-                f"one user may have (--max-streams-per-user)")
+                f"one user may have (--max-streams-per-user)", reason="TOO_MANY_STREAMS")
         self.per_user[user] = self.per_user.get(user, 0) + 1
         if job_id not in self.events:
             self.events[job_id] = set()
@@ -3367,24 +3939,32 @@ class OutputHub:
             # The chunks streams held are freed now: give the memory back at once.
             trim_freed_memory()
 
-    def read(self, job_id, offset, user):
-        """(size, serialized OutputChunk) of the output at offset; (0, b'') at its end.
+    def read(self, job_id, offset, user, stream=0, by_time=False):
+        """(next offset, size, serialized OutputChunk) of the output at offset, of stream (0:
+        both), with its write time if by_time; size 0 at its end (the offset may still
+        move on: past output of the other stream).
 
         Only a job with several followers keeps chunks, and at most two (the offset
         followers are at, and the end they reach next): the cache then stays within the
         streams' budget. Raises the engine's errors.
         """
+        key = (offset, stream, by_time)
         cached = self.chunks.get(job_id)
-        if cached is not None and offset in cached:
-            return cached[offset]
-        data = self.engine.read_output(job_id, offset, self.chunk_size(user))
-        chunk = len(data), (self.pb.OutputChunk(data=data, offset=offset)
-                            .SerializeToString() if data else b"")
+        if cached is not None and key in cached:
+            return cached[key]
+        piece = self.engine.read_piece(job_id, offset, self.chunk_size(user), stream, by_time)
+        chunk = b""
+        if piece.data:
+            pb = self.pb.OutputChunk(data=piece.data, offset=piece.offset, stream=piece.stream)
+            if by_time and piece.time:
+                pb.time.FromNanoseconds(int(piece.time * 1e9))
+            chunk = pb.SerializeToString()
+        chunk = piece.offset + len(piece.data), len(piece.data), chunk
         if len(self.events[job_id]) > 1:
             cached = self.chunks.setdefault(job_id, {})
             if len(cached) >= 2:
                 del cached[next(iter(cached))]
-            cached[offset] = chunk
+            cached[key] = chunk
         return chunk
 
     def _wake(self, job_id):
@@ -3439,16 +4019,28 @@ class JobService:
         self.hub = None
         self.shutting_down = False
 
-    def status_pb(self, st):
+    def status_pb(self, st, summary=False):
+        """A JobStatus message; summary: the List view (argv cut, no limits or workdir)."""
         pb = self.pb.JobStatus(
-            job_id=st.id, owner=st.owner, argv=st.argv, state=STATE_TO_PB[st.state],
-            error=st.error, limits=self.limits_pb(st.limits), created_at=st.created_at,
+            job_id=st.id, owner=st.owner, state=STATE_TO_PB[st.state],
+            error=st.error, created_at=st.created_at,
             started_at=st.started_at, ended_at=st.ended_at, cpu_seconds=st.cpu_seconds,
             memory_bytes=st.memory_bytes, peak_memory_bytes=st.peak_memory_bytes,
             oom_kills=st.oom_kills, output_bytes=st.output_bytes,
             output_truncated=st.output_truncated, as_root=st.options.as_root,
-            host_network=st.options.host_network, workdir=st.options.workdir, uid=st.uid,
-            rw_host=st.options.rw_host)
+            host_network=st.options.host_network, uid=st.uid, rw_host=st.options.rw_host,
+            name=st.name, labels=dict(st.labels), request_id=st.request_id,
+            view=self.pb.VIEW_SUMMARY if summary else self.pb.VIEW_FULL)
+        if summary:
+            pb.argv.extend(cut_argv(st.argv, SUMMARY_ARGV_BYTES))
+        else:
+            pb.argv.extend(st.argv)
+            pb.limits.CopyFrom(self.limits_pb(st.limits))
+            pb.workdir = st.options.workdir
+        for name, t in (("create_time", st.created_at), ("start_time", st.started_at),
+                        ("end_time", st.ended_at)):
+            if t:
+                getattr(pb, name).FromNanoseconds(int(t * 1e9))
         if st.exit_code is not None:
             pb.exit_code = st.exit_code
         if st.signal is not None:
@@ -3460,10 +4052,13 @@ class JobService:
                               io_read_bps=lim.io_read_bps, io_write_bps=lim.io_write_bps,
                               io_device=lim.io_device)
 
-    async def abort(self, context, code, message):
-        """End the call with this status, marked as the server's own (ERROR_ORIGIN_KEY)."""
-        await context.abort(getattr(self.grpc.StatusCode, code), message,
-                            trailing_metadata=((ERROR_ORIGIN_KEY, code.lower()),))
+    async def abort(self, context, status):
+        """End the call with RpcStatus status, marked as the server's own (ERROR_ORIGIN_KEY),
+        its reason and field in a google.rpc.Status (STATUS_DETAILS_KEY)."""
+        await context.abort(getattr(self.grpc.StatusCode, status.code), status.message,
+                            trailing_metadata=((ERROR_ORIGIN_KEY, status.code.lower()),
+                                               (STATUS_DETAILS_KEY,
+                                                status_details(self.grpc, status))))
 
     def identify(self, context):
         auth = context.auth_context()
@@ -3473,16 +4068,16 @@ class JobService:
         token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
         return self.verifier.verify(token, cn, pem)
 
-    def job_for(self, identity, rpc, job_id):
-        """Authorize a call about one job. Raises NotFoundError, PermissionDeniedError."""
-        if not isinstance(job_id, str) or not job_id:
-            raise InvalidArgumentError("job_id is required")
-        owner = self.engine.owner(job_id)
+    def job_for(self, identity, rpc, ref):
+        """Authorize a call about the job ref names (an id, a name, a prefix); returns its id.
+        Raises NotFoundError, InvalidArgumentError, PermissionDeniedError."""
+        job_id = self.engine.resolve(ref, identity.user, ROLES[identity.role].all_jobs)
         try:
-            decide(identity, rpc, job_owner=owner)
+            decide(identity, rpc, job_owner=self.engine.owner(job_id))
         except NotFoundError:
             # Word for word what the engine says of an id that does not exist.
-            raise NotFoundError(f"no job {quoted(job_id)}") from None
+            raise NotFoundError(f"no job {quoted(ref)}") from None
+        return job_id
 
     async def Start(self, request, context):
         return await self.unary(context, "Start", self._start, request)
@@ -3513,13 +4108,60 @@ class JobService:
         return await self.unary(context, "Remove", remove, request)
 
     async def List(self, request, context):
-        def list_jobs(identity, r):
-            role = ROLES[identity.role]
-            if r.all_users and not role.all_jobs:
-                raise PermissionDeniedError(f"role {identity.role} sees only its own jobs")
-            owner = None if r.all_users else identity.user
-            return self.pb.ListResponse(jobs=[self.status_pb(s) for s in self.engine.list(owner)])
-        return await self.unary(context, "List", list_jobs, request)
+        return await self.unary(context, "List", self._list, request)
+
+    async def Wait(self, request, context):
+        return await self.unary(context, "Wait", self._wait, request)
+
+    async def Signal(self, request, context):
+        return await self.unary(context, "Signal", lambda identity, r: self.status_pb(
+            self.engine.signal(r.job_id, r.signal, r.all)), request)
+
+    def _list(self, identity, r):
+        """One page of jobs: at most page_size, and at most LIST_PAGE_BYTES of them."""
+        role = ROLES[identity.role]
+        if (r.all_users or r.owner) and not role.all_jobs:
+            raise PermissionDeniedError(f"role {identity.role} sees only its own jobs")
+        if r.page_size > MAX_PAGE_SIZE:
+            raise InvalidArgumentError(f"page_size is at most {MAX_PAGE_SIZE}",
+                                       field="page_size")
+        owner = r.owner or (None if r.all_users else identity.user)
+        states = {PB_TO_STATE[s] for s in r.states if s in PB_TO_STATE}
+        statuses = self.engine.iter_jobs(owner, states, sorted(r.labels.items()), r.name,
+                                    after=parse_page_token(r.page_token))
+        response, size = self.pb.ListResponse(), 0
+        for st in statuses:
+            if len(response.jobs) == (r.page_size or DEFAULT_PAGE_SIZE):
+                break
+            pb = self.status_pb(st, summary=r.view != self.pb.VIEW_FULL)
+            size += pb.ByteSize() + 8
+            if size > LIST_PAGE_BYTES and response.jobs:
+                break
+            response.jobs.append(pb)
+        else:
+            return response
+        last = response.jobs[-1]
+        response.next_page_token = page_token(last.created_at, last.job_id)
+        return response
+
+    async def _wait(self, identity, r):
+        """Wait's body: sleeps on the engine's notification of the job's end, no thread
+        and no polling; the call's deadline, or the server's shutdown, ends it first."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        unsubscribe = self.engine.subscribe(
+            r.job_id, lambda: loop.call_soon_threadsafe(changed.set))
+        try:
+            while self.engine.output_end(r.job_id) is None:
+                if self.shutting_down:
+                    raise UnavailableError("the server is shutting down; the job goes on")
+                changed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), FOLLOW_SAFETY_NET)
+        finally:
+            unsubscribe()
+        return self.status_pb(self.engine.status(r.job_id))
 
     def _start(self, identity, r):
         limits = Limits(cpu=r.limits.cpu, memory=r.limits.memory_bytes, pids=r.limits.pids,
@@ -3530,7 +4172,8 @@ class JobService:
                              rw_host=r.rw_host)
         check_start_allowed(identity, limits, options, self.engine.config.default_limits,
                             self.config.host_network_roles)
-        job_id = self.engine.start(identity.user, list(r.argv), limits, options)
+        meta = JobMeta(name=r.name, labels=tuple(r.labels.items()), request_id=r.request_id)
+        job_id = self.engine.start(identity.user, list(r.argv), limits, options, meta)
         return self.status_pb(self.engine.status(job_id))
 
     def _stop(self, identity, r):
@@ -3549,19 +4192,23 @@ class JobService:
             user = identity.user
             decide(identity, rpc)
             if rpc in JOB_RPCS:
-                self.job_for(identity, rpc, request.job_id)
-            pool = self.stop_pool if rpc == "Stop" else self.start_pool
-            result = await asyncio.get_running_loop().run_in_executor(
-                pool, func, identity, request)
+                request.job_id = job_id = self.job_for(identity, rpc, request.job_id)
+            if asyncio.iscoroutinefunction(func):
+                result = await func(identity, request)
+            else:
+                pool = self.stop_pool if rpc == "Stop" else self.start_pool
+                result = await asyncio.get_running_loop().run_in_executor(
+                    pool, func, identity, request)
             job_id = job_id or getattr(result, "job_id", "")
             return result
         except Exception as e:
-            outcome, message = rpc_status(e)
-            await self.abort(context, outcome, message)
+            status = rpc_status(e)
+            outcome = f"{status.code} why={loggable(status.message)}"
+            await self.abort(context, status)
         finally:
-            log.info("rpc user=%s method=%s job=%s result=%s duration_ms=%.1f",
-                     loggable(user), rpc, loggable(job_id or "-"), outcome,
-                     (time.monotonic() - started) * 1000)
+            log.info("rpc user=%s peer=%s method=%s job=%s result=%s duration_ms=%.1f",
+                     loggable(user), loggable(context.peer()), rpc, loggable(job_id or "-"),
+                     outcome, (time.monotonic() - started) * 1000)
 
     async def Output(self, request, context):
         import asyncio
@@ -3573,21 +4220,28 @@ class JobService:
             identity = self.identify(context)
             user = identity.user
             decide(identity, "Output")
-            self.job_for(identity, "Output", request.job_id)
+            request.job_id = self.job_for(identity, "Output", request.job_id)
             if self.hub is None:
                 self.hub = OutputHub(self.engine, self.pb, self.config)
+            if request.stream not in (0, STDOUT, STDERR):
+                raise InvalidArgumentError("stream must be STDOUT, STDERR or unset (both)",
+                                           field="stream")
+            offset = max(request.offset, await self._output_start(request))
             event = self.hub.watch(request.job_id, user)
-            offset = request.offset
             while True:
                 event.clear()
-                size, chunk = self.hub.read(request.job_id, offset, user)
+                after, size, chunk = self.hub.read(request.job_id, offset, user,
+                                                   request.stream, request.timestamps)
                 if size:
                     # write() waits for flow control: a slow reader holds one chunk here
                     # and slows nobody else.
                     with self.hub.sending(user, size):
                         await context.write(chunk)
-                    offset += size
+                    offset = after
                     sent += size
+                    continue
+                if after > offset:   # past output of the other stream
+                    offset = after
                     continue
                 if not request.follow:
                     return
@@ -3601,14 +4255,27 @@ class JobService:
             outcome = "CANCELLED"
             raise
         except Exception as e:
-            outcome, message = rpc_status(e)
-            await self.abort(context, outcome, message)
+            status = rpc_status(e)
+            outcome = f"{status.code} why={loggable(status.message)}"
+            await self.abort(context, status)
         finally:
             if event is not None:
                 self.hub.unwatch(request.job_id, event, user)
-            log.info("rpc user=%s method=Output job=%s result=%s bytes=%d duration_ms=%.1f",
-                     loggable(user), loggable(getattr(request, "job_id", "") or "-"), outcome,
-                     sent, (time.monotonic() - started) * 1000)
+            log.info("rpc user=%s peer=%s method=Output job=%s result=%s bytes=%d "
+                     "duration_ms=%.1f", loggable(user), loggable(context.peer()),
+                     loggable(getattr(request, "job_id", "") or "-"), outcome, sent,
+                     (time.monotonic() - started) * 1000)
+
+    async def _output_start(self, r):
+        """Where an Output request's tail_lines, tail_bytes and since start it (0: unset).
+        Read in a thread: tail_lines reads the output backwards."""
+        import asyncio
+        since = r.since.ToNanoseconds() / 1e9 if r.HasField("since") else 0.0
+        if not (r.tail_lines or r.tail_bytes or since):
+            return 0
+        return await asyncio.get_running_loop().run_in_executor(
+            self.start_pool, self.engine.output_start, r.job_id, r.stream, r.tail_lines,
+            r.tail_bytes, since)
 
     def begin_shutdown(self):
         self.shutting_down = True
@@ -3737,6 +4404,7 @@ class Client:
     def __init__(self, server, certs_dir, user, token=None):
         self.grpc, self.pb, pb_grpc = import_grpc(aio=False)
         grpc = self.grpc
+        self.server, self.certs_dir, self.user = server, certs_dir, user
         files = {name: os.path.join(certs_dir, name)
                  for name in ("ca.crt", f"{user}.crt", f"{user}.key", f"{user}.jwt")}
         try:
@@ -3754,47 +4422,84 @@ class Client:
         self.stub = pb_grpc.JobServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
 
-    def call(self, method, request, timeout=30):
+    def call(self, method, request, timeout=30, wait_for_ready=None):
         try:
-            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout,
+                                              wait_for_ready=wait_for_ready)
         except self.grpc.RpcError as e:
-            raise ClientError.from_rpc(e) from None
+            raise self.error(e) from None
 
-    def output(self, job_id, offset=0, follow=False):
+    def error(self, rpc_error):
+        """The ClientError for a failed call, in this connection's terms."""
+        return ClientError.from_rpc(rpc_error, self.server, self.certs_dir, self.user)
+
+    def output(self, request):
         """Yield OutputChunk messages; the iterator can be cancel()ed from another thread."""
-        return self.stub.Output(self.pb.OutputRequest(job_id=job_id, offset=offset,
-                                                      follow=follow),
-                                metadata=self.metadata)
+        return self.stub.Output(request, metadata=self.metadata)
 
     def close(self):
         self.channel.close()
 
 
-# CLI exit codes: distinct per kind of failure. `run -f` exits with the job's own code
-# (128+signal when killed), and 125 for a failure of steve-jobs itself, as docker run does.
+# CLI exit codes: distinct per kind of failure. `run -f` and `wait` exit with the job's own
+# code (128+signal when killed), and 125 for a failure of steve-jobs itself, as docker does.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_CODES = {"NOT_FOUND": 3, "INVALID_ARGUMENT": 4, "FAILED_PRECONDITION": 5,
               "PERMISSION_DENIED": 6, "UNAUTHENTICATED": 7, "UNAVAILABLE": 8,
-              "RESOURCE_EXHAUSTED": 9, "DEADLINE_EXCEEDED": 10}
-EXIT_RUN_FAILED = 125
+              "RESOURCE_EXHAUSTED": 9, "DEADLINE_EXCEEDED": 10, "ALREADY_EXISTS": 11}
+EXIT_RUN_FAILED, EXIT_INTERRUPTED = 125, 130
+
+# What grpc says of a failed TLS handshake or connection, in the user's terms: the first
+# entry all of whose words (any of each tuple) grpc's message has.
+CONNECTION_PROBLEMS = (
+    ((("certificate_verify_failed", "certificate verify failed"),),
+     "the server's certificate is not signed by {certs}/ca.crt: this is not the server "
+     "you trust (or --certs is the wrong folder)"),
+    ((("peer name", "hostname", "subject alternative name"),),
+     "the server's certificate is not for the name in --server {server}"),
+    # The server ends a handshake whose client certificate it refuses by closing.
+    ((("failed to connect",), ("socket closed", "alert", "handshake")),
+     "the server refused the client certificate {certs}/{user}.crt (not signed by its CA, "
+     "expired, or not a client certificate)"),
+    ((("socket closed", "connection reset", "broken pipe"),),
+     "the connection to the server at {server} was lost (did it stop?)"),
+)
 
 
 class ClientError(Exception):
-    """A failed client operation: one line for the user, and an exit code."""
+    """A failed client operation: one line for the user, and an exit code; for a status
+    from the server, its code, reason and field too."""
 
-    def __init__(self, exit_code, message):
+    def __init__(self, exit_code, message, code="", reason="", field=""):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.code, self.reason, self.field = exit_code, code, reason, field
 
     @classmethod
-    def from_rpc(cls, error):
+    def from_rpc(cls, error, server="", certs_dir="", user=""):
         code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
         details = (error.details() if hasattr(error, "details") else "") or code
         trailer = dict(error.trailing_metadata() or ()) if hasattr(
             error, "trailing_metadata") else {}
+        reason, field = error_reason(trailer[STATUS_DETAILS_KEY]) if (
+            STATUS_DETAILS_KEY in trailer) else ("", "")
         if code == "UNAVAILABLE" and ERROR_ORIGIN_KEY not in trailer:
-            details = f"cannot reach the server: {details}"   # grpc's words, not the server's
-        return cls(EXIT_CODES.get(code, EXIT_ERROR), f"{code.lower()}: {details}")
+            # grpc's words, not the server's: say which part of the connection failed.
+            said = details.lower()
+            why = next((text for words, text in CONNECTION_PROBLEMS
+                        if all(any(w in said for w in any_of) for any_of in words)),
+                       "cannot reach the server at {server} (is it running, and is that its "
+                       "address?)")
+            details = why.format(server=server, certs=certs_dir, user=user) + \
+                f" [{details.strip()[:200]}]"
+            reason = reason or "CONNECTION_FAILED"
+        return cls(EXIT_CODES.get(code, EXIT_ERROR), f"{code.lower()}: {details}", code,
+                   reason, field)
+
+    def as_json(self):
+        """What --json prints for this error."""
+        return {"error": {"code": self.code or "CLIENT", "reason": self.reason or None,
+                          "field": self.field or None, "message": str(self),
+                          "exit_code": self.exit_code}}
 
 
 ###############################################################################
@@ -3806,18 +4511,83 @@ SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
 
 def parse_size(text):
     """'256M', '1G', '10MiB', '4096' -> bytes (binary units). Raises ValueError."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512K, 256M, 2G)")
+        raise ValueError(f"invalid size {quoted(text)}: use a number with K, M, G or T "
+                         f"(powers of 1024)")
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text, now=None):
+    """'10m', '2h', '90s', '1d' ago, or an RFC 3339 time -> seconds since the epoch.
+    Raises ValueError."""
+    import datetime
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if m:
+        return (time.time() if now is None else now) - float(m.group(1)) * DURATION_UNITS[
+            m.group(2)]
+    try:
+        t = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"invalid time {quoted(text)}: use e.g. 10m, 2h, 1d (ago) or "
+                         f"2026-12-02T10:00:00Z") from None
+    if t.tzinfo is None:
+        t = t.astimezone()   # a time without a zone is local time
+    return t.timestamp()
+
+
+def parse_signal(text):
+    """'KILL', 'SIGKILL', 'kill', '9' -> 9. Raises ValueError."""
+    name = text.strip().upper()
+    if name.isdigit() and 0 < int(name) < NSIG:
+        return int(name)
+    try:
+        return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except KeyError:
+        raise ValueError(f"unknown signal {quoted(text)}: use a name (TERM, KILL, HUP, "
+                         f"INT, USR1...) or a number") from None
+
+
+def argument_type(parse):
+    """An argparse type from a parser raising ValueError: its message shown as it is."""
+    import argparse
+
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def key_value(text):
+    """'NAME=VALUE' -> (NAME, VALUE). Raises ValueError."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"{quoted(text)}: use NAME=VALUE")
+    return name, value
+
+
+def rfc3339(t):
+    """Seconds since the epoch -> '2026-12-02T10:00:00.123456Z'."""
+    import datetime
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
+        timespec="microseconds").replace("+00:00", "Z")
 
 
 def format_status(st):
     """Readable multi-line status of a JobStatus message."""
     state = PB_TO_STATE.get(st.state, "unknown")
-    lines = [f"job      {st.job_id}", f"owner    {st.owner}",
+    lines = [f"job      {st.job_id}" + (f"  ({st.name})" if st.name else ""),
+             f"owner    {st.owner}",
              f"command  {' '.join(shell_quote(a) for a in st.argv)}",
              f"state    {state}"]
+    if st.labels:
+        lines.append("labels   " + " ".join(f"{k}={v}" for k, v in sorted(st.labels.items())))
     if st.HasField("exit_code"):
         lines.append(f"exit     {st.exit_code}")
     if st.HasField("signal"):
@@ -3843,13 +4613,27 @@ def format_status(st):
 
 
 def status_dict(st):
-    """A JobStatus message as plain JSON types (numbers stay numbers, unset codes are null)."""
-    d = {f.name: getattr(st, f.name) for f in st.DESCRIPTOR.fields}
+    """A JobStatus message as plain JSON types (README: JSON output): numbers stay
+    numbers, unset codes are null, times RFC 3339, what is not known yet absent."""
+    d = {f.name: getattr(st, f.name) for f in st.DESCRIPTOR.fields
+         if f.message_type is None}
     d["argv"] = list(st.argv)
+    d["labels"] = dict(st.labels)
     d["state"] = PB_TO_STATE.get(st.state, "unknown")
-    d["limits"] = {f.name: getattr(st.limits, f.name) for f in st.limits.DESCRIPTOR.fields}
+    d["view"] = "summary" if st.view == 1 else "full"
+    if st.view == 1:
+        d.pop("workdir", None)
+    else:
+        d["limits"] = {f.name: getattr(st.limits, f.name)
+                       for f in st.limits.DESCRIPTOR.fields}
     for field in ("exit_code", "signal"):
         d[field] = getattr(st, field) if st.HasField(field) else None
+    for field in ("create_time", "start_time", "end_time"):
+        if st.HasField(field):
+            d[field] = rfc3339(getattr(st, field).ToNanoseconds() / 1e9)
+    for field in ("started_at", "ended_at"):
+        if not d[field]:
+            del d[field]
     return d
 
 
@@ -3869,45 +4653,294 @@ def format_time(t):
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def env_default(name, fallback):
-    return os.environ.get(name, fallback)
+def exit_code_of(st):
+    """A shell's exit code for an ended job: its own, 128+signal, or 125 (no code)."""
+    if st.HasField("signal"):
+        return 128 + st.signal
+    return st.exit_code if st.HasField("exit_code") else EXIT_RUN_FAILED
+
+
+# -- configuration: flags, then STEVE_JOBS_* variables, then the context, then defaults ---
+
+class BadValue(typing.NamedTuple):
+    """An argument default from an environment variable that does not parse: reported
+    (ClientError) only if the command that reads it runs."""
+    variable: str
+    problem: str
+
+
+def env_flag_default(variable, kind, default):
+    """The value of $variable parsed by kind, default if unset, or a BadValue."""
+    raw = os.environ.get(variable)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError as e:
+        return BadValue(variable, str(e) if str(e).startswith("invalid") else
+                        f"invalid value {quoted(raw)}")
 
 
 def add_env_flag(parser, flag, kind, default, help_text):
     """Add --flag, parsed by kind, whose default comes from STEVE_JOBS_<FLAG> if set."""
     env = "STEVE_JOBS_" + flag.lstrip("-").upper().replace("-", "_")
-    raw = os.environ.get(env)
-    parser.add_argument(flag, type=kind, default=default if raw is None else kind(raw),
-                        help=f"{help_text} (env {env})")
+    parser.add_argument(flag, type=argument_type(kind), default=env_flag_default(
+        env, kind, default), help=f"{help_text} (env {env})")
+
+
+def check_env_values(args):
+    """Raises ClientError naming the first STEVE_JOBS_* variable args took that is bad."""
+    for value in vars(args).values():
+        if isinstance(value, BadValue):
+            raise ClientError(EXIT_USAGE, f"{value.variable}: {value.problem}")
+
+
+def config_path():
+    """The client's configuration file (named contexts): $STEVE_JOBS_CONFIG, else
+    $XDG_CONFIG_HOME/steve-jobs/config.toml (~/.config by default)."""
+    if os.environ.get("STEVE_JOBS_CONFIG"):
+        return os.environ["STEVE_JOBS_CONFIG"]
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return os.path.join(base, "steve-jobs", "config.toml")
+
+
+def load_config(path):
+    """The configuration file as a dict ({} if there is none). Raises ClientError."""
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ClientError(EXIT_USAGE, f"cannot read {path}: {e}") from None
+    contexts = config.get("contexts", {})
+    if not isinstance(contexts, dict) or not all(isinstance(c, dict)
+                                                 for c in contexts.values()):
+        raise ClientError(EXIT_USAGE, f"{path}: [contexts.NAME] tables expected")
+    return config
+
+
+def connection_settings(args):
+    """(server, certs folder, user) for a client command: each from its flag, else its
+    STEVE_JOBS_* variable, else the context (--context, $STEVE_JOBS_CONTEXT or the
+    file's current-context), else the default. Raises ClientError."""
+    path = config_path()
+    config = load_config(path)
+    name = args.context or os.environ.get("STEVE_JOBS_CONTEXT") or config.get(
+        "current-context", "")
+    context = {}
+    if name:
+        context = config.get("contexts", {}).get(name)
+        if context is None:
+            raise ClientError(EXIT_USAGE, f"no context {quoted(name)} in {path} "
+                                          f"(`context list` shows them)")
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def setting(key, default):
+        value = getattr(args, key) or os.environ.get(f"STEVE_JOBS_{key.upper()}") or \
+            context.get(key) or default
+        return str(value)
+    certs = setting("certs", os.path.join(here, "certs"))
+    if not getattr(args, "certs") and not os.environ.get("STEVE_JOBS_CERTS") and \
+            context.get("certs"):   # a context's relative folder is relative to its file
+        certs = os.path.join(os.path.dirname(path), os.path.expanduser(certs))
+    return setting("server", DEFAULT_SERVER), certs, setting("user", DEFAULT_USER)
+
+
+DEFAULT_SERVER, DEFAULT_USER = "127.0.0.1:50051", "mrarsenal"
+
+
+def cmd_context(args):
+    """`context list` and `context use NAME`: the contexts of the configuration file."""
+    path = config_path()
+    config = load_config(path)
+    contexts = config.get("contexts", {})
+    current = config.get("current-context", "")
+    if args.action == "use":
+        if args.name not in contexts:
+            raise ClientError(EXIT_USAGE, f"no context {quoted(args.name)} in {path}")
+        set_current_context(path, args.name)
+        print(f"using context {args.name} ({contexts[args.name].get('server', DEFAULT_SERVER)})")
+        return EXIT_OK
+    if args.quiet:
+        print("\n".join(contexts))
+    elif args.json:
+        print_json({"current": current or None, "contexts": contexts})
+    else:
+        for name, c in contexts.items():
+            print(f"{'*' if name == current else ' '} {name:16} {c.get('server', '-'):28} "
+                  f"{c.get('user', '-')}")
+    return EXIT_OK
+
+
+def set_current_context(path, name):
+    """Make name the file's current-context, keeping the rest of the file as it is."""
+    with open(path) as f:
+        text = f.read()
+    line = f"current-context = {json.dumps(name)}"
+    text, n = re.subn(r"(?m)^current-context\s*=.*$", line, text)
+    if not n:
+        text = f"{line}\n{text}"
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+# -- the parser -------------------------------------------------------------------
+
+JOB_COMMANDS = ("status", "output", "stream", "wait", "kill", "stop", "pause", "resume", "rm")
+EXIT_CODE_HELP = """exit codes:
+  0 ok; 1 error; 2 usage; 3 not found; 4 invalid argument; 5 failed precondition
+  (e.g. the job has ended); 6 permission denied; 7 unauthenticated; 8 unavailable (the
+  server cannot be reached, or says so); 9 resource exhausted; 10 deadline exceeded;
+  11 already exists (a name); 130 interrupted (Ctrl-C).
+  run -f and wait: the job's own exit code (128+N when killed by signal N), 125 when
+  steve-jobs itself failed."""
 
 
 def build_parser():
     import argparse
-    here = os.path.dirname(os.path.abspath(__file__))
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):   # one line, not the usage block
+            raise ClientError(EXIT_USAGE, f"{self.prog.split()[-1]}: {message} (see --help)")
+
+    class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
     # --json is accepted before or after the subcommand; SUPPRESS keeps a subcommand's
     # default from overwriting a --json given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="machine-readable output")
-    p = argparse.ArgumentParser(
-        prog="steve_jobs.py",
-        description="Run commands on a remote Linux host as isolated, resource-limited jobs.")
+                        help="machine-readable output (README: JSON output)")
+    p = Parser(prog="steve-jobs", formatter_class=Help, epilog=EXIT_CODE_HELP,
+               description="Run commands on a remote Linux host as isolated, "
+                           "resource-limited jobs.")
+    p.add_argument("--version", action="version", version=f"steve-jobs {__version__}")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--server", default=env_default("STEVE_JOBS_SERVER", "127.0.0.1:50051"),
-                   help="HOST:PORT of the server (env STEVE_JOBS_SERVER)")
-    p.add_argument("--user", default=env_default("STEVE_JOBS_USER", "mrarsenal"),
-                   help="identity to use: USER.crt, USER.key and USER.jwt in --certs "
-                        "(env STEVE_JOBS_USER)")
-    p.add_argument("--certs", default=env_default("STEVE_JOBS_CERTS", os.path.join(here, "certs")),
-                   help="certificate folder (env STEVE_JOBS_CERTS)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--context", default="",
+                   help="a context of the configuration file (env STEVE_JOBS_CONTEXT; "
+                        "see `context list`)")
+    p.add_argument("--server", default="", help=f"HOST:PORT of the server (env "
+                   f"STEVE_JOBS_SERVER; else the context's; else {DEFAULT_SERVER})")
+    p.add_argument("--user", default="", help=f"identity to use: USER.crt, USER.key and "
+                   f"USER.jwt in --certs (env STEVE_JOBS_USER; else the context's; else "
+                   f"{DEFAULT_USER})")
+    p.add_argument("--certs", default="", help="certificate folder (env STEVE_JOBS_CERTS; "
+                   "else the context's; else certs/ beside this script)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=Parser)
 
-    s = sub.add_parser("server", parents=[common], help="run the job server (as root)")
+    def command(name, help_text, **kw):
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                              formatter_class=Help, **kw)
+    add_server_parser(command("server", "run the job server (as root)"))
+    add_run_parser(command("run", "start a job", epilog=EXIT_CODE_HELP))
+    for name, help_text in (("status", "show a job"),
+                            ("output", "print a job's output so far"),
+                            ("stream", "print a job's output from the start, following it"),
+                            ("wait", "wait until jobs have ended; exit with the first one's "
+                                     "exit code (128+N if killed by signal N)"),
+                            ("kill", "send a signal to a job's command"),
+                            ("pause", "freeze a job"), ("resume", "thaw a paused job"),
+                            ("rm", "delete an ended job and its output"),
+                            ("stop", "stop a job: SIGTERM, then SIGKILL after a grace period")):
+        c = command(name, help_text)
+        c.add_argument("job_id", metavar="ID", nargs="+" if name == "wait" else None,
+                       help="a job id, a unique start of one, or a name")
+        if name == "stop":
+            c.add_argument("--grace", type=float, default=None,
+                           help="seconds between SIGTERM and SIGKILL (default: the server's)")
+        if name == "wait":
+            c.add_argument("--timeout", type=float, default=None,
+                           help="give up after this many seconds (exit 10); default: never")
+        if name == "kill":
+            c.add_argument("-s", "--signal", type=argument_type(parse_signal),
+                           default=signal.SIGKILL, help="a name or number (default: KILL)")
+            c.add_argument("--all", action="store_true",
+                           help="every process of the job, not only its command")
+        if name in ("output", "stream"):
+            add_output_flags(c)
+    add_list_parser(command("list", "list jobs"))
+    ctx = command("context", "show or choose a context of the configuration file "
+                             f"({config_path()})")
+    ctx.add_argument("action", choices=("list", "use"))
+    ctx.add_argument("name", nargs="?", default="")
+    ctx.add_argument("-q", "--quiet", action="store_true", help="names only")
+    comp = command("completion", "print a shell completion script: "
+                                 'eval "$(steve-jobs completion bash)"')
+    comp.add_argument("shell", choices=("bash", "zsh"))
+    t = command("token", "issue a JWT for a user (operator command: needs the signing key)")
+    t.add_argument("--for-user", required=True, dest="token_user")
+    t.add_argument("--role", required=True, choices=sorted(ROLES))
+    t.add_argument("--cert", required=True, help="the user's client certificate (PEM)")
+    t.add_argument("--signing-key", required=True, help="the ES256 private key (PEM)")
+    t.add_argument("--days", type=float, default=30.0, help="lifetime in days")
+    return p
+
+
+def add_run_parser(r):
+    import argparse
+    r.description = ('run CMD ARG... runs the words joined by spaces with /bin/sh -c, as ssh '
+                     'does; run -- PROG ARG... runs that argv without a shell.')
+    r.add_argument("-f", "--follow", action="store_true",
+                   help="stream the output and exit with the job's exit code")
+    r.add_argument("--name", default="", help="a name for the job, usable as its id")
+    r.add_argument("--label", action="append", default=[], type=argument_type(key_value),
+                   metavar="KEY=VALUE", help="may be repeated")
+    r.add_argument("--cpu", type=float, default=0.0, help="cores, e.g. 0.5 (0: the server's)")
+    r.add_argument("--memory", type=argument_type(parse_size), default=0, help="e.g. 256M")
+    r.add_argument("--pids", type=int, default=0, help="processes the job may have at once")
+    r.add_argument("--io-read", type=argument_type(parse_size), default=0,
+                   help="bytes/s, e.g. 10M")
+    r.add_argument("--io-write", type=argument_type(parse_size), default=0,
+                   help="bytes/s, e.g. 10M")
+    r.add_argument("--io-device", default="", help="MAJOR:MINOR the IO limits apply to")
+    r.add_argument("--network", action="store_true", help="share the host's network")
+    r.add_argument("--root", action="store_true", help="run as root (admins only)")
+    r.add_argument("--rw-host", action="store_true",
+                   help="see the host's filesystem writable, not read-only (admins only)")
+    r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   type=argument_type(key_value))
+    r.add_argument("--workdir", default="", help="absolute path on the server")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD ARG... or -- PROG ARG...")
+
+
+def add_output_flags(c):
+    c.add_argument("--tail", type=int, default=0, metavar="N",
+                   help="start N lines before the end")
+    c.add_argument("--since", type=argument_type(parse_since), default=0.0,
+                   metavar="WHEN", help="what was written since 10m, 2h, 1d... ago or an "
+                                        "RFC 3339 time")
+    c.add_argument("-t", "--timestamps", action="store_true",
+                   help="start each line with the time it was written")
+    which = c.add_mutually_exclusive_group()
+    which.add_argument("--stdout", dest="stream", action="store_const", const=STDOUT,
+                       default=0, help="the job's stdout only")
+    which.add_argument("--stderr", dest="stream", action="store_const", const=STDERR,
+                       help="the job's stderr only")
+
+
+def add_list_parser(ls):
+    ls.add_argument("--all", action="store_true", help="every user's jobs (admins, readers)")
+    ls.add_argument("--owner", default="", help="that user's jobs (admins, readers)")
+    ls.add_argument("--state", action="append", default=[], choices=list(STATE_TO_PB),
+                    help="only jobs in this state; may be repeated")
+    ls.add_argument("--label", action="append", default=[], type=argument_type(key_value),
+                    metavar="KEY=VALUE", help="only jobs with this label; may be repeated")
+    ls.add_argument("--name", default="", help="only the job of this name")
+    ls.add_argument("--full", action="store_true",
+                    help="with --json: every field (as status), not the summary")
+    ls.add_argument("-q", "--quiet", action="store_true", help="ids and names only")
+
+
+def add_server_parser(s):
+    import argparse
     s.add_argument("--listen", default=env_default("STEVE_JOBS_LISTEN", "127.0.0.1:50051"),
                    help="address to listen on (env STEVE_JOBS_LISTEN)")
     s.add_argument("--certs", default=argparse.SUPPRESS,
                    help="certificate folder: ca.crt, server.crt, server.key, jwt-signing.pub "
-                        "(env STEVE_JOBS_CERTS)")
+                        "(env STEVE_JOBS_CERTS; default: certs/ beside this script)")
     s.add_argument("--state-dir", default=env_default("STEVE_JOBS_STATE_DIR", DEFAULT_STATE_DIR),
                    help="job records and output (env STEVE_JOBS_STATE_DIR)")
     s.add_argument("--cgroup-root", default=env_default("STEVE_JOBS_CGROUP_ROOT", ""),
@@ -3922,11 +4955,12 @@ def build_parser():
                                          ("io-read", 0, 0, parse_size),
                                          ("io-write", 0, 0, parse_size)):
         env = "STEVE_JOBS_" + name.upper().replace("-", "_")
-        s.add_argument(f"--default-{name}", type=kind, default=kind(str(env_default(
-            f"{env}_DEFAULT", default))), help=f"per-job default (env {env}_DEFAULT; "
-                                               f"io 0: unlimited)")
-        s.add_argument(f"--max-{name}", type=kind, default=kind(str(env_default(
-            f"{env}_MAX", maximum))), help=f"per-job maximum (env {env}_MAX; io 0: none)")
+        s.add_argument(f"--default-{name}", type=argument_type(kind),
+                       default=env_flag_default(f"{env}_DEFAULT", kind, default),
+                       help=f"per-job default (env {env}_DEFAULT; io 0: unlimited)")
+        s.add_argument(f"--max-{name}", type=argument_type(kind),
+                       default=env_flag_default(f"{env}_MAX", kind, maximum),
+                       help=f"per-job maximum (env {env}_MAX; io 0: none)")
     for flag, kind, default, help_text in (
             ("--output-cap", parse_size, 1 * GiB,
              "output kept per job; the rest is discarded"),
@@ -3937,7 +4971,7 @@ def build_parser():
             ("--max-streams-per-user", int, ServerConfig().max_streams_per_user,
              "output streams one user may have open at once"),
             ("--min-free", parse_size, -1, "free space the state filesystem keeps; starts "
-             "below it are refused (default: 1%% of it, at most 256M)"),
+             "below it are refused (-1: 1%% of it, at most 256M)"),
             ("--workdir-size", parse_size, EngineConfig().workdir_size, "a job's own working "
              "folder is a private tmpfs this big, charged to its memory; 0: on the state disk"),
             ("--handshake-timeout", float, ServerConfig().handshake_timeout,
@@ -3959,53 +4993,20 @@ def build_parser():
                    help="stop every running job when the server shuts down "
                         "(default: jobs keep running and are re-adopted at the next start)")
 
-    r = sub.add_parser("run", parents=[common], help="start a job",
-                       description='run "CMD" runs CMD with /bin/sh -c; run -- PROG ARG... '
-                                   "runs an argv without a shell.")
-    r.add_argument("-f", "--follow", action="store_true",
-                   help="stream the output and exit with the job's exit code")
-    r.add_argument("--cpu", type=float, default=0.0, help="cores, e.g. 0.5")
-    r.add_argument("--memory", type=parse_size, default=0, help="e.g. 256M")
-    r.add_argument("--pids", type=int, default=0, help="processes the job may have at once")
-    r.add_argument("--io-read", type=parse_size, default=0, help="bytes/s, e.g. 10M")
-    r.add_argument("--io-write", type=parse_size, default=0, help="bytes/s, e.g. 10M")
-    r.add_argument("--io-device", default="", help="MAJOR:MINOR the IO limits apply to")
-    r.add_argument("--network", action="store_true", help="share the host's network")
-    r.add_argument("--root", action="store_true", help="run as root (admins only)")
-    r.add_argument("--rw-host", action="store_true",
-                   help="see the host's filesystem writable, not read-only (admins only)")
-    r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
-    r.add_argument("--workdir", default="", help="absolute path on the server")
-    r.add_argument("cmd", nargs=argparse.REMAINDER, help='"CMD" or -- PROG ARG...')
 
-    for name, help_text in (("status", "show a job"), ("output", "print a job's output so far"),
-                            ("stream", "print a job's output from the start, following it"),
-                            ("pause", "freeze a job"), ("resume", "thaw a paused job"),
-                            ("rm", "delete an ended job and its output"),
-                            ("stop", "stop a job: SIGTERM, then SIGKILL after a grace period")):
-        c = sub.add_parser(name, parents=[common], help=help_text)
-        c.add_argument("job_id", metavar="ID")
-        if name == "stop":
-            c.add_argument("--grace", type=float, default=None,
-                           help="seconds between SIGTERM and SIGKILL (default: the server's)")
-    ls = sub.add_parser("list", parents=[common], help="list jobs")
-    ls.add_argument("--all", action="store_true", help="every user's jobs (admins, readers)")
+def env_default(name, fallback):
+    return os.environ.get(name, fallback)
 
-    t = sub.add_parser("token", parents=[common],
-                       help="issue a JWT for a user (operator command: needs the signing key)")
-    t.add_argument("--for-user", required=True, dest="token_user")
-    t.add_argument("--role", required=True, choices=sorted(ROLES))
-    t.add_argument("--cert", required=True, help="the user's client certificate (PEM)")
-    t.add_argument("--signing-key", required=True, help="the ES256 private key (PEM)")
-    t.add_argument("--days", type=float, default=30.0, help="lifetime in days")
-    return p
 
+# -- server and token commands -----------------------------------------------------
 
 def cmd_server(args):
     """Run the server. Returns an exit code."""
     import asyncio
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args.certs = args.certs or os.environ.get("STEVE_JOBS_CERTS") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "certs")
     if os.geteuid() != 0:
         raise ClientError(EXIT_ERROR, "the server must run as root (it makes cgroups and "
                                       "namespaces)")
@@ -4078,36 +5079,80 @@ def cmd_token(args):
     return EXIT_OK
 
 
-def write_output(data):
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+# -- client commands --------------------------------------------------------------
+
+def print_json(obj, lines=False):
+    """obj as JSON: indented, or with lines one object per line (JSON Lines)."""
+    print(json.dumps(obj, indent=None if lines else 2), flush=lines)
 
 
-def print_json(obj):
-    print(json.dumps(obj, indent=2))
+class OutputPrinter:
+    """Writes OutputChunks as they come: the job's stdout to ours and its stderr to ours,
+    raw; with timestamps, each line begun with its write time; with json_lines, one JSON
+    object per chunk."""
+
+    def __init__(self, json_lines=False, timestamps=False):
+        self.json_lines, self.timestamps = json_lines, timestamps
+        self.line_start = {STDOUT: True, STDERR: True, 0: True}
+
+    def write(self, chunk):
+        if self.json_lines:
+            import base64
+            line = {"offset": chunk.offset, "stream": STREAM_NAMES.get(chunk.stream, "output"),
+                    "data_b64": base64.b64encode(chunk.data).decode()}
+            if chunk.HasField("time"):
+                line["time"] = rfc3339(chunk.time.ToNanoseconds() / 1e9)
+            print(json.dumps(line), flush=True)
+            return
+        out = sys.stderr if chunk.stream == STDERR else sys.stdout
+        data = chunk.data
+        if self.timestamps:
+            data = self.stamped(chunk)
+        out.flush()   # what was printed to it as text comes first
+        out.buffer.write(data)
+        out.buffer.flush()
+
+    def stamped(self, chunk):
+        """chunk's data with its write time (or '-') at the start of each line."""
+        stamp = (rfc3339(chunk.time.ToNanoseconds() / 1e9) if chunk.HasField("time")
+                 else "-").encode() + b" "
+        lines = chunk.data.splitlines(keepends=True)
+        at_start = self.line_start[chunk.stream]
+        out = b"".join((stamp if at_start or i else b"") + line for i, line in enumerate(lines))
+        self.line_start[chunk.stream] = chunk.data.endswith(b"\n")
+        return out
+
+
+STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
+
+
+def output_request(client, args, job_id, follow):
+    """The OutputRequest for output, stream and run -f."""
+    r = client.pb.OutputRequest(job_id=job_id, follow=follow,
+                                stream=getattr(args, "stream", 0),
+                                tail_lines=max(0, getattr(args, "tail", 0)),
+                                timestamps=getattr(args, "timestamps", False))
+    if getattr(args, "since", 0):
+        r.since.FromNanoseconds(int(args.since * 1e9))
+    return r
 
 
 def stream_output(client, args, job_id, follow):
-    """Copy a job's output to stdout (raw bytes, or JSON lines with --json).
+    """Copy a job's output to stdout and stderr (or JSON Lines with --json).
 
     Ctrl-C detaches (the job goes on). Returns the number of bytes.
     """
-    import base64
-    stream = client.output(job_id, follow=follow)
+    stream = client.output(output_request(client, args, job_id, follow))
+    printer = OutputPrinter(args.json, getattr(args, "timestamps", False))
     total = 0
     with detach_on_ctrl_c(stream, job_id) as detached:
         try:
             for chunk in stream:
                 total += len(chunk.data)
-                if args.json:
-                    print(json.dumps({"offset": chunk.offset,
-                                      "data_b64": base64.b64encode(chunk.data).decode()}),
-                          flush=True)
-                else:
-                    write_output(chunk.data)
+                printer.write(chunk)
         except client.grpc.RpcError as e:
             if not detached:
-                raise ClientError.from_rpc(e) from None
+                raise client.error(e) from None
     return total
 
 
@@ -4123,7 +5168,7 @@ def detach_on_ctrl_c(stream, job_id):
 
     def leave():
         sys.stderr.write(f"\ndetached from job {job_id}; it keeps running\n")
-        exit_without_teardown(130)
+        exit_without_teardown(EXIT_INTERRUPTED)
 
     def on_sigint(_signum, _frame):
         if detached:
@@ -4143,31 +5188,51 @@ def detach_on_ctrl_c(stream, job_id):
         leave()
 
 
-def cmd_run(client, args):
+def command_argv(words):
+    """run's words as an argv: ssh's rule (joined by spaces, run by /bin/sh -c), or after
+    '--' as they are. Raises ClientError."""
+    argv = words[1:] if words[:1] == ["--"] else ["/bin/sh", "-c", " ".join(words)] if (
+        words) else []
+    if not argv or not argv[-1]:
+        raise ClientError(EXIT_USAGE, "nothing to run: give CMD ARG... or -- PROG ARG...")
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            raise ClientError(EXIT_USAGE, f"the command's word {quoted(arg)} is not valid "
+                                          f"UTF-8 (the API carries text)") from None
+    return argv
+
+
+def start_request(client, args):
+    """The StartRequest of run's flags, with a fresh request id for safe retries."""
     pb = client.pb
-    cmd = list(args.cmd)
-    if cmd[:1] == ["--"]:
-        argv = cmd[1:]
-    elif len(cmd) == 1:
-        argv = ["/bin/sh", "-c", cmd[0]]
-    else:
-        raise ClientError(EXIT_USAGE, 'give one quoted command ("make -j4") or -- PROG ARG...')
-    if not argv:
-        raise ClientError(EXIT_USAGE, "nothing to run")
-    env = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ClientError(EXIT_USAGE, f"--env wants NAME=VALUE, not {item!r}")
-        env[name] = value
-    request = pb.StartRequest(
-        argv=argv, env=env, workdir=args.workdir, as_root=args.root, host_network=args.network,
-        rw_host=args.rw_host,
+    return pb.StartRequest(
+        argv=command_argv(list(args.cmd)), env=dict(args.env), workdir=args.workdir,
+        as_root=args.root, host_network=args.network, rw_host=args.rw_host, name=args.name,
+        labels=dict(args.label), request_id=random_hex(16),
         limits=pb.Limits(cpu=args.cpu, memory_bytes=args.memory, pids=args.pids,
                          io_read_bps=args.io_read, io_write_bps=args.io_write,
                          io_device=args.io_device))
+
+
+def start_with_retry(client, request):
+    """Start, and once more if the answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED): the
+    request id makes the server return the first attempt's job rather than start another.
+    The retry waits (up to 30 s) for a server that is restarting."""
     try:
-        st = client.call("Start", request)
+        return client.call("Start", request)
+    except ClientError as e:
+        if e.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            raise
+    time.sleep(0.5)
+    return client.call("Start", request, wait_for_ready=True)
+
+
+def cmd_run(client, args):
+    request = start_request(client, args)
+    try:
+        st = start_with_retry(client, request)
     except ClientError as e:
         if args.follow:
             e.exit_code = EXIT_RUN_FAILED
@@ -4175,71 +5240,150 @@ def cmd_run(client, args):
     if not args.follow:
         print_json(status_dict(st)) if args.json else print(st.job_id)
         return EXIT_OK
-    if not args.json:
+    if args.json:
+        print_json({"job_id": st.job_id, "name": st.name or None}, lines=True)
+    else:
         print(f"job {st.job_id}", file=sys.stderr)
     try:
         stream_output(client, args, st.job_id, follow=True)
-        st = client.call("Status", pb.JobRef(job_id=st.job_id))
+        st = client.call("Status", client.pb.JobRef(job_id=st.job_id))
     except ClientError as e:
-        if e.exit_code != 130:
+        if e.exit_code != EXIT_INTERRUPTED:
             e.exit_code = EXIT_RUN_FAILED
         raise
     if args.json:
-        print_json(status_dict(st))
+        print_json(status_dict(st), lines=True)
     state = PB_TO_STATE.get(st.state)
-    if state != EXITED:   # say why, where it cannot mix with the output
+    if state != EXITED and not args.json:   # say why, where it cannot mix with the output
         why = {OOM_KILLED: "killed for exceeding its memory limit", STOPPED: "stopped",
                FAILED: f"failed to start: {st.error}", UNKNOWN: f"ended unknown: {st.error}",
                KILLED: f"killed by {signal_name(st.signal)}"}.get(state, state)
         print(f"job {st.job_id} {why}", file=sys.stderr)
-    if st.HasField("signal"):
-        return 128 + st.signal
-    return st.exit_code if st.HasField("exit_code") else EXIT_RUN_FAILED
+    return exit_code_of(st)
+
+
+def cmd_wait(client, args):
+    """Wait for each job in turn; print each exit code (or status); exit with the first's."""
+    codes = []
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    for ref in args.job_id:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        st = client.call("Wait", client.pb.JobRef(job_id=ref), timeout=left)
+        codes.append(exit_code_of(st))
+        print_json(status_dict(st), lines=True) if args.json else print(codes[-1])
+    return codes[0]
+
+
+def cmd_list(client, args):
+    """Every page of the List, printed as it comes."""
+    pb = client.pb
+    request = pb.ListRequest(all_users=args.all, owner=args.owner, name=args.name,
+                             labels=dict(args.label),
+                             states=[STATE_TO_PB[s] for s in args.state],
+                             view=pb.VIEW_FULL if args.full else pb.VIEW_SUMMARY)
+    jobs = []
+    if not (args.json or args.quiet):
+        print(f"{'JOB':36}  {'NAME':16} {'OWNER':12} {'STATE':10} {'EXIT':>4}  COMMAND")
+    while True:
+        page = client.call("List", request)
+        for j in page.jobs:
+            if args.quiet:
+                print(j.job_id + (f"\n{j.name}" if j.name else ""))
+            elif args.json:
+                jobs.append(status_dict(j))
+            else:
+                code = (j.exit_code if j.HasField("exit_code")
+                        else 128 + j.signal if j.HasField("signal") else "")
+                print(f"{j.job_id:36}  {j.name[:16]:16} {j.owner[:12]:12} "
+                      f"{PB_TO_STATE.get(j.state, '?'):10} {code!s:>4}  "
+                      f"{' '.join(j.argv)[:60]}")
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    if args.json:
+        print_json(jobs)
+    return EXIT_OK
+
+
+def cmd_job(client, args):
+    """status, pause, resume, stop, kill, rm: one call about one job."""
+    pb, ref = client.pb, args.job_id
+    if args.command == "rm":
+        client.call("Remove", pb.JobRef(job_id=ref))
+        print_json({"removed": ref}) if args.json else print(ref)
+        return EXIT_OK
+    if args.command == "stop":
+        request = pb.StopRequest(job_id=ref)
+        if args.grace is not None:
+            request.grace_seconds = args.grace
+        st = client.call("Stop", request, timeout=None)
+    elif args.command == "kill":
+        st = client.call("Signal", pb.SignalRequest(job_id=ref, signal=args.signal,
+                                                    all=args.all))
+    else:
+        st = client.call(args.command.capitalize(), pb.JobRef(job_id=ref))
+    if args.json:
+        print_json(status_dict(st))
+    else:
+        print(format_status(st) if args.command == "status"
+              else f"{st.job_id} {PB_TO_STATE.get(st.state)}")
+    return EXIT_OK
 
 
 def cmd_client(args):
-    """Every client subcommand. Returns an exit code; raises ClientError."""
-    client = Client(args.server, args.certs, args.user)
-    pb = client.pb
+    """Every client subcommand that talks to the server. Returns an exit code; raises
+    ClientError."""
+    client = Client(*connection_settings(args))
     try:
         if args.command == "run":
             return cmd_run(client, args)
-        if args.command in ("status", "pause", "resume", "stop"):
-            method = args.command.capitalize()
-            request = (pb.StopRequest(job_id=args.job_id) if method == "Stop"
-                       else pb.JobRef(job_id=args.job_id))
-            if method == "Stop" and args.grace is not None:
-                request.grace_seconds = args.grace
-            st = client.call(method, request, timeout=None if method == "Stop" else 30)
-            if args.json:
-                print_json(status_dict(st))
-            else:
-                print(format_status(st) if method == "Status"
-                      else f"{st.job_id} {PB_TO_STATE.get(st.state)}")
-            return EXIT_OK
-        if args.command == "rm":
-            client.call("Remove", pb.JobRef(job_id=args.job_id))
-            print_json({"removed": args.job_id}) if args.json else print(args.job_id)
-            return EXIT_OK
+        if args.command == "wait":
+            return cmd_wait(client, args)
         if args.command == "list":
-            jobs = client.call("List", pb.ListRequest(all_users=args.all)).jobs
-            if args.json:
-                print_json([status_dict(j) for j in jobs])
-            else:
-                print(f"{'JOB':36}  {'OWNER':12} {'STATE':10} {'EXIT':>4}  COMMAND")
-                for j in jobs:
-                    code = (j.exit_code if j.HasField("exit_code")
-                            else 128 + j.signal if j.HasField("signal") else "")
-                    print(f"{j.job_id:36}  {j.owner[:12]:12} "
-                          f"{PB_TO_STATE.get(j.state, '?'):10} {code!s:>4}  "
-                          f"{' '.join(j.argv)[:60]}")
-            return EXIT_OK
+            return cmd_list(client, args)
         if args.command in ("output", "stream"):
             stream_output(client, args, args.job_id, follow=args.command == "stream")
             return EXIT_OK
+        return cmd_job(client, args)
     finally:
         client.close()
-    raise ClientError(EXIT_USAGE, f"unknown command {args.command}")
+
+
+COMPLETION_BASH = r'''# steve-jobs completion for bash (and zsh, through bashcompinit)
+_steve_jobs() {
+    local cur=${COMP_WORDS[COMP_CWORD]} cmd="" i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${COMP_WORDS[i]} in
+            --server|--user|--certs|--context) ((i++)) ;;
+            -*) ;;
+            *) cmd=${COMP_WORDS[i]}; break ;;
+        esac
+    done
+    if [ -z "$cmd" ]; then
+        COMPREPLY=($(compgen -W "%(commands)s" -- "$cur")); return
+    fi
+    case $cmd in
+        %(job_commands)s)
+            [[ $cur == -* ]] && return
+            COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" "${COMP_WORDS[@]:1:i-1}" list -q 2>/dev/null)" -- "$cur")) ;;
+        context)
+            COMPREPLY=($(compgen -W "list use $("${COMP_WORDS[0]}" context list -q 2>/dev/null)" -- "$cur")) ;;
+        completion) COMPREPLY=($(compgen -W "bash zsh" -- "$cur")) ;;
+    esac
+}
+complete -F _steve_jobs steve-jobs steve_jobs.py
+'''
+
+
+def cmd_completion(args):
+    """Print the completion script for args.shell."""
+    script = COMPLETION_BASH % {
+        "commands": "run list context completion token server " + " ".join(JOB_COMMANDS),
+        "job_commands": "|".join(JOB_COMMANDS)}
+    if args.shell == "zsh":
+        script = "autoload -U +X bashcompinit && bashcompinit\n" + script
+    sys.stdout.write(script)
+    return EXIT_OK
 
 
 ###############################################################################
@@ -4262,6 +5406,10 @@ def exit_without_teardown(code):
     os._exit(code)
 
 
+LOCAL_COMMANDS = {"server": cmd_server, "token": cmd_token, "context": cmd_context,
+                  "completion": cmd_completion}   # the rest talk to a server: cmd_client
+
+
 def main(argv=None, exit_at_once=False):
     """Dispatch: hidden helper modes first (before anything imports grpc), then the CLI.
 
@@ -4271,27 +5419,47 @@ def main(argv=None, exit_at_once=False):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_spawner"]:
         return spawner_main(int(argv[1]), json.loads(argv[2]))
-    args = build_parser().parse_args(argv)
-    if args.command == "server":
-        return report_errors(cmd_server, args)
-    code = report_errors(cmd_token if args.command == "token" else cmd_client, args)
-    if exit_at_once:
+    args = None
+
+    def parse():
+        nonlocal args
+        args = build_parser().parse_args(argv)
+        check_env_values(args)
+        return LOCAL_COMMANDS.get(args.command, cmd_client)(args)
+    code = report_errors(parse, json_errors="--json" in argv)
+    if exit_at_once and getattr(args, "command", "") != "server":
         exit_without_teardown(code)
     return code
 
 
-def report_errors(command, args):
-    """Run command(args); a ClientError becomes one line on stderr. Returns the exit code."""
+def report_errors(command, json_errors=False):
+    """Run command(); a ClientError becomes one line on stderr (a JSON object on stdout
+    with json_errors), Ctrl-C a quiet exit 130. Returns the exit code."""
     try:
-        return command(args)
+        return command()
     except ClientError as e:
-        if str(e):
+        if json_errors:
+            print_json(e.as_json())
+        elif str(e):
             print(f"steve-jobs: {e}", file=sys.stderr)
         return e.exit_code
+    except ModuleNotFoundError as e:   # started outside the environment it was set up in
+        print(f"steve-jobs: {sys.executable} has no module {e.name!r}: set up with "
+              f"`python3 -m venv .venv && .venv/bin/pip install -r requirements.txt` and run "
+              f".venv/bin/python steve_jobs.py (or `pip install .` for steve-jobs)",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except BrokenPipeError:   # e.g. `steve_jobs.py output ID | head`
         sys.stderr.close()
         return EXIT_OK
 
 
-if __name__ == "__main__":
+def console_main():
+    """The `steve-jobs` command of an installed package (pyproject.toml)."""
     sys.exit(main(exit_at_once=True))
+
+
+if __name__ == "__main__":
+    console_main()

@@ -16,11 +16,14 @@ Kernel, e2e, fault, tenant and host tests skip without root, cgroups or namespac
 under which they fail instead. Every test removes the cgroups and processes it makes.
 """
 
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -467,15 +470,74 @@ def test_bad_env_is_rejected(env):
 
 def test_copy_output_keeps_cap_and_drains_the_rest(tmp_path):
     r, w = os.pipe()
+    err_r, err_w = os.pipe()
+    os.close(err_w)
     out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    index = os.open(tmp_path / "idx", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     payload = os.urandom(300_000)
     writer = threading.Thread(target=lambda: (sj._write_all(w, payload), os.close(w)))
     writer.start()
-    written, truncated, error = sj.copy_output(r, out, cap=100_000)
+    written, truncated, error = sj.copy_output({r: sj.STDOUT, err_r: sj.STDERR}, out, index,
+                                               cap=100_000)
     writer.join()
     os.close(out)
+    os.close(index)
     assert (written, truncated, error) == (100_000, True, "")
     assert (tmp_path / "out").read_bytes() == payload[:100_000]
+
+
+def copied_output(tmp_path, writes):
+    """Run copy_output on writes [(stream, bytes, pause)], one writer thread for both
+    pipes so that their order is known; returns an OutputIndex on what it recorded."""
+    pipes = {sj.STDOUT: os.pipe(), sj.STDERR: os.pipe()}
+    out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    index = os.open(tmp_path / "idx", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+    def write():
+        for stream, data, pause in writes:
+            sj._write_all(pipes[stream][1], data)
+            time.sleep(pause)
+        for _, w in pipes.values():
+            os.close(w)
+    writer = threading.Thread(target=write)
+    writer.start()
+    sj.copy_output({r: stream for stream, (r, _) in pipes.items()}, out, index, cap=1 << 20)
+    writer.join()
+    os.close(out)
+    os.close(index)
+    result = sj.OutputIndex(str(tmp_path / "idx"))
+    result.refresh()
+    return result
+
+
+def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
+    writes = [(sj.STDOUT, b"out 1\n", 0.05), (sj.STDERR, b"err 1\n", 0.05),
+              (sj.STDOUT, b"out 2\nout 3\n", 0.05), (sj.STDERR, b"err 2\n", 0)]
+    index = copied_output(tmp_path, writes)
+    merged = (tmp_path / "out").read_bytes()
+    assert merged == b"".join(data for _, data, _ in writes)
+    pieces, pos = [], 0
+    while pos < len(merged):
+        stop, stream, t = index.piece_at(pos, len(merged), by_time=False)
+        pieces.append((stream, merged[pos:stop]))
+        pos = stop
+    assert pieces == [(stream, data) for stream, data, _ in writes]
+    assert index.times == sorted(index.times) and index.times[-1] - index.times[0] >= 0.1
+    path, end = str(tmp_path / "out"), len(merged)
+
+    def tail(stream, lines=0, nbytes=0):
+        start = sj.tail_start(index, path, end, stream, lines, nbytes)
+        return b"".join(data for (s, data), at in zip(pieces, itertools.accumulate(
+            [0] + [len(d) for _, d in pieces])) if not stream or s == stream
+            for data in [data[max(0, start - at):]])
+    assert tail(0, lines=2) == b"out 3\nerr 2\n"
+    assert tail(sj.STDOUT, lines=2) == b"out 2\nout 3\n"
+    assert tail(sj.STDERR, lines=1) == b"err 2\n"
+    assert tail(sj.STDERR, lines=5) == b"err 1\nerr 2\n"
+    assert tail(sj.STDOUT, nbytes=8) == b"2\nout 3\n"
+    assert tail(0, lines=1, nbytes=3) == b" 2\n"
+    assert index.first_written_at(index.times[1], end) == len(b"out 1\n")
+    assert index.first_written_at(index.times[-1] + 1, end) == end
 
 
 def _job_with(result, stop=False, paused=False):
@@ -856,16 +918,19 @@ def test_reopening_drops_starts_that_never_reached_a_supervisor():
     with engine_that_goes_away() as (engine, state_dir, root):
         kept = engine.start("tester", ["true"])
         engine.wait(kept, scaled(30))
-    for name, age in (("old", sj.SPAWN_TIMEOUT + 60), ("new", 0)):
+    for name, age in (("old", sj.SPAWN_TIMEOUT + 60), ("new", sj.SPAWN_TIMEOUT - 1)):
         for sub in ("jobs", "work"):
             os.makedirs(os.path.join(state_dir, sub, name))
         then = time.time() - age
         os.utime(os.path.join(state_dir, "jobs", name), (then, then))
+    opened = time.monotonic()
     with running_engine(state_dir=state_dir, cgroup_root=root) as engine:
+        # "new" may be a start under way: its record was awaited (a second), then it went.
+        assert time.monotonic() - opened >= 0.9
         assert [s.id for s in engine.list()] == [kept]
-        assert not os.path.exists(os.path.join(state_dir, "jobs", "old"))
-        assert not os.path.exists(os.path.join(state_dir, "work", "old"))
-        assert os.path.exists(os.path.join(state_dir, "jobs", "new"))   # may be under way
+        for name in ("old", "new"):
+            assert not os.path.exists(os.path.join(state_dir, "jobs", name))
+            assert not os.path.exists(os.path.join(state_dir, "work", name))
 
 
 def test_start_sweeps_leftover_cgroups():
@@ -1049,8 +1114,9 @@ def test_cli_run_prints_an_id_and_status_shows_the_job(server):
 
 def test_cli_run_follow_streams_and_exits_with_the_job_code(server):
     done = cli(server, "run", "-f", "echo out; echo err >&2; exit 7")
-    assert done.returncode == 7 and done.stdout == b"out\nerr\n"
-    assert b"job " in done.stderr   # the id goes to stderr, never into the output bytes
+    assert done.returncode == 7 and done.stdout == b"out\n"   # stdout and stderr apart
+    assert done.stderr.startswith(b"job ") and done.stderr.endswith(b"\nerr\n")
+    # (the id goes to stderr, never into the output bytes)
 
 
 def test_cli_run_argv_without_shell_and_signal_exit_code(server):
@@ -1064,10 +1130,9 @@ def test_cli_output_is_binary_exact(server):
     script = "head -c 300000 /dev/urandom > blob; cat blob; sha256sum blob >&2"
     done = cli(server, "run", "-f", script)
     job_id = done.stderr.decode().split()[1]   # "job ID" on stderr
-    out = cli(server, "output", job_id).stdout
-    assert out == done.stdout
-    blob = out[:300000]
-    assert hashlib.sha256(blob).hexdigest().encode() in out[300000:]
+    out = cli(server, "output", job_id)
+    assert out.stdout == done.stdout and len(out.stdout) == 300000   # stdout alone
+    assert hashlib.sha256(out.stdout).hexdigest().encode() in out.stderr   # stderr apart
 
 
 def test_cli_output_into_a_closed_pipe_ends_quietly(server):
@@ -1307,7 +1372,8 @@ def rpc_requests():
     return {"Start": pb.StartRequest(argv=["true"]), "Stop": pb.StopRequest(job_id=some),
             "Status": pb.JobRef(job_id=some), "Output": pb.OutputRequest(job_id=some),
             "List": pb.ListRequest(), "Pause": pb.JobRef(job_id=some),
-            "Resume": pb.JobRef(job_id=some), "Remove": pb.JobRef(job_id=some)}
+            "Resume": pb.JobRef(job_id=some), "Remove": pb.JobRef(job_id=some),
+            "Wait": pb.JobRef(job_id=some), "Signal": pb.SignalRequest(job_id=some, signal=15)}
 
 
 def test_the_request_table_covers_every_rpc_of_the_service():
@@ -2225,8 +2291,17 @@ class _RpcError(Exception):
 
 def test_the_cli_says_cannot_reach_only_when_the_server_did_not_answer():
     grpc, _, _ = sj.import_grpc(aio=False)
-    transport = sj.ClientError.from_rpc(_RpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"))
-    assert transport.exit_code == 8 and "cannot reach the server" in str(transport)
+    for said, told in (
+            ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
+             "Connection refused", "cannot reach the server at"),
+            ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
+             "Socket closed", "refused the client certificate"),
+            ("Socket closed", "the connection to the server at"),
+            ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls "
+             "handshake failed: CERTIFICATE_VERIFY_FAILED", "not the server you trust"),
+            ("Peer name x is not in peer certificate", "not for the name in --server")):
+        transport = sj.ClientError.from_rpc(_RpcError(grpc.StatusCode.UNAVAILABLE, said))
+        assert transport.exit_code == 8 and told in str(transport), said
     said = sj.ClientError.from_rpc(_RpcError(
         grpc.StatusCode.UNAVAILABLE, "the spawner is gone",
         ((sj.ERROR_ORIGIN_KEY, "unavailable"),)))
@@ -2465,7 +2540,7 @@ def test_a_job_cannot_make_user_namespaces_or_reach_the_kernels_wider_surface():
             st, out = run(engine, ["python3", "-c", probe], as_root=as_root)
             assert json.loads(out) == {name: [-1, errno.EPERM] for name in calls}, out
             st, out = sh(engine, "unshare -Ur true || echo refused", as_root=as_root)
-            assert out.endswith(b"refused\n"), out
+            assert b"refused\n" in out.splitlines(keepends=True), out
         # Ordinary programs keep working: threads, subprocesses, compilers, git.
         tools = " && ".join(t for t in (
             "python3 -c 'import subprocess, threading; t = threading.Thread(target=print); "
@@ -2495,7 +2570,8 @@ def test_an_admin_may_ask_for_a_writable_host_and_gets_it_for_that_job_only():
             assert engine.status(st.id).options.rw_host
             os.unlink(target)
             st, out = sh(engine, f"touch {target} || echo refused", as_root=True)
-            assert out.endswith(b"refused\n") and not os.path.exists(target), out
+            assert b"refused\n" in out.splitlines(keepends=True), out
+            assert not os.path.exists(target)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
@@ -2520,7 +2596,7 @@ def test_both_ways_of_making_the_host_read_only_cover_every_mount(way):
 
 
 def test_running_out_of_file_handles_is_resource_exhausted_not_internal(caplog):
-    code, message = sj.rpc_status(OSError(errno.EMFILE, "Too many open files"))
+    code, message, _, _ = sj.rpc_status(OSError(errno.EMFILE, "Too many open files"))
     assert code == "RESOURCE_EXHAUSTED" and "file handles" in message
     assert "Traceback" not in caplog.text
 
@@ -2676,6 +2752,437 @@ def test_a_job_is_killed_without_cgroup_kill_as_on_kernels_before_5_14(engine):
 
 
 ###############################################################################
+# API tests: the v1 API and CLI as users of docker, kubectl and ssh use them
+###############################################################################
+
+class Api:
+    """A stub for user on server, calls raising grpc.RpcError as any gRPC client sees."""
+
+    def __init__(self, server, user="mrarsenal", **options):
+        self.grpc, self.pb, pb_grpc = sj.import_grpc(aio=False)
+        self.channel = grpc_channel(server.certs, server.address, user)
+        if options:   # a stock client's limits, e.g. the 4 MiB default receive size
+            self.channel.close()
+            read = lambda n: open(os.path.join(server.certs, n), "rb").read()
+            self.channel = self.grpc.secure_channel(server.address, self.grpc.ssl_channel_credentials(
+                read("ca.crt"), read(f"{user}.key"), read(f"{user}.crt")), options=list(options.items()))
+        self.stub = pb_grpc.JobServiceStub(self.channel)
+        self.metadata = bearer(server.certs, user)
+
+    def __getattr__(self, method):
+        rpc = getattr(self.stub, method)
+        return lambda request, timeout=scaled(30): rpc(request, metadata=self.metadata,
+                                                       timeout=timeout)
+
+    def error(self, method, request, **kw):
+        """(code name, reason, field, message) of a call that must fail."""
+        with pytest.raises(self.grpc.RpcError) as info:
+            getattr(self, method)(request, **kw)
+        e = info.value
+        trailer = dict(e.trailing_metadata() or ())
+        reason, field = sj.error_reason(trailer.get(sj.STATUS_DETAILS_KEY, b""))
+        return e.code().name, reason, field, e.details()
+
+    def close(self):
+        self.channel.close()
+
+
+@pytest.fixture(scope="module")
+def api_server(certs):
+    require_kernel()
+    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture
+def api(api_server):
+    client = Api(api_server)
+    yield client
+    client.close()
+
+
+def started(api, argv, **fields):
+    return api.Start(api.pb.StartRequest(argv=argv, **fields))
+
+
+def test_list_of_many_big_jobs_fits_a_stock_client_and_pages_through_all(api_server):
+    """Reproduction: 40 jobs of ~120 KB argv made List 4.8 MB, over a stock client's 4 MiB."""
+    alice = Api(api_server, "alice")
+    stock = Api(api_server, "alice", **{"grpc.max_receive_message_length": 4 * sj.MiB})
+    try:
+        ids = [started(alice, ["/bin/true", f"{i}" + "x" * 120_000]).job_id for i in range(40)]
+        first = stock.List(stock.pb.ListRequest())
+        assert [j.job_id for j in first.jobs] == ids and not first.next_page_token
+        assert all(j.view == stock.pb.VIEW_SUMMARY and len(j.argv[1]) < 300
+                   and not j.HasField("limits") for j in first.jobs)
+        pages, token = [], ""
+        while True:   # the full view pages by size: 3 MiB at most per response
+            page = stock.List(stock.pb.ListRequest(view=stock.pb.VIEW_FULL, page_size=1000,
+                                                   page_token=token))
+            pages.append([j.job_id for j in page.jobs])
+            assert page.ByteSize() <= 3 * sj.MiB + 64 * sj.KiB
+            token = page.next_page_token
+            if not token:
+                break
+        assert len(pages) == 2 and sum(pages, []) == ids
+        small = [j.job_id for p in (stock.List(stock.pb.ListRequest(page_size=15, page_token=t))
+                                    for t in ("",)) for j in p.jobs]
+        assert small == ids[:15]
+        listed = cli(api_server, "list", user="alice")   # the CLI pages transparently
+        assert listed.returncode == 0, listed.stderr
+        assert sum(i in listed.stdout.decode() for i in ids) == 40
+        assert alice.error("List", alice.pb.ListRequest(page_token="nonsense"))[:3] == (
+            "INVALID_ARGUMENT", "INVALID_ARGUMENT", "page_token")
+        assert alice.error("List", alice.pb.ListRequest(page_size=1001))[2] == "page_size"
+    finally:
+        for job_id in ids:
+            alice.Remove(alice.pb.JobRef(job_id=job_id))
+        alice.close()
+        stock.close()
+
+
+def test_list_filters_by_state_label_name_and_owner(api, api_server):
+    pb = api.pb
+    tag = uuid.uuid4().hex[:8]
+    done = started(api, ["true"], labels={"batch": tag, "kind": "quick"}, name=f"q-{tag}")
+    slow = started(api, ["sleep", "30"], labels={"batch": tag})
+    api.Wait(pb.JobRef(job_id=done.job_id))
+
+    def ids(**request):
+        return [j.job_id for j in api.List(pb.ListRequest(**request)).jobs]
+    assert ids(labels={"batch": tag}) == [done.job_id, slow.job_id]
+    assert ids(labels={"batch": tag, "kind": "quick"}) == [done.job_id]
+    assert ids(labels={"batch": tag}, states=[pb.STATE_RUNNING]) == [slow.job_id]
+    assert ids(name=f"q-{tag}") == [done.job_id]
+    assert ids(labels={"batch": tag}, owner="alice") == []
+    alice = Api(api_server, "alice")
+    try:
+        assert alice.error("List", pb.ListRequest(owner="mrarsenal"))[0] == "PERMISSION_DENIED"
+    finally:
+        alice.close()
+    listed = cli(api_server, "list", "--label", f"batch={tag}", "--state", "running")
+    assert slow.job_id in listed.stdout.decode() and done.job_id not in listed.stdout.decode()
+    api.Stop(pb.StopRequest(job_id=slow.job_id, grace_seconds=0))
+
+
+def test_wait_returns_when_the_job_ends_and_honors_the_deadline(api, api_server):
+    pb = api.pb
+    job = started(api, ["/bin/sh", "-c", "sleep 1; exit 3"])
+    began = time.monotonic()
+    st = api.Wait(pb.JobRef(job_id=job.job_id))
+    assert st.state == pb.STATE_EXITED and st.exit_code == 3 and st.HasField("end_time")
+    assert time.monotonic() - began < scaled(10)
+    slow = started(api, ["sleep", "60"])
+    assert api.error("Wait", pb.JobRef(job_id=slow.job_id), timeout=0.5)[0] == \
+        "DEADLINE_EXCEEDED"
+    assert api.Status(pb.JobRef(job_id=slow.job_id)).state == pb.STATE_RUNNING
+    waited = cli(api_server, "wait", "--timeout", "0.5", slow.job_id)
+    assert waited.returncode == 10, waited.stderr
+    # `docker wait`: the exit code printed, and the command's own exit code
+    waited = cli(api_server, "wait", job.job_id)
+    assert (waited.returncode, waited.stdout) == (3, b"3\n")
+    api.Stop(pb.StopRequest(job_id=slow.job_id, grace_seconds=0))
+    waited = cli(api_server, "wait", slow.job_id)
+    assert (waited.returncode, waited.stdout) == (137, b"137\n")
+
+
+def test_signal_reaches_the_command_or_every_process(api, api_server):
+    pb = api.pb
+    script = ("trap 'echo parent got USR1' USR1; "
+              "(trap 'echo child got USR1; exit' USR1; while :; do sleep 0.05; done) & "
+              "while :; do sleep 0.05; done")
+    job = started(api, ["/bin/sh", "-c", script])
+    time.sleep(0.5 * sj.TIME_SCALE)
+
+    def output_has(text):
+        deadline = time.monotonic() + scaled(10)
+        while time.monotonic() < deadline:
+            out = b"".join(c.data for c in api.Output(pb.OutputRequest(job_id=job.job_id)))
+            if text in out:
+                return out
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} in {out!r}")
+    killed = cli(api_server, "kill", "-s", "usr1", job.job_id[:8])   # a prefix will do
+    assert killed.returncode == 0, killed.stderr
+    out = output_has(b"parent got USR1")
+    assert b"child" not in out
+    api.Signal(pb.SignalRequest(job_id=job.job_id, signal=signal.SIGUSR1, all=True))
+    assert b"child got USR1" in output_has(b"child got USR1")
+    assert api.error("Signal", pb.SignalRequest(job_id=job.job_id, signal=99))[:3] == (
+        "INVALID_ARGUMENT", "INVALID_ARGUMENT", "signal")
+    assert cli(api_server, "kill", job.job_id).returncode == 0   # SIGKILL, as docker kill
+    st = api.Wait(pb.JobRef(job_id=job.job_id))
+    assert st.state == pb.STATE_KILLED and st.signal == signal.SIGKILL
+    code, reason, _, _ = api.error("Signal", pb.SignalRequest(job_id=job.job_id, signal=15))
+    assert (code, reason) == ("FAILED_PRECONDITION", "JOB_NOT_RUNNING")
+
+
+def test_a_retried_start_with_the_same_request_id_starts_nothing_more(api):
+    pb = api.pb
+    rid = uuid.uuid4().hex
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        ids = set(pool.map(lambda _: started(api, ["sleep", "0.2"], request_id=rid).job_id,
+                           range(6)))
+    assert len(ids) == 1
+    again = started(api, ["sleep", "0.2"], request_id=rid)
+    assert {again.job_id} == ids and again.request_id == rid
+    code, reason, field, _ = api.error("Start", pb.StartRequest(argv=["true"], request_id=rid))
+    assert (code, reason, field) == ("INVALID_ARGUMENT", "REQUEST_ID_REUSED", "request_id")
+    other = started(api, ["sleep", "0.2"], request_id=uuid.uuid4().hex)
+    assert other.job_id not in ids
+
+
+def test_a_server_killed_during_a_burst_of_starts_leaves_no_job_its_client_missed(certs):
+    """Reproduction: a server killed during 50 starts left 10 jobs whose clients were told
+    the start failed. The CLI retries once with the same request id."""
+    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
+    try:
+        clients = [subprocess.Popen(
+            [PYTHON, SCRIPT, "--server", srv.address, "--certs", srv.certs, "run",
+             f"sleep 300 # {i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for i in range(30)]
+        deadline = time.monotonic() + scaled(30)
+        while srv.read_log().count("method=Start") < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        srv.terminate(signal.SIGKILL)
+        srv.start()   # the same address: the clients' retry finds it
+        told = set()
+        for c in clients:
+            out, err = c.communicate(timeout=scaled(60))
+            assert c.returncode == 0, err
+            told.add(out.decode().strip())
+        api = Api(srv)
+        try:
+            running = {j.job_id for j in api.List(api.pb.ListRequest()).jobs}
+        finally:
+            api.close()
+        assert running == told and len(told) == 30
+    finally:
+        srv.cleanup()
+
+
+def test_names_labels_and_id_prefixes_stand_for_a_job(api, api_server):
+    pb = api.pb
+    name = f"build-{uuid.uuid4().hex[:6]}"
+    done = cli(api_server, "run", "--name", name, "--label", "team=ci", "echo", "hi", "there")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.decode().strip()
+    st = api.Wait(pb.JobRef(job_id=name))
+    assert (st.job_id, st.name, dict(st.labels)) == (job_id, name, {"team": "ci"})
+    assert list(st.argv) == ["/bin/sh", "-c", "echo hi there"]   # ssh's rule
+    assert cli(api_server, "output", name).stdout == b"hi there\n"
+    assert cli(api_server, "output", job_id[:10]).stdout == b"hi there\n"
+    code, reason, field, _ = api.error("Start", pb.StartRequest(argv=["true"], name=name))
+    assert (code, reason, field) == ("ALREADY_EXISTS", "NAME_TAKEN", "name")
+    taken = cli(api_server, "run", "--name", name, "true")
+    assert taken.returncode == 11 and taken.stderr.count(b"\n") == 1
+    # a name is its owner's: alice neither sees it nor is kept from using it
+    alice = Api(api_server, "alice")
+    try:
+        assert alice.error("Status", pb.JobRef(job_id=name))[:2] == ("NOT_FOUND", "JOB_NOT_FOUND")
+        assert alice.error("Status", pb.JobRef(job_id=job_id[:10]))[0] == "NOT_FOUND"
+        mine = started(alice, ["true"], name=name)
+        assert alice.Status(pb.JobRef(job_id=name)).job_id == mine.job_id
+        alice.Wait(pb.JobRef(job_id=name))
+        alice.Remove(pb.JobRef(job_id=name))
+    finally:
+        alice.close()
+    for _ in range(40):   # enough jobs that some share a first hex digit
+        started(api, ["true"])
+    ids = [j.job_id for j in api.List(pb.ListRequest(all_users=True, page_size=1000)).jobs]
+    shared = next(i[0] for i in ids if sum(j.startswith(i[0]) for j in ids) > 1)
+    code, reason, field, _ = api.error("Status", pb.JobRef(job_id=shared))
+    assert (code, reason, field) == ("INVALID_ARGUMENT", "AMBIGUOUS_JOB_ID", "job_id")
+    api.Remove(pb.JobRef(job_id=name))
+    assert started(api, ["true"], name=name).name == name   # free again once removed
+    for bad in ("-x", "a b", "x" * 65, str(uuid.uuid4())):
+        assert api.error("Start", pb.StartRequest(argv=["true"], name=bad))[2] == "name"
+
+
+def test_stdout_and_stderr_stay_apart_in_their_merged_order(api, api_server):
+    pb = api.pb
+    job = started(api, ["/bin/sh", "-c", "echo o1; sleep 0.05; echo e1 >&2; sleep 0.05; "
+                                         "echo o2; sleep 0.05; echo e2 >&2"])
+    api.Wait(pb.JobRef(job_id=job.job_id))
+    chunks = list(api.Output(pb.OutputRequest(job_id=job.job_id)))
+    assert [(c.stream, c.data) for c in chunks] == [
+        (pb.STREAM_STDOUT, b"o1\n"), (pb.STREAM_STDERR, b"e1\n"),
+        (pb.STREAM_STDOUT, b"o2\n"), (pb.STREAM_STDERR, b"e2\n")]
+    assert [c.offset for c in chunks] == [0, 3, 6, 9]   # offsets in the merged output
+    only_err = list(api.Output(pb.OutputRequest(job_id=job.job_id, stream=pb.STREAM_STDERR)))
+    assert [(c.offset, c.data) for c in only_err] == [(3, b"e1\n"), (9, b"e2\n")]
+    out = cli(api_server, "run", "-f", "echo to-out; echo to-err >&2")
+    assert out.stdout == b"to-out\n" and out.stderr.endswith(b"to-err\n")
+    quiet = cli(api_server, "output", "--stderr", job.job_id)
+    assert (quiet.stdout, quiet.stderr) == (b"", b"e1\ne2\n")
+
+
+def test_tail_since_and_timestamps(api, api_server):
+    pb = api.pb
+    job = started(api, ["/bin/sh", "-c", "for i in 1 2 3 4 5; do echo line $i; done; sleep 1.2;"
+                                         " echo late >&2; sleep 0.05; echo later"])
+    api.Wait(pb.JobRef(job_id=job.job_id))
+
+    def text(**request):
+        return b"".join(c.data for c in api.Output(pb.OutputRequest(job_id=job.job_id,
+                                                                     **request)))
+    assert text(tail_lines=2) == b"late\nlater\n"
+    assert text(tail_lines=2, stream=pb.STREAM_STDOUT) == b"line 5\nlater\n"
+    assert text(tail_bytes=6) == b"later\n"
+    assert text(tail_lines=100) == text()
+    chunks = list(api.Output(pb.OutputRequest(job_id=job.job_id, timestamps=True)))
+    times = [c.time.ToNanoseconds() / 1e9 for c in chunks]
+    assert all(c.HasField("time") for c in chunks) and times == sorted(times)
+    assert times[-1] - times[0] >= 1.0
+    since = pb.OutputRequest(job_id=job.job_id)
+    since.since.FromNanoseconds(int((times[0] + 0.6) * 1e9))
+    assert b"".join(c.data for c in api.Output(since)) == b"late\nlater\n"
+    tailed = cli(api_server, "output", "--tail", "1", "--timestamps", job.job_id)
+    assert re.fullmatch(rb"\d{4}-\d\d-\d\dT[\d:.]+Z later\n", tailed.stdout), tailed.stdout
+    recent = cli(api_server, "output", "--since", "1h", job.job_id)
+    assert recent.stdout == text(stream=pb.STREAM_STDOUT)
+    bad = cli(api_server, "output", "--since", "yesterday", job.job_id)
+    assert bad.returncode == 2 and b"invalid time 'yesterday'" in bad.stderr
+
+
+def test_json_output_is_documented_and_absent_while_unknown(api_server):
+    listed = cli_json(api_server, "run", "sleep 30")
+    assert "end_time" not in listed and "ended_at" not in listed and listed["create_time"]
+    readme = open(os.path.join(os.path.dirname(SCRIPT), "README.md")).read()
+    for field in listed:
+        assert f"`{field}`" in readme, f"README: JSON output does not describe {field}"
+    lines = cli(api_server, "--json", "run", "-f", "echo hi; echo ho >&2").stdout.splitlines()
+    objects = [json.loads(line) for line in lines]   # JSON Lines, each line one object
+    assert objects[0]["job_id"] and objects[-1]["state"] == "exited"
+    assert [(o["stream"], o["data_b64"]) for o in objects[1:-1]] == [
+        ("stdout", "aGkK"), ("stderr", "aG8K")]
+    error = cli(api_server, "--json", "status", "no-such-job")
+    assert error.returncode == 3
+    assert json.loads(error.stdout)["error"]["reason"] == "JOB_NOT_FOUND"
+    cli(api_server, "stop", "--grace", "0", listed["job_id"])
+
+
+def test_cli_habits_sizes_env_values_utf8_and_version(api_server, tmp_path):
+    bad = cli(api_server, "run", "--memory", "10XB", "true")
+    assert bad.returncode == 2 and bad.stderr.count(b"\n") == 1
+    assert b"invalid size '10XB': use a number with K, M, G or T (powers of 1024)" in bad.stderr
+    big = cli(api_server, "run", "--memory", "999G", "true")
+    assert big.returncode == 4 and b"16.0GiB" in big.stderr, big.stderr
+    env = {**os.environ, "STEVE_JOBS_MAX_JOBS": "lots"}
+    listed = cli(api_server, "list", env=env)   # a server variable does not break clients
+    assert listed.returncode == 0, listed.stderr
+    refused = subprocess.run([PYTHON, SCRIPT, "server"], env=env, capture_output=True)
+    assert refused.returncode == 2 and refused.stderr.count(b"\n") == 1
+    assert b"STEVE_JOBS_MAX_JOBS" in refused.stderr and b"Traceback" not in refused.stderr
+    odd = cli(api_server, "run", "--", "echo", b"\xff\xfe".decode(errors="surrogateescape"))
+    assert odd.returncode == 2 and b"not valid UTF-8" in odd.stderr
+    assert b"Traceback" not in odd.stderr
+    version = cli(api_server, "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"steve-jobs {sj.__version__}".encode()
+    usage = cli(api_server, "--help").stdout
+    assert b"exit codes:" in usage and b"(default: " in usage
+
+
+def test_contexts_name_a_server_user_and_certificates(api_server, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'current-context = "nowhere"\n\n'
+                      f'[contexts.nowhere]\nserver = "127.0.0.1:1"\nuser = "alice"\n'
+                      f'certs = "{api_server.certs}"\n\n'
+                      f'[contexts.here]\nserver = "{api_server.address}"\nuser = "alice"\n'
+                      f'certs = "{api_server.certs}"\n')
+    env = {**os.environ, "STEVE_JOBS_CONFIG": str(config)}
+
+    def run(*args, **extra):
+        return subprocess.run([PYTHON, SCRIPT, *args], capture_output=True,
+                              env={**env, **extra}, timeout=scaled(60))
+    assert run("list").returncode == 8   # nowhere: unreachable
+    assert run("--context", "here", "list").returncode == 0
+    assert run("list", STEVE_JOBS_CONTEXT="here").returncode == 0
+    assert run("--server", api_server.address, "list").returncode == 0   # flags win
+    assert run("context", "use", "here").returncode == 0
+    assert 'current-context = "here"' in config.read_text()
+    done = run("run", "echo", "hello")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(run("--json", "status", done.stdout.decode().strip()).stdout)
+    assert status["owner"] == "alice"
+    assert run("context", "list", "-q").stdout == b"nowhere\nhere\n"
+    unknown = run("--context", "gone", "list")
+    assert unknown.returncode == 2 and b"no context 'gone'" in unknown.stderr
+
+
+def test_completion_completes_commands_and_job_names(api_server, tmp_path):
+    name = f"comp-{uuid.uuid4().hex[:6]}"
+    assert cli(api_server, "run", "--name", name, "true").returncode == 0
+    script = cli(api_server, "completion", "bash").stdout.decode()
+    wrapper = tmp_path / "steve-jobs"
+    wrapper.write_text(f"#!/bin/sh\nexec {PYTHON} {SCRIPT} --server {api_server.address} "
+                       f"--certs {api_server.certs} \"$@\"\n")
+    wrapper.chmod(0o755)
+    probe = (f"{script}\nCOMP_WORDS=({wrapper} sta); COMP_CWORD=1; _steve_jobs; "
+             f"echo \"${{COMPREPLY[*]}}\"\n"
+             f"COMP_WORDS=({wrapper} status {name[:6]}); COMP_CWORD=2; _steve_jobs; "
+             f"echo \"${{COMPREPLY[*]}}\"\n")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, timeout=scaled(60))
+    assert out.stdout.decode().splitlines() == ["status", name], out.stderr
+
+
+def test_tls_failures_say_what_is_wrong(api_server, other_ca_certs, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(api_server.certs, mixed)
+    for f in ("mrarsenal.crt", "mrarsenal.key"):   # a client certificate of another CA
+        shutil.copy(os.path.join(other_ca_certs, f), mixed / f)
+    refused = subprocess.run([PYTHON, SCRIPT, "--server", api_server.address, "--certs",
+                              str(mixed), "list"], capture_output=True, timeout=scaled(60))
+    assert refused.returncode == 8
+    assert b"refused the client certificate" in refused.stderr, refused.stderr
+    untrusted = tmp_path / "untrusted"
+    shutil.copytree(api_server.certs, untrusted)
+    shutil.copy(os.path.join(other_ca_certs, "ca.crt"), untrusted / "ca.crt")
+    done = subprocess.run([PYTHON, SCRIPT, "--server", api_server.address, "--certs",
+                           str(untrusted), "list"], capture_output=True, timeout=scaled(60))
+    assert b"not signed by" in done.stderr and b"not the server you trust" in done.stderr, \
+        done.stderr
+    nobody = subprocess.run([PYTHON, SCRIPT, "--server", f"127.0.0.1:{free_port()}",
+                             "--certs", api_server.certs, "list"], capture_output=True,
+                            timeout=scaled(60))
+    assert nobody.returncode == 8 and b"cannot reach the server" in nobody.stderr
+    _, pb, _ = sj.import_grpc()
+    code, _ = call(api_server.certs, api_server.address, "List", pb.ListRequest(), token="x.y.z")
+    assert code == "UNAUTHENTICATED"   # the server says who was refused, and why
+    assert re.search(r"peer=ipv4:127\.0\.0\.1:\d+ method=List job=- "
+                     r"result=UNAUTHENTICATED why=invalid\\x20token", api_server.read_log())
+
+
+def test_outside_its_environment_the_script_says_how_to_set_up(tmp_path):
+    plain = subprocess.run([sys.executable, "-I", "-S", SCRIPT, "list"], capture_output=True,
+                           timeout=60)
+    assert plain.returncode == 1 and plain.stderr.count(b"\n") == 1, plain.stderr
+    assert b"pip install -r requirements.txt" in plain.stderr
+
+
+def test_pip_install_gives_a_steve_jobs_command(api_server, tmp_path):
+    source, target = tmp_path / "source", tmp_path / "site"
+    source.mkdir()   # a copy: building leaves build/ and *.egg-info beside the sources
+    for name in ("steve_jobs.py", "jobs_pb2.py", "jobs_pb2_grpc.py", "pyproject.toml",
+                 "README.md"):
+        shutil.copy(os.path.join(os.path.dirname(SCRIPT), name), source / name)
+    built = subprocess.run([PYTHON, "-m", "pip", "install", "-q", "--no-deps",
+                            "--no-build-isolation", "--target", str(target), str(source)],
+                           capture_output=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    command = [PYTHON, str(target / "bin" / "steve-jobs")]
+    assert subprocess.run([*command, "--version"], env=env, capture_output=True).stdout == \
+        f"steve-jobs {sj.__version__}\n".encode()
+    listed = subprocess.run([*command, "--server", api_server.address, "--certs",
+                             api_server.certs, "list"], env=env, capture_output=True)
+    assert listed.returncode == 0, listed.stderr
+
+
+###############################################################################
 # Groups: each test carries its section's group as a mark, to run some of them
 # (pytest -m "kernel or e2e", as .ci/run does on the cgroup v2 VM)
 ###############################################################################
@@ -2683,7 +3190,8 @@ def test_a_job_is_killed_without_cgroup_kill_as_on_kernels_before_5_14(engine):
 SECTION_GROUPS = (("# Unit tests", "unit"), ("# Kernel tests", "kernel"),
                   ("# End-to-end tests", "e2e"), ("# Security tests", "e2e"),
                   ("# Restarts, faults", "faults"), ("# Fault tests", "faults"),
-                  ("# Tenant tests", "tenants"), ("# Host tests", "hosts"))
+                  ("# Tenant tests", "tenants"), ("# Host tests", "hosts"),
+                  ("# API tests", "api"))
 
 
 def _mark_each_test_with_its_group():
