@@ -7,6 +7,8 @@ engine: start overhead, write-to-follower latency, server memory while following
 api:    CLI round trip vs ssh, streaming throughput vs ssh and a pipe, 1,000 followers
         (beside a do-nothing grpc.aio server), start rate, restart with running jobs.
 fan-out: only the 1,000 followers, twice each way (api needs openssh-server; this does not).
+cli:    the installed `steve-jobs` command, `python steve_jobs.py` and `ssh localhost true`
+        round trips; `run -f` of 256 MiB (live) vs ssh; List server time with 10,000 jobs.
 faults: server RSS with 1,000 stalled followers at distinct offsets; status latency with
         20,000 idle connections open vs none; time from a supervisor's death to `unknown`.
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
@@ -301,6 +303,102 @@ def bench_streaming(server, sshd, runs=3):
         base = statistics.median(rates[label])
         line += f" | {label} {base:6.0f} MiB/s (x{ours / base:.2f})"
     print(line, flush=True)
+
+
+class InstalledCommand:
+    """`pip install .` of this folder into a scratch target: the `steve-jobs` command."""
+
+    def __enter__(self):
+        self.dir = tempfile.mkdtemp(prefix="steve-jobs-pip-")
+        src = os.path.join(self.dir, "src")
+        os.mkdir(src)
+        for name in ("steve_jobs.py", "jobs_pb2.py", "jobs_pb2_grpc.py", "pyproject.toml",
+                     "README.md"):
+            shutil.copy(os.path.join(HERE, name), src)
+        self.site = os.path.join(self.dir, "site")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--no-build-isolation", "--target", self.site, src], check=True)
+        self.env = {**os.environ, "PYTHONPATH": self.site}
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)   # pip compiled it; let Python use it
+        return self
+
+    def argv(self, server, *args):
+        return [sys.executable, os.path.join(self.site, "bin", "steve-jobs"), "--server",
+                server.address, "--certs", server.certs, *args]
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def bench_cli_round_trip(server, sshd, installed, runs=21):
+    job_id = server.start_job("true")
+    script = [sys.executable, SCRIPT, "--server", server.address, "--certs", server.certs,
+              "status", job_id]
+    timings = {"installed": [], "script": [], "ssh": []}
+    for _ in range(runs):   # interleaved: the machine's noise hits all three alike
+        timings["installed"].append(timed(installed.argv(server, "status", job_id),
+                                          stdout=subprocess.DEVNULL, env=installed.env))
+        timings["script"].append(timed(script, stdout=subprocess.DEVNULL))
+        timings["ssh"].append(timed(sshd.argv("true"), stdout=subprocess.DEVNULL))
+    report("steve-jobs status (installed; goal x0.5)", timings["installed"],
+           {"ssh true": timings["ssh"]})
+    report("python steve_jobs.py status", timings["script"], {"ssh true": timings["ssh"]})
+
+
+def bench_run_follow(server, sshd, runs=5, size=256 * sj.MiB):
+    """run -f of a job writing size bytes, live, end to end (start, follow, exit) vs ssh;
+    and following the same output once the job has ended."""
+    run = [sys.executable, SCRIPT, "--server", server.address, "--certs", server.certs,
+           "run", "-f", f"head -c {size} /dev/zero"]
+    rates = {"run -f": [], "ssh": [], "stream ended": []}
+    for _ in range(runs):
+        rates["run -f"].append(size / sj.MiB / timed(run, stdout=subprocess.DEVNULL,
+                                                     stderr=subprocess.PIPE) * 1000)
+        rates["ssh"].append(size / sj.MiB / timed(sshd.argv(f"head -c {size} /dev/zero"),
+                                                  stdout=subprocess.DEVNULL) * 1000)
+    job_id = server.start_job(f"head -c {size} /dev/zero")
+    server.wait_ended(job_id)
+    stream = [sys.executable, SCRIPT, "--server", server.address, "--certs", server.certs,
+              "stream", job_id]
+    for _ in range(runs):
+        rates["stream ended"].append(size / sj.MiB / timed(stream, stdout=subprocess.DEVNULL)
+                                     * 1000)
+    ours = statistics.median(rates["run -f"])
+    line = f"{'run -f 256 MiB live (goal >= x1.5 ssh)':38s} {ours:7.0f} MiB/s"
+    for label in ("ssh", "stream ended"):
+        base = statistics.median(rates[label])
+        line += f" | {label} {base:6.0f} MiB/s (x{ours / base:.2f})"
+    print(line, flush=True)
+
+
+def bench_list_many(server, jobs=10_000, runs=30):
+    """List's server time (its log line's duration_ms) with `jobs` ended jobs: records
+    copied from one real ended job (a restart adopts them), then pages of 100."""
+    import json
+    import re
+    template = server.start_job("true")
+    server.wait_ended(template)
+    server.proc.terminate()
+    server.proc.wait(60)
+    state = os.path.join(server.dir, "state", "jobs")
+    spec = json.load(open(os.path.join(state, template, "spec.json")))
+    for i in range(jobs):
+        job_id = str(uuid.uuid4())
+        d = os.path.join(state, job_id)
+        shutil.copytree(os.path.join(state, template), d)
+        json.dump({**spec, "id": job_id, "created_at": spec["created_at"] + i / 1000,
+                   "uid": 0}, open(os.path.join(d, "spec.json"), "w"))
+    server.start()
+    mark = os.path.getsize(server.log.name)
+    listing = [sys.executable, SCRIPT, "--server", server.address, "--certs", server.certs,
+               "--json", "list"]
+    for _ in range(2):
+        server.cli(*listing[5:], stdout=subprocess.DEVNULL)   # every page, twice
+    log = open(server.log.name).read()[mark:]
+    ms = [float(m) for m in re.findall(r"method=List job=- result=OK duration_ms=([\d.]+)", log)]
+    print(f"{'List page of 100, ' + str(jobs) + ' jobs kept':38s} server time p50 "
+          f"{statistics.median(ms):6.2f} ms p90 {pct(ms, 90):6.2f} ms over {len(ms)} pages "
+          f"(goal p50 < 50 ms)", flush=True)
 
 
 def read_file(certs, name):
@@ -635,6 +733,11 @@ def main(argv):
             bench_fan_out(server, spread=2.0)
             bench_start_rate(server)
             bench_readopt(server)
+    if "cli" in groups:
+        with BenchServer() as server, BenchSSHD() as sshd, InstalledCommand() as installed:
+            bench_cli_round_trip(server, sshd, installed)
+            bench_run_follow(server, sshd)
+            bench_list_many(server)
     if "faults" in groups:
         with BenchEngine() as engine:
             bench_supervisor_death(engine)
