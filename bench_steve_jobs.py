@@ -381,19 +381,17 @@ def bench_list_many(server, jobs=10_000, runs=30):
     server.proc.terminate()
     server.proc.wait(60)
     state = os.path.join(server.dir, "state", "jobs")
-    spec = json.load(open(os.path.join(state, template, "spec.json")))
+    spec = json.load(open(os.path.join(state, template, sj.SPEC_FILE)))
     for i in range(jobs):
         job_id = str(uuid.uuid4())
         d = os.path.join(state, job_id)
         shutil.copytree(os.path.join(state, template), d)
         json.dump({**spec, "id": job_id, "created_at": spec["created_at"] + i / 1000,
-                   "uid": 0}, open(os.path.join(d, "spec.json"), "w"))
+                   "uid": 0}, open(os.path.join(d, sj.SPEC_FILE), "w"))
     server.start()
     mark = os.path.getsize(server.log.name)
-    listing = [sys.executable, SCRIPT, "--server", server.address, "--certs", server.certs,
-               "--json", "list"]
     for _ in range(2):
-        server.cli(*listing[5:], stdout=subprocess.DEVNULL)   # every page, twice
+        server.cli("--json", "list", stdout=subprocess.DEVNULL)   # every page, twice
     log = open(server.log.name).read()[mark:]
     ms = [float(m) for m in re.findall(r"method=List job=- result=OK duration_ms=([\d.]+)", log)]
     print(f"{'List page of 100, ' + str(jobs) + ' jobs kept':38s} server time p50 "

@@ -35,6 +35,8 @@ import time
 import uuid
 import warnings
 
+import hypothesis
+import hypothesis.strategies
 import pytest
 
 import steve_jobs as sj
@@ -538,6 +540,24 @@ def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
     assert tail(0, lines=1, nbytes=3) == b" 2\n"
     assert index.first_written_at(index.times[1], end) == len(b"out 1\n")
     assert index.first_written_at(index.times[-1] + 1, end) == end
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(data=hypothesis.strategies.binary(max_size=300),
+                  offset=hypothesis.strategies.integers(0, 1 << 63),
+                  stream=hypothesis.strategies.sampled_from([0, 1, 2]),
+                  when=hypothesis.strategies.one_of(hypothesis.strategies.none(),
+                                                    hypothesis.strategies.integers(0, 1 << 40)))
+def test_the_clients_chunk_decoder_reads_what_protobuf_writes(data, offset, stream, when):
+    _, pb, _ = sj.import_grpc(aio=False)
+    chunk = pb.OutputChunk(data=data, offset=offset, stream=stream)
+    if when is not None:
+        chunk.time.FromNanoseconds(when * 1000)
+    piece = sj.decode_output_chunk(chunk.SerializeToString())
+    assert (bytes(piece.data), piece.offset, piece.stream) == (data, offset, stream)
+    assert piece.time == (0.0 if not when else pytest.approx(when / 1e6, abs=1e-6))
+    with pytest.raises(ValueError):
+        sj.decode_output_chunk(chunk.SerializeToString()[:-1] if data else b"\x0a\x05ab")
 
 
 def _job_with(result, stop=False, paused=False):
@@ -3084,6 +3104,23 @@ def test_cli_habits_sizes_env_values_utf8_and_version(api_server, tmp_path):
     assert version.returncode == 0 and version.stdout.strip() == f"steve-jobs {sj.__version__}".encode()
     usage = cli(api_server, "--help").stdout
     assert b"exit codes:" in usage and b"(default: " in usage
+
+
+def test_ctrl_c_while_the_cli_starts_up_or_waits_exits_130_quietly(api_server):
+    job_id = start_job(api_server, "sleep 60")
+    # Not before Python has compiled the script (Python's own traceback then): timed here.
+    began = time.monotonic()
+    subprocess.run([PYTHON, "-c", f"compile(open({SCRIPT!r}).read(), 'x', 'exec')"], check=True)
+    compiled = time.monotonic() - began
+    for delay in (1.5 * compiled, 2 * compiled + 0.1, 1.5):   # loading, connecting, waiting
+        proc = subprocess.Popen([PYTHON, SCRIPT, "--server", api_server.address,
+                                 "--certs", api_server.certs, "wait", job_id],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=scaled(30))
+        assert proc.returncode == 130 and b"Traceback" not in err, (delay, err)
+    cli(api_server, "stop", "--grace", "0", job_id)
 
 
 def test_contexts_name_a_server_user_and_certificates(api_server, tmp_path):
