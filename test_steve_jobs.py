@@ -524,7 +524,7 @@ def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
         pieces.append((stream, merged[pos:stop]))
         pos = stop
     assert pieces == [(stream, data) for stream, data, _ in writes]
-    assert index.times == sorted(index.times) and index.times[-1] - index.times[0] >= 0.1
+    assert list(index.times) == sorted(index.times) and index.times[-1] - index.times[0] >= 0.1
     path, end = str(tmp_path / "out"), len(merged)
 
     def tail(stream, lines=0, nbytes=0):
