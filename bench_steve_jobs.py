@@ -297,11 +297,17 @@ def bench_streaming(server, sshd, runs=3):
                             ("pipe head | cat", ["sh", "-c", f"head -c {size} /dev/zero | cat"])):
             ms = timed(argv, stdout=subprocess.DEVNULL)
             rates[label].append(size / sj.MiB / (ms / 1000))
-    ours = statistics.median(rates["steve-jobs stream"])
-    line = f"{'stream 1 GiB (target >= x1.5 ssh)':38s} {ours:7.0f} MiB/s"
-    for label in ("ssh head -c 1G", "pipe head | cat"):
-        base = statistics.median(rates[label])
-        line += f" | {label} {base:6.0f} MiB/s (x{ours / base:.2f})"
+    report_rates("stream 1 GiB (target >= x1.5 ssh)", rates, "steve-jobs stream")
+
+
+def report_rates(name, rates, ours_label):
+    """One line: our median rate, then each baseline's and our ratio to it."""
+    ours = statistics.median(rates[ours_label])
+    line = f"{name:38s} {ours:7.0f} MiB/s"
+    for label, samples in rates.items():
+        if label != ours_label:
+            base = statistics.median(samples)
+            line += f" | {label} {base:6.0f} MiB/s (x{ours / base:.2f})"
     print(line, flush=True)
 
 
@@ -363,12 +369,7 @@ def bench_run_follow(server, sshd, runs=5, size=256 * sj.MiB):
     for _ in range(runs):
         rates["stream ended"].append(size / sj.MiB / timed(stream, stdout=subprocess.DEVNULL)
                                      * 1000)
-    ours = statistics.median(rates["run -f"])
-    line = f"{'run -f 256 MiB live (goal >= x1.5 ssh)':38s} {ours:7.0f} MiB/s"
-    for label in ("ssh", "stream ended"):
-        base = statistics.median(rates[label])
-        line += f" | {label} {base:6.0f} MiB/s (x{ours / base:.2f})"
-    print(line, flush=True)
+    report_rates("run -f 256 MiB live (goal >= x1.5 ssh)", rates, "run -f")
 
 
 def bench_list_many(server, jobs=10_000, runs=30):

@@ -1090,14 +1090,19 @@ class Server:
             pass   # opening re-adopts the jobs; closing with stop_jobs stops them
 
 
-@pytest.fixture(scope="module")
-def server(certs):
+def serving(certs):
+    """A Server for a fixture: started, then cleaned up."""
     require_kernel()
     srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
     try:
         yield srv
     finally:
         srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def server(certs):
+    yield from serving(certs)
 
 
 def cli(server, *args, user="mrarsenal", timeout=scaled(60), **kw):
@@ -2809,12 +2814,8 @@ class Api:
 
 @pytest.fixture(scope="module")
 def api_server(certs):
-    require_kernel()
-    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
+    """The API tests' own server: their lists see their jobs only."""
+    yield from serving(certs)
 
 
 @pytest.fixture
