@@ -4923,7 +4923,10 @@ def build_parser():
             raise ClientError(EXIT_USAGE, f"{self.prog.split()[-1]}: {message} (see --help)")
 
     class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass
+        def _get_help_string(self, action):   # no "(default: )" where there is none
+            if action.default in (None, "", False, [], 0, 0.0):
+                return action.help
+            return super()._get_help_string(action)
     # --json is accepted before or after the subcommand; SUPPRESS keeps a subcommand's
     # default from overwriting a --json given before it.
     common = Parser(add_help=False)
@@ -4952,6 +4955,27 @@ def build_parser():
                               formatter_class=Help, **kw)
     add_server_parser(command("server", "run the job server (as root)"))
     add_run_parser(command("run", "start a job", epilog=EXIT_CODE_HELP))
+    add_job_parsers(command)
+    add_list_parser(command("list", "list jobs"))
+    ctx = command("context", "show or choose a context of the configuration file "
+                             f"({config_path()})")
+    ctx.add_argument("action", choices=("list", "use"))
+    ctx.add_argument("name", nargs="?", default="")
+    ctx.add_argument("-q", "--quiet", action="store_true", help="names only")
+    comp = command("completion", "print a shell completion script: "
+                                 'eval "$(steve-jobs completion bash)"')
+    comp.add_argument("shell", choices=("bash", "zsh"))
+    t = command("token", "issue a JWT for a user (operator command: needs the signing key)")
+    t.add_argument("--for-user", required=True, dest="token_user")
+    t.add_argument("--role", required=True, choices=sorted(ROLES))
+    t.add_argument("--cert", required=True, help="the user's client certificate (PEM)")
+    t.add_argument("--signing-key", required=True, help="the ES256 private key (PEM)")
+    t.add_argument("--days", type=float, default=30.0, help="lifetime in days")
+    return p
+
+
+def add_job_parsers(command):
+    """The commands about jobs by ID (JOB_COMMANDS); command(name, help) makes a parser."""
     for name, help_text in (("status", "show a job"),
                             ("output", "print a job's output so far"),
                             ("stream", "print a job's output from the start, following it"),
@@ -4977,22 +5001,6 @@ def build_parser():
                            help="every process of the job, not only its command")
         if name in ("output", "stream"):
             add_output_flags(c)
-    add_list_parser(command("list", "list jobs"))
-    ctx = command("context", "show or choose a context of the configuration file "
-                             f"({config_path()})")
-    ctx.add_argument("action", choices=("list", "use"))
-    ctx.add_argument("name", nargs="?", default="")
-    ctx.add_argument("-q", "--quiet", action="store_true", help="names only")
-    comp = command("completion", "print a shell completion script: "
-                                 'eval "$(steve-jobs completion bash)"')
-    comp.add_argument("shell", choices=("bash", "zsh"))
-    t = command("token", "issue a JWT for a user (operator command: needs the signing key)")
-    t.add_argument("--for-user", required=True, dest="token_user")
-    t.add_argument("--role", required=True, choices=sorted(ROLES))
-    t.add_argument("--cert", required=True, help="the user's client certificate (PEM)")
-    t.add_argument("--signing-key", required=True, help="the ES256 private key (PEM)")
-    t.add_argument("--days", type=float, default=30.0, help="lifetime in days")
-    return p
 
 
 def add_run_parser(r):

@@ -3103,8 +3103,10 @@ def test_cli_habits_sizes_env_values_utf8_and_version(api_server, tmp_path):
     assert b"Traceback" not in odd.stderr
     version = cli(api_server, "--version")
     assert version.returncode == 0 and version.stdout.strip() == f"steve-jobs {sj.__version__}".encode()
-    usage = cli(api_server, "--help").stdout
-    assert b"exit codes:" in usage and b"(default: " in usage
+    assert b"exit codes:" in cli(api_server, "--help").stdout
+    server_help = b" ".join(cli(api_server, "server", "--help").stdout.split())
+    assert b"running jobs at most; more starts are RESOURCE_EXHAUSTED (env " \
+        b"STEVE_JOBS_MAX_JOBS) (default: 1024)" in server_help
 
 
 def test_ctrl_c_while_the_cli_starts_up_or_waits_exits_130_quietly(api_server):
