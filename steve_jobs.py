@@ -3910,6 +3910,33 @@ def error_reason(details_bin):
     return reason, field
 
 
+def encode_output_chunk(piece, with_time=False):
+    """An OutputPiece as a serialized OutputChunk: byte for byte what protobuf makes of it,
+    with one copy of the data where protobuf's constructor and serializer make two (on a
+    fast job's 1 MiB chunks, copies are much of the server's CPU)."""
+    parts = [b"\x0a", _encoded_varint(len(piece.data)), piece.data]   # 1: data
+    if piece.offset:
+        parts += [b"\x10", _encoded_varint(piece.offset)]                # 2: offset
+    if piece.stream:
+        parts += [b"\x18", _encoded_varint(piece.stream)]                # 3: stream
+    if with_time and piece.time:                                        # 4: time
+        seconds, nanos = divmod(round(piece.time * 1e9), 10 ** 9)
+        stamp = (b"\x08" + _encoded_varint(seconds) if seconds else b"") + (
+            b"\x10" + _encoded_varint(nanos) if nanos else b"")
+        parts += [b"\x22", _encoded_varint(len(stamp)), stamp]
+    return b"".join(parts)
+
+
+def _encoded_varint(value):
+    """A non-negative int as a protobuf varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 class OutputHub:
     """Fan-out of followed jobs: one engine subscription per job wakes every follower,
     and followers at the same offset share one read and one serialized message."""
@@ -3975,10 +4002,7 @@ class OutputHub:
         piece = self.engine.read_piece(job_id, offset, self.chunk_size(user), stream, by_time)
         chunk = b""
         if piece.data:
-            pb = self.pb.OutputChunk(data=piece.data, offset=piece.offset, stream=piece.stream)
-            if by_time and piece.time:
-                pb.time.FromNanoseconds(int(piece.time * 1e9))
-            chunk = pb.SerializeToString()
+            chunk = encode_output_chunk(piece, with_time=by_time)
         chunk = piece.offset + len(piece.data), len(piece.data), chunk
         if len(self.events[job_id]) > 1:
             cached = self.chunks.setdefault(job_id, {})

@@ -547,12 +547,16 @@ def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
                   offset=hypothesis.strategies.integers(0, 1 << 63),
                   stream=hypothesis.strategies.sampled_from([0, 1, 2]),
                   when=hypothesis.strategies.one_of(hypothesis.strategies.none(),
-                                                    hypothesis.strategies.integers(0, 1 << 40)))
-def test_the_clients_chunk_decoder_reads_what_protobuf_writes(data, offset, stream, when):
+                                                    hypothesis.strategies.integers(1, 1 << 40)))
+def test_the_chunk_coders_read_and_write_what_protobuf_does(data, offset, stream, when):
     _, pb, _ = sj.import_grpc(aio=False)
     chunk = pb.OutputChunk(data=data, offset=offset, stream=stream)
     if when is not None:
         chunk.time.FromNanoseconds(when * 1000)
+    if data:   # (the server never sends an empty chunk)
+        mine = sj.encode_output_chunk(sj.OutputPiece(offset, data, stream, (when or 0) / 1e6),
+                                      with_time=True)
+        assert pb.OutputChunk.FromString(mine) == chunk
     piece = sj.decode_output_chunk(chunk.SerializeToString())
     assert (bytes(piece.data), piece.offset, piece.stream) == (data, offset, stream)
     assert piece.time == (0.0 if not when else pytest.approx(when / 1e6, abs=1e-6))
