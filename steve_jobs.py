@@ -2608,7 +2608,8 @@ class Engine:
         """Hold meta's name and request id for a start of owner's (until _settle).
 
         Returns the id of the job an earlier start with this request id made, waiting
-        (bounded) for one still under way; None: go on and start one.
+        (bounded) for one still under way (until its supervisor has it, or it failed);
+        None: go on and start one.
         Raises AlreadyExistsError, InvalidArgumentError (the request id came with another
         command), DeadlineExceededError.
         """
@@ -2621,7 +2622,7 @@ class Engine:
                 if held is not PENDING and (job is None or time.time() - job.spec[
                         "created_at"] > REQUEST_ID_TTL):
                     del self._requests[key]   # old enough to mean another start now
-                elif job is not None:
+                elif job is not None and (job.shim is not None or job.result is not None):
                     if job.spec["argv"] != argv:
                         raise InvalidArgumentError(
                             f"request_id {quoted(meta.request_id)} started job {held} with "
