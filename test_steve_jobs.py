@@ -3232,7 +3232,7 @@ def test_pip_install_gives_a_steve_jobs_command(api_server, tmp_path):
 ###############################################################################
 
 SECTION_GROUPS = (("# Unit tests", "unit"), ("# Kernel tests", "kernel"),
-                  ("# End-to-end tests", "e2e"), ("# Security tests", "e2e"),
+                  ("# End-to-end tests", "e2e"), ("# Security tests", "security"),
                   ("# Restarts, faults", "faults"), ("# Fault tests", "faults"),
                   ("# Tenant tests", "tenants"), ("# Host tests", "hosts"),
                   ("# API tests", "api"))
