@@ -2962,7 +2962,10 @@ class Engine:
         except FileNotFoundError:
             return OutputPiece(offset, b"")
         index = job.output_index()
-        index.refresh()
+        unread = index.refresh()
+        while unread is not None and unread <= offset:   # a long index: as far as needed
+            unread = index.refresh()
+        end = end if unread is None else min(end, unread)   # (later reads take in the rest)
         for _ in range(4096):   # skipping many short pieces of the other stream: in turns
             if offset >= end:
                 break
@@ -2984,7 +2987,8 @@ class Engine:
         except FileNotFoundError:
             return 0
         index = job.output_index()
-        index.refresh()
+        while index.refresh() is not None:
+            pass
         start = index.first_written_at(since, end) if since else 0
         if tail_lines or tail_bytes:
             start = max(start, tail_start(index, job.output_path, end, stream, tail_lines,
@@ -3247,11 +3251,14 @@ class OutputIndex:
         self.size_read = 0
         self._lock = threading.Lock()
 
-    def refresh(self):
-        """Take in the records written since the last call."""
+    def refresh(self, most=1 * MiB):
+        """Take in up to `most` bytes of the records written since the last call (a few
+        tens of ms: followers' reads run on the event loop). Returns the output offset
+        from which records are still unread, None if none are."""
+        size = INDEX_RECORD.size
         with self._lock:
-            data = read_output_file(self.path, self.size_read, 64 * MiB)
-            whole = len(data) - len(data) % INDEX_RECORD.size
+            data = read_output_file(self.path, self.size_read, most - most % size + size)
+            whole = min(len(data) - len(data) % size, most - most % size)
             for offset, t, stream in INDEX_RECORD.iter_unpack(data[:whole]):
                 self.offsets.append(offset)
                 self.times.append(t)
@@ -3260,6 +3267,8 @@ class OutputIndex:
                     self.run_offsets.append(offset)
                     self.run_streams.append(stream)
             self.size_read += whole
+            return INDEX_RECORD.unpack_from(data, whole)[0] if len(data) >= whole + size \
+                else None
 
     def piece_at(self, pos, end, by_time):
         """(stop, stream, time) of the bytes from pos: one stream (and with by_time, one

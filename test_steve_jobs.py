@@ -539,6 +539,12 @@ def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
     assert tail(sj.STDOUT, nbytes=8) == b"2\nout 3\n"
     assert tail(0, lines=1, nbytes=3) == b" 2\n"
     assert index.first_written_at(index.times[1], end) == len(b"out 1\n")
+    # Taken in a little at a time (followers read on the event loop), to the same index:
+    bit = sj.OutputIndex(str(tmp_path / "idx"))
+    unread = [bit.refresh(most=sj.INDEX_RECORD.size) for _ in range(len(index.offsets))]
+    assert unread == list(index.offsets[1:]) + [None]
+    assert (list(bit.offsets), list(bit.run_streams)) == (list(index.offsets),
+                                                         list(index.run_streams))
     assert index.first_written_at(index.times[-1] + 1, end) == end
 
 
