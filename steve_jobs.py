@@ -5353,7 +5353,7 @@ def command_argv(words):
         words) else []
     if not argv or not argv[-1]:
         raise ClientError(EXIT_USAGE, "nothing to run: give CMD ARG... or -- PROG ARG...")
-    for i, arg in enumerate(argv):
+    for arg in argv:
         try:
             arg.encode()
         except UnicodeEncodeError:
