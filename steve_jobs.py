@@ -3881,7 +3881,7 @@ def rpc_error_messages():
     pool.Add(proto)
     classes = {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(
         f"google.rpc.{name}")) for name in ("Status", "ErrorInfo", "BadRequest")}
-    return types.SimpleNamespace(Any=any_pb2.Any, **classes)
+    return types.SimpleNamespace(**classes)
 
 
 ERROR_DOMAIN = "steve-jobs"
