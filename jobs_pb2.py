@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\njobs.proto\x12\rsteve_jobs.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x06Limits\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pids\x18\x03 \x01(\r\x12\x13\n\x0bio_read_bps\x18\x04 \x01(\x04\x12\x14\n\x0cio_write_bps\x18\x05 \x01(\x04\x12\x11\n\tio_device\x18\x06 \x01(\t\"\xf5\x02\n\x0cStartRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12%\n\x06limits\x18\x02 \x01(\x0b\x32\x15.steve_jobs.v1.Limits\x12\x31\n\x03\x65nv\x18\x03 \x03(\x0b\x32$.steve_jobs.v1.StartRequest.EnvEntry\x12\x0f\n\x07workdir\x18\x04 \x01(\t\x12\x0f\n\x07\x61s_root\x18\x05 \x01(\x08\x12\x14\n\x0chost_network\x18\x06 \x01(\x08\x12\x0f\n\x07rw_host\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0c\n\x04name\x18\t \x01(\t\x12\x37\n\x06labels\x18\n \x03(\x0b\x32\'.steve_jobs.v1.StartRequest.LabelsEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\rSignalRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"K\n\x0bStopRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\"\xcd\x01\n\rOutputRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12%\n\x06stream\x18\x04 \x01(\x0e\x32\x15.steve_jobs.v1.Stream\x12\x12\n\ntail_lines\x18\x05 \x01(\x04\x12\x12\n\ntail_bytes\x18\x06 \x01(\x04\x12)\n\x05since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntimestamps\x18\x08 \x01(\x08\"|\n\x0bOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12%\n\x06stream\x18\x03 \x01(\x0e\x32\x15.steve_jobs.v1.Stream\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x94\x02\n\x0bListRequest\x12\x11\n\tall_users\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12$\n\x06states\x18\x04 \x03(\x0e\x32\x14.steve_jobs.v1.State\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x36\n\x06labels\x18\x06 \x03(\x0b\x32&.steve_jobs.v1.ListRequest.LabelsEntry\x12\x0c\n\x04name\x18\x07 \x01(\t\x12!\n\x04view\x18\x08 \x01(\x0e\x32\x13.steve_jobs.v1.View\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x0cListResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.steve_jobs.v1.JobStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x10\n\x0eRemoveResponse\"\xb7\x06\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.steve_jobs.v1.State\x12\x16\n\texit_code\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12%\n\x06limits\x18\x08 \x01(\x0b\x32\x15.steve_jobs.v1.Limits\x12\x16\n\ncreated_at\x18\t \x01(\x01\x42\x02\x18\x01\x12\x16\n\nstarted_at\x18\n \x01(\x01\x42\x02\x18\x01\x12\x14\n\x08\x65nded_at\x18\x0b \x01(\x01\x42\x02\x18\x01\x12\x13\n\x0b\x63pu_seconds\x18\x0c \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\r \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\x0e \x01(\x04\x12\x11\n\toom_kills\x18\x0f \x01(\r\x12\x14\n\x0coutput_bytes\x18\x10 \x01(\x04\x12\x18\n\x10output_truncated\x18\x11 \x01(\x08\x12\x0f\n\x07\x61s_root\x18\x12 \x01(\x08\x12\x14\n\x0chost_network\x18\x13 \x01(\x08\x12\x0f\n\x07workdir\x18\x14 \x01(\t\x12\x0b\n\x03uid\x18\x15 \x01(\r\x12\x0f\n\x07rw_host\x18\x16 \x01(\x08\x12\x0c\n\x04name\x18\x17 \x01(\t\x12\x34\n\x06labels\x18\x18 \x03(\x0b\x32$.steve_jobs.v1.JobStatus.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x1b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x04view\x18\x1c \x01(\x0e\x32\x13.steve_jobs.v1.View\x12\x12\n\nrequest_id\x18\x1d \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_exit_codeB\t\n\x07_signal*\xb5\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_RUNNING\x10\x01\x12\x10\n\x0cSTATE_PAUSED\x10\x02\x12\x10\n\x0cSTATE_EXITED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x11\n\rSTATE_STOPPED\x10\x05\x12\x10\n\x0cSTATE_KILLED\x10\x06\x12\x14\n\x10STATE_OOM_KILLED\x10\x07\x12\x11\n\rSTATE_UNKNOWN\x10\x08*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02*=\n\x04View\x12\x14\n\x10VIEW_UNSPECIFIED\x10\x00\x12\x10\n\x0cVIEW_SUMMARY\x10\x01\x12\r\n\tVIEW_FULL\x10\x02\x32\xfc\x04\n\nJobService\x12>\n\x05Start\x12\x1b.steve_jobs.v1.StartRequest\x1a\x18.steve_jobs.v1.JobStatus\x12<\n\x04Stop\x12\x1a.steve_jobs.v1.StopRequest\x1a\x18.steve_jobs.v1.JobStatus\x12\x39\n\x06Status\x12\x15.steve_jobs.v1.JobRef\x1a\x18.steve_jobs.v1.JobStatus\x12\x44\n\x06Output\x12\x1c.steve_jobs.v1.OutputRequest\x1a\x1a.steve_jobs.v1.OutputChunk0\x01\x12?\n\x04List\x12\x1a.steve_jobs.v1.ListRequest\x1a\x1b.steve_jobs.v1.ListResponse\x12\x38\n\x05Pause\x12\x15.steve_jobs.v1.JobRef\x1a\x18.steve_jobs.v1.JobStatus\x12\x39\n\x06Resume\x12\x15.steve_jobs.v1.JobRef\x1a\x18.steve_jobs.v1.JobStatus\x12>\n\x06Remove\x12\x15.steve_jobs.v1.JobRef\x1a\x1d.steve_jobs.v1.RemoveResponse\x12\x37\n\x04Wait\x12\x15.steve_jobs.v1.JobRef\x1a\x18.steve_jobs.v1.JobStatus\x12@\n\x06Signal\x12\x1c.steve_jobs.v1.SignalRequest\x1a\x18.steve_jobs.v1.JobStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\njobs.proto\x12\rsteve_jobs.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x06Limits\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pids\x18\x03 \x01(\r\x12\x13\n\x0bio_read_bps\x18\x04 \x01(\x04\x12\x14\n\x0cio_write_bps\x18\x05 \x01(\x04\x12\x11\n\tio_device\x18\x06 \x01(\t\"\xb3\x03\n\x0cStartRequest\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12%\n\x06limits\x18\x02 \x01(\x0b\x32\x15.steve_jobs.v1.Limits\x12\x31\n\x03\x65nv\x18\x03 \x03(\x0b\x32$.steve_jobs.v1.StartRequest.EnvEntry\x12\x0f\n\x07workdir\x18\x04 \x01(\t\x12\x0f\n\x07\x61s_root\x18\x05 \x01(\x08\x12\x14\n\x0chost_network\x18\x06 \x01(\x08\x12\x0f\n\x07rw_host\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0c\n\x04name\x18\t \x01(\t\x12\x37\n\x06labels\x18\n \x03(\x0b\x32\'.steve_jobs.v1.StartRequest.LabelsEntry\x12\r\n\x05stdin\x18\x0b \x01(\x08\x12-\n\x08terminal\x18\x0c \x01(\x0b\x32\x1b.steve_jobs.v1.TerminalSize\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x0cTerminalSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x02 \x01(\r\"\x87\x01\n\x0cInputMessage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttake_over\x18\x02 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12)\n\x04size\x18\x04 \x01(\x0b\x32\x1b.steve_jobs.v1.TerminalSize\x12\x0b\n\x03\x65of\x18\x05 \x01(\x08\x12\x0e\n\x06redraw\x18\x06 \x01(\x08\"\x1d\n\x0cInputSummary\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"d\n\x0cSessionEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\rSignalRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"K\n\x0bStopRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\rgrace_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\"\xcd\x01\n\rOutputRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\x12%\n\x06stream\x18\x04 \x01(\x0e\x32\x15.steve_jobs.v1.Stream\x12\x12\n\ntail_lines\x18\x05 \x01(\x04\x12\x12\n\ntail_bytes\x18\x06 \x01(\x04\x12)\n\x05since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ntimestamps\x18\x08 \x01(\x08\"|\n\x0bOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12%\n\x06stream\x18\x03 \x01(\x0e\x32\x15.steve_jobs.v1.Stream\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x94\x02\n\x0bListRequest\x12\x11\n\tall_users\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12$\n\x06states\x18\x04 \x03(\x0e\x32\x14.steve_jobs.v1.State\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x36\n\x06labels\x18\x06 \x03(\x0b\x32&.steve_jobs.v1.ListRequest.LabelsEntry\x12\x0c\n\x04name\x18\x07 \x01(\t\x12!\n\x04view\x18\x08 \x01(\x0e\x32\x13.steve_jobs.v1.View\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x0cListResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.steve_jobs.v1.JobStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x10\n\x0eRemoveResponse\"\xb6\x07\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x03 \x03(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.steve_jobs.v1.State\x12\x16\n\texit_code\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12%\n\x06limits\x18\x08 \x01(\x0b\x32\x15.steve_jobs.v1.Limits\x12\x16\n\ncreated_at\x18\t \x01(\x01\x42\x02\x18\x01\x12\x16\n\nstarted_at\x18\n \x01(\x01\x42\x02\x18\x01\x12\x14\n\x08\x65nded_at\x18\x0b \x01(\x01\x42\x02\x18\x01\x12\x13\n\x0b\x63pu_seconds\x18\x0c \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\r \x01(\x04\x12\x19\n\x11peak_memory_bytes\x18\x0e \x01(\x04\x12\x11\n\toom_kills\x18\x0f \x01(\r\x12\x14\n\x0coutput_bytes\x18\x10 \x01(\x04\x12\x18\n\x10output_truncated\x18\x11 \x01(\x08\x12\x0f\n\x07\x61s_root\x18\x12 \x01(\x08\x12\x14\n\x0chost_network\x18\x13 \x01(\x08\x12\x0f\n\x07workdir\x18\x14 \x01(\t\x12\x0b\n\x03uid\x18\x15 \x01(\r\x12\x0f\n\x07rw_host\x18\x16 \x01(\x08\x12\x0c\n\x04name\x18\x17 \x01(\t\x12\x34\n\x06labels\x18\x18 \x03(\x0b\x32$.steve_jobs.v1.JobStatus.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x1b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x04view\x18\x1c \x01(\x0e\x32\x13.steve_jobs.v1.View\x12\x12\n\nrequest_id\x18\x1d \x01(\t\x12\r\n\x05stdin\x18\x1e \x01(\x08\x12-\n\x08terminal\x18\x1f \x01(\x0b\x32\x1b.steve_jobs.v1.TerminalSize\x12-\n\x08sessions\x18  \x03(\x0b\x32\x1b.steve_jobs.v1.SessionEvent\x12\x10\n\x08trace_id\x18! \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_exit_codeB\t\n\x07_signal*\xb5\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_RUNNING\x10\x01\x12\x10\n\x0cSTATE_PAUSED\x10\x02\x12\x10\n\x0cSTATE_EXITED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x11\n\rSTATE_STOPPED\x10\x05\x12\x10\n\x0cSTATE_KILLED\x10\x06\x12\x14\n\x10STATE_OOM_KILLED\x10\x07\x12\x11\n\rSTATE_UNKNOWN\x10\x08*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02*=\n\x04View\x12\x14\n\x10VIEW_UNSPECIFIED\x10\x00\x12\x10\n\x0cVIEW_SUMMARY\x10\x01\x12\r\n\tVIEW_FULL\x10\x02\x32\xc1\x05\n\nJobService\x12>\n\x05Start\x12\x1b.steve_jobs.v1.StartRequest\x1a\x18.steve_jobs.v1.JobStatus\x12<\n\x04Stop\x12\x1a.steve_jobs.v1.StopRequest\x1a\x18.steve_jobs.v1.JobStatus\x12\x39\n\x06Status\x12\x15.steve_jobs.v1.JobRef\x1a\x18.steve_jobs.v1.JobStatus\x12\x44\n\x06Output\x12\x1c.steve_jobs.v1.OutputRequest\x1a\x1a.steve_jobs.v1.OutputChunk0\x01\x12?\n\x04List\x12\x1a.steve_jobs.v1.ListRequest\x1a\x1b.steve_jobs.v1.ListResponse\x12\x38\n\x05Pause\x12\x15.steve_jobs.v1.JobRef\x1a\x18.steve_jobs.v1.JobStatus\x12\x39\n\x06Resume\x12\x15.steve_jobs.v1.JobRef\x1a\x18.steve_jobs.v1.JobStatus\x12>\n\x06Remove\x12\x15.steve_jobs.v1.JobRef\x1a\x1d.steve_jobs.v1.RemoveResponse\x12\x37\n\x04Wait\x12\x15.steve_jobs.v1.JobRef\x1a\x18.steve_jobs.v1.JobStatus\x12@\n\x06Signal\x12\x1c.steve_jobs.v1.SignalRequest\x1a\x18.steve_jobs.v1.JobStatus\x12\x43\n\x05Input\x12\x1b.steve_jobs.v1.InputMessage\x1a\x1b.steve_jobs.v1.InputSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,42 +46,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSTATUS'].fields_by_name['started_at']._serialized_options = b'\030\001'
   _globals['_JOBSTATUS'].fields_by_name['ended_at']._loaded_options = None
   _globals['_JOBSTATUS'].fields_by_name['ended_at']._serialized_options = b'\030\001'
-  _globals['_STATE']._serialized_start=2263
-  _globals['_STATE']._serialized_end=2444
-  _globals['_STREAM']._serialized_start=2446
-  _globals['_STREAM']._serialized_end=2516
-  _globals['_VIEW']._serialized_start=2518
-  _globals['_VIEW']._serialized_end=2579
+  _globals['_STATE']._serialized_start=2770
+  _globals['_STATE']._serialized_end=2951
+  _globals['_STREAM']._serialized_start=2953
+  _globals['_STREAM']._serialized_end=3023
+  _globals['_VIEW']._serialized_start=3025
+  _globals['_VIEW']._serialized_end=3086
   _globals['_LIMITS']._serialized_start=62
   _globals['_LIMITS']._serialized_end=181
   _globals['_STARTREQUEST']._serialized_start=184
-  _globals['_STARTREQUEST']._serialized_end=557
-  _globals['_STARTREQUEST_ENVENTRY']._serialized_start=468
-  _globals['_STARTREQUEST_ENVENTRY']._serialized_end=510
-  _globals['_STARTREQUEST_LABELSENTRY']._serialized_start=512
-  _globals['_STARTREQUEST_LABELSENTRY']._serialized_end=557
-  _globals['_JOBREF']._serialized_start=559
-  _globals['_JOBREF']._serialized_end=583
-  _globals['_SIGNALREQUEST']._serialized_start=585
-  _globals['_SIGNALREQUEST']._serialized_end=645
-  _globals['_STOPREQUEST']._serialized_start=647
-  _globals['_STOPREQUEST']._serialized_end=722
-  _globals['_OUTPUTREQUEST']._serialized_start=725
-  _globals['_OUTPUTREQUEST']._serialized_end=930
-  _globals['_OUTPUTCHUNK']._serialized_start=932
-  _globals['_OUTPUTCHUNK']._serialized_end=1056
-  _globals['_LISTREQUEST']._serialized_start=1059
-  _globals['_LISTREQUEST']._serialized_end=1335
-  _globals['_LISTREQUEST_LABELSENTRY']._serialized_start=512
-  _globals['_LISTREQUEST_LABELSENTRY']._serialized_end=557
-  _globals['_LISTRESPONSE']._serialized_start=1337
-  _globals['_LISTRESPONSE']._serialized_end=1416
-  _globals['_REMOVERESPONSE']._serialized_start=1418
-  _globals['_REMOVERESPONSE']._serialized_end=1434
-  _globals['_JOBSTATUS']._serialized_start=1437
-  _globals['_JOBSTATUS']._serialized_end=2260
-  _globals['_JOBSTATUS_LABELSENTRY']._serialized_start=512
-  _globals['_JOBSTATUS_LABELSENTRY']._serialized_end=557
-  _globals['_JOBSERVICE']._serialized_start=2582
-  _globals['_JOBSERVICE']._serialized_end=3218
+  _globals['_STARTREQUEST']._serialized_end=619
+  _globals['_STARTREQUEST_ENVENTRY']._serialized_start=530
+  _globals['_STARTREQUEST_ENVENTRY']._serialized_end=572
+  _globals['_STARTREQUEST_LABELSENTRY']._serialized_start=574
+  _globals['_STARTREQUEST_LABELSENTRY']._serialized_end=619
+  _globals['_TERMINALSIZE']._serialized_start=621
+  _globals['_TERMINALSIZE']._serialized_end=666
+  _globals['_INPUTMESSAGE']._serialized_start=669
+  _globals['_INPUTMESSAGE']._serialized_end=804
+  _globals['_INPUTSUMMARY']._serialized_start=806
+  _globals['_INPUTSUMMARY']._serialized_end=835
+  _globals['_SESSIONEVENT']._serialized_start=837
+  _globals['_SESSIONEVENT']._serialized_end=937
+  _globals['_JOBREF']._serialized_start=939
+  _globals['_JOBREF']._serialized_end=963
+  _globals['_SIGNALREQUEST']._serialized_start=965
+  _globals['_SIGNALREQUEST']._serialized_end=1025
+  _globals['_STOPREQUEST']._serialized_start=1027
+  _globals['_STOPREQUEST']._serialized_end=1102
+  _globals['_OUTPUTREQUEST']._serialized_start=1105
+  _globals['_OUTPUTREQUEST']._serialized_end=1310
+  _globals['_OUTPUTCHUNK']._serialized_start=1312
+  _globals['_OUTPUTCHUNK']._serialized_end=1436
+  _globals['_LISTREQUEST']._serialized_start=1439
+  _globals['_LISTREQUEST']._serialized_end=1715
+  _globals['_LISTREQUEST_LABELSENTRY']._serialized_start=574
+  _globals['_LISTREQUEST_LABELSENTRY']._serialized_end=619
+  _globals['_LISTRESPONSE']._serialized_start=1717
+  _globals['_LISTRESPONSE']._serialized_end=1796
+  _globals['_REMOVERESPONSE']._serialized_start=1798
+  _globals['_REMOVERESPONSE']._serialized_end=1814
+  _globals['_JOBSTATUS']._serialized_start=1817
+  _globals['_JOBSTATUS']._serialized_end=2767
+  _globals['_JOBSTATUS_LABELSENTRY']._serialized_start=574
+  _globals['_JOBSTATUS_LABELSENTRY']._serialized_end=619
+  _globals['_JOBSERVICE']._serialized_start=3089
+  _globals['_JOBSERVICE']._serialized_end=3794
 # @@protoc_insertion_point(module_scope)

@@ -84,6 +84,11 @@ class JobServiceStub:
                 request_serializer=jobs__pb2.SignalRequest.SerializeToString,
                 response_deserializer=jobs__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.Input = channel.stream_unary(
+                '/steve_jobs.v1.JobService/Input',
+                request_serializer=jobs__pb2.InputMessage.SerializeToString,
+                response_deserializer=jobs__pb2.InputSummary.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -161,6 +166,16 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Input(self, request_iterator, context):
+        """Write to the stdin of a job started with stdin or a terminal: the first message names
+        the job; then data, terminal sizes and finally eof. One writer per job at a time (its
+        owner, or an admin taking over); watchers read it with Output. Returns once the
+        stream ends (the client's, or the job's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +228,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Signal,
                     request_deserializer=jobs__pb2.SignalRequest.FromString,
                     response_serializer=jobs__pb2.JobStatus.SerializeToString,
+            ),
+            'Input': grpc.stream_unary_rpc_method_handler(
+                    servicer.Input,
+                    request_deserializer=jobs__pb2.InputMessage.FromString,
+                    response_serializer=jobs__pb2.InputSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +505,33 @@ class JobService:
             '/steve_jobs.v1.JobService/Signal',
             jobs__pb2.SignalRequest.SerializeToString,
             jobs__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Input(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/steve_jobs.v1.JobService/Input',
+            jobs__pb2.InputMessage.SerializeToString,
+            jobs__pb2.InputSummary.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,13 @@ class _LazyLogger:
 log = _LazyLogger()
 
 
+def log_line(message, level="info", **fields):
+    """Log message followed by key=value fields (the caller makes them loggable); the JSON
+    log format (--log-format json) gets them as keys of their own."""
+    text = " ".join([message] + [f"{k}={v}" for k, v in fields.items()])
+    getattr(log, level)(text, extra={"fields": {"event": message, **fields}})
+
+
 def random_hex(nbytes):
     """Random hex digits from the kernel's CSPRNG (what secrets.token_hex does)."""
     return os.urandom(nbytes).hex()
@@ -93,6 +100,29 @@ def new_job_id():
     b[6], b[8] = (b[6] & 0x0F) | 0x40, (b[8] & 0x3F) | 0x80
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# W3C trace context (https://www.w3.org/TR/trace-context/): version 00, a 32-digit trace
+# id and a 16-digit parent (span) id, neither all zeros, and flags (01: sampled).
+TRACEPARENT_FORMAT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def parse_traceparent(value):
+    """(trace_id, span_id, flags) of a valid traceparent header value, else None."""
+    m = TRACEPARENT_FORMAT.fullmatch(value or "")
+    if not m or not int(m[1], 16) or not int(m[2], 16):
+        return None
+    return m[1], m[2], m[3]
+
+
+def new_traceparent(trace_id=None, flags="01"):
+    """A traceparent for a new span: in trace_id's trace, or in a new trace."""
+    return f"00-{trace_id or random_hex(16)}-{random_hex(8)}-{flags}"
+
+
+def trace_id_of(traceparent):
+    parsed = parse_traceparent(traceparent)
+    return parsed[0] if parsed else ""
 
 ###############################################################################
 # Constants and errors
@@ -148,6 +178,13 @@ RUNNING, PAUSED = "running", "paused"
 EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN = (
     "exited", "failed", "stopped", "killed", "oom_killed", "unknown")
 ENDED_STATES = (EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN)
+
+
+def rfc3339(t):
+    """Seconds since the epoch -> '2026-12-02T10:00:00.123456Z'."""
+    import datetime
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
+        timespec="microseconds").replace("+00:00", "Z")
 
 
 def human_bytes(n):
@@ -1086,6 +1123,16 @@ INDEX_GRANULE = 0.01                     # seconds: the precision of output time
 STDOUT, STDERR = 1, 2                    # as in the API's Stream
 RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
     "result.json", "job.json", "output", "stop_requested")
+# The job's input: its supervisor listens on this socket in the job's folder (root only)
+# while the job runs, one connection at a time, and writes what comes to the job's stdin
+# (a pipe) or its terminal. Messages (SOCK_SEQPACKET), by their first byte:
+INPUT_SOCKET = "input.sock"
+INPUT_DATA, INPUT_SIZE, INPUT_REDRAW, INPUT_EOF = b"d", b"s", b"r", b"e"
+INPUT_SIZE_FORMAT = struct.Struct("HH")   # rows, columns
+INPUT_PIECE = 128 * KiB                   # the most data one message carries
+SESSIONS_FILE = "sessions"                # JSON lines: who wrote or watched, when
+MAX_SESSIONS_BYTES = 1 * MiB              # past this, sessions are logged, not kept
+TIOCSIG = 0x40045436                      # pty master: signal the foreground group
 
 
 def spawner_main(sock_fd, settings):
@@ -1231,6 +1278,9 @@ def shim_main(chan, settings):
     err_r, err_w = os.pipe2(os.O_CLOEXEC)        # init/command -> shim: why it did not start
     status_r, status_w = os.pipe2(os.O_CLOEXEC)  # init -> shim: the command's wait status
     go_r, go_w = os.pipe2(os.O_CLOEXEC)          # shim -> command: the request
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)    # the job's stdin, if it asks for one
+    tty_ours, tty_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ins = (stdin_r, tty_theirs.fileno())         # command -> shim: its terminal's master
     for fd in out_w:
         try:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -1241,22 +1291,25 @@ def shim_main(chan, settings):
         unshare(CLONE_NEWPID)                    # the next child is pid 1 of a new namespace
         init_pid = os.fork()
         if init_pid == 0:
-            for fd in (stdout_r, stderr_r, err_r, status_r, go_w):
+            for fd in (stdout_r, stderr_r, err_r, status_r, go_w, stdin_w):
                 os.close(fd)
             chan.close()
+            tty_ours.close()
             code = 126
             try:
-                code = init_main(cg, settings, out_w, err_w, status_w, go_r)
+                code = init_main(cg, settings, out_w, err_w, status_w, go_r, ins)
             finally:
                 os._exit(code)
-    for fd in (*out_w, err_w, status_w, go_r):
+    for fd in (*out_w, err_w, status_w, go_r, stdin_r):
         os.close(fd)
+    tty_theirs.close()
 
     me = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid())}
     msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
     chan.close()
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
         _discard_warm(cg, init_pid)
+        os.close(stdin_w)
         return 0
     reply_fd = fds[0]
     req = json.loads(msg)
@@ -1311,8 +1364,14 @@ def shim_main(chan, settings):
     sampling = threading.Event()
     if cg.needs_peak_sampling():   # old kernels: no thread otherwise, this process stays lean
         threading.Thread(target=cg.sample_peak_memory, args=(sampling,), daemon=True).start()
-    written, truncated, out_error = copy_output(
-        {stdout_r: STDOUT, stderr_r: STDERR}, out_fd, index_fd, req["output_cap"])
+    sources = {stdout_r: STDOUT, stderr_r: STDERR}
+    relay = open_input_relay(req, job_dir, stdin_w, tty_ours, sources, started=not failure)
+    try:
+        written, truncated, out_error = copy_output(sources, out_fd, index_fd,
+                                                    req["output_cap"], relay)
+    finally:
+        if relay:
+            relay.close()
     os.close(out_fd)
     os.close(index_fd)
     _, init_status = os.waitpid(init_pid, 0)
@@ -1355,9 +1414,183 @@ def _remove_cgroup(cg):
         cg.remove(timeout=KILL_TIMEOUT)
 
 
-def copy_output(pipes, out_fd, index_fd, cap):
+def open_input_relay(req, job_dir, stdin_w, tty_ours, sources, started):
+    """The InputRelay of a job started with stdin or a terminal, or None (then its stdin
+    pipe is closed here). A terminal job's master, which its command sent before exec,
+    joins sources as STDOUT (a terminal has one stream). Closes tty_ours."""
+    master = None
+    if started and req.get("terminal"):
+        try:
+            _, fds = recv_with_fds(tty_ours, 16, socket.MSG_DONTWAIT)
+            master = fds[0] if fds else None
+        except OSError:
+            pass
+    tty_ours.close()
+    if master is None and not (started and req.get("stdin")):
+        os.close(stdin_w)   # the job sees /dev/null; nobody needs this pipe
+        return None
+    if master is not None:
+        os.close(stdin_w)
+        sources[master] = STDOUT
+        target = os.dup(master)   # its own fd: poll tells reading from writing apart
+    else:
+        target = stdin_w
+        try:
+            fcntl.fcntl(target, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+    return InputRelay(job_dir, target, terminal=master is not None)
+
+
+class InputRelay:
+    """Writes what comes on the job's input socket to its stdin pipe or terminal, at the
+    pace the job reads: while a write waits, nothing more is read from the socket, so the
+    server (and its client) wait too, and nobody buffers without bound."""
+
+    def __init__(self, job_dir, target, terminal):
+        self.target, self.terminal = target, terminal
+        self.pending, self.eof_pending = b"", False
+        self.conn, self.registered, self.poller = None, None, None
+        os.set_blocking(target, False)
+        self.path = os.path.join(job_dir, INPUT_SOCKET)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            bind_in_folder(self.listener, job_dir, INPUT_SOCKET)
+            self.listener.listen(1)
+            self.listener.setblocking(False)
+        except OSError as e:   # the job runs anyway, without input
+            log.error("cannot make the job's input socket %s: %s", self.path, e)
+            self.listener.close()
+            self.listener = None
+
+    def attach(self, poller):
+        self.poller = poller
+        self._register()
+
+    def handles(self, fd):
+        return fd == self.registered
+
+    def _register(self):
+        """Poll for the one thing that can happen next: the target taking the pending
+        bytes, the connection's next message, or a connection."""
+        want = ((self.target, select.POLLOUT) if self.pending else
+                (self.conn.fileno(), select.POLLIN) if self.conn else
+                (self.listener.fileno(), select.POLLIN) if self.listener else (None, 0))
+        if self.registered is not None:
+            self.poller.unregister(self.registered)
+        self.registered = want[0]
+        if self.registered is not None:
+            self.poller.register(*want)
+
+    def ready(self, fd, events):
+        """Handle what poll said of fd (the one registered)."""
+        if self.pending:
+            self._write(self.pending)
+        elif self.conn is not None:
+            self._receive()
+        else:
+            try:
+                self.conn, _ = self.listener.accept()
+                self.conn.setblocking(False)
+            except OSError:
+                pass
+        self._register()
+
+    def _receive(self):
+        try:
+            msg = self.conn.recv(INPUT_PIECE + 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            msg = b""
+        if not msg:   # the server hung up (or died): the next one may connect
+            self.conn.close()
+            self.conn = None
+            return
+        kind, body = msg[:1], msg[1:]
+        if kind == INPUT_DATA:
+            self._write(body)
+        elif kind == INPUT_EOF and not self.terminal:
+            self.eof_pending = True
+            self._write(b"")
+        elif self.terminal and self.target is not None:
+            try:
+                if kind == INPUT_SIZE and len(body) == INPUT_SIZE_FORMAT.size:
+                    rows, cols = INPUT_SIZE_FORMAT.unpack(body)
+                    fcntl.ioctl(self.target, termios_TIOCSWINSZ(),
+                                struct.pack("HHHH", rows, cols, 0, 0))
+                elif kind == INPUT_REDRAW:
+                    # The kernel picks the foreground group: no pid of ours can be stale.
+                    fcntl.ioctl(self.target, TIOCSIG, signal.SIGWINCH)
+            except OSError:
+                pass
+
+    def _write(self, data):
+        """Write what the target takes now; keep the rest pending."""
+        if self.target is None:
+            self.pending = b""   # the job closed its stdin: what comes is dropped
+            return
+        try:
+            n = os.write(self.target, data) if data else 0
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:   # EPIPE, EIO: nobody reads the job's input any more
+            self._close_target()
+            self.pending = b""
+            return
+        self.pending = data[n:]
+        if not self.pending and self.eof_pending:
+            self._close_target()
+
+    def _close_target(self):
+        if self.target is not None:
+            os.close(self.target)
+            self.target = None
+
+    def close(self):
+        if self.registered is not None and self.poller is not None:
+            self.poller.unregister(self.registered)
+            self.registered = None
+        for sock in (self.conn, self.listener):
+            if sock is not None:
+                sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self._close_target()
+
+
+def termios_TIOCSWINSZ():
+    import termios   # only terminal jobs pay for it
+    return termios.TIOCSWINSZ
+
+
+def bind_in_folder(sock, folder, name):
+    """Bind sock to folder/name, however long folder's path (a socket address holds 107
+    bytes): through /proc/self/fd. Raises OSError."""
+    with opened_folder(folder) as fd:
+        sock.bind(f"/proc/self/fd/{fd}/{name}")
+
+
+def connect_in_folder(sock, folder, name):
+    """Connect sock to the socket folder/name (see bind_in_folder). Raises OSError."""
+    with opened_folder(folder) as fd:
+        sock.connect(f"/proc/self/fd/{fd}/{name}")
+
+
+@contextlib.contextmanager
+def opened_folder(path):
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def copy_output(pipes, out_fd, index_fd, cap, relay=None):
     """Move bytes from the job's pipes ({fd: STDOUT or STDERR}) to its output file, zero-copy,
-    in the order they come, until every pipe has ended; closes the pipes.
+    in the order they come, until every pipe has ended; closes the pipes. A terminal's
+    master (relay.terminal) is read and written instead: splice needs a pipe. The relay,
+    if any, is served in the same loop.
 
     index_fd gets an INDEX_RECORD before the bytes it describes, wherever the stream
     changes and every INDEX_GRANULE while output flows (at most `cap` bytes of them; later
@@ -1373,9 +1606,16 @@ def copy_output(pipes, out_fd, index_fd, cap):
     for fd in pipes:
         poller.register(fd, select.POLLIN)
     pipes = dict(pipes)
+    if relay is not None:
+        relay.attach(poller)
     try:
         while pipes:
-            for fd, _ in poller.poll():
+            for fd, events in poller.poll():
+                if relay is not None and relay.handles(fd):
+                    relay.ready(fd, events)
+                    continue
+                if fd not in pipes:
+                    continue   # (ended earlier in this round)
                 room = cap - written if sink == out_fd else CHUNK
                 if room <= 0:
                     sink, truncated, room = devnull, True, CHUNK
@@ -1389,7 +1629,9 @@ def copy_output(pipes, out_fd, index_fd, cap):
                     except OSError:
                         index_room = 0   # (a full disk) the output itself matters more
                 try:
-                    n = os.splice(fd, sink, min(CHUNK, room))
+                    n = move_bytes(fd, sink, min(CHUNK, room))
+                except BlockingIOError:
+                    continue
                 except OSError as e:
                     if sink == devnull:
                         raise
@@ -1406,6 +1648,25 @@ def copy_output(pipes, out_fd, index_fd, cap):
         os.close(devnull)
         for fd in pipes:
             os.close(fd)
+
+
+def move_bytes(source, sink, size):
+    """Up to size bytes from source to sink: spliced from a pipe, else read and written (a
+    terminal's master, whose EIO once every process has closed its end is its EOF).
+    Returns how many; 0 at the source's end. Raises OSError (the sink's)."""
+    try:
+        return os.splice(source, sink, size)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    try:
+        data = os.read(source, size)
+    except OSError as e:
+        if e.errno == errno.EIO:
+            return 0
+        raise
+    _write_all(sink, data)
+    return len(data)
 
 
 def _read_all(fd):
@@ -1430,8 +1691,9 @@ def _report_start_failure(err_w, stderr_fd, message):
         pass
 
 
-def init_main(cg, settings, out_w, err_w, status_w, go_r):
-    """Pid 1 of the job: enter namespaces, fork the command, reap, report its wait status."""
+def init_main(cg, settings, out_w, err_w, status_w, go_r, ins):
+    """Pid 1 of the job: enter namespaces, fork the command, reap, report its wait status.
+    ins: (the read end of the job's stdin pipe, the socket its terminal's master goes by)."""
     try:
         work_fd = enter_job_namespaces(cg, settings)
     except Exception as e:   # whatever it is, the shim must hear why the job did not start
@@ -1451,9 +1713,9 @@ def init_main(cg, settings, out_w, err_w, status_w, go_r):
         signal.signal(sig, forward)
     command_pid = os.fork()
     if command_pid == 0:
-        command_main(cg, go_r, out_w, err_w, work_fd)   # never returns
+        command_main(cg, go_r, out_w, err_w, work_fd, ins)   # never returns
     # A --root job could reach pid 1's descriptors: keep none on the host's folders.
-    for fd in (*out_w, err_w, go_r) + ((work_fd,) if work_fd is not None else ()):
+    for fd in (*out_w, err_w, go_r, *ins) + ((work_fd,) if work_fd is not None else ()):
         os.close(fd)
     status = reap_until(command_pid)
     os.write(status_w, struct.pack("i", status))
@@ -1565,16 +1827,17 @@ def enter_job_namespaces(cg, settings):
     return handles.get("work")
 
 
-def command_main(cg, go_r, out_w, err_w, work_fd):
+def command_main(cg, go_r, out_w, err_w, work_fd, ins):
     """The command's process: get ready, wait for the request, finish, exec. Never returns.
 
     Everything that does not depend on the request happens before it arrives.
     work_fd: an O_PATH handle on the host's folder of working folders (or None).
+    ins: see init_main.
     """
     warm_error = ""
     try:
         host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        keep = (go_r, err_w, host_net) + ((work_fd,) if work_fd is not None else ())
+        keep = (go_r, err_w, host_net, *ins) + ((work_fd,) if work_fd is not None else ())
         prepare_process(out_w, keep=keep)
         syscall_filter = prepared_syscall_filter(JOB_SYSCALL_FILTER)
         enter_job_network(cg)
@@ -1603,7 +1866,44 @@ def command_main(cg, go_r, out_w, err_w, work_fd):
         _report_start_failure(err_w, 2, f"cannot enter working directory {req['workdir']}: "
                                         f"{e.strerror or e}")
         os._exit(126)
+    try:
+        connect_input(req, *ins)
+    except OSError as e:
+        _report_start_failure(err_w, 2, f"cannot make the job's terminal: {e.strerror or e}")
+        os._exit(126)
     exec_command(req, err_w, syscall_filter)
+
+
+def connect_input(req, stdin_r, tty_fd):
+    """The job's stdin: /dev/null (as prepare_process left it), the pipe the shim writes,
+    or a terminal (req["terminal"]: [rows, columns]) on stdin, stdout and stderr. Closes
+    both fds. Raises OSError."""
+    tty_sock = socket.socket(fileno=tty_fd)
+    try:
+        if req.get("terminal"):
+            make_terminal(req["terminal"], req["uid"], tty_sock)
+        elif req.get("stdin"):
+            os.dup2(stdin_r, 0)
+    finally:
+        tty_sock.close()
+        os.close(stdin_r)
+
+
+def make_terminal(size, uid, tty_sock):
+    """Open a pty in the job's own devpts (its /dev/ptmx), make it this session's
+    controlling terminal on fds 0-2, and send the master to the shim. Raises OSError."""
+    import termios
+    master, slave = os.openpty()   # /dev/ptmx here is the job's devpts instance
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+        os.fchown(slave, uid, uid)   # the job's own, as login would make it
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)   # (we are a session leader, no terminal)
+        socket.send_fds(tty_sock, [b"m"], [master])
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+    finally:
+        os.close(master)   # the job must not hold its own master: EOF would never come
+        os.close(slave)
 
 
 def mount_workdir(req, work_fd):
@@ -1743,6 +2043,8 @@ class JobOptions(typing.NamedTuple):
     as_root: bool = False         # run as uid 0 (inside the namespaces); server must allow it
     host_network: bool = False    # share the host's network namespace
     rw_host: bool = False         # the host's filesystem writable (else read-only); admins
+    stdin: bool = False           # stdin from the job's input socket (else /dev/null)
+    terminal: tuple = ()          # (rows, columns): a terminal on stdin, stdout, stderr
 
 
 class JobMeta(typing.NamedTuple):
@@ -1750,6 +2052,7 @@ class JobMeta(typing.NamedTuple):
     name: str = ""                # unique among its owner's jobs kept; usable as its id
     labels: tuple = ()            # sorted (key, value) pairs, for list filters
     request_id: str = ""          # client-chosen: a retried start returns the first's job
+    traceparent: str = ""         # W3C trace context of the start: the job's TRACEPARENT
 
 
 class EngineConfig(typing.NamedTuple):
@@ -1802,6 +2105,19 @@ class JobStatus(typing.NamedTuple):
     name: str = ""
     labels: tuple = ()            # sorted (key, value) pairs
     request_id: str = ""
+    trace_id: str = ""
+    sessions: tuple = ()          # SessionEvents, the last MAX_SESSIONS_SHOWN
+
+
+class SessionEvent(typing.NamedTuple):
+    """Someone wrote to a job's input, or watched its terminal."""
+    time: float
+    user: str
+    event: str                    # "input", "input-end", "taken-over", "watch"
+    bytes: int = 0
+
+
+MAX_SESSIONS_SHOWN = 100
 
 
 class Job:
@@ -2255,8 +2571,31 @@ class Engine:
         self._claims = threading.Condition(self._lock)   # a pending start settled
         self.cgroup_root = config.cgroup_root or DEFAULT_CGROUP_ROOT   # decided at open()
         self._placement = None
+        self._observers = []          # on_job_event(kind, status) callables
 
     # -- life cycle -----------------------------------------------------------
+
+    def observe(self, on_job_event):
+        """Call on_job_event(kind, JobStatus, spec) at each event of a job's life: "started",
+        "ended", "adopted" (running when the server started). From any thread; it must be
+        quick and not raise."""
+        self._observers.append(on_job_event)
+
+    def _event(self, kind, job):
+        """Log one line of a job's life, and tell the observers."""
+        st = self._status(job)
+        fields = {"job": job.id, "owner": loggable(st.owner), "state": st.state}
+        if kind == "ended":
+            fields.update(exit_code=st.exit_code, signal=st.signal)
+            if st.error:
+                fields["why"] = loggable(st.error)
+        log_line(f"job-{kind}", trace_id=st.trace_id or "-", **{
+            k: v for k, v in fields.items() if v is not None})
+        for observer in self._observers:
+            try:
+                observer(kind, st, job.spec)
+            except Exception:
+                log.exception("a job event observer failed")
 
     def open(self):
         """Check the host, start the spawner and the watcher, reload state, sweep leftovers.
@@ -2451,6 +2790,8 @@ class Engine:
             self._watch(job)
             if job.result is None and not self._watch_supervisor(job):
                 self._record_unknown_end(job)
+            elif job.result is None:
+                self._event("adopted", job)
 
     @staticmethod
     def _may_still_start(job_dir):
@@ -2485,7 +2826,8 @@ class Engine:
         owned = {j.cgroup.name for j in self._all_jobs() if j.result is None and j.cgroup}
         for name in JobCgroup.names(self.layout, self.cgroup_root) - owned:
             cg = JobCgroup(self.layout, self.cgroup_root, name)
-            log.warning("removing leftover job cgroup %s", name)
+            log_line("job-cgroup-swept", "warning", cgroup=name,
+                     why="left by a crash; no running job owns it")
             try:
                 if cg.populated():
                     cg.kill()
@@ -2549,6 +2891,7 @@ class Engine:
         if options.as_root and not self.config.allow_root:
             raise PermissionDeniedError("this server does not run jobs as root")
         validate_workdir(options.workdir)
+        options = options._replace(terminal=validate_terminal(options.terminal))
         meta = validate_meta(meta)
         earlier = self._claim(owner, argv, meta)
         if earlier:
@@ -2569,7 +2912,10 @@ class Engine:
         spec = {"id": job_id, "owner": owner, "argv": argv, "limits": limits._asdict(),
                 "options": options._replace(env=tuple(env.items()))._asdict(),
                 "created_at": time.time(), "uid": uid, "workdir": workdir,
-                "name": meta.name, "labels": dict(meta.labels), "request_id": meta.request_id}
+                "name": meta.name, "labels": dict(meta.labels), "request_id": meta.request_id,
+                "traceparent": meta.traceparent}
+        if meta.traceparent and "TRACEPARENT" not in env:   # the job's tools join the trace
+            env["TRACEPARENT"] = meta.traceparent
         workdir_size = self._workdir_size(options, limits)
         try:
             limits = self._prepare_folders(spec, options, limits, workdir_size)
@@ -2588,6 +2934,7 @@ class Engine:
                 "workdir_size": workdir_size,
                 "own_workdir": not options.workdir,
                 "host_network": options.host_network, "rw_host": options.rw_host,
+                "stdin": options.stdin, "terminal": list(options.terminal),
                 "output_cap": self.config.output_cap})
         except Error:
             self._forget(job, remove_workdir=not options.workdir)
@@ -2601,6 +2948,8 @@ class Engine:
         if not reply.get("ok") or reply.get("error"):
             # Not started: the shim writes its result at once; show it before returning.
             job.ended.wait(KILL_TIMEOUT)
+        else:
+            self._event("started", job)
         self._check_result(job)
         return job_id
 
@@ -2859,8 +3208,54 @@ class Engine:
         return self._get(job_id).spec["owner"]
 
     def status(self, job_id):
-        """A JobStatus snapshot. Raises NotFoundError."""
-        return self._status(self._get(job_id))
+        """A JobStatus snapshot, with its sessions. Raises NotFoundError."""
+        job = self._get(job_id)
+        st = self._status(job)
+        if st.options.stdin or st.options.terminal:
+            st = st._replace(sessions=self._sessions(job))
+        return st
+
+    def has_terminal(self, job_id):
+        """Whether the job was started with a terminal. Raises NotFoundError."""
+        return bool(self._get(job_id).spec["options"].get("terminal"))
+
+    def input_folder(self, job_id):
+        """The folder of the running job's input socket (INPUT_SOCKET).
+        Raises NotFoundError, FailedPreconditionError (it has ended, or takes no input)."""
+        job = self._get(job_id)
+        options = job.spec["options"]
+        if not (options.get("stdin") or options.get("terminal")):
+            raise FailedPreconditionError(
+                f"job {job_id} was started without stdin or a terminal (run -i or -t)",
+                reason="NO_INPUT")
+        self._require_running(job)
+        return job.dir
+
+    def record_session(self, job_id, user, event, nbytes=0):
+        """Keep, in the job's folder, that user wrote to (or watched) the job: event is one
+        of SessionEvent's. Never raises: an audit trail that cannot be written is logged."""
+        line = json.dumps({"time": time.time(), "user": user, "event": event,
+                           "bytes": nbytes}) + "\n"
+        log.info("session job=%s user=%s event=%s bytes=%d", job_id, loggable(user), event,
+                 nbytes)
+        try:
+            job = self._get(job_id)
+            path = os.path.join(job.dir, SESSIONS_FILE)
+            with open(path, "a") as f:
+                if f.tell() < MAX_SESSIONS_BYTES:
+                    f.write(line)
+        except (OSError, Error) as e:
+            log.warning("cannot keep job %s's session record: %s", job_id, e)
+
+    @staticmethod
+    def _sessions(job):
+        """The last MAX_SESSIONS_SHOWN SessionEvents of the job's record."""
+        text = read_file(os.path.join(job.dir, SESSIONS_FILE), "")
+        events = []
+        for line in text.splitlines()[-MAX_SESSIONS_SHOWN:]:
+            with contextlib.suppress(ValueError, TypeError):
+                events.append(SessionEvent(**json.loads(line)))
+        return tuple(events)
 
     def list(self, owner=None, **filters):
         """Statuses of every job (or only owner's), oldest first; filters as iter_jobs."""
@@ -3089,6 +3484,7 @@ class Engine:
             self._running.discard(job.id)
         job.ended.set()
         job.notify()
+        self._event("ended", job)
 
     def _forget(self, job, remove_workdir):
         """Drop a job: its record, its folder and (if the server made it) its workdir."""
@@ -3215,11 +3611,13 @@ class Engine:
             id=job.id, owner=spec["owner"], argv=list(spec["argv"]), state=derive_state(job),
             limits=Limits(**spec["limits"]),
             options=JobOptions(**{**spec["options"],
-                                  "env": tuple(map(tuple, spec["options"]["env"]))}),
+                                  "env": tuple(map(tuple, spec["options"]["env"])),
+                                  "terminal": tuple(spec["options"].get("terminal", ()))}),
             created_at=spec["created_at"], uid=spec["uid"],
             started_at=(job.shim or {}).get("started_at", 0.0), name=spec.get("name", ""),
             labels=tuple(sorted(spec.get("labels", {}).items())),
-            request_id=spec.get("request_id", ""))
+            request_id=spec.get("request_id", ""),
+            trace_id=trace_id_of(spec.get("traceparent", "")))
         if r is None:   # running: live figures from the cgroup and the output file
             try:
                 fields.update(job.cgroup.usage() if job.cgroup else {})
@@ -3397,7 +3795,23 @@ def validate_meta(meta):
                                 and REQUEST_ID_FORMAT.fullmatch(meta.request_id)):
         raise InvalidArgumentError("request_id: 1 to 128 printable ASCII characters",
                                    field="request_id")
+    if meta.traceparent and not parse_traceparent(meta.traceparent):
+        raise InvalidArgumentError("traceparent: not a W3C trace context", field="traceparent")
     return meta._replace(labels=tuple(sorted(labels.items())))
+
+
+def validate_terminal(size):
+    """size as (rows, columns), or () for no terminal. Raises InvalidArgumentError."""
+    if not size:
+        return ()
+    try:
+        rows, cols = (int(n) for n in size)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError("terminal: (rows, columns)", field="terminal") from None
+    if not (0 < rows < 65536 and 0 < cols < 65536):
+        raise InvalidArgumentError("terminal: rows and columns from 1 to 65535",
+                                   field="terminal")
+    return rows, cols
 
 
 def validate_workdir(path):
@@ -3445,6 +3859,7 @@ JWT_LEEWAY = 30                     # seconds of clock skew tolerated
 RPC_ACTIONS = {
     "Start": "write", "Stop": "write", "Pause": "write", "Resume": "write", "Remove": "write",
     "Status": "read", "Output": "read", "List": "read", "Wait": "read", "Signal": "write",
+    "Input": "write",
 }
 JOB_RPCS = ("Stop", "Pause", "Resume", "Remove", "Status", "Output", "Wait", "Signal")
 
@@ -3470,6 +3885,7 @@ class Identity(typing.NamedTuple):
     """A caller whose certificate and token were both verified."""
     user: str
     role: str
+    trace: str = ""      # traceparent of the server's span of this call
 
 
 def certificate_thumbprint(der):
@@ -4083,6 +4499,7 @@ class JobService:
         self.stop_pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="stop")
         self.hub = None
         self.waiting = {}       # user -> Wait calls under way
+        self.writers = {}       # job id -> the InputWriter writing to it
         self.shutting_down = False
 
     def status_pb(self, st, summary=False):
@@ -4096,7 +4513,13 @@ class JobService:
             output_truncated=st.output_truncated, as_root=st.options.as_root,
             host_network=st.options.host_network, uid=st.uid, rw_host=st.options.rw_host,
             name=st.name, labels=dict(st.labels), request_id=st.request_id,
+            stdin=st.options.stdin, trace_id=st.trace_id,
             view=self.pb.VIEW_SUMMARY if summary else self.pb.VIEW_FULL)
+        if st.options.terminal:
+            pb.terminal.rows, pb.terminal.columns = st.options.terminal
+        for event in st.sessions:
+            e = pb.sessions.add(user=event.user, event=event.event, bytes=event.bytes)
+            e.time.FromNanoseconds(int(event.time * 1e9))
         if summary:
             pb.argv.extend(cut_argv(st.argv, SUMMARY_ARGV_BYTES))
         else:
@@ -4126,7 +4549,20 @@ class JobService:
                                                (STATUS_DETAILS_KEY,
                                                 status_details(self.grpc, status))))
 
-    def identify(self, context):
+    def identify(self, context, trace=""):
+        """The verified Identity of the caller, with trace (the call's server span).
+        Raises UnauthenticatedError."""
+        return self._verify(context)._replace(trace=trace)
+
+    @staticmethod
+    def call_trace(context):
+        """The traceparent of the server's span of this call: in the client's trace when it
+        sent a valid traceparent, else in a new one."""
+        header = dict(context.invocation_metadata()).get("traceparent", "")
+        parsed = parse_traceparent(header)
+        return new_traceparent(parsed[0], parsed[2]) if parsed else new_traceparent()
+
+    def _verify(self, context):
         auth = context.auth_context()
         cn = (auth.get("x509_common_name") or [b""])[0].decode(errors="replace")
         pem = (auth.get("x509_pem_cert") or [b""])[0].decode(errors="replace")
@@ -4243,10 +4679,13 @@ class JobService:
                         io_device=r.limits.io_device)
         options = JobOptions(env=tuple(sorted(r.env.items())), workdir=r.workdir,
                              as_root=r.as_root, host_network=r.host_network,
-                             rw_host=r.rw_host)
+                             rw_host=r.rw_host, stdin=r.stdin,
+                             terminal=(r.terminal.rows, r.terminal.columns)
+                             if r.HasField("terminal") else ())
         check_start_allowed(identity, limits, options, self.engine.config.default_limits,
                             self.config.host_network_roles)
-        meta = JobMeta(name=r.name, labels=tuple(r.labels.items()), request_id=r.request_id)
+        meta = JobMeta(name=r.name, labels=tuple(r.labels.items()), request_id=r.request_id,
+                       traceparent=identity.trace)
         job_id = self.engine.start(identity.user, list(r.argv), limits, options, meta)
         return self.status_pb(self.engine.status(job_id))
 
@@ -4257,12 +4696,13 @@ class JobService:
     async def unary(self, context, rpc, func, request):
         """Run one unary RPC: auth, engine call in a thread, errors mapped, one log line."""
         import asyncio
-        started, user, outcome = time.monotonic(), "-", "OK"
+        started, user, outcome = time.monotonic(), "-", {"result": "OK"}
         job_id = getattr(request, "job_id", "")
+        trace = self.call_trace(context)
         try:
             if request is MALFORMED:
                 raise InvalidArgumentError("malformed request")
-            identity = self.identify(context)
+            identity = self.identify(context, trace)
             user = identity.user
             decide(identity, rpc)
             if rpc in JOB_RPCS:
@@ -4277,24 +4717,32 @@ class JobService:
             return result
         except Exception as e:
             status = rpc_status(e)
-            outcome = f"{status.code} why={loggable(status.message)}"
+            outcome = {"result": status.code, "why": loggable(status.message)}
             await self.abort(context, status)
         finally:
-            log.info("rpc user=%s peer=%s method=%s job=%s result=%s duration_ms=%.1f",
-                     loggable(user), loggable(context.peer()), rpc, loggable(job_id or "-"),
-                     outcome, (time.monotonic() - started) * 1000)
+            self.log_rpc(context, rpc, user, job_id, outcome, started, trace)
+
+    @staticmethod
+    def log_rpc(context, rpc, user, job_id, outcome, started, trace, **more):
+        """The one line every RPC logs."""
+        log_line("rpc", user=loggable(user), peer=loggable(context.peer()), method=rpc,
+                 job=loggable(job_id or "-"), **outcome, **more,
+                 duration_ms=round((time.monotonic() - started) * 1000, 1),
+                 trace_id=trace_id_of(trace))
 
     async def Output(self, request, context):
         import asyncio
-        started, user, outcome, sent = time.monotonic(), "-", "OK", 0
-        event = None
+        started, user, outcome, sent = time.monotonic(), "-", {"result": "OK"}, 0
+        event, trace = None, self.call_trace(context)
         try:
             if request is MALFORMED:
                 raise InvalidArgumentError("malformed request")
-            identity = self.identify(context)
+            identity = self.identify(context, trace)
             user = identity.user
             decide(identity, "Output")
             request.job_id = self.job_for(identity, "Output", request.job_id)
+            if request.follow and self.engine.has_terminal(request.job_id):
+                self.engine.record_session(request.job_id, user, "watch")
             if self.hub is None:
                 self.hub = OutputHub(self.engine, self.pb, self.config)
             if request.stream not in (0, STDOUT, STDERR):
@@ -4326,19 +4774,74 @@ class JobService:
                     raise UnavailableError("the server is shutting down; the job goes on")
                 await event.wait()   # the hub's tick is the safety net
         except asyncio.CancelledError:
-            outcome = "CANCELLED"
+            outcome = {"result": "CANCELLED"}
             raise
         except Exception as e:
             status = rpc_status(e)
-            outcome = f"{status.code} why={loggable(status.message)}"
+            outcome = {"result": status.code, "why": loggable(status.message)}
             await self.abort(context, status)
         finally:
             if event is not None:
                 self.hub.unwatch(request.job_id, event, user)
-            log.info("rpc user=%s peer=%s method=Output job=%s result=%s bytes=%d "
-                     "duration_ms=%.1f", loggable(user), loggable(context.peer()),
-                     loggable(getattr(request, "job_id", "") or "-"), outcome, sent,
-                     (time.monotonic() - started) * 1000)
+            self.log_rpc(context, "Output", user, getattr(request, "job_id", ""), outcome,
+                         started, trace, bytes=sent)
+
+    async def Input(self, request_iterator, context):
+        import asyncio
+        started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
+        trace, writer = self.call_trace(context), None
+        try:
+            identity = self.identify(context, trace)
+            user = identity.user
+            decide(identity, "Input")
+            first = await anext(request_iterator, None)
+            if first is None or first is MALFORMED:
+                raise InvalidArgumentError("Input's first message must name the job")
+            job_id = self.job_for(identity, "Input", first.job_id)
+            writer = await self._take_input(job_id, user, first.take_over)
+            await writer.relay(first, request_iterator)
+            return self.pb.InputSummary(bytes=writer.written)
+        except asyncio.CancelledError:
+            outcome = {"result": "CANCELLED"}
+            raise
+        except Exception as e:
+            status = rpc_status(e)
+            outcome = {"result": status.code, "why": loggable(status.message)}
+            await self.abort(context, status)
+        finally:
+            if writer is not None:
+                self._release_input(writer)
+            self.log_rpc(context, "Input", user, job_id, outcome, started, trace,
+                         bytes=writer.written if writer else 0)
+
+    async def _take_input(self, job_id, user, take_over):
+        """Become the job's one writer: an InputWriter connected to its supervisor.
+        Raises FailedPreconditionError (another writes, and no take_over), the engine's."""
+        import asyncio
+        folder = self.engine.input_folder(job_id)
+        other = self.writers.get(job_id)
+        if other is not None:
+            if not take_over:
+                raise FailedPreconditionError(
+                    f"{other.user} is writing to job {job_id} (since "
+                    f"{rfc3339(other.since)}); take over to replace them", reason="INPUT_BUSY")
+            other.end(f"{user} took over job {job_id}'s input")
+            self.engine.record_session(job_id, user, "taken-over")
+        writer = InputWriter(job_id, user)
+        self.writers[job_id] = writer
+        try:
+            await writer.connect(asyncio.get_running_loop(), folder)
+        except BaseException:
+            self._release_input(writer)
+            raise
+        self.engine.record_session(job_id, user, "input")
+        return writer
+
+    def _release_input(self, writer):
+        writer.close()
+        if self.writers.get(writer.job_id) is writer:
+            del self.writers[writer.job_id]
+        self.engine.record_session(writer.job_id, writer.user, "input-end", writer.written)
 
     async def _output_start(self, r):
         """Where an Output request's tail_lines, tail_bytes and since start it (0: unset).
@@ -4355,6 +4858,78 @@ class JobService:
         self.shutting_down = True
         if self.hub is not None:
             self.hub.wake_all()
+
+
+class InputWriter:
+    """One Input call's connection to a job's supervisor (see InputRelay): sends data,
+    terminal sizes, redraws and eof as they come. A send waits while the supervisor does
+    not read (the job does not read its input), and the client's stream waits with it."""
+
+    def __init__(self, job_id, user):
+        self.job_id, self.user, self.since = job_id, user, time.time()
+        self.written, self.ended_because = 0, ""
+        self.sock, self.loop = None, None
+
+    async def connect(self, loop, folder):
+        """Raises FailedPreconditionError if the job's supervisor does not answer (ended)."""
+        self.loop = loop
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with contextlib.suppress(OSError):   # room for whole pieces (root may exceed the max)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 * INPUT_PIECE)
+        try:
+            # A local connect never blocks for long: the supervisor's backlog takes it.
+            connect_in_folder(self.sock, folder, INPUT_SOCKET)
+        except OSError:
+            raise FailedPreconditionError(f"job {self.job_id} takes no more input (it has "
+                                          f"ended)", reason="JOB_NOT_RUNNING") from None
+        self.sock.setblocking(False)
+
+    async def relay(self, first, messages):
+        """Send first's and every later message's content until the stream ends or eof.
+        Raises InvalidArgumentError (a malformed message), FailedPreconditionError (the job
+        ended, or another took over)."""
+        message = first
+        while message is not None:
+            if message is MALFORMED:
+                raise InvalidArgumentError("malformed message")
+            await self._send_message(message)
+            if message.eof:
+                return
+            message = await anext(messages, None)
+
+    async def _send_message(self, m):
+        if m.HasField("size"):
+            await self._send(INPUT_SIZE + INPUT_SIZE_FORMAT.pack(
+                min(m.size.rows, 65535), min(m.size.columns, 65535)))
+        data = memoryview(m.data)
+        for at in range(0, len(data), INPUT_PIECE):
+            piece = data[at:at + INPUT_PIECE]
+            await self._send(INPUT_DATA + piece)
+            self.written += len(piece)
+        if m.redraw:
+            await self._send(INPUT_REDRAW)
+        if m.eof:
+            await self._send(INPUT_EOF)
+
+    async def _send(self, message):
+        try:
+            await self.loop.sock_sendall(self.sock, message)
+        except OSError:
+            raise FailedPreconditionError(
+                self.ended_because or f"job {self.job_id} takes no more input (it has ended)",
+                reason="INPUT_TAKEN_OVER" if self.ended_because else "JOB_NOT_RUNNING",
+            ) from None
+
+    def end(self, why):
+        """Another writer takes over: the supervisor hangs up on us now, and our next send
+        fails with why. (shutdown, not close: the loop may be waiting on the socket.)"""
+        self.ended_because = why
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
 
 
 class _Malformed:
@@ -4380,7 +4955,8 @@ def add_job_service(grpc, jobs_pb2, server, servicer):
     handlers = {}
     service = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
     for method in service.methods:
-        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+        make = (grpc.stream_unary_rpc_method_handler if method.client_streaming
+                else grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(
             getattr(servicer, method.name),
@@ -4494,7 +5070,10 @@ class Client:
         self.channel = grpc.secure_channel(
             server, credentials, options=[("grpc.max_receive_message_length", 8 * MiB)])
         self.stub = pb_grpc.JobServiceStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),)
+        # One span for this command's calls; in the caller's trace if it runs in one.
+        self.traceparent = new_traceparent(trace_id_of(os.environ.get("TRACEPARENT", "")))
+        self.metadata = (("authorization", f"Bearer {token}"),
+                         ("traceparent", self.traceparent))
 
     def call(self, method, request, timeout=30, wait_for_ready=None):
         try:
@@ -4514,6 +5093,11 @@ class Client:
             request_serializer=self.pb.OutputRequest.SerializeToString,
             response_deserializer=None)   # raw bytes: decode_output_chunk, no copies
         return OutputStream(call(request, metadata=self.metadata))
+
+    def input(self, messages):
+        """Start an Input call sending the InputMessages messages yields (from grpc's
+        thread); returns its future (result: InputSummary; raises grpc.RpcError)."""
+        return self.stub.Input.future(iter(messages), metadata=self.metadata)
 
     def close(self):
         self.channel.close()
@@ -4722,13 +5306,6 @@ def key_value(text):
     return name, value
 
 
-def rfc3339(t):
-    """Seconds since the epoch -> '2026-12-02T10:00:00.123456Z'."""
-    import datetime
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
-        timespec="microseconds").replace("+00:00", "Z")
-
-
 def format_status(st):
     """Readable multi-line status of a JobStatus message."""
     state = PB_TO_STATE.get(st.state, "unknown")
@@ -4759,6 +5336,15 @@ def format_status(st):
                  f"{human_bytes(st.peak_memory_bytes)} oom-kills={st.oom_kills}")
     lines.append(f"output   {human_bytes(st.output_bytes)}"
                  + (" (truncated at the server's output cap)" if st.output_truncated else ""))
+    if st.HasField("terminal"):
+        lines.append(f"terminal {st.terminal.rows}x{st.terminal.columns}")
+    elif st.stdin:
+        lines.append("stdin    from Input (run -i, attach -i)")
+    for e in st.sessions:
+        lines.append(f"session  {format_time(e.time.ToNanoseconds() / 1e9)} {e.user} {e.event}"
+                     + (f" {human_bytes(e.bytes)}" if e.event == "input-end" else ""))
+    if st.trace_id:
+        lines.append(f"trace    {st.trace_id}")
     return "\n".join(lines)
 
 
@@ -4784,6 +5370,11 @@ def status_dict(st):
     for field in ("started_at", "ended_at"):
         if not d[field]:
             del d[field]
+    if st.HasField("terminal"):
+        d["terminal"] = {"rows": st.terminal.rows, "columns": st.terminal.columns}
+    if st.sessions:
+        d["sessions"] = [{"time": rfc3339(e.time.ToNanoseconds() / 1e9), "user": e.user,
+                          "event": e.event, "bytes": e.bytes} for e in st.sessions]
     return d
 
 
@@ -4939,7 +5530,8 @@ def set_current_context(path, name):
 
 # -- the parser -------------------------------------------------------------------
 
-JOB_COMMANDS = ("status", "output", "stream", "wait", "kill", "stop", "pause", "resume", "rm")
+JOB_COMMANDS = ("status", "output", "stream", "wait", "kill", "stop", "pause", "resume", "rm",
+                "attach")
 EXIT_CODE_HELP = """exit codes:
   0 ok; 1 error; 2 usage; 3 not found; 4 invalid argument; 5 failed precondition
   (e.g. the job has ended); 6 permission denied; 7 unauthenticated; 8 unavailable (the
@@ -5035,6 +5627,19 @@ def add_job_parsers(command):
                            help="every process of the job, not only its command")
         if name in ("output", "stream"):
             add_output_flags(c)
+        if name == "output":
+            c.add_argument("--asciicast", action="store_true",
+                           help="a terminal job's session in asciinema's asciicast v2 format")
+    a = command("attach", "rejoin a job: watch its terminal (or output) and type into it; "
+                          "~. detaches")
+    a.add_argument("job_id", metavar="ID", help="a job id, a unique start of one, or a name")
+    a.add_argument("-i", "--interactive", action="store_true",
+                   help="a job without a terminal: send our stdin to it")
+    a.add_argument("--tail", type=int, default=-1, metavar="N",
+                   help="start N lines before the end (default: a screenful)")
+    a.add_argument("--read-only", action="store_true", help="watch, do not type")
+    a.add_argument("--take-over", action="store_true",
+                   help="replace whoever is writing to the job (its owner, or an admin)")
 
 
 def add_run_parser(r):
@@ -5043,6 +5648,11 @@ def add_run_parser(r):
                      'does; run -- PROG ARG... runs that argv without a shell.')
     r.add_argument("-f", "--follow", action="store_true",
                    help="stream the output and exit with the job's exit code")
+    r.add_argument("-i", "--interactive", action="store_true",
+                   help="send our stdin to the job's (implies -f)")
+    r.add_argument("-t", "--tty", action="store_true",
+                   help="give the job a terminal (implies -f; -it: an interactive shell, "
+                        "~. detaches)")
     r.add_argument("--name", default="", help="a name for the job, usable as its id")
     r.add_argument("--label", action="append", default=[], type=argument_type(key_value),
                    metavar="KEY=VALUE", help="may be repeated")
@@ -5096,6 +5706,10 @@ def add_server_parser(s):
     import argparse
     s.add_argument("--listen", default=env_default("STEVE_JOBS_LISTEN", "127.0.0.1:50051"),
                    help="address to listen on (env STEVE_JOBS_LISTEN)")
+    s.add_argument("--log-format", choices=("text", "json"),
+                   default=env_default("STEVE_JOBS_LOG_FORMAT", "text"),
+                   help="text (with <N> priorities under journald) or json: one object per "
+                        "line (env STEVE_JOBS_LOG_FORMAT)")
     s.add_argument("--certs", default=argparse.SUPPRESS,
                    help="certificate folder: ca.crt, server.crt, server.key, jwt-signing.pub "
                         "(env STEVE_JOBS_CERTS; default: certs/ beside this script)")
@@ -5161,8 +5775,7 @@ def env_default(name, fallback):
 def cmd_server(args):
     """Run the server. Returns an exit code."""
     import asyncio
-    import logging
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(args.log_format)
     args.certs = args.certs or os.environ.get("STEVE_JOBS_CERTS") or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "certs")
     if os.geteuid() != 0:
@@ -5217,6 +5830,47 @@ def cmd_server(args):
         engine.close(stop_jobs=config.stop_jobs_on_exit)
         log.info("server stopped")
     return EXIT_OK
+
+
+JOURNAL_PRIORITIES = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
+def under_journald():
+    """Whether our stderr is journald's (systemd sets JOURNAL_STREAM to its device:inode)."""
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return os.environ.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
+
+
+def setup_logging(log_format):
+    """The server's log on stderr: "text" (under journald, each line with its <N> priority
+    and no time of its own) or "json" (one object per line: time, level, message and the
+    line's fields, e.g. an RPC's trace_id)."""
+    import logging
+
+    class JsonFormatter(logging.Formatter):
+        def format(self, record):
+            line = {"time": rfc3339(record.created), "level": record.levelname.lower(),
+                    "message": record.getMessage(), **getattr(record, "fields", {})}
+            if record.exc_info:
+                line["exception"] = self.formatException(record.exc_info)
+            return json.dumps(line, default=str)
+
+    class JournalFormatter(logging.Formatter):
+        def format(self, record):
+            prefix = f"<{JOURNAL_PRIORITIES.get(record.levelname, 6)}>"
+            return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    elif under_journald():
+        handler.setFormatter(JournalFormatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def cmd_token(args):
@@ -5346,6 +6000,201 @@ def detach_on_ctrl_c(stream, job_id):
         leave()
 
 
+class RawTerminal:
+    """Our terminal (fd 0) in raw mode while in the with block: keys go to the job as typed
+    (Ctrl-C too: the job's terminal makes the signal), and its modes come back on every
+    way out of the block. SIGTERM and SIGHUP become SystemExit so that the way out runs."""
+
+    def __init__(self, fd=0):
+        self.fd, self.saved, self.previous = fd, None, {}
+
+    def __enter__(self):
+        import termios
+        import tty
+        self.saved = termios.tcgetattr(self.fd)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self.previous[sig] = signal.signal(sig, self._exit)
+        tty.setraw(self.fd, termios.TCSADRAIN)
+        return self
+
+    @staticmethod
+    def _exit(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *_exc):
+        import termios
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def terminal_size():
+    """(rows, columns) of the terminal on stdin or stdout, else the VT100's 24x80."""
+    for fd in (0, 1):
+        with contextlib.suppress(OSError):
+            size = os.get_terminal_size(fd)
+            if size.lines and size.columns:
+                return size.lines, size.columns
+    return 24, 80
+
+
+def stdin_is_ignorable():
+    """Whether our stdin is nothing a user would expect a job to get: a terminal (they type
+    into the job only with -i), /dev/null, or closed."""
+    try:
+        st = os.fstat(0)
+    except OSError:
+        return True
+    null = os.stat(os.devnull)
+    import stat
+    return os.isatty(0) or (stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev)
+
+
+RESIZED = object()   # InputFeed's queue: send the terminal's new size
+
+
+class InputFeed:
+    """The InputMessages of one Input call: a first that names the job, then what a reader
+    thread reads from our stdin (with ssh's escapes: ~. detaches, ~~ sends ~), the
+    terminal's size after each SIGWINCH, and eof when a stdin that is no terminal ends.
+    The queue is short: a job that does not read holds our reads back, not our memory."""
+
+    def __init__(self, pb, first, escapes=False, send_eof=True, on_detach=None):
+        import queue
+        self.pb, self.first, self.queue = pb, first, queue.Queue(maxsize=8)
+        self.escapes, self.send_eof, self.on_detach = escapes, send_eof, on_detach
+        self.at_line_start, self.tilde, self.closed = True, False, False
+
+    def __iter__(self):
+        yield self.first
+        while True:
+            item = self.queue.get()
+            if item is None or self.closed:
+                return
+            if item is RESIZED:
+                rows, cols = terminal_size()
+                item = self.pb.InputMessage(size=self.pb.TerminalSize(rows=rows, columns=cols))
+            yield item
+
+    def start(self):
+        threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
+
+    def resize(self, _signum=None, _frame=None):
+        """(A SIGWINCH handler.) Never blocks: a full queue is being read anyway."""
+        with contextlib.suppress(Exception):
+            self.queue.put_nowait(RESIZED)
+
+    def close(self):
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.queue.put_nowait(None)
+
+    def _read_stdin(self):
+        while not self.closed:
+            try:
+                data = os.read(0, INPUT_PIECE)
+            except OSError:
+                data = b""
+            if not data:
+                if self.send_eof:
+                    self.queue.put(self.pb.InputMessage(eof=True))
+                self.queue.put(None)
+                return
+            if self.escapes:
+                data = self._escape(data)
+            if data:
+                self.queue.put(self.pb.InputMessage(data=data))
+
+    def _escape(self, data):
+        """data less ssh's escape sequences; ~. calls on_detach."""
+        if not self.tilde and b"~" not in data:
+            self.at_line_start = data[-1] in b"\r\n"
+            return data
+        out = bytearray()
+        for b in data:
+            if self.tilde:
+                self.tilde = False
+                if b == ord("."):
+                    self.closed = True
+                    self.on_detach()
+                    return bytes(out)
+                if b != ord("~"):
+                    out.append(ord("~"))
+            elif b == ord("~") and self.at_line_start:
+                self.tilde, self.at_line_start = True, False
+                continue
+            out.append(b)
+            self.at_line_start = b in b"\r\n"
+        return bytes(out)
+
+
+def interactive_session(client, job_id, terminal, send_input, tail_lines=0,
+                        take_over=False, redraw=False):
+    """Follow the job's output to ours and, with send_input, send it our stdin (a terminal:
+    raw, sized, with escapes) until the job has ended or ~. detaches.
+    Returns the job's final JobStatus, or None once detached. Raises ClientError."""
+    pb = client.pb
+    stream = client.output(pb.OutputRequest(job_id=job_id, follow=True,
+                                            tail_lines=tail_lines))
+    raw = terminal and os.isatty(0)
+    detached, problems = [], []
+
+    def detach():
+        detached.append(True)
+        stream.cancel()
+
+    future = feed = None
+    if send_input:
+        first = pb.InputMessage(job_id=job_id, take_over=take_over, redraw=redraw)
+        if terminal:
+            first.size.rows, first.size.columns = terminal_size()
+        feed = InputFeed(pb, first, escapes=raw, send_eof=not terminal, on_detach=detach)
+        future = client.input(feed)
+        future.add_done_callback(lambda f: problems.append(f))
+        feed.start()
+    previous = signal.signal(signal.SIGWINCH, feed.resize) if feed and terminal else None
+    try:
+        with RawTerminal() if raw else contextlib.nullcontext():
+            _print_session(client, stream, job_id, raw, detached, problems)
+    finally:
+        if feed is not None:
+            feed.close()
+            future.cancel()
+        if previous is not None:
+            signal.signal(signal.SIGWINCH, previous)
+    if detached:
+        print(f"steve-jobs: detached from job {job_id}; it keeps running (attach "
+              f"{job_id} rejoins it)", file=sys.stderr)
+        return None
+    return client.call("Status", pb.JobRef(job_id=job_id))
+
+
+def _print_session(client, stream, job_id, raw, detached, problems):
+    """interactive_session's output loop; says once why input ended early, if it did."""
+    printer, told = OutputPrinter(), False
+    guard = contextlib.nullcontext([]) if raw else detach_on_ctrl_c(stream, job_id)
+    with guard as interrupted:
+        try:
+            for chunk in stream:
+                printer.write(chunk)
+                if problems and not told:
+                    told = _tell_input_problem(client, problems[0], raw)
+        except client.grpc.RpcError as e:
+            if not (detached or interrupted):
+                raise client.error(e) from None
+
+
+def _tell_input_problem(client, future, raw):
+    """Say why the Input call ended, if it failed. Returns True."""
+    if future.cancelled() or future.exception() is None:
+        return True
+    e = client.error(future.exception())
+    end = "\r\n" if raw else "\n"
+    sys.stderr.write(f"{end}steve-jobs: not sending input: {e}{end}")
+    sys.stderr.flush()
+    return True
+
+
 def command_argv(words):
     """run's words as an argv: ssh's rule (joined by spaces, run by /bin/sh -c), or after
     '--' as they are. Raises ClientError."""
@@ -5365,13 +6214,19 @@ def command_argv(words):
 def start_request(client, args):
     """The StartRequest of run's flags, with a fresh request id for safe retries."""
     pb = client.pb
-    return pb.StartRequest(
-        argv=command_argv(list(args.cmd)), env=dict(args.env), workdir=args.workdir,
+    env = dict(args.env)
+    request = pb.StartRequest(
+        argv=command_argv(list(args.cmd)), env=env, workdir=args.workdir,
         as_root=args.root, host_network=args.network, rw_host=args.rw_host, name=args.name,
         labels=dict(args.label), request_id=random_hex(16),
+        stdin=args.interactive and not args.tty,
         limits=pb.Limits(cpu=args.cpu, memory_bytes=args.memory, pids=args.pids,
                          io_read_bps=args.io_read, io_write_bps=args.io_write,
                          io_device=args.io_device))
+    if args.tty:
+        request.terminal.rows, request.terminal.columns = terminal_size()
+        request.env.setdefault("TERM", os.environ.get("TERM") or "xterm-256color")
+    return request
 
 
 def start_with_retry(client, request):
@@ -5389,6 +6244,10 @@ def start_with_retry(client, request):
 
 def cmd_run(client, args):
     request = start_request(client, args)
+    args.follow = args.follow or args.interactive or args.tty
+    if not args.interactive and not stdin_is_ignorable():
+        print("steve-jobs: stdin is not sent to the job (its stdin is /dev/null): "
+              "run -i sends it", file=sys.stderr)
     try:
         st = start_with_retry(client, request)
     except ClientError as e:
@@ -5403,12 +6262,23 @@ def cmd_run(client, args):
     else:
         print(f"job {st.job_id}", file=sys.stderr)
     try:
-        stream_output(client, args, st.job_id, follow=True)
-        st = client.call("Status", client.pb.JobRef(job_id=st.job_id))
+        if args.interactive or args.tty:
+            st = interactive_session(client, st.job_id, terminal=args.tty,
+                                     send_input=args.interactive)
+            if st is None:
+                return EXIT_OK   # detached
+        else:
+            stream_output(client, args, st.job_id, follow=True)
+            st = client.call("Status", client.pb.JobRef(job_id=st.job_id))
     except ClientError as e:
         if e.exit_code != EXIT_INTERRUPTED:
             e.exit_code = EXIT_RUN_FAILED
         raise
+    return report_end(st, args)
+
+
+def report_end(st, args):
+    """Say how a followed job ended (its status with --json); returns our exit code."""
     if args.json:
         print_json(status_dict(st), lines=True)
     state = PB_TO_STATE.get(st.state)
@@ -5418,6 +6288,49 @@ def cmd_run(client, args):
                KILLED: f"killed by {signal_name(st.signal)}"}.get(state, state)
         print(f"job {st.job_id} {why}", file=sys.stderr)
     return exit_code_of(st)
+
+
+def cmd_attach(client, args):
+    """Rejoin a running job: its terminal (typing into it unless --read-only), or its
+    output (with -i, our stdin to its). Exits with its exit code once it ends."""
+    st = client.call("Status", client.pb.JobRef(job_id=args.job_id))
+    if PB_TO_STATE.get(st.state) in ENDED_STATES:
+        raise ClientError(EXIT_CODES["FAILED_PRECONDITION"], f"job {st.job_id} has ended "
+                          f"(output {st.job_id} prints what it wrote)")
+    terminal = st.HasField("terminal")
+    tail = args.tail if args.tail >= 0 else terminal_size()[0]
+    print(f"job {st.job_id}" + (" (~. detaches)" if terminal and os.isatty(0) else ""),
+          file=sys.stderr)
+    st = interactive_session(
+        client, st.job_id, terminal, tail_lines=tail, take_over=args.take_over,
+        send_input=not args.read_only and (args.interactive or terminal), redraw=terminal)
+    if st is None:
+        return EXIT_OK
+    return report_end(st, args)
+
+
+def cmd_asciicast(client, args):
+    """Print a job's output as an asciicast v2 recording (asciinema play plays it)."""
+    import codecs
+    st = client.call("Status", client.pb.JobRef(job_id=args.job_id))
+    rows, cols = ((st.terminal.rows, st.terminal.columns) if st.HasField("terminal")
+                  else (24, 80))
+    start = st.start_time.ToNanoseconds() / 1e9 or st.created_at
+    print(json.dumps({"version": 2, "width": cols, "height": rows,
+                      "timestamp": int(start),
+                      "title": " ".join(st.argv)[:200]}), flush=True)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")   # a character may be cut
+    stream = client.output(client.pb.OutputRequest(job_id=st.job_id, timestamps=True))
+    try:
+        for chunk in stream:
+            text = decoder.decode(bytes(chunk.data))
+            if text:
+                at = max(0.0, (chunk.time or start) - start)
+                sys.stdout.write(json.dumps([round(at, 6), "o", text]) + "\n")
+    except client.grpc.RpcError as e:
+        raise client.error(e) from None
+    sys.stdout.flush()
+    return EXIT_OK
 
 
 def cmd_wait(client, args):
@@ -5499,9 +6412,13 @@ def cmd_client(args):
             return cmd_wait(client, args)
         if args.command == "list":
             return cmd_list(client, args)
+        if args.command == "output" and args.asciicast:
+            return cmd_asciicast(client, args)
         if args.command in ("output", "stream"):
             stream_output(client, args, args.job_id, follow=args.command == "stream")
             return EXIT_OK
+        if args.command == "attach":
+            return cmd_attach(client, args)
         return cmd_job(client, args)
     finally:
         client.close()
