@@ -1116,7 +1116,10 @@ def server(certs):
 
 
 def cli(server, *args, user="mrarsenal", timeout=scaled(60), **kw):
-    """Run the CLI as a user would; returns CompletedProcess with bytes stdout/stderr."""
+    """Run the CLI as a user would; returns CompletedProcess with bytes stdout/stderr.
+    Its stdin is /dev/null unless given (input=, stdin=)."""
+    if "input" not in kw:
+        kw.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.run([PYTHON, SCRIPT, "--server", server.address, "--certs", server.certs,
                            "--user", user, *args], capture_output=True, timeout=timeout, **kw)
 
@@ -3233,6 +3236,290 @@ def test_pip_install_gives_a_steve_jobs_command(api_server, tmp_path):
 
 
 ###############################################################################
+# Session tests: stdin, terminals, attach, recordings, traces and logs
+###############################################################################
+
+@pytest.fixture(scope="module")
+def session_server(certs):
+    yield from serving(certs)
+
+
+class Terminal:
+    """The CLI on a real pty, as a user's terminal runs it: its controlling terminal (setsid
+    -c), so that resizing sends SIGWINCH as a terminal emulator's does."""
+
+    def __init__(self, server, *args, rows=24, columns=80, user="mrarsenal"):
+        import termios
+        self.master, self.slave = os.openpty()   # the slave stays open: its modes are checked
+        self.resize(rows, columns)
+        self.modes_before = termios.tcgetattr(self.slave)
+        self.proc = subprocess.Popen(
+            ["setsid", "-c", PYTHON, SCRIPT, "--server", server.address, "--certs",
+             server.certs, "--user", user, *args],
+            stdin=self.slave, stdout=self.slave, stderr=self.slave, env={**os.environ,
+                                                                         "TERM": "xterm"})
+        self.seen = b""
+
+    def resize(self, rows, columns):
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def type(self, keys):
+        os.write(self.master, keys)
+
+    def expect(self, pattern, timeout=scaled(15)):
+        """Read until pattern (bytes, a regex) shows; returns the match."""
+        import select
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.seen)
+            if m:
+                self.seen = self.seen[m.end():]
+                return m
+            left = deadline - time.monotonic()
+            assert left > 0, f"{pattern!r} did not show; the terminal shows {self.seen[-2000:]!r}"
+            if select.select([self.master], [], [], min(left, 0.2))[0]:
+                with contextlib.suppress(OSError):
+                    self.seen += os.read(self.master, 65536)
+
+    def wait(self, timeout=scaled(30)):
+        return self.proc.wait(timeout)
+
+    def modes_restored(self):
+        import termios
+        return termios.tcgetattr(self.slave) == self.modes_before
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@contextlib.contextmanager
+def terminal(server, *args, **kw):
+    t = Terminal(server, *args, **kw)
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def job_state(server, job_id):
+    return cli_json(server, "status", job_id)["state"]
+
+
+def test_run_without_i_says_stdin_is_not_sent_and_run_i_sends_it(session_server):
+    """Reproduction: `echo data | steve_jobs.py run -f "wc -c"` printed 0, silently."""
+    silent = cli(session_server, "run", "-f", "wc -c", input=b"data\n")
+    assert silent.stdout == b"0\n"
+    assert b"stdin is not sent to the job" in silent.stderr and b"run -i" in silent.stderr
+    quiet = cli(session_server, "run", "-f", "wc -c", stdin=subprocess.DEVNULL)
+    assert b"stdin" not in quiet.stderr
+    sent = cli(session_server, "run", "-i", "wc -c", input=b"data\n")
+    assert (sent.returncode, sent.stdout) == (0, b"5\n"), sent.stderr
+    assert b"stdin" not in sent.stderr
+
+
+def test_run_i_carries_100_mib_byte_exact(session_server, tmp_path):
+    data = tmp_path / "in"
+    with open(data, "wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(sj.MiB))
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    with open(data, "rb") as stdin:
+        done = cli(session_server, "run", "-i", "sha256sum", stdin=stdin, timeout=scaled(300))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0].decode() == digest
+
+
+def test_a_job_that_does_not_read_holds_its_writer_back(session_server):
+    """Flow control end to end: the client stops taking stdin, nobody buffers the rest."""
+    proc = subprocess.Popen([PYTHON, SCRIPT, "--server", session_server.address, "--certs",
+                             session_server.certs, "--user", "mrarsenal", "--json", "run",
+                             "-i", "--name", "not-reading", "sleep 1000"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        json.loads(proc.stdout.readline())   # started
+        os.set_blocking(proc.stdin.fileno(), False)
+        taken, piece, deadline = 0, b"x" * sj.MiB, time.monotonic() + scaled(4)
+        while time.monotonic() < deadline:
+            try:
+                taken += os.write(proc.stdin.fileno(), piece)
+            except BlockingIOError:
+                time.sleep(0.05)
+        # Pipes, socket buffers and HTTP/2 windows hold a few MiB; 4 s of loopback, gigabytes.
+        assert taken < 64 * sj.MiB, f"{taken} bytes taken by a job that reads nothing"
+        assert job_state(session_server, "not-reading") == "running"
+    finally:
+        proc.kill()
+        proc.wait()
+        cli(session_server, "stop", "--grace", "0", "not-reading")
+        cli(session_server, "rm", "not-reading")
+
+
+def input_messages(pb, job_id, q, take_over=False):
+    """An Input call's messages: the first, then what q brings until None."""
+    yield pb.InputMessage(job_id=job_id, take_over=take_over)
+    while (item := q.get()) is not None:
+        yield item
+
+
+def test_one_writer_at_a_time_the_owner_or_an_admin_taking_over(session_server):
+    import queue
+    alice, admin, reader = (Api(session_server, u) for u in ("alice", "mrarsenal", "rita"))
+    try:
+        job = started(alice, ["cat"], stdin=True).job_id
+        code, reason, _, _ = reader.error("Input", iter([reader.pb.InputMessage(job_id=job)]))
+        assert code == "PERMISSION_DENIED"
+        alice_q = queue.Queue()
+        alice_call = alice.stub.Input.future(input_messages(alice.pb, job, alice_q),
+                                             metadata=alice.metadata)
+        alice_q.put(alice.pb.InputMessage(data=b"from alice\n"))
+        wait_for(lambda: b"from alice" in output_of(alice, job))
+        code, reason, _, message = admin.error("Input", iter([admin.pb.InputMessage(job_id=job)]))
+        assert (code, reason) == ("FAILED_PRECONDITION", "INPUT_BUSY") and "alice" in message
+        taken = admin.Input(iter([admin.pb.InputMessage(job_id=job, take_over=True,
+                                                        data=b"from the admin\n", eof=True)]))
+        assert taken.bytes == len(b"from the admin\n")
+        wait_for(lambda: alice.Status(alice.pb.JobRef(job_id=job)).state ==
+                 alice.pb.STATE_EXITED)
+        alice_q.put(alice.pb.InputMessage(data=b"too late\n"))
+        alice_q.put(None)
+        with pytest.raises(alice.grpc.RpcError) as info:
+            alice_call.result(timeout=scaled(10))
+        assert info.value.code().name == "FAILED_PRECONDITION"
+        assert output_of(alice, job) == b"from alice\nfrom the admin\n"
+        events = [(e.user, e.event) for e in alice.Status(alice.pb.JobRef(job_id=job)).sessions]
+        assert events[:3] == [("alice", "input"), ("mrarsenal", "taken-over"),
+                              ("mrarsenal", "input")], events
+        assert ("alice", "input-end") in events and ("mrarsenal", "input-end") in events
+        code, reason, _, _ = alice.error("Input", iter([alice.pb.InputMessage(job_id=job)]))
+        assert (code, reason) == ("FAILED_PRECONDITION", "JOB_NOT_RUNNING")
+    finally:
+        for a in (alice, admin, reader):
+            a.close()
+
+
+def output_of(api, job_id):
+    return b"".join(c.data for c in api.Output(api.pb.OutputRequest(job_id=job_id)))
+
+
+def wait_for(condition, timeout=scaled(15)):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+PROMPT = rb"\$ $"
+
+
+def test_run_it_is_an_interactive_shell_on_the_host(session_server):
+    with terminal(session_server, "run", "-it", "PS1='$ ' bash --norc", rows=30,
+                  columns=100) as t:
+        t.expect(PROMPT)
+        t.type(b"echo hel''lo; tty; stty size\r")
+        t.expect(rb"hello\r\n/dev/pts/\d+\r\n30 100\r\n")
+        t.resize(40, 120)   # the kernel sends the client SIGWINCH; it tells the job
+        t.type(b"stty size\r")
+        t.expect(rb"40 120\r\n")
+        t.type(b"sleep 1000\r")
+        time.sleep(0.5)
+        t.type(b"\x03")     # Ctrl-C: the job's sleep is interrupted, not the client
+        t.type(b"echo after-$?\r")
+        t.expect(rb"after-130\r\n")
+        assert t.proc.poll() is None
+        t.type(b"exit 7\r")
+        assert t.wait() == 7
+        assert t.modes_restored()
+
+
+def test_detach_with_tilde_dot_and_attach_rejoins(session_server):
+    with terminal(session_server, "run", "-it", "--name", "shell",
+                  "PS1='$ ' bash --norc") as t:
+        t.expect(PROMPT)
+        t.type(b"echo one-$((20+1))\r")
+        t.expect(rb"one-21\r\n")
+        t.type(b"~.")
+        assert t.wait() == 0
+        t.expect(rb"detached from job")
+        assert t.modes_restored()
+    assert job_state(session_server, "shell") == "running"
+    with terminal(session_server, "attach", "shell") as t:
+        t.expect(rb"one-21")   # the last screenful, redrawn
+        t.type(b"echo two-$((1+1)); exit 3\r")
+        t.expect(rb"two-2\r\n")
+        assert t.wait() == 3
+        assert t.modes_restored()
+    st = cli_json(session_server, "status", "shell")
+    assert st["exit_code"] == 3 and st["terminal"] == {"rows": 24, "columns": 80}
+    assert [e["event"] for e in st["sessions"]].count("input") == 2
+    cli(session_server, "rm", "shell")
+
+
+def test_terminal_output_exports_as_asciicast(session_server):
+    done = cli(session_server, "--json", "run", "-t", "printf 'h\\303\\251llo\\n'; sleep 0.3; "
+               "echo world", stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    job_id = json.loads(done.stdout.splitlines()[0])["job_id"]
+    cast = cli(session_server, "output", "--asciicast", job_id)
+    assert cast.returncode == 0, cast.stderr
+    header, *events = [json.loads(line) for line in cast.stdout.splitlines()]
+    assert (header["version"], header["width"], header["height"]) == (2, 80, 24)
+    assert "".join(e[2] for e in events) == "h\u00e9llo\r\nworld\r\n"
+    assert all(kind == "o" for _, kind, _ in events)
+    times = [e[0] for e in events]
+    assert times == sorted(times) and times[-1] - times[0] >= 0.25
+
+
+def test_a_trace_goes_from_the_cli_through_the_server_log_into_the_job(session_server):
+    trace_id, span_id = os.urandom(16).hex(), os.urandom(8).hex()
+    env = {**os.environ, "TRACEPARENT": f"00-{trace_id}-{span_id}-01"}
+    done = cli(session_server, "run", "-f", "echo $TRACEPARENT", env=env)
+    seen = sj.parse_traceparent(done.stdout.decode().strip())
+    assert seen and seen[0] == trace_id and seen[1] != span_id   # the server's span
+    log = session_server.read_log()
+    assert re.search(rf"method=Start job=\S+ result=OK .*trace_id={trace_id}", log)
+    assert re.search(rf"job-ended trace_id={trace_id} .*state=exited exit_code=0", log)
+    fresh = cli(session_server, "run", "-f", "echo $TRACEPARENT").stdout.decode().strip()
+    assert sj.parse_traceparent(fresh)[0] in session_server.read_log()
+
+
+def test_json_log_lines_and_journald_priorities(certs, monkeypatch):
+    srv = Server(certs, extra=["--log-format", "json"])   # jobs outlive a restart
+    try:
+        srv.start()
+        job = start_job(srv, "sleep 1000")
+        srv.restart()   # the running job is adopted
+        cli(srv, "stop", "--grace", "0", job)
+        lines = [json.loads(line) for line in srv.read_log().splitlines()]
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+(Z|[+-]\d\d:\d\d)", line["time"])
+                   and line["level"] in ("info", "warning", "error") for line in lines)
+        rpcs = [line for line in lines if line.get("event") == "rpc"]
+        assert rpcs and all(len(line["trace_id"]) == 32 and line["method"] for line in rpcs)
+        kinds = {line.get("event") for line in lines if line.get("job") == job}
+        assert {"job-adopted", "job-ended"} <= kinds
+    finally:
+        srv.cleanup()
+    plain = Server(certs, extra=["--stop-jobs-on-exit"])
+    try:
+        open(plain.log_path, "ab").close()
+        st = os.stat(plain.log_path)   # its stderr: as if journald's stream
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        plain.start()
+        lines = plain.read_log().splitlines()
+        assert lines and all(re.match(r"<[2-7]>", line) for line in lines)
+        assert any(line.startswith("<6>INFO listening") for line in lines)
+    finally:
+        plain.cleanup()
+
+
+###############################################################################
 # Groups: each test carries its section's group as a mark, to run some of them
 # (pytest -m "kernel or e2e", as .ci/run does on the cgroup v2 VM)
 ###############################################################################
@@ -3241,7 +3528,7 @@ SECTION_GROUPS = (("# Unit tests", "unit"), ("# Kernel tests", "kernel"),
                   ("# End-to-end tests", "e2e"), ("# Security tests", "security"),
                   ("# Restarts, faults", "faults"), ("# Fault tests", "faults"),
                   ("# Tenant tests", "tenants"), ("# Host tests", "hosts"),
-                  ("# API tests", "api"))
+                  ("# API tests", "api"), ("# Session tests", "sessions"))
 
 
 def _mark_each_test_with_its_group():
