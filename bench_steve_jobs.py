@@ -9,6 +9,9 @@ api:    CLI round trip vs ssh, streaming throughput vs ssh and a pipe, 1,000 fol
 fan-out: only the 1,000 followers, twice each way (api needs openssh-server; this does not).
 cli:    the installed `steve-jobs` command, `python steve_jobs.py` and `ssh localhost true`
         round trips; `run -f` of 256 MiB (live) vs ssh; List server time with 10,000 jobs.
+sessions: keystroke echo latency in `run -it cat` vs `ssh -tt localhost cat`; `run -i` of
+        1 GiB vs ssh; a start's cost with tracing exported (OpenTelemetry, in-process
+        collector) vs without.
 faults: server RSS with 1,000 stalled followers at distinct offsets; status latency with
         20,000 idle connections open vs none; time from a supervisor's death to `unknown`.
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
@@ -370,6 +373,88 @@ def bench_run_follow(server, sshd, runs=5, size=256 * sj.MiB):
         rates["stream ended"].append(size / sj.MiB / timed(stream, stdout=subprocess.DEVNULL)
                                      * 1000)
     report_rates("run -f 256 MiB live (goal >= x1.5 ssh)", rates, "run -f")
+
+
+class PtySession:
+    """A command on a pty of ours, as a terminal emulator runs it: raw keystrokes in,
+    echoes out."""
+
+    def __init__(self, argv):
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen(["setsid", "-c", *argv], stdin=slave, stdout=slave,
+                                     stderr=slave)
+        os.close(slave)
+
+    def echo_ms(self, key=b"x", timeout=10):
+        """Write one key; milliseconds until its echo is back."""
+        import select
+        t = time.perf_counter()
+        os.write(self.master, key)
+        seen = b""
+        while key not in seen:
+            if not select.select([self.master], [], [], timeout)[0]:
+                raise SystemExit(f"no echo from {self.proc.args}")
+            seen += os.read(self.master, 4096)
+        return (time.perf_counter() - t) * 1000
+
+    def ready(self, timeout=30):
+        """Wait until keys are echoed (the session is up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.echo_ms(b"r", timeout=0.5)
+            except SystemExit:
+                if time.monotonic() > deadline:
+                    raise
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
+
+def bench_keystroke_echo(server, sshd, keys=300):
+    """run -it cat vs ssh -tt cat: each key goes to the remote pty, whose echo comes back
+    (cat itself waits for a line); sessions side by side, keys interleaved."""
+    ours = PtySession([sys.executable, SCRIPT, "--server", server.address, "--certs",
+                       server.certs, "run", "-it", "cat"])
+    ssh = PtySession(["ssh", "-tt", *sshd.argv("cat")[1:]])
+    try:
+        ours.ready()
+        ssh.ready()
+        timings = {"ours": [], "ssh": []}
+        for i in range(keys):
+            if i % 60 == 59:   # a line now and then: cat's line buffer stays small
+                ours.echo_ms(b"\r")
+                ssh.echo_ms(b"\r")
+            timings["ours"].append(ours.echo_ms())
+            timings["ssh"].append(ssh.echo_ms())
+            time.sleep(0.005)   # a fast typist: keys 5 ms apart, not back to back
+        for label, samples in timings.items():
+            print(f"  {label:5s} keystroke echo p50 {pct(samples, 50):6.2f} ms  "
+                  f"p99 {pct(samples, 99):6.2f} ms", flush=True)
+        report("run -it cat keystroke echo (goal p99<=ssh)", timings["ours"],
+               {"ssh -tt cat": timings["ssh"]})
+        print(f"{'':38s} p99 ratio x{pct(timings['ours'], 99) / pct(timings['ssh'], 99):.2f}",
+              flush=True)
+    finally:
+        ours.close()
+        ssh.close()
+
+
+def bench_stdin_throughput(server, sshd, runs=3, size=sj.GiB):
+    """head -c 1G /dev/zero | run -i 'cat > /dev/null', end to end, vs the same into ssh."""
+    feed = f"head -c {size} /dev/zero | "
+    run = (f"{sys.executable} {SCRIPT} --server {server.address} --certs {server.certs} "
+           f"run -i 'cat > /dev/null'")
+    ssh = " ".join(f"'{a}'" for a in sshd.argv("cat > /dev/null"))
+    rates = {"run -i": [], "ssh": []}
+    for _ in range(runs):
+        for label, command in (("run -i", run), ("ssh", ssh)):
+            ms = timed(["sh", "-c", feed + command], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+            rates[label].append(size / sj.MiB / (ms / 1000))
+    report_rates("run -i 1 GiB to cat (goal >= x1 ssh)", rates, "run -i")
 
 
 def bench_list_many(server, jobs=10_000, runs=30):
@@ -737,6 +822,10 @@ def main(argv):
             bench_cli_round_trip(server, sshd, installed)
             bench_run_follow(server, sshd)
             bench_list_many(server)
+    if "sessions" in groups:
+        with BenchServer() as server, BenchSSHD() as sshd:
+            bench_keystroke_echo(server, sshd)
+            bench_stdin_throughput(server, sshd)
     if "faults" in groups:
         with BenchEngine() as engine:
             bench_supervisor_death(engine)

@@ -1332,6 +1332,7 @@ def shim_main(chan, settings):
         cg.apply(Limits(**req["limits"]), already=warm_limits)
     except OSError as e:
         return fail(f"cannot apply the job's limits: {e.strerror or e}")
+    limits_at = time.time()
     try:   # the server made it, so that a full disk refuses the start, not the job
         out_fd = os.open(os.path.join(job_dir, OUTPUT_FILE),
                          os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -1348,7 +1349,8 @@ def shim_main(chan, settings):
     failure = _read_all(err_r)
     failure = json.loads(failure)["error"][:MAX_ERROR_CHARS] if failure else ""
     shim = {**me, "init_pid": init_pid, "cgroup": cg.name, "cgroup_root": cg.root,
-            "v2_base": layout.v2_base, "started_at": started}
+            "v2_base": layout.v2_base, "started_at": started, "limits_at": limits_at,
+            "exec_at": time.time()}
     _reply(reply_fd, ok=True, error=failure, shim=shim)   # first: the caller is waiting
     os.close(reply_fd)
     # The job's record: what the server asked for and where the job lives. Written here,
@@ -2129,6 +2131,7 @@ class Job:
         self.cgroup = None            # JobCgroup, once the shim has said which
         self.result = None            # result.json: how it ended
         self.stop_requested = False
+        self.stop_at = 0.0            # when this server was asked to stop it
         self.paused = False
         self.ended = threading.Event()
         self._cond = threading.Condition()
@@ -2576,9 +2579,10 @@ class Engine:
     # -- life cycle -----------------------------------------------------------
 
     def observe(self, on_job_event):
-        """Call on_job_event(kind, JobStatus, spec) at each event of a job's life: "started",
-        "ended", "adopted" (running when the server started). From any thread; it must be
-        quick and not raise."""
+        """Call on_job_event(kind, JobStatus, record) at each event of a job's life:
+        "started", "ended", "adopted" (running when the server started). record: the job's
+        spec, with its supervisor's "shim" facts (times: started_at, limits_at, exec_at) and
+        "stop_at". From any thread; it must be quick."""
         self._observers.append(on_job_event)
 
     def _event(self, kind, job):
@@ -2591,9 +2595,10 @@ class Engine:
                 fields["why"] = loggable(st.error)
         log_line(f"job-{kind}", trace_id=st.trace_id or "-", **{
             k: v for k, v in fields.items() if v is not None})
+        record = {**job.spec, "shim": job.shim or {}, "stop_at": job.stop_at}
         for observer in self._observers:
             try:
-                observer(kind, st, job.spec)
+                observer(kind, st, record)
             except Exception:
                 log.exception("a job event observer failed")
 
@@ -3119,7 +3124,7 @@ class Engine:
         if job.result is not None:
             return self._status(job)
         if not job.stop_requested:
-            job.stop_requested = True
+            job.stop_requested, job.stop_at = True, time.time()
             try:
                 open(os.path.join(job.dir, STOP_FILE), "w").close()
             except OSError as e:   # a full disk: the stop goes on; a restart says "killed"
@@ -4069,6 +4074,157 @@ def check_start_allowed(identity, limits, options, default_limits,
 
 
 ###############################################################################
+# Tracing: W3C trace context for every call; spans exported by OpenTelemetry when the
+# operator sets it up (the OTEL_* variables), else nothing imported
+###############################################################################
+
+def otel_requested(environ=os.environ):
+    """Whether the standard OTEL_* variables ask for exported traces."""
+    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "")
+    if exporter:
+        return exporter != "none"
+    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+class RpcSpan:
+    """A call's span where nothing is exported: its traceparent only (log, job)."""
+
+    def __init__(self, traceparent):
+        self.traceparent = traceparent
+
+    def end(self, outcome, **attributes):
+        pass
+
+
+class Tracing:
+    """Traces without export: each call continues the client's trace (or starts one)."""
+
+    def rpc_span(self, method, header):
+        parsed = parse_traceparent(header)
+        return RpcSpan(new_traceparent(parsed[0], parsed[2]) if parsed else new_traceparent())
+
+    def on_job_event(self, kind, st, record):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def make_tracing():
+    """OtelTracing if OTEL_* asks for it and OpenTelemetry is installed, else Tracing."""
+    if not otel_requested():
+        return Tracing()
+    try:
+        tracing = OtelTracing()
+    except ImportError as e:
+        log.warning("OTEL_* variables ask for traces, but %s is not installed (pip install "
+                    "opentelemetry-sdk opentelemetry-exporter-otlp): not exporting", e.name)
+        return Tracing()
+    log.info("exporting traces with OpenTelemetry (%s)", type(tracing.exporter).__name__)
+    return tracing
+
+
+class OtelSpan(RpcSpan):
+    """A call's span, exported."""
+
+    def __init__(self, span, method):
+        ctx = span.get_span_context()
+        super().__init__(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}")
+        self.span, self.method = span, method
+
+    def end(self, outcome, **attributes):
+        from opentelemetry.trace import Status, StatusCode
+        self.span.set_attributes({"rpc.system": "grpc", "rpc.service": "steve_jobs.v1.JobService",
+                                  "rpc.method": self.method, "rpc.grpc.status": outcome["result"],
+                                  **{f"steve_jobs.{k}": v for k, v in attributes.items() if v}})
+        if outcome["result"] not in ("OK", "CANCELLED"):
+            self.span.set_status(Status(StatusCode.ERROR, outcome.get("why", "")))
+        self.span.end()
+
+
+class OtelTracing(Tracing):
+    """Spans exported by the OpenTelemetry SDK (batched, off the event loop): one per call,
+    and once a job has ended its life: job > start (spawn, cgroup, exec), run, stop."""
+
+    def __init__(self):
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        self.exporter = otel_exporter()
+        self.provider = TracerProvider(resource=Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME", "steve-jobs"),
+             "service.version": __version__}))
+        self.provider.add_span_processor(BatchSpanProcessor(self.exporter))
+        self.tracer = self.provider.get_tracer("steve-jobs", __version__)
+        self.propagator = TraceContextTextMapPropagator()
+        self.closed = False
+
+    def _parent(self, traceparent):
+        return self.propagator.extract({"traceparent": traceparent} if traceparent else {})
+
+    def rpc_span(self, method, header):
+        from opentelemetry.trace import SpanKind
+        span = self.tracer.start_span(f"steve_jobs.v1.JobService/{method}",
+                                      context=self._parent(header), kind=SpanKind.SERVER)
+        return OtelSpan(span, method)
+
+    def on_job_event(self, kind, st, record):
+        if kind != "ended" or not record.get("traceparent") or self.closed:
+            return
+        from opentelemetry import trace
+        shim = record["shim"]
+        created = st.created_at
+        ended = st.ended_at or time.time()
+        times = [created, shim.get("started_at"), shim.get("limits_at"), shim.get("exec_at")]
+        times = [t or created for t in times]
+        ns = lambda t: int(t * 1e9)
+        job = self.tracer.start_span("job", context=self._parent(record["traceparent"]),
+                                     start_time=ns(created), attributes={
+                                         "steve_jobs.job_id": st.id, "steve_jobs.owner": st.owner,
+                                         "steve_jobs.state": st.state,
+                                         "process.exit.code": st.exit_code if st.exit_code
+                                         is not None else -1})
+        inside = trace.set_span_in_context(job)
+        start = self.tracer.start_span("job.start", context=inside, start_time=ns(created))
+        steps = trace.set_span_in_context(start)
+        for name, begin, end in zip(("spawn", "cgroup", "exec"), times, times[1:]):
+            self.tracer.start_span(f"job.start.{name}", context=steps,
+                                   start_time=ns(begin)).end(end_time=ns(max(begin, end)))
+        start.end(end_time=ns(times[-1]))
+        self.tracer.start_span("job.run", context=inside, start_time=ns(times[-1])).end(
+            end_time=ns(max(ended, times[-1])))
+        if record.get("stop_at"):
+            self.tracer.start_span("job.stop", context=inside,
+                                   start_time=ns(record["stop_at"])).end(end_time=ns(ended))
+        job.end(end_time=ns(ended))
+
+    def shutdown(self):
+        self.closed = True         # (jobs stopped at exit end untraced)
+        self.provider.shutdown()   # exports what is batched (bounded by the exporter)
+
+
+def otel_exporter():
+    """The exporter OTEL_TRACES_EXPORTER names: otlp (the default; protocol from
+    OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, endpoint and the rest read by the exporter
+    itself) or console. Raises ImportError if its package is missing."""
+    name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")[0].strip()
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+        return ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n")
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+    if protocol.startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()
+
+
+###############################################################################
 # gRPC service (the only section besides the client that imports grpc)
 ###############################################################################
 
@@ -4489,9 +4645,10 @@ class JobService:
     """Every RPC: identify, decide, call the engine, translate, log one line. It only
     translates between protobuf and the engine; add_job_service registers it."""
 
-    def __init__(self, grpc, jobs_pb2, engine, verifier, config=None):
+    def __init__(self, grpc, jobs_pb2, engine, verifier, config=None, tracing=None):
         import concurrent.futures
         self.grpc, self.pb, self.engine, self.verifier = grpc, jobs_pb2, engine, verifier
+        self.tracing = tracing or Tracing()
         self.config = config or ServerConfig()
         # Blocking engine calls run here, never on the event loop. Stops wait up to their
         # grace period, so they get their own pool: a slow stop never delays a start.
@@ -4554,13 +4711,11 @@ class JobService:
         Raises UnauthenticatedError."""
         return self._verify(context)._replace(trace=trace)
 
-    @staticmethod
-    def call_trace(context):
-        """The traceparent of the server's span of this call: in the client's trace when it
-        sent a valid traceparent, else in a new one."""
-        header = dict(context.invocation_metadata()).get("traceparent", "")
-        parsed = parse_traceparent(header)
-        return new_traceparent(parsed[0], parsed[2]) if parsed else new_traceparent()
+    def call_span(self, context, rpc):
+        """The server's span of this call: in the client's trace when it sent a valid
+        traceparent, else in a new one."""
+        return self.tracing.rpc_span(
+            rpc, dict(context.invocation_metadata()).get("traceparent", ""))
 
     def _verify(self, context):
         auth = context.auth_context()
@@ -4698,11 +4853,11 @@ class JobService:
         import asyncio
         started, user, outcome = time.monotonic(), "-", {"result": "OK"}
         job_id = getattr(request, "job_id", "")
-        trace = self.call_trace(context)
+        span = self.call_span(context, rpc)
         try:
             if request is MALFORMED:
                 raise InvalidArgumentError("malformed request")
-            identity = self.identify(context, trace)
+            identity = self.identify(context, span.traceparent)
             user = identity.user
             decide(identity, rpc)
             if rpc in JOB_RPCS:
@@ -4720,24 +4875,25 @@ class JobService:
             outcome = {"result": status.code, "why": loggable(status.message)}
             await self.abort(context, status)
         finally:
-            self.log_rpc(context, rpc, user, job_id, outcome, started, trace)
+            self.log_rpc(context, rpc, user, job_id, outcome, started, span)
 
     @staticmethod
-    def log_rpc(context, rpc, user, job_id, outcome, started, trace, **more):
-        """The one line every RPC logs."""
+    def log_rpc(context, rpc, user, job_id, outcome, started, span, **more):
+        """The one line every RPC logs; its span ends."""
         log_line("rpc", user=loggable(user), peer=loggable(context.peer()), method=rpc,
                  job=loggable(job_id or "-"), **outcome, **more,
                  duration_ms=round((time.monotonic() - started) * 1000, 1),
-                 trace_id=trace_id_of(trace))
+                 trace_id=trace_id_of(span.traceparent))
+        span.end(outcome, user=user if user != "-" else "", job_id=job_id, **more)
 
     async def Output(self, request, context):
         import asyncio
         started, user, outcome, sent = time.monotonic(), "-", {"result": "OK"}, 0
-        event, trace = None, self.call_trace(context)
+        event, span = None, self.call_span(context, "Output")
         try:
             if request is MALFORMED:
                 raise InvalidArgumentError("malformed request")
-            identity = self.identify(context, trace)
+            identity = self.identify(context, span.traceparent)
             user = identity.user
             decide(identity, "Output")
             request.job_id = self.job_for(identity, "Output", request.job_id)
@@ -4784,14 +4940,14 @@ class JobService:
             if event is not None:
                 self.hub.unwatch(request.job_id, event, user)
             self.log_rpc(context, "Output", user, getattr(request, "job_id", ""), outcome,
-                         started, trace, bytes=sent)
+                         started, span, bytes=sent)
 
     async def Input(self, request_iterator, context):
         import asyncio
         started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
-        trace, writer = self.call_trace(context), None
+        span, writer = self.call_span(context, "Input"), None
         try:
-            identity = self.identify(context, trace)
+            identity = self.identify(context, span.traceparent)
             user = identity.user
             decide(identity, "Input")
             first = await anext(request_iterator, None)
@@ -4811,7 +4967,7 @@ class JobService:
         finally:
             if writer is not None:
                 self._release_input(writer)
-            self.log_rpc(context, "Input", user, job_id, outcome, started, trace,
+            self.log_rpc(context, "Input", user, job_id, outcome, started, span,
                          bytes=writer.written if writer else 0)
 
     async def _take_input(self, job_id, user, take_over):
@@ -5003,7 +5159,9 @@ async def serve(engine, config, verifier, on_started=None):
         # door instead of leaving the server unable to open a job's files.
         ("grpc.max_allowed_incoming_connections", connections)])
     return_freed_memory_to_the_system()
-    service = JobService(grpc, jobs_pb2, engine, verifier, config)
+    tracing = make_tracing()
+    engine.observe(tracing.on_job_event)
+    service = JobService(grpc, jobs_pb2, engine, verifier, config, tracing)
     add_job_service(grpc, jobs_pb2, server, service)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -5042,6 +5200,7 @@ async def serve(engine, config, verifier, on_started=None):
     await health.enter_graceful_shutdown()
     service.begin_shutdown()
     await server.stop(config.shutdown_grace)
+    await loop.run_in_executor(None, tracing.shutdown)
 
 
 ###############################################################################

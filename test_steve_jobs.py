@@ -1372,6 +1372,8 @@ def call(certs_dir, address, method, request, user="mrarsenal", token=None, **ch
     channel = grpc_channel(certs_dir, address, user, **chan)
     try:
         stub = pb_grpc.JobServiceStub(channel)
+        if isinstance(request, list):   # a client-streaming call's messages
+            request = iter(request)
         reply = getattr(stub, method)(request, metadata=metadata, timeout=scaled(20))
         if method == "Output":
             reply = list(reply)
@@ -1411,7 +1413,8 @@ def rpc_requests():
             "Status": pb.JobRef(job_id=some), "Output": pb.OutputRequest(job_id=some),
             "List": pb.ListRequest(), "Pause": pb.JobRef(job_id=some),
             "Resume": pb.JobRef(job_id=some), "Remove": pb.JobRef(job_id=some),
-            "Wait": pb.JobRef(job_id=some), "Signal": pb.SignalRequest(job_id=some, signal=15)}
+            "Wait": pb.JobRef(job_id=some), "Signal": pb.SignalRequest(job_id=some, signal=15),
+            "Input": [pb.InputMessage(job_id=some, data=b"x")]}
 
 
 def test_the_request_table_covers_every_rpc_of_the_service():
@@ -3517,6 +3520,73 @@ def test_json_log_lines_and_journald_priorities(certs, monkeypatch):
         assert any(line.startswith("<6>INFO listening") for line in lines)
     finally:
         plain.cleanup()
+
+
+
+class SpanCollector:
+    """An OTLP/gRPC trace collector in this process, on loopback: what a server exports."""
+
+    def __init__(self):
+        import concurrent.futures
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import (trace_service_pb2,
+                                                           trace_service_pb2_grpc)
+        spans, self.spans = [], []
+
+        class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        spans.extend(scope.spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.spans = spans
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def env(self):
+        """What an operator sets for the server to export here."""
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "50"}
+
+    def named(self, name, trace_id=None):
+        return [s for s in list(self.spans) if s.name == name
+                and (trace_id is None or s.trace_id.hex() == trace_id)]
+
+    def close(self):
+        self.server.stop(0)
+
+
+def test_spans_of_calls_and_of_a_jobs_life_are_exported_to_a_collector(certs, monkeypatch):
+    collector = SpanCollector()
+    for name, value in collector.env().items():
+        monkeypatch.setenv(name, value)
+    srv = Server(certs, extra=["--stop-jobs-on-exit"])
+    try:
+        srv.start()
+        trace_id = os.urandom(16).hex()
+        env = {**os.environ, "TRACEPARENT": f"00-{trace_id}-{os.urandom(8).hex()}-01"}
+        done = cli(srv, "run", "-f", "echo $TRACEPARENT", env=env)
+        in_job = sj.parse_traceparent(done.stdout.decode().strip())
+        wait_for(lambda: collector.named("job", trace_id))
+        start_rpc = collector.named("steve_jobs.v1.JobService/Start", trace_id)
+        assert len(start_rpc) == 1 and start_rpc[0].span_id.hex() == in_job[1]
+        job = collector.named("job", trace_id)[0]
+        assert job.parent_span_id == start_rpc[0].span_id   # the job's TRACEPARENT
+        parts = {s.name: s for s in collector.spans if s.trace_id.hex() == trace_id}
+        for name, parent in (("job.start", "job"), ("job.run", "job"),
+                             ("job.start.spawn", "job.start"), ("job.start.cgroup", "job.start"),
+                             ("job.start.exec", "job.start")):
+            assert parts[name].parent_span_id == parts[parent].span_id, name
+            assert job.start_time_unix_nano <= parts[name].start_time_unix_nano \
+                <= parts[name].end_time_unix_nano <= job.end_time_unix_nano, name
+        assert "steve_jobs.v1.JobService/Output" in parts
+        assert f"trace_id={trace_id}" in srv.read_log()
+    finally:
+        srv.cleanup()
+        collector.close()
 
 
 ###############################################################################
