@@ -166,6 +166,9 @@ def free_port():
 class BenchServer:
     """steve_jobs.py server on a free loopback port, with its own certificates and state."""
 
+    def __init__(self, env=None):
+        self.env = {**os.environ, **(env or {})}
+
     def __enter__(self):
         self.dir = tempfile.mkdtemp(prefix="steve-jobs-bench-", dir="/var/tmp")
         os.chmod(self.dir, 0o711)   # jobs (other uids) must reach state/work/ID inside it
@@ -187,7 +190,7 @@ class BenchServer:
              "--state-dir", os.path.join(self.dir, state), "--output-cap", "2G",
              "--cgroup-root", self.cgroup_root, "--stop-jobs-on-exit",
              "--insecure-dev-certs"],   # a throwaway set: its CA key is beside it
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 60
         while b"listening on" not in open(self.log.name, "rb").read()[mark:]:
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -455,6 +458,34 @@ def bench_stdin_throughput(server, sshd, runs=3, size=sj.GiB):
                        stderr=subprocess.DEVNULL)
             rates[label].append(size / sj.MiB / (ms / 1000))
     report_rates("run -i 1 GiB to cat (goal >= x1 ssh)", rates, "run -i")
+
+
+def bench_tracing_cost(runs=RUNS):
+    """Start calls to a server exporting spans to an OTLP collector (in this process) vs
+    one exporting nothing, interleaved; the calls carry a traceparent either way."""
+    from test_steve_jobs import SpanCollector
+    collector = SpanCollector()
+    try:
+        with BenchServer(collector.env()) as traced, BenchServer() as plain:
+            clients = {label: sj.Client(server.address, server.certs, "mrarsenal")
+                       for label, server in (("traced", traced), ("plain", plain))}
+            timings = {"traced": [], "plain": []}
+            for i in range(runs + 5):
+                for label, client in clients.items():
+                    t = time.perf_counter()
+                    client.call("Start", client.pb.StartRequest(argv=["true"]))
+                    if i >= 5:   # the first calls warm up connections and imports
+                        timings[label].append((time.perf_counter() - t) * 1000)
+            for client in clients.values():
+                client.close()
+            time.sleep(0.5)
+            spans = len(collector.spans)
+        cost = statistics.median(timings["traced"]) - statistics.median(timings["plain"])
+        report(f"Start, spans exported (p50 cost {cost:+.2f} ms; goal <= 1)",
+               timings["traced"], {"not exported": timings["plain"]})
+        print(f"{'':38s} spans the collector received: {spans}", flush=True)
+    finally:
+        collector.close()
 
 
 def bench_list_many(server, jobs=10_000, runs=30):
@@ -826,6 +857,7 @@ def main(argv):
         with BenchServer() as server, BenchSSHD() as sshd:
             bench_keystroke_echo(server, sshd)
             bench_stdin_throughput(server, sshd)
+        bench_tracing_cost()
     if "faults" in groups:
         with BenchEngine() as engine:
             bench_supervisor_death(engine)
