@@ -1130,6 +1130,7 @@ INPUT_SOCKET = "input.sock"
 INPUT_DATA, INPUT_SIZE, INPUT_REDRAW, INPUT_EOF = b"d", b"s", b"r", b"e"
 INPUT_SIZE_FORMAT = struct.Struct("HH")   # rows, columns
 INPUT_PIECE = 128 * KiB                   # the most data one message carries
+INPUT_MESSAGE = 1 * MiB                   # the most the CLI puts in one InputMessage
 SESSIONS_FILE = "sessions"                # JSON lines: who wrote or watched, when
 MAX_SESSIONS_BYTES = 1 * MiB              # past this, sessions are logged, not kept
 TIOCSIG = 0x40045436                      # pty master: signal the foreground group
@@ -6249,11 +6250,10 @@ class InputFeed:
             self.queue.put_nowait(None)
 
     def _read_stdin(self):
+        with contextlib.suppress(OSError):   # a pipe: fewer, larger reads
+            fcntl.fcntl(0, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         while not self.closed:
-            try:
-                data = os.read(0, INPUT_PIECE)
-            except OSError:
-                data = b""
+            data = read_what_is_there(0, INPUT_MESSAGE)
             if not data:
                 if self.send_eof:
                     self.queue.put(self.pb.InputMessage(eof=True))
@@ -6285,6 +6285,21 @@ class InputFeed:
             out.append(b)
             self.at_line_start = b in b"\r\n"
         return bytes(out)
+
+
+def read_what_is_there(fd, most):
+    """Block for some bytes of fd, then take what more is there at once, up to most: a key
+    goes alone and at once, a stream in large messages (each costs the same to send)."""
+    try:
+        data = os.read(fd, most)
+        while data and len(data) < most and select.select([fd], [], [], 0)[0]:
+            more = os.read(fd, most - len(data))
+            if not more:
+                break   # EOF: the next read says so
+            data += more
+        return data
+    except OSError:
+        return b""
 
 
 def interactive_session(client, job_id, terminal, send_input, tail_lines=0,
