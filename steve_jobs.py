@@ -6292,14 +6292,15 @@ def read_what_is_there(fd, most):
     goes alone and at once, a stream in large messages (each costs the same to send)."""
     try:
         data = os.read(fd, most)
-        while data and len(data) < most and select.select([fd], [], [], 0)[0]:
+    except OSError:
+        return b""   # (a terminal hung up): as EOF
+    with contextlib.suppress(OSError):   # a later error: the next read sees it again
+        while len(data) < most and select.select([fd], [], [], 0)[0]:
             more = os.read(fd, most - len(data))
             if not more:
                 break   # EOF: the next read says so
             data += more
-        return data
-    except OSError:
-        return b""
+    return data
 
 
 def interactive_session(client, job_id, terminal, send_input, tail_lines=0,
