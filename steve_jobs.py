@@ -4856,27 +4856,39 @@ class JobService:
         job_id = getattr(request, "job_id", "")
         span = self.call_span(context, rpc)
         try:
-            if request is MALFORMED:
-                raise InvalidArgumentError("malformed request")
-            identity = self.identify(context, span.traceparent)
-            user = identity.user
-            decide(identity, rpc)
-            if rpc in JOB_RPCS:
-                request.job_id = job_id = self.job_for(identity, rpc, request.job_id)
-            if asyncio.iscoroutinefunction(func):
-                result = await func(identity, request)
-            else:
-                pool = self.stop_pool if rpc == "Stop" else self.start_pool
-                result = await asyncio.get_running_loop().run_in_executor(
-                    pool, func, identity, request)
-            job_id = job_id or getattr(result, "job_id", "")
-            return result
-        except Exception as e:
-            status = rpc_status(e)
-            outcome = {"result": status.code, "why": loggable(status.message)}
-            await self.abort(context, status)
+            async with self.answering(context, outcome):
+                if request is MALFORMED:
+                    raise InvalidArgumentError("malformed request")
+                identity = self.identify(context, span.traceparent)
+                user = identity.user
+                decide(identity, rpc)
+                if rpc in JOB_RPCS:
+                    request.job_id = job_id = self.job_for(identity, rpc, request.job_id)
+                if asyncio.iscoroutinefunction(func):
+                    result = await func(identity, request)
+                else:
+                    pool = self.stop_pool if rpc == "Stop" else self.start_pool
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        pool, func, identity, request)
+                job_id = job_id or getattr(result, "job_id", "")
+                return result
         finally:
             self.log_rpc(context, rpc, user, job_id, outcome, started, span)
+
+    @contextlib.asynccontextmanager
+    async def answering(self, context, outcome):
+        """The body of a call: what it raises becomes the call's status (the one mapping,
+        rpc_status), and outcome (for the log line) says which."""
+        import asyncio
+        try:
+            yield
+        except asyncio.CancelledError:
+            outcome["result"] = "CANCELLED"
+            raise
+        except Exception as e:
+            status = rpc_status(e)
+            outcome.update(result=status.code, why=loggable(status.message))
+            await self.abort(context, status)
 
     @staticmethod
     def log_rpc(context, rpc, user, job_id, outcome, started, span, **more):
@@ -4888,83 +4900,74 @@ class JobService:
         span.end(outcome, user=user if user != "-" else "", job_id=job_id, **more)
 
     async def Output(self, request, context):
-        import asyncio
-        started, user, outcome, sent = time.monotonic(), "-", {"result": "OK"}, 0
+        started, user, outcome, sent = time.monotonic(), "-", {"result": "OK"}, [0]
         event, span = None, self.call_span(context, "Output")
         try:
-            if request is MALFORMED:
-                raise InvalidArgumentError("malformed request")
-            identity = self.identify(context, span.traceparent)
-            user = identity.user
-            decide(identity, "Output")
-            request.job_id = self.job_for(identity, "Output", request.job_id)
-            if request.follow and self.engine.has_terminal(request.job_id):
-                self.engine.record_session(request.job_id, user, "watch")
-            if self.hub is None:
-                self.hub = OutputHub(self.engine, self.pb, self.config)
-            if request.stream not in (0, STDOUT, STDERR):
-                raise InvalidArgumentError("stream must be STDOUT, STDERR or unset (both)",
-                                           field="stream")
-            offset = max(request.offset, await self._output_start(request))
-            event = self.hub.watch(request.job_id, user)
-            while True:
-                event.clear()
-                after, size, chunk = self.hub.read(request.job_id, offset, user,
-                                                   request.stream, request.timestamps)
-                if size:
-                    # write() waits for flow control: a slow reader holds one chunk here
-                    # and slows nobody else.
-                    with self.hub.sending(user, size):
-                        await context.write(chunk)
-                    offset = after
-                    sent += size
-                    continue
-                if after > offset:   # past output of the other stream
-                    offset = after
-                    continue
-                if not request.follow:
-                    return
-                end = self.engine.output_end(request.job_id)
-                if end is not None and offset >= end:
-                    return
-                if self.shutting_down:
-                    raise UnavailableError("the server is shutting down; the job goes on")
-                await event.wait()   # the hub's tick is the safety net
-        except asyncio.CancelledError:
-            outcome = {"result": "CANCELLED"}
-            raise
-        except Exception as e:
-            status = rpc_status(e)
-            outcome = {"result": status.code, "why": loggable(status.message)}
-            await self.abort(context, status)
+            async with self.answering(context, outcome):
+                if request is MALFORMED:
+                    raise InvalidArgumentError("malformed request")
+                identity = self.identify(context, span.traceparent)
+                user = identity.user
+                decide(identity, "Output")
+                request.job_id = self.job_for(identity, "Output", request.job_id)
+                if request.follow and self.engine.has_terminal(request.job_id):
+                    self.engine.record_session(request.job_id, user, "watch")
+                if self.hub is None:
+                    self.hub = OutputHub(self.engine, self.pb, self.config)
+                if request.stream not in (0, STDOUT, STDERR):
+                    raise InvalidArgumentError("stream must be STDOUT, STDERR or unset (both)",
+                                               field="stream")
+                offset = max(request.offset, await self._output_start(request))
+                event = self.hub.watch(request.job_id, user)
+                await self._send_output(request, context, event, offset, user, sent)
         finally:
             if event is not None:
                 self.hub.unwatch(request.job_id, event, user)
             self.log_rpc(context, "Output", user, getattr(request, "job_id", ""), outcome,
-                         started, span, bytes=sent)
+                         started, span, bytes=sent[0])
+
+    async def _send_output(self, request, context, event, offset, user, sent):
+        """Output's loop: chunks from offset until the end (with follow: until the job has
+        ended and all was sent), counting the bytes in sent[0]."""
+        while True:
+            event.clear()
+            after, size, chunk = self.hub.read(request.job_id, offset, user,
+                                               request.stream, request.timestamps)
+            if size:
+                # write() waits for flow control: a slow reader holds one chunk here
+                # and slows nobody else.
+                with self.hub.sending(user, size):
+                    await context.write(chunk)
+                offset = after
+                sent[0] += size
+                continue
+            if after > offset:   # past output of the other stream
+                offset = after
+                continue
+            if not request.follow:
+                return
+            end = self.engine.output_end(request.job_id)
+            if end is not None and offset >= end:
+                return
+            if self.shutting_down:
+                raise UnavailableError("the server is shutting down; the job goes on")
+            await event.wait()   # the hub's tick is the safety net
 
     async def Input(self, request_iterator, context):
-        import asyncio
         started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
         span, writer = self.call_span(context, "Input"), None
         try:
-            identity = self.identify(context, span.traceparent)
-            user = identity.user
-            decide(identity, "Input")
-            first = await anext(request_iterator, None)
-            if first is None or first is MALFORMED:
-                raise InvalidArgumentError("Input's first message must name the job")
-            job_id = self.job_for(identity, "Input", first.job_id)
-            writer = await self._take_input(job_id, user, first.take_over)
-            await writer.relay(first, request_iterator)
-            return self.pb.InputSummary(bytes=writer.written)
-        except asyncio.CancelledError:
-            outcome = {"result": "CANCELLED"}
-            raise
-        except Exception as e:
-            status = rpc_status(e)
-            outcome = {"result": status.code, "why": loggable(status.message)}
-            await self.abort(context, status)
+            async with self.answering(context, outcome):
+                identity = self.identify(context, span.traceparent)
+                user = identity.user
+                decide(identity, "Input")
+                first = await anext(request_iterator, None)
+                if first is None or first is MALFORMED:
+                    raise InvalidArgumentError("Input's first message must name the job")
+                job_id = self.job_for(identity, "Input", first.job_id)
+                writer = await self._take_input(job_id, user, first.take_over)
+                await writer.relay(first, request_iterator)
+                return self.pb.InputSummary(bytes=writer.written)
         finally:
             if writer is not None:
                 self._release_input(writer)
@@ -6239,8 +6242,8 @@ class InputFeed:
     def start(self):
         threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
 
-    def resize(self, _signum=None, _frame=None):
-        """(A SIGWINCH handler.) Never blocks: a full queue is being read anyway."""
+    def resize(self):
+        """Send the terminal's size. Never blocks: a full queue is being read anyway."""
         with contextlib.suppress(Exception):
             self.queue.put_nowait(RESIZED)
 
@@ -6327,21 +6330,46 @@ def interactive_session(client, job_id, terminal, send_input, tail_lines=0,
         future = client.input(feed)
         future.add_done_callback(lambda f: problems.append(f))
         feed.start()
-    previous = signal.signal(signal.SIGWINCH, feed.resize) if feed and terminal else None
     try:
-        with RawTerminal() if raw else contextlib.nullcontext():
+        with RawTerminal() if raw else contextlib.nullcontext(), (
+                on_resize(feed.resize) if feed and terminal else contextlib.nullcontext()):
             _print_session(client, stream, job_id, raw, detached, problems)
     finally:
         if feed is not None:
             feed.close()
             future.cancel()
-        if previous is not None:
-            signal.signal(signal.SIGWINCH, previous)
     if detached:
         print(f"steve-jobs: detached from job {job_id}; it keeps running (attach "
               f"{job_id} rejoins it)", file=sys.stderr)
         return None
     return client.call("Status", pb.JobRef(job_id=job_id))
+
+
+@contextlib.contextmanager
+def on_resize(callback):
+    """Call callback() on each SIGWINCH, at once, from a thread of its own. (A Python
+    handler runs only once the main thread wakes, and it waits in grpc: the new size would
+    reach the job after keys typed since.) The signal's C handler writes to a wakeup fd."""
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    os.set_blocking(r, True)
+
+    def watch():
+        while data := os.read(r, 64):   # EOF once w is closed
+            if signal.SIGWINCH.value in data:
+                callback()
+
+    previous = signal.signal(signal.SIGWINCH, lambda *_: None)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    thread = threading.Thread(target=watch, name="resizes", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGWINCH, previous)
+        os.close(w)
+        thread.join(1.0)
+        os.close(r)
 
 
 def _print_session(client, stream, job_id, raw, detached, problems):

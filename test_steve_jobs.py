@@ -3429,10 +3429,12 @@ def test_run_it_is_an_interactive_shell_on_the_host(session_server):
         t.type(b"echo hel''lo; tty; stty size\r")
         t.expect(rb"hello\r\n/dev/pts/\d+\r\n30 100\r\n")
         t.resize(40, 120)   # the kernel sends the client SIGWINCH; it tells the job
+        time.sleep(0.2)     # (as a user: typing comes after the resize, not within a ms)
         t.type(b"stty size\r")
         t.expect(rb"40 120\r\n")
-        t.type(b"sleep 1000\r")
-        time.sleep(0.5)
+        t.type(b"echo sleep-$((2+2)); sleep 1000\r")
+        t.expect(rb"sleep-4\r\n")
+        time.sleep(0.3)
         t.type(b"\x03")     # Ctrl-C: the job's sleep is interrupted, not the client
         t.type(b"echo after-$?\r")
         t.expect(rb"after-130\r\n")
