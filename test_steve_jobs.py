@@ -3467,6 +3467,30 @@ def test_detach_with_tilde_dot_and_attach_rejoins(session_server):
     cli(session_server, "rm", "shell")
 
 
+def test_attach_i_feeds_a_job_without_a_terminal_and_readers_only_watch(session_server):
+    owner = Api(session_server, "alice")
+    try:
+        job = started(owner, ["sh", "-c", "read line; echo got-$line"], stdin=True).job_id
+        watcher = subprocess.Popen(
+            [PYTHON, SCRIPT, "--server", session_server.address, "--certs",
+             session_server.certs, "--user", "rita", "attach", "--tail", "0", job],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert watcher.stderr.readline().startswith(b"job ")   # it is attaching
+            time.sleep(scaled(0.5))
+            fed = cli(session_server, "attach", "-i", job, user="alice", input=b"tea\n")
+            assert (fed.returncode, fed.stdout) == (0, b"got-tea\n"), fed.stderr
+            watched, _ = watcher.communicate(timeout=scaled(30))
+            assert watched == b"got-tea\n" and watcher.returncode == 0
+        finally:
+            watcher.kill()
+            watcher.wait()
+        refused = cli(session_server, "attach", "-i", job, user="rita", input=b"x\n")
+        assert refused.returncode == 5   # it has ended: nothing to attach to
+    finally:
+        owner.close()
+
+
 def test_terminal_output_exports_as_asciicast(session_server):
     done = cli(session_server, "--json", "run", "-t", "printf 'h\\303\\251llo\\n'; sleep 0.3; "
                "echo world", stdin=subprocess.DEVNULL)
