@@ -1131,6 +1131,7 @@ INPUT_DATA, INPUT_SIZE, INPUT_REDRAW, INPUT_EOF = b"d", b"s", b"r", b"e"
 INPUT_SIZE_FORMAT = struct.Struct("HH")   # rows, columns
 INPUT_PIECE = 128 * KiB                   # the most data one message carries
 INPUT_MESSAGE = 1 * MiB                   # the most the CLI puts in one InputMessage
+INPUT_CONNECT_TIMEOUT = 5.0 * TIME_SCALE  # seconds a supervisor gets to take a writer
 SESSIONS_FILE = "sessions"                # JSON lines: who wrote or watched, when
 MAX_SESSIONS_BYTES = 1 * MiB              # past this, sessions are logged, not kept
 TIOCSIG = 0x40045436                      # pty master: signal the foreground group
@@ -1572,12 +1573,6 @@ def bind_in_folder(sock, folder, name):
     bytes): through /proc/self/fd. Raises OSError."""
     with opened_folder(folder) as fd:
         sock.bind(f"/proc/self/fd/{fd}/{name}")
-
-
-def connect_in_folder(sock, folder, name):
-    """Connect sock to the socket folder/name (see bind_in_folder). Raises OSError."""
-    with opened_folder(folder) as fd:
-        sock.connect(f"/proc/self/fd/{fd}/{name}")
 
 
 @contextlib.contextmanager
@@ -5031,18 +5026,24 @@ class InputWriter:
         self.sock, self.loop = None, None
 
     async def connect(self, loop, folder):
-        """Raises FailedPreconditionError if the job's supervisor does not answer (ended)."""
+        """Raises FailedPreconditionError if the job's supervisor does not answer (ended),
+        DeadlineExceededError if it does not take the connection in INPUT_CONNECT_TIMEOUT."""
+        import asyncio
         self.loop = loop
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.setblocking(False)
         with contextlib.suppress(OSError):   # room for whole pieces (root may exceed the max)
             self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 * INPUT_PIECE)
         try:
-            # A local connect never blocks for long: the supervisor's backlog takes it.
-            connect_in_folder(self.sock, folder, INPUT_SOCKET)
+            with opened_folder(folder) as fd:   # (see bind_in_folder)
+                await asyncio.wait_for(loop.sock_connect(
+                    self.sock, f"/proc/self/fd/{fd}/{INPUT_SOCKET}"), INPUT_CONNECT_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError(f"job {self.job_id}'s supervisor does not take input "
+                                        f"now; try again") from None
         except OSError:
             raise FailedPreconditionError(f"job {self.job_id} takes no more input (it has "
                                           f"ended)", reason="JOB_NOT_RUNNING") from None
-        self.sock.setblocking(False)
 
     async def relay(self, first, messages):
         """Send first's and every later message's content until the stream ends or eof.
