@@ -2582,15 +2582,19 @@ class Engine:
         self._observers.append(on_job_event)
 
     def _event(self, kind, job):
-        """Log one line of a job's life, and tell the observers."""
-        st = self._status(job)
-        fields = {"job": job.id, "owner": loggable(st.owner), "state": st.state}
+        """Log one line of a job's life, and tell the observers. (From the job's records:
+        a start must not pay for reading its cgroup.)"""
+        r = job.result or {}
+        fields = {"job": job.id, "owner": loggable(job.spec["owner"]),
+                  "state": derive_state(job)}
         if kind == "ended":
-            fields.update(exit_code=st.exit_code, signal=st.signal)
-            if st.error:
-                fields["why"] = loggable(st.error)
-        log_line(f"job-{kind}", trace_id=st.trace_id or "-", **{
-            k: v for k, v in fields.items() if v is not None})
+            fields.update(exit_code=r.get("exit_code"), signal=r.get("signal"),
+                          why=loggable(r["error"]) if r.get("error") else None)
+        log_line(f"job-{kind}", trace_id=trace_id_of(job.spec.get("traceparent", "")) or "-",
+                 **{k: v for k, v in fields.items() if v is not None})
+        if not self._observers:
+            return
+        st = self._status(job)
         record = {**job.spec, "shim": job.shim or {}, "stop_at": job.stop_at}
         for observer in self._observers:
             try:
@@ -4097,6 +4101,7 @@ class RpcSpan:
 
 class Tracing:
     """Traces without export: each call continues the client's trace (or starts one)."""
+    exports = False
 
     def rpc_span(self, method, header):
         parsed = parse_traceparent(header)
@@ -4144,6 +4149,7 @@ class OtelSpan(RpcSpan):
 class OtelTracing(Tracing):
     """Spans exported by the OpenTelemetry SDK (batched, off the event loop): one per call,
     and once a job has ended its life: job > start (spawn, cgroup, exec), run, stop."""
+    exports = True
 
     def __init__(self):
         from opentelemetry.sdk.resources import Resource
@@ -5165,7 +5171,8 @@ async def serve(engine, config, verifier, on_started=None):
         ("grpc.max_allowed_incoming_connections", connections)])
     return_freed_memory_to_the_system()
     tracing = make_tracing()
-    engine.observe(tracing.on_job_event)
+    if tracing.exports:
+        engine.observe(tracing.on_job_event)
     service = JobService(grpc, jobs_pb2, engine, verifier, config, tracing)
     add_job_service(grpc, jobs_pb2, server, service)
     health = HealthServicer()
