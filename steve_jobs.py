@@ -6532,14 +6532,20 @@ def cmd_asciicast(client, args):
                       "title": " ".join(st.argv)[:200]}), flush=True)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")   # a character may be cut
     stream = client.output(client.pb.OutputRequest(job_id=st.job_id, timestamps=True))
+    at = 0.0
     try:
         for chunk in stream:
             text = decoder.decode(bytes(chunk.data))
+            if not st.HasField("terminal"):   # a player is a terminal: lines need CR LF
+                text = text.replace("\n", "\r\n")
             if text:
                 at = max(0.0, (chunk.time or start) - start)
                 sys.stdout.write(json.dumps([round(at, 6), "o", text]) + "\n")
     except client.grpc.RpcError as e:
         raise client.error(e) from None
+    rest = decoder.decode(b"", final=True)   # a cut character at the very end
+    if rest:
+        sys.stdout.write(json.dumps([round(at, 6), "o", rest]) + "\n")
     sys.stdout.flush()
     return EXIT_OK
 
