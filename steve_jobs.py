@@ -3487,9 +3487,9 @@ class Engine:
             job.result = result
             job.paused = False
             self._running.discard(job.id)
+        self._event("ended", job)   # first: nobody learns of the end before the log does
         job.ended.set()
         job.notify()
-        self._event("ended", job)
 
     def _forget(self, job, remove_workdir):
         """Drop a job: its record, its folder and (if the server made it) its workdir."""
