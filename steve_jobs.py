@@ -6174,7 +6174,8 @@ def detach_on_ctrl_c(stream, job_id):
 class RawTerminal:
     """Our terminal (fd 0) in raw mode while in the with block: keys go to the job as typed
     (Ctrl-C too: the job's terminal makes the signal), and its modes come back on every
-    way out of the block. SIGTERM and SIGHUP become SystemExit so that the way out runs."""
+    way out of the block. SIGTERM, SIGHUP and SIGINT (from kill: the keys make none) put
+    the modes back and exit 128+signal at once (exit_on_ctrl_c says why at once)."""
 
     def __init__(self, fd=0):
         self.fd, self.saved, self.previous = fd, None, {}
@@ -6183,18 +6184,25 @@ class RawTerminal:
         import termios
         import tty
         self.saved = termios.tcgetattr(self.fd)
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._exit)
         tty.setraw(self.fd, termios.TCSADRAIN)
         return self
 
-    @staticmethod
-    def _exit(signum, _frame):
-        raise SystemExit(128 + signum)
+    def _exit(self, signum, _frame):
+        import termios
+        try:
+            self._restore()
+        except termios.error:   # a terminal hung up (SIGHUP) has no modes to restore
+            pass
+        exit_without_teardown(128 + signum)
 
-    def __exit__(self, *_exc):
+    def _restore(self):
         import termios
         termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    def __exit__(self, *_exc):
+        self._restore()
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -6618,10 +6626,28 @@ def cmd_job(client, args):
     return EXIT_OK
 
 
+def exit_on_ctrl_c(_signum, _frame):
+    """A client command's SIGINT handler: exit 130 at once (what is printed is flushed).
+
+    Why not KeyboardInterrupt: raised between two bytecodes of grpc's own Python code (a
+    `with` of its channel's lock), it can leave a call registered in the channel, and the
+    channel's close() then waits for that call for ever (seen once: `wait` hung on Ctrl-C).
+    A client has nothing to tear down that the exit does not (RawTerminal restores the
+    terminal in a handler of its own)."""
+    exit_without_teardown(EXIT_INTERRUPTED)
+
+
 def cmd_client(args):
     """Every client subcommand that talks to the server. Returns an exit code; raises
     ClientError."""
-    client = Client(*connection_settings(args))
+    previous = signal.signal(signal.SIGINT, exit_on_ctrl_c)
+    try:
+        return _client_command(Client(*connection_settings(args)), args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _client_command(client, args):
     try:
         if args.command == "run":
             return cmd_run(client, args)

@@ -3446,6 +3446,18 @@ def test_run_it_is_an_interactive_shell_on_the_host(session_server):
         assert t.modes_restored()
 
 
+def test_a_terminal_client_ended_by_a_signal_gives_the_terminal_back(session_server):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):   # SIGINT: from kill
+        with terminal(session_server, "run", "-it", "--name", f"signalled-{sig.name}",
+                      "PS1='$ ' bash --norc") as t:
+            t.expect(PROMPT)
+            t.proc.send_signal(sig)
+            assert t.wait() == 128 + sig, sig
+            assert t.modes_restored(), sig
+        assert job_state(session_server, f"signalled-{sig.name}") == "running"
+        cli(session_server, "stop", "--grace", "0", f"signalled-{sig.name}")
+
+
 def test_detach_with_tilde_dot_and_attach_rejoins(session_server):
     with terminal(session_server, "run", "-it", "--name", "shell",
                   "PS1='$ ' bash --norc") as t:
