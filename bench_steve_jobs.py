@@ -416,33 +416,72 @@ class PtySession:
         os.close(self.master)
 
 
+class FloorEcho:
+    """A key's round trip through grpc alone, as the CLI makes it (grpc's sync client: Input
+    sends, Output receives) to FloorServer, which echoes it in memory: the floor under any
+    client and server written with grpc's Python API on this machine."""
+
+    def __init__(self, floor, certs):
+        import queue
+        self.client = sj.Client(floor.address, certs, "mrarsenal")
+        self.keys = queue.Queue()
+        pb = self.client.pb
+
+        def messages():
+            yield pb.InputMessage(job_id="echo")
+            while (key := self.keys.get()) is not None:
+                yield pb.InputMessage(data=key)
+        self.input = self.client.input(messages())
+        self.output = iter(self.client.output(pb.OutputRequest(job_id="echo", follow=True)))
+
+    def echo_ms(self, key=b"x"):
+        t = time.perf_counter()
+        self.keys.put(key)
+        seen = b""
+        while key not in seen:
+            seen += bytes(next(self.output).data)
+        return (time.perf_counter() - t) * 1000
+
+    def close(self):
+        self.keys.put(None)
+        self.input.cancel()
+        self.client.close()
+
+
 def bench_keystroke_echo(server, sshd, keys=300):
     """run -it cat vs ssh -tt cat: each key goes to the remote pty, whose echo comes back
-    (cat itself waits for a line); sessions side by side, keys interleaved."""
+    (cat itself waits for a line); sessions side by side, keys interleaved, with grpc's own
+    round trip (FloorEcho) beside them."""
     ours = PtySession([sys.executable, SCRIPT, "--server", server.address, "--certs",
                        server.certs, "run", "-it", "cat"])
     ssh = PtySession(["ssh", "-tt", *sshd.argv("cat")[1:]])
-    try:
-        ours.ready()
-        ssh.ready()
-        timings = {"ours": [], "ssh": []}
-        for i in range(keys):
-            if i % 60 == 59:   # a line now and then: cat's line buffer stays small
-                ours.echo_ms(b"\r")
-                ssh.echo_ms(b"\r")
-            timings["ours"].append(ours.echo_ms())
-            timings["ssh"].append(ssh.echo_ms())
-            time.sleep(0.005)   # a fast typist: keys 5 ms apart, not back to back
-        for label, samples in timings.items():
-            print(f"  {label:5s} keystroke echo p50 {pct(samples, 50):6.2f} ms  "
-                  f"p99 {pct(samples, 99):6.2f} ms", flush=True)
-        report("run -it cat keystroke echo (goal p99<=ssh)", timings["ours"],
-               {"ssh -tt cat": timings["ssh"]})
-        print(f"{'':38s} p99 ratio x{pct(timings['ours'], 99) / pct(timings['ssh'], 99):.2f}",
-              flush=True)
-    finally:
-        ours.close()
-        ssh.close()
+    with FloorServer(server.certs) as floor:
+        grpc_floor = FloorEcho(floor, server.certs)
+        try:
+            ours.ready()
+            ssh.ready()
+            grpc_floor.echo_ms()
+            sessions = {"ours": ours, "ssh": ssh, "grpc floor": grpc_floor}
+            timings = {label: [] for label in sessions}
+            for i in range(keys):
+                if i % 60 == 59:   # a line now and then: cat's line buffer stays small
+                    ours.echo_ms(b"\r")
+                    ssh.echo_ms(b"\r")
+                for label, session in sessions.items():
+                    timings[label].append(session.echo_ms())
+                time.sleep(0.005)   # a fast typist: keys 5 ms apart, not back to back
+            for label, samples in timings.items():
+                print(f"  {label:10s} keystroke echo p50 {pct(samples, 50):6.2f} ms  "
+                      f"p99 {pct(samples, 99):6.2f} ms", flush=True)
+            report("run -it cat keystroke echo (goal p99<=ssh)", timings["ours"],
+                   {"ssh -tt cat": timings["ssh"], "grpc floor": timings["grpc floor"]})
+            for label in ("ssh", "grpc floor"):
+                print(f"{'':38s} p99 ratio to {label}: "
+                      f"x{pct(timings['ours'], 99) / pct(timings[label], 99):.2f}", flush=True)
+        finally:
+            ours.close()
+            ssh.close()
+            grpc_floor.close()
 
 
 def bench_stdin_throughput(server, sshd, runs=3, size=sj.GiB):
@@ -539,10 +578,11 @@ FAN_OUT_WRITER = ("import os, sys, time\n"
 
 
 class FloorServer:
-    """The baseline for fan-out: a grpc.aio server with the same TLS, service and messages
-    that does nothing else (no auth, no engine, no files). Its Start begins a clock that
-    makes a piece of FAN_OUT_PIECE_BYTES available every FAN_OUT_GAP seconds, as the job
-    does; Output streams the pieces available, then each as it comes."""
+    """The baseline for fan-out and keystrokes: a grpc.aio server with the same TLS, service
+    and messages that does nothing else (no auth, no engine, no files). Its Start begins a
+    clock that makes a piece of FAN_OUT_PIECE_BYTES available every FAN_OUT_GAP seconds, as
+    the job does; Output streams the pieces available, then each as it comes. Output of job
+    "echo" streams back what Input receives, as a terminal's echo (one session at a time)."""
 
     def __init__(self, certs):
         self.certs = certs
@@ -568,6 +608,13 @@ class FloorServer:
         class Floor(pb_grpc.JobServiceServicer):
             def __init__(self):
                 self.pieces, self.ready = [], asyncio.Condition()
+                self.echoes = asyncio.Queue()
+
+            async def Input(self, request_iterator, context):
+                async for message in request_iterator:
+                    if message.data:
+                        self.echoes.put_nowait(message.data)
+                return pb.InputSummary()
 
             async def Start(self, request, context):
                 async def clock():
@@ -581,6 +628,8 @@ class FloorServer:
 
             async def Output(self, request, context):
                 offset, sent = 0, 0
+                while request.job_id == "echo":
+                    await context.write(pb.OutputChunk(data=await self.echoes.get()))
                 while sent < FAN_OUT_PIECES:
                     if sent < len(self.pieces):
                         await context.write(pb.OutputChunk(data=self.pieces[sent], offset=offset))
@@ -854,10 +903,12 @@ def main(argv):
             bench_cli_round_trip(server, sshd, installed)
             bench_run_follow(server, sshd)
             bench_list_many(server)
-    if "sessions" in groups:
+    if "sessions" in groups or "keystrokes" in groups:
         with BenchServer() as server, BenchSSHD() as sshd:
             bench_keystroke_echo(server, sshd)
-            bench_stdin_throughput(server, sshd)
+            if "sessions" in groups:
+                bench_stdin_throughput(server, sshd)
+    if "sessions" in groups:
         bench_tracing_cost()
     if "faults" in groups:
         with BenchEngine() as engine:
