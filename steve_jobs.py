@@ -6721,6 +6721,8 @@ def exit_without_teardown(code):
             stream.flush()
         except (OSError, ValueError):   # a reader that went away (`| head`), or closed
             pass
+        except RuntimeError:   # from a signal handler, in the middle of a write to it
+            pass
     os._exit(code)
 
 
