@@ -455,9 +455,10 @@ def bench_keystroke_echo(server, sshd, keys=300):
     ours = PtySession([sys.executable, SCRIPT, "--server", server.address, "--certs",
                        server.certs, "run", "-it", "cat"])
     ssh = PtySession(["ssh", "-tt", *sshd.argv("cat")[1:]])
+    grpc_floor = None
     with FloorServer(server.certs) as floor:
-        grpc_floor = FloorEcho(floor, server.certs)
         try:
+            grpc_floor = FloorEcho(floor, server.certs)
             ours.ready()
             ssh.ready()
             grpc_floor.echo_ms()
@@ -481,7 +482,8 @@ def bench_keystroke_echo(server, sshd, keys=300):
         finally:
             ours.close()
             ssh.close()
-            grpc_floor.close()
+            if grpc_floor is not None:
+                grpc_floor.close()
 
 
 def bench_stdin_throughput(server, sshd, runs=3, size=sj.GiB):
