@@ -4727,6 +4727,16 @@ class JobService:
         token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
         return self.verifier.verify(token, cn, pem)
 
+    def admit(self, identity, rpc, request):
+        """Allow rpc with request to identity and, for a call about a job, set request.job_id
+        to the id of the job it names. Raises InvalidArgumentError (a malformed request:
+        said only to those identified), PermissionDeniedError, NotFoundError."""
+        if request is MALFORMED:
+            raise InvalidArgumentError("malformed request")
+        decide(identity, rpc)
+        if rpc in JOB_RPCS:
+            request.job_id = self.job_for(identity, rpc, request.job_id)
+
     def job_for(self, identity, rpc, ref):
         """Authorize a call about the job ref names (an id, a name, a prefix); returns its id.
         Raises NotFoundError, InvalidArgumentError, PermissionDeniedError."""
@@ -4858,13 +4868,10 @@ class JobService:
         span = self.call_span(context, rpc)
         try:
             async with self.answering(context, outcome):
-                if request is MALFORMED:
-                    raise InvalidArgumentError("malformed request")
                 identity = self.identify(context, span.traceparent)
                 user = identity.user
-                decide(identity, rpc)
-                if rpc in JOB_RPCS:
-                    request.job_id = job_id = self.job_for(identity, rpc, request.job_id)
+                self.admit(identity, rpc, request)
+                job_id = getattr(request, "job_id", "")   # now the id, not the name given
                 if asyncio.iscoroutinefunction(func):
                     result = await func(identity, request)
                 else:
@@ -4905,12 +4912,9 @@ class JobService:
         event, span = None, self.call_span(context, "Output")
         try:
             async with self.answering(context, outcome):
-                if request is MALFORMED:
-                    raise InvalidArgumentError("malformed request")
                 identity = self.identify(context, span.traceparent)
                 user = identity.user
-                decide(identity, "Output")
-                request.job_id = self.job_for(identity, "Output", request.job_id)
+                self.admit(identity, "Output", request)
                 if request.follow and self.engine.has_terminal(request.job_id):
                     self.engine.record_session(request.job_id, user, "watch")
                 if self.hub is None:
