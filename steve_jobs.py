@@ -6720,12 +6720,12 @@ def exit_without_teardown(code):
     channel is closed and its only buffered output is flushed here. (The server does not
     use this: its thread pools may still be finishing a call.)
     """
+    # What a flush may meet: a reader that went away (`| head`), a closed stream, or (as a
+    # signal handler's) a write to the same stream it interrupted (RuntimeError).
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):   # a reader that went away (`| head`), or closed
-            pass
-        except RuntimeError:   # from a signal handler, in the middle of a write to it
+        except (OSError, ValueError, RuntimeError):
             pass
     os._exit(code)
 
