@@ -73,6 +73,40 @@ def log_line(message, level="info", **fields):
     getattr(log, level)(text, extra={"fields": {"event": message, **fields}})
 
 
+DEFAULT_PORT = 50051
+
+
+def split_address(text, flag="--server"):
+    """(host, port) of a server address "host[:port]" or "[v6 address][:port]" (port
+    DEFAULT_PORT when none is given).
+
+    Raises ValueError with one line naming flag and what is wrong (a URL, a path, no
+    host, a port that is not a number)."""
+    hint = f"{flag} takes host[:port], e.g. 127.0.0.1:{DEFAULT_PORT}"
+    if "://" in text or "/" in text:
+        raise ValueError(f"{flag} {text!r} is not an address: {hint} (no scheme, no path)")
+    host, port = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{flag} {text!r} is not an address: {hint}")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{flag} {text!r} names no host: {hint}")
+    if not port and (text.endswith(":")):
+        raise ValueError(f"{flag} {text!r} has an empty port: {hint}")
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{flag} {text!r}: {port!r} is not a port number (1-65535)")
+    return host, int(port or DEFAULT_PORT)
+
+
+def join_address(host, port):
+    """"host:port", with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def random_hex(nbytes):
     """Random hex digits from the kernel's CSPRNG (what secrets.token_hex does)."""
     return os.urandom(nbytes).hex()
@@ -1143,7 +1177,7 @@ def spawner_main(sock_fd, settings):
     To the server it sends {"warm": pid} with the shim's socket: the server hands a job
     straight to it, then says {"used": 1} so another is made. A request that comes with a
     reply pipe (the server had no warm shim at hand) gets a shim made on the spot.
-    settings: {"layout": CgroupLayout.to_dict(), "cgroup_root": str,
+    settings: {"layout": CgroupLayout.to_dict(), "cgroup_root": str, "mark": cgroup_mark(),
                "limits": the server's default Limits as a dict, "warm": int (optional)}.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is for the server to handle
@@ -1266,7 +1300,7 @@ def shim_main(chan, settings):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)    # we wait for init ourselves
     os.setsid()                                     # no terminal signals from the server's tty
     layout = CgroupLayout.from_dict(settings["layout"])
-    cg = JobCgroup(layout, settings["cgroup_root"], "j-" + random_hex(8))
+    cg = JobCgroup(layout, settings["cgroup_root"], settings["mark"] + random_hex(6))
     warm_error = ""
     warm_limits = Limits(**settings["limits"])
     try:
@@ -2522,25 +2556,64 @@ class SpareJobFolders:
 
 LOCK_FILE = "server.lock"
 UID_FILE, UID_BLOCK = "uids.json", 256
+CGROUP_LOCK_DIR = "/run/steve-jobs"   # one lock file per jobs' cgroup root: who holds it
 
 
-def lock_state_dir(state_dir):
-    """Take the state folder for this process (flock, released when the process ends).
+def take_lock(path, holder):
+    """flock path for this process (released when it ends), writing holder into it.
 
-    Returns the lock's fd. Raises UnavailableError naming the other server's pid."""
-    path = os.path.join(state_dir, LOCK_FILE)
+    Returns the lock's fd, or raises BlockingIOError with the holder's words as its
+    filename."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    except BlockingIOError as e:
+        e.filename = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise UnavailableError(f"another server (pid {other}) is using the state folder "
-                               f"{state_dir}; stop it first or choose another --state-dir")
+        raise
     with contextlib.suppress(OSError):   # only informative: a full disk may refuse it
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{holder}\n".encode(), 0)
     return fd
+
+
+def lock_state_dir(state_dir):
+    """Take the state folder for this process.
+
+    Returns the lock's fd. Raises UnavailableError naming the other server's pid."""
+    try:
+        return take_lock(os.path.join(state_dir, LOCK_FILE), os.getpid())
+    except BlockingIOError as e:
+        raise UnavailableError(f"another server (pid {e.filename.split()[0]}) is using the "
+                               f"state folder {state_dir}; stop it first or choose another "
+                               f"--state-dir") from None
+
+
+def lock_cgroup_root(folder, state_dir):
+    """Take the jobs' cgroup root (folder: its path in the first hierarchy) for this
+    process, whatever its state folder: a second server there would take the first one's
+    cgroups for its own leftovers. The lock lives in CGROUP_LOCK_DIR (cgroupfs holds no
+    files of ours); it writes no cgroup.
+
+    Returns the lock's fd. Raises UnavailableError naming the other server."""
+    os.makedirs(CGROUP_LOCK_DIR, mode=0o700, exist_ok=True)
+    name = folder.replace("%", "%25").replace("/", "%2F") + ".lock"
+    try:
+        return take_lock(os.path.join(CGROUP_LOCK_DIR, name[-255:]),
+                         f"{os.getpid()} {state_dir}")
+    except BlockingIOError as e:
+        pid, _, other_state = e.filename.partition(" ")
+        raise UnavailableError(
+            f"another server (pid {pid}, state folder {other_state or '?'}) runs its jobs "
+            f"in the cgroup {folder}; stop it first or give this one another "
+            f"--cgroup-root") from None
+
+
+def cgroup_mark(state_dir):
+    """What the names of this state folder's job cgroups begin with ("j-" and 8 hex
+    digits of its path): a sweep removes only cgroups that bear it."""
+    import zlib
+    return f"j-{zlib.crc32(os.path.realpath(state_dir).encode()):08x}-"
 
 
 class Engine:
@@ -2558,7 +2631,9 @@ class Engine:
         self._spawner = Spawner()
         self._spare_folders = None
         self._watcher = None
-        self._lock_fd = None
+        self._lock_fd = None          # the state folder's lock
+        self._cgroup_lock_fd = None   # the cgroup root's
+        self._mark = ""               # what our job cgroups' names begin with
         self._uids_kept = set()       # uids of every job with a record, running or not
         self._next_uid = 0            # uids are handed out in order, never twice in a row
         self._uid_block_end = 0       # what uids.json says: restarts continue from there
@@ -2638,6 +2713,13 @@ class Engine:
         # Before anything touches jobs or cgroups: a second server on this folder would
         # take the first one's jobs for leftovers and kill them.
         self._lock_fd = lock_state_dir(self.config.state_dir)
+        try:
+            self._cgroup_lock_fd = lock_cgroup_root(
+                JobCgroup.roots(placement.layout, placement.root)[0], state_dir)
+        except (OSError, Error):
+            self._release_locks()
+            raise
+        self._mark = cgroup_mark(state_dir)
         self._take_place(placement)
         job_open_files, open_files = raise_open_files_limit()
         if open_files != job_open_files:
@@ -2649,7 +2731,7 @@ class Engine:
         self._load_jobs()
         self._sweep_cgroups()
         self._spawner.start({"layout": self.layout.to_dict(),
-                             "cgroup_root": self.cgroup_root,
+                             "cgroup_root": self.cgroup_root, "mark": self._mark,
                              "limits": self.effective_limits(Limits())._asdict(),
                              "open_files": job_open_files,
                              "hidden": [os.path.realpath(p) for p in
@@ -2724,6 +2806,9 @@ class Engine:
             self._watcher.close()
         if self._spare_folders:
             self._spare_folders.close()
+        if self._cgroup_lock_fd is None:   # never opened: no cgroup of ours to clean
+            self._release_locks()
+            return
         # Warm supervisors may still be removing their cgroups: give them a moment.
         owned = {j.cgroup.name for j in self._all_jobs() if j.result is None and j.cgroup}
         deadline = time.monotonic() + 2.0 * TIME_SCALE
@@ -2733,9 +2818,13 @@ class Engine:
         JobCgroup.remove_root(self.layout, self.cgroup_root)
         if self._placement and self._placement.supervisor:
             self._hand_back_controllers()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._release_locks()
+
+    def _release_locks(self):
+        for attr in ("_cgroup_lock_fd", "_lock_fd"):
+            if getattr(self, attr) is not None:
+                os.close(getattr(self, attr))
+                setattr(self, attr, None)
 
     def _hand_back_controllers(self):
         """With no job left, disable the controllers we enabled in our delegated cgroup: a
@@ -2824,12 +2913,18 @@ class Engine:
         shutil.rmtree(os.path.join(self.config.state_dir, "work", job_id), ignore_errors=True)
 
     def _sweep_cgroups(self):
-        """Kill and remove job cgroups that no running job owns (left by a crash).
+        """Kill and remove job cgroups of this state folder (by their mark) that no
+        running job owns: left by a crash. Others' are left alone, with a line.
 
         Called before the spawner starts, so no warm shim of ours can be among them.
         """
         owned = {j.cgroup.name for j in self._all_jobs() if j.result is None and j.cgroup}
-        for name in JobCgroup.names(self.layout, self.cgroup_root) - owned:
+        unowned = JobCgroup.names(self.layout, self.cgroup_root) - owned
+        foreign = sorted(n for n in unowned if not n.startswith(self._mark))
+        if foreign:
+            log_line("job-cgroups-left", "warning", count=len(foreign),
+                     first=loggable(foreign[0]), why="not made for this state folder")
+        for name in sorted(unowned - set(foreign)):
             cg = JobCgroup(self.layout, self.cgroup_root, name)
             log_line("job-cgroup-swept", "warning", cgroup=name,
                      why="left by a crash; no running job owns it")
@@ -4337,6 +4432,38 @@ class ServerConfig(typing.NamedTuple):
         return max(64, self.open_files - max_jobs - 512)
 
 
+def listen_address(text):
+    """--listen as "host:port" (the default port added). Raises InvalidArgumentError."""
+    try:
+        return join_address(*split_address(text, "--listen"))
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+
+
+def check_can_listen(listen):
+    """Bind (and let go of) every address listen resolves to, so that what stands in the
+    way is said in our words before grpc tries (its own words are a C-core log line).
+
+    Raises UnavailableError: not resolvable, in use, not this host's."""
+    host, port = split_address(listen, "--listen")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UnavailableError(f"cannot listen on {listen}: {host!r} does not resolve "
+                               f"({e.strerror})") from None
+    for family, kind, proto, _, where in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as grpc binds
+            try:
+                probe.bind(where)
+            except OSError as e:
+                why = {errno.EADDRINUSE: "address in use (another server?)",
+                       errno.EADDRNOTAVAIL: "not an address of this host",
+                       errno.EACCES: "permission denied"}.get(e.errno, e.strerror)
+                raise UnavailableError(f"cannot listen on {listen}: {why}") from None
+
+
 class CertificateStore:
     """The server's TLS files; reloaded when they change (rotation without restart)."""
 
@@ -5185,6 +5312,9 @@ async def serve(engine, config, verifier, on_started=None):
         server.add_secure_port(config.listen, credentials)
     except RuntimeError as e:
         raise UnavailableError(f"cannot listen on {config.listen}: {e}") from None
+    # Only with the port ours do we take the engine's locks and write cgroups: a server
+    # that cannot listen leaves everything as it found it.
+    await asyncio.get_running_loop().run_in_executor(None, engine.open)
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set("steve_jobs.v1.JobService", health_pb2.HealthCheckResponse.SERVING)
@@ -5984,26 +6114,29 @@ def cmd_server(args):
             raise UnavailableError(f"{problems[0]}{more}; --insecure-dev-certs starts anyway")
         for problem in problems:
             log.warning("--insecure-dev-certs: %s", problem)
-        engine.open()
+        listen = listen_address(args.listen)
+        check_can_listen(listen)
     except Error as e:
         raise ClientError(EXIT_ERROR, f"cannot start: {e}") from None
     import resource
-    config = ServerConfig(listen=args.listen, certs_dir=args.certs,
+    config = ServerConfig(listen=listen, certs_dir=args.certs,
                           stop_jobs_on_exit=args.stop_jobs_on_exit,
                           retain_seconds=args.retain_days * 86400, retain_bytes=args.retain_size,
                           max_streams_per_user=args.max_streams_per_user,
                           handshake_timeout=args.handshake_timeout,
                           host_network_roles=("admin", *args.allow_host_network_role),
                           open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    served = []
     try:
-        asyncio.run(serve(engine, config, verifier))
+        asyncio.run(serve(engine, config, verifier, on_started=lambda: served.append(True)))
     except Error as e:
-        raise ClientError(EXIT_ERROR, f"cannot serve: {e}") from None
+        raise ClientError(EXIT_ERROR, f"cannot start: {e}") from None
     finally:
-        if config.stop_jobs_on_exit:
+        if config.stop_jobs_on_exit and served:
             log.info("stopping every running job (--stop-jobs-on-exit)")
         engine.close(stop_jobs=config.stop_jobs_on_exit)
-        log.info("server stopped")
+        if served:
+            log.info("server stopped")
     return EXIT_OK
 
 

@@ -967,9 +967,9 @@ def test_start_sweeps_leftover_cgroups():
     require_kernel()
     root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
     layout = sj.CgroupLayout.detect()
-    stale = sj.JobCgroup(layout, root, "j-stale")
-    stale.create()
     state_dir = new_state_dir()
+    stale = sj.JobCgroup(layout, root, sj.cgroup_mark(state_dir) + "stale")
+    stale.create()
     try:
         engine = sj.Engine(sj.EngineConfig(state_dir=state_dir, cgroup_root=root)).open()
         assert not [d for d in stale.dirs() if os.path.exists(d)]
@@ -3631,6 +3631,93 @@ def test_spans_of_calls_and_of_a_jobs_life_are_exported_to_a_collector(certs, mo
 
 
 ###############################################################################
+# First-hour tests: what a newcomer does on a fresh clone, and the usual mistakes
+###############################################################################
+
+def job_cgroups_exist(layout, root):
+    return sj.JobCgroup.names(layout, root)
+
+
+def test_a_second_server_on_the_same_cgroup_root_is_refused_and_harms_nothing(certs):
+    require_kernel()
+    first = Server(certs).start()
+    second = Server(certs, cgroup_root=first.cgroup_root)   # its own state folder
+    try:
+        job_id = start_job(first, "sleep 300")
+        with pytest.raises(AssertionError, match="another server"):
+            second.start()
+        assert second.proc.wait(30) == 1
+        log = second.read_log().strip()
+        assert len(log.splitlines()) == 1 and "Traceback" not in log, log
+        assert f"pid {first.proc.pid}" in log and first.state_dir in log, log
+        assert cli_json(first, "status", job_id)["state"] == "running"
+        for _ in range(2):   # the first one's warm supervisors are alive
+            done = cli(first, "run", "-f", "echo alive")
+            assert done.returncode == 0 and done.stdout == b"alive\n", done.stderr
+        assert "swept" not in first.read_log()
+    finally:
+        if second.proc:
+            second.terminate(signal.SIGKILL)
+        shutil.rmtree(second.state_dir, ignore_errors=True)
+        first.cleanup()
+    assert not job_cgroups_exist(sj.CgroupLayout.detect(), first.cgroup_root)
+
+
+def test_a_server_that_cannot_listen_touches_no_cgroup_and_says_why(certs):
+    require_kernel()
+    first = Server(certs).start()
+    second = Server(certs)
+    second.port, second.address = first.port, first.address   # the port is taken
+    try:
+        job_id = start_job(first, "sleep 300")
+        with pytest.raises(AssertionError):
+            second.start()
+        assert second.proc.wait(30) == 1
+        log = second.read_log().strip()
+        assert log.endswith(f"cannot listen on {first.address}: address in use "
+                            f"(another server?)"), log
+        assert "GRPC" not in log and len(log.splitlines()) == 1, log
+        assert not job_cgroups_exist(sj.CgroupLayout.detect(), second.cgroup_root)
+        assert cli_json(first, "status", job_id)["state"] == "running"
+    finally:
+        if second.proc:
+            second.terminate(signal.SIGKILL)
+        shutil.rmtree(second.state_dir, ignore_errors=True)
+        first.cleanup()
+
+
+def test_a_sweep_removes_only_the_cgroups_this_state_folder_made():
+    require_kernel()
+    root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
+    layout = sj.CgroupLayout.detect()
+    state_dir = new_state_dir()
+    ours = sj.JobCgroup(layout, root, sj.cgroup_mark(state_dir) + "stale")
+    theirs = sj.JobCgroup(layout, root, sj.cgroup_mark("/var/lib/elsewhere") + "alive")
+    try:
+        for cg in (ours, theirs):
+            cg.create()
+        engine = sj.Engine(sj.EngineConfig(state_dir=state_dir, cgroup_root=root)).open()
+        assert not [d for d in ours.dirs() if os.path.exists(d)]
+        assert all(os.path.exists(d) for d in theirs.dirs())
+        engine.close()
+        assert all(os.path.exists(d) for d in theirs.dirs())
+    finally:
+        remove_cgroups(layout, root)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_listen_and_server_addresses_are_checked_with_the_default_port():
+    assert sj.split_address("localhost") == ("localhost", 50051)
+    assert sj.split_address("[::1]:7") == ("::1", 7)
+    assert sj.listen_address("localhost") == "localhost:50051"
+    for bad, words in (("127.0.0.1:notaport", "not a port number"), (":50051", "no host"),
+                       ("http://host:50051", "no scheme"), ("host:50051/", "no scheme"),
+                       ("host:", "empty port"), ("host:70000", "not a port number")):
+        with pytest.raises(ValueError, match=words):
+            sj.split_address(bad)
+
+
+###############################################################################
 # Groups: each test carries its section's group as a mark, to run some of them
 # (pytest -m "kernel or e2e", as .ci/run does on the cgroup v2 VM)
 ###############################################################################
@@ -3639,7 +3726,8 @@ SECTION_GROUPS = (("# Unit tests", "unit"), ("# Kernel tests", "kernel"),
                   ("# End-to-end tests", "e2e"), ("# Security tests", "security"),
                   ("# Restarts, faults", "faults"), ("# Fault tests", "faults"),
                   ("# Tenant tests", "tenants"), ("# Host tests", "hosts"),
-                  ("# API tests", "api"), ("# Session tests", "sessions"))
+                  ("# API tests", "api"), ("# Session tests", "sessions"),
+                  ("# First-hour tests", "newcomer"))
 
 
 def _mark_each_test_with_its_group():
