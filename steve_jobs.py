@@ -901,8 +901,9 @@ class JobCgroup:
             return 2, self.v2_dir
         return None, ""
 
-    def limit_writes(self, limits):
-        """The (path, value) writes that apply limits, in order."""
+    def limit_writes(self, limits, already=None):
+        """The (path, value) writes that apply limits, in order, to a cgroup that has the
+        limits already (None: a new one, every limit at its widest)."""
         writes = []
         version, d = self._dir("cpu")
         if version == 1:
@@ -913,8 +914,12 @@ class JobCgroup:
         version, d = self._dir("memory")
         if version == 1:
             # memsw caps RAM+swap: set equal to the RAM limit, so swap cannot extend it.
-            writes += [(f"{d}/memory.limit_in_bytes", str(limits.memory)),
-                       (f"{d}/memory.memsw.limit_in_bytes", str(limits.memory))]
+            # The kernel refuses a RAM limit above memsw (and memsw below the RAM limit):
+            # raising, memsw goes first; lowering, last.
+            pair = [(f"{d}/memory.limit_in_bytes", str(limits.memory)),
+                    (f"{d}/memory.memsw.limit_in_bytes", str(limits.memory))]
+            raising = already is not None and limits.memory > already.memory
+            writes += pair[::-1] if raising else pair
         elif version == 2:
             writes += [(f"{d}/memory.max", str(limits.memory)),
                        (f"{d}/memory.swap.max", "0")]
@@ -953,7 +958,7 @@ class JobCgroup:
         already: limits applied before; only what differs from them is written.
         """
         done = set(self.limit_writes(already)) if already else set()
-        for path, value in self.limit_writes(limits):
+        for path, value in self.limit_writes(limits, already):
             if (path, value) in done:
                 continue
             if path.endswith(("memsw.limit_in_bytes", "swap.max")) and not os.path.exists(path):
@@ -1108,6 +1113,21 @@ def _keyed(text):
         if len(parts) == 2 and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
     return out
+
+
+def check_whole_disk(device):
+    """Raise InvalidArgumentError unless "MAJOR:MINOR" is a whole disk of this host (the
+    kernel takes IO limits for disks only, and would fail the job's start instead)."""
+    sysfs = f"/sys/dev/block/{device}"
+    if not os.path.exists(sysfs):
+        raise InvalidArgumentError(f"io_device {device} is no block device of this host "
+                                   f"(see lsblk -d -o NAME,MAJ:MIN)", field="limits.io_device",
+                                   reason="NO_SUCH_DEVICE")
+    if os.path.exists(f"{sysfs}/partition"):
+        disk = read_file(os.path.join(os.path.realpath(sysfs), "..", "dev"), "?").strip()
+        raise InvalidArgumentError(f"io_device {device} is a partition: IO limits take its "
+                                   f"disk, {disk}", field="limits.io_device",
+                                   reason="NO_SUCH_DEVICE")
 
 
 def whole_disk_of(path):
@@ -3201,6 +3221,8 @@ class Engine:
         device = requested.io_device or d.io_device
         if device and not re.fullmatch(r"\d{1,4}:\d{1,7}", device):
             raise InvalidArgumentError("io_device must be MAJOR:MINOR", field="limits.io_device")
+        if device and (rbps or wbps):
+            check_whole_disk(device)
         return Limits(cpu=cpu, memory=memory, pids=pids, io_read_bps=rbps,
                       io_write_bps=wbps, io_device=device)
 

@@ -986,6 +986,26 @@ def test_many_quick_jobs_all_report_their_exit(engine):
     assert {s.state for s in statuses} == {sj.EXITED}
 
 
+@pytest.mark.parametrize("memory", ["64M", "1G", "3G"])
+def test_any_memory_limit_starts_from_a_warm_cgroup(engine, memory):
+    status, out = run(engine, ["sh", "-c", "echo ok"],
+                      limits=sj.Limits(memory=sj.parse_size(memory)))
+    assert (status.state, status.exit_code, out) == (sj.EXITED, 0, b"ok\n"), status
+    job_id = engine.start("tester", ["sleep", "30"], sj.Limits(memory=sj.parse_size(memory)))
+    try:
+        version, folder = engine._get(job_id).cgroup._dir("memory")
+        name = "memory.limit_in_bytes" if version == 1 else "memory.max"
+        assert int(sj.read_file(os.path.join(folder, name))) == sj.parse_size(memory)
+    finally:
+        engine.stop(job_id, grace=0)
+
+
+def test_an_io_device_that_is_no_disk_is_refused_at_start(engine):
+    for device in ("4095:4095", *(("8:0",) if not os.path.exists("/sys/dev/block/8:0") else ())):
+        with pytest.raises(sj.InvalidArgumentError, match="io_device"):
+            engine.start("tester", ["true"], sj.Limits(io_write_bps=1 << 20, io_device=device))
+
+
 ###############################################################################
 # End-to-end tests: a real server process, real mutual TLS on loopback
 ###############################################################################
@@ -3704,6 +3724,36 @@ def test_a_sweep_removes_only_the_cgroups_this_state_folder_made():
     finally:
         remove_cgroups(layout, root)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def kernel_memory_rules(monkeypatch):
+    """write_file as a v1 memory controller takes it: the RAM limit never above memsw."""
+    files = {}
+
+    def write(path, value):
+        name = os.path.basename(path)
+        if name in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):
+            ram = int(value) if name == "memory.limit_in_bytes" else files.get("ram", 1 << 62)
+            swap = int(value) if name != "memory.limit_in_bytes" else files.get("sw", 1 << 62)
+            if ram > swap:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            files.update(ram=ram, sw=swap)
+    monkeypatch.setattr(sj, "write_file", write)
+    monkeypatch.setattr(os.path, "exists", lambda p: True)
+    return files
+
+
+@pytest.mark.parametrize("start, to", [(512, 64), (512, 1024), (512, 3072), (3072, 64),
+                                       (64, 3072), (1024, 1024)])
+def test_v1_memory_limits_are_raised_and_lowered_in_the_order_the_kernel_takes(
+        monkeypatch, start, to):
+    layout = sj.CgroupLayout.from_mountinfo(HYBRID_MOUNTINFO, read=lambda p, d=None: "")
+    cg = sj.JobCgroup(layout, "steve-jobs", "j-3")
+    files = kernel_memory_rules(monkeypatch)
+    warm = sj.Limits(memory=start * sj.MiB)
+    cg.apply(warm)
+    cg.apply(warm._replace(memory=to * sj.MiB), already=warm)
+    assert files == {"ram": to * sj.MiB, "sw": to * sj.MiB}
 
 
 def test_listen_and_server_addresses_are_checked_with_the_default_port():
