@@ -3976,6 +3976,8 @@ def validate_env(pairs):
 JWT_ALGORITHM = "ES256"
 JWT_ISSUER = JWT_AUDIENCE = "steve-jobs"
 JWT_LEEWAY = 30                     # seconds of clock skew tolerated
+MAX_TOKEN_BYTES = 16 * KiB          # a bearer token with many claims still fits
+MAX_METADATA_BYTES = MAX_TOKEN_BYTES + 8 * KiB   # grpc's limit: the token and the rest
 
 # Every RPC and what it needs. "job" RPCs act on one job and are scoped by ownership.
 RPC_ACTIONS = {
@@ -4040,6 +4042,10 @@ class TokenVerifier:
             raise UnauthenticatedError("no verified client certificate")
         if not token:
             raise UnauthenticatedError("no bearer token (metadata 'authorization: Bearer ...')")
+        if len(token) > MAX_TOKEN_BYTES:
+            raise UnauthenticatedError(f"the token is {len(token)} bytes: at most "
+                                       f"{human_bytes(MAX_TOKEN_BYTES)}",
+                                       reason="TOKEN_TOO_LARGE")
         if self._issuer_check:
             self._issuer_check.check(cert_pem)
         cached = self._verified.get((token, cert_pem))
@@ -4054,13 +4060,18 @@ class TokenVerifier:
 
     def _verify(self, token, cert_cn, cert_der):
         jwt = self._jwt
-        try:
-            claims = jwt.decode(
+
+        def decode(**options):
+            return jwt.decode(
                 token, self._key, algorithms=[JWT_ALGORITHM], audience=self.audience,
                 issuer=self.issuer, leeway=JWT_LEEWAY,
-                options={"require": ["exp", "iat", "sub", "aud", "iss"]})
+                options={"require": ["exp", "iat", "sub", "aud", "iss"], **options})
+        try:
+            claims = decode()
         except jwt.ExpiredSignatureError:
-            raise UnauthenticatedError("token expired", reason="TOKEN_EXPIRED") from None
+            exp = decode(verify_exp=False)["exp"]   # (signed by us: its time can be said)
+            raise UnauthenticatedError(f"token expired at {rfc3339(exp)}",
+                                       reason="TOKEN_EXPIRED") from None
         except jwt.InvalidTokenError as e:
             raise UnauthenticatedError(f"invalid token: {e}") from None
         for name, kind in CLAIM_TYPES.items():   # a signed token is not a well-formed one
@@ -4536,6 +4547,22 @@ def certificate_folder_problems(certs_dir):
         if entry.name.endswith((".key", ".jwt")) and entry.stat().st_mode & 0o077:
             problems.append(f"{entry.path} is readable by other users: chmod 600 it")
     return problems
+
+
+def make_keys_private(certs_dir):
+    """chmod 600 the private keys and tokens (*.key, *.jwt: regular files, not links) of
+    certs_dir that others can read (after a clone, all of them: git keeps no modes), and
+    say so. What --insecure-dev-certs does first: a development set on a shared host must
+    not make every local user an admin."""
+    made = []
+    for entry in sorted(os.scandir(certs_dir), key=lambda e: e.name):
+        if (entry.name.endswith((".key", ".jwt")) and entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_mode & 0o077):
+            os.chmod(entry.path, 0o600)
+            made.append(entry.name)
+    if made:
+        log.warning("--insecure-dev-certs: made %d keys and tokens in %s readable by their "
+                    "owner only (chmod 600): %s", len(made), certs_dir, " ".join(made))
 
 
 def is_development_ca(ca_pem):
@@ -5316,6 +5343,7 @@ async def serve(engine, config, verifier, on_started=None):
     connections = config.connection_cap(engine.config.max_running_jobs)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", 4 * MiB), ("grpc.so_reuseport", 0),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
         # A connection that has not finished its TLS handshake by then is dropped: idle
         # sockets must not hold the server's file handles.
         ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
@@ -5385,17 +5413,25 @@ class Client:
         files = {name: os.path.join(certs_dir, name)
                  for name in ("ca.crt", f"{user}.crt", f"{user}.key", f"{user}.jwt")}
         try:
-            ca, cert, key = (open(files[n], "rb").read()
-                             for n in ("ca.crt", f"{user}.crt", f"{user}.key"))
+            ca, cert = (open(files[n], "rb").read() for n in ("ca.crt", f"{user}.crt"))
+            key = read_private(files[f"{user}.key"], user)
             if token is None:
-                token = open(files[f"{user}.jwt"]).read().strip()
+                token = read_private(files[f"{user}.jwt"], user).decode(errors="replace").strip()
+                if not token:
+                    raise ClientError(EXIT_USAGE, f"the token file {files[f'{user}.jwt']} is "
+                                                  f"empty (ask the operator for {user}'s token)")
         except OSError as e:
             raise ClientError(EXIT_USAGE, f"cannot read {e.filename}: {e.strerror} "
                                           f"(see --certs and --user)") from None
+        if len(token) > MAX_TOKEN_BYTES:
+            raise ClientError(EXIT_CODES["UNAUTHENTICATED"],
+                              f"the token {files[f'{user}.jwt']} is {len(token)} bytes: a "
+                              f"server takes at most {human_bytes(MAX_TOKEN_BYTES)}")
         credentials = grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=key, certificate_chain=cert)
         self.channel = grpc.secure_channel(
-            server, credentials, options=[("grpc.max_receive_message_length", 8 * MiB)])
+            server, credentials, options=[("grpc.max_receive_message_length", 8 * MiB),
+                                          ("grpc.max_metadata_size", MAX_METADATA_BYTES)])
         self.stub = pb_grpc.JobServiceStub(self.channel)
         # One span for this command's calls; in the caller's trace if it runs in one.
         self.traceparent = new_traceparent(trace_id_of(os.environ.get("TRACEPARENT", "")))
@@ -5428,6 +5464,16 @@ class Client:
 
     def close(self):
         self.channel.close()
+
+
+def read_private(path, user):
+    """The bytes of a private key or token file, refused (as ssh does) when group or
+    others may read it: whoever can read it can act as user. Raises ClientError, OSError."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_mode & 0o077:
+            raise ClientError(EXIT_USAGE, f"{path} can be read by other users, who could act "
+                                          f"as {user} with it: chmod 600 {path}")
+        return f.read()
 
 
 class OutputStream:
@@ -5553,6 +5599,9 @@ class ClientError(Exception):
             details = why.format(server=server, certs=certs_dir, user=user) + \
                 f" [{details.strip()[:200]}]"
             reason = reason or "CONNECTION_FAILED"
+        if reason == "TOKEN_EXPIRED":
+            details += (f" (the token {os.path.join(certs_dir, user + '.jwt')}: ask the "
+                        f"operator for a new one, made with `steve_jobs.py token`)")
         return cls(EXIT_CODES.get(code, EXIT_ERROR), f"{code.lower()}: {details}", code,
                    reason, field)
 
@@ -6130,6 +6179,8 @@ def cmd_server(args):
         hidden_paths=(args.certs,)))
     try:
         CertificateStore(args.certs).read()
+        if args.insecure_dev_certs:
+            make_keys_private(args.certs)
         problems = certificate_folder_problems(args.certs)
         if problems and not args.insecure_dev_certs:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

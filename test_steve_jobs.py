@@ -3756,6 +3756,100 @@ def test_v1_memory_limits_are_raised_and_lowered_in_the_order_the_kernel_takes(
     assert files == {"ram": to * sj.MiB, "sw": to * sj.MiB}
 
 
+def cli_as(server, certs_dir, *args, user="mrarsenal", run_as=None, timeout=scaled(60)):
+    """The CLI with another certificate folder, as root or (run_as) another local user."""
+    prefix = ["setpriv", f"--reuid={run_as}", f"--regid={run_as}", "--clear-groups"] \
+        if run_as is not None else []
+    return subprocess.run([*prefix, PYTHON, SCRIPT, "--server", server.address, "--certs",
+                           certs_dir, "--user", user, *args], capture_output=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout,
+                          env={**os.environ, **({"HOME": "/"} if prefix else {})})
+
+
+def a_clone_of_the_bundled_certs(parent):
+    """certs/ as a fresh clone has it, in a folder every user may enter: every file 0644
+    (git keeps no modes)."""
+    folder = os.path.join(parent, "certs")
+    shutil.copytree(os.path.join(HERE, "certs"), folder)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o644)
+    os.chmod(parent, 0o755)
+    return folder
+
+
+def test_insecure_dev_certs_makes_the_bundled_keys_private_and_says_so():
+    require_kernel()
+    parent = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/tmp")
+    folder = a_clone_of_the_bundled_certs(parent)
+    srv = Server(folder, extra=["--insecure-dev-certs", "--stop-jobs-on-exit"])
+    srv.server_certs = folder                    # the Quickstart's: the whole bundled set
+    try:
+        srv.start()
+        private = [n for n in os.listdir(folder) if n.endswith((".key", ".jwt"))]
+        assert private and all(os.stat(os.path.join(folder, n)).st_mode & 0o777 == 0o600
+                               for n in private)
+        assert "chmod 600" in srv.read_log()
+        done = cli_as(srv, folder, "run", "-f", "id -u")
+        assert done.returncode == 0, done.stderr
+        nobody = cli_as(srv, folder, "run", "--root", "-f", "id -u", run_as=65534)
+        assert nobody.returncode == 2 and nobody.stdout == b"", nobody
+        assert b"Permission denied" in nobody.stderr and b"Traceback" not in nobody.stderr
+        assert b"mrarsenal.key" in nobody.stderr   # (the folder itself is open to all)
+    finally:
+        srv.cleanup()
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_the_client_refuses_a_key_or_token_others_can_read(server, tmp_path):
+    for name in ("alice.key", "alice.jwt"):
+        folder = str(tmp_path / name)
+        shutil.copytree(server.certs, folder)
+        os.chmod(os.path.join(folder, name), 0o644)
+        done = cli_as(server, folder, "list", user="alice")
+        path = os.path.join(folder, name)
+        assert done.returncode == 2, done
+        assert done.stderr.decode().strip().endswith(f"chmod 600 {path}"), done.stderr
+        assert done.stderr.count(b"\n") == 1
+    empty = str(tmp_path / "empty")
+    shutil.copytree(server.certs, empty)
+    open(os.path.join(empty, "alice.jwt"), "w").close()
+    done = cli_as(server, empty, "list", user="alice")
+    assert done.returncode == 2 and b"alice.jwt is empty" in done.stderr, done.stderr
+
+
+def test_tokens_up_to_16k_are_taken_and_bigger_ones_refused_with_a_reason(server, tmp_path):
+    for size, code in ((7 * 1024, 0), (15 * 1024, 0), (17 * 1024, 7)):
+        claims = jwt_claims(server.certs, "mrarsenal", groups=["g" * 60] * (size // 85))
+        token = signed(server.certs, claims)
+        assert abs(len(token) - size) < 1024
+        folder = str(tmp_path / str(size))
+        shutil.copytree(server.certs, folder)
+        with open(os.path.join(folder, "mrarsenal.jwt"), "w") as f:
+            f.write(token)
+        done = cli_as(server, folder, "list", "-q")
+        assert done.returncode == code, (size, done.stderr)
+        if code:
+            assert b"at most 16.0KiB" in done.stderr, done.stderr
+    huge = signed(server.certs, jwt_claims(server.certs, "mrarsenal",
+                                           groups=["g" * 60] * (18 * 1024 // 85)))
+    assert call(server.certs, server.address, "List", sj.import_grpc()[1].ListRequest(),
+                token=huge)[0] == "UNAUTHENTICATED"
+
+
+def test_an_expired_token_says_which_file_when_and_what_to_do(server, tmp_path):
+    folder = str(tmp_path / "expired")
+    shutil.copytree(server.certs, folder)
+    then = int(time.time()) - 3600
+    with open(os.path.join(folder, "mrarsenal.jwt"), "w") as f:
+        f.write(signed(server.certs, jwt_claims(server.certs, "mrarsenal", iat=then - 60,
+                                                exp=then)))
+    done = cli_as(server, folder, "list")
+    line = done.stderr.decode()
+    assert done.returncode == 7 and line.count("\n") == 1, line
+    assert sj.rfc3339(then)[:16] in line and os.path.join(folder, "mrarsenal.jwt") in line
+    assert "steve_jobs.py token" in line
+
+
 def test_listen_and_server_addresses_are_checked_with_the_default_port():
     assert sj.split_address("localhost") == ("localhost", 50051)
     assert sj.split_address("[::1]:7") == ("::1", 7)
