@@ -5147,7 +5147,12 @@ class JobService:
                     raise InvalidArgumentError("Input's first message must name the job")
                 job_id = self.job_for(identity, "Input", first.job_id)
                 writer = await self._take_input(job_id, user, first.take_over)
-                await writer.relay(first, request_iterator)
+                try:
+                    await writer.relay(first, request_iterator)
+                finally:
+                    if not (writer.sent_eof or writer.ended_because or self.shutting_down
+                            or self.engine.has_terminal(job_id)):
+                        await writer.end_input()   # (a terminal waits for attach)
                 return self.pb.InputSummary(bytes=writer.written)
         finally:
             if writer is not None:
@@ -5171,7 +5176,8 @@ class JobService:
         writer = InputWriter(job_id, user)
         self.writers[job_id] = writer
         try:
-            await writer.connect(asyncio.get_running_loop(), folder)
+            await writer.connect(asyncio.get_running_loop(), folder,
+                                 lambda: self.engine.input_folder(job_id))
         except BaseException:
             self._release_input(writer)
             raise
@@ -5208,33 +5214,51 @@ class InputWriter:
 
     def __init__(self, job_id, user):
         self.job_id, self.user, self.since = job_id, user, time.time()
-        self.written, self.ended_because = 0, ""
-        self.sock, self.loop = None, None
+        self.written, self.ended_because, self.sent_eof = 0, "", False
+        self.sock, self.loop, self.taken = None, None, None   # taken: set by end()
 
-    async def connect(self, loop, folder):
-        """Raises FailedPreconditionError if the job's supervisor does not answer (ended),
-        DeadlineExceededError if it does not take the connection in INPUT_CONNECT_TIMEOUT."""
+    async def connect(self, loop, folder, check_running):
+        """Connect to the job's supervisor. A job just started may not listen yet: while
+        check_running() (which raises the engine's error once the job has ended) passes,
+        the connect is tried again, for up to INPUT_CONNECT_TIMEOUT in all.
+
+        Raises FailedPreconditionError (the job ended), DeadlineExceededError (its
+        supervisor did not take the connection in time)."""
         import asyncio
         self.loop = loop
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.setblocking(False)
-        with contextlib.suppress(OSError):   # room for whole pieces (root may exceed the max)
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 * INPUT_PIECE)
-        try:
-            with opened_folder(folder) as fd:   # (see bind_in_folder)
-                await asyncio.wait_for(loop.sock_connect(
-                    self.sock, f"/proc/self/fd/{fd}/{INPUT_SOCKET}"), INPUT_CONNECT_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise DeadlineExceededError(f"job {self.job_id}'s supervisor does not take input "
-                                        f"now; try again") from None
-        except OSError:
-            raise FailedPreconditionError(f"job {self.job_id} takes no more input (it has "
-                                          f"ended)", reason="JOB_NOT_RUNNING") from None
+        deadline, pause = loop.time() + INPUT_CONNECT_TIMEOUT, 0.002
+        while True:
+            self.close()
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.sock.setblocking(False)
+            with contextlib.suppress(OSError):   # room for whole pieces (root may exceed max)
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 * INPUT_PIECE)
+            try:
+                with opened_folder(folder) as fd:   # (see bind_in_folder)
+                    await asyncio.wait_for(loop.sock_connect(
+                        self.sock, f"/proc/self/fd/{fd}/{INPUT_SOCKET}"),
+                        max(0.0, deadline - loop.time()))
+                return
+            except asyncio.TimeoutError:
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                    raise FailedPreconditionError(f"cannot connect to job {self.job_id}'s "
+                                                  f"supervisor: {e.strerror}") from None
+            check_running()
+            if loop.time() + pause > deadline:
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        raise DeadlineExceededError(f"job {self.job_id}'s supervisor does not take input "
+                                    f"now; try again")
 
     async def relay(self, first, messages):
         """Send first's and every later message's content until the stream ends or eof.
         Raises InvalidArgumentError (a malformed message), FailedPreconditionError (the job
         ended, or another took over)."""
+        import asyncio
+        self.taken = asyncio.Event()
         message = first
         while message is not None:
             if message is MALFORMED:
@@ -5242,7 +5266,15 @@ class InputWriter:
             await self._send_message(message)
             if message.eof:
                 return
-            message = await anext(messages, None)
+            # A writer taken over is told at once, not at its next message.
+            coming = asyncio.ensure_future(anext(messages, None))
+            taken = asyncio.ensure_future(self.taken.wait())
+            await asyncio.wait((coming, taken), return_when=asyncio.FIRST_COMPLETED)
+            taken.cancel()
+            if not coming.done():
+                coming.cancel()
+                raise FailedPreconditionError(self.ended_because, reason="INPUT_TAKEN_OVER")
+            message = coming.result()
 
     async def _send_message(self, m):
         if m.HasField("size"):
@@ -5257,6 +5289,16 @@ class InputWriter:
             await self._send(INPUT_REDRAW)
         if m.eof:
             await self._send(INPUT_EOF)
+            self.sent_eof = True
+
+    async def end_input(self):
+        """The writer went away without eof (Ctrl-C, a lost connection): end the job's
+        stdin, bounded, so that no job waits for ever on an input nobody holds. Never
+        raises."""
+        import asyncio
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._send(INPUT_EOF), INPUT_CONNECT_TIMEOUT)
+            self.sent_eof = True
 
     async def _send(self, message):
         try:
@@ -5271,12 +5313,15 @@ class InputWriter:
         """Another writer takes over: the supervisor hangs up on us now, and our next send
         fails with why. (shutdown, not close: the loop may be waiting on the socket.)"""
         self.ended_because = why
-        with contextlib.suppress(OSError):
+        if self.taken is not None:
+            self.taken.set()
+        with contextlib.suppress(OSError, AttributeError):   # (None: not connected yet)
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self):
         if self.sock is not None:
             self.sock.close()
+            self.sock = None
 
 
 class _Malformed:
@@ -5406,10 +5451,11 @@ async def serve(engine, config, verifier, on_started=None):
 class Client:
     """A connection to a steve-jobs server, authenticated as one user. Raises ClientError."""
 
-    def __init__(self, server, certs_dir, user, token=None):
+    def __init__(self, server, certs_dir, user, token=None, origin="--server"):
         self.grpc, self.pb, pb_grpc = import_grpc(aio=False)
         grpc = self.grpc
         self.server, self.certs_dir, self.user = server, certs_dir, user
+        self.origin, self._diagnosis = origin, None   # where server came from; what failed
         files = {name: os.path.join(certs_dir, name)
                  for name in ("ca.crt", f"{user}.crt", f"{user}.key", f"{user}.jwt")}
         try:
@@ -5446,8 +5492,21 @@ class Client:
             raise self.error(e) from None
 
     def error(self, rpc_error):
-        """The ClientError for a failed call, in this connection's terms."""
-        return ClientError.from_rpc(rpc_error, self.server, self.certs_dir, self.user)
+        """The ClientError for a failed call, in this connection's terms: a connection
+        that failed is tried again by hand (diagnose_connection) to say what really did."""
+        e = ClientError.from_rpc(rpc_error, self.server, self.certs_dir, self.user)
+        if e.reason == "CONNECTION_FAILED":
+            if self._diagnosis is None:
+                self._diagnosis = diagnose_connection(self.server, self.certs_dir, self.user,
+                                                      self.origin) or ""
+            if self._diagnosis:
+                e.args = (f"unavailable: {self._diagnosis}",)
+        return e
+
+    def unreachable(self):
+        """Whether a failed connection was found broken (error() diagnosed it): a call
+        that failed so never reached the server."""
+        return bool(self._diagnosis)
 
     def output(self, request):
         """An OutputStream of the OutputRequest's chunks, as OutputPieces."""
@@ -5573,6 +5632,74 @@ CONNECTION_PROBLEMS = (
 )
 
 
+def diagnose_connection(server, certs_dir, user, origin, timeout=5.0):
+    """Why a connection to server (host:port, from origin: a flag, a variable or a
+    context) failed, found by doing its steps by hand: resolve, connect, TLS with our
+    certificates, HTTP/2. One line, or None if every step works. Never raises."""
+    import ssl
+    host, port = split_address(server)
+    at = f"{server} ({origin})"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return f"cannot reach the server: {host!r} in {origin} does not resolve"
+    sock, why = None, ""
+    for family, kind, proto, _, where in addresses:
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(where)
+            break
+        except OSError as e:
+            sock.close()
+            sock = None
+            why = ("nothing listens there" if isinstance(e, ConnectionRefusedError) else
+                   f"no answer in {timeout:g} s" if isinstance(e, TimeoutError) else
+                   e.strerror or str(e))
+    if sock is None:
+        return (f"cannot reach the server at {at}: {why} (is it running, and is that its "
+                f"address?)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        ctx.load_verify_locations(os.path.join(certs_dir, "ca.crt"))
+        ctx.load_cert_chain(os.path.join(certs_dir, f"{user}.crt"),
+                            os.path.join(certs_dir, f"{user}.key"))
+    except (OSError, ssl.SSLError):
+        sock.close()
+        return None
+    refused = (f"the server at {at} refused the client certificate "
+               f"{os.path.join(certs_dir, user + '.crt')} (not signed by its CA, expired, or "
+               f"not a client certificate)")
+    try:
+        with ctx.wrap_socket(sock, server_hostname=host) as tls:
+            if tls.selected_alpn_protocol() != "h2":
+                return f"{at} speaks TLS but not gRPC (HTTP/2): not a steve-jobs server"
+            # TLS 1.3: a refused client certificate is said after the handshake, at the
+            # first read; a gRPC server answers the HTTP/2 preface with its SETTINGS.
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            if not tls.recv(9):
+                return refused
+    except ssl.SSLCertVerificationError as e:
+        if e.verify_code in (62, 64):   # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_
+            return (f"the server's certificate at {server} is not for the name {host!r} "
+                    f"(in {origin})")
+        return (f"the server's certificate is not signed by {certs_dir}/ca.crt: this is not "
+                f"the server you trust (or --certs is the wrong folder) [{e.verify_message}]")
+    except ssl.SSLError as e:
+        if "WRONG_VERSION_NUMBER" in str(e) or "RECORD_LAYER" in str(e) or \
+                "PACKET_LENGTH_TOO_LONG" in str(e) or "HTTP_REQUEST" in str(e):
+            return f"{at} answered, but is not a TLS server (plain HTTP, or another service?)"
+        if "ALERT" in str(e).upper():
+            return refused
+        return None
+    except (ConnectionError, TimeoutError, OSError):
+        return refused
+    finally:
+        sock.close()
+    return None
+
+
 class ClientError(Exception):
     """A failed client operation: one line for the user, and an exit code; for a status
     from the server, its code, reason and field too."""
@@ -5580,11 +5707,13 @@ class ClientError(Exception):
     def __init__(self, exit_code, message, code="", reason="", field=""):
         super().__init__(message)
         self.exit_code, self.code, self.reason, self.field = exit_code, code, reason, field
+        self.grpc_details = ""   # a failed call's own words from grpc
 
     @classmethod
     def from_rpc(cls, error, server="", certs_dir="", user=""):
         code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
         details = (error.details() if hasattr(error, "details") else "") or code
+        said_by_grpc = details
         trailer = dict(error.trailing_metadata() or ()) if hasattr(
             error, "trailing_metadata") else {}
         reason, field = error_reason(trailer[STATUS_DETAILS_KEY]) if (
@@ -5602,8 +5731,10 @@ class ClientError(Exception):
         if reason == "TOKEN_EXPIRED":
             details += (f" (the token {os.path.join(certs_dir, user + '.jwt')}: ask the "
                         f"operator for a new one, made with `steve_jobs.py token`)")
-        return cls(EXIT_CODES.get(code, EXIT_ERROR), f"{code.lower()}: {details}", code,
+        made = cls(EXIT_CODES.get(code, EXIT_ERROR), f"{code.lower()}: {details}", code,
                    reason, field)
+        made.grpc_details = said_by_grpc
+        return made
 
     def as_json(self):
         """What --json prints for this error."""
@@ -5862,7 +5993,14 @@ def connection_settings(args):
     if not getattr(args, "certs") and not os.environ.get("STEVE_JOBS_CERTS") and \
             context.get("certs"):   # a context's relative folder is relative to its file
         certs = os.path.join(os.path.dirname(path), os.path.expanduser(certs))
-    return setting("server", DEFAULT_SERVER), certs, setting("user", DEFAULT_USER)
+    origin = ("--server" if args.server else "STEVE_JOBS_SERVER" if os.environ.get(
+        "STEVE_JOBS_SERVER") else f"context {name}'s server" if context.get("server")
+        else "the default server")
+    try:
+        server = join_address(*split_address(setting("server", DEFAULT_SERVER), origin))
+    except ValueError as e:
+        raise ClientError(EXIT_USAGE, str(e)) from None
+    return server, certs, setting("user", DEFAULT_USER), origin
 
 
 DEFAULT_SERVER, DEFAULT_USER = "127.0.0.1:50051", "mrarsenal"
@@ -6554,7 +6692,9 @@ def interactive_session(client, job_id, terminal, send_input, tail_lines=0,
             first.size.rows, first.size.columns = terminal_size()
         feed = InputFeed(pb, first, escapes=raw, send_eof=not terminal, on_detach=detach)
         future = client.input(feed)
-        future.add_done_callback(lambda f: problems.append(f))
+        # Said at once, from grpc's thread, and once (not when the next output comes).
+        future.add_done_callback(lambda f: problems or problems.append(
+            _tell_input_problem(client, f, raw, ending=detached)))
         feed.start()
     try:
         with RawTerminal() if raw else contextlib.nullcontext(), (
@@ -6600,24 +6740,25 @@ def on_resize(callback):
 
 def _print_session(client, stream, job_id, raw, detached, problems):
     """interactive_session's output loop; says once why input ended early, if it did."""
-    printer, told = OutputPrinter(), False
+    printer = OutputPrinter()
     guard = contextlib.nullcontext([]) if raw else detach_on_ctrl_c(stream, job_id)
     with guard as interrupted:
         try:
             for chunk in stream:
                 printer.write(chunk)
-                if problems and not told:
-                    told = _tell_input_problem(client, problems[0], raw)
         except client.grpc.RpcError as e:
             if not (detached or interrupted):
                 raise client.error(e) from None
 
 
-def _tell_input_problem(client, future, raw):
-    """Say why the Input call ended, if it failed. Returns True."""
-    if future.cancelled() or future.exception() is None:
+def _tell_input_problem(client, future, raw, ending=()):
+    """Say why the Input call ended, if it failed (and the session is not ending: ending
+    non-empty). Returns True."""
+    if ending or future.cancelled() or future.exception() is None:
         return True
     e = client.error(future.exception())
+    if e.reason == "JOB_NOT_RUNNING":
+        return True   # it ended without reading all of it: its output and status tell
     end = "\r\n" if raw else "\n"
     sys.stderr.write(f"{end}steve-jobs: not sending input: {e}{end}")
     sys.stderr.flush()
@@ -6665,13 +6806,16 @@ def start_with_retry(client, request):
     try:
         return client.call("Start", request)
     except ClientError as e:
-        if e.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            raise
+        if e.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED") or client.unreachable():
+            raise   # (never reached: no start to find again; say so at once)
     time.sleep(0.5)
     return client.call("Start", request, wait_for_ready=True)
 
 
 def cmd_run(client, args):
+    if args.tty and not os.isatty(0):
+        raise ClientError(EXIT_USAGE, "the input device is not a terminal: -t needs one "
+                                      "(-i alone sends a pipe or a file)")
     request = start_request(client, args)
     args.follow = args.follow or args.interactive or args.tty
     if not args.interactive and not stdin_is_ignorable():
@@ -6852,7 +6996,8 @@ def cmd_client(args):
     ClientError."""
     previous = signal.signal(signal.SIGINT, exit_on_ctrl_c)
     try:
-        return _client_command(Client(*connection_settings(args)), args)
+        server, certs, user, origin = connection_settings(args)
+        return _client_command(Client(server, certs, user, origin=origin), args)
     finally:
         signal.signal(signal.SIGINT, previous)
 

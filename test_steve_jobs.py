@@ -3850,6 +3850,134 @@ def test_an_expired_token_says_which_file_when_and_what_to_do(server, tmp_path):
     assert "steve_jobs.py token" in line
 
 
+@contextlib.contextmanager
+def plain_http_listener():
+    """A plain HTTP server on a free loopback port: its address."""
+    import http.server
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_wrong_addresses_say_what_is_wrong_and_where_the_value_came_from(server, tmp_path):
+    def client(address, *args, env=None):
+        flag = ["--server", address] if env is None else []
+        started = time.monotonic()
+        done = subprocess.run([PYTHON, SCRIPT, *flag, "--certs", server.certs, *args],
+                              capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=scaled(60), env={**os.environ, **(env or {})})
+        line = done.stderr.decode()
+        assert line.count("\n") == 1 and "Traceback" not in line, line
+        return done.returncode, line, time.monotonic() - started
+    for address, words in (("127.0.0.1:notaport", "not a port number"),
+                           (":50051", "names no host"), ("http://host:50051", "no scheme"),
+                           (server.address + "/", "no scheme")):
+        code, line, _ = client(address, "status", "x")
+        assert code == 2 and words in line and "--server" in line, line
+    code, line, _ = client("", "status", "x", env={"STEVE_JOBS_SERVER": "host:"})
+    assert code == 2 and "STEVE_JOBS_SERVER" in line, line
+    code, line, took = client("no-such-host.invalid", "run", "-f", "true")
+    assert code == 125 and "does not resolve" in line and took < scaled(10), line
+    code, line, took = client(f"127.0.0.1:{free_port()}", "run", "true")
+    assert code == 8 and "nothing listens there" in line and took < scaled(10), line
+    code, line, _ = client("127.0.0.1", "status", "x")   # the default port, not 443
+    assert "127.0.0.1:50051" in line, line
+    with plain_http_listener() as http_address:
+        code, line, _ = client(http_address, "status", "x")
+        assert code == 8 and "not a TLS server" in line, line
+    code, line, _ = client(f"[::ffff:127.0.0.1]:{server.port}", "status", "x")
+    assert code == 8 and "is not for the name" in line, line
+
+
+def test_input_right_after_start_waits_for_the_supervisor_to_listen(server):
+    """Reproduction: `tar c certs | run -i 'tar x'` hung 1 in 30: an Input 3 ms after
+    Start was told the job "has ended" while it waited on stdin."""
+    api = Api(server)
+    try:
+        for _ in range(30):
+            job = started(api, ["cat"], stdin=True).job_id
+            sent = api.Input(iter([api.pb.InputMessage(job_id=job, data=b"x", eof=True)]),
+                             timeout=scaled(20))
+            assert sent.bytes == 1
+            wait_for(lambda: api.Status(api.pb.JobRef(job_id=job)).state ==
+                     api.pb.STATE_EXITED)
+            assert output_of(api, job) == b"x"
+            api.Remove(api.pb.JobRef(job_id=job))
+    finally:
+        api.close()
+
+
+def run_i_client(server, *args):
+    """`run -i ...` with a stdin pipe the test holds; waits for the job's id."""
+    proc = subprocess.Popen([PYTHON, SCRIPT, "--server", server.address, "--certs",
+                             server.certs, "--user", "mrarsenal", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    line = proc.stderr.readline().decode()
+    assert line.startswith("job "), line
+    return proc, line.split()[1]
+
+
+def test_ctrl_c_in_run_i_ends_the_jobs_stdin_instead_of_leaving_it_waiting(server):
+    proc, job = run_i_client(server, "run", "-i", "cat; echo got-eof")
+    try:
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"hello\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(scaled(10)) == 130
+        deadline = time.monotonic() + scaled(10)
+        while job_state(server, job) == "running":
+            assert time.monotonic() < deadline, "the job still waits on a stdin nobody holds"
+            time.sleep(0.05)
+        assert cli(server, "output", job).stdout == b"hello\ngot-eof\n"
+    finally:
+        proc.kill()
+        proc.wait()
+        cli(server, "stop", "--grace", "0", job)
+
+
+def test_a_writer_taken_over_is_told_at_once_and_once(server):
+    proc, job = run_i_client(server, "run", "-i", "cat")
+    taker = None
+    try:
+        proc.stdin.write(b"one\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"one\n"
+        taker = subprocess.Popen([PYTHON, SCRIPT, "--server", server.address, "--certs",
+                                  server.certs, "attach", "-i", "--take-over", job],
+                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        os.set_blocking(proc.stderr.fileno(), False)
+        told, deadline = b"", time.monotonic() + scaled(10)
+        while b"took over" not in told:   # with no output coming after the take-over
+            assert time.monotonic() < deadline, told
+            time.sleep(0.05)
+            told += proc.stderr.read() or b""
+        taker.stdin.close()   # eof: cat ends, and so do both clients
+        assert proc.wait(scaled(20)) == 0 and taker.wait(scaled(20)) == 0
+        told += proc.stderr.read() or b""
+        assert told.count(b"took over") == 1, told
+    finally:
+        for p in (proc, taker):
+            if p:
+                p.kill()
+                p.wait()
+        cli(server, "stop", "--grace", "0", job)
+
+
+def test_run_t_without_a_terminal_is_refused_at_once(server):
+    before = len(cli_json(server, "list", "--all"))
+    done = cli(server, "run", "-it", "bash", input=b"echo cmd\n", timeout=scaled(20))
+    assert done.returncode == 2 and b"not a terminal" in done.stderr, done.stderr
+    assert len(cli_json(server, "list", "--all")) == before
+
+
 def test_listen_and_server_addresses_are_checked_with_the_default_port():
     assert sj.split_address("localhost") == ("localhost", 50051)
     assert sj.split_address("[::1]:7") == ("::1", 7)
