@@ -6336,7 +6336,8 @@ def cmd_server(args):
                           max_streams_per_user=args.max_streams_per_user,
                           handshake_timeout=args.handshake_timeout,
                           host_network_roles=("admin", *args.allow_host_network_role),
-                          open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                          # (what engine.open() raises the soft limit to: the hard one)
+                          open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     served = []
     try:
         asyncio.run(serve(engine, config, verifier, on_started=lambda: served.append(True)))
