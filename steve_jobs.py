@@ -5937,10 +5937,30 @@ def add_env_flag(parser, flag, kind, default, help_text):
 
 
 def check_env_values(args):
-    """Raises ClientError naming the first STEVE_JOBS_* variable args took that is bad."""
-    for value in vars(args).values():
+    """Raises ClientError naming the first STEVE_JOBS_* variable args took that is bad,
+    or the first argument that is not valid UTF-8 (the API carries text)."""
+    for dest, value in vars(args).items():
         if isinstance(value, BadValue):
             raise ClientError(EXIT_USAGE, f"{value.variable}: {value.problem}")
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            for text in item if isinstance(item, tuple) else (item,):
+                if isinstance(text, str) and not is_utf8(text):
+                    name = "--" + dest.replace("_", "-") if dest not in POSITIONAL_NAMES \
+                        else POSITIONAL_NAMES[dest]
+                    raise ClientError(EXIT_USAGE, f"{name} {quoted(text)} is not valid UTF-8 "
+                                                  f"(the API carries text)")
+
+
+POSITIONAL_NAMES = {"job_id": "the job", "job_ids": "a job", "cmd": "the command's word"}
+
+
+def is_utf8(text):
+    """Whether a str from argv or the environment came from valid UTF-8 (no surrogates)."""
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def config_path():
@@ -5986,9 +6006,11 @@ def connection_settings(args):
     here = os.path.dirname(os.path.abspath(__file__))
 
     def setting(key, default):
-        value = getattr(args, key) or os.environ.get(f"STEVE_JOBS_{key.upper()}") or \
-            context.get(key) or default
-        return str(value)
+        value = str(getattr(args, key) or os.environ.get(f"STEVE_JOBS_{key.upper()}") or
+                    context.get(key) or default)
+        if not is_utf8(value):
+            raise ClientError(EXIT_USAGE, f"the {key} {quoted(value)} is not valid UTF-8")
+        return value
     certs = setting("certs", os.path.join(here, "certs"))
     if not getattr(args, "certs") and not os.environ.get("STEVE_JOBS_CERTS") and \
             context.get("certs"):   # a context's relative folder is relative to its file
@@ -6204,6 +6226,7 @@ def add_output_flags(c):
 
 
 def add_list_parser(ls):
+    import argparse
     ls.add_argument("--all", action="store_true", help="every user's jobs (admins, readers)")
     ls.add_argument("--owner", default="", help="that user's jobs (admins, readers)")
     ls.add_argument("--state", action="append", default=[], choices=list(STATE_TO_PB),
@@ -6213,7 +6236,8 @@ def add_list_parser(ls):
     ls.add_argument("--name", default="", help="only the job of this name")
     ls.add_argument("--full", action="store_true",
                     help="with --json: every field (as status), not the summary")
-    ls.add_argument("-q", "--quiet", action="store_true", help="ids and names only")
+    ls.add_argument("-q", "--quiet", action="store_true", help="job ids only, one a line")
+    ls.add_argument("--with-names", action="store_true", help=argparse.SUPPRESS)   # completion
 
 
 def add_server_parser(s):
@@ -6932,14 +6956,15 @@ def cmd_list(client, args):
                              labels=dict(args.label),
                              states=[STATE_TO_PB[s] for s in args.state],
                              view=pb.VIEW_FULL if args.full else pb.VIEW_SUMMARY)
-    jobs = []
-    if not (args.json or args.quiet):
-        print(f"{'JOB':36}  {'NAME':16} {'OWNER':12} {'STATE':10} {'EXIT':>4}  COMMAND")
+    jobs, header = [], not (args.json or args.quiet)
     while True:
         page = client.call("List", request)
+        if header:   # (only once the server has answered: an error comes alone)
+            print(f"{'JOB':36}  {'NAME':16} {'OWNER':12} {'STATE':10} {'EXIT':>4}  COMMAND")
+            header = False
         for j in page.jobs:
             if args.quiet:
-                print(j.job_id + (f"\n{j.name}" if j.name else ""))
+                print(j.job_id + (f"\n{j.name}" if j.name and args.with_names else ""))
             elif args.json:
                 jobs.append(status_dict(j))
             else:
@@ -7039,7 +7064,7 @@ _steve_jobs() {
     case $cmd in
         %(job_commands)s)
             [[ $cur == -* ]] && return
-            COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" "${COMP_WORDS[@]:1:i-1}" list -q 2>/dev/null)" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" "${COMP_WORDS[@]:1:i-1}" list -q --with-names 2>/dev/null)" -- "$cur")) ;;
         context)
             COMPREPLY=($(compgen -W "list use $("${COMP_WORDS[0]}" context list -q 2>/dev/null)" -- "$cur")) ;;
         completion) COMPREPLY=($(compgen -W "bash zsh" -- "$cur")) ;;

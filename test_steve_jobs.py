@@ -3978,6 +3978,38 @@ def test_run_t_without_a_terminal_is_refused_at_once(server):
     assert len(cli_json(server, "list", "--all")) == before
 
 
+def test_non_utf8_arguments_are_one_line_and_a_usage_error(server):
+    bad = os.fsencode("a\udcff")   # the bytes a\xff, as argv brings them
+    for args in ((b"run", b"--name", bad, b"true"), (b"run", b"--env", b"A=" + bad, b"true"),
+                 (b"run", b"--label", b"k=" + bad, b"true"), (b"run", b"--workdir", b"/" + bad,
+                                                              b"true"),
+                 (b"--server", bad, b"list"), (b"list", b"--owner", bad),
+                 (b"list", b"--name", bad), (b"status", bad), (b"stop", bad),
+                 (b"--json", b"status", bad), (b"run", b"echo " + bad)):
+        done = subprocess.run([PYTHON, SCRIPT, "--certs", server.certs, *args],
+                              capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=scaled(30))
+        out = done.stdout if b"--json" in args else done.stderr
+        assert done.returncode == 2 and b"Traceback" not in done.stderr, (args, done.stderr)
+        assert b"not valid UTF-8" in out and out.strip().count(b"\n") in (0, 8), out
+    done = subprocess.run([PYTHON, SCRIPT, "--certs", server.certs, "list"],
+                          capture_output=True, timeout=scaled(30),
+                          env={**os.environ, "STEVE_JOBS_SERVER": "h\udcff"})
+    assert done.returncode == 2 and b"Traceback" not in done.stderr, done.stderr
+
+
+def test_list_prints_nothing_before_an_error_and_q_prints_ids_only(server):
+    unreachable = subprocess.run([PYTHON, SCRIPT, "--server", f"127.0.0.1:{free_port()}",
+                                  "--certs", server.certs, "list"], capture_output=True,
+                                 timeout=scaled(30))
+    assert unreachable.returncode == 8 and unreachable.stdout == b"", unreachable.stdout
+    job = cli_json(server, "run", "--name", "named-for-q", "true")["job_id"]
+    ids = cli(server, "list", "-q").stdout.decode().split()
+    assert job in ids and "named-for-q" not in ids
+    assert all(sj.JOB_ID_FORMAT.fullmatch(i) for i in ids), ids
+    cli(server, "rm", job)
+
+
 def test_listen_and_server_addresses_are_checked_with_the_default_port():
     assert sj.split_address("localhost") == ("localhost", 50051)
     assert sj.split_address("[::1]:7") == ("::1", 7)
