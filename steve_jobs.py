@@ -465,6 +465,18 @@ def prctl(option, arg):
                        else ctypes.c_char_p(arg), 0, 0, 0), "prctl")
 
 
+def set_process_title(title):
+    """Be title in ps, /proc/PID/comm and /proc/PID/cmdline (as setproctitle does: argv's
+    memory overwritten in place). Why: a job's pid 1 is a fork of the spawner, whose
+    command line names host paths and the server's settings. Raises OSError."""
+    prctl(PR_SET_NAME, title)
+    stat = read_file("/proc/self/stat").rsplit(")", 1)[1].split()
+    start, end = int(stat[45]), int(stat[46])   # fields 48, 49: arg_start, arg_end
+    size = end - start
+    if size > 0:
+        ctypes.memmove(start, title[:size - 1].ljust(size, b"\0"), size)
+
+
 def inotify_init():
     """A non-blocking, close-on-exec inotify descriptor. Raises OSError."""
     return _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
@@ -1875,7 +1887,7 @@ def enter_job_namespaces(cg, settings):
         ("make /dev read-only", lambda: mount(None, "/dev", None,   # after /dev/shm is in
                                               MS_REMOUNT | MS_NOSUID | MS_NOEXEC | MS_RDONLY)),
         ("hide the server's folders", hide_server_folders),
-        ("name init", lambda: prctl(PR_SET_NAME, b"steve-init"))])
+        ("name init", lambda: set_process_title(b"steve-init"))])
     return handles.get("work")
 
 
@@ -5466,6 +5478,11 @@ class Client:
                 if not token:
                     raise ClientError(EXIT_USAGE, f"the token file {files[f'{user}.jwt']} is "
                                                   f"empty (ask the operator for {user}'s token)")
+        except FileNotFoundError as e:
+            raise ClientError(EXIT_USAGE, f"no {os.path.basename(e.filename)} in {certs_dir} "
+                              f"(looked there for {user}'s certificate, key and token: "
+                              f"give the folder with --certs, STEVE_JOBS_CERTS or a context "
+                              f"(context add), and the user with --user)") from None
         except OSError as e:
             raise ClientError(EXIT_USAGE, f"cannot read {e.filename}: {e.strerror} "
                                           f"(see --certs and --user)") from None
@@ -6003,15 +6020,13 @@ def connection_settings(args):
         if context is None:
             raise ClientError(EXIT_USAGE, f"no context {quoted(name)} in {path} "
                                           f"(`context list` shows them)")
-    here = os.path.dirname(os.path.abspath(__file__))
-
     def setting(key, default):
         value = str(getattr(args, key) or os.environ.get(f"STEVE_JOBS_{key.upper()}") or
                     context.get(key) or default)
         if not is_utf8(value):
             raise ClientError(EXIT_USAGE, f"the {key} {quoted(value)} is not valid UTF-8")
         return value
-    certs = setting("certs", os.path.join(here, "certs"))
+    certs = setting("certs", default_certs_dir(os.path.join(os.path.dirname(path), "certs")))
     if not getattr(args, "certs") and not os.environ.get("STEVE_JOBS_CERTS") and \
             context.get("certs"):   # a context's relative folder is relative to its file
         certs = os.path.join(os.path.dirname(path), os.path.expanduser(certs))
@@ -6026,6 +6041,13 @@ def connection_settings(args):
 
 
 DEFAULT_SERVER, DEFAULT_USER = "127.0.0.1:50051", "mrarsenal"
+
+
+def default_certs_dir(installed):
+    """certs/ beside this script when it runs from a clone (the bundled set), else
+    installed: where an installed command looks (site-packages holds no certificates)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "certs")
+    return beside if os.path.isdir(beside) else installed
 
 
 def cmd_context(args):
@@ -6108,7 +6130,8 @@ def build_parser():
                    f"USER.jwt in --certs (env STEVE_JOBS_USER; else the context's; else "
                    f"{DEFAULT_USER})")
     p.add_argument("--certs", default="", help="certificate folder (env STEVE_JOBS_CERTS; "
-                   "else the context's; else certs/ beside this script)")
+                   "else the context's; else certs/ beside this script, if there, else "
+                   "~/.config/steve-jobs/certs)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=Parser)
 
@@ -6250,7 +6273,8 @@ def add_server_parser(s):
                         "line (env STEVE_JOBS_LOG_FORMAT)")
     s.add_argument("--certs", default=argparse.SUPPRESS,
                    help="certificate folder: ca.crt, server.crt, server.key, jwt-signing.pub "
-                        "(env STEVE_JOBS_CERTS; default: certs/ beside this script)")
+                        "(env STEVE_JOBS_CERTS; default: certs/ beside this script, if there, "
+                        "else /etc/steve-jobs/certs)")
     s.add_argument("--state-dir", default=env_default("STEVE_JOBS_STATE_DIR", DEFAULT_STATE_DIR),
                    help="job records and output (env STEVE_JOBS_STATE_DIR)")
     s.add_argument("--cgroup-root", default=env_default("STEVE_JOBS_CGROUP_ROOT", ""),
@@ -6314,8 +6338,8 @@ def cmd_server(args):
     """Run the server. Returns an exit code."""
     import asyncio
     setup_logging(args.log_format)
-    args.certs = args.certs or os.environ.get("STEVE_JOBS_CERTS") or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "certs")
+    args.certs = args.certs or os.environ.get("STEVE_JOBS_CERTS") or default_certs_dir(
+        "/etc/steve-jobs/certs")
     if os.geteuid() != 0:
         raise ClientError(EXIT_ERROR, "the server must run as root (it makes cgroups and "
                                       "namespaces)")

@@ -741,6 +741,8 @@ def test_ps_inside_shows_only_the_job(engine):
     procs = [line.split() for line in out.decode().splitlines()]
     assert procs[0] == ["1", "steve-init"], out
     assert [p[1] for p in procs[1:]] == ["ps"], out
+    _, cmdline = run(engine, ["cat", "/proc/1/cmdline"])
+    assert cmdline.rstrip(b"\0") == b"steve-init", cmdline[:200]   # no host paths, no settings
 
 
 def test_hostname_is_the_job_id(engine):
@@ -3258,6 +3260,18 @@ def test_pip_install_gives_a_steve_jobs_command(api_server, tmp_path):
     listed = subprocess.run([*command, "--server", api_server.address, "--certs",
                              api_server.certs, "list"], env=env, capture_output=True)
     assert listed.returncode == 0, listed.stderr
+    # Without --certs: not site-packages/certs, but beside the configuration file.
+    home = tmp_path / "home"
+    env = {**env, "HOME": str(home), "XDG_CONFIG_HOME": "", "STEVE_JOBS_SERVER":
+           api_server.address}
+    env.pop("STEVE_JOBS_CONFIG", None)
+    missing = subprocess.run([*command, "list"], env=env, capture_output=True)
+    where = str(home / ".config" / "steve-jobs" / "certs")
+    assert missing.returncode == 2 and where.encode() in missing.stderr, missing.stderr
+    assert b"--certs" in missing.stderr and missing.stderr.count(b"\n") == 1
+    shutil.copytree(api_server.certs, where)
+    listed = subprocess.run([*command, "list"], env=env, capture_output=True)
+    assert listed.returncode == 0, listed.stderr
 
 
 ###############################################################################
@@ -4008,6 +4022,63 @@ def test_list_prints_nothing_before_an_error_and_q_prints_ids_only(server):
     assert job in ids and "named-for-q" not in ids
     assert all(sj.JOB_ID_FORMAT.fullmatch(i) for i in ids), ids
     cli(server, "rm", job)
+
+
+def readme_blocks(section):
+    """The ```sh blocks of README.md's section (a '## ' title), in order."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", body, re.S)
+
+
+def a_fresh_clone(target):
+    """The files git tracks, as a clone has them (0644, or 0755 if executable)."""
+    names = subprocess.run(["git", "-C", HERE, "ls-files", "-z"], capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, names):
+        source, copy = os.path.join(HERE, name), os.path.join(target, name)
+        if not os.path.isfile(source):
+            continue
+        os.makedirs(os.path.dirname(copy), exist_ok=True)
+        shutil.copyfile(source, copy)
+        os.chmod(copy, 0o755 if os.stat(source).st_mode & 0o100 else 0o644)
+    return target
+
+
+def test_the_quickstart_works_as_written_on_a_fresh_clone():
+    """Every command of the Quickstart, verbatim, in a fresh clone; the server's place
+    (port, state folder, cgroup root) comes from its STEVE_JOBS_* variables."""
+    require_kernel()
+    server_block, client_block = readme_blocks("Quickstart")
+    clone = a_fresh_clone(tempfile.mkdtemp(prefix="steve-jobs-test-clone-", dir="/var/tmp"))
+    port, state_dir = free_port(), new_state_dir()
+    root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "STEVE_JOBS_LISTEN": f"127.0.0.1:{port}",
+           "STEVE_JOBS_STATE_DIR": state_dir, "STEVE_JOBS_CGROUP_ROOT": root}
+    log_path = os.path.join(state_dir, "quickstart.log")
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(["bash", "-c", server_block], cwd=clone, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + scaled(300)   # (pip installs the requirements first)
+        while "listening on" not in open(log_path).read():
+            assert server.poll() is None and time.monotonic() < deadline, open(log_path).read()
+            time.sleep(0.2)
+        done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", client_block],
+                              cwd=clone, capture_output=True, timeout=scaled(120),
+                              env={**os.environ, "STEVE_JOBS_SERVER": f"127.0.0.1:{port}"})
+        assert done.returncode == 0, done.stderr
+        out = done.stdout.decode()
+        assert "hello from" in out and re.search(r"[0-9a-f]{64}  -", out), out
+        assert all(os.stat(os.path.join(clone, "certs", n)).st_mode & 0o077 == 0
+                   for n in os.listdir(os.path.join(clone, "certs")) if n.endswith(".key"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(scaled(30))
+        with running_engine(state_dir=state_dir, cgroup_root=root):
+            pass   # stops what the server left running
+        shutil.rmtree(clone, ignore_errors=True)
 
 
 def test_listen_and_server_addresses_are_checked_with_the_default_port():
