@@ -214,11 +214,13 @@ EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN = (
 ENDED_STATES = (EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN)
 
 
-def rfc3339(t):
-    """Seconds since the epoch -> '2026-12-02T10:00:00.123456Z'."""
+def rfc3339(t, digits=6):
+    """Seconds since the epoch -> '2026-12-02T10:00:00.123456Z' (digits: of the fraction,
+    cut, not rounded)."""
     import datetime
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
-        timespec="microseconds").replace("+00:00", "Z")
+    text = datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
+        timespec="microseconds").replace("+00:00", "")
+    return text[:len(text) - 6 + digits].rstrip(".") + "Z"
 
 
 def human_bytes(n):
@@ -3649,7 +3651,7 @@ class Engine:
             cap = self.config.user_job_cap()
             if sum(self._jobs[i].spec["owner"] == owner for i in self._running) >= cap:
                 raise ResourceExhaustedError(
-                    f"{owner} has {cap} jobs running, the most one user may have "
+                    f"{owner} has {cap} job{'s' * (cap != 1)} running, the most one user may have "
                     f"(--max-jobs-per-user)", reason="TOO_MANY_JOBS_OF_USER")
             if root:
                 return 0
@@ -5822,6 +5824,36 @@ def argument_type(parse):
     return convert
 
 
+def env_setting(text):
+    """'NAME=VALUE' -> (NAME, VALUE); 'NAME' -> (NAME, its value in our environment), as
+    docker's -e. Raises ValueError."""
+    if "=" in text:
+        return key_value(text)
+    if not text or text not in os.environ:
+        raise ValueError(f"{quoted(text)} is not set here: use NAME=VALUE, or NAME of a set "
+                         f"variable")
+    return text, os.environ[text]
+
+
+def read_env_file(path):
+    """An --env-file's settings: NAME=VALUE or NAME lines, blank lines and # comments
+    skipped. Raises ClientError naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClientError(EXIT_USAGE, f"--env-file {path}: {getattr(e, 'strerror', None) or e}") \
+            from None
+    settings = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                settings.append(env_setting(line))
+            except ValueError as e:
+                raise ClientError(EXIT_USAGE, f"--env-file {path}, line {number}: {e}") from None
+    return settings
+
+
 def key_value(text):
     """'NAME=VALUE' -> (NAME, VALUE). Raises ValueError."""
     name, sep, value = text.partition("=")
@@ -6011,9 +6043,13 @@ def connection_settings(args):
     STEVE_JOBS_* variable, else the context (--context, $STEVE_JOBS_CONTEXT or the
     file's current-context), else the default. Raises ClientError."""
     path = config_path()
-    config = load_config(path)
-    name = args.context or os.environ.get("STEVE_JOBS_CONTEXT") or config.get(
-        "current-context", "")
+    given = lambda key: getattr(args, key) or os.environ.get(f"STEVE_JOBS_{key.upper()}")
+    name = given("context")
+    # The file is read only when it can matter: a broken one breaks no command that
+    # names everything itself.
+    config = load_config(path) if name or not all(map(given, ("server", "certs", "user"))) \
+        else {}
+    name = name or config.get("current-context", "")
     context = {}
     if name:
         context = config.get("contexts", {}).get(name)
@@ -6056,11 +6092,17 @@ def cmd_context(args):
     config = load_config(path)
     contexts = config.get("contexts", {})
     current = config.get("current-context", "")
+    if args.action == "add":
+        return add_context(path, config, args)
     if args.action == "use":
         if args.name not in contexts:
             raise ClientError(EXIT_USAGE, f"no context {quoted(args.name)} in {path}")
         set_current_context(path, args.name)
         print(f"using context {args.name} ({contexts[args.name].get('server', DEFAULT_SERVER)})")
+        return EXIT_OK
+    if not contexts and not args.json:
+        print(f"steve-jobs: no contexts in {path} (context add NAME --server HOST:PORT "
+              f"--certs DIR --user USER makes one)", file=sys.stderr)
         return EXIT_OK
     if args.quiet:
         print("\n".join(contexts))
@@ -6073,6 +6115,39 @@ def cmd_context(args):
     return EXIT_OK
 
 
+CONTEXT_NAME_FORMAT = re.compile(r"[A-Za-z0-9_-]{1,64}")   # a bare TOML key
+
+
+def add_context(path, config, args):
+    """`context add NAME --server --certs --user`: a new [contexts.NAME] table at the end of
+    the file (made if missing, and then the current context). Raises ClientError."""
+    name = args.name
+    if not CONTEXT_NAME_FORMAT.fullmatch(name):
+        raise ClientError(EXIT_USAGE, f"a context's name is letters, digits, - and _: "
+                                      f"{quoted(name)}")
+    if name in config.get("contexts", {}):
+        raise ClientError(EXIT_CODES["ALREADY_EXISTS"], f"context {name} exists in {path}")
+    settings = {"server": getattr(args, "server", ""), "user": getattr(args, "user", ""),
+                "certs": os.path.abspath(args.certs) if getattr(args, "certs", "") else ""}
+    if not settings["server"]:
+        raise ClientError(EXIT_USAGE, "context add NAME needs --server HOST:PORT")
+    try:
+        split_address(settings["server"])
+    except ValueError as e:
+        raise ClientError(EXIT_USAGE, str(e)) from None
+    table = f"\n[contexts.{name}]\n" + "".join(
+        f"{key} = {json.dumps(value)}\n" for key, value in settings.items() if value)
+    text = read_file(path, "")
+    first = not config.get("contexts")
+    if first and "current-context" not in config:
+        text = f"current-context = {json.dumps(name)}\n" + text
+    write_config(path, text.rstrip("\n") + "\n" + table if text.strip() else
+                 text + table.lstrip("\n"))
+    print(f"added context {name} ({settings['server']})" +
+          (" and made it current" if first else f"; context use {name} makes it current"))
+    return EXIT_OK
+
+
 def set_current_context(path, name):
     """Make name the file's current-context, keeping the rest of the file as it is."""
     with open(path) as f:
@@ -6081,15 +6156,39 @@ def set_current_context(path, name):
     text, n = re.subn(r"(?m)^current-context\s*=.*$", line, text)
     if not n:
         text = f"{line}\n{text}"
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_config(path, text)
+
+
+def write_config(path, text):
+    """Replace the configuration file's text at once: a temporary file beside it (beside
+    the link's target, if it is a link) with its mode (0600 for a new one), renamed over
+    it. Raises ClientError."""
+    import tempfile
+    target = os.path.realpath(path)
+    try:
+        mode = os.stat(target).st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o600
+    try:
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".config-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(text)
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    except OSError as e:
+        raise ClientError(EXIT_USAGE, f"cannot write {path}: {e.strerror}") from None
 
 
 # -- the parser -------------------------------------------------------------------
 
-JOB_COMMANDS = ("status", "output", "stream", "wait", "kill", "stop", "pause", "resume", "rm",
-                "attach")
+JOB_COMMANDS = ("status", "output", "stream", "logs", "wait", "kill", "stop", "pause", "resume",
+                "rm", "attach")
 EXIT_CODE_HELP = """exit codes:
   0 ok; 1 error; 2 usage; 3 not found; 4 invalid argument; 5 failed precondition
   (e.g. the job has ended); 6 permission denied; 7 unauthenticated; 8 unavailable (the
@@ -6099,12 +6198,17 @@ EXIT_CODE_HELP = """exit codes:
   steve-jobs itself failed."""
 
 
+CONNECTION_FLAGS = ("--context", "--server", "--user", "--certs")
+
+
 def build_parser():
     import argparse
 
     class Parser(argparse.ArgumentParser):
-        def error(self, message):   # one line, not the usage block
-            raise ClientError(EXIT_USAGE, f"{self.prog.split()[-1]}: {message} (see --help)")
+        def error(self, message):   # one line, not the usage block ("steve-jobs: " is added)
+            name = self.prog.split()[-1]
+            raise ClientError(EXIT_USAGE, ("" if name == "steve-jobs" else f"{name}: ") +
+                              f"{message} (see --help)")
 
     class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         def _get_help_string(self, action):   # no "(default: )" where there is none
@@ -6116,6 +6220,9 @@ def build_parser():
     common = Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output (README: JSON output)")
+    connection = Parser(add_help=False)   # as after the command too: `list --user alice`
+    for flag in CONNECTION_FLAGS:
+        connection.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p = Parser(prog="steve-jobs", formatter_class=Help, epilog=EXIT_CODE_HELP,
                description="Run commands on a remote Linux host as isolated, "
                            "resource-limited jobs.")
@@ -6135,28 +6242,35 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=Parser)
 
-    def command(name, help_text, **kw):
-        return sub.add_parser(name, parents=[common], help=help_text, description=help_text,
-                              formatter_class=Help, **kw)
-    add_server_parser(command("server", "run the job server (as root)"))
+    def command(name, help_text, client=True, **kw):
+        return sub.add_parser(name, parents=[common, connection] if client else [common],
+                              help=help_text, description=help_text, formatter_class=Help,
+                              **kw)
+    add_server_parser(command("server", "run the job server (as root)", client=False))
     add_run_parser(command("run", "start a job", epilog=EXIT_CODE_HELP))
     add_job_parsers(command)
     add_list_parser(command("list", "list jobs"))
+    add_list_parser(command("ps", "list running (and paused) jobs, as docker ps; -a: all"),
+                    ps=True)
     ctx = command("context", "show or choose a context of the configuration file "
                              f"({config_path()})")
-    ctx.add_argument("action", choices=("list", "use"))
+    ctx.add_argument("action", choices=("list", "use", "add"))
     ctx.add_argument("name", nargs="?", default="")
     ctx.add_argument("-q", "--quiet", action="store_true", help="names only")
     comp = command("completion", "print a shell completion script: "
                                  'eval "$(steve-jobs completion bash)"')
     comp.add_argument("shell", choices=("bash", "zsh"))
-    t = command("token", "issue a JWT for a user (operator command: needs the signing key)")
+    t = command("token", "issue a JWT for a user (operator command: needs the signing key)",
+                client=False)
     t.add_argument("--for-user", required=True, dest="token_user")
     t.add_argument("--role", required=True, choices=sorted(ROLES))
     t.add_argument("--cert", required=True, help="the user's client certificate (PEM)")
     t.add_argument("--signing-key", required=True, help="the ES256 private key (PEM)")
     t.add_argument("--days", type=float, default=30.0, help="lifetime in days")
     return p
+
+
+MANY_JOBS_COMMANDS = ("wait", "stop", "rm", "pause", "resume", "kill")   # ID...
 
 
 def add_job_parsers(command):
@@ -6171,8 +6285,11 @@ def add_job_parsers(command):
                             ("rm", "delete an ended job and its output"),
                             ("stop", "stop a job: SIGTERM, then SIGKILL after a grace period")):
         c = command(name, help_text)
-        c.add_argument("job_id", metavar="ID", nargs="+" if name == "wait" else None,
-                       help="a job id, a unique start of one, or a name")
+        c.add_argument("job_id", metavar="ID", nargs="+" if name in MANY_JOBS_COMMANDS
+                       else None, help="a job id, a unique start of one, or a name")
+        if name == "rm":
+            c.add_argument("-f", "--force", action="store_true",
+                           help="a running job too: stop it (SIGKILL), then remove it")
         if name == "stop":
             c.add_argument("--grace", type=float, default=None,
                            help="seconds between SIGTERM and SIGKILL (default: the server's)")
@@ -6181,7 +6298,7 @@ def add_job_parsers(command):
                            help="give up after this many seconds (exit 10); default: never")
         if name == "kill":
             c.add_argument("-s", "--signal", type=argument_type(parse_signal),
-                           default=signal.SIGKILL, help="a name or number (default: KILL)")
+                           default="KILL", help="a name or number")   # (typed: 9)
             c.add_argument("--all", action="store_true",
                            help="every process of the job, not only its command")
         if name in ("output", "stream"):
@@ -6189,6 +6306,10 @@ def add_job_parsers(command):
         if name == "output":
             c.add_argument("--asciicast", action="store_true",
                            help="a terminal job's session in asciinema's asciicast v2 format")
+    logs = command("logs", "print a job's output (as docker logs); -f follows it")
+    logs.add_argument("job_id", metavar="ID", help="a job id, a unique start of one, or a name")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow until it ends")
+    add_output_flags(logs)
     a = command("attach", "rejoin a job: watch its terminal (or output) and type into it; "
                           "~. detaches")
     a.add_argument("job_id", metavar="ID", help="a job id, a unique start of one, or a name")
@@ -6227,14 +6348,17 @@ def add_run_parser(r):
     r.add_argument("--root", action="store_true", help="run as root (admins only)")
     r.add_argument("--rw-host", action="store_true",
                    help="see the host's filesystem writable, not read-only (admins only)")
-    r.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   type=argument_type(key_value))
-    r.add_argument("--workdir", default="", help="absolute path on the server")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   type=argument_type(env_setting),
+                   help="an environment variable; NAME alone: its value here; may be repeated")
+    r.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="NAME=VALUE (or NAME) lines; # comments; may be repeated")
+    r.add_argument("-w", "--workdir", default="", help="absolute path on the server")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD ARG... or -- PROG ARG...")
 
 
 def add_output_flags(c):
-    c.add_argument("--tail", type=int, default=0, metavar="N",
+    c.add_argument("-n", "--tail", type=int, default=0, metavar="N",
                    help="start N lines before the end")
     c.add_argument("--since", type=argument_type(parse_since), default=0.0,
                    metavar="WHEN", help="what was written since 10m, 2h, 1d... ago or an "
@@ -6248,9 +6372,15 @@ def add_output_flags(c):
                        help="the job's stderr only")
 
 
-def add_list_parser(ls):
+def add_list_parser(ls, ps=False):
+    """list's flags; ps's are the same, but -a/--all means jobs in every state (as docker's)
+    and --all-users every user's."""
     import argparse
-    ls.add_argument("--all", action="store_true", help="every user's jobs (admins, readers)")
+    if ps:
+        ls.add_argument("-a", "--all", dest="every_state", action="store_true",
+                        help="jobs in every state, not only running and paused ones")
+    ls.add_argument("--all-users" if ps else "--all", dest="all", action="store_true",
+                    help="every user's jobs (admins, readers)")
     ls.add_argument("--owner", default="", help="that user's jobs (admins, readers)")
     ls.add_argument("--state", action="append", default=[], choices=list(STATE_TO_PB),
                     help="only jobs in this state; may be repeated")
@@ -6494,7 +6624,8 @@ class OutputPrinter:
 
     def stamped(self, chunk):
         """chunk's data with its write time (or '-') at the start of each line."""
-        stamp = (rfc3339(chunk.time) if chunk.time else "-").encode() + b" "
+        # As precise as the index records the times (INDEX_GRANULE: 10 ms).
+        stamp = (rfc3339(chunk.time, digits=2) if chunk.time else "-").encode() + b" "
         data = bytes(chunk.data)
         lines = data.splitlines(keepends=True)
         at_start = self.line_start[chunk.stream]
@@ -6833,7 +6964,8 @@ def command_argv(words):
 def start_request(client, args):
     """The StartRequest of run's flags, with a fresh request id for safe retries."""
     pb = client.pb
-    env = dict(args.env)
+    env = dict([setting for path in args.env_file for setting in read_env_file(path)] +
+               args.env)   # (-e after the files: it wins, as docker's does)
     request = pb.StartRequest(
         argv=command_argv(list(args.cmd)), env=env, workdir=args.workdir,
         as_root=args.root, host_network=args.network, rw_host=args.rw_host, name=args.name,
@@ -6846,6 +6978,22 @@ def start_request(client, args):
         request.terminal.rows, request.terminal.columns = terminal_size()
         request.env.setdefault("TERM", os.environ.get("TERM") or "xterm-256color")
     return request
+
+
+# A request field, in a start's errors, as the flag of run that sets it.
+FLAG_OF_FIELD = {"limits.cpu": "--cpu", "limits.memory_bytes": "--memory",
+                 "limits.pids": "--pids", "limits.io_read_bps": "--io-read",
+                 "limits.io_write_bps": "--io-write", "limits.io_device": "--io-device",
+                 "workdir": "--workdir", "env": "--env", "name": "--name", "labels": "--label"}
+
+
+def in_flag_terms(error):
+    """A start's ClientError with the request field it names said as run's flag."""
+    flag = FLAG_OF_FIELD.get(error.field)
+    api_name = error.field.rsplit(".", 1)[-1]
+    if flag and api_name in str(error):
+        error.args = (str(error).replace(api_name, flag, 1),)
+    return error
 
 
 def start_with_retry(client, request):
@@ -6875,12 +7023,12 @@ def cmd_run(client, args):
     except ClientError as e:
         if args.follow:
             e.exit_code = EXIT_RUN_FAILED
-        raise
+        raise in_flag_terms(e) from None
     if not args.follow:
         print_json(status_dict(st)) if args.json else print(st.job_id)
         return EXIT_OK
     if args.json:
-        print_json({"job_id": st.job_id, "name": st.name or None}, lines=True)
+        print_json({"job_id": st.job_id, "name": st.name}, lines=True)
     else:
         print(f"job {st.job_id}", file=sys.stderr)
     try:
@@ -6976,9 +7124,11 @@ def cmd_wait(client, args):
 def cmd_list(client, args):
     """Every page of the List, printed as it comes."""
     pb = client.pb
+    states = args.state or ([RUNNING, PAUSED] if args.command == "ps" and
+                            not args.every_state else [])
     request = pb.ListRequest(all_users=args.all, owner=args.owner, name=args.name,
                              labels=dict(args.label),
-                             states=[STATE_TO_PB[s] for s in args.state],
+                             states=[STATE_TO_PB[s] for s in states],
                              view=pb.VIEW_FULL if args.full else pb.VIEW_SUMMARY)
     jobs, header = [], not (args.json or args.quiet)
     while True:
@@ -7006,12 +7156,30 @@ def cmd_list(client, args):
 
 
 def cmd_job(client, args):
-    """status, pause, resume, stop, kill, rm: one call about one job."""
-    pb, ref = client.pb, args.job_id
+    """status, pause, resume, stop, kill, rm: one call about each job named. With several,
+    each is tried, a failure said on its own line; the exit code is the first failure's."""
+    refs = args.job_id if isinstance(args.job_id, list) else [args.job_id]
+    first_failure = EXIT_OK
+    for ref in refs:
+        try:
+            _one_job_command(client, args, ref, lines=len(refs) > 1)
+        except ClientError as e:
+            if len(refs) == 1:
+                raise
+            print_json(e.as_json(), lines=True) if args.json else print(
+                f"steve-jobs: {e}", file=sys.stderr)
+            first_failure = first_failure or e.exit_code
+    return first_failure
+
+
+def _one_job_command(client, args, ref, lines):
+    pb = client.pb
     if args.command == "rm":
+        if args.force:
+            client.call("Stop", pb.StopRequest(job_id=ref, grace_seconds=0), timeout=None)
         client.call("Remove", pb.JobRef(job_id=ref))
-        print_json({"removed": ref}) if args.json else print(ref)
-        return EXIT_OK
+        print_json({"removed": ref}, lines=lines) if args.json else print(ref)
+        return
     if args.command == "stop":
         request = pb.StopRequest(job_id=ref)
         if args.grace is not None:
@@ -7023,11 +7191,10 @@ def cmd_job(client, args):
     else:
         st = client.call(args.command.capitalize(), pb.JobRef(job_id=ref))
     if args.json:
-        print_json(status_dict(st))
+        print_json(status_dict(st), lines=lines)
     else:
         print(format_status(st) if args.command == "status"
               else f"{st.job_id} {PB_TO_STATE.get(st.state)}")
-    return EXIT_OK
 
 
 def exit_on_ctrl_c(_signum, _frame):
@@ -7058,12 +7225,13 @@ def _client_command(client, args):
             return cmd_run(client, args)
         if args.command == "wait":
             return cmd_wait(client, args)
-        if args.command == "list":
+        if args.command in ("list", "ps"):
             return cmd_list(client, args)
         if args.command == "output" and args.asciicast:
             return cmd_asciicast(client, args)
-        if args.command in ("output", "stream"):
-            stream_output(client, args, args.job_id, follow=args.command == "stream")
+        if args.command in ("output", "stream", "logs"):
+            stream_output(client, args, args.job_id, follow=args.command == "stream" or (
+                args.command == "logs" and args.follow))
             return EXIT_OK
         if args.command == "attach":
             return cmd_attach(client, args)
@@ -7101,7 +7269,7 @@ complete -F _steve_jobs steve-jobs steve_jobs.py
 def cmd_completion(args):
     """Print the completion script for args.shell."""
     script = COMPLETION_BASH % {
-        "commands": "run list context completion token server " + " ".join(JOB_COMMANDS),
+        "commands": "run list ps context completion token server " + " ".join(JOB_COMMANDS),
         "job_commands": "|".join(JOB_COMMANDS)}
     if args.shell == "zsh":
         script = "autoload -U +X bashcompinit && bashcompinit\n" + script

@@ -4081,6 +4081,96 @@ def test_the_quickstart_works_as_written_on_a_fresh_clone():
         shutil.rmtree(clone, ignore_errors=True)
 
 
+def test_what_docker_and_kubectl_users_type_first(server, tmp_path):
+    folder = host_folder_for_jobs()
+    env_file = tmp_path / "env"
+    env_file.write_text("# a comment\nB=3\n\nC\n")
+    try:
+        done = subprocess.run(
+            [PYTHON, SCRIPT, "--server", server.address, "--certs", server.certs, "run",
+             "--name", "docker-like", "-e", "A=1", "-e", "X", "--env-file", str(env_file),
+             "-w", folder, "-f", "echo $A $X $B $C; pwd; echo last"],
+            capture_output=True, timeout=scaled(60), stdin=subprocess.DEVNULL,
+            env={**os.environ, "X": "2", "C": "4"})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"1 2 3 4\n{folder}\nlast\n".encode()
+        assert cli(server, "logs", "docker-like").stdout == done.stdout
+        assert cli(server, "logs", "-n", "1", "docker-like").stdout == b"last\n"
+        assert cli(server, "logs", "-f", "docker-like").stdout == done.stdout
+        bad = cli(server, "run", "-e", "NOT_SET_ANYWHERE_X", "true")
+        assert bad.returncode == 2 and b"NOT_SET_ANYWHERE_X" in bad.stderr
+    finally:
+        cli(server, "rm", "docker-like")
+        shutil.rmtree(folder, ignore_errors=True)
+    ids = [start_job(server, "sleep 300") for _ in range(3)]
+    ended = start_job(server, "true")
+    wait_for(lambda: job_state(server, ended) == "exited")
+    running = cli(server, "ps", "-q").stdout.decode().split()
+    assert set(ids) <= set(running) and ended not in running
+    assert ended in cli(server, "ps", "-a", "-q").stdout.decode().split()
+    stopped = cli(server, "stop", "--grace", "0", *ids)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.decode().split() == [w for i in ids for w in (i, "stopped")]
+    assert cli(server, "rm", *ids, ended).stdout.decode().split() == [*ids, ended]
+    forced = start_job(server, "sleep 300")
+    assert cli(server, "rm", forced).returncode == 5
+    assert cli(server, "rm", "-f", forced).returncode == 0
+    assert cli(server, "status", forced).returncode == 3
+    some = cli(server, "stop", "no-such-job", "neither")
+    assert some.returncode == 3 and some.stderr.count(b"\n") == 2, some.stderr
+    alice_job = start_job(server, "true", user="alice")
+    as_alice = subprocess.run([PYTHON, SCRIPT, "list", "-q", "--server", server.address,
+                               "--certs", server.certs, "--user", "alice"],
+                              capture_output=True, timeout=scaled(30))
+    assert as_alice.stdout.decode().split() == [alice_job], as_alice.stderr
+    cli(server, "rm", alice_job, user="alice")
+
+
+def test_contexts_are_made_with_a_command_and_a_broken_file_breaks_only_who_reads_it(
+        server, tmp_path):
+    config = tmp_path / "config" / "config.toml"
+    env = {**os.environ, "STEVE_JOBS_CONFIG": str(config)}
+    run = lambda *args: subprocess.run([PYTHON, SCRIPT, *args], capture_output=True,
+                                       timeout=scaled(30), env=env)
+    empty = run("context", "list")
+    assert empty.returncode == 0 and b"context add" in empty.stderr, empty.stderr
+    added = run("context", "add", "here", "--server", server.address, "--certs",
+                server.certs, "--user", "alice")
+    assert added.returncode == 0 and b"made it current" in added.stdout, added.stderr
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert run("list", "-q").returncode == 0                    # through the context
+    assert run("context", "add", "here", "--server", "x:1").returncode == 11
+    config.write_text("this is [ not toml")
+    named = run("--server", server.address, "--certs", server.certs, "--user", "alice",
+                "list", "-q")
+    assert named.returncode == 0, named.stderr
+    needs = run("list")
+    assert needs.returncode == 2 and str(config).encode() in needs.stderr
+
+
+def test_the_small_things_a_newcomer_reads(server):
+    double = cli(server, "list", "--bogus")
+    assert double.returncode == 2 and double.stderr.count(b"steve-jobs:") == 1, double.stderr
+    help_text = cli(server, "kill", "--help").stdout.decode()
+    assert "(default: KILL)" in help_text and "(default: 9)" not in help_text
+    memory = cli(server, "run", "--memory", "1", "true")
+    assert memory.returncode == 4 and b"--memory" in memory.stderr, memory.stderr
+    assert b"memory_bytes" not in memory.stderr
+    lines = cli(server, "--json", "run", "-f", "echo x").stdout.splitlines()
+    assert json.loads(lines[0])["name"] == ""
+    job = json.loads(lines[0])["job_id"]
+    stamped = cli(server, "output", "--timestamps", job).stdout
+    assert re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d\dZ x\n", stamped), stamped
+    cli(server, "rm", job)
+
+
+def test_a_users_job_cap_is_said_in_good_english():
+    with running_engine(max_jobs_per_user=1) as engine:
+        engine.start("bob", ["sleep", "30"])
+        with pytest.raises(sj.ResourceExhaustedError, match="bob has 1 job running,"):
+            engine.start("bob", ["true"])
+
+
 def test_listen_and_server_addresses_are_checked_with_the_default_port():
     assert sj.split_address("localhost") == ("localhost", 50051)
     assert sj.split_address("[::1]:7") == ("::1", 7)
