@@ -3651,8 +3651,8 @@ class Engine:
             cap = self.config.user_job_cap()
             if sum(self._jobs[i].spec["owner"] == owner for i in self._running) >= cap:
                 raise ResourceExhaustedError(
-                    f"{owner} has {cap} job{'s' * (cap != 1)} running, the most one user may have "
-                    f"(--max-jobs-per-user)", reason="TOO_MANY_JOBS_OF_USER")
+                    f"{owner} has {cap} job{'s' * (cap != 1)} running, the most one user "
+                    f"may have (--max-jobs-per-user)", reason="TOO_MANY_JOBS_OF_USER")
             if root:
                 return 0
             # In order, from where the last server left off: a uid comes back only after
@@ -5522,10 +5522,20 @@ class Client:
                 e.args = (f"unavailable: {self._diagnosis}",)
         return e
 
-    def unreachable(self):
-        """Whether a failed connection was found broken (error() diagnosed it): a call
-        that failed so never reached the server."""
-        return bool(self._diagnosis)
+    @staticmethod
+    def never_reached(error):
+        """Whether a failed call's ClientError says no connection was ever made (grpc
+        could not resolve or connect), as opposed to one lost during the call."""
+        said = error.grpc_details.lower()
+        return error.reason == "CONNECTION_FAILED" and (
+            "failed to connect" in said or "errors resolving" in said)
+
+    def nothing_listens(self):
+        """Whether, tried by hand now, the server's address refuses connections (a server
+        restarting, or none there), as opposed to a wrong address or certificate."""
+        self._diagnosis = diagnose_connection(self.server, self.certs_dir, self.user,
+                                              self.origin) or ""
+        return NOTHING_LISTENS in self._diagnosis
 
     def output(self, request):
         """An OutputStream of the OutputRequest's chunks, as OutputPieces."""
@@ -5651,6 +5661,9 @@ CONNECTION_PROBLEMS = (
 )
 
 
+NOTHING_LISTENS = "nothing listens there"   # diagnose_connection's word for a refused connect
+
+
 def diagnose_connection(server, certs_dir, user, origin, timeout=5.0):
     """Why a connection to server (host:port, from origin: a flag, a variable or a
     context) failed, found by doing its steps by hand: resolve, connect, TLS with our
@@ -5672,7 +5685,7 @@ def diagnose_connection(server, certs_dir, user, origin, timeout=5.0):
         except OSError as e:
             sock.close()
             sock = None
-            why = ("nothing listens there" if isinstance(e, ConnectionRefusedError) else
+            why = (NOTHING_LISTENS if isinstance(e, ConnectionRefusedError) else
                    f"no answer in {timeout:g} s" if isinstance(e, TimeoutError) else
                    e.strerror or str(e))
     if sock is None:
@@ -6996,22 +7009,40 @@ def in_flag_terms(error):
     return error
 
 
+RESTART_WAIT = 5.0   # s a start waits for an address that refuses connections to listen
+
+
 def start_with_retry(client, request):
     """Start, and once more if the answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED): the
     request id makes the server return the first attempt's job rather than start another.
-    The retry waits (up to 30 s) for a server that is restarting."""
+    The retry waits (up to 30 s) for a server that is restarting. A start that never
+    reached a server fails at once if the address or certificates are wrong, and after
+    RESTART_WAIT s if nothing listens there (time enough for a restart). Raises
+    ClientError."""
     try:
         return client.call("Start", request)
     except ClientError as e:
-        if e.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED") or client.unreachable():
-            raise   # (never reached: no start to find again; say so at once)
+        if e.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            raise
+        if client.never_reached(e):
+            if not client.nothing_listens():
+                raise   # (a wrong address or certificate: waiting changes nothing)
+            try:
+                return client.call("Start", request, timeout=RESTART_WAIT, wait_for_ready=True)
+            except ClientError as again:
+                if again.code != "DEADLINE_EXCEEDED":
+                    raise
+                # Still refused: say so. Otherwise this start may have reached a server
+                # and its answer got lost: ask again below.
+                if client.nothing_listens():
+                    raise e from None
     time.sleep(0.5)
     return client.call("Start", request, wait_for_ready=True)
 
 
 def cmd_run(client, args):
-    if args.tty and not os.isatty(0):
-        raise ClientError(EXIT_USAGE, "the input device is not a terminal: -t needs one "
+    if args.tty and args.interactive and not os.isatty(0):
+        raise ClientError(EXIT_USAGE, "the input device is not a terminal: -it needs one "
                                       "(-i alone sends a pipe or a file)")
     request = start_request(client, args)
     args.follow = args.follow or args.interactive or args.tty

@@ -1,4 +1,4 @@
-"""Tests for steve-jobs, in six groups:
+"""Tests for steve-jobs, in groups (the marks of their sections, listed in SECTION_GROUPS):
 
   unit    no root needed: parsing, validation, the cgroup v2 path against a fake cgroupfs tree
   kernel  the job engine against the real kernel: real cgroups, namespaces, processes
@@ -8,6 +8,10 @@
   tenants what a hostile user (alice, role user) can do to other users and to the host
   hosts   where the server and its jobs go in a delegated (systemd) or a container's cgroup,
           what old kernels lack (on pure cgroup v2 only .ci/v2vm's kernel enforces the rules)
+  api     the v1 API and CLI as docker, kubectl and ssh users use them
+  sessions  stdin, terminals, attach, recordings, traces and logs
+  newcomer  a fresh clone's Quickstart verbatim, two servers on one host, the bundled keys,
+          wrong addresses and the other mistakes of a first hour
 
 Every time budget is multiplied by STEVE_JOBS_TIME_SCALE (default 1; e.g. 10 in an emulated
 VM), through scaled(), and so are the server's own waits.
@@ -411,7 +415,7 @@ def test_the_systemd_unit_is_the_readmes_and_starts_the_server_it_documents():
     args = sj.build_parser().parse_args(argv[2:])
     # The folder the README's install command fills with the server's files:
     assert f"install -m 600 ca.crt server.crt server.key jwt-signing.pub {args.certs}/" in readme
-    assert "sudo install -m 644 /opt/steve-jobs/steve-jobs.service /etc/systemd/system/" in readme
+    assert "\ninstall -m 644 /opt/steve-jobs/steve-jobs.service /etc/systemd/system/" in readme
 
 
 def _unopened_engine(**config):
@@ -963,22 +967,6 @@ def test_reopening_drops_starts_that_never_reached_a_supervisor():
         for name in ("old", "new"):
             assert not os.path.exists(os.path.join(state_dir, "jobs", name))
             assert not os.path.exists(os.path.join(state_dir, "work", name))
-
-
-def test_start_sweeps_leftover_cgroups():
-    require_kernel()
-    root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
-    layout = sj.CgroupLayout.detect()
-    state_dir = new_state_dir()
-    stale = sj.JobCgroup(layout, root, sj.cgroup_mark(state_dir) + "stale")
-    stale.create()
-    try:
-        engine = sj.Engine(sj.EngineConfig(state_dir=state_dir, cgroup_root=root)).open()
-        assert not [d for d in stale.dirs() if os.path.exists(d)]
-        engine.close()
-    finally:
-        remove_cgroups(layout, root)
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def test_many_quick_jobs_all_report_their_exit(engine):
@@ -3985,7 +3973,7 @@ def test_a_writer_taken_over_is_told_at_once_and_once(server):
         cli(server, "stop", "--grace", "0", job)
 
 
-def test_run_t_without_a_terminal_is_refused_at_once(server):
+def test_run_it_without_a_terminal_is_refused_at_once(server):
     before = len(cli_json(server, "list", "--all"))
     done = cli(server, "run", "-it", "bash", input=b"echo cmd\n", timeout=scaled(20))
     assert done.returncode == 2 and b"not a terminal" in done.stderr, done.stderr
@@ -4122,7 +4110,8 @@ def test_what_docker_and_kubectl_users_type_first(server, tmp_path):
     as_alice = subprocess.run([PYTHON, SCRIPT, "list", "-q", "--server", server.address,
                                "--certs", server.certs, "--user", "alice"],
                               capture_output=True, timeout=scaled(30))
-    assert as_alice.stdout.decode().split() == [alice_job], as_alice.stderr
+    alices = as_alice.stdout.decode().split()   # (other tests leave jobs of alice's too)
+    assert alice_job in alices and not {*ids, ended, forced} & set(alices), as_alice.stderr
     cli(server, "rm", alice_job, user="alice")
 
 
