@@ -4020,9 +4020,17 @@ def readme_blocks(section):
 
 
 def a_fresh_clone(target):
-    """The files git tracks, as a clone has them (0644, or 0755 if executable)."""
-    names = subprocess.run(["git", "-C", HERE, "ls-files", "-z"], capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    """The files git tracks, as a clone has them (0644, or 0755 if executable); outside a
+    git checkout (an unpacked archive), every file but the virtualenv's and caches."""
+    listed = subprocess.run(["git", "-C", HERE, "ls-files", "-z"], capture_output=True)
+    if listed.returncode == 0:
+        names = listed.stdout.decode().split("\0")
+    else:
+        skipped = {".venv", ".git", "__pycache__", ".pytest_cache"}
+        names = [os.path.relpath(os.path.join(folder, f), HERE)
+                 for folder, _, files in os.walk(HERE)
+                 if not skipped & set(os.path.relpath(folder, HERE).split(os.sep))
+                 for f in files]
     for name in filter(None, names):
         source, copy = os.path.join(HERE, name), os.path.join(target, name)
         if not os.path.isfile(source):
