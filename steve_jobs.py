@@ -2196,6 +2196,8 @@ class Job:
         self.result = None            # result.json: how it ended
         self.stop_requested = False
         self.stop_at = 0.0            # when this server was asked to stop it
+        self.kill_at = None           # monotonic time its stop's grace ends (the earliest)
+        self.kill_error = ""          # why that kill failed, if it did
         self.paused = False
         self.ended = threading.Event()
         self._cond = threading.Condition()
@@ -2266,8 +2268,9 @@ def derive_state(job):
 
 class JobWatcher:
     """One thread that turns kernel events into engine calls: inotify on job folders (output
-    written: Job.notify(); result.json renamed in: on_result(job)) and a pidfd per job
-    supervisor (it exited: on_supervisor_exit(job), which checks whether it left a result).
+    written: Job.notify(); result.json renamed in: on_result(job)), a pidfd per job
+    supervisor (it exited: on_supervisor_exit(job), which checks whether it left a result),
+    and timers (call_at: a stop's grace ends), so that no thread sleeps through a wait.
 
     epoll, not select: descriptors numbered past 1024 are the rule on a busy server.
     """
@@ -2280,6 +2283,8 @@ class JobWatcher:
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._jobs = {}          # wd -> Job
         self._pidfds = {}        # pidfd -> Job
+        self._timers = []        # heap of (monotonic time, number, Job, handler)
+        self._timer_numbers = iter(range(1 << 62))
         self._lock = threading.Lock()
         self._on_result, self._on_supervisor_exit = on_result, on_supervisor_exit
         self._thread = threading.Thread(target=self._run, name="job-watcher", daemon=True)
@@ -2314,6 +2319,25 @@ class JobWatcher:
         self._epoll.register(pidfd, select.EPOLLIN)
         return True
 
+    def call_at(self, when, job, handler):
+        """Call handler(job) from the watcher's thread once time.monotonic() >= when."""
+        import heapq
+        with self._lock:
+            heapq.heappush(self._timers, (when, next(self._timer_numbers), job, handler))
+        with contextlib.suppress(BlockingIOError):   # (a full pipe wakes it all the same)
+            os.write(self._wake_w, b"t")   # poll again, with the new first timer's timeout
+
+    def _due_timers(self):
+        """The (job, handler) of every timer due now; and the ms until the next (-1: none)."""
+        import heapq
+        due, now = [], time.monotonic()
+        with self._lock:
+            while self._timers and self._timers[0][0] <= now:
+                _, _, job, handler = heapq.heappop(self._timers)
+                due.append((job, handler))
+            wait = math.ceil((self._timers[0][0] - now) * 1000) if self._timers else -1
+        return due, wait
+
     def close(self):
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
@@ -2324,10 +2348,14 @@ class JobWatcher:
         self._epoll.close()
 
     def _run(self):
+        wait = -1
         while True:
-            ready = {fd for fd, _ in self._epoll.poll()}
-            if self._wake_r in ready:
+            ready = {fd for fd, _ in self._epoll.poll(wait / 1000 if wait >= 0 else -1)}
+            if self._wake_r in ready and b"x" in os.read(self._wake_r, 4096):
                 return
+            due, wait = self._due_timers()
+            for job, handler in due:
+                self._call(handler, job)
             if self._inotify in ready:
                 self._inotify_events()
             with self._lock:
@@ -2829,12 +2857,13 @@ class Engine:
     def close(self, stop_jobs=False):
         """Stop serving; with stop_jobs, stop every running job first (bounded)."""
         if stop_jobs:
-            running = [j for j in self._all_jobs() if j.result is None]
-            threads = [threading.Thread(target=self._stop_quietly, args=(j,)) for j in running]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(self.config.stop_grace + KILL_TIMEOUT + 5)
+            stopping = []
+            for job in [j for j in self._all_jobs() if j.result is None]:
+                with contextlib.suppress(Error):
+                    stopping.append((job, self.request_stop(
+                        job.id, grace=min(self.config.stop_grace, 2.0))))
+            for job, deadline in stopping:
+                job.ended.wait(max(0.0, (deadline or 0) - time.monotonic()))
         self._spawner.close()
         if self._watcher:
             self._watcher.close()
@@ -2872,12 +2901,6 @@ class Engine:
         with contextlib.suppress(OSError):
             write_file(os.path.join(base, "cgroup.subtree_control"),
                        " ".join("-" + c for c in enabled))
-
-    def _stop_quietly(self, job):
-        try:
-            self.stop(job.id, grace=min(self.config.stop_grace, 2.0))
-        except Error:
-            pass
 
     def _load_jobs(self):
         """Re-adopt the jobs in the state directory after a restart.
@@ -3241,38 +3264,78 @@ class Engine:
                       io_write_bps=wbps, io_device=device)
 
     def stop(self, job_id, grace=None):
-        """SIGTERM the job, wait up to grace seconds, then kill everything in its cgroup.
+        """SIGTERM the job, then kill everything in its cgroup once grace seconds have
+        passed (request_stop), and wait for its end (bounded); holds no lock while
+        waiting. Stopping an ended job changes nothing and returns its status, as
+        `docker stop` does. Raises what request_stop and check_stopped raise."""
+        job = self._get(job_id)
+        deadline = self.request_stop(job_id, grace)
+        if deadline is not None:
+            job.ended.wait(max(0.0, deadline - time.monotonic()))
+            self.check_stopped(job_id)
+        return self.status(job_id)
 
-        Blocks (bounded) until the job has ended; holds no lock while waiting. Stopping an
-        ended job changes nothing and returns its status, as `docker stop` does.
-        Raises NotFoundError, InvalidArgumentError, DeadlineExceededError (it outlived
-        SIGKILL by KILL_TIMEOUT), UnavailableError (its cgroup cannot be killed).
-        """
+    def request_stop(self, job_id, grace=None):
+        """Begin the job's stop without waiting for it: SIGTERM now, and SIGKILL to its
+        cgroup when grace seconds have passed, from a timer (no thread waits). Stops of a
+        job already stopping share its stop; the earliest kill time holds. Returns the
+        monotonic time by which the job should have ended (its kill time plus
+        KILL_TIMEOUT), or None if it has. Raises NotFoundError, InvalidArgumentError."""
         job = self._get(job_id)
         grace = self.config.stop_grace if grace is None else grace
         if not (isinstance(grace, (int, float)) and math.isfinite(grace) and 0 <= grace <= 3600):
             raise InvalidArgumentError("grace must be between 0 and 3600 seconds")
-        if job.result is not None:
-            return self._status(job)
-        if not job.stop_requested:
-            job.stop_requested, job.stop_at = True, time.time()
+        kill_at = time.monotonic() + grace
+        with job._cond:   # (check and set: concurrent stops make one)
+            if job.result is not None:
+                return None
+            first = not job.stop_requested
+            sooner = job.kill_at is None or kill_at < job.kill_at
+            if first:
+                job.stop_requested, job.stop_at = True, time.time()
+            if sooner:
+                job.kill_at = kill_at
+        if first:
             try:
                 open(os.path.join(job.dir, STOP_FILE), "w").close()
             except OSError as e:   # a full disk: the stop goes on; a restart says "killed"
                 log.warning("job %s: cannot record the stop request: %s", job_id, e.strerror)
-        self._signal_init(job, signal.SIGTERM)
-        if job.paused:
-            self.resume(job_id, quiet=True)   # a frozen job cannot act on SIGTERM
-        if not job.ended.wait(grace):
-            try:
-                self._cgroup_of(job).kill()
-            except OSError as e:
-                if job.result is None and e.errno != errno.ENOENT:
-                    raise UnavailableError(f"cannot kill job {job_id}: {e}") from None
-        if not job.ended.wait(KILL_TIMEOUT):
-            raise DeadlineExceededError(
-                f"job {job_id} did not end {KILL_TIMEOUT:g}s after SIGKILL; it may still end")
-        return self.status(job_id)
+            self._signal_init(job, signal.SIGTERM)
+            if job.paused:
+                self.resume(job_id, quiet=True)   # a frozen job cannot act on SIGTERM
+        if sooner and grace == 0:
+            self._kill_stopping(job)   # (at once, as before SIGTERM could be acted on)
+        elif sooner:
+            self._watcher.call_at(kill_at, job, self._kill_stopping)
+        return job.kill_at + KILL_TIMEOUT
+
+    def _kill_stopping(self, job):
+        """A stop's grace has ended (from the watcher's timer): kill the job's cgroup."""
+        if job.result is not None:
+            return   # (also the timer of a kill time a later stop brought forward)
+        try:
+            self._cgroup_of(job).kill()
+        except OSError as e:
+            if job.result is None and e.errno != errno.ENOENT:
+                job.kill_error = f"cannot kill job {job.id}: {e}"
+                log.warning("job %s: %s", job.id, job.kill_error)
+                job.notify()   # (the stops waiting say so now)
+
+    def kill_failed(self, job_id):
+        """Whether the job's stop could not kill it (check_stopped says why)."""
+        return bool(self._get(job_id).kill_error)
+
+    def check_stopped(self, job_id):
+        """Raises, for a stop that has waited up to request_stop's deadline, what went
+        wrong: UnavailableError (its cgroup cannot be killed), DeadlineExceededError (it
+        outlived SIGKILL by KILL_TIMEOUT). Nothing if the job has ended."""
+        job = self._get(job_id)
+        if job.result is not None:
+            return
+        if job.kill_error:
+            raise UnavailableError(job.kill_error)
+        raise DeadlineExceededError(
+            f"job {job_id} did not end {KILL_TIMEOUT:g}s after SIGKILL; it may still end")
 
     def wait(self, job_id, timeout):
         """Block until the job has ended or timeout seconds pass; returns its JobStatus.
@@ -4457,6 +4520,7 @@ def cut_argv(argv, limit):
 OUTPUT_MEMORY_BUDGET = 128 * MiB    # all output streams' in-flight chunks together
 MIN_STREAM_CHUNK = 16 * KiB          # what a stream may read even when the budget is spent
 FOLLOW_SAFETY_NET = 1.0             # seconds: followers are woken this often even unasked
+MAX_STOPS_PER_USER = 64              # Stop calls of one user waiting for their jobs' ends
 
 
 class ServerConfig(typing.NamedTuple):
@@ -4842,12 +4906,11 @@ class JobService:
         self.grpc, self.pb, self.engine, self.verifier = grpc, jobs_pb2, engine, verifier
         self.tracing = tracing or Tracing()
         self.config = config or ServerConfig()
-        # Blocking engine calls run here, never on the event loop. Stops wait up to their
-        # grace period, so they get their own pool: a slow stop never delays a start.
+        # Blocking engine calls run here, never on the event loop. Nothing waits here for
+        # long: Wait and Stop await the job's end on the loop.
         self.start_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="start")
-        self.stop_pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="stop")
         self.hub = None
-        self.waiting = {}       # user -> Wait calls under way
+        self.waiting = {}       # (user, "Wait" or "Stop") -> such calls waiting for an end
         self.writers = {}       # job id -> the InputWriter writing to it
         self.shutting_down = False
 
@@ -5004,31 +5067,63 @@ class JobService:
         return response
 
     async def _wait(self, identity, r):
-        """Wait's body: sleeps on the engine's notification of the job's end, no thread
-        and no polling; the call's deadline, or the server's shutdown, ends it first."""
-        import asyncio
-        if self.waiting.get(identity.user, 0) >= self.config.max_streams_per_user:
+        """Wait's body: sleeps on the engine's notification of the job's end; the call's
+        deadline, or the server's shutdown, ends it first."""
+        with self._waiting(identity, "Wait", self.config.max_streams_per_user,
+                           "--max-streams-per-user"):
+            await self._until_ended(r.job_id)
+        return self.status_pb(self.engine.status(r.job_id))
+
+    async def _stop(self, identity, r):
+        """Stop's body: the engine's stop begun (a timer kills at the grace's end), then
+        its end awaited here, so a stop's grace holds no thread."""
+        grace = r.grace_seconds if r.HasField("grace_seconds") else None
+        with self._waiting(identity, "Stop", MAX_STOPS_PER_USER):
+            deadline = self.engine.request_stop(r.job_id, grace)   # (quick: no waiting)
+            if deadline is not None:
+                await self._until_ended(r.job_id, deadline)
+                self.engine.check_stopped(r.job_id)
+        return self.status_pb(self.engine.status(r.job_id))
+
+    @contextlib.contextmanager
+    def _waiting(self, identity, rpc, cap, flag=""):
+        """Context of a call of rpc that waits for a job's end: at most cap per user.
+        Raises ResourceExhaustedError (over cap) before anything is done."""
+        key = (identity.user, rpc)
+        if self.waiting.get(key, 0) >= cap:
             raise ResourceExhaustedError(
-                f"{identity.user} has {self.config.max_streams_per_user} waits under way, the "
-                f"most one user may have (--max-streams-per-user)", reason="TOO_MANY_WAITS")
+                f"{identity.user} has {cap} {rpc} calls under way, the most one user may have"
+                + (f" ({flag})" if flag else ""), reason=f"TOO_MANY_{rpc.upper()}S")
+        self.waiting[key] = self.waiting.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self.waiting[key] -= 1
+            if not self.waiting[key]:
+                del self.waiting[key]
+
+    async def _until_ended(self, job_id, deadline=None):
+        """Sleep (on the loop, on the engine's notification: no thread, no polling) until
+        the job has ended and all its output is on disk, or until deadline (monotonic)
+        passes, or the job's kill failed. Raises UnavailableError (shutting down)."""
+        import asyncio
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
         unsubscribe = self.engine.subscribe(
-            r.job_id, lambda: loop.call_soon_threadsafe(changed.set))
-        self.waiting[identity.user] = self.waiting.get(identity.user, 0) + 1
+            job_id, lambda: loop.call_soon_threadsafe(changed.set))
         try:
-            while self.engine.output_end(r.job_id) is None:
+            while self.engine.output_end(job_id) is None and not self.engine.kill_failed(job_id):
                 if self.shutting_down:
                     raise UnavailableError("the server is shutting down; the job goes on")
+                left = FOLLOW_SAFETY_NET if deadline is None else min(
+                    FOLLOW_SAFETY_NET, deadline - time.monotonic())
+                if left <= 0:
+                    return
                 changed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), FOLLOW_SAFETY_NET)
+                    await asyncio.wait_for(changed.wait(), left)
         finally:
             unsubscribe()
-            self.waiting[identity.user] -= 1
-            if not self.waiting[identity.user]:
-                del self.waiting[identity.user]
-        return self.status_pb(self.engine.status(r.job_id))
 
     def _start(self, identity, r):
         limits = Limits(cpu=r.limits.cpu, memory=r.limits.memory_bytes, pids=r.limits.pids,
@@ -5046,10 +5141,6 @@ class JobService:
         job_id = self.engine.start(identity.user, list(r.argv), limits, options, meta)
         return self.status_pb(self.engine.status(job_id))
 
-    def _stop(self, identity, r):
-        grace = r.grace_seconds if r.HasField("grace_seconds") else None
-        return self.status_pb(self.engine.stop(r.job_id, grace))
-
     async def unary(self, context, rpc, func, request):
         """Run one unary RPC: auth, engine call in a thread, errors mapped, one log line."""
         import asyncio
@@ -5065,9 +5156,8 @@ class JobService:
                 if asyncio.iscoroutinefunction(func):
                     result = await func(identity, request)
                 else:
-                    pool = self.stop_pool if rpc == "Stop" else self.start_pool
                     result = await asyncio.get_running_loop().run_in_executor(
-                        pool, func, identity, request)
+                        self.start_pool, func, identity, request)
                 job_id = job_id or getattr(result, "job_id", "")
                 return result
         finally:

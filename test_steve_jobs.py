@@ -2433,6 +2433,41 @@ def test_client_supplied_strings_cannot_forge_or_flood_log_lines(server, certs):
     assert "\\n2026-01-01" in log   # the forged id, escaped into its own log line
 
 
+def test_a_flood_of_long_stops_delays_no_other_users_stop(server):
+    """Reproduction: alice's 64 Stop(grace 20) of one job that ignores SIGTERM held every
+    stop thread: mrarsenal's stop of an unrelated job took 18.5 s."""
+    alice, admin = Api(server, "alice"), Api(server)
+    pb = alice.pb
+    try:
+        hers = started(alice, ["sh", "-c", "trap '' TERM; sleep 600"]).job_id
+        his = started(admin, ["sleep", "300"]).job_id
+        flood = [alice.stub.Stop.future(pb.StopRequest(job_id=hers, grace_seconds=20),
+                                        metadata=alice.metadata, timeout=scaled(60))
+                 for _ in range(100)]
+        time.sleep(scaled(1))   # (they have reached the server)
+        began = time.monotonic()
+        assert admin.Stop(pb.StopRequest(job_id=his)).state == pb.STATE_STOPPED
+        took = time.monotonic() - began
+        assert took < scaled(5), f"an unrelated stop took {took:.1f} s"
+        refused = [f for f in flood if f.done()]
+        assert len(refused) == 100 - sj.MAX_STOPS_PER_USER   # the rest are in flight
+        assert {f.exception().code().name for f in refused} == {"RESOURCE_EXHAUSTED"}
+        # Its stops are one stop: a shorter grace brings every waiting one's end forward
+        # (the admin's, since alice may have no more stops under way).
+        assert alice.error("Stop", pb.StopRequest(job_id=hers, grace_seconds=0))[:2] == (
+            "RESOURCE_EXHAUSTED", "TOO_MANY_STOPS")
+        assert admin.Stop(pb.StopRequest(job_id=hers, grace_seconds=0)).state == \
+            pb.STATE_STOPPED
+        waiting = [f for f in flood if f not in refused]
+        assert {f.result(timeout=scaled(10)).state for f in waiting} == {pb.STATE_STOPPED}
+        assert server.read_log().count(f"method=Stop job={hers} result=OK") == \
+            sj.MAX_STOPS_PER_USER + 1
+        assert alice.Status(pb.JobRef(job_id=hers)).state == pb.STATE_STOPPED   # not killed
+    finally:
+        alice.close()
+        admin.close()
+
+
 def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
     alice, wants = sj.Identity("alice", "user"), sj.JobOptions(host_network=True)
     with pytest.raises(sj.PermissionDeniedError, match="--allow-host-network-role"):
