@@ -120,6 +120,16 @@ def loggable(value, limit=128):
     return cut + ("..." if len(text) > limit else "")
 
 
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")   # C0, DEL and C1
+
+
+def for_terminal(text):
+    """text safe to print for a person: every C0 and C1 control and DEL as a \\xNN escape,
+    so that a string of another user's (an argv, a label, an error naming a path) can
+    neither move the cursor, erase rows, set the window's title nor write the clipboard."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def quoted(value, limit=128):
     """value quoted for an error message: escaped and cut like loggable."""
     return f"'{loggable(value, limit)}'"
@@ -3987,9 +3997,11 @@ def validate_meta(meta):
         if not (isinstance(key, str) and LABEL_KEY_FORMAT.fullmatch(key)):
             raise InvalidArgumentError(f"invalid label key {quoted(key)}: up to 63 letters, "
                                        f"digits, '_', '.', '/' or '-'", field="labels")
-        if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or "\0" in value:
+        if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or \
+                CONTROL_CHARACTERS.search(value):
             raise InvalidArgumentError(f"label {key}: a value of at most {MAX_LABEL_VALUE} "
-                                       f"characters", field="labels")
+                                       f"printable characters (no control characters)",
+                                       field="labels")
     if meta.request_id and not (isinstance(meta.request_id, str)
                                 and REQUEST_ID_FORMAT.fullmatch(meta.request_id)):
         raise InvalidArgumentError("request_id: 1 to 128 printable ASCII characters",
@@ -6004,7 +6016,7 @@ def format_status(st):
                      + (f" {human_bytes(e.bytes)}" if e.event == "input-end" else ""))
     if st.trace_id:
         lines.append(f"trace    {st.trace_id}")
-    return "\n".join(lines)
+    return "\n".join(for_terminal(line) for line in lines)
 
 
 def status_dict(st):
@@ -7043,7 +7055,7 @@ def _tell_input_problem(client, future, raw, ending=()):
     if e.reason == "JOB_NOT_RUNNING":
         return True   # it ended without reading all of it: its output and status tell
     end = "\r\n" if raw else "\n"
-    sys.stderr.write(f"{end}steve-jobs: not sending input: {e}{end}")
+    sys.stderr.write(f"{end}steve-jobs: not sending input: {for_terminal(str(e))}{end}")
     sys.stderr.flush()
     return True
 
@@ -7177,7 +7189,7 @@ def report_end(st, args):
         why = {OOM_KILLED: "killed for exceeding its memory limit", STOPPED: "stopped",
                FAILED: f"failed to start: {st.error}", UNKNOWN: f"ended unknown: {st.error}",
                KILLED: f"killed by {signal_name(st.signal)}"}.get(state, state)
-        print(f"job {st.job_id} {why}", file=sys.stderr)
+        print(for_terminal(f"job {st.job_id} {why}"), file=sys.stderr)
     return exit_code_of(st)
 
 
@@ -7259,15 +7271,16 @@ def cmd_list(client, args):
             header = False
         for j in page.jobs:
             if args.quiet:
-                print(j.job_id + (f"\n{j.name}" if j.name and args.with_names else ""))
+                print(for_terminal(j.job_id) + (f"\n{for_terminal(j.name)}"
+                                                if j.name and args.with_names else ""))
             elif args.json:
                 jobs.append(status_dict(j))
             else:
                 code = (j.exit_code if j.HasField("exit_code")
                         else 128 + j.signal if j.HasField("signal") else "")
-                print(f"{j.job_id:36}  {j.name[:16]:16} {j.owner[:12]:12} "
-                      f"{PB_TO_STATE.get(j.state, '?'):10} {code!s:>4}  "
-                      f"{' '.join(j.argv)[:60]}")
+                print(for_terminal(f"{j.job_id:36}  {j.name[:16]:16} {j.owner[:12]:12} "
+                                   f"{PB_TO_STATE.get(j.state, '?'):10} {code!s:>4}  ")
+                      + for_terminal(" ".join(j.argv))[:60])
         if not page.next_page_token:
             break
         request.page_token = page.next_page_token
@@ -7288,7 +7301,7 @@ def cmd_job(client, args):
             if len(refs) == 1:
                 raise
             print_json(e.as_json(), lines=True) if args.json else print(
-                f"steve-jobs: {e}", file=sys.stderr)
+                f"steve-jobs: {for_terminal(str(e))}", file=sys.stderr)
             first_failure = first_failure or e.exit_code
     return first_failure
 
@@ -7315,7 +7328,7 @@ def _one_job_command(client, args, ref, lines):
         print_json(status_dict(st), lines=lines)
     else:
         print(format_status(st) if args.command == "status"
-              else f"{st.job_id} {PB_TO_STATE.get(st.state)}")
+              else for_terminal(f"{st.job_id} {PB_TO_STATE.get(st.state)}"))
 
 
 def exit_on_ctrl_c(_signum, _frame):
@@ -7457,7 +7470,7 @@ def report_errors(command, json_errors=False):
         if json_errors:
             print_json(e.as_json())
         elif str(e):
-            print(f"steve-jobs: {e}", file=sys.stderr)
+            print(f"steve-jobs: {for_terminal(str(e))}", file=sys.stderr)
         return e.exit_code
     except ModuleNotFoundError as e:   # started outside the environment it was set up in
         print(f"steve-jobs: {sys.executable} has no module {e.name!r}: set up with "

@@ -2468,6 +2468,34 @@ def test_a_flood_of_long_stops_delays_no_other_users_stop(server):
         admin.close()
 
 
+def test_a_jobs_strings_cannot_rewrite_another_users_screen(server):
+    """Reproduction: alice's argv, label and workdir held ESC and OSC sequences; an admin's
+    `list --all` and `status` printed them raw (cursor up and erase, OSC 0 the window's
+    title, OSC 52 the clipboard)."""
+    evil = "\x1b[1A\x1b[2K\x1b]0;owned\x07\x1b]52;c;ZWNobyBoaQ==\x07\u009b2J\x7f"
+    alice, pb = Api(server, "alice"), sj.import_grpc()[1]
+    try:
+        code, reason, field, _ = alice.error("Start", pb.StartRequest(
+            argv=["true"], labels={"note": evil}))
+        assert (code, field) == ("INVALID_ARGUMENT", "labels")
+        ran = started(alice, ["sh", "-c", f"exit 0 # {evil}"], labels={"note": "calm"})
+        failed = started(alice, ["true"], workdir=f"/nonexistent{evil}")
+        for job in (ran, failed):
+            alice.Wait(pb.JobRef(job_id=job.job_id))
+    finally:
+        alice.close()
+    shown = [cli(server, "list", "--all"), cli(server, "ps", "-a", "--all-users"),
+             cli(server, "status", ran.job_id), cli(server, "status", failed.job_id),
+             cli(server, "status", ran.job_id, failed.job_id, "no-such-job" + evil)]
+    for done in shown:
+        text = (done.stdout + done.stderr).decode()
+        assert not sj.CONTROL_CHARACTERS.search(text.replace("\n", "")), text
+    for done in shown[0], shown[2], shown[3]:
+        assert "\\x1b[1A" in done.stdout.decode()   # shown, escaped
+    st = cli_json(server, "status", ran.job_id)   # JSON stays JSON, the argv as it was
+    assert st["argv"][-1] == f"exit 0 # {evil}"
+
+
 def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
     alice, wants = sj.Identity("alice", "user"), sj.JobOptions(host_network=True)
     with pytest.raises(sj.PermissionDeniedError, match="--allow-host-network-role"):
