@@ -4909,6 +4909,22 @@ class OutputHub:
                 del self.in_flight[user]
 
 
+class ClientGone(Exception):
+    """A streaming call's client went away while we wrote to it (it cancelled)."""
+
+
+async def write_or_gone(context, message):
+    """context.write(message). Raises ClientGone if the client went away meanwhile: grpc
+    then fails the write with its own ExecuteBatchError (of a private module), or says
+    the call is cancelled."""
+    try:
+        await context.write(message)
+    except Exception as e:
+        if type(e).__name__ == "ExecuteBatchError" or context.cancelled():
+            raise ClientGone() from None
+        raise
+
+
 class JobService:
     """Every RPC: identify, decide, call the engine, translate, log one line. It only
     translates between protobuf and the engine; add_job_service registers it."""
@@ -5054,7 +5070,7 @@ class JobService:
     def _list(self, identity, r):
         """One page of jobs: at most page_size, and at most LIST_PAGE_BYTES of them."""
         role = ROLES[identity.role]
-        if (r.all_users or r.owner) and not role.all_jobs:
+        if (r.all_users or r.owner not in ("", identity.user)) and not role.all_jobs:
             raise PermissionDeniedError(f"role {identity.role} sees only its own jobs")
         if r.page_size > MAX_PAGE_SIZE:
             raise InvalidArgumentError(f"page_size is at most {MAX_PAGE_SIZE}",
@@ -5185,6 +5201,8 @@ class JobService:
         except asyncio.CancelledError:
             outcome["result"] = "CANCELLED"
             raise
+        except ClientGone:
+            outcome["result"] = "CANCELLED"   # nothing to answer, nothing went wrong here
         except Exception as e:
             status = rpc_status(e)
             outcome.update(result=status.code, why=loggable(status.message))
@@ -5234,7 +5252,7 @@ class JobService:
                 # write() waits for flow control: a slow reader holds one chunk here
                 # and slows nobody else.
                 with self.hub.sending(user, size):
-                    await context.write(chunk)
+                    await write_or_gone(context, chunk)
                 offset = after
                 sent[0] += size
                 continue
@@ -6842,7 +6860,10 @@ class RawTerminal:
 
     def _restore(self):
         import termios
-        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+        # TCSAFLUSH: what is left unread in our terminal's input was meant for the job (keys
+        # after ~., a read-only viewer's terminal's answers to the job's queries such as
+        # ESC [6n): the shell we give the terminal back to must not read it as typed.
+        termios.tcsetattr(self.fd, termios.TCSAFLUSH, self.saved)
 
     def __exit__(self, *_exc):
         self._restore()

@@ -23,6 +23,7 @@ under which they fail instead. Every test removes the cgroups and processes it m
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import json
@@ -31,6 +32,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -2496,6 +2498,38 @@ def test_a_jobs_strings_cannot_rewrite_another_users_screen(server):
     assert st["argv"][-1] == f"exit 0 # {evil}"
 
 
+def test_an_output_call_cancelled_mid_write_is_one_quiet_line(server):
+    """Reproduction: a client that cancelled Output while a chunk was being written was
+    logged as `internal error`, with a traceback."""
+    api = Api(server, "alice")
+    pb = api.pb
+    try:
+        job = started(api, ["sh", "-c", "head -c 20000000 /dev/zero"]).job_id
+        api.Wait(pb.JobRef(job_id=job))
+        for _ in range(30):
+            call = api.stub.Output(pb.OutputRequest(job_id=job), metadata=api.metadata,
+                                   timeout=scaled(30))
+            next(call)
+            call.cancel()
+        log = lambda: server.read_log()
+        results = lambda: re.findall(f"method=Output job={job} result=(\\w+)", log())
+        wait_for(lambda: len(results()) == 30)
+        assert set(results()) == {"CANCELLED"}, results()
+        assert "internal error" not in log() and "Traceback" not in log()
+        api.Remove(pb.JobRef(job_id=job))
+    finally:
+        api.close()
+
+
+def test_a_user_may_name_themselves_as_the_owner_and_nobody_else(server):
+    mine = start_job(server, "true", user="alice")
+    listed = cli(server, "list", "-q", "--owner", "alice", user="alice")
+    assert listed.returncode == 0 and mine in listed.stdout.decode().split(), listed.stderr
+    other = cli(server, "list", "--owner", "mrarsenal", user="alice")
+    assert other.returncode == 6 and b"sees only its own jobs" in other.stderr, other.stderr
+    cli(server, "rm", mine, user="alice")
+
+
 def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
     alice, wants = sj.Identity("alice", "user"), sj.JobOptions(host_network=True)
     with pytest.raises(sj.PermissionDeniedError, match="--allow-host-network-role"):
@@ -3338,13 +3372,16 @@ class Terminal:
     """The CLI on a real pty, as a user's terminal runs it: its controlling terminal (setsid
     -c), so that resizing sends SIGWINCH as a terminal emulator's does."""
 
-    def __init__(self, server, *args, rows=24, columns=80, user="mrarsenal"):
+    def __init__(self, server, *args, rows=24, columns=80, user="mrarsenal", shell=False):
         import termios
         self.master, self.slave = os.openpty()   # the slave stays open: its modes are checked
         self.resize(rows, columns)
         self.modes_before = termios.tcgetattr(self.slave)
+        # shell: the CLI started from a shell that holds the terminal on after it (the
+        # session's leader: its exit would hang the terminal up), and says "exit=CODE".
+        under = ["sh", "-c", '"$@"; echo "exit=$?"; sleep 600', "sh"] if shell else []
         self.proc = subprocess.Popen(
-            ["setsid", "-c", PYTHON, SCRIPT, "--server", server.address, "--certs",
+            ["setsid", "-c", *under, PYTHON, SCRIPT, "--server", server.address, "--certs",
              server.certs, "--user", user, *args],
             stdin=self.slave, stdout=self.slave, stderr=self.slave, env={**os.environ,
                                                                          "TERM": "xterm"})
@@ -3400,6 +3437,29 @@ def terminal(server, *args, **kw):
 
 def job_state(server, job_id):
     return cli_json(server, "status", job_id)["state"]
+
+
+def test_a_read_only_viewer_gets_its_terminal_back_without_the_jobs_queries_answers(
+        session_server):
+    """Reproduction: `attach --read-only` of a job that prints ESC [6n left the viewer's
+    terminal's answers (cursor position reports) in its tty's input, for the shell to
+    read next."""
+    import termios
+    import tty
+    api = Api(session_server)
+    pb = api.pb
+    try:
+        job = started(api, ["sh", "-c", "sleep 1; printf 'asking\\033[6n'; sleep 1"],
+                      terminal=pb.TerminalSize(rows=24, columns=80)).job_id
+        with terminal(session_server, "attach", "--read-only", job, shell=True) as t:
+            t.expect(rb"asking\x1b\[6n")
+            t.type(b"\x1b[5;1R" * 14)   # what a terminal answers, none of it read
+            t.expect(rb"exit=0")
+            tty.setraw(t.slave, termios.TCSANOW)   # (canonical mode counts whole lines)
+            left = struct.unpack("i", fcntl.ioctl(t.slave, termios.FIONREAD, b"\0" * 4))[0]
+            assert left == 0, f"{left} bytes of answers left for the shell to read"
+    finally:
+        api.close()
 
 
 def test_run_without_i_says_stdin_is_not_sent_and_run_i_sends_it(session_server):
