@@ -3581,10 +3581,12 @@ class Engine:
             return OutputPiece(offset, data, piece_stream, t)
         return OutputPiece(offset, b"")
 
-    def output_start(self, job_id, stream=0, tail_lines=0, tail_bytes=0, since=0.0):
+    def output_start(self, job_id, stream=0, tail_lines=0, tail_bytes=0, since=0.0,
+                     cancelled=lambda: False):
         """Where reading starts for the last tail_lines lines and tail_bytes bytes of stream
         (0: both), and what was written since (a time): the latest of those set, else 0.
-        Reads the output backwards as far as the lines go. Raises NotFoundError."""
+        Reads the output backwards as far as the lines go (tail_start: what that costs),
+        and stops early (0) once cancelled() says so. Raises NotFoundError."""
         job = self._get(job_id)
         try:
             end = os.stat(job.output_path).st_size
@@ -3596,7 +3598,7 @@ class Engine:
         start = index.first_written_at(since, end) if since else 0
         if tail_lines or tail_bytes:
             start = max(start, tail_start(index, job.output_path, end, stream, tail_lines,
-                                          tail_bytes))
+                                          tail_bytes, cancelled))
         return start
 
     def output_end(self, job_id):
@@ -3910,30 +3912,58 @@ class OutputIndex:
             return self.offsets[i] if i < len(self.offsets) else end
 
 
-def tail_start(index, path, end, stream, lines, nbytes):
+TAIL_BLOCK = 256 * KiB   # what a tail reads and counts at a time, from the end
+
+
+def tail_start(index, path, end, stream, lines, nbytes, cancelled=lambda: False):
     """Where the last `lines` lines (or `nbytes` bytes, whichever is less) of stream (0:
-    both) before end start. 0 if there are fewer."""
+    both) before end start. 0 if there are fewer, or once cancelled() says so.
+
+    Costs a read of what it returns, at most, and a count of its newlines in C, a block
+    at a time (never a Python step per newline): a tail of 2**63 lines of a job of empty
+    lines costs what reading the output costs."""
+    runs = [(0, end, 0)] if not stream else index.runs_backwards(end)
     taken, newlines, at_end = 0, 0, True
-    for start, stop, s in index.runs_backwards(end):
-        if stream and s and s != stream:
-            continue
-        if nbytes and taken + stop - start >= nbytes:
-            return stop - (nbytes - taken)
-        pos = stop
-        while lines and pos > start:
-            block = max(start, pos - 64 * KiB)
-            data = read_output_file(path, block, pos - block)
-            if at_end and data.endswith(b"\n"):
-                data = data[:-1]   # the last line's own end
-            at_end = False
-            i = len(data)
-            while (i := data.rfind(b"\n", 0, i)) >= 0:
-                newlines += 1
-                if newlines == lines:
-                    return block + i + 1
-            pos = block
-        taken += stop - start
-    return 0
+    fd = open_output(path)
+    if fd is None:
+        return 0
+    try:
+        for start, stop, s in runs:
+            if stream and s and s != stream:
+                continue
+            if nbytes and taken + stop - start >= nbytes:
+                return stop - (nbytes - taken)
+            pos = stop
+            while lines and pos > start:
+                if cancelled():
+                    return 0
+                block = max(start, pos - TAIL_BLOCK)
+                data = os.pread(fd, pos - block, block)
+                if at_end and data.endswith(b"\n"):
+                    data = data[:-1]   # the last line's own end
+                at_end = False
+                here = data.count(b"\n")
+                if newlines + here >= lines:
+                    return block + nth_newline_from_end(data, lines - newlines) + 1
+                newlines += here
+                pos = block
+            taken += stop - start
+        return 0
+    finally:
+        os.close(fd)
+
+
+def nth_newline_from_end(data, n):
+    """The index of data's n-th newline from its end (data has at least n): a bisection
+    of counts, so a block of many newlines costs a few counts, not a step each."""
+    lo, hi = 0, len(data)   # invariant: data[lo:] has >= n newlines, data[hi:] fewer
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if data.count(b"\n", mid) >= n:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def list_cursor(job):
@@ -3941,11 +3971,18 @@ def list_cursor(job):
     return (job.spec["created_at"], job.id)
 
 
+def open_output(path):
+    """A descriptor of the job's output file to read, None if it does not exist yet."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
 def read_output_file(path, offset, size):
     """pread up to size bytes at offset; b'' past the end or before the file exists."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    fd = open_output(path)
+    if fd is None:
         return b""
     try:
         return os.pread(fd, size, offset)
@@ -4937,6 +4974,8 @@ class JobService:
         # Blocking engine calls run here, never on the event loop. Nothing waits here for
         # long: Wait and Stop await the job's end on the loop.
         self.start_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="start")
+        self.scan_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="scan")
+        self.scan_lanes = {}    # user -> asyncio.Lock: one output scan of theirs at a time
         self.hub = None
         self.waiting = {}       # (user, "Wait" or "Stop") -> such calls waiting for an end
         self.writers = {}       # job id -> the InputWriter writing to it
@@ -5232,8 +5271,8 @@ class JobService:
                 if request.stream not in (0, STDOUT, STDERR):
                     raise InvalidArgumentError("stream must be STDOUT, STDERR or unset (both)",
                                                field="stream")
-                offset = max(request.offset, await self._output_start(request))
-                event = self.hub.watch(request.job_id, user)
+                event = self.hub.watch(request.job_id, user)   # (the cap: before any work)
+                offset = max(request.offset, await self._output_start(request, user))
                 await self._send_output(request, context, event, offset, user, sent)
         finally:
             if event is not None:
@@ -5324,16 +5363,25 @@ class JobService:
             del self.writers[writer.job_id]
         self.engine.record_session(writer.job_id, writer.user, "input-end", writer.written)
 
-    async def _output_start(self, r):
+    async def _output_start(self, r, user):
         """Where an Output request's tail_lines, tail_bytes and since start it (0: unset).
-        Read in a thread: tail_lines reads the output backwards."""
+        Found in the scan pool (tail_lines reads the output backwards), one scan of each
+        user's at a time, so that one user's tails delay neither the calls of the start
+        pool nor another user's tails; a cancelled call's scan stops at its next block."""
         import asyncio
         since = r.since.ToNanoseconds() / 1e9 if r.HasField("since") else 0.0
         if not (r.tail_lines or r.tail_bytes or since):
             return 0
-        return await asyncio.get_running_loop().run_in_executor(
-            self.start_pool, self.engine.output_start, r.job_id, r.stream, r.tail_lines,
-            r.tail_bytes, since)
+        lane = self.scan_lanes.setdefault(user, asyncio.Lock())
+        cancelled = threading.Event()
+        try:
+            async with lane:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.scan_pool, functools.partial(
+                        self.engine.output_start, r.job_id, r.stream, r.tail_lines,
+                        r.tail_bytes, since, cancelled=cancelled.is_set))
+        finally:
+            cancelled.set()
 
     def begin_shutdown(self):
         self.shutting_down = True

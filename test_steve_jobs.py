@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import unittest.mock
 import uuid
 import warnings
 
@@ -552,6 +553,20 @@ def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
     assert (list(bit.offsets), list(bit.run_streams)) == (list(index.offsets),
                                                          list(index.run_streams))
     assert index.first_written_at(index.times[-1] + 1, end) == end
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(text=hypothesis.strategies.text("ab\n", max_size=60),
+                  lines=hypothesis.strategies.integers(1, 1 << 63),
+                  block=hypothesis.strategies.integers(1, 9))
+def test_a_tail_of_both_streams_is_what_splitting_lines_says(tmp_path_factory, text, lines,
+                                                              block):
+    """tail_start's block-wise counting, across block bounds, against str.splitlines."""
+    path = tmp_path_factory.mktemp("tail") / "out"
+    path.write_text(text)
+    with unittest.mock.patch.object(sj, "TAIL_BLOCK", block):
+        start = sj.tail_start(None, str(path), len(text), 0, lines, 0)
+    assert text[start:] == "".join(text.splitlines(keepends=True)[-lines:])
 
 
 @hypothesis.settings(max_examples=300, deadline=None)
@@ -2528,6 +2543,47 @@ def test_a_user_may_name_themselves_as_the_owner_and_nobody_else(server):
     other = cli(server, "list", "--owner", "mrarsenal", user="alice")
     assert other.returncode == 6 and b"sees only its own jobs" in other.stderr, other.stderr
     cli(server, "rm", mine, user="alice")
+
+
+def server_cpu_seconds(srv):
+    """The server process's user + system CPU time so far."""
+    with open(f"/proc/{srv.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_huge_tail_costs_the_server_about_what_it_returns(certs):
+    """Reproduction: Output(tail_lines=2**63) of a job of 20 MB of empty lines took 2.4 s
+    of the server's CPU (one Python step a newline), counted in the caller's stream cap
+    only after that work."""
+    srv = Server(certs, extra=["--max-streams-per-user", "2"]).start()
+    alice = Api(srv, "alice")
+    pb = alice.pb
+    output = lambda **r: alice.stub.Output(pb.OutputRequest(**r), metadata=alice.metadata,
+                                           timeout=scaled(60))
+    try:
+        job = started(alice, ["sh", "-c", "yes '' | head -c 20000000"]).job_id
+        alice.Wait(pb.JobRef(job_id=job))
+        before = server_cpu_seconds(srv)
+        for lines in (2**63, 5_000_000, 3):
+            got = b"".join(c.data for c in output(job_id=job, tail_lines=lines))
+            assert got == b"\n" * min(lines, 20_000_000)
+        used = server_cpu_seconds(srv) - before
+        assert used < 1.2, f"three tails took {used:.2f} s of the server's CPU"
+        # Over the stream cap: refused before the scan.
+        sleeper = started(alice, ["sleep", "300"]).job_id
+        held = [output(job_id=sleeper, follow=True) for _ in range(2)]
+        time.sleep(scaled(1))   # (both streams are open on the server)
+        before = server_cpu_seconds(srv)
+        with pytest.raises(alice.grpc.RpcError) as refused:
+            list(output(job_id=job, tail_lines=2**63))
+        assert refused.value.code().name == "RESOURCE_EXHAUSTED"
+        assert server_cpu_seconds(srv) - before < 0.5
+        for call in held:
+            call.cancel()
+    finally:
+        alice.close()
+        srv.cleanup()
 
 
 def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
