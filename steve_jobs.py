@@ -572,6 +572,41 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
+def unsafe_state_dir(path):
+    """Why the state folder path (absolute, links resolved) is unsafe for a root server,
+    or None: as sshd's StrictModes, it and each folder above it must be root's and
+    writable by no one else, or anyone who can rename an entry in it can point the
+    server's reads and writes at any file (a sticky folder such as /var/tmp is fine above
+    it: others cannot rename root's entries there). Its jobs/ and work/ too, if present."""
+    inside = [os.path.join(path, "jobs"), os.path.join(path, "work")]
+    above = [path]
+    while above[-1] != "/":
+        above.append(os.path.dirname(above[-1]))
+    for folder in [*reversed(above), *inside]:
+        try:
+            st = os.lstat(folder)
+        except FileNotFoundError:
+            continue   # (made by the server, root's and 0700)
+        if st.st_uid != 0:
+            return (f"the state folder {path} is unsafe: {folder} belongs to uid {st.st_uid}, "
+                    f"who could make the server read and write any file (give it to root, "
+                    f"or choose another --state-dir)")
+        sticky_above = folder not in inside and folder != path and st.st_mode & 0o1000
+        if st.st_mode & 0o022 and not sticky_above:
+            return (f"the state folder {path} is unsafe: {folder} is writable by "
+                    f"{'everyone' if st.st_mode & 0o002 else 'its group'} "
+                    f"(mode {st.st_mode & 0o7777:04o}), who could make the server read and "
+                    f"write any file (chmod go-w it, or choose another --state-dir)")
+    return None
+
+
+def open_job_file(path, flags=os.O_RDONLY, mode=0o600):
+    """os.open of a file in a job's folder, never through a link in its last step (a
+    folder an attacker could write would else lead the root server to any file).
+    Raises OSError (ELOOP for a link)."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 def read_file(path, default=None):
     """Read a small text file; default if it does not exist (or cannot be read)."""
     try:
@@ -595,7 +630,7 @@ def write_json_atomic(path, obj):
     data = json.dumps(obj).encode()
     spare = path + RESERVE_SUFFIX
     try:
-        fd = os.open(spare, os.O_WRONLY | os.O_CLOEXEC)
+        fd = open_job_file(spare, os.O_WRONLY)
     except FileNotFoundError:
         fd = None
     if fd is not None:
@@ -612,7 +647,9 @@ def write_json_atomic(path, obj):
             return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)   # (a crash's, or a planted link: O_EXCL refuses either)
+        with os.fdopen(open_job_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
             f.write(data)
         os.rename(tmp, path)
     except OSError:
@@ -2769,6 +2806,9 @@ class Engine:
         if any(state_dir == p or state_dir.startswith(p + "/") for p in STATE_DIR_REFUSED):
             raise UnavailableError("the state directory cannot be under /tmp or /dev/shm: "
                                    "jobs get private ones, so they would not see their files")
+        unsafe = unsafe_state_dir(state_dir)
+        if unsafe:
+            raise UnavailableError(unsafe)
         # Jobs run as other uids and must reach their working folders inside the state dir.
         parent = os.path.dirname(state_dir)
         while parent != "/":
@@ -2777,8 +2817,9 @@ class Engine:
                     f"jobs could not reach their working folders: {parent} is not searchable "
                     f"by other users (chmod o+x it, or choose another state directory)")
             parent = os.path.dirname(parent)
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         for sub in ("jobs", "work"):
-            os.makedirs(os.path.join(self.config.state_dir, sub), exist_ok=True)
+            os.makedirs(os.path.join(state_dir, sub), mode=0o700, exist_ok=True)
         os.chmod(self.config.state_dir, 0o711)
         os.chmod(os.path.join(self.config.state_dir, "jobs"), 0o700)
         os.chmod(os.path.join(self.config.state_dir, "work"), 0o711)
@@ -3307,7 +3348,8 @@ class Engine:
                 job.kill_at = kill_at
         if first:
             try:
-                open(os.path.join(job.dir, STOP_FILE), "w").close()
+                os.close(open_job_file(os.path.join(job.dir, STOP_FILE),
+                                       os.O_WRONLY | os.O_CREAT))
             except OSError as e:   # a full disk: the stop goes on; a restart says "killed"
                 log.warning("job %s: cannot record the stop request: %s", job_id, e.strerror)
             self._signal_init(job, signal.SIGTERM)
@@ -3450,8 +3492,9 @@ class Engine:
         try:
             job = self._get(job_id)
             path = os.path.join(job.dir, SESSIONS_FILE)
-            with open(path, "a") as f:
-                if f.tell() < MAX_SESSIONS_BYTES:
+            with os.fdopen(open_job_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+                           "a") as f:
+                if f.seek(0, os.SEEK_END) < MAX_SESSIONS_BYTES:
                     f.write(line)
         except (OSError, Error) as e:
             log.warning("cannot keep job %s's session record: %s", job_id, e)
@@ -3459,7 +3502,11 @@ class Engine:
     @staticmethod
     def _sessions(job):
         """The last MAX_SESSIONS_SHOWN SessionEvents of the job's record."""
-        text = read_file(os.path.join(job.dir, SESSIONS_FILE), "")
+        try:
+            with os.fdopen(open_job_file(os.path.join(job.dir, SESSIONS_FILE))) as f:
+                text = f.read()
+        except OSError:
+            text = ""
         events = []
         for line in text.splitlines()[-MAX_SESSIONS_SHOWN:]:
             with contextlib.suppress(ValueError, TypeError):
@@ -3974,8 +4021,13 @@ def list_cursor(job):
 def open_output(path):
     """A descriptor of the job's output file to read, None if it does not exist yet."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return open_job_file(path)
     except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        log.warning("%s is a link, not a job's output: not followed", path)
         return None
 
 
@@ -3992,7 +4044,7 @@ def read_output_file(path, offset, size):
 
 def _load_json(path):
     try:
-        with open(path) as f:
+        with os.fdopen(open_job_file(path)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None

@@ -2586,6 +2586,62 @@ def test_a_huge_tail_costs_the_server_about_what_it_returns(certs):
         srv.cleanup()
 
 
+def test_a_state_folder_another_user_can_write_is_refused(certs):
+    """Reproduction: nobody made /var/tmp/squat, root started the server on it, and nobody
+    swapped alice's job folder for links: her `output` read a root-only file, a `stream`
+    appended to one, her `stop` truncated one to 0 bytes."""
+    squat = new_state_dir()
+    inside = os.path.join(squat, "state")
+    os.mkdir(inside, 0o700)
+    try:
+        for folder, owner, mode, says in ((squat, 65534, 0o755, "belongs to uid 65534"),
+                                          (inside, 65534, 0o755, f"{squat} belongs to uid"),
+                                          (squat, 0, 0o777, "writable by everyone")):
+            os.chown(squat, owner, owner)
+            os.chmod(squat, mode)
+            srv = Server(certs, state_dir=folder)
+            try:
+                with pytest.raises(AssertionError):
+                    srv.start()
+                lines = [line for line in srv.read_log().splitlines() if "unsafe" in line]
+                assert srv.proc.wait(30) == 1 and len(lines) == 1 and says in lines[0], \
+                    srv.read_log()
+            finally:
+                srv.terminate()   # (it made nothing to clean up)
+        os.chown(squat, 0, 0)
+        os.chmod(squat, 0o711)
+        missing = os.path.join(squat, "made", "by", "the-server")
+        srv = Server(certs, state_dir=missing)
+        srv.log_path = os.path.join(squat, "server.log")   # (not in the folder it makes)
+        srv.start()   # a missing one is made, root's
+        try:
+            assert os.stat(missing).st_uid == 0 and not os.stat(missing).st_mode & 0o022
+        finally:
+            srv.cleanup()
+    finally:
+        os.chown(squat, 0, 0)
+        shutil.rmtree(squat, ignore_errors=True)
+
+
+def test_the_server_follows_no_link_in_a_job_folder(engine, tmp_path):
+    """A job folder's files are opened without following a link: a link planted there
+    (by whoever could write the folder) leads the root server to no other file."""
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"root's own\n")
+    job = engine.start("alice", ["sleep", "300"])
+    folder = engine._get(job).dir
+    for name in (sj.OUTPUT_FILE, sj.SESSIONS_FILE, sj.STOP_FILE):
+        path = os.path.join(folder, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.symlink(precious, path)
+    assert engine.read_output(job) == b""
+    engine.record_session(job, "reader", "watch")
+    assert engine.status(job).sessions == ()
+    engine.stop(job, grace=0)
+    assert precious.read_bytes() == b"root's own\n"
+
+
 def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
     alice, wants = sj.Identity("alice", "user"), sj.JobOptions(host_network=True)
     with pytest.raises(sj.PermissionDeniedError, match="--allow-host-network-role"):
