@@ -1248,7 +1248,10 @@ INPUT_PIECE = 128 * KiB                   # the most data one message carries
 INPUT_MESSAGE = 1 * MiB                   # the most the CLI puts in one InputMessage
 INPUT_CONNECT_TIMEOUT = 5.0 * TIME_SCALE  # seconds a supervisor gets to take a writer
 SESSIONS_FILE = "sessions"                # JSON lines: who wrote or watched, when
+SESSIONS_DROPPED_FILE = "sessions.dropped"   # JSON: how many events found no room
 MAX_SESSIONS_BYTES = 1 * MiB              # past this, sessions are logged, not kept
+WATCH_SESSIONS_BYTES = 768 * KiB          # watches stop here: the rest is for writers
+WATCH_WINDOW = 60.0                       # s: one user's watches of a job within it: one
 TIOCSIG = 0x40045436                      # pty master: signal the foreground group
 
 
@@ -2219,7 +2222,8 @@ class JobStatus(typing.NamedTuple):
     labels: tuple = ()            # sorted (key, value) pairs
     request_id: str = ""
     trace_id: str = ""
-    sessions: tuple = ()          # SessionEvents, the last MAX_SESSIONS_SHOWN
+    sessions: tuple = ()          # SessionEvents (sessions_shown says which)
+    sessions_dropped: int = 0     # events the record had no room for
 
 
 class SessionEvent(typing.NamedTuple):
@@ -2230,7 +2234,8 @@ class SessionEvent(typing.NamedTuple):
     bytes: int = 0
 
 
-MAX_SESSIONS_SHOWN = 100
+MAX_SESSIONS_SHOWN = 100         # the last writes (input, input-end, taken-over) shown
+MAX_WATCHES_SHOWN = 20           # and the last watches, however many watches came since
 
 
 class Job:
@@ -2251,6 +2256,8 @@ class Job:
         self._version = 0             # bumped on every output change or end
         self._callbacks = set()
         self._index = None
+        self.last_watch = {}          # user -> when their last watch was kept
+        self.sessions_dropped = None  # (read from SESSIONS_DROPPED_FILE on first use)
 
     @property
     def output_path(self):
@@ -3463,7 +3470,8 @@ class Engine:
         job = self._get(job_id)
         st = self._status(job)
         if st.options.stdin or st.options.terminal:
-            st = st._replace(sessions=self._sessions(job))
+            st = st._replace(sessions=self._sessions(job),
+                             sessions_dropped=self._dropped_sessions(job))
         return st
 
     def has_terminal(self, job_id):
@@ -3484,34 +3492,70 @@ class Engine:
 
     def record_session(self, job_id, user, event, nbytes=0):
         """Keep, in the job's folder, that user wrote to (or watched) the job: event is one
-        of SessionEvent's. Never raises: an audit trail that cannot be written is logged."""
-        line = json.dumps({"time": time.time(), "user": user, "event": event,
-                           "bytes": nbytes}) + "\n"
+        of SessionEvent's. A user's watches within WATCH_WINDOW are one; watches stop at
+        WATCH_SESSIONS_BYTES, so that writes keep room of their own up to
+        MAX_SESSIONS_BYTES; an event with no room is counted (sessions_dropped), and the
+        log warns once a job. Never raises: a record that cannot be written is logged."""
+        now = time.time()
         log.info("session job=%s user=%s event=%s bytes=%d", job_id, loggable(user), event,
                  nbytes)
         try:
             job = self._get(job_id)
+            if event == "watch":
+                if now - job.last_watch.get(user, -math.inf) < WATCH_WINDOW:
+                    return   # (the same watcher again: kept once a window)
+                job.last_watch[user] = now
+            line = json.dumps({"time": now, "user": user, "event": event,
+                               "bytes": nbytes}) + "\n"
+            room = WATCH_SESSIONS_BYTES if event == "watch" else MAX_SESSIONS_BYTES
             path = os.path.join(job.dir, SESSIONS_FILE)
             with os.fdopen(open_job_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
                            "a") as f:
-                if f.seek(0, os.SEEK_END) < MAX_SESSIONS_BYTES:
+                if f.seek(0, os.SEEK_END) + len(line) <= room:
                     f.write(line)
+                    return
+            self._count_dropped_session(job)
         except (OSError, Error) as e:
             log.warning("cannot keep job %s's session record: %s", job_id, e)
 
+    def _count_dropped_session(self, job):
+        """One more event the job's record had no room for (kept in SESSIONS_DROPPED_FILE).
+        Raises OSError."""
+        dropped = self._dropped_sessions(job) + 1
+        job.sessions_dropped = dropped
+        if dropped == 1:
+            log.warning("job %s: its session record is full (%d bytes): further events are "
+                        "counted (sessions_dropped), not kept; this log has them all",
+                        job.id, MAX_SESSIONS_BYTES)
+        write_json_atomic(os.path.join(job.dir, SESSIONS_DROPPED_FILE), dropped)
+
+    @staticmethod
+    def _dropped_sessions(job):
+        if job.sessions_dropped is None:
+            saved = _load_json(os.path.join(job.dir, SESSIONS_DROPPED_FILE))
+            job.sessions_dropped = saved if isinstance(saved, int) else 0
+        return job.sessions_dropped
+
     @staticmethod
     def _sessions(job):
-        """The last MAX_SESSIONS_SHOWN SessionEvents of the job's record."""
+        """The job record's last MAX_SESSIONS_SHOWN writes and last MAX_WATCHES_SHOWN
+        watches, SessionEvents in time order: no number of watches hides a write."""
         try:
             with os.fdopen(open_job_file(os.path.join(job.dir, SESSIONS_FILE))) as f:
                 text = f.read()
         except OSError:
             text = ""
-        events = []
-        for line in text.splitlines()[-MAX_SESSIONS_SHOWN:]:
+        writes, watches = [], []
+        for line in reversed(text.splitlines()):
+            if len(writes) >= MAX_SESSIONS_SHOWN and len(watches) >= MAX_WATCHES_SHOWN:
+                break
             with contextlib.suppress(ValueError, TypeError):
-                events.append(SessionEvent(**json.loads(line)))
-        return tuple(events)
+                event = SessionEvent(**json.loads(line))
+                kept, most = (watches, MAX_WATCHES_SHOWN) if event.event == "watch" else (
+                    writes, MAX_SESSIONS_SHOWN)
+                if len(kept) < most:
+                    kept.append(event)
+        return tuple(sorted(writes + watches, key=lambda e: e.time))
 
     def list(self, owner=None, **filters):
         """Statuses of every job (or only owner's), oldest first; filters as iter_jobs."""
@@ -5045,6 +5089,7 @@ class JobService:
             host_network=st.options.host_network, uid=st.uid, rw_host=st.options.rw_host,
             name=st.name, labels=dict(st.labels), request_id=st.request_id,
             stdin=st.options.stdin, trace_id=st.trace_id,
+            sessions_dropped=st.sessions_dropped,
             view=self.pb.VIEW_SUMMARY if summary else self.pb.VIEW_FULL)
         if st.options.terminal:
             pb.terminal.rows, pb.terminal.columns = st.options.terminal
@@ -6132,6 +6177,9 @@ def format_status(st):
     for e in st.sessions:
         lines.append(f"session  {format_time(e.time.ToNanoseconds() / 1e9)} {e.user} {e.event}"
                      + (f" {human_bytes(e.bytes)}" if e.event == "input-end" else ""))
+    if st.sessions_dropped:
+        lines.append(f"session  {st.sessions_dropped} more not kept (the record is full; the "
+                     f"server's log has them)")
     if st.trace_id:
         lines.append(f"trace    {st.trace_id}")
     return "\n".join(for_terminal(line) for line in lines)

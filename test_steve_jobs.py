@@ -2642,6 +2642,49 @@ def test_the_server_follows_no_link_in_a_job_folder(engine, tmp_path):
     assert precious.read_bytes() == b"root's own\n"
 
 
+def test_watchers_cannot_flush_who_typed_into_a_job(server):
+    """Reproduction: a reader's 150 Output(follow) calls on alice's terminal job pushed every
+    event out of status's last 100 (14,000 filled the record, and later input was not
+    kept at all)."""
+    alice, rita = Api(server, "alice"), Api(server, "rita")
+    pb = alice.pb
+    try:
+        job = started(alice, ["cat"], terminal=pb.TerminalSize(rows=24, columns=80)).job_id
+        summary = alice.stub.Input(iter([pb.InputMessage(job_id=job, data=b"secret\n")]),
+                                   metadata=alice.metadata, timeout=scaled(30))
+        assert summary.bytes == 7
+        for _ in range(150):
+            call = rita.stub.Output(pb.OutputRequest(job_id=job, follow=True),
+                                    metadata=rita.metadata, timeout=scaled(30))
+            next(call)   # (the call has been served: its watch is recorded)
+            call.cancel()
+        events = [(e.user, e.event) for e in alice.Status(pb.JobRef(job_id=job)).sessions]
+        assert events == [("alice", "input"), ("alice", "input-end"), ("rita", "watch")]
+        alice.Stop(pb.StopRequest(job_id=job, grace_seconds=0))
+    finally:
+        alice.close()
+        rita.close()
+
+
+def test_a_full_session_record_keeps_room_for_writes_and_counts_what_it_drops(engine):
+    job = engine.start("alice", ["cat"], options=sj.JobOptions(stdin=True))
+    for i in range(sj.WATCH_SESSIONS_BYTES // 60):   # more distinct watchers than fit
+        engine.record_session(job, f"watcher-{i}", "watch")
+    st = engine.status(job)
+    watched = st.sessions_dropped
+    assert watched > 0 and [e.event for e in st.sessions] == ["watch"] * sj.MAX_WATCHES_SHOWN
+    engine.record_session(job, "mrarsenal", "taken-over")
+    st = engine.status(job)
+    assert st.sessions[-1][1:3] == ("mrarsenal", "taken-over")
+    assert st.sessions_dropped == watched
+    for _ in range((sj.MAX_SESSIONS_BYTES - sj.WATCH_SESSIONS_BYTES) // 60 + 10):
+        engine.record_session(job, "mrarsenal", "input")
+    assert engine.status(job).sessions_dropped > watched
+    assert engine._dropped_sessions(engine._get(job)) == sj._load_json(os.path.join(
+        engine._get(job).dir, sj.SESSIONS_DROPPED_FILE))
+    engine.stop(job, grace=0)
+
+
 def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
     alice, wants = sj.Identity("alice", "user"), sj.JobOptions(host_network=True)
     with pytest.raises(sj.PermissionDeniedError, match="--allow-host-network-role"):
