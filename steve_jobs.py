@@ -4666,6 +4666,9 @@ OUTPUT_MEMORY_BUDGET = 128 * MiB    # all output streams' in-flight chunks toget
 MIN_STREAM_CHUNK = 16 * KiB          # what a stream may read even when the budget is spent
 FOLLOW_SAFETY_NET = 1.0             # seconds: followers are woken this often even unasked
 MAX_STOPS_PER_USER = 64              # Stop calls of one user waiting for their jobs' ends
+MAX_INPUTS_PER_USER = 32             # Input calls of one user at once (each holds a message)
+MAX_RECEIVED_MESSAGE = 2 * MiB       # the largest message a client may send (Start, Input)
+INPUT_FIRST_MESSAGE_TIMEOUT = 10.0 * TIME_SCALE   # s an Input call has to name its job
 
 
 class ServerConfig(typing.NamedTuple):
@@ -4937,29 +4940,38 @@ class OutputHub:
         self.pending, self.pending_lock = set(), threading.Lock()   # wakes on their way
         self.loop.call_later(FOLLOW_SAFETY_NET, self._tick)
 
-    def watch(self, job_id, user):
-        """An event set on every change of the job's output. Raises
+    def open_stream(self, user):
+        """Count one more stream (Output or Input) of user's. Raises
         ResourceExhaustedError when user has max_streams_per_user streams open."""
-        import asyncio
         if self.per_user.get(user, 0) >= self.config.max_streams_per_user:
             raise ResourceExhaustedError(
-                f"{user} has {self.config.max_streams_per_user} output streams open, the most "
-                f"one user may have (--max-streams-per-user)", reason="TOO_MANY_STREAMS")
+                f"{user} has {self.config.max_streams_per_user} streams open (Output and "
+                f"Input), the most one user may have (--max-streams-per-user)",
+                reason="TOO_MANY_STREAMS")
         self.per_user[user] = self.per_user.get(user, 0) + 1
+        self.streams += 1
+
+    def close_stream(self, user):
+        self.streams -= 1
+        self.per_user[user] -= 1
+        if not self.per_user[user]:
+            del self.per_user[user]
+
+    def watch(self, job_id, user):
+        """An event set on every change of the job's output; a stream of user's
+        (open_stream: raises ResourceExhaustedError over the cap)."""
+        import asyncio
+        self.open_stream(user)
         if job_id not in self.events:
             self.events[job_id] = set()
             self.unsubscribe[job_id] = self.engine.subscribe(
                 job_id, lambda: self._wake_soon(job_id))
         event = asyncio.Event()
         self.events[job_id].add(event)
-        self.streams += 1
         return event
 
     def unwatch(self, job_id, event, user):
-        self.streams -= 1
-        self.per_user[user] -= 1
-        if not self.per_user[user]:
-            del self.per_user[user]
+        self.close_stream(user)
         self.events[job_id].discard(event)
         if not self.events[job_id]:
             del self.events[job_id]
@@ -5363,12 +5375,10 @@ class JobService:
                 self.admit(identity, "Output", request)
                 if request.follow and self.engine.has_terminal(request.job_id):
                     self.engine.record_session(request.job_id, user, "watch")
-                if self.hub is None:
-                    self.hub = OutputHub(self.engine, self.pb, self.config)
                 if request.stream not in (0, STDOUT, STDERR):
                     raise InvalidArgumentError("stream must be STDOUT, STDERR or unset (both)",
                                                field="stream")
-                event = self.hub.watch(request.job_id, user)   # (the cap: before any work)
+                event = self.streams().watch(request.job_id, user)   # (the cap: first)
                 offset = max(request.offset, await self._output_start(request, user))
                 await self._send_output(request, context, event, offset, user, sent)
         finally:
@@ -5404,31 +5414,55 @@ class JobService:
                 raise UnavailableError("the server is shutting down; the job goes on")
             await event.wait()   # the hub's tick is the safety net
 
+    def streams(self):
+        """The OutputHub: every Output and Input stream counts there (made on first use)."""
+        if self.hub is None:
+            self.hub = OutputHub(self.engine, self.pb, self.config)
+        return self.hub
+
     async def Input(self, request_iterator, context):
         started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
-        span, writer = self.call_span(context, "Input"), None
+        span, writer, counted = self.call_span(context, "Input"), None, False
         try:
             async with self.answering(context, outcome):
                 identity = self.identify(context, span.traceparent)
                 user = identity.user
                 decide(identity, "Input")
-                first = await anext(request_iterator, None)
-                if first is None or first is MALFORMED:
-                    raise InvalidArgumentError("Input's first message must name the job")
-                job_id = self.job_for(identity, "Input", first.job_id)
-                writer = await self._take_input(job_id, user, first.take_over)
-                try:
-                    await writer.relay(first, request_iterator)
-                finally:
-                    if not (writer.sent_eof or writer.ended_because or self.shutting_down
-                            or self.engine.has_terminal(job_id)):
-                        await writer.end_input()   # (a terminal waits for attach)
+                with self._waiting(identity, "Input", MAX_INPUTS_PER_USER):
+                    self.streams().open_stream(user)
+                    counted = True
+                    first = await self._first_input(request_iterator)
+                    job_id = self.job_for(identity, "Input", first.job_id)
+                    writer = await self._take_input(job_id, user, first.take_over)
+                    try:
+                        await writer.relay(first, request_iterator, self.hub, user)
+                    finally:
+                        if not (writer.sent_eof or writer.ended_because or self.shutting_down
+                                or self.engine.has_terminal(job_id)):
+                            await writer.end_input()   # (a terminal waits for attach)
                 return self.pb.InputSummary(bytes=writer.written)
         finally:
+            if counted:
+                self.hub.close_stream(user)
             if writer is not None:
                 self._release_input(writer)
             self.log_rpc(context, "Input", user, job_id, outcome, started, span,
                          bytes=writer.written if writer else 0)
+
+    @staticmethod
+    async def _first_input(messages):
+        """An Input call's first message, which names the job. Raises
+        InvalidArgumentError (none, or malformed), DeadlineExceededError (none came in
+        INPUT_FIRST_MESSAGE_TIMEOUT: a call that says nothing holds nothing for long)."""
+        import asyncio
+        try:
+            first = await asyncio.wait_for(anext(messages, None), INPUT_FIRST_MESSAGE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError(f"Input's first message did not come in "
+                                        f"{INPUT_FIRST_MESSAGE_TIMEOUT:g} s") from None
+        if first is None or first is MALFORMED:
+            raise InvalidArgumentError("Input's first message must name the job")
+        return first
 
     async def _take_input(self, job_id, user, take_over):
         """Become the job's one writer: an InputWriter connected to its supervisor.
@@ -5532,17 +5566,19 @@ class InputWriter:
         raise DeadlineExceededError(f"job {self.job_id}'s supervisor does not take input "
                                     f"now; try again")
 
-    async def relay(self, first, messages):
-        """Send first's and every later message's content until the stream ends or eof.
-        Raises InvalidArgumentError (a malformed message), FailedPreconditionError (the job
-        ended, or another took over)."""
+    async def relay(self, first, messages, hub, user):
+        """Send first's and every later message's content until the stream ends or eof;
+        while the supervisor takes a message, its bytes count in user's share of hub's
+        memory budget (hub.sending), as output chunks do. Raises InvalidArgumentError (a
+        malformed message), FailedPreconditionError (the job ended, or another took over)."""
         import asyncio
         self.taken = asyncio.Event()
         message = first
         while message is not None:
             if message is MALFORMED:
                 raise InvalidArgumentError("malformed message")
-            await self._send_message(message)
+            with hub.sending(user, len(message.data)):
+                await self._send_message(message)
             if message.eof:
                 return
             # A writer taken over is told at once, not at its next message.
@@ -5666,7 +5702,8 @@ async def serve(engine, config, verifier, on_started=None):
         fetch_certificates, require_client_authentication=True)
     connections = config.connection_cap(engine.config.max_running_jobs)
     server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", 4 * MiB), ("grpc.so_reuseport", 0),
+        # (What one Input message can hold in memory: the CLI sends at most INPUT_MESSAGE.)
+        ("grpc.max_receive_message_length", MAX_RECEIVED_MESSAGE), ("grpc.so_reuseport", 0),
         ("grpc.max_metadata_size", MAX_METADATA_BYTES),
         # A connection that has not finished its TLS handshake by then is dropped: idle
         # sockets must not hold the server's file handles.

@@ -2685,6 +2685,44 @@ def test_a_full_session_record_keeps_room_for_writes_and_counts_what_it_drops(en
     engine.stop(job, grace=0)
 
 
+def test_input_holds_bounded_memory_per_call_and_per_user(certs):
+    """Reproduction: 10 Input calls to jobs that never read, sent 4 MiB messages, took 145 MB
+    of the server's memory; Input counted in no stream cap, and one that never sent its
+    first message was held for ever."""
+    srv = Server(certs, extra=["--max-streams-per-user", str(sj.MAX_INPUTS_PER_USER + 1)])
+    srv.start()
+    alice = Api(srv, "alice")
+    pb = alice.pb
+    silent = threading.Event()
+
+    def then_nothing(messages):   # the messages, then a call that stays open
+        yield from messages
+        silent.wait()
+
+    send = lambda messages: alice.stub.Input.future(then_nothing(messages),
+                                                    metadata=alice.metadata,
+                                                    timeout=scaled(60))
+    try:
+        mute = send([])   # sends nothing at all
+        jobs = [started(alice, ["sleep", "600"], stdin=True).job_id
+                for _ in range(sj.MAX_INPUTS_PER_USER + 1)]
+        big = send([pb.InputMessage(job_id=jobs[0], data=b"x" * (sj.MAX_RECEIVED_MESSAGE + 1))])
+        assert big.exception(scaled(30)).code().name == "RESOURCE_EXHAUSTED"
+        held = [send([pb.InputMessage(job_id=j, data=b"x" * sj.MiB)]) for j in jobs]
+        wait_for(lambda: sum(f.done() for f in held) == 2, scaled(30))
+        refused = [f.exception() for f in held if f.done()]
+        reasons = {sj.error_reason(dict(e.trailing_metadata()).get(sj.STATUS_DETAILS_KEY,
+                                                                   b""))[0] for e in refused}
+        assert reasons <= {"TOO_MANY_INPUTS", "TOO_MANY_STREAMS"} and len(reasons) >= 1
+        assert mute.exception(scaled(30)).code().name == "DEADLINE_EXCEEDED"
+        for f in held:
+            f.cancel()
+    finally:
+        silent.set()
+        alice.close()
+        srv.cleanup()
+
+
 def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
     alice, wants = sj.Identity("alice", "user"), sj.JobOptions(host_network=True)
     with pytest.raises(sj.PermissionDeniedError, match="--allow-host-network-role"):
