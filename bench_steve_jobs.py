@@ -14,6 +14,9 @@ sessions: keystroke echo latency in `run -it cat` vs `ssh -tt localhost cat`; `r
         collector) vs without.
 faults: server RSS with 1,000 stalled followers at distinct offsets; status latency with
         20,000 idle connections open vs none; time from a supervisor's death to `unknown`.
+tenants: mrarsenal's `status` p50/p99 and the server's RSS while alice floods stops, runs 8
+        huge tails, reads a 1-byte-interleaved job in full, holds 10 stuck Inputs, beside
+        no load; server CPU to read that job in full vs one of its size on one stream.
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -563,12 +566,124 @@ def read_file(certs, name):
         return f.read()
 
 
-def mrarsenal_credentials(grpc, certs):
-    """(channel credentials, call metadata) of the admin user in certs."""
+def mrarsenal_credentials(grpc, certs, user="mrarsenal"):
+    """(channel credentials, call metadata) of user (default: the admin) in certs."""
     read = lambda name: read_file(certs, name)
-    return (grpc.ssl_channel_credentials(read("ca.crt"), read("mrarsenal.key"),
-                                         read("mrarsenal.crt")),
-            (("authorization", "Bearer " + read("mrarsenal.jwt").decode().strip()),))
+    return (grpc.ssl_channel_credentials(read("ca.crt"), read(f"{user}.key"),
+                                         read(f"{user}.crt")),
+            (("authorization", "Bearer " + read(f"{user}.jwt").decode().strip()),))
+
+
+class TenantClient:
+    """A stub of user's on the bench server, on a channel of its own."""
+
+    def __init__(self, server, user):
+        grpc, self.pb, pb_grpc = sj.import_grpc()
+        creds, self.md = mrarsenal_credentials(grpc, server.certs, user)
+        self.channel = grpc.secure_channel(server.address, creds)
+        self.stub = pb_grpc.JobServiceStub(self.channel)
+
+    def start(self, argv, **fields):
+        return self.stub.Start(self.pb.StartRequest(argv=argv, **fields), metadata=self.md,
+                               timeout=60).job_id
+
+    def wait(self, job_id):
+        return self.stub.Wait(self.pb.JobRef(job_id=job_id), metadata=self.md, timeout=600)
+
+    def read_all(self, job_id, **request):
+        return sum(len(c.data) for c in self.stub.Output(self.pb.OutputRequest(
+            job_id=job_id, **request), metadata=self.md, timeout=600))
+
+
+def server_cpu(server):
+    with open(f"/proc/{server.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def under_load(server, admin, job_id, seconds=8.0):
+    """mrarsenal's Status samples (ms) every ~10 ms for seconds, and the server's peak RSS."""
+    samples, peak, until = [], server.rss_mb(), time.monotonic() + seconds
+    while time.monotonic() < until:
+        t = time.perf_counter()
+        admin.stub.Status(admin.pb.JobRef(job_id=job_id), metadata=admin.md, timeout=60)
+        samples.append((time.perf_counter() - t) * 1000)
+        peak = max(peak, server.rss_mb())
+        time.sleep(0.01)
+    return samples, peak
+
+
+ALTERNATING_WRITER = ("import os, time\n"
+                      "end = time.monotonic() + {seconds}\n"
+                      "while time.monotonic() < end:\n"
+                      "    for _ in range(1000):\n"
+                      "        os.write(1, b'a'); os.write(2, b'b')\n")
+
+
+def bench_tenants(server):
+    """mrarsenal's status while alice runs each hostile load, beside no load (goal: p99 <=
+    20 ms under each), the server's RSS before, at the peak and after; and the server's
+    CPU to read a 1-byte-interleaved job in full vs a job of its size on one stream."""
+    admin, alice = TenantClient(server, "mrarsenal"), TenantClient(server, "alice")
+    pb, mine = alice.pb, admin.start(["sleep", "3600"])
+    stuck = threading.Event()
+    big = alice.start(["sh", "-c", "yes '' | head -c 20000000"])
+    mixed = alice.start(["python3", "-c", ALTERNATING_WRITER.format(seconds=10)],
+                        limits=pb.Limits(cpu=0.5))
+    alice.wait(big), alice.wait(mixed)
+    size = alice.read_all(mixed)
+    plain = alice.start(["head", "-c", str(size), "/dev/zero"])
+    alice.wait(plain)
+    for label, job in (("1-byte interleaved", mixed), ("one stream", plain)):
+        cpu = server_cpu(server)
+        alice.read_all(job)
+        print(f"{'full read, ' + label:38s} {size / 1e6:.1f} MB: server CPU "
+              f"{server_cpu(server) - cpu:.2f} s", flush=True)
+
+    def repeat(call):   # a load: call() over and over in 8 threads until told to stop
+        done = threading.Event()
+        threads = [threading.Thread(target=lambda: [call() for _ in iter(done.is_set, True)],
+                                    daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        return lambda: (done.set(), [t.join(120) for t in threads])
+
+    def stop_flood():
+        job = alice.start(["sh", "-c", "trap '' TERM; sleep 600"])
+        calls = [alice.stub.Stop.future(pb.StopRequest(job_id=job, grace_seconds=20),
+                                        metadata=alice.md, timeout=60) for _ in range(64)]
+        return lambda: (admin.stub.Stop(pb.StopRequest(job_id=job, grace_seconds=0),
+                                        metadata=admin.md, timeout=60),
+                        [c.exception() for c in calls])
+
+    def stuck_inputs():
+        def held(job):
+            yield pb.InputMessage(job_id=job, data=b"x" * sj.MiB)
+            stuck.wait()
+        jobs = [alice.start(["sleep", "600"], stdin=True) for _ in range(10)]
+        calls = [alice.stub.Input.future(held(j), metadata=alice.md, timeout=600)
+                 for j in jobs]
+        return lambda: (stuck.set(), [c.cancel() for c in calls],
+                        [admin.stub.Stop(pb.StopRequest(job_id=j, grace_seconds=0),
+                                         metadata=admin.md, timeout=60) for j in jobs])
+
+    loads = {"no load": lambda: (lambda: None),
+             "64 stops of grace 20": stop_flood,
+             "8 tails of 2**63 lines of 20 MB": lambda: repeat(
+                 lambda: alice.read_all(big, tail_lines=2**63 - 1)),
+             "8 full reads, 1-byte interleaved": lambda: repeat(lambda: alice.read_all(mixed)),
+             "10 stuck Inputs of 1 MiB": stuck_inputs}
+    for label, load in loads.items():
+        before = server.rss_mb()
+        end = load()
+        samples, peak = under_load(server, admin, mine)
+        end()
+        time.sleep(1)
+        print(f"{'status, ' + label:38s} p50 {statistics.median(samples):7.2f} ms  p99 "
+              f"{pct(samples, 99):7.2f} ms (goal <= 20) | RSS {before:.0f} -> peak "
+              f"{peak:.0f} -> {server.rss_mb():.0f} MB", flush=True)
+    admin.channel.close()
+    alice.channel.close()
 
 
 FAN_OUT_PIECES, FAN_OUT_PIECE_BYTES, FAN_OUT_GAP = 8, 12500, 0.5
@@ -918,6 +1033,9 @@ def main(argv):
         with BenchServer() as server:
             bench_stalled_followers(server)
             bench_idle_connections(server)
+    if "tenants" in groups:
+        with BenchServer() as server:
+            bench_tenants(server)
     if "fan-out" in groups:
         with BenchServer() as server:
             for spread in (0.0, 2.0, 0.0, 2.0):
