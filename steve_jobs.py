@@ -1489,8 +1489,8 @@ def shim_main(chan, settings):
     sources = {stdout_r: STDOUT, stderr_r: STDERR}
     relay = open_input_relay(req, job_dir, stdin_w, tty_ours, sources, started=not failure)
     try:
-        written, truncated, out_error = copy_output(sources, out_fd, index_fd,
-                                                    req["output_cap"], relay)
+        written, indexed, truncated, out_error = copy_output(sources, out_fd, index_fd,
+                                                             req["output_cap"], relay)
     finally:
         if relay:
             relay.close()
@@ -1500,7 +1500,7 @@ def shim_main(chan, settings):
     sampling.set()
     raw = _read_all(status_r)
     result = {"started_at": started, "ended_at": time.time(), "output_bytes": written,
-              "output_truncated": truncated, "output_error": out_error}
+              "index_bytes": indexed, "output_truncated": truncated, "output_error": out_error}
     # init reports the command's wait status; if it sent none, init itself was killed
     # (stop, OOM) and the job died with it.
     cmd_status = struct.unpack("i", raw[:4])[0] if len(raw) >= 4 else init_status
@@ -1709,13 +1709,15 @@ def copy_output(pipes, out_fd, index_fd, cap, relay=None):
     if any, is served in the same loop.
 
     index_fd gets an INDEX_RECORD before the bytes it describes, wherever the stream
-    changes and every INDEX_GRANULE while output flows (at most `cap` bytes of them; later
-    bytes count as the last record's). Past `cap` bytes of output (or a write error such as
-    a full disk) the rest is read and discarded, so the job is never blocked or killed by
-    its own output. Returns (written, truncated, error).
+    changes and every INDEX_GRANULE while output flows (bytes with no room for a record
+    count as the last record's). The output and its index share `cap`: past it (or a write
+    error such as a full disk) the rest is read and discarded, so the job is never blocked
+    or killed by its own output, and a job that alternates 1-byte writes between its
+    streams takes no more disk than one that does not. Returns (written, indexed,
+    truncated, error): the bytes of output and of index written.
     """
-    written, truncated, error = 0, False, ""
-    sink, index_room = out_fd, cap
+    written, indexed, truncated, error = 0, 0, False, ""
+    sink, index_ok = out_fd, True
     last_stream, last_time = None, 0.0
     devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     poller = select.poll()
@@ -1732,18 +1734,19 @@ def copy_output(pipes, out_fd, index_fd, cap, relay=None):
                     continue
                 if fd not in pipes:
                     continue   # (ended earlier in this round)
-                room = cap - written if sink == out_fd else CHUNK
-                if room <= 0:
-                    sink, truncated, room = devnull, True, CHUNK
+                room = cap - written - indexed if sink == out_fd else CHUNK
                 now = time.time()
-                if sink == out_fd and index_room > 0 and (
+                if sink == out_fd and index_ok and room > INDEX_RECORD.size and (
                         pipes[fd] != last_stream or now - last_time >= INDEX_GRANULE):
                     last_stream, last_time = pipes[fd], now
                     try:
-                        index_room -= os.write(index_fd, INDEX_RECORD.pack(written, now,
-                                                                           last_stream))
+                        indexed += os.write(index_fd, INDEX_RECORD.pack(written, now,
+                                                                        last_stream))
+                        room -= INDEX_RECORD.size
                     except OSError:
-                        index_room = 0   # (a full disk) the output itself matters more
+                        index_ok = False   # (a full disk) the output itself matters more
+                if room <= 0:
+                    sink, truncated, room = devnull, True, CHUNK
                 try:
                     n = move_bytes(fd, sink, min(CHUNK, room))
                 except BlockingIOError:
@@ -1759,7 +1762,7 @@ def copy_output(pipes, out_fd, index_fd, cap, relay=None):
                     os.close(fd)
                 elif sink == out_fd:
                     written += n
-        return written, truncated, error
+        return written, indexed, truncated, error
     finally:
         os.close(devnull)
         for fd in pipes:
@@ -3443,7 +3446,7 @@ class Engine:
 
     def prune(self, max_age=None, max_bytes=None, now=None):
         """Retention: remove ended jobs older than max_age seconds, then the oldest ended
-        jobs until the rest's output totals at most max_bytes. Running jobs are never
+        jobs until the rest's output (with its index) totals at most max_bytes. Running jobs are never
         touched. Returns the ids removed.
         """
         now = time.time() if now is None else now
@@ -3452,10 +3455,12 @@ class Engine:
         doomed = [j for j in ended if max_age is not None
                   and now - j.result.get("ended_at", 0) > max_age]
         kept = [j for j in ended if j not in doomed]
-        total = sum(j.result.get("output_bytes", 0) for j in kept)
+        def stored(job):   # what its output takes on disk: the bytes and their index
+            return job.result.get("output_bytes", 0) + job.result.get("index_bytes", 0)
+        total = sum(map(stored, kept))
         while max_bytes is not None and kept and total > max_bytes:
             oldest = kept.pop(0)
-            total -= oldest.result.get("output_bytes", 0)
+            total -= stored(oldest)
             doomed.append(oldest)
         for job in doomed:
             self._forget(job, remove_workdir=not job.spec["options"]["workdir"])

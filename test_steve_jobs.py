@@ -861,11 +861,38 @@ def test_twenty_followers_attaching_at_different_moments_get_every_byte(engine):
     assert status.output_bytes == 50_000_000
 
 
+def output_on_disk(engine, job_id):
+    """(bytes of the job's output, bytes of its index) as its folder holds them."""
+    folder = engine._get(job_id).dir
+    return tuple(os.path.getsize(os.path.join(folder, name))
+                 for name in (sj.OUTPUT_FILE, sj.OUTPUT_INDEX_FILE))
+
+
 def test_output_cap_keeps_the_first_bytes_and_lets_the_job_finish():
     with running_engine(output_cap=100_000) as engine:
-        status, out = sh(engine, "head -c 300000 /dev/zero; echo done >&2; exit 0")
+        job_id = engine.start("tester", ["sh", "-c", "head -c 300000 /dev/zero; echo done >&2"])
+        status = engine.wait(job_id, scaled(60))
+        out = b"".join(engine.follow(job_id))
+        output, index = output_on_disk(engine, job_id)
     assert status.exit_code == 0 and status.output_truncated
-    assert out == b"\0" * 100_000 and status.output_bytes == 100_000
+    # The cap is what the output and its index take together: a record or two of index.
+    assert 0 < index <= 16 * sj.INDEX_RECORD.size and output + index == 100_000
+    assert out == b"\0" * output and status.output_bytes == output
+
+
+def test_a_job_alternating_its_streams_takes_no_more_disk_than_its_cap():
+    # 1-byte writes to each stream in turn: an index record a byte, which counts too.
+    script = 'i=0; while [ $i -lt 40000 ]; do printf a; printf b >&2; i=$((i+1)); done'
+    with running_engine(output_cap=64 * sj.KiB) as engine:
+        job_id = engine.start("tester", ["sh", "-c", script])
+        status = engine.wait(job_id, scaled(120))
+        output, index = output_on_disk(engine, job_id)
+        assert status.exit_code == 0 and status.output_truncated
+        assert output == status.output_bytes and output + index <= 64 * sj.KiB, (output, index)
+        assert engine._get(job_id).result["index_bytes"] == index
+        # Retention counts both: a total just below them removes the job.
+        assert engine.prune(max_bytes=output + index) == []
+        assert engine.prune(max_bytes=output + index - 1) == [job_id]
 
 
 def test_starts_past_the_maximum_of_running_jobs_are_refused():
@@ -1692,8 +1719,9 @@ def test_retention_removes_old_then_oldest_ended_jobs_never_running_ones(engine)
         assert engine.prune(max_age=max_age, now=now) == [ids[0]]
         assert not os.path.exists(os.path.join(engine.config.state_dir, "jobs", ids[0]))
         assert not os.path.exists(os.path.join(engine.config.state_dir, "work", ids[0]))
-        # 2,000 + 3,000 + 4,000 bytes left; keep at most 7,000: the oldest goes.
-        assert engine.prune(max_bytes=7000) == [ids[1]]
+        # 2,000 + 3,000 + 4,000 bytes left, and a few 24-byte index records each; keep at
+        # most 7,300: the oldest goes.
+        assert engine.prune(max_bytes=7300) == [ids[1]]
         assert {s.id for s in engine.list()} == {ids[2], ids[3], live}
         assert engine.prune(max_age=0, max_bytes=0) == [ids[2], ids[3]]
         assert engine.status(live).state == sj.RUNNING
