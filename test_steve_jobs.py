@@ -486,13 +486,14 @@ def test_copy_output_keeps_cap_and_drains_the_rest(tmp_path):
     payload = os.urandom(300_000)
     writer = threading.Thread(target=lambda: (sj._write_all(w, payload), os.close(w)))
     writer.start()
-    written, truncated, error = sj.copy_output({r: sj.STDOUT, err_r: sj.STDERR}, out, index,
-                                               cap=100_000)
+    written, indexed, truncated, error = sj.copy_output({r: sj.STDOUT, err_r: sj.STDERR},
+                                                        out, index, cap=100_000)
     writer.join()
     os.close(out)
     os.close(index)
-    assert (written, truncated, error) == (100_000, True, "")
-    assert (tmp_path / "out").read_bytes() == payload[:100_000]
+    assert (truncated, error) == (True, "") and written + indexed == 100_000   # cap shared
+    assert indexed == os.path.getsize(tmp_path / "idx") and 0 < indexed < 1000
+    assert (tmp_path / "out").read_bytes() == payload[:written]
 
 
 def copied_output(tmp_path, writes):
