@@ -3446,8 +3446,8 @@ class Engine:
 
     def prune(self, max_age=None, max_bytes=None, now=None):
         """Retention: remove ended jobs older than max_age seconds, then the oldest ended
-        jobs until the rest's output (with its index) totals at most max_bytes. Running jobs are never
-        touched. Returns the ids removed.
+        jobs until the rest's output (with its index) totals at most max_bytes. Running jobs
+        are never touched. Returns the ids removed.
         """
         now = time.time() if now is None else now
         ended = sorted((j for j in self._all_jobs() if j.result is not None),
