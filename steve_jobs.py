@@ -39,8 +39,10 @@ import ctypes
 import errno
 import fcntl
 import functools
+import itertools
 import json
 import math
+import operator
 import re
 import select
 import socket
@@ -1235,6 +1237,9 @@ def whole_disk_of(path):
 OUTPUT_INDEX_FILE = "output.idx"
 INDEX_RECORD = struct.Struct("<QdB7x")   # offset, time (seconds since the epoch), stream
 INDEX_GRANULE = 0.01                     # seconds: the precision of output timestamps
+# Index records one read takes in at most (196 KiB, a few ms of work on the event loop): a
+# job alternating 1-byte writes to its streams has a record a byte.
+RECORDS_PER_READ = 8192
 STDOUT, STDERR = 1, 2                    # as in the API's Stream
 RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
     "result.json", "job.json", "output", "stop_requested")
@@ -2258,7 +2263,6 @@ class Job:
         self._cond = threading.Condition()
         self._version = 0             # bumped on every output change or end
         self._callbacks = set()
-        self._index = None
         self.last_watch = {}          # user -> when their last watch was kept
         self.sessions_dropped = None  # (read from SESSIONS_DROPPED_FILE on first use)
 
@@ -2267,11 +2271,8 @@ class Job:
         return os.path.join(self.dir, OUTPUT_FILE)
 
     def output_index(self):
-        """The job's OutputIndex (made on first use: most jobs are never read)."""
-        with self._cond:
-            if self._index is None:
-                self._index = OutputIndex(os.path.join(self.dir, OUTPUT_INDEX_FILE))
-            return self._index
+        """The job's OutputIndex (it holds nothing: the index is read where it lies)."""
+        return OutputIndex(os.path.join(self.dir, OUTPUT_INDEX_FILE))
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -3646,36 +3647,27 @@ class Engine:
             raise InvalidArgumentError("offset must be >= 0 and size > 0")
         return read_output_file(job.output_path, offset, min(size, CHUNK))
 
-    def read_piece(self, job_id, offset=0, size=CHUNK, stream=0, by_time=False):
-        """The OutputPiece at offset: up to size bytes of one stream (stream 0: either),
-        and with by_time of one write time. Output of another stream is skipped: the
-        piece's offset is where its data starts. Empty data at the current end (the
-        offset then says how far the skipping got; it may stop short of the end).
+    def read_runs(self, job_id, offset=0, size=CHUNK, stream=0, by_time=False,
+                  most_runs=RECORDS_PER_READ):
+        """OutputRuns of the job's output at offset: up to size bytes (at most CHUNK) in at
+        most most_runs runs of stream (0: both), and with by_time of one write time each
+        (read_runs: what that costs). No data at the current end (after == offset), or
+        after only output of the other stream (after > offset).
 
         Raises NotFoundError, InvalidArgumentError.
         """
         job = self._get(job_id)
-        if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int) and size > 0):
-            raise InvalidArgumentError("offset must be >= 0 and size > 0")
+        if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int) and size > 0
+                and isinstance(most_runs, int) and most_runs > 0):
+            raise InvalidArgumentError("offset must be >= 0, size and most_runs > 0")
         try:   # the size first: every byte below it has its index record by now
             end = os.stat(job.output_path).st_size
         except FileNotFoundError:
-            return OutputPiece(offset, b"")
-        index = job.output_index()
-        unread = index.refresh()
-        while unread is not None and unread <= offset:   # a long index: as far as needed
-            unread = index.refresh()
-        end = end if unread is None else min(end, unread)   # (later reads take in the rest)
-        for _ in range(4096):   # skipping many short pieces of the other stream: in turns
-            if offset >= end:
-                break
-            stop, piece_stream, t = index.piece_at(offset, end, by_time)
-            if stream and piece_stream and piece_stream != stream:
-                offset = stop
-                continue
-            data = read_output_file(job.output_path, offset, min(size, stop - offset, CHUNK))
-            return OutputPiece(offset, data, piece_stream, t)
-        return OutputPiece(offset, b"")
+            end = 0
+        if offset >= end:
+            return OutputRuns(b"", [], [], [], [], offset)
+        return read_runs(job.output_index(), job.output_path, offset, end, min(size, CHUNK),
+                         stream, by_time, most_runs)
 
     def output_start(self, job_id, stream=0, tail_lines=0, tail_bytes=0, since=0.0,
                      cancelled=lambda: False):
@@ -3689,8 +3681,6 @@ class Engine:
         except FileNotFoundError:
             return 0
         index = job.output_index()
-        while index.refresh() is not None:
-            pass
         start = index.first_written_at(since, end) if since else 0
         if tail_lines or tail_bytes:
             start = max(start, tail_start(index, job.output_path, end, stream, tail_lines,
@@ -3944,68 +3934,207 @@ class OutputPiece(typing.NamedTuple):
     time: float = 0.0             # when written (INDEX_GRANULE precision); 0: not recorded
 
 
+class OutputRuns(typing.NamedTuple):
+    """Runs of a job's merged output, one after another in data: run i is sizes[i] bytes of
+    streams[i] (0: not recorded) from offsets[i] in the merged output, written at times[i]
+    (0.0: not recorded). after: the offset the next read starts at."""
+    data: bytes
+    offsets: list
+    sizes: list
+    streams: list
+    times: list
+    after: int
+
+
+class IndexRecords:
+    """An open output index's records (INDEX_RECORD) as they are now, read by number with
+    pread: a sequence, so that bisect can search the file where it lies."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.count = os.fstat(fd).st_size // INDEX_RECORD.size if fd is not None else 0
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        size = INDEX_RECORD.size
+        return INDEX_RECORD.unpack(os.pread(self.fd, size, i * size))
+
+    def column(self, field):
+        """Field (0: offset, 1: time, 2: stream) of every record, as a sequence."""
+        return IndexColumn(self, field)
+
+    def block(self, first, count, with_times=True):
+        """(offsets, times, streams) of records first .. first+count-1 (fewer at the end),
+        as lists, times only with_times (else zeros): unpacked by typed arrays in C."""
+        import array
+        size = INDEX_RECORD.size
+        data = os.pread(self.fd, count * size, first * size)
+        words = array.array("Q", data[:len(data) - len(data) % size])   # 3 words a record
+        if sys.byteorder != "little":
+            words.byteswap()
+        offsets, streams = words[0::3].tolist(), words[2::3].tolist()   # (pad bytes: 0)
+        times = array.array("d", words[1::3].tobytes()).tolist() if with_times else [
+            0.0] * len(offsets)
+        return offsets, times, streams
+
+
+class IndexColumn(typing.NamedTuple):
+    """One field of every record of IndexRecords, as a sequence (for bisect)."""
+    records: IndexRecords
+    field: int
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i][self.field]
+
+
 class OutputIndex:
-    """A job's output index (OUTPUT_INDEX_FILE), read as it grows: which stream each byte
-    of the merged output came from, and when it was written. Thread-safe."""
+    """A job's output index (OUTPUT_INDEX_FILE): which stream each byte of the merged output
+    came from, and when it was written. Read where it lies (bisected, a block at a time),
+    nothing of it kept between calls: it can be as big as the output. Thread-safe."""
 
     def __init__(self, path):
-        import array   # typed arrays: 17 bytes a record, where lists took ~100
         self.path = path
-        self.offsets, self.times, self.streams = (array.array(t) for t in "Qdb")   # all
-        self.run_offsets, self.run_streams = array.array("Q"), array.array("b")     # changes
-        self.size_read = 0
-        self._lock = threading.Lock()
 
-    def refresh(self, most=1 * MiB):
-        """Take in up to `most` bytes of the records written since the last call (a few
-        tens of ms: followers' reads run on the event loop). Returns the output offset
-        from which records are still unread, None if none are."""
-        size = INDEX_RECORD.size
-        with self._lock:
-            data = read_output_file(self.path, self.size_read, most - most % size + size)
-            whole = min(len(data) - len(data) % size, most - most % size)
-            for offset, t, stream in INDEX_RECORD.iter_unpack(data[:whole]):
-                self.offsets.append(offset)
-                self.times.append(t)
-                self.streams.append(stream)
-                if not self.run_streams or self.run_streams[-1] != stream:
-                    self.run_offsets.append(offset)
-                    self.run_streams.append(stream)
-            self.size_read += whole
-            return INDEX_RECORD.unpack_from(data, whole)[0] if len(data) >= whole + size \
-                else None
-
-    def piece_at(self, pos, end, by_time):
-        """(stop, stream, time) of the bytes from pos: one stream (and with by_time, one
-        record's write time) up to stop <= end."""
-        offsets, streams = (self.offsets, self.streams) if by_time else (
-            self.run_offsets, self.run_streams)
-        with self._lock:
-            i = bisect.bisect_right(offsets, pos) - 1
-            if i < 0:
-                return (offsets[0] if offsets else end), 0, 0.0
-            stop = offsets[i + 1] if i + 1 < len(offsets) else end
-            t = self.times[bisect.bisect_right(self.offsets, pos) - 1]
-            return min(stop, end), streams[i], t
-
-    def runs_backwards(self, end):
-        """(start, stop, stream) of each run of one stream before end, the last first."""
-        with self._lock:
-            runs = list(zip(self.run_offsets, list(self.run_offsets[1:]) + [end],
-                            self.run_streams))
-        if not runs or runs[0][0] > 0:
-            runs.insert(0, (0, runs[0][0] if runs else end, 0))
-        for start, stop, stream in reversed(runs):
-            if start < end:
-                yield start, min(stop, end), stream
+    @contextlib.contextmanager
+    def records(self):
+        """IndexRecords of the index as it is now (none if there is no index)."""
+        fd = open_output(self.path)
+        try:
+            yield IndexRecords(fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def first_written_at(self, since, end):
         """The offset of the first byte written at or after since (end if none yet)."""
-        with self._lock:
-            if not self.times:
+        with self.records() as records:
+            if not records:
                 return 0   # nothing recorded: a job of an older server, keep it all
-            i = bisect.bisect_left(self.times, since)
-            return self.offsets[i] if i < len(self.offsets) else end
+            i = bisect.bisect_left(records.column(1), since)
+            return min(records[i][0], end) if i < len(records) else end
+
+    def runs_backwards(self, end):
+        """(start, stop, stream) of each run of one stream before end, the last first; a
+        block of records at a time."""
+        with self.records() as records:
+            last = bisect.bisect_left(records.column(0), end)   # records below end
+            stop, run = end, None
+            while last > 0:
+                first = max(0, last - RECORDS_PER_READ)
+                offsets, _, streams = records.block(first, last - first)
+                for offset, stream in zip(reversed(offsets), reversed(streams)):
+                    if run and run[2] != stream:
+                        yield run
+                        run = None
+                    run = (offset, run[1] if run else stop, stream)
+                    stop = offset
+                last = first
+            if run:
+                yield run
+            if stop > 0:
+                yield 0, stop, 0   # before the first record: not recorded
+
+
+def index_block(records, pos, end, most, with_times):
+    """(starts, times, streams, stop): the records of the output from pos, at most `most`,
+    the first starting at pos and the last stopping at stop (<= end); times only
+    with_times (else zeros)."""
+    i = bisect.bisect_right(records.column(0), pos) - 1
+    if i < 0:   # before the first record, or no index: not recorded
+        return [pos], [0.0], [0], min(records[0][0], end) if records else end
+    offsets, times, streams = records.block(i, most + 1, with_times)
+    kept = bisect.bisect_left(offsets, end)   # (records of bytes still on their way)
+    if kept < len(offsets) or i + len(offsets) == len(records):
+        stop = end
+    else:   # the block's last record only says where the one before it stops
+        kept, stop = len(offsets) - 1, offsets[-1]
+    offsets[0] = pos
+    return offsets[:kept], times[:kept], streams[:kept], stop
+
+
+def compressed(columns, keep):
+    """Each of columns (lists) with only the items keep says, unless keep keeps all."""
+    if False not in keep:
+        return columns
+    return [list(itertools.compress(c, keep)) for c in columns]
+
+
+def read_runs(index, path, pos, end, size, stream=0, by_time=False, most_runs=RECORDS_PER_READ):
+    """OutputRuns of the output at path from pos (< end: the output's size, taken before the
+    index is read, so every byte below it has its records): up to size bytes in at most
+    most_runs runs, each of one stream (0: both are asked for) and, with by_time, of one
+    write time (else times are 0). Output of the other stream is skipped: after then
+    moves on, with no data.
+
+    Costs a bisection of the index, a read of at most RECORDS_PER_READ of its records (a
+    smaller block for few runs) and of the output's bytes, and C loops over the records
+    (itertools and operator: never a Python step a record). Raises OSError."""
+    with index.records() as records:
+        starts, times, streams, stop = index_block(
+            records, pos, end, min(RECORDS_PER_READ, 64 * most_runs), by_time)
+    if not by_time:   # records where the stream stays the same: one run
+        starts, times, streams = compressed((starts, times, streams), [True] + list(
+            map(operator.ne, streams[1:], streams[:-1])))
+    sizes = list(map(operator.sub, starts[1:] + [stop], starts))
+    if stream:
+        starts, sizes, streams, times = compressed((starts, sizes, streams, times), list(map(
+            operator.and_, map(bool, sizes), map((0, stream).__contains__, streams))))
+    elif 0 in sizes:   # (two records at one offset)
+        starts, sizes, streams, times = compressed((starts, sizes, streams, times),
+                                                   list(map(bool, sizes)))
+    if not starts:
+        return OutputRuns(b"", [], [], [], [], stop)
+    taken = runs_within(starts, sizes, size, most_runs, spread=bool(stream))
+    whole = taken == len(sizes)
+    starts, sizes, streams, times = starts[:taken], sizes[:taken], streams[:taken], times[:taken]
+    over = sum(sizes) - size
+    if over > 0:
+        sizes[-1] -= over
+    data = read_run_bytes(path, starts, sizes, contiguous=not stream)
+    if len(data) < sum(sizes):   # (an output cut short under us: only what is there)
+        ends = list(itertools.accumulate(sizes))
+        taken = bisect.bisect_left(ends, len(data)) + 1
+        starts, sizes, streams, times = starts[:taken], sizes[:taken], streams[:taken], times[:taken]
+        sizes[-1] -= ends[taken - 1] - len(data)
+        whole = over = 1
+    after = stop if whole and over <= 0 else starts[-1] + sizes[-1]
+    return OutputRuns(data, starts, sizes, streams, times, after)
+
+
+def runs_within(starts, sizes, size, most_runs, spread):
+    """How many of the runs (starts, sizes) a read of size bytes and most_runs runs takes
+    (the last may be cut); spread: runs with gaps between, read in one, whose span is
+    kept within twice the size."""
+    taken = min(most_runs, len(sizes))
+    if starts[taken - 1] + sizes[taken - 1] - starts[0] > size or spread:
+        taken = min(taken, bisect.bisect_left(list(itertools.accumulate(sizes)), size) + 1)
+    if spread:
+        taken = min(taken, bisect.bisect_right(list(map(operator.add, starts, sizes)),
+                                               starts[0] + 2 * size))
+    return max(1, taken)
+
+
+def read_run_bytes(path, starts, sizes, contiguous):
+    """The bytes of runs (starts, sizes) of the output at path, one after another: one
+    read from the first run's start to the last one's end (b'' if there is no output)."""
+    fd = open_output(path)
+    if fd is None:
+        return b""
+    try:
+        base = starts[0]
+        span = os.pread(fd, starts[-1] + sizes[-1] - base, base)
+    finally:
+        os.close(fd)
+    if contiguous:
+        return span
+    cuts = map(slice, map(operator.sub, starts, itertools.repeat(base)),
+               map(operator.sub, map(operator.add, starts, sizes), itertools.repeat(base)))
+    return b"".join(map(span.__getitem__, cuts))
 
 
 TAIL_BLOCK = 256 * KiB   # what a tail reads and counts at a time, from the end
@@ -4918,6 +5047,20 @@ def encode_output_chunk(piece, with_time=False):
     return b"".join(parts)
 
 
+def encode_output_runs(runs, jobs_pb2, with_time=False):
+    """OutputRuns as a serialized OutputChunk: one run as encode_output_chunk makes it;
+    several with their boundaries in the run_ fields (OutputRequest.runs), serialized by
+    protobuf in C (the fields of a message may come in any order, so the two parts join)."""
+    if len(runs.sizes) == 1:
+        return encode_output_chunk(OutputPiece(runs.offsets[0], runs.data, runs.streams[0],
+                                               runs.times[0]), with_time)
+    boundaries = jobs_pb2.OutputChunk(run_offsets=runs.offsets, run_sizes=runs.sizes,
+                                      run_streams=runs.streams,
+                                      run_times=runs.times if with_time else ())
+    return encode_output_chunk(OutputPiece(runs.offsets[0], runs.data)) + \
+        boundaries.SerializeToString()
+
+
 def _encoded_varint(value):
     """A non-negative int as a protobuf varint."""
     out = bytearray()
@@ -4986,24 +5129,23 @@ class OutputHub:
             # The chunks streams held are freed now: give the memory back at once.
             trim_freed_memory()
 
-    def read(self, job_id, offset, user, stream=0, by_time=False):
+    def read(self, job_id, offset, user, stream=0, by_time=False, runs=False):
         """(next offset, size, serialized OutputChunk) of the output at offset, of stream (0:
-        both), with its write time if by_time; size 0 at its end (the offset may still
-        move on: past output of the other stream).
+        both), with its write time if by_time, of many runs if runs (else of one); size 0
+        at its end (the offset may still move on: past output of the other stream).
 
         Only a job with several followers keeps chunks, and at most two (the offset
         followers are at, and the end they reach next): the cache then stays within the
         streams' budget. Raises the engine's errors.
         """
-        key = (offset, stream, by_time)
+        key = (offset, stream, by_time, runs)
         cached = self.chunks.get(job_id)
         if cached is not None and key in cached:
             return cached[key]
-        piece = self.engine.read_piece(job_id, offset, self.chunk_size(user), stream, by_time)
-        chunk = b""
-        if piece.data:
-            chunk = encode_output_chunk(piece, with_time=by_time)
-        chunk = piece.offset + len(piece.data), len(piece.data), chunk
+        got = self.engine.read_runs(job_id, offset, self.chunk_size(user), stream, by_time,
+                                    most_runs=RECORDS_PER_READ if runs else 1)
+        chunk = encode_output_runs(got, self.pb, with_time=by_time) if got.data else b""
+        chunk = got.after, len(got.data), chunk
         if len(self.events[job_id]) > 1:
             cached = self.chunks.setdefault(job_id, {})
             if len(cached) >= 2:
@@ -5089,6 +5231,7 @@ class JobService:
         self.start_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="start")
         self.scan_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="scan")
         self.scan_lanes = {}    # user -> asyncio.Lock: one output scan of theirs at a time
+        self.read_lanes = {}    # user -> asyncio.Lock: one chunk read of theirs at a time
         self.hub = None
         self.waiting = {}       # (user, "Wait" or "Stop") -> such calls waiting for an end
         self.writers = {}       # job id -> the InputWriter writing to it
@@ -5395,10 +5538,17 @@ class JobService:
     async def _send_output(self, request, context, event, offset, user, sent):
         """Output's loop: chunks from offset until the end (with follow: until the job has
         ended and all was sent), counting the bytes in sent[0]."""
+        import asyncio
+        # Reads run on the loop (a few ms at most: read_runs): one of each user's at a time,
+        # so that however many streams one user reads, another's call waits for one read
+        # at most, not one of each stream of theirs.
+        lane = self.read_lanes.setdefault(user, asyncio.Lock())
         while True:
             event.clear()
-            after, size, chunk = self.hub.read(request.job_id, offset, user,
-                                               request.stream, request.timestamps)
+            async with lane:
+                after, size, chunk = self.hub.read(request.job_id, offset, user,
+                                                   request.stream, request.timestamps,
+                                                   request.runs)
             if size:
                 # write() waits for flow control: a slow reader holds one chunk here
                 # and slows nobody else.
@@ -5409,6 +5559,7 @@ class JobService:
                 continue
             if after > offset:   # past output of the other stream
                 offset = after
+                await asyncio.sleep(0)   # (a long skip: a block at a time, others between)
                 continue
             if not request.follow:
                 return
@@ -5850,7 +6001,7 @@ class Client:
             "/steve_jobs.v1.JobService/Output",
             request_serializer=self.pb.OutputRequest.SerializeToString,
             response_deserializer=None)   # raw bytes: decode_output_chunk, no copies
-        return OutputStream(call(request, metadata=self.metadata))
+        return OutputStream(call(request, metadata=self.metadata), self.pb)
 
     def input(self, messages):
         """Start an Input call sending the InputMessages messages yields (from grpc's
@@ -5875,19 +6026,46 @@ class OutputStream:
     """An Output call's chunks as OutputPieces; cancel() (from another thread) ends it.
     Raises grpc.RpcError while iterating."""
 
-    def __init__(self, call):
-        self.call = call
+    def __init__(self, call, jobs_pb2):
+        self.call, self.pb = call, jobs_pb2
 
     def __iter__(self):
         for raw in self.call:
-            yield decode_output_chunk(raw)
+            yield from decode_output_pieces(raw, self.pb)
 
     def cancel(self):
         self.call.cancel()
 
 
+def decode_output_pieces(raw, jobs_pb2):
+    """A serialized OutputChunk as OutputPieces: one (decode_output_chunk), or one a run
+    when it holds many (OutputRequest.runs), parsed by protobuf. Raises ValueError for a
+    malformed message."""
+    piece = decode_output_chunk(raw)
+    if piece is not None:
+        return (piece,)
+    try:
+        chunk = jobs_pb2.OutputChunk.FromString(raw)
+    except Exception as e:   # (protobuf's DecodeError)
+        raise ValueError(f"malformed OutputChunk: {e}") from None
+    data, pieces, at = memoryview(chunk.data), [], 0
+    if not (len(chunk.run_offsets) == len(chunk.run_sizes) == len(chunk.run_streams)
+            and sum(chunk.run_sizes) == len(data)):
+        raise ValueError("OutputChunk: its runs do not add up to its data")
+    for offset, size, stream, t in itertools.zip_longest(
+            chunk.run_offsets, chunk.run_sizes, chunk.run_streams, chunk.run_times[
+                :len(chunk.run_sizes)], fillvalue=0.0):
+        pieces.append(OutputPiece(offset, data[at:at + size], stream, t))
+        at += size
+    return pieces
+
+
+RUN_FIELDS = (5, 6, 7, 8)   # OutputChunk's run_offsets, run_sizes, run_streams, run_times
+
+
 def decode_output_chunk(raw):
-    """A serialized OutputChunk as an OutputPiece whose data is a memoryview of raw.
+    """A serialized OutputChunk as an OutputPiece whose data is a memoryview of raw; None
+    if it holds many runs (decode_output_pieces).
 
     Why not protobuf: parsing copies the data, and reading the field copies it again; on
     a follower's 1 MiB chunks that was a quarter of the client's CPU, and the client is
@@ -5898,6 +6076,8 @@ def decode_output_chunk(raw):
     while pos < end:
         key, pos = _varint(raw, pos)
         field, wire = key >> 3, key & 7
+        if field in RUN_FIELDS:
+            return None
         if wire == 0:
             value, pos = _varint(raw, pos)
             if field == 2:
@@ -6962,7 +7142,7 @@ STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 
 def output_request(client, args, job_id, follow):
     """The OutputRequest for output, stream and run -f."""
-    r = client.pb.OutputRequest(job_id=job_id, follow=follow,
+    r = client.pb.OutputRequest(job_id=job_id, follow=follow, runs=True,
                                 stream=getattr(args, "stream", 0),
                                 tail_lines=max(0, getattr(args, "tail", 0)),
                                 timestamps=getattr(args, "timestamps", False))
@@ -7182,7 +7362,7 @@ def interactive_session(client, job_id, terminal, send_input, tail_lines=0,
     raw, sized, with escapes) until the job has ended or ~. detaches.
     Returns the job's final JobStatus, or None once detached. Raises ClientError."""
     pb = client.pb
-    stream = client.output(pb.OutputRequest(job_id=job_id, follow=True,
+    stream = client.output(pb.OutputRequest(job_id=job_id, follow=True, runs=True,
                                             tail_lines=tail_lines))
     raw = terminal and os.isatty(0)
     detached, problems = [], []
@@ -7434,7 +7614,8 @@ def cmd_asciicast(client, args):
                       "timestamp": int(start),
                       "title": " ".join(st.argv)[:200]}), flush=True)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")   # a character may be cut
-    stream = client.output(client.pb.OutputRequest(job_id=st.job_id, timestamps=True))
+    stream = client.output(client.pb.OutputRequest(job_id=st.job_id, timestamps=True,
+                                                   runs=True))
     at = 0.0
     try:
         for chunk in stream:

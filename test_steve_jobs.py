@@ -515,9 +515,7 @@ def copied_output(tmp_path, writes):
     writer.join()
     os.close(out)
     os.close(index)
-    result = sj.OutputIndex(str(tmp_path / "idx"))
-    result.refresh()
-    return result
+    return sj.OutputIndex(str(tmp_path / "idx"))
 
 
 def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
@@ -526,14 +524,15 @@ def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
     index = copied_output(tmp_path, writes)
     merged = (tmp_path / "out").read_bytes()
     assert merged == b"".join(data for _, data, _ in writes)
+    path, end = str(tmp_path / "out"), len(merged)
     pieces, pos = [], 0
     while pos < len(merged):
-        stop, stream, t = index.piece_at(pos, len(merged), by_time=False)
-        pieces.append((stream, merged[pos:stop]))
-        pos = stop
+        runs = sj.read_runs(index, path, pos, end, sj.CHUNK, most_runs=1)
+        pieces.append((runs.streams[0], runs.data))
+        pos = runs.after
     assert pieces == [(stream, data) for stream, data, _ in writes]
-    assert list(index.times) == sorted(index.times) and index.times[-1] - index.times[0] >= 0.1
-    path, end = str(tmp_path / "out"), len(merged)
+    times = sj.read_runs(index, path, 0, end, sj.CHUNK, by_time=True).times
+    assert times == sorted(times) and times[-1] - times[0] >= 0.1
 
     def tail(stream, lines=0, nbytes=0):
         start = sj.tail_start(index, path, end, stream, lines, nbytes)
@@ -546,14 +545,87 @@ def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
     assert tail(sj.STDERR, lines=5) == b"err 1\nerr 2\n"
     assert tail(sj.STDOUT, nbytes=8) == b"2\nout 3\n"
     assert tail(0, lines=1, nbytes=3) == b" 2\n"
-    assert index.first_written_at(index.times[1], end) == len(b"out 1\n")
-    # Taken in a little at a time (followers read on the event loop), to the same index:
-    bit = sj.OutputIndex(str(tmp_path / "idx"))
-    unread = [bit.refresh(most=sj.INDEX_RECORD.size) for _ in range(len(index.offsets))]
-    assert unread == list(index.offsets[1:]) + [None]
-    assert (list(bit.offsets), list(bit.run_streams)) == (list(index.offsets),
-                                                         list(index.run_streams))
-    assert index.first_written_at(index.times[-1] + 1, end) == end
+    assert index.first_written_at(times[1], end) == len(b"out 1\n")
+    assert index.first_written_at(times[-1] + 1, end) == end
+
+
+def written_output(folder, runs, extra):
+    """An output file and its index as copy_output writes them, for runs [(stream, data)]:
+    a record at each run's start, and at the offsets in extra (INDEX_GRANULE's records);
+    returns (OutputIndex, path of the output, the merged output)."""
+    merged, records, times = b"", [], itertools.count(1_000_000)
+    starts = list(itertools.accumulate([0] + [len(d) for _, d in runs]))
+    for (stream, data), start in zip(runs, starts):
+        cuts = sorted({start} | {start + x % len(data) for x in extra if data})
+        records += [sj.INDEX_RECORD.pack(at, next(times) / 100, stream) for at in cuts]
+        merged += data
+    (folder / "out").write_bytes(merged)
+    (folder / "idx").write_bytes(b"".join(records))
+    return sj.OutputIndex(str(folder / "idx")), str(folder / "out"), merged
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(runs=hypothesis.strategies.lists(hypothesis.strategies.tuples(
+                      hypothesis.strategies.sampled_from([1, 2]),
+                      hypothesis.strategies.binary(min_size=1, max_size=9)), max_size=40),
+                  extra=hypothesis.strategies.lists(hypothesis.strategies.integers(0, 99),
+                                                    max_size=5),
+                  size=hypothesis.strategies.integers(1, 30),
+                  most_runs=hypothesis.strategies.integers(1, 5),
+                  stream=hypothesis.strategies.sampled_from([0, 1, 2]),
+                  by_time=hypothesis.strategies.booleans())
+def test_runs_read_in_any_sizes_are_each_stream_in_merged_order(tmp_path_factory, runs, extra,
+                                                                 size, most_runs, stream,
+                                                                 by_time):
+    """read_runs however it is cut (bytes, runs, records a read takes: RECORDS_PER_READ)
+    gives every byte of the streams asked for once, in order, each run of one stream
+    and where it lies in the merged output."""
+    index, path, merged = written_output(tmp_path_factory.mktemp("runs"), runs, extra)
+    got, pos, reads = [], 0, 0
+    with unittest.mock.patch.object(sj, "RECORDS_PER_READ", 3):
+        while True:
+            r = sj.read_runs(index, path, pos, len(merged), size, stream, by_time, most_runs)
+            assert len(r.data) <= size and 0 < len(r.sizes) <= most_runs or not r.data
+            assert len(r.offsets) == len(r.sizes) == len(r.streams) == len(r.times)
+            assert r.after > pos or r.after == len(merged) and not r.data
+            at = 0
+            for offset, n, s, t in zip(r.offsets, r.sizes, r.streams, r.times):
+                assert r.data[at:at + n] == merged[offset:offset + n] and n > 0
+                got.append((offset, s, r.data[at:at + n], t))
+                at += n
+            assert at == len(r.data)
+            pos, reads = r.after, reads + 1
+            if not r.data and pos >= len(merged):
+                break
+    expected = b"".join(d for s, d in runs if stream in (0, s))
+    assert b"".join(data for _, _, data, _ in got) == expected
+    stream_of = [s for s, d in runs for _ in d]   # each byte's
+    for offset, s, data, t in got:
+        assert set(stream_of[offset:offset + len(data)]) == {s} and (t > 0) == by_time
+    assert reads <= 2 * (len(runs) + len(extra) + len(merged) // size) + 2
+
+
+def test_the_index_is_read_where_it_lies_not_held_in_memory(tmp_path):
+    """Reproduction: a read at the end of a 1-byte-interleaved job's output took the whole
+    index into memory (+15 MB for 614k runs, kept as long as the job), in one go on the
+    event loop (214 ms)."""
+    import tracemalloc
+    runs = [(1 + i % 2, b"ab"[i % 2:][:1]) for i in range(200_000)]
+    index, path, merged = written_output(tmp_path, runs, [])
+    tracemalloc.start()
+    try:
+        for pos in (len(merged) - 1, 0, len(merged) // 2):
+            r = sj.read_runs(index, path, pos, len(merged), sj.CHUNK)
+            assert r.offsets[0] == pos and r.data[:1] == merged[pos:pos + 1]
+            assert 0 < len(r.sizes) <= sj.RECORDS_PER_READ
+            del r   # (what a read returns is the caller's)
+        tail = sj.tail_start(index, path, len(merged), sj.STDERR, 0, 3)
+        since = index.first_written_at(10_000 + 1.5, len(merged))
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (tail, since) == (len(merged) - 5, 150) and kept < 64 * sj.KiB, kept
+    assert peak < 20 * sj.RECORDS_PER_READ * sj.INDEX_RECORD.size, peak   # (~4 MB)
 
 
 @hypothesis.settings(max_examples=300, deadline=None)
@@ -2610,6 +2682,59 @@ def test_a_huge_tail_costs_the_server_about_what_it_returns(certs):
         assert server_cpu_seconds(srv) - before < 0.5
         for call in held:
             call.cancel()
+    finally:
+        alice.close()
+        srv.cleanup()
+
+
+def runs_of(chunks):
+    """[(offset, stream, data, time)] of each run in Output's chunks (OutputChunk.runs)."""
+    runs = []
+    for c in chunks:
+        if not c.run_sizes:
+            runs.append((c.offset, c.stream, c.data, c.time.ToNanoseconds() / 1e9))
+            continue
+        at = 0
+        for offset, size, stream, t in itertools.zip_longest(c.run_offsets, c.run_sizes,
+                                                             c.run_streams, c.run_times):
+            runs.append((offset, stream, c.data[at:at + size], t or 0.0))
+            at += size
+        assert at == len(c.data) and c.offset == c.run_offsets[0] and not c.stream
+    return runs
+
+
+def test_an_interleaved_job_reads_in_few_chunks_each_byte_from_its_stream(certs):
+    """Reproduction: a job alternating 1-byte writes to its streams cost a message a byte
+    (614k messages, 47.6 s of server CPU, for its 16.7 MB; the job had used 5 s)."""
+    srv = Server(certs).start()
+    alice = Api(srv, "alice")
+    pb = alice.pb
+    output = lambda **r: list(alice.stub.Output(pb.OutputRequest(**r), metadata=alice.metadata,
+                                                timeout=scaled(60)))
+    script = "import os\nfor _ in range(50000): os.write(1, b'a'); os.write(2, b'b')"
+    letters = {pb.STREAM_STDOUT: b"a", pb.STREAM_STDERR: b"b"}
+    try:
+        job = started(alice, ["python3", "-c", script], limits=pb.Limits(cpu=0.25)).job_id
+        assert alice.Wait(pb.JobRef(job_id=job)).exit_code == 0
+        every = runs_of(output(job_id=job, runs=True))
+        assert len(every) > 1000, len(every)   # (what made this a message a run)
+        for ask, expected in (({}, 100_000), ({"stream": pb.STREAM_STDERR}, 50_000),
+                              ({"timestamps": True}, 100_000)):
+            chunks = output(job_id=job, runs=True, **ask)
+            assert len(chunks) <= 100_000 // 4096 + 2, len(chunks)
+            at = 0
+            for offset, stream, data, t in runs_of(chunks):
+                assert data == letters[stream] * len(data) and data
+                assert stream == ask.get("stream", stream) and (t > 0) == ("timestamps" in ask)
+                assert offset == at or "stream" in ask
+                at = offset + len(data)
+            assert sum(len(c.data) for c in chunks) == expected
+        # A client that does not ask for runs gets a run a chunk, as before.
+        near_end = every[-20][0]
+        plain = [(c.offset, c.stream, c.data) for c in output(job_id=job, offset=near_end)]
+        assert plain == [run[:3] for run in every[-20:]]
+        done = cli(srv, "output", job, user="alice")
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"a" * 50000, b"b" * 50000)
     finally:
         alice.close()
         srv.cleanup()
