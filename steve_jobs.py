@@ -1237,9 +1237,9 @@ def whole_disk_of(path):
 OUTPUT_INDEX_FILE = "output.idx"
 INDEX_RECORD = struct.Struct("<QdB7x")   # offset, time (seconds since the epoch), stream
 INDEX_GRANULE = 0.01                     # seconds: the precision of output timestamps
-# Index records one read takes in at most (196 KiB, a few ms of work on the event loop): a
+# Index records one read takes in at most (96 KiB, about a ms of work on the event loop): a
 # job alternating 1-byte writes to its streams has a record a byte.
-RECORDS_PER_READ = 8192
+RECORDS_PER_READ = 4096
 STDOUT, STDERR = 1, 2                    # as in the API's Stream
 RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
     "result.json", "job.json", "output", "stop_requested")
@@ -4798,7 +4798,11 @@ def cut_argv(argv, limit):
 
 OUTPUT_MEMORY_BUDGET = 128 * MiB    # all output streams' in-flight chunks together
 MIN_STREAM_CHUNK = 16 * KiB          # what a stream may read even when the budget is spent
+# The most a stream's chunk holds: its read and write are one step of the event loop, and
+# another user's call may wait for one (512 KiB: about a ms; as fast as 1 MiB, measured).
+STREAM_CHUNK = CHUNK // 2
 FOLLOW_SAFETY_NET = 1.0             # seconds: followers are woken this often even unasked
+LANE_HOLD = 0.02                    # seconds a chunk's write may hold its user's lane
 MAX_STOPS_PER_USER = 64              # Stop calls of one user waiting for their jobs' ends
 MAX_INPUTS_PER_USER = 32             # Input calls of one user at once (each holds a message)
 MAX_RECEIVED_MESSAGE = 2 * MiB       # the largest message a client may send (Start, Input)
@@ -5187,18 +5191,26 @@ class OutputHub:
         # message, grpc's copy of it): the budget counts all three.
         share = OUTPUT_MEMORY_BUDGET // 3 // max(1, len(self.per_user))
         left = share - self.in_flight.get(user, 0)
-        return max(MIN_STREAM_CHUNK, min(CHUNK, left // 2))
+        return max(MIN_STREAM_CHUNK, min(STREAM_CHUNK, left // 2))
+
+    def hold(self, user, size):
+        """size bytes of user's are on their way out: they count against the budget until
+        release(user, size)."""
+        self.in_flight[user] = self.in_flight.get(user, 0) + size
+
+    def release(self, user, size):
+        self.in_flight[user] -= size
+        if not self.in_flight[user]:
+            del self.in_flight[user]
 
     @contextlib.contextmanager
     def sending(self, user, size):
-        """Context of one chunk's write: its bytes count against the budget meanwhile."""
-        self.in_flight[user] = self.in_flight.get(user, 0) + size
+        """Context of one write of size bytes: they count against the budget meanwhile."""
+        self.hold(user, size)
         try:
             yield
         finally:
-            self.in_flight[user] -= size
-            if not self.in_flight[user]:
-                del self.in_flight[user]
+            self.release(user, size)
 
 
 class ClientGone(Exception):
@@ -5231,7 +5243,7 @@ class JobService:
         self.start_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="start")
         self.scan_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="scan")
         self.scan_lanes = {}    # user -> asyncio.Lock: one output scan of theirs at a time
-        self.read_lanes = {}    # user -> asyncio.Lock: one chunk read of theirs at a time
+        self.send_lanes = {}    # user -> asyncio.Lock: one chunk of theirs on the loop at a time
         self.hub = None
         self.waiting = {}       # (user, "Wait" or "Stop") -> such calls waiting for an end
         self.writers = {}       # job id -> the InputWriter writing to it
@@ -5539,21 +5551,11 @@ class JobService:
         """Output's loop: chunks from offset until the end (with follow: until the job has
         ended and all was sent), counting the bytes in sent[0]."""
         import asyncio
-        # Reads run on the loop (a few ms at most: read_runs): one of each user's at a time,
-        # so that however many streams one user reads, another's call waits for one read
-        # at most, not one of each stream of theirs.
-        lane = self.read_lanes.setdefault(user, asyncio.Lock())
+        lane = self.send_lanes.setdefault(user, asyncio.Lock())
         while True:
             event.clear()
-            async with lane:
-                after, size, chunk = self.hub.read(request.job_id, offset, user,
-                                                   request.stream, request.timestamps,
-                                                   request.runs)
+            after, size = await self._send_chunk(request, context, offset, user, lane)
             if size:
-                # write() waits for flow control: a slow reader holds one chunk here
-                # and slows nobody else.
-                with self.hub.sending(user, size):
-                    await write_or_gone(context, chunk)
                 offset = after
                 sent[0] += size
                 continue
@@ -5569,6 +5571,35 @@ class JobService:
             if self.shutting_down:
                 raise UnavailableError("the server is shutting down; the job goes on")
             await event.wait()   # the hub's tick is the safety net
+
+    async def _send_chunk(self, request, context, offset, user, lane):
+        """(after, size): the next chunk of Output's from offset, read and written (size 0:
+        nothing to send; after may still move on, past output of the other stream).
+        Raises ClientGone."""
+        import asyncio
+        # Reads and writes run on the loop (a read takes a few ms at most: read_runs; a
+        # write serializes, encrypts and sends), one chunk of each user's at a time under
+        # their lane: however many streams one user reads, another's call waits for one
+        # chunk of theirs at most, and each user gets one share of the loop.
+        writing = None
+        try:
+            async with lane:
+                after, size, chunk = self.hub.read(request.job_id, offset, user,
+                                                   request.stream, request.timestamps,
+                                                   request.runs)
+                if not size:
+                    return after, 0
+                self.hub.hold(user, size)
+                writing = asyncio.ensure_future(write_or_gone(context, chunk))
+                # A client that does not read (flow control) frees the lane after LANE_HOLD:
+                # a slow reader holds one chunk and slows nobody else.
+                await asyncio.wait({writing}, timeout=LANE_HOLD)
+            await writing
+            return after, size
+        finally:
+            if writing is not None:
+                writing.cancel()
+                self.hub.release(user, size)
 
     def streams(self):
         """The OutputHub: every Output and Input stream counts there (made on first use)."""

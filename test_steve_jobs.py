@@ -32,6 +32,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -2372,7 +2373,7 @@ def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(cer
             return peak, alice_chunks
 
         peak, alice_chunks = asyncio.run(stall())
-        assert sum(alice_chunks) == 8 * sj.MiB and max(alice_chunks) == sj.CHUNK, alice_chunks
+        assert sum(alice_chunks) == 8 * sj.MiB and max(alice_chunks) == sj.STREAM_CHUNK, alice_chunks
         time.sleep(scaled(2))
         after = server_rss_mb(srv)
         assert peak <= 300, f"server RSS {before:.0f} -> peak {peak:.0f} MB"
@@ -2737,6 +2738,84 @@ def test_an_interleaved_job_reads_in_few_chunks_each_byte_from_its_stream(certs)
         assert (done.returncode, done.stdout, done.stderr) == (0, b"a" * 50000, b"b" * 50000)
     finally:
         alice.close()
+        srv.cleanup()
+
+
+ALTERNATING_WRITER = ("import os, time\n"    # 1-byte writes to each stream in turn
+                      "end = time.monotonic() + {seconds}\n"
+                      "while time.monotonic() < end:\n"
+                      "    for _ in range(1000):\n"
+                      "        os.write(1, b'a'); os.write(2, b'b')\n")
+
+
+EIGHT_READERS = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+import steve_jobs as sj
+from test_steve_jobs import bearer, grpc_channel, raw_output
+grpc, pb, pb_grpc = sj.import_grpc()
+channel = grpc_channel(sys.argv[2], sys.argv[3], "alice")
+got, lock = [0], threading.Lock()
+def read_forever(i):
+    while True:   # (each from an offset of its own: no chunk shared between them)
+        for size in raw_output(channel, bearer(sys.argv[2], "alice"), sys.argv[4], i):
+            with lock:
+                got[0] += size
+for i in range(8):
+    threading.Thread(target=read_forever, args=(i,), daemon=True).start()
+for _ in sys.stdin:   # a line asks for what they have read so far
+    with lock:
+        print(got[0], flush=True)
+"""
+
+
+def raw_output(channel, metadata, job_id, offset=0):
+    """The size of each chunk of an Output(runs) call on channel, left unparsed: the client
+    costs little beside the server."""
+    _, pb, _ = sj.import_grpc()
+    call = channel.unary_stream("/steve_jobs.v1.JobService/Output",
+                                request_serializer=pb.OutputRequest.SerializeToString)
+    for raw in call(pb.OutputRequest(job_id=job_id, offset=offset, runs=True),
+                    metadata=metadata, timeout=scaled(600)):
+        yield len(raw)
+
+
+def test_one_users_many_reads_take_one_users_share_of_the_server(certs):
+    """Reproduction: alice's 8 reads of a 1-byte-interleaved job took mrarsenal's status
+    p50 from 2.4 to 146 ms: her chunks' reads and writes on the event loop went one of
+    each of her streams in turn, so she took eight shares of it to another user's one."""
+    srv = Server(certs).start()
+    alice, admin = Api(srv, "alice"), Api(srv)
+    pb, writer = alice.pb, ["python3", "-c", ALTERNATING_WRITER.format(seconds=3)]
+    readers = None
+    try:
+        hers, mine = (started(api, writer, limits=pb.Limits(cpu=0.5)).job_id
+                      for api in (alice, admin))
+        alice.Wait(pb.JobRef(job_id=hers)), admin.Wait(pb.JobRef(job_id=mine))
+        size = sum(raw_output(admin.channel, admin.metadata, mine))
+        readers = subprocess.Popen([PYTHON, "-c", EIGHT_READERS, HERE, certs, srv.address,
+                                    hers], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
+
+        def alice_read():
+            readers.stdin.write("\n")
+            readers.stdin.flush()
+            return int(readers.stdout.readline())
+        deadline = time.monotonic() + scaled(30)
+        while alice_read() < 2 * size and time.monotonic() < deadline:   # (all 8 going)
+            time.sleep(0.1)
+        shares = []
+        for _ in range(5):
+            before = alice_read()
+            assert sum(raw_output(admin.channel, admin.metadata, mine)) == size
+            shares.append((alice_read() - before) / size)
+        # One share each: she reads about what he reads meanwhile (before: about 8 times).
+        assert statistics.median(shares) < 3, shares
+    finally:
+        if readers is not None:
+            readers.kill()
+            readers.wait()
+        alice.close(), admin.close()
         srv.cleanup()
 
 
