@@ -4857,6 +4857,10 @@ MIN_STREAM_CHUNK = 16 * KiB          # what a stream may read even when the budg
 STREAM_CHUNK = CHUNK // 2
 FOLLOW_SAFETY_NET = 1.0             # seconds: followers are woken this often even unasked
 LANE_HOLD = 0.02                    # seconds a chunk's write may hold its user's lane
+# A client that asks no runs (OutputRequest.runs) gets a message a run; this many of them
+# come from one read of the index and output, as one chunk's worth of writes under the lane
+# (a read a message cost such a client's reads ~200 times one stream's server CPU).
+RUNS_PER_ONE_RUN_READ = 64
 MAX_STOPS_PER_USER = 64              # Stop calls of one user waiting for their jobs' ends
 MAX_INPUTS_PER_USER = 32             # Input calls of one user at once (each holds a message)
 MAX_RECEIVED_MESSAGE = 2 * MiB       # the largest message a client may send (Start, Input)
@@ -5105,6 +5109,14 @@ def encode_output_chunk(piece, with_time=False):
     return b"".join(parts)
 
 
+def one_run_pieces(runs):
+    """OutputRuns as an OutputPiece a run (views of its data, not copies)."""
+    data, start = memoryview(runs.data), 0
+    for offset, size, stream, when in zip(runs.offsets, runs.sizes, runs.streams, runs.times):
+        yield OutputPiece(offset, data[start:start + size], stream, when)
+        start += size
+
+
 def encode_output_runs(runs, jobs_pb2, with_time=False):
     """OutputRuns as a serialized OutputChunk: one run as encode_output_chunk makes it;
     several with their boundaries in the run_ fields (OutputRequest.runs), serialized by
@@ -5188,9 +5200,10 @@ class OutputHub:
             trim_freed_memory()
 
     def read(self, job_id, offset, user, stream=0, by_time=False, runs=False):
-        """(next offset, size, serialized OutputChunk) of the output at offset, of stream (0:
-        both), with its write time if by_time, of many runs if runs (else of one); size 0
-        at its end (the offset may still move on: past output of the other stream).
+        """(next offset, size, messages) of the output at offset, of stream (0: both), with
+        write times if by_time: messages is a list of serialized OutputChunks, one holding
+        many runs if runs, else one a run (up to RUNS_PER_ONE_RUN_READ); size 0 at its end
+        (the offset may still move on: past output of the other stream).
 
         Only a job with several followers keeps chunks, and at most two (the offset
         followers are at, and the end they reach next): the cache then stays within the
@@ -5201,9 +5214,15 @@ class OutputHub:
         if cached is not None and key in cached:
             return cached[key]
         got = self.engine.read_runs(job_id, offset, self.chunk_size(user), stream, by_time,
-                                    most_runs=RECORDS_PER_READ if runs else 1)
-        chunk = encode_output_runs(got, self.pb, with_time=by_time) if got.data else b""
-        chunk = got.after, len(got.data), chunk
+                                    most_runs=RECORDS_PER_READ if runs else
+                                    RUNS_PER_ONE_RUN_READ)
+        if not got.data:
+            messages = []
+        elif runs:
+            messages = [encode_output_runs(got, self.pb, with_time=by_time)]
+        else:
+            messages = [encode_output_chunk(piece, by_time) for piece in one_run_pieces(got)]
+        chunk = got.after, len(got.data), messages
         if len(self.events[job_id]) > 1:
             cached = self.chunks.setdefault(job_id, {})
             if len(cached) >= 2:
@@ -5271,12 +5290,13 @@ class ClientGone(Exception):
     """A streaming call's client went away while we wrote to it (it cancelled)."""
 
 
-async def write_or_gone(context, message):
-    """context.write(message). Raises ClientGone if the client went away meanwhile: grpc
-    then fails the write with its own ExecuteBatchError (of a private module), or says
-    the call is cancelled."""
+async def write_or_gone(context, *messages):
+    """context.write(message) of each, in order. Raises ClientGone if the client went away
+    meanwhile: grpc then fails the write with its own ExecuteBatchError (of a private
+    module), or says the call is cancelled."""
     try:
-        await context.write(message)
+        for message in messages:
+            await context.write(message)
     except Exception as e:
         if type(e).__name__ == "ExecuteBatchError" or context.cancelled():
             raise ClientGone() from None
@@ -5644,7 +5664,7 @@ class JobService:
                 if not size:
                     return after, 0
                 self.hub.hold(user, size)
-                writing = asyncio.ensure_future(write_or_gone(context, chunk))
+                writing = asyncio.ensure_future(write_or_gone(context, *chunk))
                 # A client that does not read (flow control) frees the lane after LANE_HOLD:
                 # a slow reader holds one chunk and slows nobody else.
                 await asyncio.wait({writing}, timeout=LANE_HOLD)

@@ -2733,10 +2733,17 @@ def test_an_interleaved_job_reads_in_few_chunks_each_byte_from_its_stream(certs)
                 assert offset == at or "stream" in ask
                 at = offset + len(data)
             assert sum(len(c.data) for c in chunks) == expected
-        # A client that does not ask for runs gets a run a chunk, as before.
+        # A client that does not ask for runs gets a run a chunk, as before (the server
+        # reads them many at a time), from anywhere, with their times if asked.
         near_end = every[-20][0]
         plain = [(c.offset, c.stream, c.data) for c in output(job_id=job, offset=near_end)]
         assert plain == [run[:3] for run in every[-20:]]
+        plain = [(c.offset, c.stream, c.data) for c in output(job_id=job)]
+        assert plain == [run[:3] for run in every]
+        timed = output(job_id=job, stream=pb.STREAM_STDERR, timestamps=True)
+        assert [(c.offset, c.data) for c in timed] == [
+            (offset, data) for offset, stream, data, _ in every if stream == pb.STREAM_STDERR]
+        assert all(c.time.seconds > 0 and c.stream == pb.STREAM_STDERR for c in timed)
         done = cli(srv, "output", job, user="alice")
         assert (done.returncode, done.stdout, done.stderr) == (0, b"a" * 50000, b"b" * 50000)
     finally:
