@@ -243,6 +243,18 @@ def human_bytes(n):
         n /= 1024
 
 
+SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
+
+
+def parse_size(text):
+    """'256M', '1G', '10MiB', '4096' -> bytes (binary units). Raises ValueError."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"invalid size {quoted(text)}: use a number with K, M, G or T "
+                         f"(powers of 1024)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
 class Error(Exception):
     """Base of every error a caller of the engine can cause or be told about.
 
@@ -741,13 +753,93 @@ V2_EQUIVALENT = {"cpuacct": "cpu", "blkio": "io", "freezer": None}   # None: cgr
 
 
 class Limits(typing.NamedTuple):
-    """Resource limits of one job; 0 means 'the server default' in a request."""
+    """Resource limits of one job; 0 means 'the server default' in a request. Each field is
+    a row of LIMITS, which says everything else about it."""
     cpu: float = 0.0          # CPU time as a fraction of cores (0.5 = half a core)
     memory: int = 0           # bytes of RAM; swap may not add to it
     pids: int = 0             # processes and threads the command may have at once
     io_read_bps: int = 0      # bytes/s read from io_device
     io_write_bps: int = 0     # bytes/s written to io_device
     io_device: str = ""       # "MAJOR:MINOR" of a whole disk; default: the job's files' disk
+
+
+def cpu_writes(version, folder, limits, already):
+    quota = max(1000, int(limits.cpu * 100000))   # the kernel's least quota is 1 ms
+    if version == 1:
+        return [(f"{folder}/cpu.cfs_period_us", "100000"),
+                (f"{folder}/cpu.cfs_quota_us", str(quota))]
+    return [(f"{folder}/cpu.max", f"{quota} 100000")]
+
+
+def memory_writes(version, folder, limits, already):
+    if version == 2:
+        return [(f"{folder}/memory.max", str(limits.memory)),
+                (f"{folder}/memory.swap.max", "0")]
+    # memsw caps RAM+swap: set equal to the RAM limit, so swap cannot extend it. The
+    # kernel refuses a RAM limit above memsw (and memsw below the RAM limit): raising,
+    # memsw goes first; lowering, last.
+    pair = [(f"{folder}/memory.limit_in_bytes", str(limits.memory)),
+            (f"{folder}/memory.memsw.limit_in_bytes", str(limits.memory))]
+    raising = already is not None and limits.memory > already.memory
+    return pair[::-1] if raising else pair
+
+
+def pids_writes(version, folder, limits, already):
+    return [(f"{folder}/pids.max", str(limits.pids + 1))]   # +1: the job's init
+
+
+def io_writes(version, folder, limits, already):
+    """Both IO limits: v2 takes them in one line of io.max."""
+    dev, rbps, wbps = limits.io_device, limits.io_read_bps, limits.io_write_bps
+    if not dev or not (rbps or wbps):
+        return []
+    if version == 2:
+        return [(f"{folder}/io.max", f"{dev} rbps={rbps or 'max'} wbps={wbps or 'max'}")]
+    return [(f"{folder}/blkio.throttle.{which}_bps_device", f"{dev} {bps}")
+            for which, bps in (("read", rbps), ("write", wbps)) if bps]
+
+
+def bytes_per_second(n):
+    return f"{human_bytes(n)}/s"
+
+
+class LimitSpec(typing.NamedTuple):
+    """Every fact about one resource limit, written once: validation, conversions, the CLI's
+    and server's flags, what status shows and the cgroup writes are all made from LIMITS."""
+    name: str                  # its field in Limits (the engine's and job records' word)
+    proto: str                 # its field in jobs.proto's Limits (the API's word)
+    flag: str                  # run's flag; the server's --default-X/--max-X are made of it
+    parse: typing.Callable     # a flag's text as a value; raises ValueError
+    show: typing.Callable      # a value as people read it (no spaces)
+    unit: str                  # said after a range in errors
+    least: object              # the least value a job may get...
+    optional: bool             # ...or 0: no limit at all
+    default: object            # the server's default for a job...
+    most: object               # ...and the most it lets one ask (optional ones: 0, no most)
+    role_capped: bool          # roles without up_to_max_limits ask at most the default
+    controller: str            # the v1 controller whose folder writes go to (v2: its peer)
+    writes: typing.Callable    # (version, folder, limits, already) -> [(file, value)], or
+                               # None where another row's writes cover it
+    help: str                  # run's flag's
+
+
+LIMITS = (
+    # name, proto, flag, parse, show, unit, least, optional, default, most, role_capped,
+    # controller, writes, help
+    LimitSpec("cpu", "cpu", "--cpu", float, "{:g}".format, "cores", 0.01, False, 1.0,
+              float(os.cpu_count() or 1), True, "cpu", cpu_writes,
+              "cores, e.g. 0.5 (0: the server's)"),
+    LimitSpec("memory", "memory_bytes", "--memory", parse_size, human_bytes, "", MIN_MEMORY,
+              False, 512 * MiB, 16 * GiB, True, "memory", memory_writes, "e.g. 256M"),
+    LimitSpec("pids", "pids", "--pids", int, str, "", 1, False, 512, 32768, True, "pids",
+              pids_writes, "processes the job may have at once"),
+    LimitSpec("io_read_bps", "io_read_bps", "--io-read", parse_size, bytes_per_second, "",
+              4 * KiB, True, 0, 0, False, "blkio", io_writes, "bytes/s, e.g. 10M"),
+    LimitSpec("io_write_bps", "io_write_bps", "--io-write", parse_size, bytes_per_second, "",
+              4 * KiB, True, 0, 0, False, "blkio", None, "bytes/s, e.g. 10M"),
+    LimitSpec("io_device", "io_device", "--io-device", str, str, "", "", True, "", "", False,
+              "blkio", None, "MAJOR:MINOR the IO limits apply to"),
+)
 
 
 class CgroupLayout(typing.NamedTuple):
@@ -968,39 +1060,10 @@ class JobCgroup:
         """The (path, value) writes that apply limits, in order, to a cgroup that has the
         limits already (None: a new one, every limit at its widest)."""
         writes = []
-        version, d = self._dir("cpu")
-        if version == 1:
-            writes += [(f"{d}/cpu.cfs_period_us", "100000"),
-                       (f"{d}/cpu.cfs_quota_us", str(max(1000, int(limits.cpu * 100000))))]
-        elif version == 2:
-            writes += [(f"{d}/cpu.max", f"{max(1000, int(limits.cpu * 100000))} 100000")]
-        version, d = self._dir("memory")
-        if version == 1:
-            # memsw caps RAM+swap: set equal to the RAM limit, so swap cannot extend it.
-            # The kernel refuses a RAM limit above memsw (and memsw below the RAM limit):
-            # raising, memsw goes first; lowering, last.
-            pair = [(f"{d}/memory.limit_in_bytes", str(limits.memory)),
-                    (f"{d}/memory.memsw.limit_in_bytes", str(limits.memory))]
-            raising = already is not None and limits.memory > already.memory
-            writes += pair[::-1] if raising else pair
-        elif version == 2:
-            writes += [(f"{d}/memory.max", str(limits.memory)),
-                       (f"{d}/memory.swap.max", "0")]
-        version, d = self._dir("pids")
-        if version:
-            writes += [(f"{d}/pids.max", str(limits.pids + 1))]   # +1: the job's init
-        version, d = self._dir("blkio")
-        if limits.io_device and (limits.io_read_bps or limits.io_write_bps):
-            dev = limits.io_device
-            if version == 1:
-                if limits.io_read_bps:
-                    writes += [(f"{d}/blkio.throttle.read_bps_device", f"{dev} {limits.io_read_bps}")]
-                if limits.io_write_bps:
-                    writes += [(f"{d}/blkio.throttle.write_bps_device", f"{dev} {limits.io_write_bps}")]
-            elif version == 2:
-                rbps = limits.io_read_bps or "max"
-                wbps = limits.io_write_bps or "max"
-                writes += [(f"{d}/io.max", f"{dev} rbps={rbps} wbps={wbps}")]
+        for spec in LIMITS:
+            version, folder = self._dir(spec.controller)
+            if spec.writes and version:
+                writes += spec.writes(version, folder, limits, already)
         return writes
 
     def create(self):
@@ -2237,9 +2300,8 @@ class EngineConfig(typing.NamedTuple):
     """Server-side settings of the engine; every limit has a default and a maximum."""
     state_dir: str = DEFAULT_STATE_DIR
     cgroup_root: str = ""         # '': automatic (see place_jobs); 'name'; or '/exact/path'
-    default_limits: Limits = Limits(cpu=1.0, memory=512 * MiB, pids=512)
-    max_limits: Limits = Limits(cpu=float(os.cpu_count() or 1), memory=16 * GiB, pids=32768,
-                                io_read_bps=0, io_write_bps=0)   # io 0: no maximum
+    default_limits: Limits = Limits(**{spec.name: spec.default for spec in LIMITS})
+    max_limits: Limits = Limits(**{spec.name: spec.most for spec in LIMITS})   # io 0: none
     output_cap: int = 1 * GiB     # bytes of output kept per job; the rest is discarded
     allow_root: bool = False      # may jobs ask to run as root?
     stop_grace: float = 10.0      # seconds between SIGTERM and SIGKILL by default
@@ -3339,45 +3401,9 @@ class Engine:
                 shutil.rmtree(path, ignore_errors=True)
 
     def effective_limits(self, requested):
-        """The limits a job gets: defaults filled in, every value checked against the maximums.
-
-        Raises InvalidArgumentError for a malformed or out-of-range value.
-        """
-        d, m = self.config.default_limits, self.config.max_limits
-        try:
-            cpu = float(requested.cpu or d.cpu)
-            memory = int(requested.memory or d.memory)
-            pids = int(requested.pids or d.pids)
-            rbps = int(requested.io_read_bps or d.io_read_bps)
-            wbps = int(requested.io_write_bps or d.io_write_bps)
-        except (TypeError, ValueError, OverflowError):
-            raise InvalidArgumentError("limits must be numbers", field="limits") from None
-
-        def out_of_range(field, too_big, low, high):
-            return InvalidArgumentError(
-                f"{field} must be between {low} and {high}", field=f"limits.{field}",
-                reason="LIMIT_ABOVE_MAX" if too_big else "LIMIT_BELOW_MIN")
-        if not (math.isfinite(cpu) and 0.01 <= cpu <= m.cpu):
-            raise out_of_range("cpu", cpu > m.cpu, "0.01", f"{m.cpu:g} cores")
-        if not MIN_MEMORY <= memory <= m.memory:
-            raise out_of_range("memory_bytes", memory > m.memory, human_bytes(MIN_MEMORY), human_bytes(m.memory))
-        if not 1 <= pids <= m.pids:
-            raise out_of_range("pids", pids > m.pids, 1, m.pids)
-        for name, value, cap in (("io_read_bps", rbps, m.io_read_bps),
-                                 ("io_write_bps", wbps, m.io_write_bps)):
-            if value < 0 or (cap and value > cap) or value > 1 << 62:
-                raise out_of_range(name, value > 0, 0, f"{human_bytes(cap or 1 << 62)}/s")
-        if cap_small := [n for n, v in (("io_read_bps", rbps), ("io_write_bps", wbps))
-                         if 0 < v < 4096]:
-            raise InvalidArgumentError(f"{cap_small[0]} must be at least 4.0KiB/s",
-                                       reason="LIMIT_BELOW_MIN", field=f"limits.{cap_small[0]}")
-        device = requested.io_device or d.io_device
-        if device and not re.fullmatch(r"\d{1,4}:\d{1,7}", device):
-            raise InvalidArgumentError("io_device must be MAJOR:MINOR", field="limits.io_device")
-        if device and (rbps or wbps):
-            check_whole_disk(device)
-        return Limits(cpu=cpu, memory=memory, pids=pids, io_read_bps=rbps,
-                      io_write_bps=wbps, io_device=device)
+        """The limits a job gets (checked_limits with this server's defaults and most).
+        Raises InvalidArgumentError."""
+        return checked_limits(requested, self.config.default_limits, self.config.max_limits)
 
     def stop(self, job_id, grace=None):
         """SIGTERM the job, then kill everything in its cgroup once grace seconds have
@@ -4282,6 +4308,40 @@ def _load_json(path):
         return None
 
 
+UNBOUNDED = 1 << 62   # the most of a limit whose server sets none
+
+
+def checked_limits(requested, defaults, most):
+    """The limits a job gets: each of requested, or else its default, within its row's
+    bounds (LIMITS) and the server's most.
+
+    Raises InvalidArgumentError naming the API's field: a value that is no number, out of
+    range, or a malformed or partial io_device."""
+    try:
+        values = {spec.name: type(spec.least)(getattr(requested, spec.name) or
+                                               getattr(defaults, spec.name))
+                  for spec in LIMITS}
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError("limits must be numbers", field="limits") from None
+    for spec in LIMITS:
+        value = values[spec.name]
+        if isinstance(value, str) or (spec.optional and value == 0):
+            continue
+        top = getattr(most, spec.name) or (UNBOUNDED if spec.optional else 0)
+        if not (math.isfinite(value) and spec.least <= value <= top):
+            raise InvalidArgumentError(
+                f"{spec.proto} must be between {spec.show(spec.least)} and {spec.show(top)}"
+                f"{' ' + spec.unit if spec.unit else ''}{' (or 0: none)' if spec.optional else ''}",
+                field=f"limits.{spec.proto}",
+                reason="LIMIT_ABOVE_MAX" if value > top else "LIMIT_BELOW_MIN")
+    device = values["io_device"]
+    if device and not re.fullmatch(r"\d{1,4}:\d{1,7}", device):
+        raise InvalidArgumentError("io_device must be MAJOR:MINOR", field="limits.io_device")
+    if device and (values["io_read_bps"] or values["io_write_bps"]):
+        check_whole_disk(device)
+    return Limits(**values)
+
+
 def validate_argv(argv):
     """argv as a list of str. Raises InvalidArgumentError if empty, too big or has NUL bytes."""
     if not isinstance(argv, (list, tuple)) or not argv:
@@ -4602,13 +4662,12 @@ def check_start_allowed(identity, limits, options, default_limits,
             f"role {identity.role} may not share the host's network (the server's "
             f"--allow-host-network-role opens it)")
     if not role.up_to_max_limits:
-        for field in ("cpu", "memory", "pids"):
-            asked, cap = getattr(limits, field), getattr(default_limits, field)
-            if asked and asked > cap:
+        for spec in LIMITS:
+            asked, cap = getattr(limits, spec.name), getattr(default_limits, spec.name)
+            if spec.role_capped and asked and asked > cap:
                 raise PermissionDeniedError(
-                    f"role {identity.role} may ask for at most {field}="
-                    f"{human_bytes(cap) if field == 'memory' else f'{cap:g}'}",
-                    reason="LIMIT_ABOVE_ROLE_MAX", field=f"limits.{field}")
+                    f"role {identity.role} may ask for at most {spec.proto}={spec.show(cap)}",
+                    reason="LIMIT_ABOVE_ROLE_MAX", field=f"limits.{spec.proto}")
 
 
 ###############################################################################
@@ -5358,10 +5417,8 @@ class JobService:
             pb.signal = st.signal
         return pb
 
-    def limits_pb(self, lim):
-        return self.pb.Limits(cpu=lim.cpu, memory_bytes=lim.memory, pids=lim.pids,
-                              io_read_bps=lim.io_read_bps, io_write_bps=lim.io_write_bps,
-                              io_device=lim.io_device)
+    def limits_pb(self, limits):
+        return self.pb.Limits(**{spec.proto: getattr(limits, spec.name) for spec in LIMITS})
 
     async def abort(self, context, status):
         """End the call with RpcStatus status, marked as the server's own (ERROR_ORIGIN_KEY),
@@ -5536,9 +5593,7 @@ class JobService:
             unsubscribe()
 
     def _start(self, identity, r):
-        limits = Limits(cpu=r.limits.cpu, memory=r.limits.memory_bytes, pids=r.limits.pids,
-                        io_read_bps=r.limits.io_read_bps, io_write_bps=r.limits.io_write_bps,
-                        io_device=r.limits.io_device)
+        limits = Limits(**{spec.name: getattr(r.limits, spec.proto) for spec in LIMITS})
         options = JobOptions(env=tuple(sorted(r.env.items())), workdir=r.workdir,
                              as_root=r.as_root, host_network=r.host_network,
                              rw_host=r.rw_host, stdin=r.stdin,
@@ -6371,18 +6426,6 @@ class ClientError(Exception):
 # CLI
 ###############################################################################
 
-SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
-
-
-def parse_size(text):
-    """'256M', '1G', '10MiB', '4096' -> bytes (binary units). Raises ValueError."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"invalid size {quoted(text)}: use a number with K, M, G or T "
-                         f"(powers of 1024)")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
-
-
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -6416,9 +6459,22 @@ def parse_signal(text):
                          f"INT, USR1...) or a number") from None
 
 
+def flag_dest(flag):
+    """The argparse destination of --a-flag: a_flag."""
+    return flag[2:].replace("-", "_")
+
+
+# The limits the server has --default-X and --max-X flags for (the IO device is the disk of
+# the job's files unless a start names one).
+SERVER_LIMITS = [spec for spec in LIMITS if spec.name != "io_device"]
+
+
 def argument_type(parse):
-    """An argparse type from a parser raising ValueError: its message shown as it is."""
+    """An argparse type from a parser raising ValueError: its message shown as it is (a
+    type of Python's own, as argparse says it: "invalid int value: '1.5'")."""
     import argparse
+    if parse in (int, float, str):
+        return parse
 
     def convert(text):
         try:
@@ -6482,13 +6538,9 @@ def format_status(st):
         lines.append(f"signal   {st.signal} ({signal_name(st.signal)})")
     if st.error:
         lines.append(f"error    {st.error}")
-    lim = st.limits
-    io = ""
-    if lim.io_read_bps or lim.io_write_bps:
-        io = f" io-read={lim.io_read_bps or '-'}B/s io-write={lim.io_write_bps or '-'}B/s " \
-             f"on {lim.io_device}"
-    lines.append(f"limits   cpu={lim.cpu:g} memory={human_bytes(lim.memory_bytes)} "
-                 f"pids={lim.pids}{io}")
+    lines.append("limits   " + " ".join(
+        f"{spec.flag[2:]}={spec.show(getattr(st.limits, spec.proto))}" for spec in LIMITS
+        if getattr(st.limits, spec.proto)))
     lines.append(f"started  {format_time(st.started_at)}")
     if st.ended_at:
         lines.append(f"ended    {format_time(st.ended_at)} "
@@ -6944,14 +6996,9 @@ def add_run_parser(r):
     r.add_argument("--name", default="", help="a name for the job, usable as its id")
     r.add_argument("--label", action="append", default=[], type=argument_type(key_value),
                    metavar="KEY=VALUE", help="may be repeated")
-    r.add_argument("--cpu", type=float, default=0.0, help="cores, e.g. 0.5 (0: the server's)")
-    r.add_argument("--memory", type=argument_type(parse_size), default=0, help="e.g. 256M")
-    r.add_argument("--pids", type=int, default=0, help="processes the job may have at once")
-    r.add_argument("--io-read", type=argument_type(parse_size), default=0,
-                   help="bytes/s, e.g. 10M")
-    r.add_argument("--io-write", type=argument_type(parse_size), default=0,
-                   help="bytes/s, e.g. 10M")
-    r.add_argument("--io-device", default="", help="MAJOR:MINOR the IO limits apply to")
+    for spec in LIMITS:
+        r.add_argument(spec.flag, type=argument_type(spec.parse), default=type(spec.least)(),
+                       dest=flag_dest(spec.flag), help=spec.help)
     r.add_argument("--network", action="store_true", help="share the host's network")
     r.add_argument("--root", action="store_true", help="run as root (admins only)")
     r.add_argument("--rw-host", action="store_true",
@@ -7020,18 +7067,14 @@ def add_server_parser(s):
                         "(systemd Delegate=yes, a container) or else under the root "
                         "(default: 'jobs' or 'steve-jobs'); or /a/path, exactly there in "
                         "every hierarchy (env STEVE_JOBS_CGROUP_ROOT)")
-    d, m = EngineConfig().default_limits, EngineConfig().max_limits
-    for name, default, maximum, kind in (("cpu", d.cpu, m.cpu, float),
-                                         ("memory", d.memory, m.memory, parse_size),
-                                         ("pids", d.pids, m.pids, int),
-                                         ("io-read", 0, 0, parse_size),
-                                         ("io-write", 0, 0, parse_size)):
-        env = "STEVE_JOBS_" + name.upper().replace("-", "_")
+    for spec in SERVER_LIMITS:
+        name, kind = spec.flag[2:], spec.parse
+        env = "STEVE_JOBS_" + flag_dest(spec.flag).upper()
         s.add_argument(f"--default-{name}", type=argument_type(kind),
-                       default=env_flag_default(f"{env}_DEFAULT", kind, default),
+                       default=env_flag_default(f"{env}_DEFAULT", kind, spec.default),
                        help=f"per-job default (env {env}_DEFAULT; io 0: unlimited)")
         s.add_argument(f"--max-{name}", type=argument_type(kind),
-                       default=env_flag_default(f"{env}_MAX", kind, maximum),
+                       default=env_flag_default(f"{env}_MAX", kind, spec.most),
                        help=f"per-job maximum (env {env}_MAX; io 0: none)")
     for flag, kind, default, help_text in (
             ("--output-cap", parse_size, 1 * GiB,
@@ -7089,12 +7132,9 @@ def cmd_server(args):
                                       f"(make certificates with gen_certs.sh)") from None
     except ValueError as e:
         raise ClientError(EXIT_ERROR, f"bad token key in {args.certs}: {e}") from None
-    limits = {}
-    for which in ("default", "max"):
-        limits[which] = Limits(
-            cpu=getattr(args, f"{which}_cpu"), memory=getattr(args, f"{which}_memory"),
-            pids=getattr(args, f"{which}_pids"), io_read_bps=getattr(args, f"{which}_io_read"),
-            io_write_bps=getattr(args, f"{which}_io_write"))
+    limits = {which: Limits(**{spec.name: getattr(args, f"{which}_{flag_dest(spec.flag)}")
+                               for spec in SERVER_LIMITS})
+              for which in ("default", "max")}
     engine = Engine(EngineConfig(
         state_dir=args.state_dir, cgroup_root=args.cgroup_root, default_limits=limits["default"],
         max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs,
@@ -7582,9 +7622,8 @@ def start_request(client, args):
         as_root=args.root, host_network=args.network, rw_host=args.rw_host, name=args.name,
         labels=dict(args.label), request_id=random_hex(16),
         stdin=args.interactive and not args.tty,
-        limits=pb.Limits(cpu=args.cpu, memory_bytes=args.memory, pids=args.pids,
-                         io_read_bps=args.io_read, io_write_bps=args.io_write,
-                         io_device=args.io_device))
+        limits=pb.Limits(**{spec.proto: getattr(args, flag_dest(spec.flag))
+                            for spec in LIMITS}))
     if args.tty:
         request.terminal.rows, request.terminal.columns = terminal_size()
         request.env.setdefault("TERM", os.environ.get("TERM") or "xterm-256color")
@@ -7592,9 +7631,7 @@ def start_request(client, args):
 
 
 # A request field, in a start's errors, as the flag of run that sets it.
-FLAG_OF_FIELD = {"limits.cpu": "--cpu", "limits.memory_bytes": "--memory",
-                 "limits.pids": "--pids", "limits.io_read_bps": "--io-read",
-                 "limits.io_write_bps": "--io-write", "limits.io_device": "--io-device",
+FLAG_OF_FIELD = {**{f"limits.{spec.proto}": spec.flag for spec in LIMITS},
                  "workdir": "--workdir", "env": "--env", "name": "--name", "labels": "--label"}
 
 
