@@ -1498,7 +1498,7 @@ def shim_main(chan, settings):
         os.close(fd)
     tty_theirs.close()
 
-    me = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid())}
+    supervisor = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid())}
     msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
     chan.close()
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
@@ -1513,7 +1513,7 @@ def shim_main(chan, settings):
     def fail(message):
         _discard_warm(cg, init_pid)
         message = message[:MAX_ERROR_CHARS]
-        _reply(reply_fd, ok=False, error=message, shim={**me, "started_at": started})
+        _reply(reply_fd, ok=False, error=message, shim={**supervisor, "started_at": started})
         write_json_until_written(os.path.join(job_dir, SPEC_FILE), spec)
         write_json_until_written(os.path.join(job_dir, RESULT_FILE), {
             "failed": True, "error": message, "exit_code": 126, "started_at": started,
@@ -1542,7 +1542,7 @@ def shim_main(chan, settings):
     # EOF on err_r means the command reached exec (close-on-exec closed the last copy).
     failure = _read_all(err_r)
     failure = json.loads(failure)["error"][:MAX_ERROR_CHARS] if failure else ""
-    shim = {**me, "init_pid": init_pid, "cgroup": cg.name, "cgroup_root": cg.root,
+    shim = {**supervisor, "init_pid": init_pid, "cgroup": cg.name, "cgroup_root": cg.root,
             "v2_base": layout.v2_base, "started_at": started, "limits_at": limits_at,
             "exec_at": time.time()}
     _reply(reply_fd, ok=True, error=failure, shim=shim)   # first: the caller is waiting
@@ -4632,7 +4632,7 @@ def issue_token(signing_key_pem, user, role, cert_der, lifetime,
     return jwt.encode(claims, signing_key_pem, algorithm=JWT_ALGORITHM)
 
 
-def decide(identity, rpc, job_owner=None):
+def authorize(identity, rpc, job_owner=None):
     """The one place that decides whether identity may make this call.
 
     job_owner: the owner of the job the call is about, for job RPCs.
@@ -4855,8 +4855,12 @@ def import_grpc(aio=True):
     return grpc, jobs_pb2, jobs_pb2_grpc
 
 
+# jobs.proto's numbers of State (STATE_ and the state's name) and View, written here so
+# that the CLI and the spawner need not import protobuf to use them; a unit test keeps
+# them equal to the generated jobs_pb2's.
 STATE_TO_PB = {RUNNING: 1, PAUSED: 2, EXITED: 3, FAILED: 4, STOPPED: 5, KILLED: 6,
                OOM_KILLED: 7, UNKNOWN: 8}
+VIEW_SUMMARY = 1
 PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 
 ERROR_CODES = {   # engine errors -> gRPC status code names: the one mapping
@@ -5363,7 +5367,7 @@ async def write_or_gone(context, *messages):
 
 
 class JobService:
-    """Every RPC: identify, decide, call the engine, translate, log one line. It only
+    """Every RPC: identify, authorize, call the engine, translate, log one line. It only
     translates between protobuf and the engine; add_job_service registers it."""
 
     def __init__(self, grpc, jobs_pb2, engine, verifier, config=None, tracing=None):
@@ -5447,13 +5451,13 @@ class JobService:
         token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
         return self.verifier.verify(token, cn, pem)
 
-    def admit(self, identity, rpc, request):
+    def admit_and_resolve(self, identity, rpc, request):
         """Allow rpc with request to identity and, for a call about a job, set request.job_id
         to the id of the job it names. Raises InvalidArgumentError (a malformed request:
         said only to those identified), PermissionDeniedError, NotFoundError."""
         if request is MALFORMED:
             raise InvalidArgumentError("malformed request")
-        decide(identity, rpc)
+        authorize(identity, rpc)
         if rpc in JOB_RPCS:
             request.job_id = self.job_for(identity, rpc, request.job_id)
 
@@ -5462,7 +5466,7 @@ class JobService:
         Raises NotFoundError, InvalidArgumentError, PermissionDeniedError."""
         job_id = self.engine.resolve(ref, identity.user, ROLES[identity.role].all_jobs)
         try:
-            decide(identity, rpc, job_owner=self.engine.owner(job_id))
+            authorize(identity, rpc, job_owner=self.engine.owner(job_id))
         except NotFoundError:
             # Word for word what the engine says of an id that does not exist.
             raise NotFoundError(f"no job {quoted(ref)}") from None
@@ -5616,7 +5620,7 @@ class JobService:
             async with self.answering(context, outcome):
                 identity = self.identify(context, span.traceparent)
                 user = identity.user
-                self.admit(identity, rpc, request)
+                self.admit_and_resolve(identity, rpc, request)
                 job_id = getattr(request, "job_id", "")   # now the id, not the name given
                 if asyncio.iscoroutinefunction(func):
                     result = await func(identity, request)
@@ -5661,7 +5665,7 @@ class JobService:
             async with self.answering(context, outcome):
                 identity = self.identify(context, span.traceparent)
                 user = identity.user
-                self.admit(identity, "Output", request)
+                self.admit_and_resolve(identity, "Output", request)
                 if request.follow and self.engine.has_terminal(request.job_id):
                     self.engine.record_session(request.job_id, user, "watch")
                 if request.stream not in (0, STDOUT, STDERR):
@@ -5743,7 +5747,7 @@ class JobService:
             async with self.answering(context, outcome):
                 identity = self.identify(context, span.traceparent)
                 user = identity.user
-                decide(identity, "Input")
+                authorize(identity, "Input")
                 with self._waiting(identity, "Input", MAX_INPUTS_PER_USER):
                     self.streams().open_stream(user)
                     counted = True
@@ -6426,6 +6430,24 @@ class ClientError(Exception):
 # CLI
 ###############################################################################
 
+def exit_without_teardown(code):
+    """Flush stdout and stderr, then end the process at once with code.
+
+    Why: interpreter teardown and grpc's C-core shutdown take 20-40 ms, a quarter of a
+    `status` round trip, and a finished client command has nothing left to tear down: its
+    channel is closed and its only buffered output is flushed here. (The server does not
+    use this: its thread pools may still be finishing a call.)
+    """
+    # What a flush may meet: a reader that went away (`| head`), a closed stream, or (as a
+    # signal handler's) a write to the same stream it interrupted (RuntimeError).
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, RuntimeError):
+            pass
+    os._exit(code)
+
+
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -6523,6 +6545,11 @@ def key_value(text):
     return name, value
 
 
+def seconds_of(timestamp):
+    """A google.protobuf.Timestamp as seconds since the epoch (0.0: unset)."""
+    return timestamp.ToNanoseconds() / 1e9
+
+
 def format_status(st):
     """Readable multi-line status of a JobStatus message."""
     state = PB_TO_STATE.get(st.state, "unknown")
@@ -6541,10 +6568,10 @@ def format_status(st):
     lines.append("limits   " + " ".join(
         f"{spec.flag[2:]}={spec.show(getattr(st.limits, spec.proto))}" for spec in LIMITS
         if getattr(st.limits, spec.proto)))
-    lines.append(f"started  {format_time(st.started_at)}")
-    if st.ended_at:
-        lines.append(f"ended    {format_time(st.ended_at)} "
-                     f"(ran {st.ended_at - st.started_at:.3f}s)")
+    started, ended = seconds_of(st.start_time), seconds_of(st.end_time)
+    lines.append(f"started  {format_time(started)}")
+    if ended:
+        lines.append(f"ended    {format_time(ended)} (ran {ended - started:.3f}s)")
     lines.append(f"usage    cpu={st.cpu_seconds:.3f}s peak-memory="
                  f"{human_bytes(st.peak_memory_bytes)} oom-kills={st.oom_kills}")
     lines.append(f"output   {human_bytes(st.output_bytes)}"
@@ -6572,8 +6599,8 @@ def status_dict(st):
     d["argv"] = list(st.argv)
     d["labels"] = dict(st.labels)
     d["state"] = PB_TO_STATE.get(st.state, "unknown")
-    d["view"] = "summary" if st.view == 1 else "full"
-    if st.view == 1:
+    d["view"] = "summary" if st.view == VIEW_SUMMARY else "full"
+    if st.view == VIEW_SUMMARY:
         d.pop("workdir", None)
     else:
         d["limits"] = {f.name: getattr(st.limits, f.name)
@@ -6903,9 +6930,13 @@ def build_parser():
                            parser_class=Parser)
 
     def command(name, help_text, client=True, **kw):
-        return sub.add_parser(name, parents=[common, connection] if client else [common],
-                              help=help_text, description=help_text, formatter_class=Help,
-                              **kw)
+        """A subcommand's parser (client: it takes the connection flags); it runs
+        CLIENT_COMMANDS[name] with a Client, or LOCAL_COMMANDS[name]."""
+        c = sub.add_parser(name, parents=[common, connection] if client else [common],
+                           help=help_text, description=help_text, formatter_class=Help, **kw)
+        c.set_defaults(run=CLIENT_COMMANDS.get(name) or LOCAL_COMMANDS[name],
+                       talks_to_server=name in CLIENT_COMMANDS)
+        return c
     add_server_parser(command("server", "run the job server (as root)", client=False))
     add_run_parser(command("run", "start a job", epilog=EXIT_CODE_HELP))
     add_job_parsers(command)
@@ -7840,6 +7871,9 @@ def cmd_job(client, args):
     return first_failure
 
 
+JOB_RPC = {"status": "Status", "pause": "Pause", "resume": "Resume"}   # the JobRef calls
+
+
 def _one_job_command(client, args, ref, lines):
     pb = client.pb
     if args.command == "rm":
@@ -7857,7 +7891,7 @@ def _one_job_command(client, args, ref, lines):
         st = client.call("Signal", pb.SignalRequest(job_id=ref, signal=args.signal,
                                                     all=args.all))
     else:
-        st = client.call(args.command.capitalize(), pb.JobRef(job_id=ref))
+        st = client.call(JOB_RPC[args.command], pb.JobRef(job_id=ref))
     if args.json:
         print_json(status_dict(st), lines=lines)
     else:
@@ -7889,23 +7923,18 @@ def cmd_client(args):
 
 def _client_command(client, args):
     try:
-        if args.command == "run":
-            return cmd_run(client, args)
-        if args.command == "wait":
-            return cmd_wait(client, args)
-        if args.command in ("list", "ps"):
-            return cmd_list(client, args)
-        if args.command == "output" and args.asciicast:
-            return cmd_asciicast(client, args)
-        if args.command in ("output", "stream", "logs"):
-            stream_output(client, args, args.job_id, follow=args.command == "stream" or (
-                args.command == "logs" and args.follow))
-            return EXIT_OK
-        if args.command == "attach":
-            return cmd_attach(client, args)
-        return cmd_job(client, args)
+        return args.run(client, args)
     finally:
         client.close()
+
+
+def cmd_output(client, args):
+    """output, stream, logs: the job's output so far, or following it."""
+    if getattr(args, "asciicast", False):
+        return cmd_asciicast(client, args)
+    stream_output(client, args, args.job_id, follow=args.command == "stream" or (
+        args.command == "logs" and args.follow))
+    return EXIT_OK
 
 
 COMPLETION_BASH = r'''# steve-jobs completion for bash (and zsh, through bashcompinit)
@@ -7945,31 +7974,19 @@ def cmd_completion(args):
     return EXIT_OK
 
 
+# What each subcommand runs: those that talk to a server with a Client (cmd_client's),
+# the others by themselves.
+CLIENT_COMMANDS = {"run": cmd_run, "wait": cmd_wait, "list": cmd_list, "ps": cmd_list,
+                   "output": cmd_output, "stream": cmd_output, "logs": cmd_output,
+                   "attach": cmd_attach, **{name: cmd_job for name in (
+                       "status", "pause", "resume", "stop", "kill", "rm")}}
+LOCAL_COMMANDS = {"server": cmd_server, "token": cmd_token, "context": cmd_context,
+                  "completion": cmd_completion}
+
+
 ###############################################################################
 # main()
 ###############################################################################
-
-def exit_without_teardown(code):
-    """Flush stdout and stderr, then end the process at once with code.
-
-    Why: interpreter teardown and grpc's C-core shutdown take 20-40 ms, a quarter of a
-    `status` round trip, and a finished client command has nothing left to tear down: its
-    channel is closed and its only buffered output is flushed here. (The server does not
-    use this: its thread pools may still be finishing a call.)
-    """
-    # What a flush may meet: a reader that went away (`| head`), a closed stream, or (as a
-    # signal handler's) a write to the same stream it interrupted (RuntimeError).
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, RuntimeError):
-            pass
-    os._exit(code)
-
-
-LOCAL_COMMANDS = {"server": cmd_server, "token": cmd_token, "context": cmd_context,
-                  "completion": cmd_completion}   # the rest talk to a server: cmd_client
-
 
 def main(argv=None, exit_at_once=False):
     """Dispatch: hidden helper modes first (before anything imports grpc), then the CLI.
@@ -7988,7 +8005,7 @@ def main(argv=None, exit_at_once=False):
         nonlocal args
         args = build_parser().parse_args(argv)
         check_env_values(args)
-        return LOCAL_COMMANDS.get(args.command, cmd_client)(args)
+        return cmd_client(args) if args.talks_to_server else args.run(args)
     code = report_errors(parse, json_errors="--json" in argv)
     if exit_at_once and getattr(args, "command", "") != "server":
         exit_without_teardown(code)
