@@ -1241,6 +1241,72 @@ def _keyed(text):
     return out
 
 
+def take_placement(placement):
+    """Move the server into placement's supervisor leaf, make the jobs' root, enable the
+    controllers; log why. Raises UnavailableError with what to change when the cgroup tree
+    refuses (and leaves no folder of its own)."""
+    log.info("cgroups: %s", placement.why)
+    layout, root = placement.layout, placement.root
+    step = "cannot move the server's cgroup's processes into " + placement.supervisor
+    try:
+        if placement.supervisor:
+            moved = move_into_leaf(os.path.dirname(placement.supervisor), placement.supervisor)
+            if moved > 1:
+                log.info("cgroups: moved %d processes (the server and %d more) into %s",
+                         moved, moved - 1, placement.supervisor)
+        step = "cannot make the jobs' cgroup"
+        for folder in JobCgroup.roots(layout, root):
+            os.makedirs(folder, exist_ok=True)
+        step = "cannot enable the cgroup controllers jobs need"
+        enable_v2_controllers(layout, root)
+    except OSError as e:
+        JobCgroup.remove_root(layout, root)   # (only if empty)
+        hint = ""
+        if e.errno == errno.EBUSY:
+            hint = ("; a cgroup v2 folder with controllers for its children may hold no "
+                    "process: run the server in a cgroup of its own (Delegate=yes under "
+                    "systemd; as the container's main process), or name an empty place "
+                    "with --cgroup-root /path")
+        elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            hint = ("; the cgroup filesystem must be writable by the server (in a "
+                    "container: --cgroupns=private and a read-write /sys/fs/cgroup)")
+        raise UnavailableError(f"{step}: {e.strerror or e}{hint}") from None
+    for line in kernel_fallbacks(layout, root):
+        log.info("cgroups: %s", line)
+
+
+def kernel_fallbacks(layout, root):
+    """What this kernel lacks, and what the engine does instead (lines for the log)."""
+    if not layout.unified:
+        return []
+    probe = JobCgroup.roots(layout, root)[-1]
+    lines = []
+    if not os.path.exists(os.path.join(probe, "cgroup.kill")):
+        lines.append("no cgroup.kill (kernel < 5.14): jobs are killed by freezing them "
+                     "and signalling every process")
+    if "memory" in layout.v2 and not os.path.exists(os.path.join(probe, "memory.peak")):
+        lines.append("no memory.peak (kernel < 5.19): peak memory is sampled every "
+                     f"{PEAK_SAMPLE_INTERVAL:g} s")
+    if not layout.has_io():
+        lines.append("no io controller offered to the server: requests for IO limits "
+                     "are refused (FAILED_PRECONDITION)")
+    return lines
+
+
+def hand_back_controllers(placement):
+    """With no job left, disable the controllers we enabled in our delegated cgroup: a
+    systemd older than 254 must put the next server's process there, which v2 refuses
+    while they are enabled. (With jobs left they stay: see the README.)"""
+    base = os.path.join(placement.layout.unified, placement.layout.v2_base)
+    enabled = read_file(os.path.join(base, "cgroup.subtree_control"), "").split()
+    if not enabled or [e for e in os.scandir(base) if e.is_dir() and
+                       e.path != placement.supervisor]:
+        return
+    with contextlib.suppress(OSError):
+        write_file(os.path.join(base, "cgroup.subtree_control"),
+                   " ".join("-" + c for c in enabled))
+
+
 def check_whole_disk(device):
     """Raise InvalidArgumentError unless "MAJOR:MINOR" is a whole disk of this host (the
     kernel takes IO limits for disks only, and would fail the job's start instead)."""
@@ -2852,6 +2918,156 @@ def cgroup_mark(state_dir):
     return f"j-{zlib.crc32(os.path.realpath(state_dir).encode()):08x}-"
 
 
+class UidPool:
+    """The uids jobs run as: handed out in order from where the last server left off (in
+    uids.json), never one a job record holds (its files, keyrings and processes are that
+    job's alone), never again one retired. Thread-safe."""
+
+    def __init__(self, state_dir, base, count):
+        self._path = os.path.join(state_dir, UID_FILE)
+        self._base, self._count = base, count
+        self._lock = threading.Lock()
+        self._file_lock = threading.Lock()
+        self._kept = set()       # uids of every job with a record, running or not
+        self._next = 0           # uids are handed out in order, never twice in a row
+        self._block_end = 0      # what uids.json says: restarts continue from there
+        self._retired = set()    # uids of jobs that could leave files on the host
+
+    def load(self):
+        """Where the last server stopped handing out uids, and the retired ones."""
+        saved = _load_json(self._path)
+        saved = saved if isinstance(saved, dict) else {}
+        with self._lock:
+            self._next = saved.get("next") if isinstance(saved.get("next"), int) else 0
+            self._retired = {u for u in saved.get("retired", ()) if isinstance(u, int)}
+            self._block_end = self._next
+
+    def keep(self, uid):
+        """uid is held by a job record (root's 0 never is)."""
+        if uid:
+            with self._lock:
+                self._kept.add(uid)
+
+    def release(self, uid):
+        """uid's job record is gone: it may come back, in its turn, unless retired."""
+        with self._lock:
+            self._kept.discard(uid)
+
+    def take(self, leaves_files=False):
+        """The next uid no record holds. Raises ResourceExhaustedError when every one is.
+
+        leaves_files: the job can write somewhere on the host that outlives it (a --workdir,
+        --rw-host): its uid is retired for good, since files it owns may stay there."""
+        with self._lock:
+            taken = self._kept | self._retired
+            for _ in range(min(self._count, len(taken) + 1)):
+                uid = self._base + self._next % self._count
+                self._next += 1
+                if uid not in taken:
+                    break
+            else:
+                raise ResourceExhaustedError("every job uid is held by a job record: rm some")
+            self._kept.add(uid)
+            if leaves_files:
+                self._retired.add(uid)
+            save = leaves_files or self._next >= self._block_end
+        if save:
+            self._save()
+        return uid
+
+    def _save(self):
+        """Record in uids.json where the next server starts handing out uids (a block
+        ahead, so that this is written once per UID_BLOCK starts) and the retired ones.
+        Best effort. Not under the pool's lock: each save writes the latest state."""
+        with self._file_lock:
+            with self._lock:
+                self._block_end = max(self._block_end, self._next + UID_BLOCK)
+                saved = {"next": self._block_end, "retired": sorted(self._retired)}
+            try:
+                write_json_atomic(self._path, saved)
+            except OSError as e:
+                log.warning("cannot record the next job uid (%s): a restart may hand out "
+                            "uids of removed jobs again", e.strerror or e)
+
+
+class StartClaims:
+    """Names and request ids, unique per owner: each held by a start under way (PENDING)
+    or by the job that has it. Shares the engine's lock: record, forget and job_named are
+    called with it held; hold and release take it."""
+
+    def __init__(self, lock):
+        self._names = {}              # (owner, name) -> job id, or PENDING while it starts
+        self._requests = {}           # (owner, request id) -> job id, or PENDING
+        self._settled = threading.Condition(lock)   # a pending start settled
+
+    def hold(self, owner, argv, meta, job_of):
+        """Hold meta's name and request id for a start of owner's (until release).
+
+        Returns the id of the job an earlier start with this request id made, waiting
+        (bounded) for one still under way (until its supervisor has it, or it failed);
+        None: go on and start one. job_of(id): the Job, or None.
+        Raises AlreadyExistsError, InvalidArgumentError (the request id came with another
+        command), DeadlineExceededError.
+        """
+        deadline = time.monotonic() + SPAWN_TIMEOUT + KILL_TIMEOUT
+        key = (owner, meta.request_id)
+        with self._settled:
+            while meta.request_id and key in self._requests:
+                held = self._requests[key]
+                job = job_of(held) if held is not PENDING else None
+                if held is not PENDING and (job is None or time.time() - job.spec[
+                        "created_at"] > REQUEST_ID_TTL):
+                    del self._requests[key]   # old enough to mean another start now
+                elif job is not None and (job.shim is not None or job.result is not None):
+                    if job.spec["argv"] != argv:
+                        raise InvalidArgumentError(
+                            f"request_id {quoted(meta.request_id)} started job {held} with "
+                            f"another command", reason="REQUEST_ID_REUSED", field="request_id")
+                    return held
+                elif time.monotonic() >= deadline:
+                    raise DeadlineExceededError("a start with this request_id is still under "
+                                                "way; try again later")
+                else:
+                    self._settled.wait(deadline - time.monotonic())
+            if meta.name and (owner, meta.name) in self._names:
+                raise AlreadyExistsError(f"{owner} already has a job named {quoted(meta.name)}"
+                                         f" (rm it, or choose another name)", field="name")
+            if meta.name:
+                self._names[(owner, meta.name)] = PENDING
+            if meta.request_id:
+                self._requests[key] = PENDING
+        return None
+
+    def release(self, owner, meta):
+        """End hold's claim: what the start made now holds them (record); a start that
+        made nothing lets them go. Wakes starts waiting on the same request id."""
+        with self._settled:
+            for table, key in ((self._names, (owner, meta.name)),
+                               (self._requests, (owner, meta.request_id))):
+                if table.get(key) is PENDING:
+                    del table[key]
+            self._settled.notify_all()
+
+    def record(self, job_id, spec):
+        """The job of spec holds its name and request id."""
+        for table, key in ((self._names, spec.get("name")),
+                           (self._requests, spec.get("request_id"))):
+            if key:
+                table[(spec["owner"], key)] = job_id
+
+    def forget(self, job_id, spec):
+        """The job of spec is gone: its name and request id are free."""
+        for table, key in ((self._names, spec.get("name")),
+                           (self._requests, spec.get("request_id"))):
+            if table.get((spec["owner"], key)) == job_id:
+                del table[(spec["owner"], key)]
+
+    def job_named(self, owner, name):
+        """The id of owner's job called name, or None (also while its start is under way)."""
+        named = self._names.get((owner, name))
+        return None if named is PENDING else named
+
+
 class Engine:
     """Start, stop, inspect and read the output of jobs. Thread-safe; imports no gRPC.
 
@@ -2860,7 +3076,7 @@ class Engine:
 
     def __init__(self, config=EngineConfig(), layout=None):
         self.config = config
-        self.layout = layout
+        self._host_layout = layout    # CgroupLayout.detect()'s at open() if None
         self._jobs = {}
         self._order = []              # list_cursor of every job, sorted: List's order
         self._lock = threading.Lock()
@@ -2870,18 +3086,22 @@ class Engine:
         self._lock_fd = None          # the state folder's lock
         self._cgroup_lock_fd = None   # the cgroup root's
         self._mark = ""               # what our job cgroups' names begin with
-        self._uids_kept = set()       # uids of every job with a record, running or not
-        self._next_uid = 0            # uids are handed out in order, never twice in a row
-        self._uid_block_end = 0       # what uids.json says: restarts continue from there
-        self._uids_retired = set()    # uids of jobs that could leave files on the host
-        self._uid_file_lock = threading.Lock()
+        self._uids = UidPool(config.state_dir, config.uid_base, config.uid_count)
         self._running = set()         # ids of jobs without a result
-        self._names = {}              # (owner, name) -> job id, or PENDING while it starts
-        self._requests = {}           # (owner, request id) -> job id, or PENDING
-        self._claims = threading.Condition(self._lock)   # a pending start settled
-        self.cgroup_root = config.cgroup_root or DEFAULT_CGROUP_ROOT   # decided at open()
-        self._placement = None
+        self._claims = StartClaims(self._lock)   # names and request ids, held by the jobs
+        self._placement = None        # where the server and its jobs are: decided at open()
         self._observers = []          # on_job_event(kind, status) callables
+
+    @property
+    def layout(self):
+        """The CgroupLayout jobs are made in (the host's, until open() has placed them)."""
+        return self._placement.layout if self._placement else self._host_layout
+
+    @property
+    def cgroup_root(self):
+        """The cgroup folder of the jobs, in every hierarchy of layout."""
+        return (self._placement.root if self._placement else
+                self.config.cgroup_root or DEFAULT_CGROUP_ROOT)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -2920,9 +3140,9 @@ class Engine:
         """
         if os.geteuid() != 0:
             raise UnavailableError("the job engine must run as root")
-        if self.layout is None:
-            self.layout = CgroupLayout.detect()
-        placement = detect_placement(self.layout, self.config.cgroup_root)
+        if self._host_layout is None:
+            self._host_layout = CgroupLayout.detect()
+        placement = detect_placement(self._host_layout, self.config.cgroup_root)
         missing = placement.layout.missing()
         if missing:
             raise UnavailableError(
@@ -2960,14 +3180,15 @@ class Engine:
             self._release_locks()
             raise
         self._mark = cgroup_mark(state_dir)
-        self._take_place(placement)
+        take_placement(placement)
+        self._placement = placement
         job_open_files, open_files = raise_open_files_limit()
         if open_files != job_open_files:
             log.info("open files limit raised from %d to %d (jobs keep %d)",
                      job_open_files, open_files, job_open_files)
         self._watcher = JobWatcher(self._record_end, self._supervisor_exited)
         self._spare_folders = SpareJobFolders(self.config.state_dir)
-        self._load_uids()
+        self._uids.load()
         self._load_jobs()
         self._sweep_cgroups()
         self._spawner.start({"layout": self.layout.to_dict(),
@@ -2980,57 +3201,8 @@ class Engine:
                              "private_size": self.config.workdir_size or PRIVATE_DIR_SIZE})
         return self
 
-    def _take_place(self, placement):
-        """Move into the supervisor leaf, make the jobs' root, enable controllers; log why.
-
-        Raises UnavailableError with what to change when the cgroup tree refuses."""
-        log.info("cgroups: %s", placement.why)
-        self._placement = placement
-        self.layout, self.cgroup_root = placement.layout, placement.root
-        step = "cannot move the server's cgroup's processes into " + placement.supervisor
-        try:
-            if placement.supervisor:
-                moved = move_into_leaf(os.path.dirname(placement.supervisor),
-                                       placement.supervisor)
-                if moved > 1:
-                    log.info("cgroups: moved %d processes (the server and %d more) into %s",
-                             moved, moved - 1, placement.supervisor)
-            step = "cannot make the jobs' cgroup"
-            for folder in JobCgroup.roots(self.layout, self.cgroup_root):
-                os.makedirs(folder, exist_ok=True)
-            step = "cannot enable the cgroup controllers jobs need"
-            enable_v2_controllers(self.layout, self.cgroup_root)
-        except OSError as e:
-            JobCgroup.remove_root(self.layout, self.cgroup_root)   # (only if empty)
-            hint = ""
-            if e.errno == errno.EBUSY:
-                hint = ("; a cgroup v2 folder with controllers for its children may hold no "
-                        "process: run the server in a cgroup of its own (Delegate=yes under "
-                        "systemd; as the container's main process), or name an empty place "
-                        "with --cgroup-root /path")
-            elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                hint = ("; the cgroup filesystem must be writable by the server (in a "
-                        "container: --cgroupns=private and a read-write /sys/fs/cgroup)")
-            raise UnavailableError(f"{step}: {e.strerror or e}{hint}") from None
-        for line in self._fallbacks():
-            log.info("cgroups: %s", line)
-
     def _fallbacks(self):
-        """What this kernel lacks, and what the engine does instead."""
-        if not self.layout.unified:
-            return []
-        probe = JobCgroup.roots(self.layout, self.cgroup_root)[-1]
-        lines = []
-        if not os.path.exists(os.path.join(probe, "cgroup.kill")):
-            lines.append("no cgroup.kill (kernel < 5.14): jobs are killed by freezing them "
-                         "and signalling every process")
-        if "memory" in self.layout.v2 and not os.path.exists(os.path.join(probe, "memory.peak")):
-            lines.append("no memory.peak (kernel < 5.19): peak memory is sampled every "
-                         f"{PEAK_SAMPLE_INTERVAL:g} s")
-        if not self.layout.has_io():
-            lines.append("no io controller offered to the server: requests for IO limits "
-                         "are refused (FAILED_PRECONDITION)")
-        return lines
+        return kernel_fallbacks(self.layout, self.cgroup_root)
 
     def close(self, stop_jobs=False):
         """Stop serving; with stop_jobs, stop every running job first (bounded)."""
@@ -3058,7 +3230,7 @@ class Engine:
             time.sleep(0.02)
         JobCgroup.remove_root(self.layout, self.cgroup_root)
         if self._placement and self._placement.supervisor:
-            self._hand_back_controllers()
+            hand_back_controllers(self._placement)
         self._release_locks()
 
     def _release_locks(self):
@@ -3066,19 +3238,6 @@ class Engine:
             if getattr(self, attr) is not None:
                 os.close(getattr(self, attr))
                 setattr(self, attr, None)
-
-    def _hand_back_controllers(self):
-        """With no job left, disable the controllers we enabled in our delegated cgroup: a
-        systemd older than 254 must put the next server's process there, which v2 refuses
-        while they are enabled. (With jobs left they stay: see the README.)"""
-        base = os.path.join(self.layout.unified, self.layout.v2_base)
-        enabled = read_file(os.path.join(base, "cgroup.subtree_control"), "").split()
-        if not enabled or [e for e in os.scandir(base) if e.is_dir() and
-                           e.path != self._placement.supervisor]:
-            return
-        with contextlib.suppress(OSError):
-            write_file(os.path.join(base, "cgroup.subtree_control"),
-                       " ".join("-" + c for c in enabled))
 
     def _load_jobs(self):
         """Re-adopt the jobs in the state directory after a restart.
@@ -3129,14 +3288,6 @@ class Engine:
             return time.time() - os.stat(job_dir).st_mtime < SPAWN_TIMEOUT
         except OSError:
             return False
-
-    def _load_uids(self):
-        """Where the last server stopped handing out uids, and the retired ones."""
-        saved = _load_json(os.path.join(self.config.state_dir, UID_FILE))
-        saved = saved if isinstance(saved, dict) else {}
-        self._next_uid = saved.get("next") if isinstance(saved.get("next"), int) else 0
-        self._uids_retired = {u for u in saved.get("retired", ()) if isinstance(u, int)}
-        self._uid_block_end = self._next_uid
 
     def _drop_unstarted(self, job_id, job_dir):
         """A job folder without a record: a start the server died in before any shim took
@@ -3228,13 +3379,13 @@ class Engine:
         validate_workdir(options.workdir)
         options = options._replace(terminal=validate_terminal(options.terminal))
         meta = validate_meta(meta)
-        earlier = self._claim(owner, argv, meta)
+        earlier = self._claims.hold(owner, argv, meta, self._jobs.get)
         if earlier:
             return earlier
         try:
             return self._launch(owner, argv, limits, options, env, meta)
         finally:
-            self._settle(owner, meta)
+            self._claims.release(owner, meta)
 
     def _launch(self, owner, argv, limits, options, env, meta):
         """start()'s second half: folders, uid, spawn. Returns the job id."""
@@ -3287,54 +3438,6 @@ class Engine:
             self._event("started", job)
         self._check_result(job)
         return job_id
-
-    def _claim(self, owner, argv, meta):
-        """Hold meta's name and request id for a start of owner's (until _settle).
-
-        Returns the id of the job an earlier start with this request id made, waiting
-        (bounded) for one still under way (until its supervisor has it, or it failed);
-        None: go on and start one.
-        Raises AlreadyExistsError, InvalidArgumentError (the request id came with another
-        command), DeadlineExceededError.
-        """
-        deadline = time.monotonic() + SPAWN_TIMEOUT + KILL_TIMEOUT
-        key = (owner, meta.request_id)
-        with self._claims:
-            while meta.request_id and key in self._requests:
-                held = self._requests[key]
-                job = self._jobs.get(held)
-                if held is not PENDING and (job is None or time.time() - job.spec[
-                        "created_at"] > REQUEST_ID_TTL):
-                    del self._requests[key]   # old enough to mean another start now
-                elif job is not None and (job.shim is not None or job.result is not None):
-                    if job.spec["argv"] != argv:
-                        raise InvalidArgumentError(
-                            f"request_id {quoted(meta.request_id)} started job {held} with "
-                            f"another command", reason="REQUEST_ID_REUSED", field="request_id")
-                    return held
-                elif time.monotonic() >= deadline:
-                    raise DeadlineExceededError("a start with this request_id is still under "
-                                                "way; try again later")
-                else:
-                    self._claims.wait(deadline - time.monotonic())
-            if meta.name and (owner, meta.name) in self._names:
-                raise AlreadyExistsError(f"{owner} already has a job named {quoted(meta.name)}"
-                                         f" (rm it, or choose another name)", field="name")
-            if meta.name:
-                self._names[(owner, meta.name)] = PENDING
-            if meta.request_id:
-                self._requests[key] = PENDING
-        return None
-
-    def _settle(self, owner, meta):
-        """End _claim's hold: what the start made now holds them (see _new_job); a start
-        that made nothing lets them go. Wakes starts waiting on the same request id."""
-        with self._claims:
-            for table, key in ((self._names, (owner, meta.name)),
-                               (self._requests, (owner, meta.request_id))):
-                if table.get(key) is PENDING:
-                    del table[key]
-            self._claims.notify_all()
 
     def _workdir_size(self, options, limits):
         """Bytes of the job's private tmpfs working folder, or 0 for a folder on disk: when
@@ -3677,8 +3780,8 @@ class Engine:
         with self._lock:
             if ref in self._jobs:
                 return ref
-            named = self._names.get((caller, ref))
-            if named is not None and named is not PENDING:
+            named = self._claims.job_named(caller, ref)
+            if named is not None:
                 return named
             matches = [] if not re.fullmatch(r"[0-9a-f-]{1,35}", ref) else [
                 i for i, j in self._jobs.items()
@@ -3810,12 +3913,8 @@ class Engine:
         with self._lock:
             self._jobs[job_id] = job
             bisect.insort(self._order, list_cursor(job))
-            for table, key in ((self._names, spec.get("name")),
-                               (self._requests, spec.get("request_id"))):
-                if key:
-                    table[(spec["owner"], key)] = job_id
-            if spec["uid"]:
-                self._uids_kept.add(spec["uid"])
+            self._claims.record(job_id, spec)
+            self._uids.keep(spec["uid"])
             if job.result is None:
                 self._running.add(job_id)
         return job
@@ -3869,21 +3968,16 @@ class Engine:
             if self._jobs.pop(job.id, None) is not None:
                 at = bisect.bisect_left(self._order, list_cursor(job))
                 del self._order[at]
-            for table, key in ((self._names, job.spec.get("name")),
-                               (self._requests, job.spec.get("request_id"))):
-                if table.get((job.spec["owner"], key)) == job.id:
-                    del table[(job.spec["owner"], key)]
-            self._uids_kept.discard(job.spec["uid"])
+            self._claims.forget(job.id, job.spec)
+            self._uids.release(job.spec["uid"])
             self._running.discard(job.id)
         # (Removing the folder also ends its inotify watch.)
         self._remove_folders(job.dir, job.spec["workdir"] if remove_workdir else "")
 
     def _allocate_uid(self, owner, root=False, leaves_files=False):
-        """A uid for a new job of owner (0 for root). Raises ResourceExhaustedError at the
-        maximum of running jobs, in all or of this owner.
-
-        leaves_files: the job can write somewhere on the host that outlives it (a --workdir,
-        --rw-host): its uid is retired for good, since files it owns may stay there."""
+        """A uid for a new job of owner (0 for root; else the UidPool's). Raises
+        ResourceExhaustedError at the maximum of running jobs, in all or of this owner, or
+        when every uid is held."""
         with self._lock:
             if len(self._running) >= self.config.max_running_jobs:
                 raise ResourceExhaustedError(
@@ -3894,44 +3988,10 @@ class Engine:
                 raise ResourceExhaustedError(
                     f"{owner} has {cap} job{'s' * (cap != 1)} running, the most one user "
                     f"may have (--max-jobs-per-user)", reason="TOO_MANY_JOBS_OF_USER")
-            if root:
-                return 0
-            # In order, from where the last server left off: a uid comes back only after
-            # all uid_count others were used, and never while a job record holds it (its
-            # files, its keyrings, its processes are that job's alone).
-            taken = self._uids_kept | self._uids_retired
-            for _ in range(min(self.config.uid_count, len(taken) + 1)):
-                uid = self.config.uid_base + self._next_uid % self.config.uid_count
-                self._next_uid += 1
-                if uid not in taken:
-                    break
-            else:
-                raise ResourceExhaustedError("every job uid is held by a job record: rm some")
-            self._uids_kept.add(uid)
-            if leaves_files:
-                self._uids_retired.add(uid)
-            save = leaves_files or self._next_uid >= self._uid_block_end
-        if save:
-            self._save_uids()
-        return uid
-
-    def _save_uids(self):
-        """Record in uids.json where the next server starts handing out uids (a block
-        ahead, so that this is written once per UID_BLOCK starts) and the retired ones.
-        Best effort. Not under the engine's lock: each save writes the latest state."""
-        with self._uid_file_lock:
-            with self._lock:
-                self._uid_block_end = max(self._uid_block_end, self._next_uid + UID_BLOCK)
-                saved = {"next": self._uid_block_end, "retired": sorted(self._uids_retired)}
-            try:
-                write_json_atomic(os.path.join(self.config.state_dir, UID_FILE), saved)
-            except OSError as e:
-                log.warning("cannot record the next job uid (%s): a restart may hand out "
-                            "uids of removed jobs again", e.strerror or e)
+        return 0 if root else self._uids.take(leaves_files)
 
     def _release_uid(self, uid):
-        with self._lock:
-            self._uids_kept.discard(uid)   # (root's 0 is never in it)
+        self._uids.release(uid)
 
     def _get(self, job_id):
         job = None
