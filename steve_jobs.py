@@ -1448,6 +1448,163 @@ def spawner_main(sock_fd, settings):
             os.close(fd)
 
 
+def _read_reply(fd, deadline):
+    """One JSON reply from fd, read until it parses (not until EOF: copies of the pipe's
+    write end may outlive the answer). Raises UnavailableError on EOF or at the deadline."""
+    data = b""
+    while True:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise UnavailableError("the spawner did not answer in time")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise UnavailableError("the spawner or the job's supervisor exited")
+        data += chunk
+        try:
+            return json.loads(data)
+        except ValueError:
+            continue   # a partial answer: read on
+
+
+class Spawner:
+    """The server's handle on the spawner process and the warm shims it offers: the other
+    end of spawner_main's protocol, used by the engine in the threaded server (where
+    nothing forks: Popen execs the spawner).
+
+    A start goes straight to a warm shim (one hop, not two); each request carries its own
+    reply pipe (SCM_RIGHTS), so the thread that asks reads the answer itself.
+    """
+
+    def __init__(self):
+        self._settings = None        # spawner_main's settings: start() sends them
+        self._sock = None
+        self._proc = None
+        self._warm = []              # (pid, socket) of warm shims on offer, oldest first
+        self._lock = threading.Lock()
+
+    def start(self, settings):
+        """Exec the spawner helper. Raises UnavailableError if it cannot run."""
+        import subprocess   # Popen forks and execs in C: safe in a threaded process
+        self._settings = settings
+        ours, theirs = seqpacket_pair()
+        try:
+            # -I -S: no site-packages, no environment: a small process forks faster.
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), "_spawner",
+                 str(theirs.fileno()), json.dumps(settings)],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            ours.close()
+            raise UnavailableError(f"cannot start the spawner: {e}") from None
+        finally:
+            theirs.close()
+        self._sock = ours
+
+    def _collect_offers(self):
+        """Take the warm shims the spawner has offered since (call with the lock held)."""
+        while True:
+            try:
+                msg, fds = recv_with_fds(self._sock, 4096, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return   # the spawner is gone; sending will say so
+            if not msg:
+                return
+            offer = json.loads(msg)
+            if fds:
+                self._warm.append((offer["warm"], socket.socket(fileno=fds[0])))
+
+    def spawn(self, request, timeout=SPAWN_TIMEOUT):
+        """Send one start request and wait (bounded) for its reply dict.
+
+        Raises InvalidArgumentError if the request is too large, UnavailableError if the
+        spawner is gone or does not answer in time.
+        """
+        msg = json.dumps(request, ensure_ascii=False).encode()
+        if len(msg) > MAX_REQUEST_BYTES:
+            raise InvalidArgumentError("the command and its environment are too large")
+        reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                self._send(msg, reply_w, warm_ok=not request.get("rw_host"))
+            finally:
+                os.close(reply_w)   # now only the shim holds it
+            return _read_reply(reply_r, time.monotonic() + timeout)
+        finally:
+            os.close(reply_r)
+
+    def _send(self, msg, reply_w, warm_ok=True):
+        with self._lock:
+            self._collect_offers()
+            warm = self._warm.pop(0) if self._warm and warm_ok else None
+        if warm is not None:
+            _, shim_sock = warm
+            try:
+                socket.send_fds(shim_sock, [msg], [reply_w])
+                sent = True
+            except OSError:
+                sent = False   # it died while on offer
+            finally:
+                shim_sock.close()
+            try:
+                self._sock.send(b'{"used": 1}')   # so the spawner makes the next one
+            except OSError:
+                pass
+            if sent:
+                return
+        try:   # no warm shim at hand: the spawner makes one on the spot
+            socket.send_fds(self._sock, [msg], [reply_w])
+        except OSError as e:
+            if not self._restart_if_dead():
+                raise UnavailableError(f"the spawner is gone: {e}") from None
+            try:
+                socket.send_fds(self._sock, [msg], [reply_w])
+            except OSError as e2:
+                raise UnavailableError(f"the spawner is gone: {e2}") from None
+
+    def _restart_if_dead(self):
+        """Start a new spawner if ours has died (jobs it started are not affected).
+        Returns True if there is a new one."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is None:
+                return False
+            log.error("the spawner died (exit status %s); starting a new one",
+                      self._proc.returncode)
+            self._sock.close()
+            self.start(self._settings)
+            return True
+
+    def close(self):
+        """Hang up on the spawner and on every warm shim; wait (bounded) until they have
+        cleaned up."""
+        pidfds = []
+        if self._sock:
+            self._sock.shutdown(socket.SHUT_WR)   # the spawner reads EOF and exits
+        if self._proc:
+            try:
+                self._proc.wait(timeout=KILL_TIMEOUT + 5)
+            except Exception:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+            self._proc = None
+        if self._sock:
+            with self._lock:
+                self._collect_offers()   # offers still in flight
+                warm, self._warm = self._warm, []
+            for pid, shim_sock in warm:
+                try:
+                    pidfds.append(os.pidfd_open(pid))
+                except OSError:
+                    pass   # already gone
+                shim_sock.close()          # no job will come: it cleans up and exits
+            self._sock.close()
+            self._sock = None
+        deadline = time.monotonic() + KILL_TIMEOUT
+        for pidfd in pidfds:
+            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            os.close(pidfd)
+
+
 def recv_with_fds(sock, bufsize, flags=0):
     """One message and the fds passed with it (close-on-exec); socket.recv_fds ignores its
     flags argument in Python 3.11. Returns (bytes, [fd, ...])."""
@@ -2628,160 +2785,6 @@ class JobWatcher:
             handler(job)
         except Exception:
             log.exception("handling an event of job %s failed", job.id)
-
-
-def _read_reply(fd, deadline):
-    """One JSON reply from fd, read until it parses (not until EOF: copies of the pipe's
-    write end may outlive the answer). Raises UnavailableError on EOF or at the deadline."""
-    data = b""
-    while True:
-        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            raise UnavailableError("the spawner did not answer in time")
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            raise UnavailableError("the spawner or the job's supervisor exited")
-        data += chunk
-        try:
-            return json.loads(data)
-        except ValueError:
-            continue   # a partial answer: read on
-
-
-class Spawner:
-    """The server's handle on the spawner process and the warm shims it offers.
-
-    A start goes straight to a warm shim (one hop, not two); each request carries its own
-    reply pipe (SCM_RIGHTS), so the thread that asks reads the answer itself.
-    """
-
-    def __init__(self):
-        self._sock = None
-        self._proc = None
-        self._warm = []              # (pid, socket) of warm shims on offer, oldest first
-        self._lock = threading.Lock()
-
-    def start(self, settings):
-        """Exec the spawner helper. Raises UnavailableError if it cannot run."""
-        import subprocess   # Popen forks and execs in C: safe in a threaded process
-        self._settings = settings
-        ours, theirs = seqpacket_pair()
-        try:
-            # -I -S: no site-packages, no environment: a small process forks faster.
-            self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), "_spawner",
-                 str(theirs.fileno()), json.dumps(settings)],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as e:
-            ours.close()
-            raise UnavailableError(f"cannot start the spawner: {e}") from None
-        finally:
-            theirs.close()
-        self._sock = ours
-
-    def _collect_offers(self):
-        """Take the warm shims the spawner has offered since (call with the lock held)."""
-        while True:
-            try:
-                msg, fds = recv_with_fds(self._sock, 4096, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return   # the spawner is gone; sending will say so
-            if not msg:
-                return
-            offer = json.loads(msg)
-            if fds:
-                self._warm.append((offer["warm"], socket.socket(fileno=fds[0])))
-
-    def spawn(self, request, timeout=SPAWN_TIMEOUT):
-        """Send one start request and wait (bounded) for its reply dict.
-
-        Raises InvalidArgumentError if the request is too large, UnavailableError if the
-        spawner is gone or does not answer in time.
-        """
-        msg = json.dumps(request, ensure_ascii=False).encode()
-        if len(msg) > MAX_REQUEST_BYTES:
-            raise InvalidArgumentError("the command and its environment are too large")
-        reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            try:
-                self._send(msg, reply_w, warm_ok=not request.get("rw_host"))
-            finally:
-                os.close(reply_w)   # now only the shim holds it
-            return _read_reply(reply_r, time.monotonic() + timeout)
-        finally:
-            os.close(reply_r)
-
-    def _send(self, msg, reply_w, warm_ok=True):
-        with self._lock:
-            self._collect_offers()
-            warm = self._warm.pop(0) if self._warm and warm_ok else None
-        if warm is not None:
-            _, shim_sock = warm
-            try:
-                socket.send_fds(shim_sock, [msg], [reply_w])
-                sent = True
-            except OSError:
-                sent = False   # it died while on offer
-            finally:
-                shim_sock.close()
-            try:
-                self._sock.send(b'{"used": 1}')   # so the spawner makes the next one
-            except OSError:
-                pass
-            if sent:
-                return
-        try:   # no warm shim at hand: the spawner makes one on the spot
-            socket.send_fds(self._sock, [msg], [reply_w])
-        except OSError as e:
-            if not self._restart_if_dead():
-                raise UnavailableError(f"the spawner is gone: {e}") from None
-            try:
-                socket.send_fds(self._sock, [msg], [reply_w])
-            except OSError as e2:
-                raise UnavailableError(f"the spawner is gone: {e2}") from None
-
-    def _restart_if_dead(self):
-        """Start a new spawner if ours has died (jobs it started are not affected).
-        Returns True if there is a new one."""
-        with self._lock:
-            if self._proc is None or self._proc.poll() is None:
-                return False
-            log.error("the spawner died (exit status %s); starting a new one",
-                      self._proc.returncode)
-            self._sock.close()
-            self.start(self._settings)
-            return True
-
-    def close(self):
-        """Hang up on the spawner and on every warm shim; wait (bounded) until they have
-        cleaned up."""
-        pidfds = []
-        if self._sock:
-            self._sock.shutdown(socket.SHUT_WR)   # the spawner reads EOF and exits
-        if self._proc:
-            try:
-                self._proc.wait(timeout=KILL_TIMEOUT + 5)
-            except Exception:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
-            self._proc = None
-        if self._sock:
-            with self._lock:
-                self._collect_offers()   # offers still in flight
-                warm, self._warm = self._warm, []
-            for pid, shim_sock in warm:
-                try:
-                    pidfds.append(os.pidfd_open(pid))
-                except OSError:
-                    pass   # already gone
-                shim_sock.close()          # no job will come: it cleans up and exits
-            self._sock.close()
-            self._sock = None
-        deadline = time.monotonic() + KILL_TIMEOUT
-        for pidfd in pidfds:
-            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
-            os.close(pidfd)
 
 
 def make_job_folder(path, spec_bytes):
