@@ -14,8 +14,10 @@ Security model, in five lines:
 """
 
 # Sections, in dependency order (nothing calls into a section below it except the CLI):
-#   constants and errors -> Linux primitives -> cgroups -> spawner, shim and init
-#   -> job engine -> auth -> gRPC service -> client -> CLI -> main()
+#   helpers (logs, addresses, quoting, ids, trace context) -> constants and errors
+#   -> Linux primitives -> cgroups (limits, placement) -> spawner, shim and init
+#   -> job engine -> auth -> tracing -> gRPC service -> client -> CLI -> main()
+# README.md's "Design" section draws how a call travels through them.
 
 import os
 import signal
@@ -56,6 +58,9 @@ import typing
 __version__ = "1.0.0"
 
 
+###############################################################################
+# Helpers: log lines, addresses, quoting, ids and trace context (every section uses them)
+###############################################################################
 
 class _LazyLogger:
     """The 'steve_jobs' logger, imported on first use."""
@@ -2590,7 +2595,7 @@ class Job:
 
     def __init__(self, job_id, spec, job_dir):
         self.id, self.spec, self.dir = job_id, spec, job_dir
-        self.shim = None              # shim.json: shim and init pids, cgroup, start time
+        self.shim = None              # the supervisor's facts (its record's "shim")
         self.cgroup = None            # JobCgroup, once the shim has said which
         self.result = None            # result.json: how it ended
         self.stop_requested = False
@@ -3923,7 +3928,7 @@ class Engine:
         return job
 
     def _set_shim(self, job, shim):
-        """Record the shim's facts (pids, cgroup), from its reply or its shim.json."""
+        """Record the shim's facts (pids, cgroup), from its reply or the job's record."""
         job.shim = shim
         if shim and shim.get("cgroup"):
             # Where the supervisor made it: a server placed otherwise since still finds it.
