@@ -2319,27 +2319,26 @@ def command_main(cg, go_r, out_w, err_w, work_fd, ins):
     if not msg:
         os._exit(0)   # a warm shim discarded before any job came
     req = json.loads(msg)
-    try:
-        if warm_error:
-            raise OSError(0, warm_error)
+    if warm_error:
+        _report_start_failure(err_w, 2, warm_error)
+        os._exit(126)
+
+    def network():
         _run_steps([("set the hostname", lambda: socket.sethostname(req["job_id"]))])
         if req["host_network"]:
             leave_job_network(host_net)
         os.close(host_net)
-    except Exception as e:
-        _report_start_failure(err_w, 2, str(e) if warm_error else f"namespace setup failed: {e}")
-        os._exit(126)
-    try:
-        mount_workdir(req, work_fd)
-    except OSError as e:
-        _report_start_failure(err_w, 2, f"cannot enter working directory {req['workdir']}: "
-                                        f"{e.strerror or e}")
-        os._exit(126)
-    try:
-        connect_input(req, *ins)
-    except OSError as e:
-        _report_start_failure(err_w, 2, f"cannot make the job's terminal: {e.strerror or e}")
-        os._exit(126)
+    # What the request decides, in order: the first step to fail is the job's error (its
+    # words first), and the start's exit code is 126, as a shell's "cannot execute".
+    for words, step in (("namespace setup failed", network),
+                        (f"cannot enter working directory {req['workdir']}",
+                         lambda: mount_workdir(req, work_fd)),
+                        ("cannot make the job's terminal", lambda: connect_input(req, *ins))):
+        try:
+            step()
+        except Exception as e:
+            _report_start_failure(err_w, 2, f"{words}: {getattr(e, 'strerror', None) or e}")
+            os._exit(126)
     exec_command(req, err_w, syscall_filter)
 
 
