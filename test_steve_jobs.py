@@ -1228,15 +1228,24 @@ class Server:
         with running_engine(state_dir=self.state_dir, cgroup_root=self.cgroup_root):
             pass   # opening re-adopts the jobs; closing with stop_jobs stops them
 
+    def __enter__(self):
+        """`with Server(...) as srv:` starts it, and cleans up after it however the block
+        ends, or if it does not start. (Inside, terminate() and restart() work as ever.)"""
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
 
 def serving(certs):
     """A Server for a fixture: started, then cleaned up."""
     require_kernel()
-    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
-    try:
+    with Server(certs, extra=["--stop-jobs-on-exit"]) as srv:
         yield srv
-    finally:
-        srv.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -1405,9 +1414,8 @@ def test_server_refuses_to_start_without_certificates(tmp_path):
 def test_server_certificates_rotate_without_a_restart(certs, tmp_path):
     require_kernel()
     rotating = copy_server_certs(certs, tmp_path / "rotating")
-    srv = Server(str(rotating)).start()
-    srv.certs = certs   # the clients' folder
-    try:
+    with Server(str(rotating)) as srv:
+        srv.certs = certs   # the clients' folder
         def served_serial():
             out, _ = s_client(srv, certs, "-showcerts", *with_client_cert(certs))
             pem = out[out.index("-----BEGIN CERTIFICATE-----"):
@@ -1424,8 +1432,6 @@ def test_server_certificates_rotate_without_a_restart(certs, tmp_path):
         assert before != after
         assert "TLS certificates reloaded" in srv.read_log()
         assert cli(srv, "list").returncode == 0   # clients still get in
-    finally:
-        srv.cleanup()
 
 
 def test_health_service_answers(server, certs):
@@ -1450,8 +1456,7 @@ def test_generated_stubs_are_current(tmp_path):
 
 def test_graceful_shutdown_ends_streams_and_keeps_jobs_running(certs):
     require_kernel()
-    srv = Server(certs).start()
-    try:
+    with Server(certs) as srv:
         job_id = start_job(srv, "echo before; sleep 1000")
         follower = subprocess.Popen([PYTHON, SCRIPT, "--server", srv.address, "--certs",
                                      certs, "stream", job_id],
@@ -1467,8 +1472,6 @@ def test_graceful_shutdown_ends_streams_and_keeps_jobs_running(certs):
         st = cli_json(srv, "stop", "--grace", "1", job_id)
         assert st["state"] == "stopped"
         assert cli(srv, "output", job_id).stdout == b"before\n"
-    finally:
-        srv.cleanup()
 
 
 ###############################################################################
@@ -1705,12 +1708,9 @@ def test_a_client_certificate_cannot_serve_as_the_server_certificate(certs, tmp_
     cert, key = forged_client_cert(certs, "steve-jobs server", san="127.0.0.1")
     (bad / "server.crt").write_bytes(cert)
     (bad / "server.key").write_bytes(key)
-    srv = Server(str(bad)).start()
-    try:
+    with Server(str(bad)) as srv:
         _, pb, _ = sj.import_grpc()
         assert call(certs, srv.address, "List", pb.ListRequest())[0] == "UNAVAILABLE"
-    finally:
-        srv.cleanup()
 
 
 def s_client(server, certs, *args):
@@ -1806,8 +1806,7 @@ def test_retention_removes_old_then_oldest_ended_jobs_never_running_ones(engine)
 
 def test_a_job_that_ends_while_no_server_runs_keeps_its_result(certs):
     require_kernel()
-    srv = Server(certs).start()
-    try:
+    with Server(certs) as srv:
         job_id = start_job(srv, "echo begin; sleep 1; echo end; exit 5")
         srv.terminate(signal.SIGKILL)   # a crash, not a shutdown
         time.sleep(scaled(2))                   # the job ends while nothing serves
@@ -1815,8 +1814,6 @@ def test_a_job_that_ends_while_no_server_runs_keeps_its_result(certs):
         st = cli_json(srv, "status", job_id)
         assert (st["state"], st["exit_code"]) == ("exited", 5)
         assert cli(srv, "stream", job_id).stdout == b"begin\nend\n"
-    finally:
-        srv.cleanup()
 
 
 def test_a_job_whose_supervisor_died_is_reported_unknown_and_cleaned_up():
@@ -1884,8 +1881,7 @@ def test_a_fast_writer_is_not_slowed_by_a_reader_that_stops_reading(server, cert
 def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothing(certs):
     require_kernel()
     import random
-    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
-    try:
+    with Server(certs, extra=["--stop-jobs-on-exit"]) as srv:
         grpc, pb, pb_grpc = sj.import_grpc()
         md = bearer(certs)
         writer = "for i in $(seq 1 20); do echo \"$i $(head -c 300 /dev/zero | tr '\\0' x)\"; " \
@@ -1953,8 +1949,6 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
         assert rss_mb() <= before[2] + 64, (before, rss_mb())   # back near where it was
         layout = sj.CgroupLayout.detect()
         assert len(sj.JobCgroup.names(layout, srv.cgroup_root)) <= sj.WARM_SHIMS   # warm ones
-    finally:
-        srv.cleanup()
 
 
 def test_followers_at_different_offsets_sharing_chunks_each_get_their_exact_bytes(server):
@@ -2046,8 +2040,7 @@ def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(
 
 def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
     require_kernel()
-    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
-    try:
+    with Server(certs, extra=["--stop-jobs-on-exit"]) as srv:
         grpc, pb, pb_grpc = sj.import_grpc()
         md = bearer(certs)
         writer = "for i in $(seq 1 30); do echo line $i; sleep 0.1; done"
@@ -2093,8 +2086,6 @@ def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
             assert (st["state"], st["exit_code"]) == ("exited", 0)
         layout = sj.CgroupLayout.detect()
         assert len(sj.JobCgroup.names(layout, srv.cgroup_root)) <= sj.WARM_SHIMS
-    finally:
-        srv.cleanup()
 
 
 ###############################################################################
@@ -2207,22 +2198,21 @@ def test_a_second_engine_on_the_same_state_folder_is_refused_and_harms_nothing()
 
 def test_a_second_server_on_the_same_state_folder_exits_with_one_line(certs):
     require_kernel()
-    first = Server(certs).start()
-    second = Server(certs, state_dir=first.state_dir, cgroup_root=first.cgroup_root)
-    try:
-        second.log_path = os.path.join(first.state_dir, "second.log")
-        with pytest.raises(AssertionError, match="another server"):
-            second.start()
-        assert second.proc.wait(30) == 1
-        log = second.read_log().strip()
-        assert f"pid {first.proc.pid}" in log and "Traceback" not in log, log
-        assert len([line for line in log.splitlines() if "another server" in line]) == 1
-        job_id = start_job(first, "exit 5")
-        assert cli_json(first, "stop", job_id)["exit_code"] == 5
-    finally:
-        if second.proc:
-            second.terminate(signal.SIGKILL)   # if it started after all: not its state
-        first.cleanup()
+    with Server(certs) as first:
+        second = Server(certs, state_dir=first.state_dir, cgroup_root=first.cgroup_root)
+        try:
+            second.log_path = os.path.join(first.state_dir, "second.log")
+            with pytest.raises(AssertionError, match="another server"):
+                second.start()
+            assert second.proc.wait(30) == 1
+            log = second.read_log().strip()
+            assert f"pid {first.proc.pid}" in log and "Traceback" not in log, log
+            assert len([line for line in log.splitlines() if "another server" in line]) == 1
+            job_id = start_job(first, "exit 5")
+            assert cli_json(first, "stop", job_id)["exit_code"] == 5
+        finally:
+            if second.proc:
+                second.terminate(signal.SIGKILL)   # if it started after all: not its state
 
 
 def hard_open_files_limit():
@@ -2259,9 +2249,8 @@ def test_more_followers_than_a_1024_file_limit_each_on_its_own_connection(certs)
     require_kernel()
     import asyncio
     raise_own_open_files_limit(8192)
-    srv = Server(certs, prefix=at_a_1024_soft_limit(),
-                 extra=["--stop-jobs-on-exit", "--max-streams-per-user", "2000"]).start()
-    try:
+    with Server(certs, prefix=at_a_1024_soft_limit(),
+                extra=["--stop-jobs-on-exit", "--max-streams-per-user", "2000"]) as srv:
         assert f"open files limit raised from 1024 to {hard_open_files_limit()}" in srv.read_log()
         assert cli(srv, "run", "-f", "ulimit -n").stdout == b"1024\n"   # jobs keep the usual
         job_id = start_job(srv, "echo first; sleep 1000")
@@ -2297,8 +2286,6 @@ def test_more_followers_than_a_1024_file_limit_each_on_its_own_connection(certs)
         assert stop.returncode == 0 and json.loads(stop.stdout)["state"] == "stopped", stop
         failed = [o for o in outputs if o != b"first\n"]
         assert not failed, f"{len(failed)} of 1200 followers failed, e.g. {failed[0]!r:.300}"
-    finally:
-        srv.cleanup()
 
 
 def test_idle_connections_neither_starve_certified_users_nor_stay(certs):
@@ -2307,37 +2294,36 @@ def test_idle_connections_neither_starve_certified_users_nor_stay(certs):
     # 20,000, or what the hard limit on file handles lets both ends hold (with room for
     # the server's own files: it caps connections below its limit).
     count = max(1000, min(20000, hard_open_files_limit() - 4096))
-    srv = Server(certs, prefix=at_a_1024_soft_limit(),
-                 extra=["--handshake-timeout", str(scaled(3))]).start()
     idle = []
-    try:
-        for _ in range(count):   # connections that never send a byte
-            idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=scaled(10)))
-        grpc, pb, pb_grpc = sj.import_grpc()
-        channel = grpc_channel(certs, srv.address, "mrarsenal")
-        stub = pb_grpc.JobServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as e:   # a full round trip, TLS handshake included
-            stub.Status(pb.JobRef(job_id="no-such-job"), metadata=bearer(certs),
-                        timeout=scaled(2))
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value
-        channel.close()
-        # Past the handshake timeout the server has closed them: recv sees EOF.
-        time.sleep(scaled(3) + 2)
-        sample = idle[::500]
-        for sock in sample:
-            sock.settimeout(scaled(10))
-        assert [sock.recv(1) for sock in sample] == [b""] * len(sample)
-    finally:
-        for sock in idle:
-            sock.close()
-        srv.cleanup()
+    with Server(certs, prefix=at_a_1024_soft_limit(),
+                extra=["--handshake-timeout", str(scaled(3))]) as srv:
+        try:
+            for _ in range(count):   # connections that never send a byte
+                idle.append(socket.create_connection(("127.0.0.1", srv.port),
+                                                     timeout=scaled(10)))
+            grpc, pb, pb_grpc = sj.import_grpc()
+            channel = grpc_channel(certs, srv.address, "mrarsenal")
+            stub = pb_grpc.JobServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as e:   # a full round trip, TLS handshake included
+                stub.Status(pb.JobRef(job_id="no-such-job"), metadata=bearer(certs),
+                            timeout=scaled(2))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value
+            channel.close()
+            # Past the handshake timeout the server has closed them: recv sees EOF.
+            time.sleep(scaled(3) + 2)
+            sample = idle[::500]
+            for sock in sample:
+                sock.settimeout(scaled(10))
+            assert [sock.recv(1) for sock in sample] == [b""] * len(sample)
+        finally:
+            for sock in idle:
+                sock.close()
 
 
 def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(certs):
     require_kernel()
     import asyncio
-    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
-    try:
+    with Server(certs, extra=["--stop-jobs-on-exit"]) as srv:
         job_id = start_job(srv, "head -c 400M /dev/urandom")
         deadline = time.monotonic() + scaled(60)
         while cli_json(srv, "status", job_id)["state"] == "running":
@@ -2380,14 +2366,11 @@ def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(cer
         assert peak <= 300, f"server RSS {before:.0f} -> peak {peak:.0f} MB"
         assert after <= before + 50, f"server RSS {before:.0f} -> {after:.0f} MB after"
         assert cli(srv, "status", job_id).returncode == 0
-    finally:
-        srv.cleanup()
 
 
 def test_one_users_streams_are_capped_and_do_not_stop_anothers(certs):
     require_kernel()
-    srv = Server(certs, extra=["--stop-jobs-on-exit", "--max-streams-per-user", "3"]).start()
-    try:
+    with Server(certs, extra=["--stop-jobs-on-exit", "--max-streams-per-user", "3"]) as srv:
         job_id = start_job(srv, "echo on; sleep 1000", user="alice")
         follow = lambda user: subprocess.Popen(
             [PYTHON, SCRIPT, "--server", srv.address, "--certs", certs, "--user", user,
@@ -2405,8 +2388,6 @@ def test_one_users_streams_are_capped_and_do_not_stop_anothers(certs):
         while cli(srv, "output", job_id, user="alice").returncode != 0:
             assert time.monotonic() < deadline, "closed streams were not given back"
             time.sleep(0.1)
-    finally:
-        srv.cleanup()
 
 
 def children_of(pid):
@@ -2422,8 +2403,7 @@ def children_of(pid):
 
 def test_a_killed_server_leaves_a_quiet_spawner_and_a_stopped_one_no_cgroup_root(certs):
     require_kernel()
-    srv = Server(certs).start()
-    try:
+    with Server(certs) as srv:
         job_id = start_job(srv, "exit 0")
         for _ in range(3):   # supervisors used: the spawner offers new ones, left unread
             start_job(srv, "exit 0")
@@ -2442,8 +2422,6 @@ def test_a_killed_server_leaves_a_quiet_spawner_and_a_stopped_one_no_cgroup_root
         layout = sj.CgroupLayout.detect()
         roots = [os.path.join(m, srv.cgroup_root) for m in [*layout.v1.values(), layout.unified]]
         assert not [r for r in roots if os.path.exists(r)]
-    finally:
-        srv.cleanup()
 
 
 class _RpcError(Exception):
@@ -2659,12 +2637,11 @@ def test_a_huge_tail_costs_the_server_about_what_it_returns(certs):
     """Reproduction: Output(tail_lines=2**63) of a job of 20 MB of empty lines took 2.4 s
     of the server's CPU (one Python step a newline), counted in the caller's stream cap
     only after that work."""
-    srv = Server(certs, extra=["--max-streams-per-user", "2"]).start()
-    alice = Api(srv, "alice")
-    pb = alice.pb
-    output = lambda **r: alice.stub.Output(pb.OutputRequest(**r), metadata=alice.metadata,
-                                           timeout=scaled(60))
-    try:
+    with Server(certs, extra=["--max-streams-per-user", "2"]) as srv, \
+            contextlib.closing(Api(srv, "alice")) as alice:
+        pb = alice.pb
+        output = lambda **r: alice.stub.Output(pb.OutputRequest(**r), metadata=alice.metadata,
+                                               timeout=scaled(60))
         job = started(alice, ["sh", "-c", "yes '' | head -c 20000000"]).job_id
         alice.Wait(pb.JobRef(job_id=job))
         before = server_cpu_seconds(srv)
@@ -2684,9 +2661,6 @@ def test_a_huge_tail_costs_the_server_about_what_it_returns(certs):
         assert server_cpu_seconds(srv) - before < scaled(0.5)
         for call in held:
             call.cancel()
-    finally:
-        alice.close()
-        srv.cleanup()
 
 
 def runs_of(chunks):
@@ -2708,16 +2682,14 @@ def runs_of(chunks):
 def test_an_interleaved_job_reads_in_few_chunks_each_byte_from_its_stream(certs):
     """Reproduction: a job alternating 1-byte writes to its streams cost a message a byte
     (614k messages, 47.6 s of server CPU, for its 16.7 MB; the job had used 5 s)."""
-    srv = Server(certs).start()
-    alice = Api(srv, "alice")
-    pb = alice.pb
-    output = lambda **r: list(alice.stub.Output(pb.OutputRequest(**r), metadata=alice.metadata,
-                                                timeout=scaled(60)))
-    # (with pauses: output that comes without one is moved a round every 2 ms, in few runs)
-    script = ("import os, time\nfor _ in range(1000):\n"
-              "    os.write(1, b'a' * 50); os.write(2, b'b' * 50); time.sleep(0.003)")
-    letters = {pb.STREAM_STDOUT: b"a", pb.STREAM_STDERR: b"b"}
-    try:
+    with Server(certs) as srv, contextlib.closing(Api(srv, "alice")) as alice:
+        pb = alice.pb
+        output = lambda **r: list(alice.stub.Output(pb.OutputRequest(**r), metadata=alice.metadata,
+                                                    timeout=scaled(60)))
+        # (with pauses: output that comes without one is moved a round every 2 ms, in few runs)
+        script = ("import os, time\nfor _ in range(1000):\n"
+                  "    os.write(1, b'a' * 50); os.write(2, b'b' * 50); time.sleep(0.003)")
+        letters = {pb.STREAM_STDOUT: b"a", pb.STREAM_STDERR: b"b"}
         job = started(alice, ["python3", "-c", script]).job_id
         assert alice.Wait(pb.JobRef(job_id=job), timeout=scaled(60)).exit_code == 0
         every = runs_of(output(job_id=job, runs=True))
@@ -2746,9 +2718,6 @@ def test_an_interleaved_job_reads_in_few_chunks_each_byte_from_its_stream(certs)
         assert all(c.time.seconds > 0 and c.stream == pb.STREAM_STDERR for c in timed)
         done = cli(srv, "output", job, user="alice")
         assert (done.returncode, done.stdout, done.stderr) == (0, b"a" * 50000, b"b" * 50000)
-    finally:
-        alice.close()
-        srv.cleanup()
 
 
 ALTERNATING_WRITER = ("import os, time\n"    # 1-byte writes to each stream in turn
@@ -2794,39 +2763,37 @@ def test_one_users_many_reads_take_one_users_share_of_the_server(certs):
     """Reproduction: alice's 8 reads of a 1-byte-interleaved job took mrarsenal's status
     p50 from 2.4 to 146 ms: her chunks' reads and writes on the event loop went one of
     each of her streams in turn, so she took eight shares of it to another user's one."""
-    srv = Server(certs).start()
-    alice, admin = Api(srv, "alice"), Api(srv)
-    pb, writer = alice.pb, ["python3", "-c", ALTERNATING_WRITER.format(seconds=3)]
-    readers = None
-    try:
-        hers, mine = (started(api, writer, limits=pb.Limits(cpu=0.5)).job_id
-                      for api in (alice, admin))
-        alice.Wait(pb.JobRef(job_id=hers)), admin.Wait(pb.JobRef(job_id=mine))
-        size = sum(raw_output(admin.channel, admin.metadata, mine))
-        readers = subprocess.Popen([PYTHON, "-c", EIGHT_READERS, HERE, certs, srv.address,
-                                    hers], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   text=True)
+    with Server(certs) as srv, contextlib.closing(Api(srv, "alice")) as alice, \
+            contextlib.closing(Api(srv)) as admin:
+        pb, writer = alice.pb, ["python3", "-c", ALTERNATING_WRITER.format(seconds=3)]
+        readers = None
+        try:
+            hers, mine = (started(api, writer, limits=pb.Limits(cpu=0.5)).job_id
+                          for api in (alice, admin))
+            alice.Wait(pb.JobRef(job_id=hers)), admin.Wait(pb.JobRef(job_id=mine))
+            size = sum(raw_output(admin.channel, admin.metadata, mine))
+            readers = subprocess.Popen([PYTHON, "-c", EIGHT_READERS, HERE, certs, srv.address,
+                                        hers], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True)
 
-        def alice_read():
-            readers.stdin.write("\n")
-            readers.stdin.flush()
-            return int(readers.stdout.readline())
-        deadline = time.monotonic() + scaled(30)
-        while alice_read() < 2 * size and time.monotonic() < deadline:   # (all 8 going)
-            time.sleep(0.1)
-        shares = []
-        for _ in range(5):
-            before = alice_read()
-            assert sum(raw_output(admin.channel, admin.metadata, mine)) == size
-            shares.append((alice_read() - before) / size)
-        # One share each: she reads about what he reads meanwhile (before: about 8 times).
-        assert statistics.median(shares) < 3, shares
-    finally:
-        if readers is not None:
-            readers.kill()
-            readers.wait()
-        alice.close(), admin.close()
-        srv.cleanup()
+            def alice_read():
+                readers.stdin.write("\n")
+                readers.stdin.flush()
+                return int(readers.stdout.readline())
+            deadline = time.monotonic() + scaled(30)
+            while alice_read() < 2 * size and time.monotonic() < deadline:   # (all 8 going)
+                time.sleep(0.1)
+            shares = []
+            for _ in range(5):
+                before = alice_read()
+                assert sum(raw_output(admin.channel, admin.metadata, mine)) == size
+                shares.append((alice_read() - before) / size)
+            # One share each: she reads about what he reads meanwhile (before: about 8 times).
+            assert statistics.median(shares) < 3, shares
+        finally:
+            if readers is not None:
+                readers.kill()
+                readers.wait()
 
 
 def supervisor_cpu_seconds(srv, job_id):
@@ -2886,11 +2853,8 @@ def test_a_state_folder_another_user_can_write_is_refused(certs):
         missing = os.path.join(squat, "made", "by", "the-server")
         srv = Server(certs, state_dir=missing)
         srv.log_path = os.path.join(squat, "server.log")   # (not in the folder it makes)
-        srv.start()   # a missing one is made, root's
-        try:
+        with srv:   # a missing one is made, root's
             assert os.stat(missing).st_uid == 0 and not os.stat(missing).st_mode & 0o022
-        finally:
-            srv.cleanup()
     finally:
         os.chown(squat, 0, 0)
         shutil.rmtree(squat, ignore_errors=True)
@@ -2963,37 +2927,35 @@ def test_input_holds_bounded_memory_per_call_and_per_user(certs):
     of the server's memory; Input counted in no stream cap, and one that never sent its
     first message was held for ever."""
     srv = Server(certs, extra=["--max-streams-per-user", str(sj.MAX_INPUTS_PER_USER + 1)])
-    srv.start()
-    alice = Api(srv, "alice")
-    pb = alice.pb
-    silent = threading.Event()
+    with srv, contextlib.closing(Api(srv, "alice")) as alice:
+        pb = alice.pb
+        silent = threading.Event()
 
-    def then_nothing(messages):   # the messages, then a call that stays open
-        yield from messages
-        silent.wait()
+        def then_nothing(messages):   # the messages, then a call that stays open
+            yield from messages
+            silent.wait()
 
-    send = lambda messages: alice.stub.Input.future(then_nothing(messages),
-                                                    metadata=alice.metadata,
-                                                    timeout=scaled(60))
-    try:
-        mute = send([])   # sends nothing at all
-        jobs = [started(alice, ["sleep", "600"], stdin=True).job_id
-                for _ in range(sj.MAX_INPUTS_PER_USER + 1)]
-        big = send([pb.InputMessage(job_id=jobs[0], data=b"x" * (sj.MAX_RECEIVED_MESSAGE + 1))])
-        assert big.exception(scaled(30)).code().name == "RESOURCE_EXHAUSTED"
-        held = [send([pb.InputMessage(job_id=j, data=b"x" * sj.MiB)]) for j in jobs]
-        wait_for(lambda: sum(f.done() for f in held) == 2, scaled(30))
-        refused = [f.exception() for f in held if f.done()]
-        reasons = {sj.error_reason(dict(e.trailing_metadata()).get(sj.STATUS_DETAILS_KEY,
-                                                                   b""))[0] for e in refused}
-        assert reasons <= {"TOO_MANY_INPUTS", "TOO_MANY_STREAMS"} and len(reasons) >= 1
-        assert mute.exception(scaled(30)).code().name == "DEADLINE_EXCEEDED"
-        for f in held:
-            f.cancel()
-    finally:
-        silent.set()
-        alice.close()
-        srv.cleanup()
+        send = lambda messages: alice.stub.Input.future(then_nothing(messages),
+                                                        metadata=alice.metadata,
+                                                        timeout=scaled(60))
+        try:
+            mute = send([])   # sends nothing at all
+            jobs = [started(alice, ["sleep", "600"], stdin=True).job_id
+                    for _ in range(sj.MAX_INPUTS_PER_USER + 1)]
+            big = send([pb.InputMessage(job_id=jobs[0],
+                                        data=b"x" * (sj.MAX_RECEIVED_MESSAGE + 1))])
+            assert big.exception(scaled(30)).code().name == "RESOURCE_EXHAUSTED"
+            held = [send([pb.InputMessage(job_id=j, data=b"x" * sj.MiB)]) for j in jobs]
+            wait_for(lambda: sum(f.done() for f in held) == 2, scaled(30))
+            refused = [f.exception() for f in held if f.done()]
+            reasons = {sj.error_reason(dict(e.trailing_metadata()).get(sj.STATUS_DETAILS_KEY,
+                                                                       b""))[0] for e in refused}
+            assert reasons <= {"TOO_MANY_INPUTS", "TOO_MANY_STREAMS"} and len(reasons) >= 1
+            assert mute.exception(scaled(30)).code().name == "DEADLINE_EXCEEDED"
+            for f in held:
+                f.cancel()
+        finally:
+            silent.set()
 
 
 def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
@@ -3026,11 +2988,8 @@ def test_the_server_refuses_a_certificate_folder_that_jobs_could_use(certs, tmp_
     # With the flag (the quickstart, on the bundled set) it starts, and its log says why not.
     srv = Server(str(folder), extra=["--insecure-dev-certs"])
     srv.server_certs = str(folder)
-    srv.start()
-    try:
+    with srv:
         assert "--insecure-dev-certs: " in srv.read_log()
-    finally:
-        srv.cleanup()
 
 
 @pytest.mark.parametrize("args", [
@@ -3548,8 +3507,7 @@ def test_a_retried_start_with_the_same_request_id_starts_nothing_more(api):
 def test_a_server_killed_during_a_burst_of_starts_leaves_no_job_its_client_missed(certs):
     """Reproduction: a server killed during 50 starts left 10 jobs whose clients were told
     the start failed. The CLI retries once with the same request id."""
-    srv = Server(certs, extra=["--stop-jobs-on-exit"]).start()
-    try:
+    with Server(certs, extra=["--stop-jobs-on-exit"]) as srv:
         clients = [subprocess.Popen(
             [PYTHON, SCRIPT, "--server", srv.address, "--certs", srv.certs, "run",
              f"sleep 300 # {i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -3570,8 +3528,6 @@ def test_a_server_killed_during_a_burst_of_starts_leaves_no_job_its_client_misse
         finally:
             api.close()
         assert running == told and len(told) == 30
-    finally:
-        srv.cleanup()
 
 
 def test_names_labels_and_id_prefixes_stand_for_a_job(api, api_server):
@@ -4145,9 +4101,7 @@ def test_a_trace_goes_from_the_cli_through_the_server_log_into_the_job(session_s
 
 
 def test_json_log_lines_and_journald_priorities(certs, monkeypatch):
-    srv = Server(certs, extra=["--log-format", "json"])   # jobs outlive a restart
-    try:
-        srv.start()
+    with Server(certs, extra=["--log-format", "json"]) as srv:   # jobs outlive a restart
         job = start_job(srv, "sleep 1000")
         srv.restart()   # the running job is adopted
         cli(srv, "stop", "--grace", "0", job)
@@ -4158,19 +4112,14 @@ def test_json_log_lines_and_journald_priorities(certs, monkeypatch):
         assert rpcs and all(len(line["trace_id"]) == 32 and line["method"] for line in rpcs)
         kinds = {line.get("event") for line in lines if line.get("job") == job}
         assert {"job-adopted", "job-ended"} <= kinds
-    finally:
-        srv.cleanup()
     plain = Server(certs, extra=["--stop-jobs-on-exit"])
-    try:
-        open(plain.log_path, "ab").close()
-        st = os.stat(plain.log_path)   # its stderr: as if journald's stream
-        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-        plain.start()
+    open(plain.log_path, "ab").close()
+    st = os.stat(plain.log_path)   # its stderr: as if journald's stream
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    with plain:
         lines = plain.read_log().splitlines()
         assert lines and all(re.match(r"<[2-7]>", line) for line in lines)
         assert any(line.startswith("<6>INFO listening") for line in lines)
-    finally:
-        plain.cleanup()
 
 
 
@@ -4214,9 +4163,7 @@ def test_spans_of_calls_and_of_a_jobs_life_are_exported_to_a_collector(certs, mo
     collector = SpanCollector()
     for name, value in collector.env().items():
         monkeypatch.setenv(name, value)
-    srv = Server(certs, extra=["--stop-jobs-on-exit"])
-    try:
-        srv.start()
+    with contextlib.closing(collector), Server(certs, extra=["--stop-jobs-on-exit"]) as srv:
         trace_id = os.urandom(16).hex()
         env = {**os.environ, "TRACEPARENT": f"00-{trace_id}-{os.urandom(8).hex()}-01"}
         done = cli(srv, "run", "-f", "echo $TRACEPARENT", env=env)
@@ -4236,9 +4183,6 @@ def test_spans_of_calls_and_of_a_jobs_life_are_exported_to_a_collector(certs, mo
             assert job.start_time_unix_nano <= parts[name].start_time_unix_nano \
                 <= parts[name].end_time_unix_nano <= job.end_time_unix_nano, name
         assert f"trace_id={trace_id}" in srv.read_log()
-    finally:
-        srv.cleanup()
-        collector.close()
 
 
 ###############################################################################
@@ -4251,50 +4195,48 @@ def job_cgroups_exist(layout, root):
 
 def test_a_second_server_on_the_same_cgroup_root_is_refused_and_harms_nothing(certs):
     require_kernel()
-    first = Server(certs).start()
-    second = Server(certs, cgroup_root=first.cgroup_root)   # its own state folder
-    try:
-        job_id = start_job(first, "sleep 300")
-        with pytest.raises(AssertionError, match="another server"):
-            second.start()
-        assert second.proc.wait(30) == 1
-        log = second.read_log().strip()
-        assert len(log.splitlines()) == 1 and "Traceback" not in log, log
-        assert f"pid {first.proc.pid}" in log and first.state_dir in log, log
-        assert cli_json(first, "status", job_id)["state"] == "running"
-        for _ in range(2):   # the first one's warm supervisors are alive
-            done = cli(first, "run", "-f", "echo alive")
-            assert done.returncode == 0 and done.stdout == b"alive\n", done.stderr
-        assert "swept" not in first.read_log()
-    finally:
-        if second.proc:
-            second.terminate(signal.SIGKILL)
-        shutil.rmtree(second.state_dir, ignore_errors=True)
-        first.cleanup()
+    with Server(certs) as first:
+        second = Server(certs, cgroup_root=first.cgroup_root)   # its own state folder
+        try:
+            job_id = start_job(first, "sleep 300")
+            with pytest.raises(AssertionError, match="another server"):
+                second.start()
+            assert second.proc.wait(30) == 1
+            log = second.read_log().strip()
+            assert len(log.splitlines()) == 1 and "Traceback" not in log, log
+            assert f"pid {first.proc.pid}" in log and first.state_dir in log, log
+            assert cli_json(first, "status", job_id)["state"] == "running"
+            for _ in range(2):   # the first one's warm supervisors are alive
+                done = cli(first, "run", "-f", "echo alive")
+                assert done.returncode == 0 and done.stdout == b"alive\n", done.stderr
+            assert "swept" not in first.read_log()
+        finally:
+            if second.proc:
+                second.terminate(signal.SIGKILL)
+            shutil.rmtree(second.state_dir, ignore_errors=True)
     assert not job_cgroups_exist(sj.CgroupLayout.detect(), first.cgroup_root)
 
 
 def test_a_server_that_cannot_listen_touches_no_cgroup_and_says_why(certs):
     require_kernel()
-    first = Server(certs).start()
-    second = Server(certs)
-    second.port, second.address = first.port, first.address   # the port is taken
-    try:
-        job_id = start_job(first, "sleep 300")
-        with pytest.raises(AssertionError):
-            second.start()
-        assert second.proc.wait(30) == 1
-        log = second.read_log().strip()
-        assert log.endswith(f"cannot listen on {first.address}: address in use "
-                            f"(another server?)"), log
-        assert "GRPC" not in log and len(log.splitlines()) == 1, log
-        assert not job_cgroups_exist(sj.CgroupLayout.detect(), second.cgroup_root)
-        assert cli_json(first, "status", job_id)["state"] == "running"
-    finally:
-        if second.proc:
-            second.terminate(signal.SIGKILL)
-        shutil.rmtree(second.state_dir, ignore_errors=True)
-        first.cleanup()
+    with Server(certs) as first:
+        second = Server(certs)
+        second.port, second.address = first.port, first.address   # the port is taken
+        try:
+            job_id = start_job(first, "sleep 300")
+            with pytest.raises(AssertionError):
+                second.start()
+            assert second.proc.wait(30) == 1
+            log = second.read_log().strip()
+            assert log.endswith(f"cannot listen on {first.address}: address in use "
+                                f"(another server?)"), log
+            assert "GRPC" not in log and len(log.splitlines()) == 1, log
+            assert not job_cgroups_exist(sj.CgroupLayout.detect(), second.cgroup_root)
+            assert cli_json(first, "status", job_id)["state"] == "running"
+        finally:
+            if second.proc:
+                second.terminate(signal.SIGKILL)
+            shutil.rmtree(second.state_dir, ignore_errors=True)
 
 
 def test_a_sweep_removes_only_the_cgroups_this_state_folder_made():
@@ -4375,19 +4317,18 @@ def test_insecure_dev_certs_makes_the_bundled_keys_private_and_says_so():
     srv = Server(folder, extra=["--insecure-dev-certs", "--stop-jobs-on-exit"])
     srv.server_certs = folder                    # the Quickstart's: the whole bundled set
     try:
-        srv.start()
-        private = [n for n in os.listdir(folder) if n.endswith((".key", ".jwt"))]
-        assert private and all(os.stat(os.path.join(folder, n)).st_mode & 0o777 == 0o600
-                               for n in private)
-        assert "chmod 600" in srv.read_log()
-        done = cli_as(srv, folder, "run", "-f", "id -u")
-        assert done.returncode == 0, done.stderr
-        nobody = cli_as(srv, folder, "run", "--root", "-f", "id -u", run_as=65534)
-        assert nobody.returncode == 2 and nobody.stdout == b"", nobody
-        assert b"Permission denied" in nobody.stderr and b"Traceback" not in nobody.stderr
-        assert b"mrarsenal.key" in nobody.stderr   # (the folder itself is open to all)
+        with srv:
+            private = [n for n in os.listdir(folder) if n.endswith((".key", ".jwt"))]
+            assert private and all(os.stat(os.path.join(folder, n)).st_mode & 0o777 == 0o600
+                                   for n in private)
+            assert "chmod 600" in srv.read_log()
+            done = cli_as(srv, folder, "run", "-f", "id -u")
+            assert done.returncode == 0, done.stderr
+            nobody = cli_as(srv, folder, "run", "--root", "-f", "id -u", run_as=65534)
+            assert nobody.returncode == 2 and nobody.stdout == b"", nobody
+            assert b"Permission denied" in nobody.stderr and b"Traceback" not in nobody.stderr
+            assert b"mrarsenal.key" in nobody.stderr   # (the folder itself is open to all)
     finally:
-        srv.cleanup()
         shutil.rmtree(parent, ignore_errors=True)
 
 
