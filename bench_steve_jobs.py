@@ -34,6 +34,7 @@ import types
 import uuid
 
 import steve_jobs as sj
+from steve_jobs_harness import HERE, SCRIPT, SpanCollector, free_port, make_cert_set
 
 RUNS = int(os.environ.get("BENCH_RUNS", "60"))
 
@@ -158,17 +159,6 @@ def bench_follow_memory(engine):
 # API benchmarks: a real server, the real CLI, and OpenSSH as the baseline
 ###############################################################################
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, "steve_jobs.py")
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class BenchServer:
     """steve_jobs.py server on a free loopback port, with its own certificates and state."""
 
@@ -179,8 +169,7 @@ class BenchServer:
         self.dir = tempfile.mkdtemp(prefix="steve-jobs-bench-", dir="/var/tmp")
         os.chmod(self.dir, 0o711)   # jobs (other uids) must reach state/work/ID inside it
         self.certs = os.path.join(self.dir, "certs")
-        subprocess.run(["bash", os.path.join(HERE, "gen_certs.sh"), "--dir", self.certs],
-                       check=True, capture_output=True, env={**os.environ, "PYTHON": sys.executable})
+        make_cert_set(self.certs, users=())   # gen_certs.sh's own: mrarsenal:admin, alice:user
         self.address = f"127.0.0.1:{free_port()}"
         self.cgroup_root = f"steve-jobs-bench-{uuid.uuid4().hex[:6]}"
         self.log = open(os.path.join(self.dir, "server.log"), "ab")
@@ -510,7 +499,6 @@ def bench_stdin_throughput(server, sshd, runs=3, size=sj.GiB):
 def bench_tracing_cost(runs=RUNS):
     """Start calls to a server exporting spans to an OTLP collector (in this process) vs
     one exporting nothing, interleaved; the calls carry a traceparent either way."""
-    from test_steve_jobs import SpanCollector
     collector = SpanCollector()
     try:
         env = collector.env()

@@ -48,9 +48,10 @@ import hypothesis.strategies
 import pytest
 
 import steve_jobs as sj
+from steve_jobs_harness import (HERE, PYTHON, SCRIPT, SpanCollector, free_port, make_cert_set,
+                                scaled)
 
 MUST_WORK = os.environ.get("STEVE_JOBS_MUST_WORK") == "1"
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 ###############################################################################
@@ -87,11 +88,6 @@ def require_kernel():
         if MUST_WORK:
             pytest.fail(f"STEVE_JOBS_MUST_WORK=1 but: {KERNEL_UNAVAILABLE}")
         pytest.skip(KERNEL_UNAVAILABLE)
-
-
-def scaled(seconds):
-    """A time budget, stretched by STEVE_JOBS_TIME_SCALE on slow machines."""
-    return seconds * sj.TIME_SCALE
 
 
 def host_folder_for_jobs():
@@ -1118,23 +1114,6 @@ def test_an_io_device_that_is_no_disk_is_refused_at_start(engine):
 ###############################################################################
 # End-to-end tests: a real server process, real mutual TLS on loopback
 ###############################################################################
-
-PYTHON = sys.executable
-SCRIPT = os.path.join(HERE, "steve_jobs.py")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_cert_set(directory, users=("mrarsenal:admin", "alice:user", "rita:reader")):
-    env = {**os.environ, "PYTHON": PYTHON}
-    subprocess.run(["bash", os.path.join(HERE, "gen_certs.sh"), "--dir", directory, *users],
-                   check=True, capture_output=True, env=env)
-    return directory
-
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory):
@@ -4120,43 +4099,6 @@ def test_json_log_lines_and_journald_priorities(certs, monkeypatch):
         lines = plain.read_log().splitlines()
         assert lines and all(re.match(r"<[2-7]>", line) for line in lines)
         assert any(line.startswith("<6>INFO listening") for line in lines)
-
-
-
-class SpanCollector:
-    """An OTLP/gRPC trace collector in this process, on loopback: what a server exports."""
-
-    def __init__(self):
-        import concurrent.futures
-        import grpc
-        from opentelemetry.proto.collector.trace.v1 import (trace_service_pb2,
-                                                           trace_service_pb2_grpc)
-        spans, self.spans = [], []
-
-        class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request, context):
-                for resource in request.resource_spans:
-                    for scope in resource.scope_spans:
-                        spans.extend(scope.spans)
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self.spans = spans
-        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def env(self):
-        """What an operator sets for the server to export here."""
-        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
-                "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "50"}
-
-    def named(self, name, trace_id=None):
-        return [s for s in list(self.spans) if s.name == name
-                and (trace_id is None or s.trace_id.hex() == trace_id)]
-
-    def close(self):
-        self.server.stop(0)
 
 
 def test_spans_of_calls_and_of_a_jobs_life_are_exported_to_a_collector(certs, monkeypatch):

@@ -1,0 +1,77 @@
+"""What the tests (test_steve_jobs.py) and the benchmarks (bench_steve_jobs.py) share.
+
+Where the script is, free loopback ports, time budgets stretched on slow machines, sets of
+certificates and an OTLP trace collector in the process: one copy of each, so that the
+benchmarks need not import the tests.
+
+For tests and benchmarks only: not part of the product. pyproject.toml installs steve_jobs,
+jobs_pb2 and jobs_pb2_grpc, not this file; pytest collects no tests here (its name does not
+start with test_).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import steve_jobs as sj
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYTHON = sys.executable
+SCRIPT = os.path.join(HERE, "steve_jobs.py")
+
+
+def scaled(seconds):
+    """A time budget, stretched by STEVE_JOBS_TIME_SCALE on slow machines."""
+    return seconds * sj.TIME_SCALE
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_cert_set(directory, users=("mrarsenal:admin", "alice:user", "rita:reader")):
+    """A CA, a server certificate and each USER:ROLE's certificate and token (gen_certs.sh)
+    in directory; returns directory."""
+    env = {**os.environ, "PYTHON": PYTHON}
+    subprocess.run(["bash", os.path.join(HERE, "gen_certs.sh"), "--dir", directory, *users],
+                   check=True, capture_output=True, env=env)
+    return directory
+
+
+class SpanCollector:
+    """An OTLP/gRPC trace collector in this process, on loopback: what a server exports."""
+
+    def __init__(self):
+        import concurrent.futures
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import (trace_service_pb2,
+                                                           trace_service_pb2_grpc)
+        spans, self.spans = [], []
+
+        class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        spans.extend(scope.spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.spans = spans
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def env(self):
+        """What an operator sets for the server to export here."""
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "50"}
+
+    def named(self, name, trace_id=None):
+        return [s for s in list(self.spans) if s.name == name
+                and (trace_id is None or s.trace_id.hex() == trace_id)]
+
+    def close(self):
+        self.server.stop(0)
