@@ -34,7 +34,8 @@ import types
 import uuid
 
 import steve_jobs as sj
-from steve_jobs_harness import HERE, SCRIPT, SpanCollector, free_port, make_cert_set
+from steve_jobs_harness import (HERE, SCRIPT, SpanCollector, free_port, grpc, make_cert_set, pb,
+                                pb_grpc)
 
 RUNS = int(os.environ.get("BENCH_RUNS", "60"))
 
@@ -569,7 +570,7 @@ class TenantClient:
     """A stub of user's on the bench server, on a channel of its own."""
 
     def __init__(self, server, user):
-        grpc, self.pb, pb_grpc = sj.import_grpc()
+        self.pb = pb
         creds, self.md = mrarsenal_credentials(grpc, server.certs, user)
         self.channel = grpc.secure_channel(server.address, creds)
         self.stub = pb_grpc.JobServiceStub(self.channel)
@@ -737,7 +738,6 @@ class FloorServer:
     @staticmethod
     def main(certs, address):
         import asyncio
-        grpc, pb, pb_grpc = sj.import_grpc()
         read = lambda name: read_file(certs, name)
 
         class Floor(pb_grpc.JobServiceServicer):
@@ -796,7 +796,6 @@ def follow_all(address, certs, followers, channels, spread, sample_rss):
     """
     import asyncio
     import hashlib
-    grpc, pb, pb_grpc = sj.import_grpc()
     creds, md = mrarsenal_credentials(grpc, certs)
 
     async def run():
@@ -865,7 +864,6 @@ def bench_fan_out(server, followers=1000, channels=10, spread=0.0):
 
 def bench_start_rate(server, clients=10, jobs_per_client=20):
     """Jobs started per second by 10 concurrent clients, each on its own connection."""
-    grpc, pb, pb_grpc = sj.import_grpc()
     creds, md = mrarsenal_credentials(grpc, server.certs)
     stubs = [pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
              for _ in range(clients)]
@@ -942,7 +940,6 @@ def bench_stalled_followers(server, followers=1000, connections=50):
     a distinct offset of a 1 GB job and then stop reading (goal: peak <= 300 MB, after <=
     before + 50 MB)."""
     import asyncio
-    grpc, pb, pb_grpc = sj.import_grpc()
     creds, md = mrarsenal_credentials(grpc, server.certs)
     job_id = server.start_job(f"head -c {1000 * (sj.MiB + 4099)} /dev/urandom")
     server.wait_ended(job_id)
@@ -978,7 +975,6 @@ def bench_idle_connections(server, runs=20):
     connections open that never send a byte, beside the same calls with none open."""
     import resource
     import socket
-    grpc, pb, pb_grpc = sj.import_grpc()
     creds, md = mrarsenal_credentials(grpc, server.certs)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -1,8 +1,8 @@
 """What the tests (test_steve_jobs.py) and the benchmarks (bench_steve_jobs.py) share.
 
-Where the script is, free loopback ports, time budgets stretched on slow machines, sets of
-certificates and an OTLP trace collector in the process: one copy of each, so that the
-benchmarks need not import the tests.
+Where the script is, grpc and the generated stubs (imported once), free loopback ports, time
+budgets stretched on slow machines, sets of certificates and an OTLP trace collector in the
+process: one copy of each, so that the benchmarks need not import the tests.
 
 For tests and benchmarks only: not part of the product. pyproject.toml installs steve_jobs,
 jobs_pb2 and jobs_pb2_grpc, not this file; pytest collects no tests here (its name does not
@@ -19,6 +19,11 @@ import steve_jobs as sj
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 SCRIPT = os.path.join(HERE, "steve_jobs.py")
+
+# grpc and the generated stubs, imported once, as the CLI imports them (aio=False also keeps
+# grpc's own log to errors, GRPC_VERBOSITY=ERROR, in this process and what it starts);
+# importing grpc imports grpc.aio with it.
+grpc, pb, pb_grpc = sj.import_grpc(aio=False)
 
 
 def scaled(seconds):
@@ -46,7 +51,6 @@ class SpanCollector:
 
     def __init__(self):
         import concurrent.futures
-        import grpc
         from opentelemetry.proto.collector.trace.v1 import (trace_service_pb2,
                                                            trace_service_pb2_grpc)
         spans, self.spans = [], []

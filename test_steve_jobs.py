@@ -48,8 +48,8 @@ import hypothesis.strategies
 import pytest
 
 import steve_jobs as sj
-from steve_jobs_harness import (HERE, PYTHON, SCRIPT, SpanCollector, free_port, make_cert_set,
-                                scaled)
+from steve_jobs_harness import (HERE, PYTHON, SCRIPT, SpanCollector, free_port, grpc,
+                                make_cert_set, pb, pb_grpc, scaled)
 
 MUST_WORK = os.environ.get("STEVE_JOBS_MUST_WORK") == "1"
 
@@ -647,7 +647,6 @@ def test_a_tail_of_both_streams_is_what_splitting_lines_says(tmp_path_factory, t
                   when=hypothesis.strategies.one_of(hypothesis.strategies.none(),
                                                     hypothesis.strategies.integers(1, 1 << 40)))
 def test_the_chunk_coders_read_and_write_what_protobuf_does(data, offset, stream, when):
-    _, pb, _ = sj.import_grpc(aio=False)
     chunk = pb.OutputChunk(data=data, offset=offset, stream=stream)
     if when is not None:
         chunk.time.FromNanoseconds(when * 1000)
@@ -1414,7 +1413,6 @@ def test_server_certificates_rotate_without_a_restart(certs, tmp_path):
 
 
 def test_health_service_answers(server, certs):
-    grpc, _, _ = sj.import_grpc()
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     channel = grpc_channel(certs, server.address, "mrarsenal")
     reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -1458,7 +1456,6 @@ def test_graceful_shutdown_ends_streams_and_keeps_jobs_running(certs):
 ###############################################################################
 
 def grpc_channel(certs_dir, address, user, ca_dir=None, cert=None, key=None):
-    grpc, _, _ = sj.import_grpc()
     read = lambda p: open(p, "rb").read()
     creds = grpc.ssl_channel_credentials(
         root_certificates=read(os.path.join(ca_dir or certs_dir, "ca.crt")),
@@ -1476,7 +1473,6 @@ def bearer(certs_dir, user="mrarsenal"):
 
 def call(certs_dir, address, method, request, user="mrarsenal", token=None, **chan):
     """One RPC; returns (status code name, response or None)."""
-    grpc, pb, pb_grpc = sj.import_grpc()
     if token is None:
         token = open(os.path.join(certs_dir, f"{user}.jwt")).read().strip()
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -1518,7 +1514,6 @@ def b64url(data):
 
 def rpc_requests():
     """One request for every RPC of the service."""
-    _, pb, _ = sj.import_grpc()
     some = "00000000-0000-4000-8000-000000000000"
     return {"Start": pb.StartRequest(argv=["true"]), "Stop": pb.StopRequest(job_id=some),
             "Status": pb.JobRef(job_id=some), "Output": pb.OutputRequest(job_id=some),
@@ -1529,7 +1524,6 @@ def rpc_requests():
 
 
 def test_the_request_table_covers_every_rpc_of_the_service():
-    _, pb, _ = sj.import_grpc()
     methods = set(pb.DESCRIPTOR.services_by_name["JobService"].methods_by_name)
     assert methods == set(rpc_requests()) == set(sj.RPC_ACTIONS)
 
@@ -1592,7 +1586,6 @@ def _hs256_with_public_key(certs_dir):
 
 @pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
 def test_bad_tokens_are_unauthenticated_and_start_nothing(server, certs, kind):
-    _, pb, _ = sj.import_grpc()
     before = len(cli_json(server, "list", "--all"))
     token = BAD_TOKENS[kind](certs).strip()
     code, _ = call(certs, server.address, "Start", pb.StartRequest(argv=["true"]), token=token)
@@ -1602,14 +1595,12 @@ def test_bad_tokens_are_unauthenticated_and_start_nothing(server, certs, kind):
 
 def test_a_good_token_made_the_same_way_is_accepted(server, certs):
     # The control for the table above: the test's own token factory does make valid tokens.
-    _, pb, _ = sj.import_grpc()
     token = signed(certs, jwt_claims(certs, "mrarsenal"))
     code, reply = call(certs, server.address, "List", pb.ListRequest(), token=token)
     assert code == "OK"
 
 
 def test_user_role_limits_root_and_caps(server, certs):
-    _, pb, _ = sj.import_grpc()
     for request in (pb.StartRequest(argv=["id"], as_root=True),
                     pb.StartRequest(argv=["true"], limits=pb.Limits(memory_bytes=8 * sj.GiB)),
                     pb.StartRequest(argv=["true"], limits=pb.Limits(cpu=2))):
@@ -1629,10 +1620,8 @@ def test_user_role_limits_root_and_caps(server, certs):
 
 def test_connections_without_a_valid_client_certificate_are_refused(server, certs,
                                                                     other_ca_certs):
-    _, pb, _ = sj.import_grpc()
     req = pb.ListRequest()
     # No client certificate at all.
-    grpc, _, pb_grpc = sj.import_grpc()
     creds = grpc.ssl_channel_credentials(root_certificates=open(f"{certs}/ca.crt", "rb").read())
     channel = grpc.secure_channel(server.address, creds)
     with pytest.raises(grpc.RpcError) as e:
@@ -1688,7 +1677,6 @@ def test_a_client_certificate_cannot_serve_as_the_server_certificate(certs, tmp_
     (bad / "server.crt").write_bytes(cert)
     (bad / "server.key").write_bytes(key)
     with Server(str(bad)) as srv:
-        _, pb, _ = sj.import_grpc()
         assert call(certs, srv.address, "List", pb.ListRequest())[0] == "UNAVAILABLE"
 
 
@@ -1839,7 +1827,6 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(engine):
 
 
 def test_a_fast_writer_is_not_slowed_by_a_reader_that_stops_reading(server, certs):
-    grpc, pb, pb_grpc = sj.import_grpc()
     job_id = start_job(server, "head -c 200000000 /dev/zero")
     channel = grpc_channel(certs, server.address, "mrarsenal")
     stalled = pb_grpc.JobServiceStub(channel).Output(
@@ -1861,7 +1848,6 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
     require_kernel()
     import random
     with Server(certs, extra=["--stop-jobs-on-exit"]) as srv:
-        grpc, pb, pb_grpc = sj.import_grpc()
         md = bearer(certs)
         writer = "for i in $(seq 1 20); do echo \"$i $(head -c 300 /dev/zero | tr '\\0' x)\"; " \
                  "sleep 0.05; done"
@@ -1935,7 +1921,6 @@ def test_followers_at_different_offsets_sharing_chunks_each_get_their_exact_byte
     # bytes from its own offset on, across chunk boundaries and a pause in the output.
     script = "seq 1 300000; sleep 0.5; seq 300001 600000"
     expected = subprocess.run(["sh", "-c", script], capture_output=True, check=True).stdout
-    grpc, pb, pb_grpc = sj.import_grpc()
     md = bearer(server.certs)
     job_id = start_job(server, script)
     offsets = [0, 0, 0, 1, 7, 100_000, sj.CHUNK - 1, sj.CHUNK, sj.CHUNK + 1, 3 * sj.CHUNK,
@@ -1967,7 +1952,6 @@ def test_followers_at_different_offsets_sharing_chunks_each_get_their_exact_byte
 def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(server, certs):
     pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings, strategies as st
-    grpc, pb, pb_grpc = sj.import_grpc()
     channel = grpc_channel(certs, server.address, "alice")
     stub = pb_grpc.JobServiceStub(channel)
     md = bearer(certs, "alice")
@@ -2020,7 +2004,6 @@ def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(
 def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
     require_kernel()
     with Server(certs, extra=["--stop-jobs-on-exit"]) as srv:
-        grpc, pb, pb_grpc = sj.import_grpc()
         md = bearer(certs)
         writer = "for i in $(seq 1 30); do echo line $i; sleep 0.1; done"
         expected = b"".join(b"line %d\n" % i for i in range(1, 31))
@@ -2213,7 +2196,6 @@ def at_a_1024_soft_limit():
 
 
 def aio_credentials(certs_dir, user="mrarsenal"):
-    grpc, _, _ = sj.import_grpc()
     read = lambda name: open(os.path.join(certs_dir, name), "rb").read()
     return grpc.ssl_channel_credentials(read("ca.crt"), read(f"{user}.key"),
                                         read(f"{user}.crt")), bearer(certs_dir, user)
@@ -2233,7 +2215,6 @@ def test_more_followers_than_a_1024_file_limit_each_on_its_own_connection(certs)
         assert f"open files limit raised from 1024 to {hard_open_files_limit()}" in srv.read_log()
         assert cli(srv, "run", "-f", "ulimit -n").stdout == b"1024\n"   # jobs keep the usual
         job_id = start_job(srv, "echo first; sleep 1000")
-        grpc, pb, pb_grpc = sj.import_grpc()
         creds, md = aio_credentials(certs)
 
         async def follow_each_on_its_own_connection(n):
@@ -2280,7 +2261,6 @@ def test_idle_connections_neither_starve_certified_users_nor_stay(certs):
             for _ in range(count):   # connections that never send a byte
                 idle.append(socket.create_connection(("127.0.0.1", srv.port),
                                                      timeout=scaled(10)))
-            grpc, pb, pb_grpc = sj.import_grpc()
             channel = grpc_channel(certs, srv.address, "mrarsenal")
             stub = pb_grpc.JobServiceStub(channel)
             with pytest.raises(grpc.RpcError) as e:   # a full round trip, TLS handshake included
@@ -2309,7 +2289,6 @@ def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(cer
             assert time.monotonic() < deadline
             time.sleep(0.1)
         alices = start_job(srv, "head -c 8M /dev/zero", user="alice")
-        grpc, pb, pb_grpc = sj.import_grpc()
         creds, md = aio_credentials(certs)
         alice_creds, alice_md = aio_credentials(certs, "alice")
         before, handles = server_rss_mb(srv), len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
@@ -2418,7 +2397,6 @@ class _RpcError(Exception):
 
 
 def test_the_cli_says_cannot_reach_only_when_the_server_did_not_answer():
-    grpc, _, _ = sj.import_grpc(aio=False)
     for said, told in (
             ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
              "Connection refused", "cannot reach the server at"),
@@ -2484,7 +2462,6 @@ def sub_ca_client_cert(certs_dir, cn):
 
 
 def test_a_client_certificate_from_a_sub_ca_is_refused(server, certs):
-    _, pb, _ = sj.import_grpc()
     chain, key, der = sub_ca_client_cert(certs, "mrarsenal")
     token = signed(certs, jwt_claims(certs, "mrarsenal", cnf={
         "x5t#S256": sj.certificate_thumbprint(der)}))
@@ -2494,7 +2471,6 @@ def test_a_client_certificate_from_a_sub_ca_is_refused(server, certs):
 
 
 def test_client_supplied_strings_cannot_forge_or_flood_log_lines(server, certs):
-    _, pb, _ = sj.import_grpc()
     forged = ("x\n2026-01-01 00:00:00,000 INFO rpc user=mrarsenal method=Remove job=y "
               "result=OK duration_ms=1.0")
     huge = "a" * 100_000
@@ -2550,7 +2526,7 @@ def test_a_jobs_strings_cannot_rewrite_another_users_screen(server):
     `list --all` and `status` printed them raw (cursor up and erase, OSC 0 the window's
     title, OSC 52 the clipboard)."""
     evil = "\x1b[1A\x1b[2K\x1b]0;owned\x07\x1b]52;c;ZWNobyBoaQ==\x07\u009b2J\x7f"
-    alice, pb = Api(server, "alice"), sj.import_grpc()[1]
+    alice = Api(server, "alice")
     try:
         code, reason, field, _ = alice.error("Start", pb.StartRequest(
             argv=["true"], labels={"note": evil}))
@@ -2730,7 +2706,6 @@ for _ in sys.stdin:   # a line asks for what they have read so far
 def raw_output(channel, metadata, job_id, offset=0):
     """The size of each chunk of an Output(runs) call on channel, left unparsed: the client
     costs little beside the server."""
-    _, pb, _ = sj.import_grpc()
     call = channel.unary_stream("/steve_jobs.v1.JobService/Output",
                                 request_serializer=pb.OutputRequest.SerializeToString)
     for raw in call(pb.OutputRequest(job_id=job_id, offset=offset, runs=True),
@@ -3311,7 +3286,7 @@ class Api:
     """A stub for user on server, calls raising grpc.RpcError as any gRPC client sees."""
 
     def __init__(self, server, user="mrarsenal", **options):
-        self.grpc, self.pb, pb_grpc = sj.import_grpc(aio=False)
+        self.grpc, self.pb = grpc, pb
         self.channel = grpc_channel(server.certs, server.address, user)
         if options:   # a stock client's limits, e.g. the 4 MiB default receive size
             self.channel.close()
@@ -3713,7 +3688,6 @@ def test_tls_failures_say_what_is_wrong(api_server, other_ca_certs, tmp_path):
                              "--certs", api_server.certs, "list"], capture_output=True,
                             timeout=scaled(60))
     assert nobody.returncode == 8 and b"cannot reach the server" in nobody.stderr
-    _, pb, _ = sj.import_grpc()
     code, _ = call(api_server.certs, api_server.address, "List", pb.ListRequest(), token="x.y.z")
     assert code == "UNAUTHENTICATED"   # the server says who was refused, and why
     # The line is written as the call ends: the client may see the status a moment before.
@@ -4306,7 +4280,7 @@ def test_tokens_up_to_16k_are_taken_and_bigger_ones_refused_with_a_reason(server
             assert b"at most 16.0KiB" in done.stderr, done.stderr
     huge = signed(server.certs, jwt_claims(server.certs, "mrarsenal",
                                            groups=["g" * 60] * (18 * 1024 // 85)))
-    assert call(server.certs, server.address, "List", sj.import_grpc()[1].ListRequest(),
+    assert call(server.certs, server.address, "List", pb.ListRequest(),
                 token=huge)[0] == "UNAUTHENTICATED"
 
 
