@@ -34,8 +34,8 @@ import types
 import uuid
 
 import steve_jobs as sj
-from steve_jobs_harness import (HERE, SCRIPT, SpanCollector, free_port, grpc, make_cert_set, pb,
-                                pb_grpc)
+from steve_jobs_harness import (HERE, SCRIPT, SpanCollector, bearer, free_port, grpc,
+                                make_cert_set, pb, pb_grpc, user_channel, user_credentials)
 
 RUNS = int(os.environ.get("BENCH_RUNS", "60"))
 
@@ -558,21 +558,13 @@ def read_file(certs, name):
         return f.read()
 
 
-def mrarsenal_credentials(grpc, certs, user="mrarsenal"):
-    """(channel credentials, call metadata) of user (default: the admin) in certs."""
-    read = lambda name: read_file(certs, name)
-    return (grpc.ssl_channel_credentials(read("ca.crt"), read(f"{user}.key"),
-                                         read(f"{user}.crt")),
-            (("authorization", "Bearer " + read(f"{user}.jwt").decode().strip()),))
-
-
 class TenantClient:
     """A stub of user's on the bench server, on a channel of its own."""
 
     def __init__(self, server, user):
         self.pb = pb
-        creds, self.md = mrarsenal_credentials(grpc, server.certs, user)
-        self.channel = grpc.secure_channel(server.address, creds)
+        self.channel = user_channel(server.certs, server.address, user)
+        self.md = bearer(server.certs, user)
         self.stub = pb_grpc.JobServiceStub(self.channel)
 
     def start(self, argv, **fields):
@@ -796,7 +788,7 @@ def follow_all(address, certs, followers, channels, spread, sample_rss):
     """
     import asyncio
     import hashlib
-    creds, md = mrarsenal_credentials(grpc, certs)
+    creds, md = user_credentials(certs)
 
     async def run():
         chans = [grpc.aio.secure_channel(address, creds) for _ in range(channels)]
@@ -864,7 +856,7 @@ def bench_fan_out(server, followers=1000, channels=10, spread=0.0):
 
 def bench_start_rate(server, clients=10, jobs_per_client=20):
     """Jobs started per second by 10 concurrent clients, each on its own connection."""
-    creds, md = mrarsenal_credentials(grpc, server.certs)
+    creds, md = user_credentials(server.certs)
     stubs = [pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
              for _ in range(clients)]
     for stub in stubs:
@@ -940,7 +932,7 @@ def bench_stalled_followers(server, followers=1000, connections=50):
     a distinct offset of a 1 GB job and then stop reading (goal: peak <= 300 MB, after <=
     before + 50 MB)."""
     import asyncio
-    creds, md = mrarsenal_credentials(grpc, server.certs)
+    creds, md = user_credentials(server.certs)
     job_id = server.start_job(f"head -c {1000 * (sj.MiB + 4099)} /dev/urandom")
     server.wait_ended(job_id)
     before = server.rss_mb()
@@ -975,7 +967,7 @@ def bench_idle_connections(server, runs=20):
     connections open that never send a byte, beside the same calls with none open."""
     import resource
     import socket
-    creds, md = mrarsenal_credentials(grpc, server.certs)
+    creds, md = user_credentials(server.certs)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     count = min(20000, hard - 4096)   # what both ends can hold under the hard limit

@@ -1,7 +1,8 @@
 """What the tests (test_steve_jobs.py) and the benchmarks (bench_steve_jobs.py) share.
 
 Where the script is, grpc and the generated stubs (imported once), free loopback ports, time
-budgets stretched on slow machines, sets of certificates and an OTLP trace collector in the
+budgets stretched on slow machines, sets of certificates, a user's gRPC credentials and
+channels (user_credentials, user_channel, bearer) and an OTLP trace collector in the
 process: one copy of each, so that the benchmarks need not import the tests.
 
 For tests and benchmarks only: not part of the product. pyproject.toml installs steve_jobs,
@@ -44,6 +45,41 @@ def make_cert_set(directory, users=("mrarsenal:admin", "alice:user", "rita:reade
     subprocess.run(["bash", os.path.join(HERE, "gen_certs.sh"), "--dir", directory, *users],
                    check=True, capture_output=True, env=env)
     return directory
+
+
+def _read(path, mode="rb"):
+    with open(path, mode) as f:
+        return f.read()
+
+
+def bearer(certs_dir, user="mrarsenal"):
+    """gRPC metadata carrying user's token from the certificate folder."""
+    return (("authorization", "Bearer " + _read(os.path.join(certs_dir, f"{user}.jwt"), "r")
+             .strip()),)
+
+
+def user_credentials(certs_dir, user="mrarsenal", ca_dir=None, cert=None, key=None):
+    """(channel credentials, call metadata) of user in certs_dir: their certificate and key
+    there (or cert and key, PEM bytes: a pair made elsewhere), trusting the CA of ca_dir
+    (default: certs_dir's), and their token (bearer(); no metadata, (), when certs_dir holds
+    none for user)."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(os.path.join(ca_dir or certs_dir, "ca.crt")),
+        private_key=key if key is not None else _read(os.path.join(certs_dir, f"{user}.key")),
+        certificate_chain=cert if cert is not None else _read(os.path.join(certs_dir,
+                                                                           f"{user}.crt")))
+    has_token = os.path.exists(os.path.join(certs_dir, f"{user}.jwt"))
+    return credentials, bearer(certs_dir, user) if has_token else ()
+
+
+def user_channel(certs_dir, address, user="mrarsenal", aio=False, options=None, **keys):
+    """A channel to address with user_credentials(certs_dir, user, **keys) (ca_dir=, cert=,
+    key=); aio: a grpc.aio channel; options: a stock client's channel options, a dict (e.g.
+    the 4 MiB "grpc.max_receive_message_length" of any gRPC client). Calls on it carry no
+    token: pass bearer(certs_dir, user) as their metadata."""
+    credentials, _ = user_credentials(certs_dir, user, **keys)
+    return (grpc.aio if aio else grpc).secure_channel(
+        address, credentials, options=list(options.items()) if options else None)
 
 
 class SpanCollector:

@@ -48,8 +48,9 @@ import hypothesis.strategies
 import pytest
 
 import steve_jobs as sj
-from steve_jobs_harness import (HERE, PYTHON, SCRIPT, SpanCollector, free_port, grpc,
-                                make_cert_set, pb, pb_grpc, scaled)
+from steve_jobs_harness import (HERE, PYTHON, SCRIPT, SpanCollector, bearer, free_port, grpc,
+                                make_cert_set, pb, pb_grpc, scaled, user_channel,
+                                user_credentials)
 
 MUST_WORK = os.environ.get("STEVE_JOBS_MUST_WORK") == "1"
 
@@ -1414,7 +1415,7 @@ def test_server_certificates_rotate_without_a_restart(certs, tmp_path):
 
 def test_health_service_answers(server, certs):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    channel = grpc_channel(certs, server.address, "mrarsenal")
+    channel = user_channel(certs, server.address, "mrarsenal")
     reply = health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service="steve_jobs.v1.JobService"), timeout=scaled(10))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -1455,28 +1456,13 @@ def test_graceful_shutdown_ends_streams_and_keeps_jobs_running(certs):
 # Security tests: every way in
 ###############################################################################
 
-def grpc_channel(certs_dir, address, user, ca_dir=None, cert=None, key=None):
-    read = lambda p: open(p, "rb").read()
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=read(os.path.join(ca_dir or certs_dir, "ca.crt")),
-        private_key=key if key is not None else read(os.path.join(certs_dir, f"{user}.key")),
-        certificate_chain=cert if cert is not None else read(os.path.join(certs_dir,
-                                                                          f"{user}.crt")))
-    return grpc.secure_channel(address, creds)
-
-
-def bearer(certs_dir, user="mrarsenal"):
-    """gRPC metadata carrying user's token from the certificate folder."""
-    return (("authorization", "Bearer " + open(os.path.join(certs_dir, f"{user}.jwt"))
-             .read().strip()),)
-
-
 def call(certs_dir, address, method, request, user="mrarsenal", token=None, **chan):
-    """One RPC; returns (status code name, response or None)."""
+    """One RPC; returns (status code name, response or None). token: user's by default, ""
+    for none; chan: user_channel()'s ca_dir, cert and key."""
     if token is None:
         token = open(os.path.join(certs_dir, f"{user}.jwt")).read().strip()
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    channel = grpc_channel(certs_dir, address, user, **chan)
+    channel = user_channel(certs_dir, address, user, **chan)
     try:
         stub = pb_grpc.JobServiceStub(channel)
         if isinstance(request, list):   # a client-streaming call's messages
@@ -1828,7 +1814,7 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(engine):
 
 def test_a_fast_writer_is_not_slowed_by_a_reader_that_stops_reading(server, certs):
     job_id = start_job(server, "head -c 200000000 /dev/zero")
-    channel = grpc_channel(certs, server.address, "mrarsenal")
+    channel = user_channel(certs, server.address, "mrarsenal")
     stalled = pb_grpc.JobServiceStub(channel).Output(
         pb.OutputRequest(job_id=job_id, follow=True), metadata=bearer(certs))
     next(stalled)   # take one chunk, then stop reading
@@ -1870,7 +1856,7 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
         lock = threading.Lock()
 
         def client(n):
-            channel = grpc_channel(certs, srv.address, "mrarsenal")
+            channel = user_channel(certs, srv.address, "mrarsenal")
             stub = pb_grpc.JobServiceStub(channel)
             try:
                 for _ in range(10):   # 20 clients x 10 jobs = 200 jobs
@@ -1928,7 +1914,7 @@ def test_followers_at_different_offsets_sharing_chunks_each_get_their_exact_byte
     results, errors = {}, []
 
     def follow(i, offset):
-        channel = grpc_channel(server.certs, server.address, "mrarsenal")
+        channel = user_channel(server.certs, server.address, "mrarsenal")
         try:
             stream = pb_grpc.JobServiceStub(channel).Output(
                 pb.OutputRequest(job_id=job_id, offset=offset, follow=True), metadata=md,
@@ -1952,7 +1938,7 @@ def test_followers_at_different_offsets_sharing_chunks_each_get_their_exact_byte
 def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(server, certs):
     pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings, strategies as st
-    channel = grpc_channel(certs, server.address, "alice")
+    channel = user_channel(certs, server.address, "alice")
     stub = pb_grpc.JobServiceStub(channel)
     md = bearer(certs, "alice")
     clear = {"OK", "INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND", "FAILED_PRECONDITION"}
@@ -2010,7 +1996,7 @@ def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
         job_ids, lock, followers_done, following = [], threading.Lock(), [], []
 
         def client():
-            channel = grpc_channel(certs, srv.address, "mrarsenal")
+            channel = user_channel(certs, srv.address, "mrarsenal")
             stub = pb_grpc.JobServiceStub(channel)
             try:
                 for _ in range(5):
@@ -2195,12 +2181,6 @@ def at_a_1024_soft_limit():
     return ["prlimit", f"--nofile=1024:{hard_open_files_limit()}", "--"]
 
 
-def aio_credentials(certs_dir, user="mrarsenal"):
-    read = lambda name: open(os.path.join(certs_dir, name), "rb").read()
-    return grpc.ssl_channel_credentials(read("ca.crt"), read(f"{user}.key"),
-                                        read(f"{user}.crt")), bearer(certs_dir, user)
-
-
 def server_rss_mb(srv):
     with open(f"/proc/{srv.proc.pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -2215,7 +2195,7 @@ def test_more_followers_than_a_1024_file_limit_each_on_its_own_connection(certs)
         assert f"open files limit raised from 1024 to {hard_open_files_limit()}" in srv.read_log()
         assert cli(srv, "run", "-f", "ulimit -n").stdout == b"1024\n"   # jobs keep the usual
         job_id = start_job(srv, "echo first; sleep 1000")
-        creds, md = aio_credentials(certs)
+        creds, md = user_credentials(certs)
 
         async def follow_each_on_its_own_connection(n):
             channels = [grpc.aio.secure_channel(srv.address, creds) for _ in range(n)]
@@ -2261,7 +2241,7 @@ def test_idle_connections_neither_starve_certified_users_nor_stay(certs):
             for _ in range(count):   # connections that never send a byte
                 idle.append(socket.create_connection(("127.0.0.1", srv.port),
                                                      timeout=scaled(10)))
-            channel = grpc_channel(certs, srv.address, "mrarsenal")
+            channel = user_channel(certs, srv.address, "mrarsenal")
             stub = pb_grpc.JobServiceStub(channel)
             with pytest.raises(grpc.RpcError) as e:   # a full round trip, TLS handshake included
                 stub.Status(pb.JobRef(job_id="no-such-job"), metadata=bearer(certs),
@@ -2289,8 +2269,8 @@ def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(cer
             assert time.monotonic() < deadline
             time.sleep(0.1)
         alices = start_job(srv, "head -c 8M /dev/zero", user="alice")
-        creds, md = aio_credentials(certs)
-        alice_creds, alice_md = aio_credentials(certs, "alice")
+        creds, md = user_credentials(certs)
+        alice_creds, alice_md = user_credentials(certs, "alice")
         before, handles = server_rss_mb(srv), len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
 
         async def stall(followers=300, connections=30):
@@ -2685,10 +2665,9 @@ ALTERNATING_WRITER = ("import os, time\n"    # 1-byte writes to each stream in t
 EIGHT_READERS = """
 import sys, threading
 sys.path.insert(0, sys.argv[1])
-import steve_jobs as sj
-from test_steve_jobs import bearer, grpc_channel, raw_output
-grpc, pb, pb_grpc = sj.import_grpc()
-channel = grpc_channel(sys.argv[2], sys.argv[3], "alice")
+from steve_jobs_harness import bearer, user_channel
+from test_steve_jobs import raw_output
+channel = user_channel(sys.argv[2], sys.argv[3], "alice")
 got, lock = [0], threading.Lock()
 def read_forever(i):
     while True:   # (each from an offset of its own: no chunk shared between them)
@@ -3287,12 +3266,8 @@ class Api:
 
     def __init__(self, server, user="mrarsenal", **options):
         self.grpc, self.pb = grpc, pb
-        self.channel = grpc_channel(server.certs, server.address, user)
-        if options:   # a stock client's limits, e.g. the 4 MiB default receive size
-            self.channel.close()
-            read = lambda n: open(os.path.join(server.certs, n), "rb").read()
-            self.channel = self.grpc.secure_channel(server.address, self.grpc.ssl_channel_credentials(
-                read("ca.crt"), read(f"{user}.key"), read(f"{user}.crt")), options=list(options.items()))
+        # options: a stock client's limits, e.g. the 4 MiB default receive size
+        self.channel = user_channel(server.certs, server.address, user, options=options)
         self.stub = pb_grpc.JobServiceStub(self.channel)
         self.metadata = bearer(server.certs, user)
 
