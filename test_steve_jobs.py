@@ -1,4 +1,5 @@
-"""Tests for steve-jobs, in groups (the marks of their sections, listed in SECTION_GROUPS):
+"""Tests for steve-jobs, in groups: each test carries its group's mark (@pytest.mark.kernel...,
+registered in conftest.py), to run some of them (pytest -m "kernel or e2e", as .ci/run does):
 
   unit    no root needed: parsing, validation, the cgroup v2 path against a fake cgroupfs tree
   kernel  the job engine against the real kernel: real cgroups, namespaces, processes
@@ -41,7 +42,6 @@ import threading
 import time
 import unittest.mock
 import uuid
-import warnings
 
 import hypothesis
 import hypothesis.strategies
@@ -189,6 +189,7 @@ V1_COMOUNT_MOUNTINFO = """\
 """
 
 
+@pytest.mark.unit
 def test_layout_hybrid_uses_v1_controllers_and_the_unified_tree():
     layout = sj.CgroupLayout.from_mountinfo(HYBRID_MOUNTINFO, read=lambda p, d=None: "")
     assert layout.unified == "/sys/fs/cgroup/unified"
@@ -197,6 +198,7 @@ def test_layout_hybrid_uses_v1_controllers_and_the_unified_tree():
     assert layout.v2 == () and layout.missing() == []
 
 
+@pytest.mark.unit
 def test_layout_pure_v2_reads_offered_controllers():
     layout = sj.CgroupLayout.from_mountinfo(
         V2_MOUNTINFO, read=lambda p, d=None: "cpuset cpu io memory hugetlb pids rdma\n")
@@ -204,6 +206,7 @@ def test_layout_pure_v2_reads_offered_controllers():
     assert layout.v2 == ("cpu", "memory", "io", "pids") and layout.missing() == []
 
 
+@pytest.mark.unit
 def test_layout_v1_comounted_controllers_share_a_folder():
     layout = sj.CgroupLayout.from_mountinfo(V1_COMOUNT_MOUNTINFO)
     assert layout.v1["cpu"] == layout.v1["cpuacct"] == "/sys/fs/cgroup/cpu,cpuacct"
@@ -212,6 +215,7 @@ def test_layout_v1_comounted_controllers_share_a_folder():
     assert layout.missing() == []
 
 
+@pytest.mark.unit
 def test_layout_without_pids_reports_it_missing():
     layout = sj.CgroupLayout.from_mountinfo(V2_MOUNTINFO, read=lambda p, d=None: "cpu memory io")
     assert layout.missing() == ["pids"]
@@ -241,6 +245,7 @@ def fake_v2(tmp_path, monkeypatch):
     return root, layout
 
 
+@pytest.mark.unit
 def test_v2_job_cgroup_writes_limits_and_delegates_controllers(fake_v2):
     root, layout = fake_v2
     cg = sj.JobCgroup(layout, "steve-jobs", "j-1")
@@ -258,6 +263,7 @@ def test_v2_job_cgroup_writes_limits_and_delegates_controllers(fake_v2):
     assert cg.dirs() == [str(job)]
 
 
+@pytest.mark.unit
 def test_v2_job_cgroup_kill_freeze_and_usage(fake_v2):
     root, layout = fake_v2
     cg = sj.JobCgroup(layout, "steve-jobs", "j-2")
@@ -279,6 +285,7 @@ def test_v2_job_cgroup_kill_freeze_and_usage(fake_v2):
     assert cg.populated()
 
 
+@pytest.mark.unit
 def test_v1_limit_writes_are_parallel_to_v2():
     layout = sj.CgroupLayout.from_mountinfo(HYBRID_MOUNTINFO, read=lambda p, d=None: "")
     cg = sj.JobCgroup(layout, "steve-jobs", "j-3")
@@ -300,12 +307,14 @@ def _placement(own, cgroup_root="", true_root=("",), delegated=(), unified="/sys
                          lambda rel: rel in delegated)
 
 
+@pytest.mark.unit
 def test_placement_in_the_true_root_keeps_the_old_layout():
     p = _placement("/")
     assert (p.layout.v2_base, p.root, p.supervisor) == ("", "steve-jobs", "")
     assert "root cgroup" in p.why
 
 
+@pytest.mark.unit
 def test_placement_in_a_containers_namespace_root_moves_into_a_leaf():
     p = _placement("/", true_root=())
     assert (p.layout.v2_base, p.root) == ("", "jobs")
@@ -314,6 +323,7 @@ def test_placement_in_a_containers_namespace_root_moves_into_a_leaf():
     assert _placement("/supervisor", true_root=()) == p
 
 
+@pytest.mark.unit
 def test_placement_under_systemd_keeps_to_the_delegated_service_cgroup():
     service = "system.slice/steve-jobs.service"
     p = _placement("/" + service, delegated=(service,))
@@ -324,18 +334,21 @@ def test_placement_under_systemd_keeps_to_the_delegated_service_cgroup():
     assert _placement("/" + service, "ci", delegated=(service,)).root == "ci"
 
 
+@pytest.mark.unit
 def test_placement_in_a_cgroup_not_delegated_uses_the_root_and_says_why():
     p = _placement("/user.slice/user-0.slice/session-4.scope")
     assert (p.layout.v2_base, p.root, p.supervisor) == ("", "steve-jobs", "")
     assert "not delegated" in p.why and "Delegate=yes" in p.why
 
 
+@pytest.mark.unit
 def test_placement_at_an_explicit_path_moves_nothing():
     p = _placement("/system.slice/x.service", "/batch/jobs", delegated=("system.slice/x.service",))
     assert (p.layout.v2_base, p.root, p.supervisor) == ("", "batch/jobs", "")
     assert _placement("/", unified="").root == "steve-jobs"   # v1 only
 
 
+@pytest.mark.unit
 def test_v2_delegated_cgroup_enables_controllers_only_in_its_subtree(fake_v2):
     root, layout = fake_v2
     (root / "svc").mkdir()
@@ -359,6 +372,7 @@ def fake_job_cgroup_without(fake_v2, name, missing_file):
     return cg, root / "steve-jobs" / name
 
 
+@pytest.mark.unit
 def test_v2_without_memory_peak_samples_the_peak(fake_v2):
     cg, job = fake_job_cgroup_without(fake_v2, "j-4", "memory.peak")   # kernels before 5.19
     assert cg.needs_peak_sampling()
@@ -375,6 +389,7 @@ def test_v2_without_memory_peak_samples_the_peak(fake_v2):
     assert cg.usage()["peak_memory_bytes"] == 5000 and cg.usage()["memory_bytes"] == 100
 
 
+@pytest.mark.unit
 def test_v2_without_cgroup_kill_freezes_and_signals(fake_v2):
     cg, job = fake_job_cgroup_without(fake_v2, "j-5", "cgroup.kill")   # kernels before 5.14
     cg.kill()
@@ -382,6 +397,7 @@ def test_v2_without_cgroup_kill_freezes_and_signals(fake_v2):
     assert (job / "cgroup.freeze").read_text() == "0"   # frozen, then thawed
 
 
+@pytest.mark.unit
 def test_the_start_log_names_what_an_old_kernel_lacks_and_the_fallback(fake_v2):
     root, layout = fake_v2
     engine = sj.Engine(sj.EngineConfig(), layout=layout._replace(v2=("cpu", "memory", "pids")))
@@ -395,6 +411,7 @@ def test_the_start_log_names_what_an_old_kernel_lacks_and_the_fallback(fake_v2):
     assert "no memory.peak (kernel < 5.19): peak memory is sampled" in said
 
 
+@pytest.mark.unit
 def test_a_host_without_an_io_controller_refuses_io_limits_not_jobs():
     layout = sj.CgroupLayout.from_mountinfo(V2_MOUNTINFO, read=lambda p, d=None: "cpu memory pids")
     assert layout.missing() == [] and not layout.has_io()
@@ -402,6 +419,7 @@ def test_a_host_without_an_io_controller_refuses_io_limits_not_jobs():
         _unopened_engine().start("tester", ["true"], sj.Limits(io_write_bps=1 << 20))
 
 
+@pytest.mark.unit
 def test_the_systemd_unit_is_the_readmes_and_starts_the_server_it_documents():
     unit = open(os.path.join(HERE, "steve-jobs.service")).read()
     readme = open(os.path.join(HERE, "README.md")).read()
@@ -423,6 +441,7 @@ def _unopened_engine(**config):
     return sj.Engine(sj.EngineConfig(**config), layout=sj.CgroupLayout(unified="/x"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("limits, message", [
     (sj.Limits(cpu=-1), "cpu"),
     (sj.Limits(cpu=float("nan")), "cpu"),
@@ -441,6 +460,7 @@ def test_out_of_range_limits_are_clear_errors(limits, message):
         _unopened_engine().effective_limits(limits)
 
 
+@pytest.mark.unit
 def test_limits_default_and_cap_from_config():
     engine = _unopened_engine(default_limits=sj.Limits(cpu=0.5, memory=64 * sj.MiB, pids=7),
                               max_limits=sj.Limits(cpu=1, memory=128 * sj.MiB, pids=10,
@@ -450,6 +470,7 @@ def test_limits_default_and_cap_from_config():
         engine.effective_limits(sj.Limits(io_write_bps=8193))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("argv", [[], [""], ["echo", "a\0b"], "echo hi", [1, 2],
                                   ["x" * (sj.MAX_ARGV_BYTES + 1)], ["\udcff"]])
 def test_bad_argv_is_rejected(argv):
@@ -457,6 +478,7 @@ def test_bad_argv_is_rejected(argv):
         sj.validate_argv(argv)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("workdir", ["relative", "/a\0b", "/tmp/x", "/dev/shm/x", "/tmp/../tmp/x",
                                      "/tmp//x"])
 def test_bad_workdir_is_rejected(workdir):
@@ -464,17 +486,20 @@ def test_bad_workdir_is_rejected(workdir):
         sj.validate_workdir(workdir)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("workdir", ["", "/", "/tmp", "/tmp/", "/tmpdir/x", "/srv/build"])
 def test_good_workdir_is_accepted(workdir):
     sj.validate_workdir(workdir)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("env", [[("1BAD", "x")], [("A=B", "x")], [("OK", "a\0b")]])
 def test_bad_env_is_rejected(env):
     with pytest.raises(sj.InvalidArgumentError):
         sj.validate_env(env)
 
 
+@pytest.mark.unit
 def test_copy_output_keeps_cap_and_drains_the_rest(tmp_path):
     r, w = os.pipe()
     err_r, err_w = os.pipe()
@@ -516,6 +541,7 @@ def copied_output(tmp_path, writes):
     return sj.OutputIndex(str(tmp_path / "idx"))
 
 
+@pytest.mark.unit
 def test_output_index_keeps_streams_apart_in_their_merged_order(tmp_path):
     writes = [(sj.STDOUT, b"out 1\n", 0.05), (sj.STDERR, b"err 1\n", 0.05),
               (sj.STDOUT, b"out 2\nout 3\n", 0.05), (sj.STDERR, b"err 2\n", 0)]
@@ -562,6 +588,7 @@ def written_output(folder, runs, extra):
     return sj.OutputIndex(str(folder / "idx")), str(folder / "out"), merged
 
 
+@pytest.mark.unit
 @hypothesis.settings(max_examples=300, deadline=None)
 @hypothesis.given(runs=hypothesis.strategies.lists(hypothesis.strategies.tuples(
                       hypothesis.strategies.sampled_from([1, 2]),
@@ -604,6 +631,7 @@ def test_runs_read_in_any_sizes_are_each_stream_in_merged_order(tmp_path_factory
     assert reads <= 2 * (records + len(merged) // size) + 2
 
 
+@pytest.mark.unit
 def test_the_index_is_read_where_it_lies_not_held_in_memory(tmp_path):
     """Reproduction: a read at the end of a 1-byte-interleaved job's output took the whole
     index into memory (+15 MB for 614k runs, kept as long as the job), in one go on the
@@ -627,6 +655,7 @@ def test_the_index_is_read_where_it_lies_not_held_in_memory(tmp_path):
     assert peak < 20 * sj.RECORDS_PER_READ * sj.INDEX_RECORD.size, peak   # (~4 MB)
 
 
+@pytest.mark.unit
 @hypothesis.settings(max_examples=300, deadline=None)
 @hypothesis.given(text=hypothesis.strategies.text("ab\n", max_size=60),
                   lines=hypothesis.strategies.integers(1, 1 << 63),
@@ -641,6 +670,7 @@ def test_a_tail_of_both_streams_is_what_splitting_lines_says(tmp_path_factory, t
     assert text[start:] == "".join(text.splitlines(keepends=True)[-lines:])
 
 
+@pytest.mark.unit
 @hypothesis.settings(max_examples=300, deadline=None)
 @hypothesis.given(data=hypothesis.strategies.binary(max_size=300),
                   offset=hypothesis.strategies.integers(0, 1 << 63),
@@ -668,6 +698,7 @@ def _job_with(result, stop=False, paused=False):
     return job
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("result, stop, state", [
     (None, False, sj.RUNNING),
     ({"exit_code": 0}, False, sj.EXITED),
@@ -684,6 +715,7 @@ def test_derive_state(result, stop, state):
     assert sj.derive_state(_job_with(result, stop)) == state
 
 
+@pytest.mark.unit
 def test_whole_disk_of_names_a_disk_or_nothing():
     dev = sj.whole_disk_of("/")
     assert dev == "" or (dev.count(":") == 1 and not os.path.exists(
@@ -695,6 +727,7 @@ def test_whole_disk_of_names_a_disk_or_nothing():
 # Kernel tests: the engine on the real kernel
 ###############################################################################
 
+@pytest.mark.kernel
 def test_output_and_exit_code(engine):
     status, out = sh(engine, "printf hello; printf ' world' >&2; exit 3")
     assert (status.state, status.exit_code, status.signal) == (sj.EXITED, 3, None)
@@ -703,29 +736,34 @@ def test_output_and_exit_code(engine):
     assert status.ended_at >= status.started_at >= status.created_at - 1
 
 
+@pytest.mark.kernel
 def test_output_is_binary_exact(engine):
     script = "import sys; sys.stdout.buffer.write(bytes(range(256)) * 4000)"
     status, out = run(engine, ["python3", "-c", script])
     assert status.exit_code == 0 and out == bytes(range(256)) * 4000
 
 
+@pytest.mark.kernel
 def test_command_not_found_fails_with_127(engine):
     status, out = run(engine, ["no-such-command-here"])
     assert (status.state, status.exit_code) == (sj.FAILED, 127)
     assert "command not found" in status.error and b"command not found" in out
 
 
+@pytest.mark.kernel
 def test_not_executable_fails_with_126(engine):
     status, _ = run(engine, ["/etc/passwd"])
     assert (status.state, status.exit_code) == (sj.FAILED, 126)
     assert "Permission denied" in status.error
 
 
+@pytest.mark.kernel
 def test_missing_workdir_fails_to_start(engine):
     status, _ = run(engine, ["true"], workdir="/nonexistent/dir")
     assert status.state == sj.FAILED and "working directory" in status.error
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("argv, limits", [
     ([], sj.Limits()), (["echo", "a\0b"], sj.Limits()), (["true"], sj.Limits(cpu=-1)),
     (["true"], sj.Limits(memory=1)), (["true"], sj.Limits(pids=1 << 40)),
@@ -738,6 +776,7 @@ def test_bad_input_changes_nothing(engine, argv, limits):
     assert (set(os.listdir(jobs_dir)), len(engine.list())) == before
 
 
+@pytest.mark.kernel
 def test_unknown_job_id_is_not_found(engine):
     for call in (lambda: engine.status("nope"), lambda: engine.stop("nope"),
                  lambda: engine.read_output("nope"), lambda: list(engine.follow("nope")),
@@ -746,6 +785,7 @@ def test_unknown_job_id_is_not_found(engine):
             call()
 
 
+@pytest.mark.kernel
 def test_environment_is_small_and_hides_server_secrets(engine, monkeypatch):
     monkeypatch.setenv("STEVE_TEST_SECRET", "hunter2")
     status, out = run(engine, ["env"], env=(("EXTRA", "yes"),))
@@ -753,11 +793,13 @@ def test_environment_is_small_and_hides_server_secrets(engine, monkeypatch):
     assert names == {"PATH", "HOME", "LANG", "EXTRA"} and b"hunter2" not in out
 
 
+@pytest.mark.kernel
 def test_root_jobs_need_the_server_to_allow_them(engine):
     with pytest.raises(sj.PermissionDeniedError):
         engine.start("tester", ["id"], options=sj.JobOptions(as_root=True))
 
 
+@pytest.mark.kernel
 def test_memory_hog_is_oom_killed_and_reported(engine):
     hog = "x = b'x' * (256 << 20); print('survived')"
     status, out = run(engine, ["python3", "-c", hog], limits=sj.Limits(memory=64 * sj.MiB))
@@ -767,6 +809,7 @@ def test_memory_hog_is_oom_killed_and_reported(engine):
     assert status.peak_memory_bytes <= 64 * sj.MiB + 1 * sj.MiB
 
 
+@pytest.mark.kernel
 def test_fork_bomb_is_contained_by_pids_limit(engine):
     bomb = ("import os, time\n"
             "n = 0\n"
@@ -784,6 +827,7 @@ def test_fork_bomb_is_contained_by_pids_limit(engine):
     assert status.exit_code == 0   # the leftover sleepers die with the job's init
 
 
+@pytest.mark.kernel
 def test_cpu_limit_holds_a_busy_loop_near_its_share(engine):
     busy = "import time\nt = time.time()\nwhile time.time() - t < 3: pass\n"
     status, _ = run(engine, ["python3", "-c", busy], limits=sj.Limits(cpu=0.2))
@@ -791,6 +835,7 @@ def test_cpu_limit_holds_a_busy_loop_near_its_share(engine):
     assert 0.12 < share < 0.26, f"cpu share {share:.3f} with a 0.2 limit"
 
 
+@pytest.mark.kernel
 def test_io_limit_throttles_direct_io_writes(engine):
     limit = 8 * sj.MiB
     script = ("import os, time\n"
@@ -814,6 +859,7 @@ def host_listener():
         yield s.getsockname()[1]
 
 
+@pytest.mark.kernel
 def test_job_network_has_only_loopback_and_cannot_reach_the_host(engine, host_listener):
     script = f"ls /sys/class/net; echo > /dev/tcp/127.0.0.1/{host_listener} && echo REACHED"
     status, out = run(engine, ["bash", "-c", script])
@@ -822,12 +868,14 @@ def test_job_network_has_only_loopback_and_cannot_reach_the_host(engine, host_li
     assert "Connection refused" in out.decode()
 
 
+@pytest.mark.kernel
 def test_host_network_option_shares_the_host_network(engine, host_listener):
     script = f"echo > /dev/tcp/127.0.0.1/{host_listener} && echo REACHED"
     status, out = run(engine, ["bash", "-c", script], host_network=True)
     assert b"REACHED" in out, out
 
 
+@pytest.mark.kernel
 def test_ps_inside_shows_only_the_job(engine):
     status, out = run(engine, ["ps", "-e", "-o", "pid=,comm="])
     procs = [line.split() for line in out.decode().splitlines()]
@@ -837,12 +885,14 @@ def test_ps_inside_shows_only_the_job(engine):
     assert cmdline.rstrip(b"\0") == b"steve-init", cmdline[:200]   # no host paths, no settings
 
 
+@pytest.mark.kernel
 def test_hostname_is_the_job_id(engine):
     job_id = engine.start("tester", ["hostname"])
     engine.wait(job_id, scaled(30))
     assert b"".join(engine.follow(job_id)).decode().strip() == job_id
 
 
+@pytest.mark.kernel
 def test_job_is_unprivileged_and_cannot_leave_its_cgroup(engine):
     script = ("id -u; cat /proc/self/cgroup | tail -1;"
               "echo $$ > /sys/fs/cgroup/cgroup.procs && echo MOVED;"
@@ -856,6 +906,7 @@ def test_job_is_unprivileged_and_cannot_leave_its_cgroup(engine):
     assert "CANNOT-SIGNAL-INIT" in lines
 
 
+@pytest.mark.kernel
 def test_ended_job_leaves_no_cgroup_and_no_process(engine):
     job_id = engine.start("tester", ["sh", "-c", "sleep 0.2 & sleep 0.1"])
     dirs = job_cgroup_dirs(engine, job_id)
@@ -866,6 +917,7 @@ def test_ended_job_leaves_no_cgroup_and_no_process(engine):
     assert not pids_of_uid(status.uid)
 
 
+@pytest.mark.kernel
 def test_stop_kills_a_tree_that_traps_sigterm_and_daemonizes(engine):
     script = ("trap '' TERM; "
               "setsid sh -c \"trap '' TERM; sleep 1000\" & "
@@ -887,6 +939,7 @@ def test_stop_kills_a_tree_that_traps_sigterm_and_daemonizes(engine):
     assert engine.stop(job_id) == engine.status(job_id)   # stopping it again: its status
 
 
+@pytest.mark.kernel
 def test_stop_with_sigterm_ends_a_polite_job_at_once(engine):
     job_id = engine.start("tester", ["sleep", "1000"])
     status = engine.stop(job_id, grace=30)
@@ -894,6 +947,7 @@ def test_stop_with_sigterm_ends_a_polite_job_at_once(engine):
     assert status.ended_at - status.started_at < 10
 
 
+@pytest.mark.kernel
 def test_twenty_followers_attaching_at_different_moments_get_every_byte(engine):
     writer = ("import os, sys, time, hashlib\n"
               "h = hashlib.sha256()\n"
@@ -939,6 +993,7 @@ def output_on_disk(engine, job_id):
                  for name in (sj.OUTPUT_FILE, sj.OUTPUT_INDEX_FILE))
 
 
+@pytest.mark.kernel
 def test_output_cap_keeps_the_first_bytes_and_lets_the_job_finish():
     with running_engine(output_cap=100_000) as engine:
         job_id = engine.start("tester", ["sh", "-c", "head -c 300000 /dev/zero; echo done >&2"])
@@ -951,6 +1006,7 @@ def test_output_cap_keeps_the_first_bytes_and_lets_the_job_finish():
     assert out == b"\0" * output and status.output_bytes == output
 
 
+@pytest.mark.kernel
 def test_a_job_alternating_its_streams_takes_no_more_disk_than_its_cap():
     # 1-byte writes to each stream in turn: an index record a byte, which counts too.
     script = 'i=0; while [ $i -lt 40000 ]; do printf a; printf b >&2; i=$((i+1)); done'
@@ -966,6 +1022,7 @@ def test_a_job_alternating_its_streams_takes_no_more_disk_than_its_cap():
         assert engine.prune(max_bytes=output + index - 1) == [job_id]
 
 
+@pytest.mark.kernel
 def test_starts_past_the_maximum_of_running_jobs_are_refused():
     with running_engine(max_running_jobs=4, max_jobs_per_user=2) as engine:
         first = [engine.start("tester", ["sleep", "1000"]) for _ in range(2)]
@@ -981,12 +1038,14 @@ def test_starts_past_the_maximum_of_running_jobs_are_refused():
             engine.stop(job_id, grace=0)
 
 
+@pytest.mark.kernel
 def test_a_user_job_cap_defaults_to_a_quarter_of_the_maximum():
     assert sj.EngineConfig(max_running_jobs=1024).user_job_cap() == 256
     assert sj.EngineConfig(max_running_jobs=2).user_job_cap() == 1
     assert sj.EngineConfig(max_running_jobs=8, max_jobs_per_user=8).user_job_cap() == 8
 
 
+@pytest.mark.kernel
 def test_a_dead_spawner_is_replaced_at_the_next_start():
     with running_engine() as engine:
         before = engine.start("tester", ["sleep", "1000"])
@@ -998,6 +1057,7 @@ def test_a_dead_spawner_is_replaced_at_the_next_start():
         engine.stop(before, grace=0)
 
 
+@pytest.mark.kernel
 def test_pause_freezes_and_resume_thaws(engine):
     counter = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done"
     job_id = engine.start("tester", ["sh", "-c", counter])
@@ -1035,6 +1095,7 @@ def engine_that_goes_away(state_dir=None, **config):
         engine.close()   # without stop_jobs: as a server that exits
 
 
+@pytest.mark.kernel
 def test_jobs_survive_an_engine_restart():
     with engine_that_goes_away() as (first, state_dir, root):
         done = first.start("tester", ["sh", "-c", "echo finished; exit 4"])
@@ -1053,6 +1114,7 @@ def test_jobs_survive_an_engine_restart():
         assert b"".join(second.follow(live)) == b"started\n"
 
 
+@pytest.mark.kernel
 def test_engine_refuses_a_state_dir_jobs_cannot_reach(tmp_path):
     require_kernel()
     hidden = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/tmp")   # mode 0700
@@ -1065,6 +1127,7 @@ def test_engine_refuses_a_state_dir_jobs_cannot_reach(tmp_path):
         shutil.rmtree(hidden)
 
 
+@pytest.mark.kernel
 def test_reopening_drops_starts_that_never_reached_a_supervisor():
     with engine_that_goes_away() as (engine, state_dir, root):
         kept = engine.start("tester", ["true"])
@@ -1084,6 +1147,7 @@ def test_reopening_drops_starts_that_never_reached_a_supervisor():
             assert not os.path.exists(os.path.join(state_dir, "work", name))
 
 
+@pytest.mark.kernel
 def test_many_quick_jobs_all_report_their_exit(engine):
     ids = [engine.start("tester", ["sh", "-c", f"exit {i % 7}"]) for i in range(30)]
     statuses = [engine.wait(i, scaled(30)) for i in ids]
@@ -1091,6 +1155,7 @@ def test_many_quick_jobs_all_report_their_exit(engine):
     assert {s.state for s in statuses} == {sj.EXITED}
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("memory", ["64M", "1G", "3G"])
 def test_any_memory_limit_starts_from_a_warm_cgroup(engine, memory):
     status, out = run(engine, ["sh", "-c", "echo ok"],
@@ -1105,6 +1170,7 @@ def test_any_memory_limit_starts_from_a_warm_cgroup(engine, memory):
         engine.stop(job_id, grace=0)
 
 
+@pytest.mark.kernel
 def test_an_io_device_that_is_no_disk_is_refused_at_start(engine):
     for device in ("4095:4095", *(("8:0",) if not os.path.exists("/sys/dev/block/8:0") else ())):
         with pytest.raises(sj.InvalidArgumentError, match="io_device"):
@@ -1253,6 +1319,7 @@ def start_job(server, script, user="mrarsenal"):
     return done.stdout.decode().strip()
 
 
+@pytest.mark.e2e
 def test_cli_run_prints_an_id_and_status_shows_the_job(server):
     job_id = start_job(server, "echo hi; exit 3")
     st = cli_json(server, "status", job_id)
@@ -1267,6 +1334,7 @@ def test_cli_run_prints_an_id_and_status_shows_the_job(server):
     assert "state    exited" in text and "exit     3" in text
 
 
+@pytest.mark.e2e
 def test_cli_run_follow_streams_and_exits_with_the_job_code(server):
     done = cli(server, "run", "-f", "echo out; echo err >&2; exit 7")
     assert done.returncode == 7 and done.stdout == b"out\n"   # stdout and stderr apart
@@ -1274,6 +1342,7 @@ def test_cli_run_follow_streams_and_exits_with_the_job_code(server):
     # (the id goes to stderr, never into the output bytes)
 
 
+@pytest.mark.e2e
 def test_cli_run_argv_without_shell_and_signal_exit_code(server):
     done = cli(server, "run", "-f", "--", "printf", "%s|", "a b", "$HOME")
     assert done.returncode == 0 and done.stdout == b"a b|$HOME|"
@@ -1281,6 +1350,7 @@ def test_cli_run_argv_without_shell_and_signal_exit_code(server):
     assert killed.returncode == 128 + 9
 
 
+@pytest.mark.e2e
 def test_cli_output_is_binary_exact(server):
     script = "head -c 300000 /dev/urandom > blob; cat blob; sha256sum blob >&2"
     done = cli(server, "run", "-f", script)
@@ -1290,6 +1360,7 @@ def test_cli_output_is_binary_exact(server):
     assert hashlib.sha256(out.stdout).hexdigest().encode() in out.stderr   # stderr apart
 
 
+@pytest.mark.e2e
 def test_cli_output_into_a_closed_pipe_ends_quietly(server):
     # `steve_jobs.py output ID | head -n 1`: the reader goes away early; the CLI must end
     # at once with code 0 and no traceback, like cat does.
@@ -1306,6 +1377,7 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(server):
     assert done.returncode == 0 and done.stderr == b"", done.stderr
 
 
+@pytest.mark.e2e
 def test_cli_stream_from_a_late_follower_gets_everything(server):
     job_id = start_job(server, "for i in $(seq 1 40); do echo line $i; sleep 0.02; done")
     time.sleep(scaled(0.3))   # attach mid-run
@@ -1316,6 +1388,7 @@ def test_cli_stream_from_a_late_follower_gets_everything(server):
     assert late.stdout == expected
 
 
+@pytest.mark.e2e
 def test_cli_stop_pause_resume_rm_and_list(server):
     job_id = start_job(server, "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done")
     assert cli_json(server, "pause", job_id)["state"] == "paused"
@@ -1332,6 +1405,7 @@ def test_cli_stop_pause_resume_rm_and_list(server):
     assert cli(server, "status", job_id).returncode == 3        # NOT_FOUND
 
 
+@pytest.mark.e2e
 def test_cli_errors_are_one_line_with_distinct_exit_codes(server):
     cases = [(("status", "no-such-job"), 3), (("run", "--cpu", "-1", "true"), 4),
              (("run", "--memory", "1", "true"), 4), (("run",), 2),
@@ -1348,6 +1422,7 @@ def test_cli_errors_are_one_line_with_distinct_exit_codes(server):
     assert nocerts.returncode == 2 and b"Traceback" not in nocerts.stderr
 
 
+@pytest.mark.e2e
 def test_cli_ctrl_c_while_following_detaches_without_stopping(server):
     job_id = start_job(server, "echo started; sleep 1000")
     proc = subprocess.Popen([PYTHON, SCRIPT, "--server", server.address, "--certs",
@@ -1361,6 +1436,7 @@ def test_cli_ctrl_c_while_following_detaches_without_stopping(server):
     cli(server, "stop", "--grace", "0", job_id)
 
 
+@pytest.mark.e2e
 def test_another_users_job_is_not_found_word_for_word(server):
     job_id = start_job(server, "sleep 1000", user="mrarsenal")
     try:
@@ -1379,6 +1455,7 @@ def test_another_users_job_is_not_found_word_for_word(server):
         cli(server, "stop", "--grace", "0", job_id)
 
 
+@pytest.mark.e2e
 def test_server_refuses_to_start_without_certificates(tmp_path):
     require_kernel()
     srv = Server(str(tmp_path / "missing"))
@@ -1390,6 +1467,7 @@ def test_server_refuses_to_start_without_certificates(tmp_path):
     shutil.rmtree(srv.state_dir, ignore_errors=True)
 
 
+@pytest.mark.e2e
 def test_server_certificates_rotate_without_a_restart(certs, tmp_path):
     require_kernel()
     rotating = copy_server_certs(certs, tmp_path / "rotating")
@@ -1413,6 +1491,7 @@ def test_server_certificates_rotate_without_a_restart(certs, tmp_path):
         assert cli(srv, "list").returncode == 0   # clients still get in
 
 
+@pytest.mark.e2e
 def test_health_service_answers(server, certs):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     channel = user_channel(certs, server.address, "mrarsenal")
@@ -1422,6 +1501,7 @@ def test_health_service_answers(server, certs):
     channel.close()
 
 
+@pytest.mark.e2e
 def test_generated_stubs_are_current(tmp_path):
     pytest.importorskip("grpc_tools")
     subprocess.run([PYTHON, "-m", "grpc_tools.protoc", f"-I{HERE}", f"--python_out={tmp_path}",
@@ -1432,6 +1512,7 @@ def test_generated_stubs_are_current(tmp_path):
             assert ours.read() == fresh.read(), f"{name} is stale: regenerate it"
 
 
+@pytest.mark.e2e
 def test_graceful_shutdown_ends_streams_and_keeps_jobs_running(certs):
     require_kernel()
     with Server(certs) as srv:
@@ -1509,11 +1590,13 @@ def rpc_requests():
             "Input": [pb.InputMessage(job_id=some, data=b"x")]}
 
 
+@pytest.mark.security
 def test_the_request_table_covers_every_rpc_of_the_service():
     methods = set(pb.DESCRIPTOR.services_by_name["JobService"].methods_by_name)
     assert methods == set(rpc_requests()) == set(sj.RPC_ACTIONS)
 
 
+@pytest.mark.security
 def test_every_rpc_refuses_a_missing_token_a_wrong_user_and_a_wrong_role(server, certs):
     jobs_before = len(cli_json(server, "list", "--all"))
     alice_token_with_admin_cert = open(os.path.join(certs, "alice.jwt")).read().strip()
@@ -1570,6 +1653,7 @@ def _hs256_with_public_key(certs_dir):
     return f"{header}.{body}.{b64url(sig)}"
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
 def test_bad_tokens_are_unauthenticated_and_start_nothing(server, certs, kind):
     before = len(cli_json(server, "list", "--all"))
@@ -1579,6 +1663,7 @@ def test_bad_tokens_are_unauthenticated_and_start_nothing(server, certs, kind):
     assert len(cli_json(server, "list", "--all")) == before
 
 
+@pytest.mark.security
 def test_a_good_token_made_the_same_way_is_accepted(server, certs):
     # The control for the table above: the test's own token factory does make valid tokens.
     token = signed(certs, jwt_claims(certs, "mrarsenal"))
@@ -1586,6 +1671,7 @@ def test_a_good_token_made_the_same_way_is_accepted(server, certs):
     assert code == "OK"
 
 
+@pytest.mark.security
 def test_user_role_limits_root_and_caps(server, certs):
     for request in (pb.StartRequest(argv=["id"], as_root=True),
                     pb.StartRequest(argv=["true"], limits=pb.Limits(memory_bytes=8 * sj.GiB)),
@@ -1604,6 +1690,7 @@ def test_user_role_limits_root_and_caps(server, certs):
     assert cli(server, "output", st.job_id).stdout == b"0\n"
 
 
+@pytest.mark.security
 def test_connections_without_a_valid_client_certificate_are_refused(server, certs,
                                                                     other_ca_certs):
     req = pb.ListRequest()
@@ -1655,6 +1742,7 @@ def forged_client_cert(certs_dir, cn, expired=False, server_auth=False, san=None
                               serialization.NoEncryption()))
 
 
+@pytest.mark.security
 def test_a_client_certificate_cannot_serve_as_the_server_certificate(certs, tmp_path):
     require_kernel()
     # A server whose certificate has the right SAN but only clientAuth key usage.
@@ -1679,6 +1767,7 @@ def with_client_cert(certs):
     return ["-cert", f"{certs}/mrarsenal.crt", "-key", f"{certs}/mrarsenal.key"]
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("args", [
     ("-tls1", "-cipher", "DEFAULT:@SECLEVEL=0"),      # the client would; the server must not
     ("-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"),
@@ -1690,6 +1779,7 @@ def test_tls_old_versions_and_weak_suites_are_refused(server, certs, args):
     assert code != 0 and "Cipher is (NONE)" in out, out
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("args, cipher", [
     (("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"), "ECDHE-ECDSA-AES128-GCM-SHA256"),
     (("-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-GCM-SHA384"), "ECDHE-ECDSA-AES256-GCM-SHA384"),
@@ -1716,6 +1806,7 @@ def tls_first_bytes(server, certs, version, client_cert):
             return tls.recv(1024)
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
 def test_no_tls_session_carries_data_without_a_client_certificate(server, certs, version):
     import ssl
@@ -1731,6 +1822,7 @@ def test_no_tls_session_carries_data_without_a_client_certificate(server, certs,
 # Restarts, faults, retention and load
 ###############################################################################
 
+@pytest.mark.faults
 def test_retention_removes_old_then_oldest_ended_jobs_never_running_ones(engine):
     for st in engine.list():   # earlier tests' jobs would blur the byte count
         if st.state in sj.ENDED_STATES:
@@ -1757,6 +1849,7 @@ def test_retention_removes_old_then_oldest_ended_jobs_never_running_ones(engine)
         engine.stop(live, grace=0)
 
 
+@pytest.mark.faults
 def test_a_job_that_ends_while_no_server_runs_keeps_its_result(certs):
     require_kernel()
     with Server(certs) as srv:
@@ -1769,6 +1862,7 @@ def test_a_job_that_ends_while_no_server_runs_keeps_its_result(certs):
         assert cli(srv, "stream", job_id).stdout == b"begin\nend\n"
 
 
+@pytest.mark.faults
 def test_a_job_whose_supervisor_died_is_reported_unknown_and_cleaned_up():
     with engine_that_goes_away() as (first, state_dir, root):
         job_id = first.start("tester", ["sleep", "1000"])
@@ -1792,6 +1886,7 @@ MISBEHAVING = {
 }
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("kind", sorted(MISBEHAVING))
 def test_misbehaving_jobs_are_contained_and_reported(engine, kind):
     script, state, code = MISBEHAVING[kind]
@@ -1803,6 +1898,7 @@ def test_misbehaving_jobs_are_contained_and_reported(engine, kind):
     assert engine.status(engine.start("tester", ["true"])).state in (sj.RUNNING, sj.EXITED)
 
 
+@pytest.mark.faults
 def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(engine):
     job_id = engine.start("tester", ["sh", "-c", "trap '' TERM; echo ready; sleep 1000 & wait"])
     next(engine.follow(job_id))
@@ -1812,6 +1908,7 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(engine):
     assert time.monotonic() - t >= 0.5
 
 
+@pytest.mark.faults
 def test_a_fast_writer_is_not_slowed_by_a_reader_that_stops_reading(server, certs):
     job_id = start_job(server, "head -c 200000000 /dev/zero")
     channel = user_channel(certs, server.address, "mrarsenal")
@@ -1830,6 +1927,7 @@ def test_a_fast_writer_is_not_slowed_by_a_reader_that_stops_reading(server, cert
     channel.close()
 
 
+@pytest.mark.faults
 def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothing(certs):
     require_kernel()
     import random
@@ -1902,6 +2000,7 @@ def test_many_clients_and_followers_with_disconnects_lose_nothing_and_leak_nothi
         assert len(sj.JobCgroup.names(layout, srv.cgroup_root)) <= sj.WARM_SHIMS   # warm ones
 
 
+@pytest.mark.faults
 def test_followers_at_different_offsets_sharing_chunks_each_get_their_exact_bytes(server):
     # Followers of one job share the server's cached chunks: each must still get exactly the
     # bytes from its own offset on, across chunk boundaries and a pause in the output.
@@ -1935,6 +2034,7 @@ def test_followers_at_different_offsets_sharing_chunks_each_get_their_exact_byte
         assert results[i] == expected[offset:], (offset, len(results[i]))
 
 
+@pytest.mark.faults
 def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(server, certs):
     pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings, strategies as st
@@ -1987,6 +2087,7 @@ def test_random_malformed_requests_get_a_clear_status_and_never_hurt_the_server(
         channel.close()
 
 
+@pytest.mark.faults
 def test_a_server_killed_under_load_loses_nothing_after_a_restart(certs):
     require_kernel()
     with Server(certs, extra=["--stop-jobs-on-exit"]) as srv:
@@ -2070,6 +2171,7 @@ def stopping_leftovers():
         raise
 
 
+@pytest.mark.faults
 def test_a_full_state_disk_jams_no_job_and_no_restart():
     with small_filesystem("64m") as fs, stopping_leftovers() as leftovers:
         state_dir = os.path.join(fs, "state")
@@ -2102,6 +2204,7 @@ def test_a_full_state_disk_jams_no_job_and_no_restart():
             assert st.exit_code == 0 and st.output_bytes == 5
 
 
+@pytest.mark.faults
 def test_a_start_below_the_free_space_reserve_is_refused_and_leaves_nothing():
     with running_engine(min_free=1 << 60) as engine:
         with pytest.raises(sj.ResourceExhaustedError, match="is full"):
@@ -2111,6 +2214,7 @@ def test_a_start_below_the_free_space_reserve_is_refused_and_leaves_nothing():
         assert engine.list() == []
 
 
+@pytest.mark.faults
 def test_the_working_folder_is_a_bounded_private_tmpfs():
     with running_engine(workdir_size=4 * sj.MiB) as engine:
         st, out = sh(engine, "head -c 8M /dev/zero > big; echo $?; df -k . | tail -1")
@@ -2121,6 +2225,7 @@ def test_the_working_folder_is_a_bounded_private_tmpfs():
         assert not os.path.exists(workdir)   # the host's disk got nothing
 
 
+@pytest.mark.faults
 def test_a_killed_supervisor_is_noticed_at_once_and_its_job_cleaned_up(engine):
     job_id = engine.start("tester", ["sleep", "1000"])
     job = engine._get(job_id)
@@ -2133,6 +2238,7 @@ def test_a_killed_supervisor_is_noticed_at_once_and_its_job_cleaned_up(engine):
     engine.remove(job_id)
 
 
+@pytest.mark.faults
 def test_a_second_engine_on_the_same_state_folder_is_refused_and_harms_nothing():
     with running_engine() as first:
         second = sj.Engine(sj.EngineConfig(state_dir=first.config.state_dir,
@@ -2144,6 +2250,7 @@ def test_a_second_engine_on_the_same_state_folder_is_refused_and_harms_nothing()
         assert [first.wait(i, scaled(30)).exit_code for i in ids] == [7] * 3
 
 
+@pytest.mark.faults
 def test_a_second_server_on_the_same_state_folder_exits_with_one_line(certs):
     require_kernel()
     with Server(certs) as first:
@@ -2186,6 +2293,7 @@ def server_rss_mb(srv):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+@pytest.mark.faults
 def test_more_followers_than_a_1024_file_limit_each_on_its_own_connection(certs):
     require_kernel()
     import asyncio
@@ -2228,6 +2336,7 @@ def test_more_followers_than_a_1024_file_limit_each_on_its_own_connection(certs)
         assert not failed, f"{len(failed)} of 1200 followers failed, e.g. {failed[0]!r:.300}"
 
 
+@pytest.mark.faults
 def test_idle_connections_neither_starve_certified_users_nor_stay(certs):
     require_kernel()
     raise_own_open_files_limit(1 << 20)
@@ -2259,6 +2368,7 @@ def test_idle_connections_neither_starve_certified_users_nor_stay(certs):
                 sock.close()
 
 
+@pytest.mark.faults
 def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(certs):
     require_kernel()
     import asyncio
@@ -2306,6 +2416,7 @@ def test_stalled_followers_at_distinct_offsets_stay_within_the_memory_budget(cer
         assert cli(srv, "status", job_id).returncode == 0
 
 
+@pytest.mark.faults
 def test_one_users_streams_are_capped_and_do_not_stop_anothers(certs):
     require_kernel()
     with Server(certs, extra=["--stop-jobs-on-exit", "--max-streams-per-user", "3"]) as srv:
@@ -2339,6 +2450,7 @@ def children_of(pid):
     return found
 
 
+@pytest.mark.faults
 def test_a_killed_server_leaves_a_quiet_spawner_and_a_stopped_one_no_cgroup_root(certs):
     require_kernel()
     with Server(certs) as srv:
@@ -2376,6 +2488,7 @@ class _RpcError(Exception):
         return self._trailer
 
 
+@pytest.mark.faults
 def test_the_cli_says_cannot_reach_only_when_the_server_did_not_answer():
     for said, told in (
             ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
@@ -2441,6 +2554,7 @@ def sub_ca_client_cert(certs_dir, cn):
         serialization.NoEncryption()), leaf.public_bytes(serialization.Encoding.DER))
 
 
+@pytest.mark.tenants
 def test_a_client_certificate_from_a_sub_ca_is_refused(server, certs):
     chain, key, der = sub_ca_client_cert(certs, "mrarsenal")
     token = signed(certs, jwt_claims(certs, "mrarsenal", cnf={
@@ -2450,6 +2564,7 @@ def test_a_client_certificate_from_a_sub_ca_is_refused(server, certs):
     assert code == "UNAUTHENTICATED"
 
 
+@pytest.mark.tenants
 def test_client_supplied_strings_cannot_forge_or_flood_log_lines(server, certs):
     forged = ("x\n2026-01-01 00:00:00,000 INFO rpc user=mrarsenal method=Remove job=y "
               "result=OK duration_ms=1.0")
@@ -2466,6 +2581,7 @@ def test_client_supplied_strings_cannot_forge_or_flood_log_lines(server, certs):
     assert "\\n2026-01-01" in log   # the forged id, escaped into its own log line
 
 
+@pytest.mark.tenants
 def test_a_flood_of_long_stops_delays_no_other_users_stop(server):
     """Reproduction: alice's 64 Stop(grace 20) of one job that ignores SIGTERM held every
     stop thread: mrarsenal's stop of an unrelated job took 18.5 s."""
@@ -2501,6 +2617,7 @@ def test_a_flood_of_long_stops_delays_no_other_users_stop(server):
         admin.close()
 
 
+@pytest.mark.tenants
 def test_a_jobs_strings_cannot_rewrite_another_users_screen(server):
     """Reproduction: alice's argv, label and workdir held ESC and OSC sequences; an admin's
     `list --all` and `status` printed them raw (cursor up and erase, OSC 0 the window's
@@ -2529,6 +2646,7 @@ def test_a_jobs_strings_cannot_rewrite_another_users_screen(server):
     assert st["argv"][-1] == f"exit 0 # {evil}"
 
 
+@pytest.mark.tenants
 def test_an_output_call_cancelled_mid_write_is_one_quiet_line(server):
     """Reproduction: a client that cancelled Output while a chunk was being written was
     logged as `internal error`, with a traceback."""
@@ -2552,6 +2670,7 @@ def test_an_output_call_cancelled_mid_write_is_one_quiet_line(server):
         api.close()
 
 
+@pytest.mark.tenants
 def test_a_user_may_name_themselves_as_the_owner_and_nobody_else(server):
     mine = start_job(server, "true", user="alice")
     listed = cli(server, "list", "-q", "--owner", "alice", user="alice")
@@ -2568,6 +2687,7 @@ def server_cpu_seconds(srv):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.tenants
 def test_a_huge_tail_costs_the_server_about_what_it_returns(certs):
     """Reproduction: Output(tail_lines=2**63) of a job of 20 MB of empty lines took 2.4 s
     of the server's CPU (one Python step a newline), counted in the caller's stream cap
@@ -2614,6 +2734,7 @@ def runs_of(chunks):
     return runs
 
 
+@pytest.mark.tenants
 def test_an_interleaved_job_reads_in_few_chunks_each_byte_from_its_stream(certs):
     """Reproduction: a job alternating 1-byte writes to its streams cost a message a byte
     (614k messages, 47.6 s of server CPU, for its 16.7 MB; the job had used 5 s)."""
@@ -2692,6 +2813,7 @@ def raw_output(channel, metadata, job_id, offset=0):
         yield len(raw)
 
 
+@pytest.mark.tenants
 def test_one_users_many_reads_take_one_users_share_of_the_server(certs):
     """Reproduction: alice's 8 reads of a 1-byte-interleaved job took mrarsenal's status
     p50 from 2.4 to 146 ms: her chunks' reads and writes on the event loop went one of
@@ -2743,6 +2865,7 @@ def supervisor_cpu_seconds(srv, job_id):
     return used
 
 
+@pytest.mark.tenants
 def test_a_jobs_supervisor_works_for_it_within_a_bound(server):
     """Reproduction: a job of 1-byte writes at --cpu 0.1 had its supervisor, outside the
     job's limits, spend 0.25 s moving its output to the 0.4 s the job was allowed."""
@@ -2759,6 +2882,7 @@ def test_a_jobs_supervisor_works_for_it_within_a_bound(server):
         alice.close()
 
 
+@pytest.mark.tenants
 def test_a_state_folder_another_user_can_write_is_refused(certs):
     """Reproduction: nobody made /var/tmp/squat, root started the server on it, and nobody
     swapped alice's job folder for links: her `output` read a root-only file, a `stream`
@@ -2793,6 +2917,7 @@ def test_a_state_folder_another_user_can_write_is_refused(certs):
         shutil.rmtree(squat, ignore_errors=True)
 
 
+@pytest.mark.tenants
 def test_the_server_follows_no_link_in_a_job_folder(engine, tmp_path):
     """A job folder's files are opened without following a link: a link planted there
     (by whoever could write the folder) leads the root server to no other file."""
@@ -2812,6 +2937,7 @@ def test_the_server_follows_no_link_in_a_job_folder(engine, tmp_path):
     assert precious.read_bytes() == b"root's own\n"
 
 
+@pytest.mark.tenants
 def test_watchers_cannot_flush_who_typed_into_a_job(server):
     """Reproduction: a reader's 150 Output(follow) calls on alice's terminal job pushed every
     event out of status's last 100 (14,000 filled the record, and later input was not
@@ -2836,6 +2962,7 @@ def test_watchers_cannot_flush_who_typed_into_a_job(server):
         rita.close()
 
 
+@pytest.mark.tenants
 def test_a_full_session_record_keeps_room_for_writes_and_counts_what_it_drops(engine):
     job = engine.start("alice", ["cat"], options=sj.JobOptions(stdin=True))
     for i in range(sj.WATCH_SESSIONS_BYTES // 60):   # more distinct watchers than fit
@@ -2855,6 +2982,7 @@ def test_a_full_session_record_keeps_room_for_writes_and_counts_what_it_drops(en
     engine.stop(job, grace=0)
 
 
+@pytest.mark.tenants
 def test_input_holds_bounded_memory_per_call_and_per_user(certs):
     """Reproduction: 10 Input calls to jobs that never read, sent 4 MiB messages, took 145 MB
     of the server's memory; Input counted in no stream cap, and one that never sent its
@@ -2891,6 +3019,7 @@ def test_input_holds_bounded_memory_per_call_and_per_user(certs):
             silent.set()
 
 
+@pytest.mark.tenants
 def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
     alice, wants = sj.Identity("alice", "user"), sj.JobOptions(host_network=True)
     with pytest.raises(sj.PermissionDeniedError, match="--allow-host-network-role"):
@@ -2899,6 +3028,7 @@ def test_host_network_is_an_admin_privilege_unless_the_server_opens_it():
     sj.check_start_allowed(sj.Identity("root", "admin"), sj.Limits(), wants, sj.Limits())
 
 
+@pytest.mark.tenants
 def test_the_server_refuses_a_certificate_folder_that_jobs_could_use(certs, tmp_path):
     require_kernel()
     cases = {"the CA's key beside it": lambda d: shutil.copy2(f"{certs}/ca.key", d),
@@ -2925,6 +3055,7 @@ def test_the_server_refuses_a_certificate_folder_that_jobs_could_use(certs, tmp_
         assert "--insecure-dev-certs: " in srv.read_log()
 
 
+@pytest.mark.tenants
 @pytest.mark.parametrize("args", [
     ["mrarsenal:admin", "bad name:user"], ["alice:root"], ["-rf:user"],
     ["--san", "x\nextendedKeyUsage=serverAuth,clientAuth", "alice:user"],
@@ -2937,6 +3068,7 @@ def test_gen_certs_checks_every_argument_before_writing_anything(tmp_path, args)
     assert done.stderr.startswith(b"gen_certs.sh: ") and done.stderr.count(b"\n") == 1
 
 
+@pytest.mark.tenants
 def test_a_job_sees_the_host_read_only_and_none_of_the_servers_folders():
     certs_like = host_folder_for_jobs()   # stands for the server's certificate folder
     with open(os.path.join(certs_like, "server.key"), "w") as f:
@@ -2964,6 +3096,7 @@ def test_a_job_sees_the_host_read_only_and_none_of_the_servers_folders():
         shutil.rmtree(certs_like)
 
 
+@pytest.mark.tenants
 def test_what_one_job_leaves_in_var_tmp_no_later_job_sees(engine):
     sh(engine, "echo secret > /var/tmp/left-behind; echo secret > /run/lock/left-behind")
     st, out = sh(engine, "cat /var/tmp/left-behind /run/lock/left-behind")
@@ -2971,6 +3104,7 @@ def test_what_one_job_leaves_in_var_tmp_no_later_job_sees(engine):
     assert not os.path.exists("/var/tmp/left-behind")
 
 
+@pytest.mark.tenants
 def test_a_named_working_folder_is_checked_as_the_jobs_user(engine):
     private = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/lib")   # 0700, root's
     os.mkdir(os.path.join(private, "there"))
@@ -2987,12 +3121,14 @@ def test_a_named_working_folder_is_checked_as_the_jobs_user(engine):
         shutil.rmtree(private)
 
 
+@pytest.mark.tenants
 def test_a_user_cannot_read_the_servers_keys_from_a_job(server):
     done = cli(server, "run", "-f", "--", "cat", f"{server.server_certs}/server.key",
                user="alice")
     assert done.returncode != 0 and b"PRIVATE KEY" not in done.stdout, done
 
 
+@pytest.mark.tenants
 def test_job_uids_come_in_order_and_only_back_once_no_record_holds_them(tmp_path):
     engine = sj.Engine(sj.EngineConfig(state_dir=str(tmp_path), uid_count=3))
     base = engine.config.uid_base
@@ -3013,6 +3149,7 @@ def test_job_uids_come_in_order_and_only_back_once_no_record_holds_them(tmp_path
     assert json.load(open(tmp_path / sj.UID_FILE))["retired"] == [base + 2]
 
 
+@pytest.mark.tenants
 def test_a_removed_jobs_uid_is_not_given_to_the_next_job_nor_after_a_restart():
     with engine_that_goes_away() as (first, state_dir, root):
         a = first.start("tester", ["true"])
@@ -3026,6 +3163,7 @@ def test_a_removed_jobs_uid_is_not_given_to_the_next_job_nor_after_a_restart():
         assert ud > uc
 
 
+@pytest.mark.tenants
 def test_a_job_cannot_make_user_namespaces_or_reach_the_kernels_wider_surface():
     column = {"x86_64": 0, "aarch64": 1}.get(os.uname().machine)
     if column is None:
@@ -3067,6 +3205,7 @@ def test_a_job_cannot_make_user_namespaces_or_reach_the_kernels_wider_surface():
             assert out == b"200", out
 
 
+@pytest.mark.tenants
 def test_an_admin_may_ask_for_a_writable_host_and_gets_it_for_that_job_only():
     target = f"/var/lib/steve-jobs-test-rw-{uuid.uuid4().hex[:8]}"
     with running_engine(allow_root=True) as engine:
@@ -3083,6 +3222,7 @@ def test_an_admin_may_ask_for_a_writable_host_and_gets_it_for_that_job_only():
                 os.unlink(target)
 
 
+@pytest.mark.tenants
 @pytest.mark.parametrize("way", ["make_mounts_read_only", "remount_each_read_only"])
 def test_both_ways_of_making_the_host_read_only_cover_every_mount(way):
     require_kernel()
@@ -3101,6 +3241,7 @@ def test_both_ways_of_making_the_host_read_only_cover_every_mount(way):
     assert done.stdout.count(b" %d\n" % errno.EROFS) >= 3, done.stdout
 
 
+@pytest.mark.tenants
 def test_running_out_of_file_handles_is_resource_exhausted_not_internal(caplog):
     code, message, _, _ = sj.rpc_status(OSError(errno.EMFILE, "Too many open files"))
     assert code == "RESOURCE_EXHAUSTED" and "file handles" in message
@@ -3179,6 +3320,7 @@ def cgroup_of(pid):
     return sj.own_cgroup(sj.read_file(f"/proc/{pid}/cgroup"))
 
 
+@pytest.mark.hosts
 def test_a_server_in_a_containers_cgroup_namespace_moves_into_a_leaf(certs):
     with a_cgroup_of_its_own("container") as container:
         srv = Server(certs, prefix=launched_in(container, "container"),
@@ -3205,6 +3347,7 @@ def test_a_server_in_a_containers_cgroup_namespace_moves_into_a_leaf(certs):
         assert not os.path.exists(os.path.join(container, srv.cgroup_root))
 
 
+@pytest.mark.hosts
 def test_a_container_without_a_writable_cgroup_mount_is_refused_in_one_line(certs):
     with a_cgroup_of_its_own("container") as container:
         srv = Server(certs, prefix=launched_in(container, "container-ro"))
@@ -3220,6 +3363,7 @@ def test_a_container_without_a_writable_cgroup_mount_is_refused_in_one_line(cert
             shutil.rmtree(srv.state_dir, ignore_errors=True)
 
 
+@pytest.mark.hosts
 def test_a_server_in_a_delegated_unit_keeps_to_its_subtree_and_survives_a_restart(certs):
     with a_cgroup_of_its_own("unit.service", delegated=True) as unit:
         srv = Server(certs, prefix=launched_in(unit))
@@ -3247,6 +3391,7 @@ def test_a_server_in_a_delegated_unit_keeps_to_its_subtree_and_survives_a_restar
             shutil.rmtree(srv.state_dir, ignore_errors=True)
 
 
+@pytest.mark.hosts
 def test_a_job_is_killed_without_cgroup_kill_as_on_kernels_before_5_14(engine):
     job_id = engine.start("tester", ["sh", "-c", "sleep 1000 & sleep 1000 & echo up; wait"])
     deadline = time.monotonic() + scaled(10)
@@ -3306,6 +3451,7 @@ def started(api, argv, **fields):
     return api.Start(api.pb.StartRequest(argv=argv, **fields))
 
 
+@pytest.mark.api
 def test_list_of_many_big_jobs_fits_a_stock_client_and_pages_through_all(api_server):
     """Reproduction: 40 jobs of ~120 KB argv made List 4.8 MB, over a stock client's 4 MiB."""
     alice = Api(api_server, "alice")
@@ -3342,6 +3488,7 @@ def test_list_of_many_big_jobs_fits_a_stock_client_and_pages_through_all(api_ser
         stock.close()
 
 
+@pytest.mark.api
 def test_list_filters_by_state_label_name_and_owner(api, api_server):
     pb = api.pb
     tag = uuid.uuid4().hex[:8]
@@ -3366,6 +3513,7 @@ def test_list_filters_by_state_label_name_and_owner(api, api_server):
     api.Stop(pb.StopRequest(job_id=slow.job_id, grace_seconds=0))
 
 
+@pytest.mark.api
 def test_wait_returns_when_the_job_ends_and_honors_the_deadline(api, api_server):
     pb = api.pb
     job = started(api, ["/bin/sh", "-c", "sleep 1; exit 3"])
@@ -3387,6 +3535,7 @@ def test_wait_returns_when_the_job_ends_and_honors_the_deadline(api, api_server)
     assert (waited.returncode, waited.stdout) == (137, b"137\n")
 
 
+@pytest.mark.api
 def test_signal_reaches_the_command_or_every_process(api, api_server):
     pb = api.pb
     script = ("trap 'echo parent got USR1' USR1; "
@@ -3418,6 +3567,7 @@ def test_signal_reaches_the_command_or_every_process(api, api_server):
     assert (code, reason) == ("FAILED_PRECONDITION", "JOB_NOT_RUNNING")
 
 
+@pytest.mark.api
 def test_a_retried_start_with_the_same_request_id_starts_nothing_more(api):
     pb = api.pb
     rid = uuid.uuid4().hex
@@ -3433,6 +3583,7 @@ def test_a_retried_start_with_the_same_request_id_starts_nothing_more(api):
     assert other.job_id not in ids
 
 
+@pytest.mark.api
 def test_a_server_killed_during_a_burst_of_starts_leaves_no_job_its_client_missed(certs):
     """Reproduction: a server killed during 50 starts left 10 jobs whose clients were told
     the start failed. The CLI retries once with the same request id."""
@@ -3459,6 +3610,7 @@ def test_a_server_killed_during_a_burst_of_starts_leaves_no_job_its_client_misse
         assert running == told and len(told) == 30
 
 
+@pytest.mark.api
 def test_names_labels_and_id_prefixes_stand_for_a_job(api, api_server):
     pb = api.pb
     name = f"build-{uuid.uuid4().hex[:6]}"
@@ -3497,6 +3649,7 @@ def test_names_labels_and_id_prefixes_stand_for_a_job(api, api_server):
         assert api.error("Start", pb.StartRequest(argv=["true"], name=bad))[2] == "name"
 
 
+@pytest.mark.api
 def test_stdout_and_stderr_stay_apart_in_their_merged_order(api, api_server):
     pb = api.pb
     job = started(api, ["/bin/sh", "-c", "echo o1; sleep 0.05; echo e1 >&2; sleep 0.05; "
@@ -3515,6 +3668,7 @@ def test_stdout_and_stderr_stay_apart_in_their_merged_order(api, api_server):
     assert (quiet.stdout, quiet.stderr) == (b"", b"e1\ne2\n")
 
 
+@pytest.mark.api
 def test_tail_since_and_timestamps(api, api_server):
     pb = api.pb
     job = started(api, ["/bin/sh", "-c", "for i in 1 2 3 4 5; do echo line $i; done; sleep 1.2;"
@@ -3543,6 +3697,7 @@ def test_tail_since_and_timestamps(api, api_server):
     assert bad.returncode == 2 and b"invalid time 'yesterday'" in bad.stderr
 
 
+@pytest.mark.api
 def test_json_output_is_documented_and_absent_while_unknown(api_server):
     listed = cli_json(api_server, "run", "sleep 30")
     assert "end_time" not in listed and "ended_at" not in listed and listed["create_time"]
@@ -3560,6 +3715,7 @@ def test_json_output_is_documented_and_absent_while_unknown(api_server):
     cli(api_server, "stop", "--grace", "0", listed["job_id"])
 
 
+@pytest.mark.api
 def test_cli_habits_sizes_env_values_utf8_and_version(api_server, tmp_path):
     bad = cli(api_server, "run", "--memory", "10XB", "true")
     assert bad.returncode == 2 and bad.stderr.count(b"\n") == 1
@@ -3583,6 +3739,7 @@ def test_cli_habits_sizes_env_values_utf8_and_version(api_server, tmp_path):
         b"STEVE_JOBS_MAX_JOBS) (default: 1024)" in server_help
 
 
+@pytest.mark.api
 def test_ctrl_c_while_the_cli_starts_up_or_waits_exits_130_quietly(api_server):
     job_id = start_job(api_server, "sleep 60")
     # Not before Python has compiled the script (Python's own traceback then): timed here.
@@ -3600,6 +3757,7 @@ def test_ctrl_c_while_the_cli_starts_up_or_waits_exits_130_quietly(api_server):
     cli(api_server, "stop", "--grace", "0", job_id)
 
 
+@pytest.mark.api
 def test_contexts_name_a_server_user_and_certificates(api_server, tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f'current-context = "nowhere"\n\n'
@@ -3627,6 +3785,7 @@ def test_contexts_name_a_server_user_and_certificates(api_server, tmp_path):
     assert unknown.returncode == 2 and b"no context 'gone'" in unknown.stderr
 
 
+@pytest.mark.api
 def test_completion_completes_commands_and_job_names(api_server, tmp_path):
     name = f"comp-{uuid.uuid4().hex[:6]}"
     assert cli(api_server, "run", "--name", name, "true").returncode == 0
@@ -3643,6 +3802,7 @@ def test_completion_completes_commands_and_job_names(api_server, tmp_path):
     assert out.stdout.decode().splitlines() == ["status", name], out.stderr
 
 
+@pytest.mark.api
 def test_tls_failures_say_what_is_wrong(api_server, other_ca_certs, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(api_server.certs, mixed)
@@ -3671,6 +3831,7 @@ def test_tls_failures_say_what_is_wrong(api_server, other_ca_certs, tmp_path):
                                api_server.read_log()))
 
 
+@pytest.mark.api
 def test_outside_its_environment_the_script_says_how_to_set_up(tmp_path):
     plain = subprocess.run([sys.executable, "-I", "-S", SCRIPT, "list"], capture_output=True,
                            timeout=60)
@@ -3678,6 +3839,7 @@ def test_outside_its_environment_the_script_says_how_to_set_up(tmp_path):
     assert b"pip install -r requirements.txt" in plain.stderr
 
 
+@pytest.mark.api
 def test_pip_install_gives_a_steve_jobs_command(api_server, tmp_path):
     source, target = tmp_path / "source", tmp_path / "site"
     source.mkdir()   # a copy: building leaves build/ and *.egg-info beside the sources
@@ -3789,6 +3951,7 @@ def job_state(server, job_id):
     return cli_json(server, "status", job_id)["state"]
 
 
+@pytest.mark.sessions
 def test_a_read_only_viewer_gets_its_terminal_back_without_the_jobs_queries_answers(
         session_server):
     """Reproduction: `attach --read-only` of a job that prints ESC [6n left the viewer's
@@ -3812,6 +3975,7 @@ def test_a_read_only_viewer_gets_its_terminal_back_without_the_jobs_queries_answ
         api.close()
 
 
+@pytest.mark.sessions
 def test_run_without_i_says_stdin_is_not_sent_and_run_i_sends_it(session_server):
     """Reproduction: `echo data | steve_jobs.py run -f "wc -c"` printed 0, silently."""
     silent = cli(session_server, "run", "-f", "wc -c", input=b"data\n")
@@ -3824,6 +3988,7 @@ def test_run_without_i_says_stdin_is_not_sent_and_run_i_sends_it(session_server)
     assert b"stdin" not in sent.stderr
 
 
+@pytest.mark.sessions
 def test_run_i_carries_100_mib_byte_exact(session_server, tmp_path):
     data = tmp_path / "in"
     with open(data, "wb") as f:
@@ -3836,6 +4001,7 @@ def test_run_i_carries_100_mib_byte_exact(session_server, tmp_path):
     assert done.stdout.split()[0].decode() == digest
 
 
+@pytest.mark.sessions
 def test_a_job_that_does_not_read_holds_its_writer_back(session_server):
     """Flow control end to end: the client stops taking stdin, nobody buffers the rest."""
     proc = subprocess.Popen([PYTHON, SCRIPT, "--server", session_server.address, "--certs",
@@ -3869,6 +4035,7 @@ def input_messages(pb, job_id, q, take_over=False):
         yield item
 
 
+@pytest.mark.sessions
 def test_one_writer_at_a_time_the_owner_or_an_admin_taking_over(session_server):
     import queue
     alice, admin, reader = (Api(session_server, u) for u in ("alice", "mrarsenal", "rita"))
@@ -3919,6 +4086,7 @@ def wait_for(condition, timeout=scaled(15)):
 PROMPT = rb"\$ $"
 
 
+@pytest.mark.sessions
 def test_run_it_is_an_interactive_shell_on_the_host(session_server):
     with terminal(session_server, "run", "-it", "PS1='$ ' bash --norc", rows=30,
                   columns=100) as t:
@@ -3941,6 +4109,7 @@ def test_run_it_is_an_interactive_shell_on_the_host(session_server):
         assert t.modes_restored()
 
 
+@pytest.mark.sessions
 def test_a_terminal_client_ended_by_a_signal_gives_the_terminal_back(session_server):
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):   # SIGINT: from kill
         with terminal(session_server, "run", "-it", "--name", f"signalled-{sig.name}",
@@ -3953,6 +4122,7 @@ def test_a_terminal_client_ended_by_a_signal_gives_the_terminal_back(session_ser
         cli(session_server, "stop", "--grace", "0", f"signalled-{sig.name}")
 
 
+@pytest.mark.sessions
 def test_detach_with_tilde_dot_and_attach_rejoins(session_server):
     with terminal(session_server, "run", "-it", "--name", "shell",
                   "PS1='$ ' bash --norc") as t:
@@ -3976,6 +4146,7 @@ def test_detach_with_tilde_dot_and_attach_rejoins(session_server):
     cli(session_server, "rm", "shell")
 
 
+@pytest.mark.sessions
 def test_attach_i_feeds_a_job_without_a_terminal_and_readers_only_watch(session_server):
     owner = Api(session_server, "alice")
     try:
@@ -4000,6 +4171,7 @@ def test_attach_i_feeds_a_job_without_a_terminal_and_readers_only_watch(session_
         owner.close()
 
 
+@pytest.mark.sessions
 def test_terminal_output_exports_as_asciicast(session_server):
     done = cli(session_server, "--json", "run", "-t", "printf 'h\\303\\251llo\\n'; sleep 0.3; "
                "echo world", stdin=subprocess.DEVNULL)
@@ -4015,6 +4187,7 @@ def test_terminal_output_exports_as_asciicast(session_server):
     assert times == sorted(times) and times[-1] - times[0] >= 0.25
 
 
+@pytest.mark.sessions
 def test_a_trace_goes_from_the_cli_through_the_server_log_into_the_job(session_server):
     trace_id, span_id = os.urandom(16).hex(), os.urandom(8).hex()
     env = {**os.environ, "TRACEPARENT": f"00-{trace_id}-{span_id}-01"}
@@ -4028,6 +4201,7 @@ def test_a_trace_goes_from_the_cli_through_the_server_log_into_the_job(session_s
     assert sj.parse_traceparent(fresh)[0] in session_server.read_log()
 
 
+@pytest.mark.sessions
 def test_json_log_lines_and_journald_priorities(certs, monkeypatch):
     with Server(certs, extra=["--log-format", "json"]) as srv:   # jobs outlive a restart
         job = start_job(srv, "sleep 1000")
@@ -4050,6 +4224,7 @@ def test_json_log_lines_and_journald_priorities(certs, monkeypatch):
         assert any(line.startswith("<6>INFO listening") for line in lines)
 
 
+@pytest.mark.sessions
 def test_spans_of_calls_and_of_a_jobs_life_are_exported_to_a_collector(certs, monkeypatch):
     collector = SpanCollector()
     for name, value in collector.env().items():
@@ -4084,6 +4259,7 @@ def job_cgroups_exist(layout, root):
     return sj.JobCgroup.names(layout, root)
 
 
+@pytest.mark.newcomer
 def test_a_second_server_on_the_same_cgroup_root_is_refused_and_harms_nothing(certs):
     require_kernel()
     with Server(certs) as first:
@@ -4108,6 +4284,7 @@ def test_a_second_server_on_the_same_cgroup_root_is_refused_and_harms_nothing(ce
     assert not job_cgroups_exist(sj.CgroupLayout.detect(), first.cgroup_root)
 
 
+@pytest.mark.newcomer
 def test_a_server_that_cannot_listen_touches_no_cgroup_and_says_why(certs):
     require_kernel()
     with Server(certs) as first:
@@ -4130,6 +4307,7 @@ def test_a_server_that_cannot_listen_touches_no_cgroup_and_says_why(certs):
             shutil.rmtree(second.state_dir, ignore_errors=True)
 
 
+@pytest.mark.newcomer
 def test_a_sweep_removes_only_the_cgroups_this_state_folder_made():
     require_kernel()
     root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
@@ -4167,6 +4345,7 @@ def kernel_memory_rules(monkeypatch):
     return files
 
 
+@pytest.mark.newcomer
 @pytest.mark.parametrize("start, to", [(512, 64), (512, 1024), (512, 3072), (3072, 64),
                                        (64, 3072), (1024, 1024)])
 def test_v1_memory_limits_are_raised_and_lowered_in_the_order_the_kernel_takes(
@@ -4201,6 +4380,7 @@ def a_clone_of_the_bundled_certs(parent):
     return folder
 
 
+@pytest.mark.newcomer
 def test_insecure_dev_certs_makes_the_bundled_keys_private_and_says_so():
     require_kernel()
     parent = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/tmp")
@@ -4223,6 +4403,7 @@ def test_insecure_dev_certs_makes_the_bundled_keys_private_and_says_so():
         shutil.rmtree(parent, ignore_errors=True)
 
 
+@pytest.mark.newcomer
 def test_the_client_refuses_a_key_or_token_others_can_read(server, tmp_path):
     for name in ("alice.key", "alice.jwt"):
         folder = str(tmp_path / name)
@@ -4240,6 +4421,7 @@ def test_the_client_refuses_a_key_or_token_others_can_read(server, tmp_path):
     assert done.returncode == 2 and b"alice.jwt is empty" in done.stderr, done.stderr
 
 
+@pytest.mark.newcomer
 def test_tokens_up_to_16k_are_taken_and_bigger_ones_refused_with_a_reason(server, tmp_path):
     for size, code in ((7 * 1024, 0), (15 * 1024, 0), (17 * 1024, 7)):
         claims = jwt_claims(server.certs, "mrarsenal", groups=["g" * 60] * (size // 85))
@@ -4259,6 +4441,7 @@ def test_tokens_up_to_16k_are_taken_and_bigger_ones_refused_with_a_reason(server
                 token=huge)[0] == "UNAUTHENTICATED"
 
 
+@pytest.mark.newcomer
 def test_an_expired_token_says_which_file_when_and_what_to_do(server, tmp_path):
     folder = str(tmp_path / "expired")
     shutil.copytree(server.certs, folder)
@@ -4287,6 +4470,7 @@ def plain_http_listener():
         httpd.server_close()
 
 
+@pytest.mark.newcomer
 def test_wrong_addresses_say_what_is_wrong_and_where_the_value_came_from(server, tmp_path):
     def client(address, *args, env=None):
         flag = ["--server", address] if env is None else []
@@ -4317,6 +4501,7 @@ def test_wrong_addresses_say_what_is_wrong_and_where_the_value_came_from(server,
     assert code == 8 and "is not for the name" in line, line
 
 
+@pytest.mark.newcomer
 def test_input_right_after_start_waits_for_the_supervisor_to_listen(server):
     """Reproduction: `tar c certs | run -i 'tar x'` hung 1 in 30: an Input 3 ms after
     Start was told the job "has ended" while it waited on stdin."""
@@ -4346,6 +4531,7 @@ def run_i_client(server, *args):
     return proc, line.split()[1]
 
 
+@pytest.mark.newcomer
 def test_ctrl_c_in_run_i_ends_the_jobs_stdin_instead_of_leaving_it_waiting(server):
     proc, job = run_i_client(server, "run", "-i", "cat; echo got-eof")
     try:
@@ -4365,6 +4551,7 @@ def test_ctrl_c_in_run_i_ends_the_jobs_stdin_instead_of_leaving_it_waiting(serve
         cli(server, "stop", "--grace", "0", job)
 
 
+@pytest.mark.newcomer
 def test_a_writer_taken_over_is_told_at_once_and_once(server):
     proc, job = run_i_client(server, "run", "-i", "cat")
     taker = None
@@ -4394,6 +4581,7 @@ def test_a_writer_taken_over_is_told_at_once_and_once(server):
         cli(server, "stop", "--grace", "0", job)
 
 
+@pytest.mark.newcomer
 def test_run_it_without_a_terminal_is_refused_at_once(server):
     before = len(cli_json(server, "list", "--all"))
     done = cli(server, "run", "-it", "bash", input=b"echo cmd\n", timeout=scaled(20))
@@ -4401,6 +4589,7 @@ def test_run_it_without_a_terminal_is_refused_at_once(server):
     assert len(cli_json(server, "list", "--all")) == before
 
 
+@pytest.mark.newcomer
 def test_non_utf8_arguments_are_one_line_and_a_usage_error(server):
     bad = os.fsencode("a\udcff")   # the bytes a\xff, as argv brings them
     for args in ((b"run", b"--name", bad, b"true"), (b"run", b"--env", b"A=" + bad, b"true"),
@@ -4421,6 +4610,7 @@ def test_non_utf8_arguments_are_one_line_and_a_usage_error(server):
     assert done.returncode == 2 and b"Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.newcomer
 def test_list_prints_nothing_before_an_error_and_q_prints_ids_only(server):
     unreachable = subprocess.run([PYTHON, SCRIPT, "--server", f"127.0.0.1:{free_port()}",
                                   "--certs", server.certs, "list"], capture_output=True,
@@ -4462,6 +4652,7 @@ def a_fresh_clone(target):
     return target
 
 
+@pytest.mark.newcomer
 def test_the_quickstart_works_as_written_on_a_fresh_clone():
     """Every command of the Quickstart, verbatim, in a fresh clone; the server's place
     (port, state folder, cgroup root) comes from its STEVE_JOBS_* variables."""
@@ -4498,6 +4689,7 @@ def test_the_quickstart_works_as_written_on_a_fresh_clone():
         shutil.rmtree(clone, ignore_errors=True)
 
 
+@pytest.mark.newcomer
 def test_what_docker_and_kubectl_users_type_first(server, tmp_path):
     folder = host_folder_for_jobs()
     env_file = tmp_path / "env"
@@ -4544,6 +4736,7 @@ def test_what_docker_and_kubectl_users_type_first(server, tmp_path):
     cli(server, "rm", alice_job, user="alice")
 
 
+@pytest.mark.newcomer
 def test_contexts_are_made_with_a_command_and_a_broken_file_breaks_only_who_reads_it(
         server, tmp_path):
     config = tmp_path / "config" / "config.toml"
@@ -4566,6 +4759,7 @@ def test_contexts_are_made_with_a_command_and_a_broken_file_breaks_only_who_read
     assert needs.returncode == 2 and str(config).encode() in needs.stderr
 
 
+@pytest.mark.newcomer
 def test_the_small_things_a_newcomer_reads(server):
     double = cli(server, "list", "--bogus")
     assert double.returncode == 2 and double.stderr.count(b"steve-jobs:") == 1, double.stderr
@@ -4582,6 +4776,7 @@ def test_the_small_things_a_newcomer_reads(server):
     cli(server, "rm", job)
 
 
+@pytest.mark.newcomer
 def test_a_users_job_cap_is_said_in_good_english():
     with running_engine(max_jobs_per_user=1) as engine:
         engine.start("bob", ["sleep", "30"])
@@ -4589,6 +4784,7 @@ def test_a_users_job_cap_is_said_in_good_english():
             engine.start("bob", ["true"])
 
 
+@pytest.mark.newcomer
 def test_listen_and_server_addresses_are_checked_with_the_default_port():
     assert sj.split_address("localhost") == ("localhost", 50051)
     assert sj.split_address("[::1]:7") == ("::1", 7)
@@ -4598,34 +4794,3 @@ def test_listen_and_server_addresses_are_checked_with_the_default_port():
                        ("host:", "empty port"), ("host:70000", "not a port number")):
         with pytest.raises(ValueError, match=words):
             sj.split_address(bad)
-
-
-###############################################################################
-# Groups: each test carries its section's group as a mark, to run some of them
-# (pytest -m "kernel or e2e", as .ci/run does on the cgroup v2 VM)
-###############################################################################
-
-SECTION_GROUPS = (("# Unit tests", "unit"), ("# Kernel tests", "kernel"),
-                  ("# End-to-end tests", "e2e"), ("# Security tests", "security"),
-                  ("# Restarts, faults", "faults"), ("# Fault tests", "faults"),
-                  ("# Tenant tests", "tenants"), ("# Host tests", "hosts"),
-                  ("# API tests", "api"), ("# Session tests", "sessions"),
-                  ("# First-hour tests", "newcomer"))
-
-
-def _mark_each_test_with_its_group():
-    starts = []
-    with open(__file__) as f:
-        for number, line in enumerate(f, 1):
-            starts += [(number, group) for banner, group in SECTION_GROUPS
-                       if line.startswith(banner)]
-    with warnings.catch_warnings():   # the marks are not registered: there is no config file
-        warnings.simplefilter("ignore")
-        for name, test in list(globals().items()):
-            if name.startswith("test_") and callable(test):
-                line = test.__code__.co_firstlineno
-                group = [g for number, g in starts if number < line][-1]
-                globals()[name] = getattr(pytest.mark, group)(test)
-
-
-_mark_each_test_with_its_group()

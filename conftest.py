@@ -1,0 +1,25 @@
+"""pytest's configuration for test_steve_jobs.py: its test groups, registered as marks.
+
+Each test carries one of these marks (@pytest.mark.kernel...), to run some groups alone:
+pytest -m "kernel or e2e or hosts", as .ci/run does on its cgroup v2 VM. Registered, they
+raise no unknown-mark warning. test_steve_jobs.py's docstring says more of each group.
+"""
+
+GROUPS = {
+    "unit": "no root needed: parsing, validation, the cgroup v2 path against a fake cgroupfs",
+    "kernel": "the job engine against the real kernel: real cgroups, namespaces, processes",
+    "e2e": "a real server process over real mutual TLS on loopback",
+    "security": "every way in: certificates, tokens, roles, TLS probes",
+    "faults": "full disks, killed supervisors and servers, file handle limits, idle and "
+              "stalled clients",
+    "tenants": "what a hostile user can do to other users and to the host",
+    "hosts": "the server in a delegated (systemd) or a container's cgroup, old kernels",
+    "api": "the v1 API and CLI as docker, kubectl and ssh users use them",
+    "sessions": "stdin, terminals, attach, recordings, traces and logs",
+    "newcomer": "a fresh clone's Quickstart, two servers on one host, the usual mistakes",
+}
+
+
+def pytest_configure(config):
+    for name, about in GROUPS.items():
+        config.addinivalue_line("markers", f"{name}: {about}")
