@@ -1,9 +1,11 @@
-"""Tests for steve-jobs, in groups: each test carries its group's mark (@pytest.mark.kernel...,
-registered in conftest.py), to run some of them (pytest -m "kernel or e2e", as .ci/run does):
+"""Tests for steve-jobs, in ten groups: each test carries its group's mark
+(@pytest.mark.kernel..., registered in conftest.py), to run some of them (pytest -m "kernel
+or e2e", as .ci/run does):
 
   unit    no root needed: parsing, validation, the cgroup v2 path against a fake cgroupfs tree
   kernel  the job engine against the real kernel: real cgroups, namespaces, processes
   e2e     a real server process over real mutual TLS on loopback
+  security  every way in: certificates, tokens, roles, `openssl s_client` probes
   faults  full disks, killed supervisors and servers, two servers on one state folder, file
           handle limits, idle connections, stalled followers (real kernel and servers)
   tenants what a hostile user (alice, role user) can do to other users and to the host
@@ -17,8 +19,10 @@ registered in conftest.py), to run some of them (pytest -m "kernel or e2e", as .
 Every time budget is multiplied by STEVE_JOBS_TIME_SCALE (default 1; e.g. 10 in an emulated
 VM), through scaled(), and so are the server's own waits.
 
-Kernel, e2e, fault, tenant and host tests skip without root, cgroups or namespaces, unless STEVE_JOBS_MUST_WORK=1,
-under which they fail instead. Every test removes the cgroups and processes it makes.
+Tests that need root, cgroups or namespaces (all but the unit tests and a few others) skip
+without them, unless STEVE_JOBS_MUST_WORK=1, under which they fail instead. The harness they
+share with the benchmarks is steve_jobs_harness.py. Every test removes the cgroups and
+processes it makes.
 """
 
 import concurrent.futures
