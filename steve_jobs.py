@@ -1678,148 +1678,224 @@ class WarmShim:
             self.sock.close()
 
 
+class JobEnds(typing.NamedTuple):
+    """The job's ends of the pipes between it and its shim: init and the command hold them."""
+    stdout: int       # the command's stdout and stderr (written; the shim reads them)
+    stderr: int
+    error: int        # -> shim: why the job did not start (JSON; closed by exec)
+    status: int       # init -> shim: the command's wait status
+    go: int           # shim -> command: the start request (read)
+    stdin: int        # the job's stdin, when it asks for one (read)
+    tty: int          # command -> shim: its terminal's master goes back by this socket
+
+    def commands(self):
+        """What the command's process keeps of them (status is init's)."""
+        return (self.stdout, self.stderr, self.error, self.go, self.stdin, self.tty)
+
+
+class ShimEnds(typing.NamedTuple):
+    """The shim's ends of the same pipes."""
+    stdout: int
+    stderr: int
+    error: int
+    status: int
+    go: int
+    stdin: int
+    tty: socket.socket
+
+
+def open_job_pipes():
+    """(ShimEnds, JobEnds), all close-on-exec; the output pipes as large as allowed."""
+    stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    tty_ours, tty_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for fd in (stdout_w, stderr_w):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass   # over /proc/sys/fs/pipe-max-size: the default pipe works, in smaller steps
+    return (ShimEnds(stdout_r, stderr_r, err_r, status_r, go_w, stdin_w, tty_ours),
+            JobEnds(stdout_w, stderr_w, err_w, status_w, go_r, stdin_r, tty_theirs.detach()))
+
+
 def shim_main(chan, settings):
-    """Supervise one job, from a warm cgroup to its result file. Returns an exit code.
+    """Supervise one job, from a warm cgroup to its result file, in steps (as tini's main):
+    warm up, wait for the job, start it, supervise it, report its end. Returns an exit code.
 
     chan: the spawner's socket to this shim; it brings the request and its reply pipe.
     """
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)    # we wait for init ourselves
     os.setsid()                                     # no terminal signals from the server's tty
-    layout = CgroupLayout.from_dict(settings["layout"])
-    cg = JobCgroup(layout, settings["cgroup_root"], settings["mark"] + random_hex(6))
-    warm_error = ""
-    warm_limits = Limits(**settings["limits"])
-    try:
-        cg.create()
-        cg.apply(warm_limits)   # the server's defaults: most jobs need no write at start
-    except OSError as e:
-        warm_error = f"cannot make the job's cgroup: {e.strerror or e}"
-    stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)  # the job's stdout
-    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)  # and stderr, kept apart
-    out_w = (stdout_w, stderr_w)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)        # init/command -> shim: why it did not start
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)  # init -> shim: the command's wait status
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)          # shim -> command: the request
-    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)    # the job's stdin, if it asks for one
-    tty_ours, tty_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    ins = (stdin_r, tty_theirs.fileno())         # command -> shim: its terminal's master
-    for fd in out_w:
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass   # over /proc/sys/fs/pipe-max-size: the default pipe works, in smaller steps
-    init_pid = None
-    if not warm_error:
-        unshare(CLONE_NEWPID)                    # the next child is pid 1 of a new namespace
-        init_pid = os.fork()
-        if init_pid == 0:
-            for fd in (stdout_r, stderr_r, err_r, status_r, go_w, stdin_w):
-                os.close(fd)
-            chan.close()
-            tty_ours.close()
-            code = 126
-            try:
-                code = init_main(cg, settings, out_w, err_w, status_w, go_r, ins)
-            finally:
-                os._exit(code)
-    for fd in (*out_w, err_w, status_w, go_r, stdin_r):
+    cg, warm_limits, warm_error = warm_up_cgroup(settings)
+    ours, theirs = open_job_pipes()
+    init_pid = None if warm_error else fork_init(cg, settings, chan, ours, theirs)
+    for fd in theirs:
         os.close(fd)
-    tty_theirs.close()
-
     supervisor = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid())}
     msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
     chan.close()
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
         _discard_warm(cg, init_pid)
-        os.close(stdin_w)
+        os.close(ours.stdin)
         return 0
-    reply_fd = fds[0]
-    req = json.loads(msg)
-    job_dir, spec = req["job_dir"], req["spec"]
-    started = time.time()
+    job = ShimJob(json.loads(msg), fds[0], cg, init_pid, supervisor)
+    if warm_error:
+        return job.fail(warm_error)
+    started = job.start(msg, ours, warm_limits)
+    if started is None:
+        return 1
+    failure, out_fd, index_fd = started
+    output = job.supervise(ours, out_fd, index_fd, failure)
+    job.report(ours, output, failure)
+    return 0
 
-    def fail(message):
-        _discard_warm(cg, init_pid)
+
+def warm_up_cgroup(settings):
+    """(JobCgroup made with the server's default limits, those Limits, why it failed or "").
+    Most jobs then need no write at start."""
+    layout = CgroupLayout.from_dict(settings["layout"])
+    cg = JobCgroup(layout, settings["cgroup_root"], settings["mark"] + random_hex(6))
+    warm_limits = Limits(**settings["limits"])
+    try:
+        cg.create()
+        cg.apply(warm_limits)
+    except OSError as e:
+        return cg, warm_limits, f"cannot make the job's cgroup: {e.strerror or e}"
+    return cg, warm_limits, ""
+
+
+def fork_init(cg, settings, chan, ours, theirs):
+    """Fork the job's init, pid 1 of a new pid namespace, with the job's ends. Returns its pid."""
+    unshare(CLONE_NEWPID)                    # the next child is pid 1 of a new namespace
+    init_pid = os.fork()
+    if init_pid == 0:
+        for fd in ours[:-1]:
+            os.close(fd)
+        ours.tty.close()
+        chan.close()
+        code = 126
+        try:
+            code = init_main(cg, settings, theirs)
+        finally:
+            os._exit(code)
+    return init_pid
+
+
+class ShimJob:
+    """The job a shim supervises, from its request to its result file."""
+
+    def __init__(self, req, reply_fd, cg, init_pid, supervisor):
+        self.req, self.reply_fd, self.cg, self.init_pid = req, reply_fd, cg, init_pid
+        self.supervisor = supervisor      # the shim's pid and start time
+        self.job_dir, self.spec = req["job_dir"], req["spec"]
+        self.started = time.time()
+        self.record = None                # the job's record while not yet written
+
+    def fail(self, message):
+        """The job did not start: say why to the server and in the job's files. Returns 1."""
+        _discard_warm(self.cg, self.init_pid)
         message = message[:MAX_ERROR_CHARS]
-        _reply(reply_fd, ok=False, error=message, shim={**supervisor, "started_at": started})
-        write_json_until_written(os.path.join(job_dir, SPEC_FILE), spec)
-        write_json_until_written(os.path.join(job_dir, RESULT_FILE), {
-            "failed": True, "error": message, "exit_code": 126, "started_at": started,
+        _reply(self.reply_fd, ok=False, error=message,
+               shim={**self.supervisor, "started_at": self.started})
+        write_json_until_written(os.path.join(self.job_dir, SPEC_FILE), self.spec)
+        write_json_until_written(os.path.join(self.job_dir, RESULT_FILE), {
+            "failed": True, "error": message, "exit_code": 126, "started_at": self.started,
             "ended_at": time.time(), "output_bytes": 0})
         return 1
 
-    if warm_error:
-        return fail(warm_error)
-    try:
-        cg.apply(Limits(**req["limits"]), already=warm_limits)
-    except OSError as e:
-        return fail(f"cannot apply the job's limits: {e.strerror or e}")
-    limits_at = time.time()
-    try:   # the server made it, so that a full disk refuses the start, not the job
-        out_fd = os.open(os.path.join(job_dir, OUTPUT_FILE),
-                         os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        index_fd = os.open(os.path.join(job_dir, OUTPUT_INDEX_FILE), os.O_WRONLY | os.O_CREAT
-                           | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        return fail(f"cannot open the job's output file: {e.strerror or e}")
-    try:
-        _write_all(go_w, msg)
-    except OSError:
-        pass   # the command died during warm-up: err_r says why
-    os.close(go_w)
-    # EOF on err_r means the command reached exec (close-on-exec closed the last copy).
-    failure = _read_all(err_r)
-    failure = json.loads(failure)["error"][:MAX_ERROR_CHARS] if failure else ""
-    shim = {**supervisor, "init_pid": init_pid, "cgroup": cg.name, "cgroup_root": cg.root,
-            "v2_base": layout.v2_base, "started_at": started, "limits_at": limits_at,
-            "exec_at": time.time()}
-    _reply(reply_fd, ok=True, error=failure, shim=shim)   # first: the caller is waiting
-    os.close(reply_fd)
-    # The job's record: what the server asked for and where the job lives. Written here,
-    # not by the server, so that it exists whatever happens to the server meanwhile. Its
-    # room was reserved at the start; should that fail, it is written again at the end.
-    record = {**spec, "shim": shim}
-    try:
-        write_json_atomic(os.path.join(job_dir, SPEC_FILE), record)
-        record = None
-    except OSError:
-        pass
+    def start(self, msg, ours, warm_limits):
+        """Apply the job's limits, open its output, let its command go on to exec and answer
+        the server. Returns (why the command did not exec or "", output fd, index fd), or
+        None when the job could not start (fail() has said why)."""
+        try:
+            self.cg.apply(Limits(**self.req["limits"]), already=warm_limits)
+        except OSError as e:
+            self.fail(f"cannot apply the job's limits: {e.strerror or e}")
+            return None
+        limits_at = time.time()
+        try:   # the server made it, so that a full disk refuses the start, not the job
+            out_fd = os.open(os.path.join(self.job_dir, OUTPUT_FILE),
+                             os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            index_fd = os.open(os.path.join(self.job_dir, OUTPUT_INDEX_FILE), os.O_WRONLY |
+                               os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            self.fail(f"cannot open the job's output file: {e.strerror or e}")
+            return None
+        try:
+            _write_all(ours.go, msg)
+        except OSError:
+            pass   # the command died during warm-up: its error pipe says why
+        os.close(ours.go)
+        # EOF on the error pipe means the command reached exec (close-on-exec closed the
+        # last copy).
+        failure = _read_all(ours.error)
+        failure = json.loads(failure)["error"][:MAX_ERROR_CHARS] if failure else ""
+        shim = {**self.supervisor, "init_pid": self.init_pid, "cgroup": self.cg.name,
+                "cgroup_root": self.cg.root, "v2_base": self.cg.layout.v2_base,
+                "started_at": self.started, "limits_at": limits_at, "exec_at": time.time()}
+        _reply(self.reply_fd, ok=True, error=failure, shim=shim)   # first: the caller waits
+        os.close(self.reply_fd)
+        # The job's record: what the server asked for and where the job lives. Written
+        # here, not by the server, so that it exists whatever happens to the server
+        # meanwhile. Its room was reserved at the start; should that fail, it is written
+        # again at the end.
+        self.record = {**self.spec, "shim": shim}
+        try:
+            write_json_atomic(os.path.join(self.job_dir, SPEC_FILE), self.record)
+            self.record = None
+        except OSError:
+            pass
+        return failure, out_fd, index_fd
 
-    sampling = threading.Event()
-    if cg.needs_peak_sampling():   # old kernels: no thread otherwise, this process stays lean
-        threading.Thread(target=cg.sample_peak_memory, args=(sampling,), daemon=True).start()
-    sources = {stdout_r: STDOUT, stderr_r: STDERR}
-    relay = open_input_relay(req, job_dir, stdin_w, tty_ours, sources, started=not failure)
-    try:
-        written, indexed, truncated, out_error = copy_output(sources, out_fd, index_fd,
-                                                             req["output_cap"], relay)
-    finally:
-        if relay:
-            relay.close()
-    os.close(out_fd)
-    os.close(index_fd)
-    _, init_status = os.waitpid(init_pid, 0)
-    sampling.set()
-    raw = _read_all(status_r)
-    result = {"started_at": started, "ended_at": time.time(), "output_bytes": written,
-              "index_bytes": indexed, "output_truncated": truncated, "output_error": out_error}
-    # init reports the command's wait status; if it sent none, init itself was killed
-    # (stop, OOM) and the job died with it.
-    cmd_status = struct.unpack("i", raw[:4])[0] if len(raw) >= 4 else init_status
-    if os.WIFSIGNALED(cmd_status):
-        result["signal"] = os.WTERMSIG(cmd_status)
-    else:
-        result["exit_code"] = os.waitstatus_to_exitcode(cmd_status)
-    if failure:
-        result.update(failed=True, error=failure)
-    result.update(cg.usage())
-    _remove_cgroup(cg)
-    # A supervisor never dies of a full disk: what it knows is kept until it is written
-    # (its room was reserved at the start, so this normally succeeds at once).
-    if record is not None:
-        write_json_until_written(os.path.join(job_dir, SPEC_FILE), record)
-    write_json_until_written(os.path.join(job_dir, RESULT_FILE), result)
-    return 0
+    def supervise(self, ours, out_fd, index_fd, failure):
+        """Copy the job's output (and its input, if it takes some) until the job has ended.
+        Returns copy_output's (written, indexed, truncated, error)."""
+        self.sampling = threading.Event()
+        if self.cg.needs_peak_sampling():   # old kernels only: this process stays lean
+            threading.Thread(target=self.cg.sample_peak_memory, args=(self.sampling,),
+                             daemon=True).start()
+        sources = {ours.stdout: STDOUT, ours.stderr: STDERR}
+        relay = open_input_relay(self.req, self.job_dir, ours.stdin, ours.tty, sources,
+                                 started=not failure)
+        try:
+            output = copy_output(sources, out_fd, index_fd, self.req["output_cap"], relay)
+        finally:
+            if relay:
+                relay.close()
+        os.close(out_fd)
+        os.close(index_fd)
+        return output
+
+    def report(self, ours, output, failure):
+        """Reap init and write the job's result: how its command ended, its output and
+        usage. Never gives up on a full disk."""
+        written, indexed, truncated, out_error = output
+        _, init_status = os.waitpid(self.init_pid, 0)
+        self.sampling.set()
+        raw = _read_all(ours.status)
+        result = {"started_at": self.started, "ended_at": time.time(),
+                  "output_bytes": written, "index_bytes": indexed,
+                  "output_truncated": truncated, "output_error": out_error}
+        # init reports the command's wait status; if it sent none, init itself was killed
+        # (stop, OOM) and the job died with it.
+        cmd_status = struct.unpack("i", raw[:4])[0] if len(raw) >= 4 else init_status
+        if os.WIFSIGNALED(cmd_status):
+            result["signal"] = os.WTERMSIG(cmd_status)
+        else:
+            result["exit_code"] = os.waitstatus_to_exitcode(cmd_status)
+        if failure:
+            result.update(failed=True, error=failure)
+        result.update(self.cg.usage())
+        _remove_cgroup(self.cg)
+        # A supervisor never dies of a full disk: what it knows is kept until it is written
+        # (its room was reserved at the start, so this normally succeeds at once).
+        if self.record is not None:
+            write_json_until_written(os.path.join(self.job_dir, SPEC_FILE), self.record)
+        write_json_until_written(os.path.join(self.job_dir, RESULT_FILE), result)
 
 
 def _discard_warm(cg, init_pid):
@@ -2160,13 +2236,13 @@ def _report_start_failure(err_w, stderr_fd, message):
         pass
 
 
-def init_main(cg, settings, out_w, err_w, status_w, go_r, ins):
+def init_main(cg, settings, ends):
     """Pid 1 of the job: enter namespaces, fork the command, reap, report its wait status.
-    ins: (the read end of the job's stdin pipe, the socket its terminal's master goes by)."""
+    ends: the job's JobEnds."""
     try:
         work_fd = enter_job_namespaces(cg, settings)
     except Exception as e:   # whatever it is, the shim must hear why the job did not start
-        _report_start_failure(err_w, out_w[1], f"namespace setup failed: {e}")
+        _report_start_failure(ends.error, ends.stderr, f"namespace setup failed: {e}")
         return 126
     command_pid = None
 
@@ -2182,12 +2258,12 @@ def init_main(cg, settings, out_w, err_w, status_w, go_r, ins):
         signal.signal(sig, forward)
     command_pid = os.fork()
     if command_pid == 0:
-        command_main(cg, go_r, out_w, err_w, work_fd, ins)   # never returns
+        command_main(cg, ends, work_fd)   # never returns
     # A --root job could reach pid 1's descriptors: keep none on the host's folders.
-    for fd in (*out_w, err_w, go_r, *ins) + ((work_fd,) if work_fd is not None else ()):
+    for fd in ends.commands() + ((work_fd,) if work_fd is not None else ()):
         os.close(fd)
     status = reap_until(command_pid)
-    os.write(status_w, struct.pack("i", status))
+    os.write(ends.status, struct.pack("i", status))
     return 0   # pid 1 exiting makes the kernel kill whatever the command left behind
 
 
@@ -2296,24 +2372,26 @@ def enter_job_namespaces(cg, settings):
     return handles.get("work")
 
 
-def command_main(cg, go_r, out_w, err_w, work_fd, ins):
+def command_main(cg, ends, work_fd):
     """The command's process: get ready, wait for the request, finish, exec. Never returns.
 
     Everything that does not depend on the request happens before it arrives.
-    work_fd: an O_PATH handle on the host's folder of working folders (or None).
-    ins: see init_main.
+    ends: the job's JobEnds; work_fd: an O_PATH handle on the host's folder of working
+    folders (or None).
     """
     warm_error = ""
+    err_w = ends.error
     try:
         host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        keep = (go_r, err_w, host_net, *ins) + ((work_fd,) if work_fd is not None else ())
-        prepare_process(out_w, keep=keep)
+        keep = (ends.go, err_w, host_net, ends.stdin, ends.tty) + (
+            (work_fd,) if work_fd is not None else ())
+        prepare_process((ends.stdout, ends.stderr), keep=keep)
         syscall_filter = prepared_syscall_filter(JOB_SYSCALL_FILTER)
         enter_job_network(cg)
     except Exception as e:   # reported once a job comes: it is that job's failure
         warm_error = f"namespace setup failed: {e}"
     try:
-        msg = _read_all(go_r)
+        msg = _read_all(ends.go)
     except OSError:
         msg = b""
     if not msg:
@@ -2333,7 +2411,8 @@ def command_main(cg, go_r, out_w, err_w, work_fd, ins):
     for words, step in (("namespace setup failed", network),
                         (f"cannot enter working directory {req['workdir']}",
                          lambda: mount_workdir(req, work_fd)),
-                        ("cannot make the job's terminal", lambda: connect_input(req, *ins))):
+                        ("cannot make the job's terminal",
+                         lambda: connect_input(req, ends.stdin, ends.tty))):
         try:
             step()
         except Exception as e:
