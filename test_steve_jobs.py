@@ -475,6 +475,38 @@ def test_limits_default_and_cap_from_config():
 
 
 @pytest.mark.unit
+def test_adding_a_limit_follows_the_checklist():
+    """The README's checklist for a new limit: a field in both Limits, a row of LIMITS, a
+    cgroup write, run's flag (in the README's usage) and the server's flags."""
+    proto_fields = [f.name for f in pb.Limits.DESCRIPTOR.fields]
+    assert sorted(proto_fields) == sorted(spec.proto for spec in sj.LIMITS), \
+        "every field of jobs.proto's Limits needs a row in LIMITS"
+    assert list(sj.Limits._fields) == [spec.name for spec in sj.LIMITS], \
+        "every row of LIMITS needs a field of the engine's Limits, in the same order"
+    for spec in sj.LIMITS:   # each row written by its own writes, or by a peer's on its controller
+        assert spec.writes or any(other.writes for other in sj.LIMITS
+                                  if other.controller == spec.controller), spec.name
+    readme = open(os.path.join(HERE, "README.md")).read()
+    usage = readme[readme.index("  run [-f]"):readme.index("  status ID")]
+    args = sj.build_parser().parse_args(["run", "true"])
+    server = sj.build_parser().parse_args(["server"])
+    for spec in sj.LIMITS:
+        assert f"[{spec.flag} " in usage, f"{spec.flag} is missing from the README's run usage"
+        assert hasattr(args, sj.flag_dest(spec.flag)), spec.flag
+        if spec in sj.SERVER_LIMITS:
+            for side in ("default", "max"):
+                assert hasattr(server, sj.flag_dest(f"--{side}-{spec.flag[2:]}")), (side, spec)
+    # Conversions carry every field: a Limits with each field set survives the proto and back.
+    some = sj.Limits(cpu=0.5, memory=64 * sj.MiB, pids=9, io_read_bps=8192, io_write_bps=16384,
+                     io_device="8:0")
+    assert all(getattr(some, name) for name in sj.Limits._fields), "give the new field a value"
+    service = sj.JobService.__new__(sj.JobService)
+    service.pb = pb
+    message = service.limits_pb(some)
+    assert {f.name for f, _ in message.ListFields()} == set(proto_fields)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("argv", [[], [""], ["echo", "a\0b"], "echo hi", [1, 2],
                                   ["x" * (sj.MAX_ARGV_BYTES + 1)], ["\udcff"]])
 def test_bad_argv_is_rejected(argv):
@@ -1598,6 +1630,35 @@ def rpc_requests():
 def test_the_request_table_covers_every_rpc_of_the_service():
     methods = set(pb.DESCRIPTOR.services_by_name["JobService"].methods_by_name)
     assert methods == set(rpc_requests()) == set(sj.RPC_ACTIONS)
+
+
+@pytest.mark.security
+def test_adding_an_rpc_follows_the_checklist():
+    """The README's checklist for a new RPC: its action, JOB_RPCS if it names a job, a
+    JobService method, a request in rpc_requests() and its name in the README's API section."""
+    service = pb.DESCRIPTOR.services_by_name["JobService"]
+    readme = open(os.path.join(HERE, "README.md")).read()
+    api = readme[readme.index("### For programs: the API"):readme.index("### What a job gets")]
+    for method in service.methods:
+        name = method.name
+        assert sj.RPC_ACTIONS.get(name) in ("read", "write"), f"{name}: add it to RPC_ACTIONS"
+        assert callable(getattr(sj.JobService, name, None)), f"{name}: add JobService.{name}"
+        assert name in rpc_requests(), f"{name}: add a request to rpc_requests()"
+        assert re.search(rf"\b{name}\b", api), f"{name}: name it in the README's API section"
+        names_a_job = (method.input_type.name in ("JobRef", f"{name}Request") and
+                       "job_id" in method.input_type.fields_by_name)
+        if names_a_job and not method.client_streaming:   # Input names it in its first message
+            assert name in sj.JOB_RPCS, f"{name}: add it to JOB_RPCS"
+
+
+@pytest.mark.unit
+def test_the_state_and_view_numbers_are_jobs_protos():
+    """STATE_TO_PB and VIEW_SUMMARY are written out so that the CLI needs no protobuf."""
+    assert sj.STATE_TO_PB == {state: pb.State.Value(f"STATE_{state.upper()}")
+                              for state in sj.STATE_TO_PB}
+    assert set(pb.State.keys()) - {"STATE_UNSPECIFIED"} == \
+        {f"STATE_{state.upper()}" for state in sj.STATE_TO_PB}
+    assert sj.VIEW_SUMMARY == pb.VIEW_SUMMARY
 
 
 @pytest.mark.security
