@@ -1400,6 +1400,35 @@ WATCH_WINDOW = 60.0                       # s: one user's watches of a job withi
 TIOCSIG = 0x40045436                      # pty master: signal the foreground group
 
 
+class SpawnRequest(typing.NamedTuple):
+    """One start, from the server to the job's shim and on to its command, as JSON: the job's
+    record and what the record does not say. Facts the record holds are read from it."""
+    spec: dict            # the job's record (SPEC_FILE): id, argv, uid, workdir, limits, options
+    job_dir: str          # the job's folder: its records and output
+    env: dict             # the command's whole environment (the record's, PATH, HOME, LANG...)
+    workdir_size: int     # bytes of the private tmpfs working folder; 0: a folder on disk
+    output_cap: int       # bytes of output and index kept
+
+    def to_json(self):
+        return json.dumps(self._asdict(), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, msg):
+        """Raises ValueError (not JSON) or TypeError (not a request's fields)."""
+        return cls(**json.loads(msg))
+
+    job_id = property(lambda self: self.spec["id"])
+    argv = property(lambda self: self.spec["argv"])
+    uid = property(lambda self: self.spec["uid"])
+    workdir = property(lambda self: self.spec["workdir"])
+    limits = property(lambda self: Limits(**self.spec["limits"]))
+    own_workdir = property(lambda self: not self.spec["options"]["workdir"])   # none named
+    host_network = property(lambda self: self.spec["options"]["host_network"])
+    rw_host = property(lambda self: self.spec["options"]["rw_host"])
+    stdin = property(lambda self: self.spec["options"]["stdin"])
+    terminal = property(lambda self: self.spec["options"]["terminal"])   # [rows, columns]
+
+
 def spawner_main(sock_fd, settings):
     """Keep warm shims on offer to the server, until it hangs up. Returns the exit code.
 
@@ -1446,7 +1475,11 @@ def spawner_main(sock_fd, settings):
         elif len(fds) == 1:
             # A job that must see the host writable cannot use a warm shim (its view was
             # made read-only before any job came): it gets one made for it.
-            own = {**settings, "rw_host": True} if req.get("rw_host") else settings
+            try:
+                rw_host = SpawnRequest(**req).rw_host
+            except (TypeError, KeyError):
+                rw_host = False   # not a request: the shim says so to the server
+            own = {**settings, "rw_host": True} if rw_host else settings
             if not WarmShim(own, sock).hand_over(msg, fds[0]):
                 _reply(fds[0], ok=False, error="the job's supervisor could not start")
         for fd in fds:
@@ -1520,18 +1553,18 @@ class Spawner:
                 self._warm.append((offer["warm"], socket.socket(fileno=fds[0])))
 
     def spawn(self, request, timeout=SPAWN_TIMEOUT):
-        """Send one start request and wait (bounded) for its reply dict.
+        """Send one SpawnRequest and wait (bounded) for its reply dict.
 
         Raises InvalidArgumentError if the request is too large, UnavailableError if the
         spawner is gone or does not answer in time.
         """
-        msg = json.dumps(request, ensure_ascii=False).encode()
+        msg = request.to_json()
         if len(msg) > MAX_REQUEST_BYTES:
             raise InvalidArgumentError("the command and its environment are too large")
         reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
         try:
             try:
-                self._send(msg, reply_w, warm_ok=not request.get("rw_host"))
+                self._send(msg, reply_w, warm_ok=not request.rw_host)
             finally:
                 os.close(reply_w)   # now only the shim holds it
             return _read_reply(reply_r, time.monotonic() + timeout)
@@ -1742,7 +1775,7 @@ def shim_main(chan, settings):
         _discard_warm(cg, init_pid)
         os.close(ours.stdin)
         return 0
-    job = ShimJob(json.loads(msg), fds[0], cg, init_pid, supervisor)
+    job = ShimJob(SpawnRequest.from_json(msg), fds[0], cg, init_pid, supervisor)
     if warm_error:
         return job.fail(warm_error)
     started = job.start(msg, ours, warm_limits)
@@ -1791,7 +1824,7 @@ class ShimJob:
     def __init__(self, req, reply_fd, cg, init_pid, supervisor):
         self.req, self.reply_fd, self.cg, self.init_pid = req, reply_fd, cg, init_pid
         self.supervisor = supervisor      # the shim's pid and start time
-        self.job_dir, self.spec = req["job_dir"], req["spec"]
+        self.job_dir, self.spec = req.job_dir, req.spec
         self.started = time.time()
         self.record = None                # the job's record while not yet written
 
@@ -1812,7 +1845,7 @@ class ShimJob:
         the server. Returns (why the command did not exec or "", output fd, index fd), or
         None when the job could not start (fail() has said why)."""
         try:
-            self.cg.apply(Limits(**self.req["limits"]), already=warm_limits)
+            self.cg.apply(self.req.limits, already=warm_limits)
         except OSError as e:
             self.fail(f"cannot apply the job's limits: {e.strerror or e}")
             return None
@@ -1862,7 +1895,7 @@ class ShimJob:
         relay = open_input_relay(self.req, self.job_dir, ours.stdin, ours.tty, sources,
                                  started=not failure)
         try:
-            output = copy_output(sources, out_fd, index_fd, self.req["output_cap"], relay)
+            output = copy_output(sources, out_fd, index_fd, self.req.output_cap, relay)
         finally:
             if relay:
                 relay.close()
@@ -1919,14 +1952,14 @@ def open_input_relay(req, job_dir, stdin_w, tty_ours, sources, started):
     pipe is closed here). A terminal job's master, which its command sent before exec,
     joins sources as STDOUT (a terminal has one stream). Closes tty_ours."""
     master = None
-    if started and req.get("terminal"):
+    if started and req.terminal:
         try:
             _, fds = recv_with_fds(tty_ours, 16, socket.MSG_DONTWAIT)
             master = fds[0] if fds else None
         except OSError:
             pass
     tty_ours.close()
-    if master is None and not (started and req.get("stdin")):
+    if master is None and not (started and req.stdin):
         os.close(stdin_w)   # the job sees /dev/null; nobody needs this pipe
         return None
     if master is not None:
@@ -2396,20 +2429,20 @@ def command_main(cg, ends, work_fd):
         msg = b""
     if not msg:
         os._exit(0)   # a warm shim discarded before any job came
-    req = json.loads(msg)
+    req = SpawnRequest.from_json(msg)
     if warm_error:
         _report_start_failure(err_w, 2, warm_error)
         os._exit(126)
 
     def network():
-        _run_steps([("set the hostname", lambda: socket.sethostname(req["job_id"]))])
-        if req["host_network"]:
+        _run_steps([("set the hostname", lambda: socket.sethostname(req.job_id))])
+        if req.host_network:
             leave_job_network(host_net)
         os.close(host_net)
     # What the request decides, in order: the first step to fail is the job's error (its
     # words first), and the start's exit code is 126, as a shell's "cannot execute".
     for words, step in (("namespace setup failed", network),
-                        (f"cannot enter working directory {req['workdir']}",
+                        (f"cannot enter working directory {req.workdir}",
                          lambda: mount_workdir(req, work_fd)),
                         ("cannot make the job's terminal",
                          lambda: connect_input(req, ends.stdin, ends.tty))):
@@ -2423,13 +2456,13 @@ def command_main(cg, ends, work_fd):
 
 def connect_input(req, stdin_r, tty_fd):
     """The job's stdin: /dev/null (as prepare_process left it), the pipe the shim writes,
-    or a terminal (req["terminal"]: [rows, columns]) on stdin, stdout and stderr. Closes
+    or a terminal (req.terminal: [rows, columns]) on stdin, stdout and stderr. Closes
     both fds. Raises OSError."""
     tty_sock = socket.socket(fileno=tty_fd)
     try:
-        if req.get("terminal"):
-            make_terminal(req["terminal"], req["uid"], tty_sock)
-        elif req.get("stdin"):
+        if req.terminal:
+            make_terminal(req.terminal, req.uid, tty_sock)
+        elif req.stdin:
             os.dup2(stdin_r, 0)
     finally:
         tty_sock.close()
@@ -2456,13 +2489,13 @@ def make_terminal(size, uid, tty_sock):
 def mount_workdir(req, work_fd):
     """Make the job's working folder, the one writable place of the host's in its view.
 
-    Its own folder (req["own_workdir"]) is a private tmpfs of workdir_size bytes, or with
+    Its own folder (req.own_workdir) is a private tmpfs of workdir_size bytes, or with
     workdir_size 0 the host's folder bound from work_fd (the state folder is hidden). A
     folder the client named is the host's, bound writable onto itself. Why a tmpfs: a job
     must not be able to fill the state filesystem for every other job; its pages are
     charged to the job's memory cgroup, and it disappears with the job. Raises OSError."""
-    path, uid = req["workdir"], req["uid"]
-    if not req.get("own_workdir"):
+    path, uid = req.workdir, req.uid
+    if not req.own_workdir:
         fd = open_as(uid, path)   # a path the job cannot reach is no business of ours
         try:
             bind_mount(f"/proc/self/fd/{fd}", path)
@@ -2470,11 +2503,11 @@ def mount_workdir(req, work_fd):
             os.close(fd)
         return
     os.makedirs(path, 0o755, exist_ok=True)   # in the empty folder hiding the state folder
-    if req["workdir_size"]:
+    if req.workdir_size:
         mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
-              f"size={req['workdir_size']},mode=0700,uid={uid},gid={uid}")
+              f"size={req.workdir_size},mode=0700,uid={uid},gid={uid}")
     else:
-        bind_mount(f"/proc/self/fd/{work_fd}/{req['job_id']}", path)
+        bind_mount(f"/proc/self/fd/{work_fd}/{req.job_id}", path)
 
 
 def open_as(uid, path):
@@ -2542,22 +2575,22 @@ def exec_command(req, err_w, syscall_filter):
     Failures before exec reach the shim through err_w (close-on-exec, so a successful exec
     closes it silently), with shell exit codes: 127 not found, 126 cannot execute.
     """
-    argv = req["argv"]
+    argv = req.argv
     stage = "setting up"
     try:
-        uid = req["uid"]
+        uid = req.uid
         if uid != 0:
             stage = "dropping privileges"
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
         prctl(PR_SET_NO_NEW_PRIVS, 1)   # setuid binaries cannot give privileges back
-        stage = f"cannot enter working directory {req['workdir']}"
-        os.chdir(req["workdir"])
+        stage = f"cannot enter working directory {req.workdir}"
+        os.chdir(req.workdir)
         stage = "cannot install the syscall filter"
         install_syscall_filter(syscall_filter)   # last: it denies what set-up needed
         stage = argv[0]
-        os.execvpe(argv[0], argv, req["env"])
+        os.execvpe(argv[0], argv, req.env)
     except OSError as e:
         not_found = stage == argv[0] and e.errno in (errno.ENOENT, errno.ENOTDIR)
         reason = "command not found" if not_found else (e.strerror or str(e))
@@ -3499,15 +3532,10 @@ class Engine:
         job = self._new_job(job_id, spec)
         self._watch(job)   # before the spawn, or a quick job could end unseen
         try:
-            reply = self._spawner.spawn({
-                "job_id": job_id, "job_dir": job_dir, "spec": spec, "argv": argv, "uid": uid,
-                "env": {"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env},
-                "workdir": workdir, "limits": spec["limits"],
-                "workdir_size": workdir_size,
-                "own_workdir": not options.workdir,
-                "host_network": options.host_network, "rw_host": options.rw_host,
-                "stdin": options.stdin, "terminal": list(options.terminal),
-                "output_cap": self.config.output_cap})
+            reply = self._spawner.spawn(SpawnRequest(
+                spec=spec, job_dir=job_dir,
+                env={"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env},
+                workdir_size=workdir_size, output_cap=self.config.output_cap))
         except Error:
             self._forget(job, remove_workdir=not options.workdir)
             raise
