@@ -2720,14 +2720,7 @@ class Job:
         self._callbacks = set()
         self.last_watch = {}          # user -> when their last watch was kept
         self.sessions_dropped = None  # (read from SESSIONS_DROPPED_FILE on first use)
-
-    @property
-    def output_path(self):
-        return os.path.join(self.dir, OUTPUT_FILE)
-
-    def output_index(self):
-        """The job's OutputIndex (it holds nothing: the index is read where it lies)."""
-        return OutputIndex(os.path.join(self.dir, OUTPUT_INDEX_FILE))
+        self.output = JobOutput(job_dir)
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -2763,18 +2756,19 @@ class Job:
 
 def derive_state(job):
     """The state status() reports, from the job's files (one place decides)."""
-    r = job.result
-    if r is None:
+    result = job.result
+    if result is None:
         return PAUSED if job.paused else RUNNING
-    if r.get("unknown"):
+    if result.get("unknown"):
         return UNKNOWN
-    if r.get("failed"):
+    if result.get("failed"):
         return FAILED
     if job.stop_requested:
         return STOPPED
-    if r.get("oom_kills") and (r.get("signal") == signal.SIGKILL or r.get("exit_code") == 137):
+    killed = result.get("signal") == signal.SIGKILL or result.get("exit_code") == 137
+    if result.get("oom_kills") and killed:
         return OOM_KILLED
-    if r.get("signal") is not None:
+    if result.get("signal") is not None:
         return KILLED
     return EXITED
 
@@ -3234,12 +3228,12 @@ class Engine:
     def _event(self, kind, job):
         """Log one line of a job's life, and tell the observers. (From the job's records:
         a start must not pay for reading its cgroup.)"""
-        r = job.result or {}
+        result = job.result or {}
         fields = {"job": job.id, "owner": loggable(job.spec["owner"]),
                   "state": derive_state(job)}
         if kind == "ended":
-            fields.update(exit_code=r.get("exit_code"), signal=r.get("signal"),
-                          why=loggable(r["error"]) if r.get("error") else None)
+            fields.update(exit_code=result.get("exit_code"), signal=result.get("signal"),
+                          why=loggable(result["error"]) if result.get("error") else None)
         log_line(f"job-{kind}", trace_id=trace_id_of(job.spec.get("traceparent", "")) or "-",
                  **{k: v for k, v in fields.items() if v is not None})
         if not self._observers:
@@ -3935,54 +3929,18 @@ class Engine:
         return self._status(job)
 
     def read_output(self, job_id, offset=0, size=CHUNK):
-        """Up to size bytes of the job's output from offset (b'' at the current end).
-
-        Raises NotFoundError, InvalidArgumentError.
-        """
-        job = self._get(job_id)
-        if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int) and size > 0):
-            raise InvalidArgumentError("offset must be >= 0 and size > 0")
-        return read_output_file(job.output_path, offset, min(size, CHUNK))
+        """JobOutput.read of the job. Raises NotFoundError, InvalidArgumentError."""
+        return self._get(job_id).output.read(offset, size)
 
     def read_runs(self, job_id, offset=0, size=CHUNK, stream=0, by_time=False,
                   most_runs=RECORDS_PER_READ):
-        """OutputRuns of the job's output at offset: up to size bytes (at most CHUNK) in at
-        most most_runs runs of stream (0: both), and with by_time of one write time each
-        (read_runs: what that costs). No data at the current end (after == offset), or
-        after only output of the other stream (after > offset).
-
-        Raises NotFoundError, InvalidArgumentError.
-        """
-        job = self._get(job_id)
-        if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int) and size > 0
-                and isinstance(most_runs, int) and most_runs > 0):
-            raise InvalidArgumentError("offset must be >= 0, size and most_runs > 0")
-        try:   # the size first: every byte below it has its index record by now
-            end = os.stat(job.output_path).st_size
-        except FileNotFoundError:
-            end = 0
-        if offset >= end:
-            return OutputRuns(b"", [], [], [], [], offset)
-        return read_runs(job.output_index(), job.output_path, offset, end, min(size, CHUNK),
-                         stream, by_time, most_runs)
+        """JobOutput.runs of the job. Raises NotFoundError, InvalidArgumentError."""
+        return self._get(job_id).output.runs(offset, size, stream, by_time, most_runs)
 
     def output_start(self, job_id, stream=0, tail_lines=0, tail_bytes=0, since=0.0,
                      cancelled=lambda: False):
-        """Where reading starts for the last tail_lines lines and tail_bytes bytes of stream
-        (0: both), and what was written since (a time): the latest of those set, else 0.
-        Reads the output backwards as far as the lines go (tail_start: what that costs),
-        and stops early (0) once cancelled() says so. Raises NotFoundError."""
-        job = self._get(job_id)
-        try:
-            end = os.stat(job.output_path).st_size
-        except FileNotFoundError:
-            return 0
-        index = job.output_index()
-        start = index.first_written_at(since, end) if since else 0
-        if tail_lines or tail_bytes:
-            start = max(start, tail_start(index, job.output_path, end, stream, tail_lines,
-                                          tail_bytes, cancelled))
-        return start
+        """JobOutput.start of the job. Raises NotFoundError."""
+        return self._get(job_id).output.start(stream, tail_lines, tail_bytes, since, cancelled)
 
     def output_end(self, job_id):
         """Final output size once the job has ended and every byte is on disk, else None."""
@@ -4157,7 +4115,7 @@ class Engine:
             os.close(pidfd)
 
     def _status(self, job):
-        spec, r = job.spec, job.result
+        spec, result = job.spec, job.result
         fields = dict(
             id=job.id, owner=spec["owner"], argv=list(spec["argv"]), state=derive_state(job),
             limits=Limits(**spec["limits"]),
@@ -4169,14 +4127,14 @@ class Engine:
             labels=tuple(sorted(spec.get("labels", {}).items())),
             request_id=spec.get("request_id", ""),
             trace_id=trace_id_of(spec.get("traceparent", "")))
-        if r is None:   # running: live figures from the cgroup and the output file
+        if result is None:   # running: live figures from the cgroup and the output file
             try:
                 fields.update(job.cgroup.usage() if job.cgroup else {})
-                fields["output_bytes"] = os.stat(job.output_path).st_size
+                fields["output_bytes"] = job.output.size()
             except OSError:
                 pass
             return JobStatus(**fields)
-        fields.update((k, r[k]) for k in RESULT_FIELDS if k in r)
+        fields.update((k, result[k]) for k in RESULT_FIELDS if k in result)
         return JobStatus(**fields)
 
 
@@ -4198,6 +4156,57 @@ class OutputRuns(typing.NamedTuple):
     streams: list
     times: list
     after: int
+
+
+class JobOutput:
+    """One job's output as its shim wrote it: the merged output file and its index. Read
+    only (the shim alone writes them), a chunk at a time, whatever its size."""
+
+    def __init__(self, job_dir):
+        self.path = os.path.join(job_dir, OUTPUT_FILE)
+        self.index = OutputIndex(os.path.join(job_dir, OUTPUT_INDEX_FILE))
+
+    def size(self):
+        """Bytes written so far. Raises OSError but for a missing file (0)."""
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def read(self, offset=0, size=CHUNK):
+        """Up to size bytes (at most CHUNK) from offset (b'' at the current end).
+        Raises InvalidArgumentError."""
+        if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int) and size > 0):
+            raise InvalidArgumentError("offset must be >= 0 and size > 0")
+        return read_output_file(self.path, offset, min(size, CHUNK))
+
+    def runs(self, offset=0, size=CHUNK, stream=0, by_time=False, most_runs=RECORDS_PER_READ):
+        """OutputRuns at offset: up to size bytes (at most CHUNK) in at most most_runs runs
+        of stream (0: both), and with by_time of one write time each (read_runs: what that
+        costs). No data at the current end (after == offset), or after only output of the
+        other stream (after > offset). Raises InvalidArgumentError."""
+        if not (isinstance(offset, int) and offset >= 0 and isinstance(size, int) and size > 0
+                and isinstance(most_runs, int) and most_runs > 0):
+            raise InvalidArgumentError("offset must be >= 0, size and most_runs > 0")
+        end = self.size()   # the size first: every byte below it has its index record by now
+        if offset >= end:
+            return OutputRuns(b"", [], [], [], [], offset)
+        return read_runs(self.index, self.path, offset, end, min(size, CHUNK), stream,
+                         by_time, most_runs)
+
+    def start(self, stream=0, tail_lines=0, tail_bytes=0, since=0.0, cancelled=lambda: False):
+        """Where reading starts for the last tail_lines lines and tail_bytes bytes of stream
+        (0: both), and what was written since (a time): the latest of those set, else 0.
+        Reads the output backwards as far as the lines go (tail_start: what that costs),
+        and stops early (0) once cancelled() says so."""
+        end = self.size()
+        if not end:
+            return 0
+        start = self.index.first_written_at(since, end) if since else 0
+        if tail_lines or tail_bytes:
+            start = max(start, tail_start(self.index, self.path, end, stream, tail_lines,
+                                          tail_bytes, cancelled))
+        return start
 
 
 class IndexRecords:
@@ -5562,7 +5571,7 @@ class JobService:
 
     def status_pb(self, st, summary=False):
         """A JobStatus message; summary: the List view (argv cut, no limits or workdir)."""
-        pb = self.pb.JobStatus(
+        message = self.pb.JobStatus(
             job_id=st.id, owner=st.owner, state=STATE_TO_PB[st.state],
             error=st.error, created_at=st.created_at,
             started_at=st.started_at, ended_at=st.ended_at, cpu_seconds=st.cpu_seconds,
@@ -5575,25 +5584,25 @@ class JobService:
             sessions_dropped=st.sessions_dropped,
             view=self.pb.VIEW_SUMMARY if summary else self.pb.VIEW_FULL)
         if st.options.terminal:
-            pb.terminal.rows, pb.terminal.columns = st.options.terminal
+            message.terminal.rows, message.terminal.columns = st.options.terminal
         for event in st.sessions:
-            e = pb.sessions.add(user=event.user, event=event.event, bytes=event.bytes)
+            e = message.sessions.add(user=event.user, event=event.event, bytes=event.bytes)
             e.time.FromNanoseconds(int(event.time * 1e9))
         if summary:
-            pb.argv.extend(cut_argv(st.argv, SUMMARY_ARGV_BYTES))
+            message.argv.extend(cut_argv(st.argv, SUMMARY_ARGV_BYTES))
         else:
-            pb.argv.extend(st.argv)
-            pb.limits.CopyFrom(self.limits_pb(st.limits))
-            pb.workdir = st.options.workdir
+            message.argv.extend(st.argv)
+            message.limits.CopyFrom(self.limits_pb(st.limits))
+            message.workdir = st.options.workdir
         for name, t in (("create_time", st.created_at), ("start_time", st.started_at),
                         ("end_time", st.ended_at)):
             if t:
-                getattr(pb, name).FromNanoseconds(int(t * 1e9))
+                getattr(message, name).FromNanoseconds(int(t * 1e9))
         if st.exit_code is not None:
-            pb.exit_code = st.exit_code
+            message.exit_code = st.exit_code
         if st.signal is not None:
-            pb.signal = st.signal
-        return pb
+            message.signal = st.signal
+        return message
 
     def limits_pb(self, limits):
         return self.pb.Limits(**{spec.proto: getattr(limits, spec.name) for spec in LIMITS})
@@ -5669,8 +5678,8 @@ class JobService:
                                 request)
 
     async def Remove(self, request, context):
-        def remove(identity, r):
-            self.engine.remove(r.job_id)
+        def remove(identity, request):
+            self.engine.remove(request.job_id)
             return self.pb.RemoveResponse()
         return await self.unary(context, "Remove", remove, request)
 
@@ -5681,54 +5690,54 @@ class JobService:
         return await self.unary(context, "Wait", self._wait, request)
 
     async def Signal(self, request, context):
-        return await self.unary(context, "Signal", lambda identity, r: self.status_pb(
-            self.engine.signal(r.job_id, r.signal, r.all)), request)
+        return await self.unary(context, "Signal", lambda identity, request: self.status_pb(
+            self.engine.signal(request.job_id, request.signal, request.all)), request)
 
-    def _list(self, identity, r):
+    def _list(self, identity, request):
         """One page of jobs: at most page_size, and at most LIST_PAGE_BYTES of them."""
         role = ROLES[identity.role]
-        if (r.all_users or r.owner not in ("", identity.user)) and not role.all_jobs:
+        if (request.all_users or request.owner not in ("", identity.user)) and not role.all_jobs:
             raise PermissionDeniedError(f"role {identity.role} sees only its own jobs")
-        if r.page_size > MAX_PAGE_SIZE:
+        if request.page_size > MAX_PAGE_SIZE:
             raise InvalidArgumentError(f"page_size is at most {MAX_PAGE_SIZE}",
                                        field="page_size")
-        owner = r.owner or (None if r.all_users else identity.user)
-        states = {PB_TO_STATE[s] for s in r.states if s in PB_TO_STATE}
-        statuses = self.engine.iter_jobs(owner, states, sorted(r.labels.items()), r.name,
-                                    after=parse_page_token(r.page_token))
+        owner = request.owner or (None if request.all_users else identity.user)
+        states = {PB_TO_STATE[s] for s in request.states if s in PB_TO_STATE}
+        statuses = self.engine.iter_jobs(owner, states, sorted(request.labels.items()),
+                                         request.name, after=parse_page_token(request.page_token))
         response, size = self.pb.ListResponse(), 0
         for st in statuses:
-            if len(response.jobs) == (r.page_size or DEFAULT_PAGE_SIZE):
+            if len(response.jobs) == (request.page_size or DEFAULT_PAGE_SIZE):
                 break
-            pb = self.status_pb(st, summary=r.view != self.pb.VIEW_FULL)
-            size += pb.ByteSize() + 8
+            message = self.status_pb(st, summary=request.view != self.pb.VIEW_FULL)
+            size += message.ByteSize() + 8
             if size > LIST_PAGE_BYTES and response.jobs:
                 break
-            response.jobs.append(pb)
+            response.jobs.append(message)
         else:
             return response
         last = response.jobs[-1]
         response.next_page_token = page_token(last.created_at, last.job_id)
         return response
 
-    async def _wait(self, identity, r):
+    async def _wait(self, identity, request):
         """Wait's body: sleeps on the engine's notification of the job's end; the call's
         deadline, or the server's shutdown, ends it first."""
         with self._waiting(identity, "Wait", self.config.max_streams_per_user,
                            "--max-streams-per-user"):
-            await self._until_ended(r.job_id)
-        return self.status_pb(self.engine.status(r.job_id))
+            await self._until_ended(request.job_id)
+        return self.status_pb(self.engine.status(request.job_id))
 
-    async def _stop(self, identity, r):
+    async def _stop(self, identity, request):
         """Stop's body: the engine's stop begun (a timer kills at the grace's end), then
         its end awaited here, so a stop's grace holds no thread."""
-        grace = r.grace_seconds if r.HasField("grace_seconds") else None
+        grace = request.grace_seconds if request.HasField("grace_seconds") else None
         with self._waiting(identity, "Stop", MAX_STOPS_PER_USER):
-            deadline = self.engine.request_stop(r.job_id, grace)   # (quick: no waiting)
+            deadline = self.engine.request_stop(request.job_id, grace)   # (quick: no waiting)
             if deadline is not None:
-                await self._until_ended(r.job_id, deadline)
-                self.engine.check_stopped(r.job_id)
-        return self.status_pb(self.engine.status(r.job_id))
+                await self._until_ended(request.job_id, deadline)
+                self.engine.check_stopped(request.job_id)
+        return self.status_pb(self.engine.status(request.job_id))
 
     @contextlib.contextmanager
     def _waiting(self, identity, rpc, cap, flag=""):
@@ -5770,18 +5779,18 @@ class JobService:
         finally:
             unsubscribe()
 
-    def _start(self, identity, r):
-        limits = Limits(**{spec.name: getattr(r.limits, spec.proto) for spec in LIMITS})
-        options = JobOptions(env=tuple(sorted(r.env.items())), workdir=r.workdir,
-                             as_root=r.as_root, host_network=r.host_network,
-                             rw_host=r.rw_host, stdin=r.stdin,
-                             terminal=(r.terminal.rows, r.terminal.columns)
-                             if r.HasField("terminal") else ())
+    def _start(self, identity, request):
+        limits = Limits(**{spec.name: getattr(request.limits, spec.proto) for spec in LIMITS})
+        options = JobOptions(env=tuple(sorted(request.env.items())), workdir=request.workdir,
+                             as_root=request.as_root, host_network=request.host_network,
+                             rw_host=request.rw_host, stdin=request.stdin,
+                             terminal=(request.terminal.rows, request.terminal.columns)
+                             if request.HasField("terminal") else ())
         check_start_allowed(identity, limits, options, self.engine.config.default_limits,
                             self.config.host_network_roles)
-        meta = JobMeta(name=r.name, labels=tuple(r.labels.items()), request_id=r.request_id,
-                       traceparent=identity.trace)
-        job_id = self.engine.start(identity.user, list(r.argv), limits, options, meta)
+        meta = JobMeta(name=request.name, labels=tuple(request.labels.items()),
+                       request_id=request.request_id, traceparent=identity.trace)
+        job_id = self.engine.start(identity.user, list(request.argv), limits, options, meta)
         return self.status_pb(self.engine.status(job_id))
 
     async def unary(self, context, rpc, func, request):
@@ -5988,14 +5997,14 @@ class JobService:
             del self.writers[writer.job_id]
         self.engine.record_session(writer.job_id, writer.user, "input-end", writer.written)
 
-    async def _output_start(self, r, user):
+    async def _output_start(self, request, user):
         """Where an Output request's tail_lines, tail_bytes and since start it (0: unset).
         Found in the scan pool (tail_lines reads the output backwards), one scan of each
         user's at a time, so that one user's tails delay neither the calls of the start
         pool nor another user's tails; a cancelled call's scan stops at its next block."""
         import asyncio
-        since = r.since.ToNanoseconds() / 1e9 if r.HasField("since") else 0.0
-        if not (r.tail_lines or r.tail_bytes or since):
+        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
+        if not (request.tail_lines or request.tail_bytes or since):
             return 0
         lane = self.scan_lanes.setdefault(user, asyncio.Lock())
         cancelled = threading.Event()
@@ -6003,8 +6012,9 @@ class JobService:
             async with lane:
                 return await asyncio.get_running_loop().run_in_executor(
                     self.scan_pool, functools.partial(
-                        self.engine.output_start, r.job_id, r.stream, r.tail_lines,
-                        r.tail_bytes, since, cancelled=cancelled.is_set))
+                        self.engine.output_start, request.job_id, request.stream,
+                        request.tail_lines, request.tail_bytes, since,
+                        cancelled=cancelled.is_set))
         finally:
             cancelled.set()
 
