@@ -4,6 +4,9 @@
     .venv/bin/python bench_steve_jobs.py [engine] [api] [fan-out]   (as root; default: all)
 
 engine: start overhead, write-to-follower latency, server memory while following 1 GiB.
+        With --against OLD/steve_jobs.py (another checkout's script, e.g. `git worktree add
+        /tmp/old HEAD~5`): starts of that engine and ours taken in turn, for a change that
+        must leave the start path as it was.
 api:    CLI round trip vs ssh, streaming throughput vs ssh and a pipe, 1,000 followers
         (beside a do-nothing grpc.aio server), start rate, restart with running jobs.
 fan-out: only the 1,000 followers, twice each way (api needs openssh-server; this does not).
@@ -63,10 +66,26 @@ def rss_mb():
     return 0.0
 
 
+def load_script(path, name):
+    """Another checkout's steve_jobs.py as a module of its own name (its spawner is its own
+    file, run as that file)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # typing.NamedTuple and dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 class BenchEngine:
-    """An engine on a scratch state dir and cgroup root, removed afterwards."""
+    """An engine (of module sj, or another checkout's) on a scratch state dir and cgroup
+    root, removed afterwards."""
+
+    def __init__(self, module=sj):
+        self.sj = module
 
     def __enter__(self):
+        sj = self.sj
         self.state_dir = tempfile.mkdtemp(prefix="steve-jobs-bench-", dir="/var/tmp")
         self.engine = sj.Engine(sj.EngineConfig(
             state_dir=self.state_dir, cgroup_root=f"steve-jobs-bench-{uuid.uuid4().hex[:6]}",
@@ -104,6 +123,20 @@ def bench_start(engine):
         engine.start("bench", ["true"])
         burst.append((time.perf_counter() - t) * 1000)
     report("start, back to back (no idle time)", burst, {})
+
+
+def bench_start_against(engine, other, label):
+    """Start call to exec, ours and another version's engine in turn (the same load on
+    both); their ratio is the figure."""
+    ours, theirs = [], []
+    for i in range(RUNS * 2):
+        for first, samples in ((engine, ours), (other, theirs))[::1 if i % 2 else -1]:
+            time.sleep(0.03)   # a job start, not a burst: the warm shim is ready again
+            t = time.perf_counter()
+            job_id = first.start("bench", ["true"])
+            samples.append((time.perf_counter() - t) * 1000)
+            first.wait(job_id, 10)
+    report("start (call -> exec), this checkout", ours, {label: theirs})
 
 
 FOLLOW_WRITER = """
@@ -1006,10 +1039,17 @@ def main(argv):
         return FloorServer.main(*argv[1:])
     if argv[:1] == ["_reader"]:
         return reader_main(*argv[1:])
+    against = None
+    if "--against" in argv:
+        i = argv.index("--against")
+        against, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     groups = argv or ["engine", "api"]
     if os.geteuid() != 0:
         sys.exit("bench_steve_jobs.py: run as root (it starts real jobs)")
     print(f"steve-jobs benchmarks, {RUNS} runs each, {os.cpu_count()} cores", flush=True)
+    if "engine" in groups and against:
+        with BenchEngine() as engine, BenchEngine(load_script(against, "other_sj")) as other:
+            bench_start_against(engine, other, against)
     if "engine" in groups:
         with BenchEngine() as engine:
             bench_start(engine)
