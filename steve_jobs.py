@@ -1769,6 +1769,7 @@ def shim_main(chan, settings):
     for fd in theirs:
         os.close(fd)
     supervisor = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid())}
+    rehearse_request()
     msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
     chan.close()
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
@@ -1785,6 +1786,19 @@ def shim_main(chan, settings):
     output = job.supervise(ours, out_fd, index_fd, failure)
     job.report(ours, output, failure)
     return 0
+
+
+def rehearse_request():
+    """Read a request as a job's, once, before any comes. After fork, the first touch of
+    each object copies its page (copy-on-write): paid here, while warm, not by the start
+    (measured: 0.1 ms of a 4.5 ms start)."""
+    options = {"workdir": "", "host_network": False, "rw_host": False, "stdin": False,
+               "terminal": []}
+    request = SpawnRequest(spec={"id": "", "argv": [], "uid": 0, "workdir": "",
+                                 "limits": Limits()._asdict(), "options": options},
+                           job_dir="", env={}, workdir_size=0, output_cap=0)
+    request = SpawnRequest.from_json(request.to_json())
+    return request.limits, request.terminal
 
 
 def warm_up_cgroup(settings):
