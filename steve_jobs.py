@@ -3328,9 +3328,6 @@ class Engine:
                              "private_size": self.config.workdir_size or PRIVATE_DIR_SIZE})
         return self
 
-    def _fallbacks(self):
-        return kernel_fallbacks(self.layout, self.cgroup_root)
-
     def close(self, stop_jobs=False):
         """Stop serving; with stop_jobs, stop every running job first (bounded)."""
         if stop_jobs:

@@ -404,13 +404,13 @@ def test_v2_without_cgroup_kill_freezes_and_signals(fake_v2):
 @pytest.mark.unit
 def test_the_start_log_names_what_an_old_kernel_lacks_and_the_fallback(fake_v2):
     root, layout = fake_v2
-    engine = sj.Engine(sj.EngineConfig(), layout=layout._replace(v2=("cpu", "memory", "pids")))
+    layout = layout._replace(v2=("cpu", "memory", "pids"))
     os.mkdir(root / "steve-jobs")
-    assert engine._fallbacks() == ["no io controller offered to the server: requests for IO "
+    assert sj.kernel_fallbacks(layout, "steve-jobs") == ["no io controller offered to the server: requests for IO "
                                    "limits are refused (FAILED_PRECONDITION)"]
     (root / "steve-jobs" / "cgroup.kill").unlink()
     (root / "steve-jobs" / "memory.peak").unlink()
-    said = " / ".join(engine._fallbacks())
+    said = " / ".join(sj.kernel_fallbacks(layout, "steve-jobs"))
     assert "no cgroup.kill (kernel < 5.14): jobs are killed by freezing" in said
     assert "no memory.peak (kernel < 5.19): peak memory is sampled" in said
 
@@ -3195,23 +3195,29 @@ def test_a_user_cannot_read_the_servers_keys_from_a_job(server):
 
 @pytest.mark.tenants
 def test_job_uids_come_in_order_and_only_back_once_no_record_holds_them(tmp_path):
-    engine = sj.Engine(sj.EngineConfig(state_dir=str(tmp_path), uid_count=3))
-    base = engine.config.uid_base
-    engine._jobs = {}
-    uids = [engine._allocate_uid("tester") for _ in range(3)]
+    base = sj.EngineConfig().uid_base
+    pool = sj.UidPool(str(tmp_path), base, 3)
+    pool.load()
+    uids = [pool.take() for _ in range(3)]
     assert uids == [base, base + 1, base + 2]
     with pytest.raises(sj.ResourceExhaustedError, match="job uid"):
-        engine._allocate_uid("tester")
-    engine._release_uid(base + 1)              # its record was removed
-    assert engine._allocate_uid("tester") == base + 1
+        pool.take()
+    pool.release(base + 1)              # its record was removed
+    assert pool.take() == base + 1
     assert json.load(open(tmp_path / sj.UID_FILE))["next"] >= 4   # a restart goes on
     # A job that could leave files on the host (a --workdir) retires its uid for good.
-    engine._release_uid(base + 2)
-    assert engine._allocate_uid("tester", leaves_files=True) == base + 2
-    engine._release_uid(base + 2)
+    pool.release(base + 2)
+    assert pool.take(leaves_files=True) == base + 2
+    pool.release(base + 2)
     with pytest.raises(sj.ResourceExhaustedError, match="job uid"):
-        engine._allocate_uid("tester")
+        pool.take()
     assert json.load(open(tmp_path / sj.UID_FILE))["retired"] == [base + 2]
+    restarted = sj.UidPool(str(tmp_path), base, 3)   # a new server: on from the last block
+    restarted.load()
+    restarted.keep(base)
+    restarted.keep(base + 1)
+    with pytest.raises(sj.ResourceExhaustedError, match="job uid"):
+        restarted.take()   # base + 2 retired, the others held by records
 
 
 @pytest.mark.tenants
