@@ -2715,6 +2715,62 @@ MAX_SESSIONS_SHOWN = 100         # the last writes (input, input-end, taken-over
 MAX_WATCHES_SHOWN = 20           # and the last watches, however many watches came since
 
 
+class JobSessions:
+    """Who wrote to a job or watched it, and when: SESSIONS_FILE in its folder, bounded
+    (MAX_SESSIONS_BYTES, watches up to WATCH_SESSIONS_BYTES so that writes keep room of
+    their own), and a count of the events it had no room for (SESSIONS_DROPPED_FILE)."""
+
+    def __init__(self, job_dir):
+        self.dir = job_dir
+        self.last_watch = {}          # user -> when their last watch was kept
+        self._dropped = None          # (read from SESSIONS_DROPPED_FILE on first use)
+
+    def record(self, user, event, nbytes, now):
+        """Keep one SessionEvent; a user's watches within WATCH_WINDOW are one. Returns
+        False when it found no room (and was counted). Raises OSError."""
+        if event == "watch":
+            if now - self.last_watch.get(user, -math.inf) < WATCH_WINDOW:
+                return True   # (the same watcher again: kept once a window)
+            self.last_watch[user] = now
+        line = json.dumps({"time": now, "user": user, "event": event, "bytes": nbytes}) + "\n"
+        room = WATCH_SESSIONS_BYTES if event == "watch" else MAX_SESSIONS_BYTES
+        with os.fdopen(open_job_file(os.path.join(self.dir, SESSIONS_FILE),
+                                     os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
+            if f.seek(0, os.SEEK_END) + len(line) <= room:
+                f.write(line)
+                return True
+        self._dropped = self.dropped() + 1
+        write_json_atomic(os.path.join(self.dir, SESSIONS_DROPPED_FILE), self._dropped)
+        return False
+
+    def dropped(self):
+        """How many events found no room."""
+        if self._dropped is None:
+            saved = _load_json(os.path.join(self.dir, SESSIONS_DROPPED_FILE))
+            self._dropped = saved if isinstance(saved, int) else 0
+        return self._dropped
+
+    def shown(self):
+        """The last MAX_SESSIONS_SHOWN writes and last MAX_WATCHES_SHOWN watches,
+        SessionEvents in time order: no number of watches hides a write."""
+        try:
+            with os.fdopen(open_job_file(os.path.join(self.dir, SESSIONS_FILE))) as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        writes, watches = [], []
+        for line in reversed(text.splitlines()):
+            if len(writes) >= MAX_SESSIONS_SHOWN and len(watches) >= MAX_WATCHES_SHOWN:
+                break
+            with contextlib.suppress(ValueError, TypeError):
+                event = SessionEvent(**json.loads(line))
+                kept, most = (watches, MAX_WATCHES_SHOWN) if event.event == "watch" else (
+                    writes, MAX_SESSIONS_SHOWN)
+                if len(kept) < most:
+                    kept.append(event)
+        return tuple(sorted(writes + watches, key=lambda e: e.time))
+
+
 class Job:
     """One job's in-memory record; its durable state lives in its folder."""
 
@@ -2732,9 +2788,8 @@ class Job:
         self._cond = threading.Condition()
         self._version = 0             # bumped on every output change or end
         self._callbacks = set()
-        self.last_watch = {}          # user -> when their last watch was kept
-        self.sessions_dropped = None  # (read from SESSIONS_DROPPED_FILE on first use)
         self.output = JobOutput(job_dir)
+        self.sessions = JobSessions(job_dir)
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -3778,8 +3833,8 @@ class Engine:
         job = self._get(job_id)
         st = self._status(job)
         if st.options.stdin or st.options.terminal:
-            st = st._replace(sessions=self._sessions(job),
-                             sessions_dropped=self._dropped_sessions(job))
+            st = st._replace(sessions=job.sessions.shown(),
+                             sessions_dropped=job.sessions.dropped())
         return st
 
     def has_terminal(self, job_id):
@@ -3800,70 +3855,19 @@ class Engine:
 
     def record_session(self, job_id, user, event, nbytes=0):
         """Keep, in the job's folder, that user wrote to (or watched) the job: event is one
-        of SessionEvent's. A user's watches within WATCH_WINDOW are one; watches stop at
-        WATCH_SESSIONS_BYTES, so that writes keep room of their own up to
-        MAX_SESSIONS_BYTES; an event with no room is counted (sessions_dropped), and the
-        log warns once a job. Never raises: a record that cannot be written is logged."""
-        now = time.time()
+        of SessionEvent's (JobSessions.record says what is kept); the log has them all and
+        warns once a job when its record is full. Never raises: a record that cannot be
+        written is logged."""
         log.info("session job=%s user=%s event=%s bytes=%d", job_id, loggable(user), event,
                  nbytes)
         try:
-            job = self._get(job_id)
-            if event == "watch":
-                if now - job.last_watch.get(user, -math.inf) < WATCH_WINDOW:
-                    return   # (the same watcher again: kept once a window)
-                job.last_watch[user] = now
-            line = json.dumps({"time": now, "user": user, "event": event,
-                               "bytes": nbytes}) + "\n"
-            room = WATCH_SESSIONS_BYTES if event == "watch" else MAX_SESSIONS_BYTES
-            path = os.path.join(job.dir, SESSIONS_FILE)
-            with os.fdopen(open_job_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
-                           "a") as f:
-                if f.seek(0, os.SEEK_END) + len(line) <= room:
-                    f.write(line)
-                    return
-            self._count_dropped_session(job)
+            sessions = self._get(job_id).sessions
+            if not sessions.record(user, event, nbytes, time.time()) and sessions.dropped() == 1:
+                log.warning("job %s: its session record is full (%d bytes): further events "
+                            "are counted (sessions_dropped), not kept; this log has them all",
+                            job_id, MAX_SESSIONS_BYTES)
         except (OSError, Error) as e:
             log.warning("cannot keep job %s's session record: %s", job_id, e)
-
-    def _count_dropped_session(self, job):
-        """One more event the job's record had no room for (kept in SESSIONS_DROPPED_FILE).
-        Raises OSError."""
-        dropped = self._dropped_sessions(job) + 1
-        job.sessions_dropped = dropped
-        if dropped == 1:
-            log.warning("job %s: its session record is full (%d bytes): further events are "
-                        "counted (sessions_dropped), not kept; this log has them all",
-                        job.id, MAX_SESSIONS_BYTES)
-        write_json_atomic(os.path.join(job.dir, SESSIONS_DROPPED_FILE), dropped)
-
-    @staticmethod
-    def _dropped_sessions(job):
-        if job.sessions_dropped is None:
-            saved = _load_json(os.path.join(job.dir, SESSIONS_DROPPED_FILE))
-            job.sessions_dropped = saved if isinstance(saved, int) else 0
-        return job.sessions_dropped
-
-    @staticmethod
-    def _sessions(job):
-        """The job record's last MAX_SESSIONS_SHOWN writes and last MAX_WATCHES_SHOWN
-        watches, SessionEvents in time order: no number of watches hides a write."""
-        try:
-            with os.fdopen(open_job_file(os.path.join(job.dir, SESSIONS_FILE))) as f:
-                text = f.read()
-        except OSError:
-            text = ""
-        writes, watches = [], []
-        for line in reversed(text.splitlines()):
-            if len(writes) >= MAX_SESSIONS_SHOWN and len(watches) >= MAX_WATCHES_SHOWN:
-                break
-            with contextlib.suppress(ValueError, TypeError):
-                event = SessionEvent(**json.loads(line))
-                kept, most = (watches, MAX_WATCHES_SHOWN) if event.event == "watch" else (
-                    writes, MAX_SESSIONS_SHOWN)
-                if len(kept) < most:
-                    kept.append(event)
-        return tuple(sorted(writes + watches, key=lambda e: e.time))
 
     def list(self, owner=None, **filters):
         """Statuses of every job (or only owner's), oldest first; filters as iter_jobs."""

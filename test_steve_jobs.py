@@ -3042,7 +3042,7 @@ def test_a_full_session_record_keeps_room_for_writes_and_counts_what_it_drops(en
     for _ in range((sj.MAX_SESSIONS_BYTES - sj.WATCH_SESSIONS_BYTES) // 60 + 10):
         engine.record_session(job, "mrarsenal", "input")
     assert engine.status(job).sessions_dropped > watched
-    assert engine._dropped_sessions(engine._get(job)) == sj._load_json(os.path.join(
+    assert engine._get(job).sessions.dropped() == sj._load_json(os.path.join(
         engine._get(job).dir, sj.SESSIONS_DROPPED_FILE))
     engine.stop(job, grace=0)
 
