@@ -38,7 +38,8 @@ import uuid
 
 import steve_jobs as sj
 from steve_jobs_harness import (HERE, SCRIPT, SpanCollector, bearer, free_port, grpc,
-                                make_cert_set, pb, pb_grpc, user_channel, user_credentials)
+                                make_cert_set, pb, pb_grpc, remove_state_dir, user_channel,
+                                user_credentials)
 
 RUNS = int(os.environ.get("BENCH_RUNS", "60"))
 
@@ -94,7 +95,7 @@ class BenchEngine:
 
     def __exit__(self, *exc):
         self.engine.close(stop_jobs=True)
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        remove_state_dir(self.state_dir)
 
 
 def bench_start(engine):

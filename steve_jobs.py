@@ -485,6 +485,73 @@ def umount_lazy(target):
     _check(_libc.umount2(os.fsencode(target), ctypes.c_int(MNT_DETACH)), f"umount {target}")
 
 
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429   # the same on x86_64 and aarch64 (Linux 5.2+)
+OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = 0x1, 0x4
+
+
+def clone_mount(path):
+    """open_tree(2) with OPEN_TREE_CLONE: a detached copy of the mount at path, as an fd
+    another process (in another mount namespace) can attach with attach_mount. Raises
+    OSError (ENOSYS before Linux 5.2)."""
+    return _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(path),
+                                OPEN_TREE_CLONE | os.O_CLOEXEC), f"open_tree {path}")
+
+
+def attach_mount(fd, target):
+    """move_mount(2) of a clone_mount fd onto target, in this mount namespace. Raises OSError."""
+    _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, os.fsencode(target),
+                         MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {target}")
+
+
+def unmount_if_mounted(path):
+    """Detach whatever is mounted at path (and below); nothing if nothing is. Raises OSError."""
+    try:
+        umount_lazy(path)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOENT):   # not a mount point, no such path
+            raise
+
+
+def folder_bytes(path, walk=True):
+    """Bytes a job's working folder takes: what its own filesystem (a tmpfs) has in use, or
+    for a folder on the state disk, its files' blocks, links not followed (not counted
+    unless walk: a tree can be large). 0 if it is gone."""
+    try:
+        if os.stat(path).st_dev != os.stat(os.path.dirname(path)).st_dev:
+            st = os.statvfs(path)
+            return (st.f_blocks - st.f_bfree) * st.f_frsize
+    except OSError:
+        return 0
+    if not walk:
+        return 0
+    total = 0
+    for top, folders, files in os.walk(path):
+        for name in folders + files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+    return total
+
+
+def is_mount_point(path):
+    """True if something is mounted at path (a bind of a folder of the same filesystem
+    too, which os.path.ismount misses)."""
+    path = os.path.realpath(path)
+    for line in read_file("/proc/self/mountinfo").splitlines():
+        if line.split()[4].encode().decode("unicode_escape") == path:   # \040 is a space
+            return True
+    return False
+
+
+def keep_mounts_private(folder):
+    """Make folder a mount of its own (bound onto itself, once) that propagates nothing:
+    the jobs' working folders mounted in it must not appear in every namespace that
+    shares the host's mounts (systemd makes / shared; each PrivateTmp service has a
+    copy). Raises OSError."""
+    if not is_mount_point(folder):
+        mount(folder, folder, None, MS_BIND)
+    mount(None, folder, None, MS_PRIVATE)
+
+
 def setns(fd, nstype):
     """setns(2): join the namespace fd refers to. Raises OSError."""
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
@@ -1873,6 +1940,11 @@ class ShimJob:
             self.fail(f"cannot open the job's output file: {e.strerror or e}")
             return None
         try:
+            self.share_workdir(ours.tty)
+        except OSError as e:
+            self.fail(f"cannot make the job's working folder: {e.strerror or e}")
+            return None
+        try:
             _write_all(ours.go, msg)
         except OSError:
             pass   # the command died during warm-up: its error pipe says why
@@ -1897,6 +1969,30 @@ class ShimJob:
         except OSError:
             pass
         return failure, out_fd, index_fd
+
+    def share_workdir(self, tty):
+        """Mount the job's own tmpfs working folder where the host keeps it (its path under
+        the state folder's work/), so that its files outlive the job until it is removed,
+        and send the command a clone of that mount for its view (sent before the request:
+        the command finds it waiting). A kernel without open_tree (before 5.2) gets none:
+        the command mounts a private tmpfs, gone with the job. Raises OSError."""
+        req = self.req
+        if not (req.own_workdir and req.workdir_size):
+            return   # a folder on disk: the command binds it from the host's
+        # nosuid, nodev: the job's uid owns it, on the host too.
+        mount("tmpfs", req.workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+              f"size={req.workdir_size},mode=0700,uid={req.uid},gid={req.uid}")
+        try:
+            clone = clone_mount(req.workdir)
+        except OSError as e:
+            umount_lazy(req.workdir)
+            if e.errno == errno.ENOSYS:
+                return
+            raise
+        try:
+            socket.send_fds(tty, [b"w"], [clone])
+        finally:
+            os.close(clone)
 
     def supervise(self, ours, out_fd, index_fd, failure):
         """Copy the job's output (and its input, if it takes some) until the job has ended.
@@ -2457,7 +2553,7 @@ def command_main(cg, ends, work_fd):
     # words first), and the start's exit code is 126, as a shell's "cannot execute".
     for words, step in (("namespace setup failed", network),
                         (f"cannot enter working directory {req.workdir}",
-                         lambda: mount_workdir(req, work_fd)),
+                         lambda: mount_workdir(req, work_fd, ends.tty)),
                         ("cannot make the job's terminal",
                          lambda: connect_input(req, ends.stdin, ends.tty))):
         try:
@@ -2500,14 +2596,15 @@ def make_terminal(size, uid, tty_sock):
         os.close(slave)
 
 
-def mount_workdir(req, work_fd):
+def mount_workdir(req, work_fd, tty_fd):
     """Make the job's working folder, the one writable place of the host's in its view.
 
-    Its own folder (req.own_workdir) is a private tmpfs of workdir_size bytes, or with
-    workdir_size 0 the host's folder bound from work_fd (the state folder is hidden). A
-    folder the client named is the host's, bound writable onto itself. Why a tmpfs: a job
-    must not be able to fill the state filesystem for every other job; its pages are
-    charged to the job's memory cgroup, and it disappears with the job. Raises OSError."""
+    Its own folder (req.own_workdir) is a tmpfs of workdir_size bytes, the one its shim
+    mounted on the host and sent by tty_fd (else, on kernels without open_tree, a private
+    one), or with workdir_size 0 the host's folder bound from work_fd (the state folder is
+    hidden). A folder the client named is the host's, bound writable onto itself. Why a
+    tmpfs: a job must not be able to fill the state filesystem for every other job; its
+    pages are charged to the job's memory cgroup. Raises OSError."""
     path, uid = req.workdir, req.uid
     if not req.own_workdir:
         fd = open_as(uid, path)   # a path the job cannot reach is no business of ours
@@ -2518,8 +2615,19 @@ def mount_workdir(req, work_fd):
         return
     os.makedirs(path, 0o755, exist_ok=True)   # in the empty folder hiding the state folder
     if req.workdir_size:
-        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
-              f"size={req.workdir_size},mode=0700,uid={uid},gid={uid}")
+        tty = socket.socket(fileno=tty_fd)
+        try:
+            _, fds = recv_with_fds(tty, 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            fds = []
+        finally:
+            tty.detach()
+        if fds:
+            attach_mount(fds[0], path)
+            os.close(fds[0])
+        else:
+            mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
+                  f"size={req.workdir_size},mode=0700,uid={uid},gid={uid}")
     else:
         bind_mount(f"/proc/self/fd/{work_fd}/{req.job_id}", path)
 
@@ -2664,6 +2772,7 @@ class EngineConfig(typing.NamedTuple):
     max_jobs_per_user: int = 0    # running jobs of one owner; 0: a quarter of the above
     min_free: int = -1            # bytes the state filesystem keeps free; -1: 1%, <= 256 MiB
     workdir_size: int = 1 * GiB   # a server-made working folder is a tmpfs this big; 0: disk
+    files_quota: int = 4 * GiB    # a user's jobs' kept working folders: no start beyond it
     hidden_paths: tuple = ()      # host folders jobs must not see (the server's certificates)
 
     def user_job_cap(self):
@@ -2790,6 +2899,7 @@ class Job:
         self._callbacks = set()
         self.output = JobOutput(job_dir)
         self.sessions = JobSessions(job_dir)
+        self.files_bytes = None       # its working folder's bytes once ended (None: unread)
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -3352,6 +3462,7 @@ class Engine:
         os.chmod(self.config.state_dir, 0o711)
         os.chmod(os.path.join(self.config.state_dir, "jobs"), 0o700)
         os.chmod(os.path.join(self.config.state_dir, "work"), 0o711)
+        keep_mounts_private(os.path.join(self.config.state_dir, "work"))
         # Before anything touches jobs or cgroups: a second server on this folder would
         # take the first one's jobs for leftovers and kill them.
         self._lock_fd = lock_state_dir(self.config.state_dir)
@@ -3472,10 +3583,8 @@ class Engine:
         """A job folder without a record: a start the server died in before any shim took
         it (the shim writes the record as soon as it has answered). Remove it, and its
         working folder."""
-        import shutil
         log.warning("removing %s: a start that never reached its supervisor", job_dir)
-        shutil.rmtree(job_dir, ignore_errors=True)
-        shutil.rmtree(os.path.join(self.config.state_dir, "work", job_id), ignore_errors=True)
+        self._remove_folders(job_dir, os.path.join(self.config.state_dir, "work", job_id))
 
     def _sweep_cgroups(self):
         """Kill and remove job cgroups of this state folder (by their mark) that no
@@ -3569,6 +3678,8 @@ class Engine:
     def _launch(self, owner, argv, limits, options, env, meta):
         """start()'s second half: folders, uid, spawn. Returns the job id."""
         self._check_room()
+        if not options.workdir:
+            self._check_files_quota(owner)
         job_id = new_job_id()
         job_dir = os.path.join(self.config.state_dir, "jobs", job_id)
         uid = self._allocate_uid(owner, root=options.as_root,
@@ -3613,6 +3724,30 @@ class Engine:
         self._check_result(job)
         return job_id
 
+    def files_bytes(self, job):
+        """Bytes the job's own working folder holds on the host (0 for one a client named:
+        not the server's to count). Read once the job has ended (copies into it reset it)."""
+        if job.spec["options"]["workdir"]:
+            return 0
+        if job.result is None:   # (a running job's folder on disk is counted at its end)
+            return folder_bytes(job.spec["workdir"], walk=False)
+        if job.files_bytes is None:
+            job.files_bytes = folder_bytes(job.spec["workdir"])
+        return job.files_bytes
+
+    def _check_files_quota(self, owner):
+        """Raises ResourceExhaustedError when owner's jobs keep files_quota bytes or more."""
+        quota = self.config.files_quota
+        if not quota:
+            return
+        kept = sum(self.files_bytes(job) for job in self._all_jobs()
+                   if job.spec["owner"] == owner)
+        if kept >= quota:
+            raise ResourceExhaustedError(
+                f"{owner}'s jobs keep {human_bytes(kept)} of files, their --files-quota is "
+                f"{human_bytes(quota)}: remove some (rm ID) before starting more",
+                reason="FILES_QUOTA")
+
     def _workdir_size(self, options, limits):
         """Bytes of the job's private tmpfs working folder, or 0 for a folder on disk: when
         the client named one, or when IO limits apply (they throttle a disk, not memory)."""
@@ -3644,8 +3779,7 @@ class Engine:
         job_dir = os.path.join(self.config.state_dir, "jobs", spec["id"])
         workdir = spec["workdir"]
         try:
-            if not options.workdir and not workdir_size:
-                # (A tmpfs working folder exists only in the job's view.)
+            if not options.workdir:   # (its shim mounts a tmpfs on it, if it has one)
                 os.mkdir(workdir, 0o700)
                 os.chown(workdir, spec["uid"], spec["uid"])
             if (limits.io_read_bps or limits.io_write_bps) and not limits.io_device:
@@ -3672,7 +3806,13 @@ class Engine:
 
     @staticmethod
     def _remove_folders(job_dir, workdir):
+        """Remove a job's folder and its own working folder (and the tmpfs on it)."""
         import shutil
+        if workdir:
+            try:
+                unmount_if_mounted(workdir)
+            except OSError as e:
+                log.warning("cannot unmount %s: %s", workdir, e.strerror or e)
         for path in (job_dir, workdir):
             if path:
                 shutil.rmtree(path, ignore_errors=True)
@@ -3804,8 +3944,8 @@ class Engine:
 
     def prune(self, max_age=None, max_bytes=None, now=None):
         """Retention: remove ended jobs older than max_age seconds, then the oldest ended
-        jobs until the rest's output (with its index) totals at most max_bytes. Running jobs
-        are never touched. Returns the ids removed.
+        jobs until the rest's output (with its index) and kept working folders total at most
+        max_bytes. Running jobs are never touched. Returns the ids removed.
         """
         now = time.time() if now is None else now
         ended = sorted((j for j in self._all_jobs() if j.result is not None),
@@ -3813,8 +3953,9 @@ class Engine:
         doomed = [j for j in ended if max_age is not None
                   and now - j.result.get("ended_at", 0) > max_age]
         kept = [j for j in ended if j not in doomed]
-        def stored(job):   # what its output takes on disk: the bytes and their index
-            return job.result.get("output_bytes", 0) + job.result.get("index_bytes", 0)
+        def stored(job):   # its output, with its index, and its kept working folder
+            return (job.result.get("output_bytes", 0) + job.result.get("index_bytes", 0)
+                    + self.files_bytes(job))
         total = sum(map(stored, kept))
         while max_bytes is not None and kept and total > max_bytes:
             oldest = kept.pop(0)
@@ -7318,12 +7459,15 @@ def add_server_parser(s):
             ("--min-free", parse_size, -1, "free space the state filesystem keeps; starts "
              "below it are refused (-1: 1%% of it, at most 256M)"),
             ("--workdir-size", parse_size, EngineConfig().workdir_size, "a job's own working "
-             "folder is a private tmpfs this big, charged to its memory; 0: on the state disk"),
+             "folder is a tmpfs this big, charged to its memory and kept after its end until "
+             "rm; 0: on the state disk"),
+            ("--files-quota", parse_size, EngineConfig().files_quota, "a user's jobs' kept "
+             "working folders: starts beyond it are refused until rm; 0: no quota"),
             ("--handshake-timeout", float, ServerConfig().handshake_timeout,
              "seconds a connection has to finish its TLS handshake"),
             ("--retain-days", float, 7.0, "remove ended jobs after this many days"),
             ("--retain-size", parse_size, 10 * GiB,
-             "then remove the oldest ended jobs until their output fits")):
+             "then remove the oldest ended jobs until their output and files fit")):
         add_env_flag(s, flag, kind, default, help_text)
     s.add_argument("--allow-host-network-role", action="append", default=[],
                    choices=sorted(ROLES), metavar="ROLE",
@@ -7369,7 +7513,7 @@ def cmd_server(args):
         state_dir=args.state_dir, cgroup_root=args.cgroup_root, default_limits=limits["default"],
         max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs,
         max_running_jobs=args.max_jobs, max_jobs_per_user=args.max_jobs_per_user,
-        min_free=args.min_free, workdir_size=args.workdir_size,
+        min_free=args.min_free, workdir_size=args.workdir_size, files_quota=args.files_quota,
         hidden_paths=(args.certs,)))
     try:
         CertificateStore(args.certs).read()

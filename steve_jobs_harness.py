@@ -1,6 +1,7 @@
 """What the tests (test_steve_jobs.py) and the benchmarks (bench_steve_jobs.py) share.
 
-Where the script is, grpc and the generated stubs (imported once), free loopback ports, time
+Where the script is, grpc and the generated stubs (imported once), state folders removed
+with what was mounted in them, free loopback ports, time
 budgets stretched on slow machines, sets of certificates, a user's gRPC credentials and
 channels (user_credentials, user_channel, bearer) and an OTLP trace collector in the
 process: one copy of each, so that the benchmarks need not import the tests.
@@ -30,6 +31,34 @@ grpc, pb, pb_grpc = sj.import_grpc(aio=False)
 def scaled(seconds):
     """A time budget, stretched by STEVE_JOBS_TIME_SCALE on slow machines."""
     return seconds * sj.TIME_SCALE
+
+
+def mounts_under(folder):
+    """Mount points at or below folder, in this process's mount namespace."""
+    folder = os.path.realpath(folder)
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")   # \040 is a space
+            if point == folder or point.startswith(folder + "/"):
+                points.append(point)
+    return points
+
+
+def remove_state_dir(state_dir):
+    """Remove a server's state folder: first what it mounted there (jobs' working folders,
+    which outlive their jobs, and work/ bound onto itself)."""
+    import contextlib
+    import shutil
+    points = mounts_under(state_dir)
+    while points:   # one at a time, the last made first (mounts may be stacked)
+        with contextlib.suppress(OSError):
+            sj.umount_lazy(points[-1])
+        left = mounts_under(state_dir)
+        if len(left) >= len(points):
+            break   # (not ours to remove, whatever it is: the caller's check says so)
+        points = left
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def free_port():

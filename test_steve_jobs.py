@@ -53,8 +53,8 @@ import pytest
 
 import steve_jobs as sj
 from steve_jobs_harness import (HERE, PYTHON, SCRIPT, SpanCollector, bearer, free_port, grpc,
-                                make_cert_set, pb, pb_grpc, scaled, user_channel,
-                                user_credentials)
+                                make_cert_set, mounts_under, pb, pb_grpc, remove_state_dir,
+                                scaled, user_channel, user_credentials)
 
 MUST_WORK = os.environ.get("STEVE_JOBS_MUST_WORK") == "1"
 
@@ -121,8 +121,9 @@ def running_engine(**config):
     finally:
         engine.close(stop_jobs=True)
         leftovers = remove_cgroups(engine.layout, root)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        remove_state_dir(state_dir)
         assert not leftovers, f"cgroups left behind: {leftovers}"
+        assert not mounts_under(state_dir)
 
 
 def remove_cgroups(layout, root):
@@ -1151,6 +1152,53 @@ def test_jobs_survive_an_engine_restart():
 
 
 @pytest.mark.kernel
+def test_a_jobs_files_outlive_it_until_it_is_removed():
+    with engine_that_goes_away(workdir_size=1 * sj.MiB) as (first, state_dir, root):
+        job = first.start("alice", ["sh", "-c", "mkdir src && echo built > src/out.bin && "
+                                   "head -c 2M /dev/zero > big; echo $?"])
+        first.wait(job, scaled(30))
+        assert first.read_output(job).startswith(b"head: error writing")   # ENOSPC inside
+        workdir = os.path.join(state_dir, "work", job)
+    # After the job's end and a restart of the server, its files are where the host keeps
+    # them, its uid's, within its folder's size.
+    with running_engine(state_dir=state_dir, cgroup_root=root) as second:
+        assert open(os.path.join(workdir, "src", "out.bin")).read() == "built\n"
+        st = os.stat(os.path.join(workdir, "src", "out.bin"))
+        assert st.st_uid == second._get(job).spec["uid"] != 0
+        used = os.statvfs(workdir)
+        assert (used.f_blocks - used.f_bfree) * used.f_frsize <= 1 * sj.MiB
+        assert workdir in mounts_under(state_dir)
+        second.remove(job)
+        assert not os.path.exists(workdir) and workdir not in mounts_under(state_dir)
+
+
+@pytest.mark.kernel
+def test_a_users_kept_files_are_bounded_by_the_files_quota_and_counted_by_retention():
+    with running_engine(workdir_size=4 * sj.MiB, files_quota=3 * sj.MiB) as engine:
+        full = engine.start("alice", ["sh", "-c", "head -c 3M /dev/zero > f"])
+        engine.wait(full, scaled(30))
+        with pytest.raises(sj.ResourceExhaustedError, match="files-quota") as refused:
+            engine.start("alice", ["true"])
+        assert refused.value.reason == "FILES_QUOTA"
+        engine.wait(engine.start("bob", ["true"]), scaled(30))   # others are not held back
+        # Retention counts the files: 3 MiB of them are over a 1 MiB budget of output.
+        assert engine.prune(max_bytes=1 * sj.MiB) == [full]
+        engine.wait(engine.start("alice", ["true"]), scaled(30))
+
+
+@pytest.mark.kernel
+def test_a_jobs_working_folders_are_mounted_where_nothing_else_sees_them(engine):
+    """They live in the host's mount namespace, but in a folder that propagates no mount:
+    other namespaces that share the host's mounts (systemd's services) do not get them."""
+    job = engine.start("alice", ["true"])
+    engine.wait(job, scaled(30))
+    work = os.path.realpath(os.path.join(engine.config.state_dir, "work"))
+    fields = {line.split()[4]: line.split(" - ")[0].split()[6:]
+              for line in open("/proc/self/mountinfo")}
+    assert fields[work] == [] and fields[os.path.join(work, job)] == [], fields   # private
+
+
+@pytest.mark.kernel
 def test_engine_refuses_a_state_dir_jobs_cannot_reach(tmp_path):
     require_kernel()
     hidden = tempfile.mkdtemp(prefix="steve-jobs-test-", dir="/var/tmp")   # mode 0700
@@ -1500,7 +1548,7 @@ def test_server_refuses_to_start_without_certificates(tmp_path):
     assert srv.proc.returncode == 1
     log = srv.read_log().strip()
     assert "Traceback" not in log and len(log.splitlines()) == 1, log
-    shutil.rmtree(srv.state_dir, ignore_errors=True)
+    remove_state_dir(srv.state_dir)
 
 
 @pytest.mark.e2e
@@ -2253,7 +2301,7 @@ def test_a_full_state_disk_jams_no_job_and_no_restart():
             with pytest.raises(sj.ResourceExhaustedError, match=f"{state_dir} is full"):
                 engine.start("tester", ["true"])
             assert sorted(os.listdir(os.path.join(state_dir, "jobs"))) == jobs_before
-            assert os.listdir(os.path.join(state_dir, "work")) == []   # nothing half-made
+            assert sorted(os.listdir(os.path.join(state_dir, "work"))) == jobs_before   # kept
             # A supervisor killed while the disk is full: its job's end is recorded too.
             os.kill(engine._get(sleeper).shim["shim_pid"], signal.SIGKILL)
             assert engine.wait(sleeper, scaled(10)).state == sj.UNKNOWN
@@ -2280,14 +2328,16 @@ def test_a_start_below_the_free_space_reserve_is_refused_and_leaves_nothing():
 
 
 @pytest.mark.faults
-def test_the_working_folder_is_a_bounded_private_tmpfs():
+def test_the_working_folder_is_a_bounded_tmpfs():
     with running_engine(workdir_size=4 * sj.MiB) as engine:
         st, out = sh(engine, "head -c 8M /dev/zero > big; echo $?; df -k . | tail -1")
         lines = out.decode().splitlines()
         assert lines[0] != "0" and "tmpfs" in lines[-1], out
         assert int(lines[-1].split()[1]) == 4096   # 4 MiB, in KiB
         workdir = os.path.join(engine.config.state_dir, "work", st.id)
-        assert not os.path.exists(workdir)   # the host's disk got nothing
+        # Kept after the job, on the same tmpfs: the host's disk got nothing.
+        assert os.stat(workdir).st_dev != os.stat(os.path.dirname(workdir)).st_dev
+        assert sj.folder_bytes(workdir) <= 4 * sj.MiB
 
 
 @pytest.mark.faults
@@ -2979,7 +3029,7 @@ def test_a_state_folder_another_user_can_write_is_refused(certs):
             assert os.stat(missing).st_uid == 0 and not os.stat(missing).st_mode & 0o022
     finally:
         os.chown(squat, 0, 0)
-        shutil.rmtree(squat, ignore_errors=True)
+        remove_state_dir(squat)
 
 
 @pytest.mark.tenants
@@ -3414,7 +3464,7 @@ def test_a_server_in_a_containers_cgroup_namespace_moves_into_a_leaf(certs):
             assert done.returncode == 0 and done.stdout == b"limited\n", done.stderr
         finally:
             srv.terminate()
-            shutil.rmtree(srv.state_dir, ignore_errors=True)
+            remove_state_dir(srv.state_dir)
         assert not os.path.exists(os.path.join(container, srv.cgroup_root))
 
 
@@ -3431,7 +3481,7 @@ def test_a_container_without_a_writable_cgroup_mount_is_refused_in_one_line(cert
             assert "Traceback" not in srv.read_log()
         finally:
             srv.terminate()
-            shutil.rmtree(srv.state_dir, ignore_errors=True)
+            remove_state_dir(srv.state_dir)
 
 
 @pytest.mark.hosts
@@ -3459,7 +3509,7 @@ def test_a_server_in_a_delegated_unit_keeps_to_its_subtree_and_survives_a_restar
             assert sj.read_file(os.path.join(unit, "cgroup.subtree_control")).split() == []
         finally:
             srv.cleanup()
-            shutil.rmtree(srv.state_dir, ignore_errors=True)
+            remove_state_dir(srv.state_dir)
 
 
 @pytest.mark.hosts
@@ -4351,7 +4401,7 @@ def test_a_second_server_on_the_same_cgroup_root_is_refused_and_harms_nothing(ce
         finally:
             if second.proc:
                 second.terminate(signal.SIGKILL)
-            shutil.rmtree(second.state_dir, ignore_errors=True)
+            remove_state_dir(second.state_dir)
     assert not job_cgroups_exist(sj.CgroupLayout.detect(), first.cgroup_root)
 
 
@@ -4375,7 +4425,7 @@ def test_a_server_that_cannot_listen_touches_no_cgroup_and_says_why(certs):
         finally:
             if second.proc:
                 second.terminate(signal.SIGKILL)
-            shutil.rmtree(second.state_dir, ignore_errors=True)
+            remove_state_dir(second.state_dir)
 
 
 @pytest.mark.newcomer
@@ -4396,7 +4446,7 @@ def test_a_sweep_removes_only_the_cgroups_this_state_folder_made():
         assert all(os.path.exists(d) for d in theirs.dirs())
     finally:
         remove_cgroups(layout, root)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        remove_state_dir(state_dir)
 
 
 def kernel_memory_rules(monkeypatch):
