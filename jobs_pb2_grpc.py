@@ -89,6 +89,21 @@ class JobServiceStub:
                 request_serializer=jobs__pb2.InputMessage.SerializeToString,
                 response_deserializer=jobs__pb2.InputSummary.FromString,
                 _registered_method=True)
+        self.CopyOut = channel.unary_stream(
+                '/steve_jobs.v1.JobService/CopyOut',
+                request_serializer=jobs__pb2.CopyOutRequest.SerializeToString,
+                response_deserializer=jobs__pb2.TarChunk.FromString,
+                _registered_method=True)
+        self.CopyIn = channel.stream_unary(
+                '/steve_jobs.v1.JobService/CopyIn',
+                request_serializer=jobs__pb2.CopyInMessage.SerializeToString,
+                response_deserializer=jobs__pb2.CopySummary.FromString,
+                _registered_method=True)
+        self.StartWithFiles = channel.stream_unary(
+                '/steve_jobs.v1.JobService/StartWithFiles',
+                request_serializer=jobs__pb2.StartWithFilesMessage.SerializeToString,
+                response_deserializer=jobs__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -176,6 +191,33 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CopyOut(self, request, context):
+        """Files out of a job's working folder, running or ended, as a tar stream: path is a file
+        or a folder (recursively; links as links), relative to the working folder or absolute
+        in the job's view. Owners, admins and readers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CopyIn(self, request_iterator, context):
+        """Files into a job's working folder, running or ended, from a tar stream (owners and
+        admins): the first message names the job and where; then tar data. Written as the
+        job's uid, within the folder's size; each file appears whole or not at all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartWithFiles(self, request_iterator, context):
+        """Start a job whose own working folder first gets files: the first message holds the
+        StartRequest, the next ones a tar stream written into the folder (as CopyIn writes)
+        before its command starts. Answers as Start, once the command has exec'd.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +275,21 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Input,
                     request_deserializer=jobs__pb2.InputMessage.FromString,
                     response_serializer=jobs__pb2.InputSummary.SerializeToString,
+            ),
+            'CopyOut': grpc.unary_stream_rpc_method_handler(
+                    servicer.CopyOut,
+                    request_deserializer=jobs__pb2.CopyOutRequest.FromString,
+                    response_serializer=jobs__pb2.TarChunk.SerializeToString,
+            ),
+            'CopyIn': grpc.stream_unary_rpc_method_handler(
+                    servicer.CopyIn,
+                    request_deserializer=jobs__pb2.CopyInMessage.FromString,
+                    response_serializer=jobs__pb2.CopySummary.SerializeToString,
+            ),
+            'StartWithFiles': grpc.stream_unary_rpc_method_handler(
+                    servicer.StartWithFiles,
+                    request_deserializer=jobs__pb2.StartWithFilesMessage.FromString,
+                    response_serializer=jobs__pb2.JobStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +589,87 @@ class JobService:
             '/steve_jobs.v1.JobService/Input',
             jobs__pb2.InputMessage.SerializeToString,
             jobs__pb2.InputSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/steve_jobs.v1.JobService/CopyOut',
+            jobs__pb2.CopyOutRequest.SerializeToString,
+            jobs__pb2.TarChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyIn(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/steve_jobs.v1.JobService/CopyIn',
+            jobs__pb2.CopyInMessage.SerializeToString,
+            jobs__pb2.CopySummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartWithFiles(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/steve_jobs.v1.JobService/StartWithFiles',
+            jobs__pb2.StartWithFilesMessage.SerializeToString,
+            jobs__pb2.JobStatus.FromString,
             options,
             channel_credentials,
             insecure,

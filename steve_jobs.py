@@ -1539,6 +1539,8 @@ def spawner_main(sock_fd, settings):
             req = {}
         if req.get("used"):
             offered -= 1
+        elif req.get("copy") and len(fds) == 1:
+            fork_copier(req["copy"], fds[0], sock)
         elif len(fds) == 1:
             # A job that must see the host writable cannot use a warm shim (its view was
             # made read-only before any job came): it gets one made for it.
@@ -1551,6 +1553,14 @@ def spawner_main(sock_fd, settings):
                 _reply(fds[0], ok=False, error="the job's supervisor could not start")
         for fd in fds:
             os.close(fd)
+
+
+def fork_copier(request, fd, spawner_sock):
+    """Fork a copier (copier_main) speaking on fd; the kernel reaps it (SIGCHLD ignored)."""
+    if os.fork() == 0:
+        spawner_sock.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        copier_main(request, socket.socket(fileno=os.dup(fd)))
 
 
 def _read_reply(fd, deadline):
@@ -1666,6 +1676,24 @@ class Spawner:
                 socket.send_fds(self._sock, [msg], [reply_w])
             except OSError as e2:
                 raise UnavailableError(f"the spawner is gone: {e2}") from None
+
+    def run_copier(self, request):
+        """A socket to a new copier (copier_main) of request. Raises UnavailableError."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        msg = json.dumps({"copy": request}).encode()
+        try:
+            try:
+                socket.send_fds(self._sock, [msg], [theirs.fileno()])
+            except OSError:
+                if not self._restart_if_dead():
+                    raise
+                socket.send_fds(self._sock, [msg], [theirs.fileno()])
+        except OSError as e:
+            ours.close()
+            raise UnavailableError(f"the spawner is gone: {e}") from None
+        finally:
+            theirs.close()
+        return ours
 
     def _restart_if_dead(self):
         """Start a new spawner if ours has died (jobs it started are not affected).
@@ -1971,21 +1999,17 @@ class ShimJob:
         return failure, out_fd, index_fd
 
     def share_workdir(self, tty):
-        """Mount the job's own tmpfs working folder where the host keeps it (its path under
-        the state folder's work/), so that its files outlive the job until it is removed,
-        and send the command a clone of that mount for its view (sent before the request:
-        the command finds it waiting). A kernel without open_tree (before 5.2) gets none:
-        the command mounts a private tmpfs, gone with the job. Raises OSError."""
+        """Send the command a clone of the job's own tmpfs working folder, which the server
+        mounted where the host keeps it (its path under the state folder's work/, so that
+        its files outlive the job), for the job's view (sent before the request: the
+        command finds it waiting). A kernel without open_tree (before 5.2) gives none: the
+        command mounts a private tmpfs, gone with the job. Raises OSError."""
         req = self.req
         if not (req.own_workdir and req.workdir_size):
             return   # a folder on disk: the command binds it from the host's
-        # nosuid, nodev: the job's uid owns it, on the host too.
-        mount("tmpfs", req.workdir, "tmpfs", MS_NOSUID | MS_NODEV,
-              f"size={req.workdir_size},mode=0700,uid={req.uid},gid={req.uid}")
         try:
             clone = clone_mount(req.workdir)
         except OSError as e:
-            umount_lazy(req.workdir)
             if e.errno == errno.ENOSYS:
                 return
             raise
@@ -2734,6 +2758,271 @@ def reap_until(pid):
             return status
 
 
+# -- copies into and out of a job's working folder ---------------------------------------
+#
+# A copy is made by a helper the spawner forks: it enters the job's folder with chroot, then
+# becomes the job's uid (no groups, no_new_privs) before it reads a path or a tar member. So
+# no link the job planted can lead it out of the folder, and nothing it writes is root's:
+# the files are the job's, within its folder's size. To the server it speaks in frames:
+# a kind byte, a length, the payload (COPY_FRAME): "R" a JSON report (the first says
+# whether the copy can go on; the last how it ended), "D" tar data (copies out).
+
+COPY_FRAME = struct.Struct("!cI")
+MAX_COPY_PATH = 4096
+COPY_DATA_BYTES = 256 * KiB          # tar bytes in one "D" frame (and one TarChunk)
+COPY_LINK_HOPS = 40                  # links followed in one path, as the kernel's ELOOP
+
+
+class CopyRefused(Exception):
+    """Why a copy cannot be made: kind is an Error's ("not_found", "invalid"...)."""
+
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+
+
+COPY_REFUSALS = {"not_found": NotFoundError, "invalid": InvalidArgumentError,
+                 "resource_exhausted": ResourceExhaustedError,
+                 "permission_denied": PermissionDeniedError}
+
+
+def copy_refusal(report):
+    """The Error a copier's report of a refusal stands for."""
+    kind = COPY_REFUSALS.get(report.get("kind"), InvalidArgumentError)
+    return kind(str(report.get("error", "the copy failed"))[:MAX_ERROR_CHARS])
+
+
+def send_copy_frame(sock, kind, payload):
+    sock.sendall(COPY_FRAME.pack(kind, len(payload)) + payload)
+
+
+def recv_copy_frame(sock):
+    """(kind, payload) of the next frame from a copier (blocking). Raises EOFError."""
+    head = _recv_exactly(sock, COPY_FRAME.size)
+    kind, size = COPY_FRAME.unpack(head)
+    return kind, _recv_exactly(sock, size)
+
+
+def _recv_exactly(sock, size):
+    data = bytearray()
+    while len(data) < size:
+        got = sock.recv(size - len(data))
+        if not got:
+            raise EOFError("the copier went away")
+        data += got
+    return bytes(data)
+
+
+def send_copy_report(sock, **report):
+    send_copy_frame(sock, b"R", json.dumps(report).encode())
+
+
+def resolve_in_folder(path, view, follow_last=True):
+    """path (relative to the job's folder, or absolute in the job's view, where the folder
+    is at view) as a path from the folder's top ("/" after chroot), links inside it
+    followed as the job would see them (its last part's only with follow_last). Raises
+    CopyRefused (a path or link that leaves the folder, too many links)."""
+    if path.startswith("/"):
+        if path != view and not path.startswith(view.rstrip("/") + "/"):
+            raise CopyRefused("invalid", f"{path} is not in the job's working folder "
+                                         f"({view}): only its files can be copied")
+        path = path[len(view):]
+    parts, done, hops = [p for p in path.split("/") if p not in ("", ".")], [], 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if not done:
+                raise CopyRefused("invalid", f"{path} leaves the job's working folder")
+            done.pop()
+            continue
+        here = "/" + "/".join(done + [part])
+        if not os.path.islink(here) or not (parts or follow_last):
+            done.append(part)
+            continue
+        hops += 1
+        if hops > COPY_LINK_HOPS:
+            raise CopyRefused("invalid", f"{path}: too many links")
+        target = os.readlink(here)
+        if target.startswith("/"):
+            if target != view and not target.startswith(view.rstrip("/") + "/"):
+                raise CopyRefused("invalid", f"{here.lstrip('/')} is a link out of the job's "
+                                             f"working folder (to {target}): not followed")
+            done, target = [], target[len(view):]
+        parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    return "/" + "/".join(done)
+
+
+class FrameWriter:
+    """A file object whose writes go to the server as "D" frames (for tarfile)."""
+
+    def __init__(self, sock):
+        self.sock, self.buffer, self.sent = sock, bytearray(), 0
+
+    def write(self, data):
+        self.buffer += data
+        while len(self.buffer) >= COPY_DATA_BYTES:
+            self._send(COPY_DATA_BYTES)
+        return len(data)
+
+    def flush(self):
+        if self.buffer:
+            self._send(len(self.buffer))
+
+    def _send(self, size):
+        send_copy_frame(self.sock, b"D", bytes(self.buffer[:size]))
+        del self.buffer[:size]
+        self.sent += size
+
+
+def copy_out(sock, path, view):
+    """Send path (a file or a folder, recursively; links as links, path itself too, as
+    docker cp) as a tar stream, its top named as path's last part. Raises CopyRefused,
+    OSError."""
+    import tarfile
+    inside = resolve_in_folder(path, view, follow_last=False)
+    if not os.path.lexists(inside):
+        raise CopyRefused("not_found", f"{path}: no such file in the job's working folder")
+    name = os.path.basename(inside.rstrip("/")) or "."
+    send_copy_report(sock, ok=True)
+    out = FrameWriter(sock)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(inside, arcname=name, recursive=True)
+    out.flush()
+    return {"bytes": out.sent}
+
+
+def refuse_member(member, names):
+    """Why a tar member may not be written into a job's folder, or None. names: the members
+    written so far (the one place a hard link may point)."""
+    name = member.name
+    if name.startswith("/") or ".." in name.split("/"):
+        return f"{name}: a name that leaves the folder"
+    if member.isdev() or member.isfifo():
+        return f"{name}: a device node or FIFO"
+    if member.mode & 0o6000 and not member.isdir():
+        return f"{name}: setuid or setgid"
+    if member.islnk() and member.linkname.strip("/") not in names:
+        return f"{name}: a hard link to {member.linkname}, which is not in the copy"
+    if member.issym() and (member.linkname.startswith("/") or ".." in os.path.normpath(
+            os.path.join(os.path.dirname(name), member.linkname)).split("/")):
+        return f"{name}: a link out of the folder (to {member.linkname})"
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        return f"{name}: not a file, folder or link"
+    return None
+
+
+def copy_in(sock, path, view, as_name):
+    """Write the tar stream read from sock (to its EOF) into the folder path, or, as_name
+    (a stream of one top entry), as path itself when path is no folder. Each file is
+    written under a temporary name and renamed once whole, so a copy cut short leaves no
+    partial file under its name. Returns {"files", "bytes"}. Raises CopyRefused, OSError."""
+    import tarfile
+    inside = resolve_in_folder(path, view)
+    rename = None
+    if not os.path.isdir(inside):
+        parent = resolve_in_folder(os.path.dirname(path.rstrip("/")) or ".", view)
+        if not (as_name and os.path.isdir(parent) and not os.path.lexists(inside)):
+            raise CopyRefused("not_found", f"{path}: no such folder in the job's working folder")
+        inside, rename = parent, os.path.basename(path.rstrip("/"))
+    send_copy_report(sock, ok=True)
+    names, folders, files, size = set(), [], 0, 0
+    with tarfile.open(fileobj=sock.makefile("rb"), mode="r|") as tar:
+        for member in tar:
+            why = refuse_member(member, names)
+            if why:
+                raise CopyRefused("invalid", f"refused: {why}")
+            name = member.name.strip("/")
+            if rename:
+                name = "/".join([rename] + name.split("/")[1:])
+            target = os.path.join(inside, name)
+            os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
+            if member.isdir():
+                os.makedirs(target, exist_ok=True)
+                folders.append((target, member))
+            elif member.isreg():
+                size += write_whole(target, tar.extractfile(member), member)
+            elif member.issym():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+                os.symlink(member.linkname, target)
+            else:   # a hard link to a file of this copy
+                linked = member.linkname.strip("/")
+                if rename:
+                    linked = "/".join([rename] + linked.split("/")[1:])
+                os.link(os.path.join(inside, linked), target)
+            names.add(member.name.strip("/"))
+            files += 1
+    for target, member in reversed(folders):   # last: writing into them changed mtimes
+        os.chmod(target, member.mode & 0o1777)
+        os.utime(target, (member.mtime, member.mtime))
+    return {"files": files, "bytes": size}
+
+
+def write_whole(target, source, member):
+    """A tar member's file, written as .NAME.partial-XXXX and renamed target once whole
+    (with its mode and mtime). Returns its size. Raises OSError."""
+    folder, name = os.path.split(target)
+    temporary = os.path.join(folder, f".{name}.partial-{random_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil_copyfileobj(source, f)
+            os.fchmod(f.fileno(), member.mode & 0o1777)
+        os.utime(temporary, (member.mtime, member.mtime))
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return member.size
+
+
+def shutil_copyfileobj(source, target):
+    while data := source.read(COPY_DATA_BYTES):
+        target.write(data)
+
+
+COPY_ERROR_KINDS = {errno.ENOSPC: "resource_exhausted", errno.EDQUOT: "resource_exhausted",
+                    errno.ENOENT: "not_found", errno.EACCES: "permission_denied",
+                    errno.EPERM: "permission_denied"}
+
+
+def copier_main(request, sock):
+    """A copy into or out of a job's working folder (request: "direction" in or out,
+    "folder" its host path, "view" where the job sees it, "uid", "path", "as_name"), as the
+    job's uid, chrooted in the folder. Never returns."""
+    code = 1
+    try:
+        import tarfile   # (before chroot: nothing can be imported after)
+        fd = os.open(request["folder"], os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        os.fchdir(fd)
+        os.chroot(".")            # the folder is all there is from here on
+        os.chdir("/")
+        uid = request["uid"]
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        os.umask(0o022)
+        if request["direction"] == "out":
+            done = copy_out(sock, request["path"], request["view"])
+        else:
+            done = copy_in(sock, request["path"], request["view"], request.get("as_name"))
+        send_copy_report(sock, ok=True, **done)
+        code = 0
+    except CopyRefused as e:
+        with contextlib.suppress(OSError):
+            send_copy_report(sock, error=str(e), kind=e.kind)
+    except (OSError, tarfile.TarError, EOFError) as e:
+        kind = COPY_ERROR_KINDS.get(getattr(e, "errno", None), "invalid")
+        why = "no room left in the job's working folder" if kind == "resource_exhausted" \
+            else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
+        with contextlib.suppress(OSError):
+            send_copy_report(sock, error=why, kind=kind)
+    finally:
+        os._exit(code)
+
+
 ###############################################################################
 # Job engine
 ###############################################################################
@@ -2747,6 +3036,15 @@ class JobOptions(typing.NamedTuple):
     rw_host: bool = False         # the host's filesystem writable (else read-only); admins
     stdin: bool = False           # stdin from the job's input socket (else /dev/null)
     terminal: tuple = ()          # (rows, columns): a terminal on stdin, stdout, stderr
+
+
+class PreparedStart(typing.NamedTuple):
+    """A start made up to its supervisor's: the job's record, folders and uid are ready."""
+    spec: dict
+    job_dir: str
+    env: dict                     # the command's whole environment
+    workdir_size: int
+    meta: "JobMeta"
 
 
 class JobMeta(typing.NamedTuple):
@@ -2813,10 +3111,10 @@ class JobStatus(typing.NamedTuple):
 
 
 class SessionEvent(typing.NamedTuple):
-    """Someone wrote to a job's input, or watched its terminal."""
+    """Someone wrote to a job's input, watched its terminal, or copied its files."""
     time: float
     user: str
-    event: str                    # "input", "input-end", "taken-over", "watch"
+    event: str                    # "input", "input-end", "taken-over", "watch", "copy-in"...
     bytes: int = 0
 
 
@@ -3643,8 +3941,11 @@ class Engine:
 
     # -- jobs ---------------------------------------------------------------
 
-    def start(self, owner, argv, limits=Limits(), options=JobOptions(), meta=JobMeta()):
+    def start(self, owner, argv, limits=Limits(), options=JobOptions(), meta=JobMeta(),
+              fill=False):
         """Start argv as a job owned by owner; returns its id once the command has exec'd.
+        With fill, returns a PreparedStart instead, once its folders are made: fill them
+        (open_fill), then launch() it, or abandon() it.
 
         A command that cannot be started (not found, not executable) still makes a job,
         whose status says why (exit code 127 or 126, as a shell would). A start whose
@@ -3671,12 +3972,39 @@ class Engine:
         if earlier:
             return earlier
         try:
-            return self._launch(owner, argv, limits, options, env, meta)
-        finally:
+            prepared = self._prepare(owner, argv, limits, options, env, meta)
+        except BaseException:
             self._claims.release(owner, meta)
+            raise
+        return prepared if fill else self.launch(prepared)
 
-    def _launch(self, owner, argv, limits, options, env, meta):
-        """start()'s second half: folders, uid, spawn. Returns the job id."""
+    def launch(self, prepared):
+        """A prepared start's end: its job's supervisor started, and through it its
+        command. Returns the job id. Raises UnavailableError (and start's)."""
+        try:
+            return self._launch(*prepared[:4])
+        finally:
+            self._claims.release(prepared.spec["owner"], prepared.meta)
+
+    def abandon(self, prepared):
+        """A prepared start that will not launch: its folders and uid given back."""
+        spec = prepared.spec
+        try:
+            self._release_uid(spec["uid"])
+            self._remove_folders(prepared.job_dir, spec["workdir"])
+        finally:
+            self._claims.release(spec["owner"], prepared.meta)
+
+    def open_fill(self, prepared):
+        """A copier (copier_main) into a prepared start's working folder, before anything
+        runs there. Raises UnavailableError."""
+        spec = prepared.spec
+        return self._spawner.run_copier({
+            "direction": "in", "folder": spec["workdir"], "view": spec["workdir"],
+            "uid": spec["uid"], "path": ".", "as_name": False})
+
+    def _prepare(self, owner, argv, limits, options, env, meta):
+        """start()'s middle: room, quota, uid, the job's folders. Returns a PreparedStart."""
         self._check_room()
         if not options.workdir:
             self._check_files_quota(owner)
@@ -3700,13 +4028,18 @@ class Engine:
             self._remove_folders(job_dir, workdir if not options.workdir else "")
             raise
         spec["limits"] = limits._asdict()
+        env = {"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env}
+        return PreparedStart(spec, job_dir, env, workdir_size, meta)
+
+    def _launch(self, spec, job_dir, env, workdir_size):
+        """start()'s end: the job recorded and watched, then spawned. Returns its id."""
+        job_id, options = spec["id"], JobOptions(**spec["options"])
         job = self._new_job(job_id, spec)
         self._watch(job)   # before the spawn, or a quick job could end unseen
         try:
             reply = self._spawner.spawn(SpawnRequest(
-                spec=spec, job_dir=job_dir,
-                env={"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env},
-                workdir_size=workdir_size, output_cap=self.config.output_cap))
+                spec=spec, job_dir=job_dir, env=env, workdir_size=workdir_size,
+                output_cap=self.config.output_cap))
         except Error:
             self._forget(job, remove_workdir=not options.workdir)
             raise
@@ -3779,9 +4112,14 @@ class Engine:
         job_dir = os.path.join(self.config.state_dir, "jobs", spec["id"])
         workdir = spec["workdir"]
         try:
-            if not options.workdir:   # (its shim mounts a tmpfs on it, if it has one)
+            if not options.workdir:
                 os.mkdir(workdir, 0o700)
                 os.chown(workdir, spec["uid"], spec["uid"])
+            if not options.workdir and workdir_size:
+                # Where the host keeps it; its shim gives the job a clone (share_workdir).
+                # nosuid, nodev: the job's uid owns it, on the host too.
+                mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+                      f"size={workdir_size},mode=0700,uid={spec['uid']},gid={spec['uid']}")
             if (limits.io_read_bps or limits.io_write_bps) and not limits.io_device:
                 if options.workdir:
                     # Not looked up here: the server is root, and whether a path exists
@@ -3970,13 +4308,11 @@ class Engine:
         return self._get(job_id).spec["owner"]
 
     def status(self, job_id):
-        """A JobStatus snapshot, with its sessions. Raises NotFoundError."""
+        """A JobStatus snapshot, with its sessions (input, watches, copies). Raises
+        NotFoundError."""
         job = self._get(job_id)
-        st = self._status(job)
-        if st.options.stdin or st.options.terminal:
-            st = st._replace(sessions=job.sessions.shown(),
-                             sessions_dropped=job.sessions.dropped())
-        return st
+        return self._status(job)._replace(sessions=job.sessions.shown(),
+                                          sessions_dropped=job.sessions.dropped())
 
     def has_terminal(self, job_id):
         """Whether the job was started with a terminal. Raises NotFoundError."""
@@ -3993,6 +4329,29 @@ class Engine:
                 reason="NO_INPUT")
         self._require_running(job)
         return job.dir
+
+    def open_copy(self, job_id, direction, path, as_name=False):
+        """A socket to a copier ("in" or "out") of path in the job's working folder, running
+        or ended (copier_main: its frames say whether the copy can go on, then how it
+        went; copy_refusal turns a refusal into an Error). Raises NotFoundError,
+        InvalidArgumentError, FailedPreconditionError (a job in a host folder),
+        UnavailableError."""
+        job = self._get(job_id)
+        if not isinstance(path, str) or "\0" in path or len(path) > MAX_COPY_PATH:
+            raise InvalidArgumentError(f"path must be text of at most {MAX_COPY_PATH} bytes, "
+                                       f"without NUL bytes", field="path")
+        if job.spec["options"]["workdir"]:
+            raise FailedPreconditionError(
+                f"job {job_id} ran in a host folder (--workdir {job.spec['workdir']}): copy "
+                f"with the host's own tools", reason="NOT_ITS_OWN_FOLDER")
+        folder = job.spec["workdir"]
+        if not os.path.isdir(folder):
+            raise NotFoundError(f"job {job_id}'s working folder is gone")
+        if direction == "in":
+            job.files_bytes = None   # (counted again once the copy is in)
+        return self._spawner.run_copier({
+            "direction": direction, "folder": folder, "view": folder,
+            "uid": job.spec["uid"], "path": path or ".", "as_name": as_name})
 
     def record_session(self, job_id, user, event, nbytes=0):
         """Keep, in the job's folder, that user wrote to (or watched) the job: event is one
@@ -4792,9 +5151,10 @@ MAX_METADATA_BYTES = MAX_TOKEN_BYTES + 8 * KiB   # grpc's limit: the token and t
 RPC_ACTIONS = {
     "Start": "write", "Stop": "write", "Pause": "write", "Resume": "write", "Remove": "write",
     "Status": "read", "Output": "read", "List": "read", "Wait": "read", "Signal": "write",
-    "Input": "write",
+    "Input": "write", "CopyOut": "read", "CopyIn": "write", "StartWithFiles": "write",
 }
-JOB_RPCS = ("Stop", "Pause", "Resume", "Remove", "Status", "Output", "Wait", "Signal")
+JOB_RPCS = ("Stop", "Pause", "Resume", "Remove", "Status", "Output", "Wait", "Signal",
+            "CopyOut")
 
 
 class Role(typing.NamedTuple):
@@ -5267,6 +5627,7 @@ MAX_STOPS_PER_USER = 64              # Stop calls of one user waiting for their 
 MAX_INPUTS_PER_USER = 32             # Input calls of one user at once (each holds a message)
 MAX_RECEIVED_MESSAGE = 2 * MiB       # the largest message a client may send (Start, Input)
 INPUT_FIRST_MESSAGE_TIMEOUT = 10.0 * TIME_SCALE   # s an Input call has to name its job
+COPIER_TIMEOUT = 60.0 * TIME_SCALE               # s a copy's helper may take for one step
 
 
 class ServerConfig(typing.NamedTuple):
@@ -5936,6 +6297,13 @@ class JobService:
             unsubscribe()
 
     def _start(self, identity, request):
+        job_id = self.engine.start(identity.user, list(request.argv),
+                                   *self._start_arguments(identity, request))
+        return self.status_pb(self.engine.status(job_id))
+
+    def _start_arguments(self, identity, request):
+        """(Limits, JobOptions, JobMeta) of a StartRequest, allowed to identity. Raises
+        PermissionDeniedError."""
         limits = Limits(**{spec.name: getattr(request.limits, spec.proto) for spec in LIMITS})
         options = JobOptions(env=tuple(sorted(request.env.items())), workdir=request.workdir,
                              as_root=request.as_root, host_network=request.host_network,
@@ -5946,8 +6314,7 @@ class JobService:
                             self.config.host_network_roles)
         meta = JobMeta(name=request.name, labels=tuple(request.labels.items()),
                        request_id=request.request_id, traceparent=identity.trace)
-        job_id = self.engine.start(identity.user, list(request.argv), limits, options, meta)
-        return self.status_pb(self.engine.status(job_id))
+        return limits, options, meta
 
     async def unary(self, context, rpc, func, request):
         """Run one unary RPC: auth, engine call in a thread, errors mapped, one log line."""
@@ -6090,7 +6457,7 @@ class JobService:
                 with self._waiting(identity, "Input", MAX_INPUTS_PER_USER):
                     self.streams().open_stream(user)
                     counted = True
-                    first = await self._first_input(request_iterator)
+                    first = await self._first_message(request_iterator, "Input")
                     job_id = self.job_for(identity, "Input", first.job_id)
                     writer = await self._take_input(job_id, user, first.take_over)
                     try:
@@ -6109,18 +6476,18 @@ class JobService:
                          bytes=writer.written if writer else 0)
 
     @staticmethod
-    async def _first_input(messages):
-        """An Input call's first message, which names the job. Raises
+    async def _first_message(messages, rpc):
+        """A client stream's (Input's, CopyIn's) first message, which names the job. Raises
         InvalidArgumentError (none, or malformed), DeadlineExceededError (none came in
         INPUT_FIRST_MESSAGE_TIMEOUT: a call that says nothing holds nothing for long)."""
         import asyncio
         try:
             first = await asyncio.wait_for(anext(messages, None), INPUT_FIRST_MESSAGE_TIMEOUT)
         except asyncio.TimeoutError:
-            raise DeadlineExceededError(f"Input's first message did not come in "
+            raise DeadlineExceededError(f"{rpc}'s first message did not come in "
                                         f"{INPUT_FIRST_MESSAGE_TIMEOUT:g} s") from None
         if first is None or first is MALFORMED:
-            raise InvalidArgumentError("Input's first message must name the job")
+            raise InvalidArgumentError(f"{rpc}'s first message must name the job")
         return first
 
     async def _take_input(self, job_id, user, take_over):
@@ -6153,6 +6520,112 @@ class JobService:
             del self.writers[writer.job_id]
         self.engine.record_session(writer.job_id, writer.user, "input-end", writer.written)
 
+    def _count_stream(self, user):
+        """Count a call in user's streams (the per-user cap). Returns True. Raises
+        ResourceExhaustedError."""
+        self.streams().open_stream(user)
+        return True
+
+    def _end_file_call(self, counted_user, copier):
+        """A file call's end: its stream given back (if it was counted), its copier closed."""
+        if counted_user is not None:
+            self.hub.close_stream(counted_user)
+        if copier is not None:
+            copier.close()
+
+    async def CopyOut(self, request, context):
+        started, user, outcome, sent = time.monotonic(), "-", {"result": "OK"}, [0]
+        span, counted, copier = self.call_span(context, "CopyOut"), False, None
+        try:
+            async with self.answering(context, outcome):
+                identity = self.identify(context, span.traceparent)
+                user = identity.user
+                self.admit_and_resolve(identity, "CopyOut", request)
+                counted = self._count_stream(user)
+                copier = CopierConnection(self.engine.open_copy(request.job_id, "out",
+                                                                request.path))
+                await copier.report()   # (may it go on?)
+                self.engine.record_session(request.job_id, user, "copy-out")
+                while (data := await copier.data()) is not None:
+                    await write_or_gone(context, self.pb.TarChunk(data=data))
+                    sent[0] += len(data)
+        finally:
+            self._end_file_call(user if counted else None, copier)
+            self.log_rpc(context, "CopyOut", user, getattr(request, "job_id", ""), outcome,
+                         started, span, bytes=sent[0])
+
+    async def CopyIn(self, request_iterator, context):
+        started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
+        span, counted, copier, sent = self.call_span(context, "CopyIn"), False, None, 0
+        try:
+            async with self.answering(context, outcome):
+                identity = self.identify(context, span.traceparent)
+                user = identity.user
+                authorize(identity, "CopyIn")
+                counted = self._count_stream(user)
+                first = await self._first_message(request_iterator, "CopyIn")
+                job_id = self.job_for(identity, "CopyIn", first.job_id)
+                copier = CopierConnection(self.engine.open_copy(job_id, "in", first.path,
+                                                                first.as_name))
+                await copier.report()
+                self.engine.record_session(job_id, user, "copy-in")
+                done = await self._relay_copy_in(copier, first, request_iterator)
+                sent = done.get("bytes", 0)
+                return self.pb.CopySummary(files=done.get("files", 0), bytes=sent)
+        finally:
+            self._end_file_call(user if counted else None, copier)
+            self.log_rpc(context, "CopyIn", user, job_id, outcome, started, span, bytes=sent)
+
+    async def StartWithFiles(self, request_iterator, context):
+        import asyncio
+        started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
+        span, counted, copier, prepared = self.call_span(context, "StartWithFiles"), False, \
+            None, None
+        loop = asyncio.get_running_loop()
+        try:
+            async with self.answering(context, outcome):
+                identity = self.identify(context, span.traceparent)
+                user = identity.user
+                authorize(identity, "StartWithFiles")
+                counted = self._count_stream(user)
+                first = await self._first_message(request_iterator, "StartWithFiles")
+                request = first.start
+                if request.workdir:
+                    raise InvalidArgumentError("files go into the job's own working folder: "
+                                               "not with a workdir", field="workdir")
+                arguments = self._start_arguments(identity, request)
+                prepared = await loop.run_in_executor(self.start_pool, functools.partial(
+                    self.engine.start, identity.user, list(request.argv), *arguments,
+                    fill=True))
+                if isinstance(prepared, str):   # a retry: the first attempt's job
+                    job_id, prepared = prepared, None
+                    return self.status_pb(self.engine.status(job_id))
+                copier = CopierConnection(self.engine.open_fill(prepared))
+                await copier.report()
+                done = await self._relay_copy_in(copier, first, request_iterator)
+                job_id = await loop.run_in_executor(self.start_pool, self.engine.launch,
+                                                    prepared)
+                prepared = None
+                self.engine.record_session(job_id, user, "copy-in", done.get("bytes", 0))
+                return self.status_pb(self.engine.status(job_id))
+        finally:
+            self._end_file_call(user if counted else None, copier)
+            if prepared is not None:   # (its folders may be large: not on the loop)
+                await loop.run_in_executor(self.start_pool, self.engine.abandon, prepared)
+            self.log_rpc(context, "StartWithFiles", user, job_id, outcome, started, span)
+
+    @staticmethod
+    async def _relay_copy_in(copier, first, messages):
+        """Send first's and every later message's tar data to a copier; its last report."""
+        message = first
+        while message is not None:
+            if message is MALFORMED:
+                raise InvalidArgumentError("malformed message")
+            if not await copier.send(message.data):
+                break   # it stopped reading: its report says why
+            message = await anext(messages, None)
+        return await copier.finish()
+
     async def _output_start(self, request, user):
         """Where an Output request's tail_lines, tail_bytes and since start it (0: unset).
         Found in the scan pool (tail_lines reads the output backwards), one scan of each
@@ -6178,6 +6651,72 @@ class JobService:
         self.shutting_down = True
         if self.hub is not None:
             self.hub.wake_all()
+
+
+class CopierConnection:
+    """The service's end of a copier (copier_main): its frames read and its tar data sent
+    on the event loop, each wait bounded by COPIER_TIMEOUT."""
+
+    def __init__(self, sock):
+        import asyncio
+        self.sock, self.loop = sock, asyncio.get_running_loop()
+        sock.setblocking(False)
+
+    async def _exactly(self, size):
+        import asyncio
+        data = bytearray()
+        while len(data) < size:
+            try:
+                got = await asyncio.wait_for(self.loop.sock_recv(self.sock, size - len(data)),
+                                             COPIER_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise UnavailableError("the copy's helper stopped answering") from None
+            if not got:
+                raise UnavailableError("the copy's helper went away")
+            data += got
+        return bytes(data)
+
+    async def _frame(self):
+        kind, size = COPY_FRAME.unpack(await self._exactly(COPY_FRAME.size))
+        return kind, await self._exactly(size)
+
+    async def report(self):
+        """The next report (a dict). Raises the Error of a refusal, UnavailableError."""
+        kind, payload = await self._frame()
+        report = json.loads(payload) if kind == b"R" else {}
+        if not report.get("ok"):
+            raise copy_refusal(report)
+        return report
+
+    async def data(self):
+        """The next tar bytes of a copy out; None once it is whole. Raises as report."""
+        kind, payload = await self._frame()
+        if kind == b"D":
+            return payload
+        report = json.loads(payload)
+        if not report.get("ok"):
+            raise copy_refusal(report)
+        return None
+
+    async def send(self, data):
+        """Send tar bytes of a copy in; False if the helper no longer reads them."""
+        import asyncio
+        try:
+            await asyncio.wait_for(self.loop.sock_sendall(self.sock, data), COPIER_TIMEOUT)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        except asyncio.TimeoutError:
+            raise UnavailableError("the copy's helper stopped reading") from None
+
+    async def finish(self):
+        """The end of a copy in: the stream's end said, the helper's last report read."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        return await self.report()
+
+    def close(self):
+        self.sock.close()
 
 
 class InputWriter:
@@ -7280,6 +7819,8 @@ def build_parser():
     add_server_parser(command("server", "run the job server (as root)", client=False))
     add_run_parser(command("run", "start a job", epilog=EXIT_CODE_HELP))
     add_job_parsers(command)
+    add_cp_parser(command("cp", "copy files into or out of a job's working folder, as docker "
+                                "cp: cp LOCAL ID:PATH, cp ID:PATH LOCAL ('-': a tar stream)"))
     add_list_parser(command("list", "list jobs"))
     add_list_parser(command("ps", "list running (and paused) jobs, as docker ps; -a: all"),
                     ps=True)
@@ -7353,6 +7894,12 @@ def add_job_parsers(command):
                    help="replace whoever is writing to the job (its owner, or an admin)")
 
 
+def add_cp_parser(c):
+    c.add_argument("source", metavar="SRC", help="LOCAL, ID:PATH, or - (a tar stream on stdin)")
+    c.add_argument("destination", metavar="DST",
+                   help="ID:PATH, LOCAL, or - (a tar stream on stdout)")
+
+
 def add_run_parser(r):
     import argparse
     r.description = ('run CMD ARG... runs the words joined by spaces with /bin/sh -c, as ssh '
@@ -7380,7 +7927,22 @@ def add_run_parser(r):
     r.add_argument("--env-file", action="append", default=[], metavar="FILE",
                    help="NAME=VALUE (or NAME) lines; # comments; may be repeated")
     r.add_argument("-w", "--workdir", default="", help="absolute path on the server")
+    r.add_argument("--copy", action="append", default=[], metavar="LOCAL[:PATH]",
+                   type=argument_type(copy_setting),
+                   help="put LOCAL (a file or folder) in the job's folder as PATH (default: "
+                        "its name) before the command starts; may be repeated")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD ARG... or -- PROG ARG...")
+
+
+def copy_setting(text):
+    """(local, path) of run's --copy LOCAL[:PATH]. Raises ValueError."""
+    local, _, path = text.partition(":")
+    path = path or os.path.basename(os.path.abspath(local))
+    if not os.path.lexists(local):
+        raise ValueError(f"{local}: no such file or folder")
+    if path.startswith("/") or ".." in path.split("/"):
+        raise ValueError(f"{path}: PATH is a relative path in the job's folder, without ..")
+    return local, path
 
 
 def add_output_flags(c):
@@ -8059,7 +8621,8 @@ def cmd_run(client, args):
         print("steve-jobs: stdin is not sent to the job (its stdin is /dev/null): "
               "run -i sends it", file=sys.stderr)
     try:
-        st = start_with_retry(client, request)
+        st = start_with_files(client, request, args.copy) if args.copy else \
+            start_with_retry(client, request)
     except ClientError as e:
         if args.follow:
             e.exit_code = EXIT_RUN_FAILED
@@ -8306,6 +8869,153 @@ complete -F _steve_jobs steve-jobs steve_jobs.py
 '''
 
 
+def job_path(arg):
+    """(job, path) of an ID:PATH argument, or None for a local path (one with a slash or a
+    dot before its first colon: ./a:b is local)."""
+    ref, colon, path = arg.partition(":")
+    if not colon or not ref or "/" in ref or ref.startswith("."):
+        return None
+    return ref, path
+
+
+def cmd_cp(client, args):
+    """cp: a tar stream from a job's folder (CopyOut) or into one (CopyIn)."""
+    source, destination = job_path(args.source), job_path(args.destination)
+    if bool(source) == bool(destination):
+        raise ClientError(EXIT_USAGE, "cp copies between a job and here: one of SRC and DST "
+                                      "is ID:PATH, the other a local path or -")
+    if source:
+        return copy_from_job(client, *source, args.destination)
+    return copy_into_job(client, args.source, *destination, args.json)
+
+
+def copy_from_job(client, job, path, local):
+    """CopyOut into local: written to stdout as it comes ('-'), else unpacked beside it and
+    moved into place once whole (as docker cp: into local if it is a folder, else as it)."""
+    import tarfile
+    calls = client.stub.CopyOut(client.pb.CopyOutRequest(job_id=job, path=path),
+                                metadata=client.metadata)
+    chunks = (chunk.data for chunk in calls)
+    try:
+        if local == "-":
+            for data in chunks:
+                sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return EXIT_OK
+        into = local if os.path.isdir(local) else os.path.dirname(os.path.abspath(local))
+        staging = tempfile_dir(into)
+        try:
+            with tarfile.open(fileobj=ChunkReader(chunks), mode="r|") as tar:
+                if hasattr(tarfile, "tar_filter"):   # Python 3.11.4+: nothing lands outside
+                    tar.extraction_filter = tarfile.tar_filter
+                tar.chown = lambda *_, **__: None   # ours, as docker cp makes them
+                tar.extractall(staging)
+            (top,) = os.listdir(staging) or (None,)
+            if top is None:
+                raise ClientError(EXIT_ERROR, f"{job}:{path}: the copy was empty")
+            target = os.path.join(local, top) if os.path.isdir(local) else local
+            move_into_place(os.path.join(staging, top), target)
+        finally:
+            import shutil
+            shutil.rmtree(staging, ignore_errors=True)
+    except client.grpc.RpcError as e:
+        raise client.error(e) from None
+    except (OSError, tarfile.TarError) as e:
+        raise ClientError(EXIT_ERROR, f"cannot write {local}: {getattr(e, 'strerror', None) or e}")
+    return EXIT_OK
+
+
+def tempfile_dir(folder):
+    import tempfile
+    try:
+        return tempfile.mkdtemp(prefix=".steve-jobs-cp-", dir=folder)
+    except OSError as e:
+        raise ClientError(EXIT_ERROR, f"cannot write in {folder}: {e.strerror}") from None
+
+
+def move_into_place(source, target):
+    """Rename source to target; a folder onto a folder merges, what it holds replacing."""
+    if os.path.isdir(source) and not os.path.islink(source) and os.path.isdir(target) \
+            and not os.path.islink(target):
+        for name in os.listdir(source):
+            move_into_place(os.path.join(source, name), os.path.join(target, name))
+        return
+    os.replace(source, target)
+
+
+class ChunkReader:
+    """A file object reading the bytes of an iterator of byte strings (for tarfile)."""
+
+    def __init__(self, chunks):
+        self.chunks, self.buffer = iter(chunks), b""
+
+    def read(self, size=-1):
+        while size < 0 or len(self.buffer) < size:
+            more = next(self.chunks, None)
+            if more is None:
+                break
+            self.buffer += more
+        if size < 0:
+            size = len(self.buffer)
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+
+def start_with_files(client, request, copies):
+    """StartWithFiles: request, then one tar stream of every (local, path) of copies.
+    Returns the JobStatus. Raises ClientError."""
+    pb = client.pb
+    messages = tar_messages(pb, pb.StartWithFilesMessage(start=request), copies,
+                            lambda data: pb.StartWithFilesMessage(data=data))
+    try:
+        return client.stub.StartWithFiles(messages, metadata=client.metadata)
+    except client.grpc.RpcError as e:
+        raise client.error(e) from None
+
+
+def copy_into_job(client, local, job, path, as_json):
+    """CopyIn of local (a file or a folder, as a tar stream of one top entry: written as
+    path, or into it if it is a folder there), or of the tar stream on stdin ('-')."""
+    if local != "-" and not os.path.lexists(local):
+        raise ClientError(EXIT_USAGE, f"{local}: no such file or folder")
+    pb = client.pb
+    first = pb.CopyInMessage(job_id=job, path=path, as_name=local != "-")
+    copies = None if local == "-" else [(local, os.path.basename(os.path.abspath(local)))]
+    messages = tar_messages(pb, first, copies, lambda data: pb.CopyInMessage(data=data))
+    try:
+        summary = client.stub.CopyIn(messages, metadata=client.metadata)
+    except client.grpc.RpcError as e:
+        raise client.error(e) from None
+    if as_json:
+        print_json({"files": summary.files, "bytes": summary.bytes})
+    return EXIT_OK
+
+
+def tar_messages(pb, first, copies, message):
+    """first, then message(data) of a tar stream of copies' (local, name) pairs (made by a
+    thread), or of stdin's bytes (copies None)."""
+    yield first
+    if copies is None:
+        while data := sys.stdin.buffer.read(CHUNK // 4):
+            yield message(data)
+        return
+    import tarfile
+    read_end, write_end = os.pipe()
+
+    def make_tar():
+        with os.fdopen(write_end, "wb") as out:
+            with contextlib.suppress(BrokenPipeError):
+                with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    for local, name in copies:
+                        tar.add(local, arcname=name)
+    maker = threading.Thread(target=make_tar, daemon=True)
+    maker.start()
+    with os.fdopen(read_end, "rb") as tar_stream:
+        while data := tar_stream.read(CHUNK // 4):
+            yield message(data)
+    maker.join()
+
+
 def cmd_completion(args):
     """Print the completion script for args.shell."""
     script = COMPLETION_BASH % {
@@ -8320,6 +9030,7 @@ def cmd_completion(args):
 # What each subcommand runs: those that talk to a server with a Client (cmd_client's),
 # the others by themselves.
 CLIENT_COMMANDS = {"run": cmd_run, "wait": cmd_wait, "list": cmd_list, "ps": cmd_list,
+                   "cp": cmd_cp,
                    "output": cmd_output, "stream": cmd_output, "logs": cmd_output,
                    "attach": cmd_attach, **{name: cmd_job for name in (
                        "status", "pause", "resume", "stop", "kill", "rm")}}

@@ -1,4 +1,4 @@
-"""Tests for steve-jobs, in ten groups: each test carries its group's mark
+"""Tests for steve-jobs, in eleven groups: each test carries its group's mark
 (@pytest.mark.kernel..., registered in conftest.py), to run some of them (pytest -m "kernel
 or e2e", as .ci/run does):
 
@@ -15,14 +15,16 @@ or e2e", as .ci/run does):
   sessions  stdin, terminals, attach, recordings, traces and logs
   newcomer  a fresh clone's Quickstart verbatim, two servers on one host, the bundled keys,
           wrong addresses and the other mistakes of a first hour
+  files   a job's working folder kept after it ends, cp in and out and run --copy, as a
+          build host's users and as hostile tenants (real kernel, real server)
 
 Every time budget is multiplied by STEVE_JOBS_TIME_SCALE (default 1; e.g. 10 in an emulated
 VM), through scaled(), and so are the server's own waits.
 
 Tests that need root, cgroups or namespaces (all but the unit tests and a few others) skip
 without them, unless STEVE_JOBS_MUST_WORK=1, under which they fail instead. The harness they
-share with the benchmarks is steve_jobs_harness.py. Every test removes the cgroups and
-processes it makes.
+share with the benchmarks is steve_jobs_harness.py. Every test removes the cgroups,
+processes and mounts it makes.
 """
 
 import concurrent.futures
@@ -1633,8 +1635,8 @@ def call(certs_dir, address, method, request, user="mrarsenal", token=None, **ch
         if isinstance(request, list):   # a client-streaming call's messages
             request = iter(request)
         reply = getattr(stub, method)(request, metadata=metadata, timeout=scaled(20))
-        if method == "Output":
-            reply = list(reply)
+        if pb.DESCRIPTOR.services_by_name["JobService"].methods_by_name[method].server_streaming:
+            reply = list(reply)   # (its status comes with its messages)
         return "OK", reply
     except grpc.RpcError as e:
         return e.code().name, None
@@ -1671,7 +1673,10 @@ def rpc_requests():
             "List": pb.ListRequest(), "Pause": pb.JobRef(job_id=some),
             "Resume": pb.JobRef(job_id=some), "Remove": pb.JobRef(job_id=some),
             "Wait": pb.JobRef(job_id=some), "Signal": pb.SignalRequest(job_id=some, signal=15),
-            "Input": [pb.InputMessage(job_id=some, data=b"x")]}
+            "Input": [pb.InputMessage(job_id=some, data=b"x")],
+            "CopyOut": pb.CopyOutRequest(job_id=some),
+            "CopyIn": [pb.CopyInMessage(job_id=some, data=b"x")],
+            "StartWithFiles": [pb.StartWithFilesMessage(start=pb.StartRequest(argv=["true"]))]}
 
 
 @pytest.mark.security
@@ -4915,3 +4920,166 @@ def test_listen_and_server_addresses_are_checked_with_the_default_port():
                        ("host:", "empty port"), ("host:70000", "not a port number")):
         with pytest.raises(ValueError, match=words):
             sj.split_address(bad)
+
+
+###############################################################################
+# Files: a job's working folder kept after its end, cp in and out, run --copy
+###############################################################################
+
+BUILD_TREE = {
+    "Makefile": "hello: hello.c\n\tcc -O2 -o hello hello.c\n",
+    "hello.c": '#include <stdio.h>\nint main(void) { puts("built by steve-jobs"); '
+               'return 0; }\n',
+}
+
+
+def write_tree(top, files):
+    for name, text in files.items():
+        os.makedirs(os.path.join(top, os.path.dirname(name)), exist_ok=True)
+        with open(os.path.join(top, name), "w") as f:
+            f.write(text)
+
+
+def tar_of(*members):
+    """A tar stream of (TarInfo fields, data) members, for crafted copies."""
+    import io
+    import tarfile
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for fields, data in members:
+            info = tarfile.TarInfo(fields.pop("name"))
+            for key, value in fields.items():
+                setattr(info, key, value)
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return out.getvalue()
+
+
+@pytest.mark.files
+def test_a_build_host_walk_sources_in_build_artifact_out(server, tmp_path):
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler on this host") if not MUST_WORK else pytest.fail("no cc")
+    write_tree(tmp_path / "src", BUILD_TREE)
+    name = f"build-{uuid.uuid4().hex[:6]}"
+    built = cli(server, "run", "--name", name, "--copy", f"{tmp_path}/src:src", "-f",
+                "cd src && make && ./hello", user="alice")
+    assert built.returncode == 0 and b"built by steve-jobs" in built.stdout, built
+    # The job has ended; its files have not: the artifact comes out, and runs here.
+    done = cli(server, "cp", f"{name}:src/hello", str(tmp_path / "hello"), user="alice")
+    assert done.returncode == 0, done.stderr
+    assert os.stat(tmp_path / "hello").st_uid == os.getuid()   # ours, not the job's uid
+    ran = subprocess.run([str(tmp_path / "hello")], capture_output=True)
+    assert ran.stdout == b"built by steve-jobs\n"
+    # A whole folder, into a folder that exists; and a tar stream on stdout.
+    os.mkdir(tmp_path / "back")
+    assert cli(server, "cp", f"{name}:src", str(tmp_path / "back"), user="alice").returncode == 0
+    assert (tmp_path / "back" / "src" / "hello.c").read_text() == BUILD_TREE["hello.c"]
+    assert os.access(tmp_path / "back" / "src" / "hello", os.X_OK)   # modes kept
+    streamed = cli(server, "cp", f"{name}:src/Makefile", "-", user="alice")
+    assert b"hello: hello.c" in streamed.stdout
+    st = cli_json(server, "status", name, user="alice")
+    assert [e["event"] for e in st["sessions"]].count("copy-out") >= 3, st["sessions"]
+    assert cli(server, "rm", name, user="alice").returncode == 0
+    assert cli(server, "cp", f"{name}:src", "-", user="alice").returncode == 3   # gone
+
+
+@pytest.mark.files
+def test_cp_into_a_running_job_and_links_kept_as_links(server, tmp_path):
+    write_tree(tmp_path / "in", {"a.txt": "a\n", "sub/b.txt": "b\n"})
+    os.symlink("a.txt", tmp_path / "in" / "link")
+    job = start_job(server, "while [ ! -e in/done ]; do sleep 0.05; done; cat in/sub/b.txt",
+                    user="alice")
+    try:
+        assert cli(server, "cp", str(tmp_path / "in"), f"{job}:in", user="alice").returncode == 0
+        assert cli(server, "cp", "-", f"{job}:in", user="alice",
+                   input=tar_of(({"name": "done"}, b""))).returncode == 0
+        st = cli_json(server, "wait", job, user="alice")
+        assert cli(server, "output", job, user="alice").stdout == b"b\n"
+        out = cli(server, "cp", f"{job}:in/link", "-", user="alice").stdout
+        import io
+        import tarfile
+        (member,) = tarfile.open(fileobj=io.BytesIO(out)).getmembers()
+        assert member.issym() and member.linkname == "a.txt"
+    finally:
+        cli(server, "stop", "--grace", "0", job, user="alice")
+
+
+@pytest.mark.files
+@pytest.mark.parametrize("member, says", [
+    ({"name": "../evil"}, "leaves the folder"),
+    ({"name": "/etc/evil"}, "leaves the folder"),
+    ({"name": "dev", "type": b"3", "devmajor": 1, "devminor": 3}, "device node"),
+    ({"name": "suid", "mode": 0o4755}, "setuid"),
+    ({"name": "hard", "type": b"1", "linkname": "etc/shadow"}, "not in the copy"),
+    ({"name": "out", "type": b"2", "linkname": "/etc/shadow"}, "link out of the folder"),
+])
+def test_cp_in_refuses_what_could_reach_outside_the_folder(server, member, says):
+    job = start_job(server, "true", user="alice")
+    done = cli(server, "cp", "-", f"{job}:.", user="alice", input=tar_of((member, b"x")))
+    assert done.returncode == 4 and says.encode() in done.stderr, done
+    assert cli(server, "cp", f"{job}:.", "-", user="alice").stdout.count(b"evil") == 0
+
+
+@pytest.mark.files
+def test_cp_out_never_follows_a_planted_link_and_stays_in_the_folder(server):
+    job = start_job(server, "ln -s /etc/shadow shadow; ln -s ../../.. up; "
+                            f"ln -s \"$PWD/..\" work", user="alice")
+    cli(server, "wait", job, user="alice")
+    for path, says in (("shadow/x", b"link out of the job's working folder"),
+                       ("up/etc/passwd", b"leaves the job's working folder"),
+                       ("work/x", b"leaves the job's working folder"),
+                       ("../x", b"leaves the job's working folder"),
+                       ("/etc/passwd", b"not in the job's working folder")):
+        done = cli(server, "cp", f"{job}:{path}", "-", user="alice")
+        assert done.returncode == 4 and says in done.stderr and not done.stdout, (path, done)
+    # The link itself is copied, as a link (docker cp's way): nothing of what it names.
+    import io
+    import tarfile
+    out = cli(server, "cp", f"{job}:shadow", "-", user="alice").stdout
+    (member,) = tarfile.open(fileobj=io.BytesIO(out)).getmembers()
+    assert member.issym() and member.linkname == "/etc/shadow" and b"root:" not in out
+
+
+@pytest.mark.tenants
+def test_cp_is_the_owners_and_admins_readers_may_copy_out(server, tmp_path):
+    job = start_job(server, "echo secret > s")   # mrarsenal's
+    cli(server, "wait", job)
+    (tmp_path / "f").write_text("x")
+    assert cli(server, "cp", f"{job}:s", "-", user="alice").returncode == 3   # not hers
+    assert cli(server, "cp", str(tmp_path / "f"), f"{job}:f", user="alice").returncode == 3
+    assert b"secret" in cli(server, "cp", f"{job}:s", "-", user="rita").stdout
+    done = cli(server, "cp", str(tmp_path / "f"), f"{job}:f", user="rita")
+    assert done.returncode == 6 and b"may not call CopyIn" in done.stderr
+
+
+@pytest.mark.files
+def test_cp_in_beyond_the_folders_size_is_refused_and_leaves_no_partial_file(certs, tmp_path):
+    with Server(certs, extra=["--workdir-size", "2M", "--stop-jobs-on-exit"]) as srv:
+        job = start_job(srv, "true", user="alice")
+        big = tar_of(({"name": "big"}, b"\0" * (4 * sj.MiB)))
+        done = cli(srv, "cp", "-", f"{job}:.", user="alice", input=big)
+        assert done.returncode == 9 and b"no room left" in done.stderr, done
+        listing = cli(srv, "cp", f"{job}:.", "-", user="alice").stdout
+        assert b"big" not in listing   # not under its name, not under a temporary one
+        # A client that goes away mid-copy: no partial file either.
+        copier = subprocess.Popen([PYTHON, SCRIPT, "--server", srv.address, "--certs",
+                                   srv.certs, "--user", "alice", "cp", "-", f"{job}:."],
+                                  stdin=subprocess.PIPE)
+        copier.stdin.write(tar_of(({"name": "half"}, b"y" * 8 * sj.KiB))[:4096])
+        copier.stdin.flush()
+        time.sleep(0.5)
+        copier.kill()
+        copier.wait()
+        time.sleep(0.5)
+        assert b"half" not in cli(srv, "cp", f"{job}:.", "-", user="alice").stdout
+
+
+@pytest.mark.files
+def test_the_readmes_build_host_walkthrough_runs_as_written(server, tmp_path):
+    (block,) = readme_blocks("Build hosts")
+    steve_jobs = (f'steve-jobs() {{ "{PYTHON}" "{SCRIPT}" --server {server.address} '
+                  f'--certs "{server.certs}" --user alice "$@"; }}\n')
+    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", steve_jobs + block],
+                          cwd=tmp_path, capture_output=True, timeout=scaled(120))
+    assert done.returncode == 0, done.stderr
+    assert b"hello from a build job" in done.stdout, done.stdout
