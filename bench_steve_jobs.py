@@ -17,6 +17,8 @@ sessions: keystroke echo latency in `run -it cat` vs `ssh -tt localhost cat`; `r
         collector) vs without.
 faults: server RSS with 1,000 stalled followers at distinct offsets; status latency with
         20,000 idle connections open vs none; time from a supervisor's death to `unknown`.
+files:  cp in and out of a job's folder, 1 GiB as one file and 20,000 small files, vs
+        tar over ssh and scp -r on loopback (needs openssh-server).
 tenants: mrarsenal's `status` p50/p99 and the server's RSS while alice floods stops, runs 8
         huge tails, reads a 1-byte-interleaved job in full (with runs, and a run a chunk as
         an old client), holds 10 stuck Inputs, beside
@@ -197,8 +199,8 @@ def bench_follow_memory(engine):
 class BenchServer:
     """steve_jobs.py server on a free loopback port, with its own certificates and state."""
 
-    def __init__(self, env=None):
-        self.env = {**os.environ, **(env or {})}
+    def __init__(self, env=None, extra=()):
+        self.env, self.extra = {**os.environ, **(env or {})}, list(extra)
 
     def __enter__(self):
         self.dir = tempfile.mkdtemp(prefix="steve-jobs-bench-", dir="/var/tmp")
@@ -219,7 +221,7 @@ class BenchServer:
             [sys.executable, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
              "--state-dir", os.path.join(self.dir, state), "--output-cap", "2G",
              "--cgroup-root", self.cgroup_root, "--stop-jobs-on-exit",
-             "--insecure-dev-certs"],   # a throwaway set: its CA key is beside it
+             "--insecure-dev-certs", *self.extra],   # a throwaway set: its CA key is beside it
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 60
         while b"listening on" not in open(self.log.name, "rb").read()[mark:]:
@@ -259,7 +261,7 @@ class BenchServer:
         self.proc.terminate()
         self.proc.wait(60)
         self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_state_dir(self.dir)   # (with the working folders mounted in its state)
 
 
 class BenchSSHD:
@@ -334,6 +336,69 @@ def bench_streaming(server, sshd, runs=3):
             ms = timed(argv, stdout=subprocess.DEVNULL)
             rates[label].append(size / sj.MiB / (ms / 1000))
     report_rates("stream 1 GiB (target >= x1.5 ssh)", rates, "steve-jobs stream")
+
+
+def make_file_trees(top):
+    """{label: path}: one 1 GiB file (random bytes: nothing to compress) and 20,000 files
+    of 4 KiB in 100 folders (78 MiB), under top."""
+    big, small = os.path.join(top, "one-file"), os.path.join(top, "small-files")
+    os.makedirs(big)
+    subprocess.run(["head", "-c", str(sj.GiB), "/dev/urandom"], check=True,
+                   stdout=open(os.path.join(big, "blob"), "wb"))
+    block = os.urandom(4 * sj.KiB)
+    for i in range(20_000):
+        folder = os.path.join(small, f"d{i % 100:02d}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"f{i}"), "wb") as f:
+            f.write(block)
+    return {"1 GiB as one file": big, "20,000 files of 4 KiB": small}
+
+
+def tree_mib(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path)
+               for f in fs) / sj.MiB
+
+
+def bench_files(server, sshd, runs=3):
+    """cp in and out of a job's folder vs tar over ssh and scp -r on loopback, both ways,
+    each side writing to a tmpfs (the job's folder is one; so is the ssh side's)."""
+    top = tempfile.mkdtemp(prefix="steve-jobs-bench-files-", dir="/var/tmp")
+    remote = os.path.join(top, "remote")   # what ssh writes into: a tmpfs, as a job's folder
+    os.makedirs(remote)
+    sj.mount("tmpfs", remote, "tmpfs", 0, "size=3g")
+    local_out = os.path.join(top, "out")
+    cli = [sys.executable, SCRIPT, "--server", server.address, "--certs", server.certs]
+    ssh = sshd.argv("")[:-1]
+    scp = ["scp", "-q", "-r", "-P", str(sshd.port)] + ssh[3:-1]
+    try:
+        for label, tree in make_file_trees(top).items():
+            name, mib = os.path.basename(tree), tree_mib(tree)
+            rates = {way: {} for way in ("in", "out")}
+            for _ in range(runs):
+                job = server.start_job("sleep 100000")
+                ways = {
+                    "in": {"steve-jobs cp": cli + ["cp", tree, f"{job}:{name}"],
+                           "tar | ssh tar x": ["sh", "-c", f"tar c -C {top} {name} | "
+                                               f"{' '.join(ssh)} 'tar x -C {remote}'"],
+                           "scp -r": scp + [tree, f"root@127.0.0.1:{remote}/scp-{name}"]},
+                    "out": {"steve-jobs cp": cli + ["cp", f"{job}:{name}", local_out],
+                            "ssh tar c | tar x": ["sh", "-c", f"{' '.join(ssh)} 'tar c -C "
+                                                  f"{remote} {name}' | tar x -C {local_out}"],
+                            "scp -r": scp + [f"root@127.0.0.1:{remote}/{name}", local_out]}}
+                for way in ("in", "out"):
+                    for tool, argv in ways[way].items():
+                        shutil.rmtree(local_out, ignore_errors=True)
+                        os.makedirs(local_out)
+                        ms = timed(argv, stdout=subprocess.DEVNULL)
+                        rates[way].setdefault(tool, []).append(mib / (ms / 1000))
+                server.cli("stop", "--grace", "0", job)
+                server.cli("rm", job)
+                subprocess.run(["sh", "-c", f"rm -rf {remote}/*"], check=True)
+            for way in ("in", "out"):
+                report_rates(f"cp {way}, {label} (goal >= x1 ssh)", rates[way], "steve-jobs cp")
+    finally:
+        sj.umount_lazy(remote)
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def report_rates(name, rates, ours_label):
@@ -1085,6 +1150,10 @@ def main(argv):
     if "tenants" in groups:
         with BenchServer() as server:
             bench_tenants(server)
+    if "files" in groups:
+        with BenchServer(extra=["--workdir-size", "3G", "--files-quota", "0"]) as server, \
+                BenchSSHD() as sshd:
+            bench_files(server, sshd)
     if "fan-out" in groups:
         with BenchServer() as server:
             for spread in (0.0, 2.0, 0.0, 2.0):

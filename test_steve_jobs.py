@@ -2274,6 +2274,11 @@ def small_filesystem(size):
         os.rmdir(path)
 
 
+def job_folders(folder):
+    """The jobs' folders in folder (jobs/ or work/), not the spare ones made ahead."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
 @contextlib.contextmanager
 def stopping_leftovers():
     """Yields a list of (state_dir, cgroup_root); if the block fails, the jobs they still
@@ -2306,7 +2311,7 @@ def test_a_full_state_disk_jams_no_job_and_no_restart():
             with pytest.raises(sj.ResourceExhaustedError, match=f"{state_dir} is full"):
                 engine.start("tester", ["true"])
             assert sorted(os.listdir(os.path.join(state_dir, "jobs"))) == jobs_before
-            assert sorted(os.listdir(os.path.join(state_dir, "work"))) == jobs_before   # kept
+            assert job_folders(os.path.join(state_dir, "work")) == jobs_before   # kept
             # A supervisor killed while the disk is full: its job's end is recorded too.
             os.kill(engine._get(sleeper).shim["shim_pid"], signal.SIGKILL)
             assert engine.wait(sleeper, scaled(10)).state == sj.UNKNOWN
@@ -2328,7 +2333,7 @@ def test_a_start_below_the_free_space_reserve_is_refused_and_leaves_nothing():
         with pytest.raises(sj.ResourceExhaustedError, match="is full"):
             engine.start("tester", ["true"])
         for sub in ("jobs", "work"):
-            assert os.listdir(os.path.join(engine.config.state_dir, sub)) == []
+            assert job_folders(os.path.join(engine.config.state_dir, sub)) == []
         assert engine.list() == []
 
 
