@@ -18,7 +18,8 @@ sessions: keystroke echo latency in `run -it cat` vs `ssh -tt localhost cat`; `r
 faults: server RSS with 1,000 stalled followers at distinct offsets; status latency with
         20,000 idle connections open vs none; time from a supervisor's death to `unknown`.
 files:  cp in and out of a job's folder, 1 GiB as one file and 20,000 small files, vs
-        tar over ssh and scp -r on loopback (needs openssh-server).
+        tar over ssh and scp -r on loopback; exec ID true vs run -f true and ssh localhost
+        true (needs openssh-server).
 tenants: mrarsenal's `status` p50/p99 and the server's RSS while alice floods stops, runs 8
         huge tails, reads a 1-byte-interleaved job in full (with runs, and a run a chunk as
         an old client), holds 10 stuck Inputs, beside
@@ -210,7 +211,12 @@ class BenchServer:
         self.address = f"127.0.0.1:{free_port()}"
         self.cgroup_root = f"steve-jobs-bench-{uuid.uuid4().hex[:6]}"
         self.log = open(os.path.join(self.dir, "server.log"), "ab")
-        self.start()
+        try:
+            self.start()
+        except BaseException:   # (a server that did not start: nothing of it is left)
+            self.log.close()
+            remove_state_dir(self.dir)
+            raise
         return self
 
     def start(self, state="state"):
@@ -280,7 +286,8 @@ class BenchSSHD:
             f.write(f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {d}/host\n"
                     f"AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n"
                     f"KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-                    f"PermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\n")
+                    f"PermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\n"
+                    f"Subsystem sftp internal-sftp\n")   # (scp speaks sftp)
         self.made_run_dir = not os.path.isdir("/run/sshd")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation dir
         self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", f"{d}/sshd_config",
@@ -399,6 +406,23 @@ def bench_files(server, sshd, runs=3):
     finally:
         sj.umount_lazy(remote)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def bench_exec(server, sshd, runs=21):
+    """exec JOB true round trip, beside run -f true and ssh localhost true, in turn."""
+    cli = [sys.executable, SCRIPT, "--server", server.address, "--certs", server.certs]
+    job = server.start_job("sleep 100000")
+    samples = {"exec": [], "run -f": [], "ssh": []}
+    try:
+        for _ in range(runs):
+            for label, argv in (("exec", cli + ["exec", job, "--", "true"]),
+                                ("run -f", cli + ["run", "-f", "--", "true"]),
+                                ("ssh", sshd.argv("true"))):
+                samples[label].append(timed(argv, stdout=subprocess.DEVNULL))
+    finally:
+        server.cli("stop", "--grace", "0", job)
+    report("exec ID true, round trip (goal <= x1 run -f)", samples["exec"],
+           {"run -f true": samples["run -f"], "ssh localhost true": samples["ssh"]})
 
 
 def report_rates(name, rates, ours_label):
@@ -1153,6 +1177,7 @@ def main(argv):
     if "files" in groups:
         with BenchServer(extra=["--workdir-size", "3G", "--files-quota", "0"]) as server, \
                 BenchSSHD() as sshd:
+            bench_exec(server, sshd)
             bench_files(server, sshd)
     if "fan-out" in groups:
         with BenchServer() as server:

@@ -17,7 +17,8 @@ GROUPS = {
     "api": "the v1 API and CLI as docker, kubectl and ssh users use them",
     "sessions": "stdin, terminals, attach, recordings, traces and logs",
     "newcomer": "a fresh clone's Quickstart, two servers on one host, the usual mistakes",
-    "files": "a job's files kept after it, copies in and out, as users and hostile tenants",
+    "files": "a job's files kept after it, copies in and out, exec, as users and hostile "
+             "tenants",
 }
 
 

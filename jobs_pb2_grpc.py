@@ -104,6 +104,11 @@ class JobServiceStub:
                 request_serializer=jobs__pb2.StartWithFilesMessage.SerializeToString,
                 response_deserializer=jobs__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.Exec = channel.stream_stream(
+                '/steve_jobs.v1.JobService/Exec',
+                request_serializer=jobs__pb2.ExecInput.SerializeToString,
+                response_deserializer=jobs__pb2.ExecOutput.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -218,6 +223,17 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exec(self, request_iterator, context):
+        """Run a command inside a running job: its namespaces, cgroup, uid, working folder,
+        environment and syscall filter, never more. The first message names the job and the
+        command (and may ask a terminal); then the caller's stdin and terminal sizes. Answers
+        with the command's stdout and stderr (not mixed into the job's output) and, last, how
+        it ended. It ends with the job, or when the call ends. Owners and admins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -290,6 +306,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.StartWithFiles,
                     request_deserializer=jobs__pb2.StartWithFilesMessage.FromString,
                     response_serializer=jobs__pb2.JobStatus.SerializeToString,
+            ),
+            'Exec': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=jobs__pb2.ExecInput.FromString,
+                    response_serializer=jobs__pb2.ExecOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -670,6 +691,33 @@ class JobService:
             '/steve_jobs.v1.JobService/StartWithFiles',
             jobs__pb2.StartWithFilesMessage.SerializeToString,
             jobs__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/steve_jobs.v1.JobService/Exec',
+            jobs__pb2.ExecInput.SerializeToString,
+            jobs__pb2.ExecOutput.FromString,
             options,
             channel_credentials,
             insecure,

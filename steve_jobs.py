@@ -1540,7 +1540,9 @@ def spawner_main(sock_fd, settings):
         if req.get("used"):
             offered -= 1
         elif req.get("copy") and len(fds) == 1:
-            fork_copier(req["copy"], fds[0], sock)
+            fork_helper(copier_main, req["copy"], fds[0], sock)
+        elif req.get("exec") and len(fds) == 1:
+            fork_helper(exec_main, req["exec"], fds[0], sock)
         elif len(fds) == 1:
             # A job that must see the host writable cannot use a warm shim (its view was
             # made read-only before any job came): it gets one made for it.
@@ -1555,12 +1557,13 @@ def spawner_main(sock_fd, settings):
             os.close(fd)
 
 
-def fork_copier(request, fd, spawner_sock):
-    """Fork a copier (copier_main) speaking on fd; the kernel reaps it (SIGCHLD ignored)."""
+def fork_helper(main, request, fd, spawner_sock):
+    """Fork a helper (copier_main, exec_main) speaking on fd; the kernel reaps it (SIGCHLD
+    ignored)."""
     if os.fork() == 0:
         spawner_sock.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        copier_main(request, socket.socket(fileno=os.dup(fd)))
+        main(request, socket.socket(fileno=os.dup(fd)))
 
 
 def _read_reply(fd, deadline):
@@ -1677,10 +1680,11 @@ class Spawner:
             except OSError as e2:
                 raise UnavailableError(f"the spawner is gone: {e2}") from None
 
-    def run_copier(self, request):
-        """A socket to a new copier (copier_main) of request. Raises UnavailableError."""
+    def run_helper(self, kind, request):
+        """A socket to a new helper of kind "copy" (copier_main) or "exec" (exec_main) for
+        request. Raises UnavailableError."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        msg = json.dumps({"copy": request}).encode()
+        msg = json.dumps({kind: request}).encode()
         try:
             try:
                 socket.send_fds(self._sock, [msg], [theirs.fileno()])
@@ -2800,6 +2804,7 @@ class CopyRefused(Exception):
 
 
 COPY_REFUSALS = {"not_found": NotFoundError, "invalid": InvalidArgumentError,
+                 "failed_precondition": FailedPreconditionError,
                  "resource_exhausted": ResourceExhaustedError,
                  "permission_denied": PermissionDeniedError}
 
@@ -3041,6 +3046,187 @@ def copier_main(request, sock):
         os._exit(code)
 
 
+# -- exec: a command in a running job -------------------------------------------------
+#
+# Made by a helper the spawner forks: it joins the job's cgroup and namespaces (its init's),
+# then forks the command, which drops to the job's uid and syscall filter before it execs.
+# The helper relays between the server and the command in frames (COPY_FRAME): from the
+# server "I" stdin bytes, "E" stdin's end, "W" a terminal size (JSON [rows, columns]); to
+# it "R" a report (JSON: started, or why not), "O" stdout, "e" stderr, and last "X" how the
+# command ended (JSON). The server going away (a restart, a client that left) ends the
+# command: an exec never runs on unwatched.
+
+EXEC_NAMESPACES = (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("net", CLONE_NEWNET),
+                   ("cgroup", CLONE_NEWCGROUP), ("pid", CLONE_NEWPID), ("mnt", CLONE_NEWNS))
+
+
+def enter_job(request):
+    """Join the job's cgroup and its init's namespaces (this process's children are in
+    its pid namespace). Raises OSError; CopyRefused if its init is no longer the job's."""
+    pid = request["init_pid"]
+    handles = [(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), kind)
+               for name, kind in EXEC_NAMESPACES]
+    procs = os.path.join(request["cgroup_dirs"][0], "cgroup.procs")
+    if str(pid) not in read_file(procs, "").split():   # (its pid, reused by another)
+        raise CopyRefused("failed_precondition", "the job has ended")
+    for folder in request["cgroup_dirs"]:
+        write_file(os.path.join(folder, "cgroup.procs"), "0")
+    for fd, kind in handles:
+        setns(fd, kind)
+        os.close(fd)
+
+
+def exec_child(request, stdio, error_w, syscall_filter):
+    """The command's process: its terminal or pipes, the job's uid, folder, filter; exec.
+    Never returns."""
+    code = 126
+    try:
+        os.setsid()
+        if request.get("terminal"):
+            import termios
+            fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        uid = request["uid"]
+        if uid != 0:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        os.chdir(request["workdir"])
+        install_syscall_filter(syscall_filter)
+        argv = request["argv"]
+        code = 127
+        os.execvpe(argv[0], argv, request["env"])
+    except OSError as e:
+        missing = code == 127 and e.errno in (errno.ENOENT, errno.ENOTDIR)
+        code = 127 if missing else 126
+        why = "command not found" if missing else (e.strerror or str(e))
+        with contextlib.suppress(OSError):
+            os.write(error_w, json.dumps({"error": f"{request['argv'][0]}: {why}",
+                                          "exit_code": code}).encode())
+    finally:
+        os._exit(code)
+
+
+def exec_main(request, sock):
+    """A command in a running job (request: init_pid, cgroup_dirs, uid, workdir, env, argv,
+    terminal [rows, columns] or none), relayed on sock until it ends. Never returns."""
+    child, reaped = None, False
+    try:
+        syscall_filter = prepared_syscall_filter(JOB_SYSCALL_FILTER)
+        enter_job(request)
+        ours, stdio = exec_stdio(request.get("terminal"))
+        error_r, error_w = os.pipe2(os.O_CLOEXEC)
+        child = os.fork()
+        if child == 0:
+            sock.close()
+            exec_child(request, stdio, error_w, syscall_filter)
+        os.close(error_w)
+        for fd in set(stdio):
+            os.close(fd)
+        failed = _read_all(error_r)
+        if failed:
+            report = json.loads(failed)
+            send_copy_frame(sock, b"e", (report["error"] + "\n").encode())
+            send_copy_report(sock, ok=True)
+            send_copy_frame(sock, b"X", json.dumps({"exit_code": report["exit_code"]}).encode())
+            os._exit(0)
+        send_copy_report(sock, ok=True)
+        reaped = relay_exec(sock, child, ours)
+    except CopyRefused as e:
+        with contextlib.suppress(OSError):
+            send_copy_report(sock, error=str(e), kind=e.kind)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            send_copy_report(sock, error=f"cannot enter the job: {e.strerror or e}",
+                             kind="failed_precondition")
+    finally:
+        if child and not reaped:   # (a command the server no longer watches)
+            with contextlib.suppress(OSError):
+                os.killpg(child, signal.SIGKILL)
+        os._exit(0)
+
+
+def exec_stdio(terminal):
+    """({fd: what the helper reads or writes}, the command's (stdin, stdout, stderr)): a
+    pty of the job's own devpts (we are in its mount namespace), or three pipes."""
+    if terminal:
+        import termios
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *terminal, 0, 0))
+        os.set_inheritable(slave, False)
+        return {"in": master, "out": master}, (slave, slave, slave)
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    return {"in": stdin_w, "out": out_r, "err": err_r}, (stdin_r, out_w, err_w)
+
+
+def relay_exec(sock, child, ours):
+    """Relay frames from sock to the command's stdin, its output to sock, until it has
+    ended and its output is read; then say how it ended. Returns whether it was reaped
+    (False: the server went away first, and exec_main's finally kills the command)."""
+    poller, reading = select.poll(), {}
+    for key, kind in (("out", b"O"), ("err", b"e")):
+        if key in ours:
+            poller.register(ours[key], select.POLLIN)
+            reading[ours[key]] = kind
+    poller.register(sock.fileno(), select.POLLIN)
+    pending = b""
+    while reading:
+        for fd, _ in poller.poll():
+            if fd == sock.fileno():
+                pending = exec_input(sock, pending, ours)
+                if pending is None:
+                    return False   # the server went away
+                continue
+            try:
+                data = os.read(fd, 64 * KiB)
+            except OSError:   # EIO: a terminal whose every slave is closed
+                data = b""
+            if data:
+                send_copy_frame(sock, reading[fd], data)
+            else:
+                poller.unregister(fd)
+                del reading[fd]
+    _, status = os.waitpid(child, 0)
+    ended = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {
+        "exit_code": os.WEXITSTATUS(status)}
+    send_copy_frame(sock, b"X", json.dumps(ended).encode())
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(64 * KiB):   # (until the server has read it all and hangs up)
+            pass
+    return True
+
+
+def exec_input(sock, pending, ours):
+    """Take what the server sent: frames to the command's stdin, end and size. Returns what
+    is left of a frame, or None when the server has gone away."""
+    data = sock.recv(256 * KiB)
+    if not data:
+        return None
+    pending += data
+    while len(pending) >= COPY_FRAME.size:
+        kind, size = COPY_FRAME.unpack(pending[:COPY_FRAME.size])
+        if len(pending) < COPY_FRAME.size + size:
+            break
+        payload = pending[COPY_FRAME.size:COPY_FRAME.size + size]
+        pending = pending[COPY_FRAME.size + size:]
+        target = ours["in"]
+        with contextlib.suppress(OSError):   # (a command that closed its stdin)
+            if kind == b"I":
+                _write_all(target, payload)
+            elif kind == b"E" and "err" in ours:
+                os.close(target)
+            elif kind == b"W" and "err" not in ours:
+                import termios
+                rows, columns = json.loads(payload)
+                fcntl.ioctl(target, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    return pending
+
+
 ###############################################################################
 # Job engine
 ###############################################################################
@@ -3054,6 +3240,16 @@ class JobOptions(typing.NamedTuple):
     rw_host: bool = False         # the host's filesystem writable (else read-only); admins
     stdin: bool = False           # stdin from the job's input socket (else /dev/null)
     terminal: tuple = ()          # (rows, columns): a terminal on stdin, stdout, stderr
+
+
+def job_environment(spec):
+    """The environment a job's command (and what exec runs in it) gets, from its record:
+    PATH, HOME, LANG, its own, and TRACEPARENT (its tools join the start's trace)."""
+    env = {"PATH": JOB_PATH, "HOME": spec["workdir"], "LANG": "C.UTF-8",
+           **dict(spec["options"]["env"])}
+    if spec.get("traceparent"):
+        env.setdefault("TRACEPARENT", spec["traceparent"])
+    return env
 
 
 class PreparedStart(typing.NamedTuple):
@@ -4040,7 +4236,7 @@ class Engine:
         """A copier (copier_main) into a prepared start's working folder, before anything
         runs there. Raises UnavailableError."""
         spec = prepared.spec
-        return self._spawner.run_copier({
+        return self._spawner.run_helper("copy", {
             "direction": "in", "folder": spec["workdir"], "view": spec["workdir"],
             "uid": spec["uid"], "path": ".", "as_name": False})
 
@@ -4059,8 +4255,7 @@ class Engine:
                 "created_at": time.time(), "uid": uid, "workdir": workdir,
                 "name": meta.name, "labels": dict(meta.labels), "request_id": meta.request_id,
                 "traceparent": meta.traceparent}
-        if meta.traceparent and "TRACEPARENT" not in env:   # the job's tools join the trace
-            env["TRACEPARENT"] = meta.traceparent
+        env = job_environment(spec)
         workdir_size = self._workdir_size(options, limits)
         try:
             limits = self._prepare_folders(spec, options, limits, workdir_size)
@@ -4069,7 +4264,6 @@ class Engine:
             self._remove_folders(job_dir, workdir if not options.workdir else "")
             raise
         spec["limits"] = limits._asdict()
-        env = {"PATH": JOB_PATH, "HOME": workdir, "LANG": "C.UTF-8", **env}
         return PreparedStart(spec, job_dir, env, workdir_size, meta)
 
     def _launch(self, spec, job_dir, env, workdir_size):
@@ -4389,9 +4583,29 @@ class Engine:
             raise NotFoundError(f"job {job_id}'s working folder is gone")
         if direction == "in":
             job.files_bytes = None   # (counted again once the copy is in)
-        return self._spawner.run_copier({
+        return self._spawner.run_helper("copy", {
             "direction": direction, "folder": folder, "view": folder,
             "uid": job.spec["uid"], "path": path or ".", "as_name": as_name})
+
+    def open_exec(self, job_id, argv, terminal=()):
+        """A socket to a helper running argv in the running job (exec_main), as its command
+        runs: its namespaces, cgroup, uid, folder, environment and syscall filter; with a
+        terminal (rows, columns) of its own. Raises NotFoundError, InvalidArgumentError,
+        FailedPreconditionError (the job has ended, or is paused), UnavailableError."""
+        job = self._get(job_id)
+        argv = validate_argv(argv)
+        terminal = validate_terminal(terminal)
+        self._require_running(job)
+        if job.paused:
+            raise FailedPreconditionError(f"job {job_id} is paused: resume it first",
+                                          reason="JOB_PAUSED")
+        if not (job.shim and job.shim.get("init_pid") and job.cgroup):
+            raise FailedPreconditionError(f"job {job_id} did not start",
+                                          reason="JOB_NOT_RUNNING")
+        return self._spawner.run_helper("exec", {
+            "init_pid": job.shim["init_pid"], "cgroup_dirs": job.cgroup.dirs(),
+            "uid": job.spec["uid"], "workdir": job.spec["workdir"],
+            "env": job_environment(job.spec), "argv": argv, "terminal": list(terminal)})
 
     def record_session(self, job_id, user, event, nbytes=0):
         """Keep, in the job's folder, that user wrote to (or watched) the job: event is one
@@ -5192,6 +5406,7 @@ RPC_ACTIONS = {
     "Start": "write", "Stop": "write", "Pause": "write", "Resume": "write", "Remove": "write",
     "Status": "read", "Output": "read", "List": "read", "Wait": "read", "Signal": "write",
     "Input": "write", "CopyOut": "read", "CopyIn": "write", "StartWithFiles": "write",
+    "Exec": "write",
 }
 JOB_RPCS = ("Stop", "Pause", "Resume", "Remove", "Status", "Output", "Wait", "Signal",
             "CopyOut")
@@ -6582,7 +6797,7 @@ class JobService:
                 user = identity.user
                 self.admit_and_resolve(identity, "CopyOut", request)
                 counted = self._count_stream(user)
-                copier = CopierConnection(self.engine.open_copy(request.job_id, "out",
+                copier = HelperConnection(self.engine.open_copy(request.job_id, "out",
                                                                 request.path))
                 await copier.report()   # (may it go on?)
                 self.engine.record_session(request.job_id, user, "copy-out")
@@ -6605,7 +6820,7 @@ class JobService:
                 counted = self._count_stream(user)
                 first = await self._first_message(request_iterator, "CopyIn")
                 job_id = self.job_for(identity, "CopyIn", first.job_id)
-                copier = CopierConnection(self.engine.open_copy(job_id, "in", first.path,
+                copier = HelperConnection(self.engine.open_copy(job_id, "in", first.path,
                                                                 first.as_name))
                 await copier.report()
                 self.engine.record_session(job_id, user, "copy-in")
@@ -6640,7 +6855,7 @@ class JobService:
                 if isinstance(prepared, str):   # a retry: the first attempt's job
                     job_id, prepared = prepared, None
                     return self.status_pb(self.engine.status(job_id))
-                copier = CopierConnection(self.engine.open_fill(prepared))
+                copier = HelperConnection(self.engine.open_fill(prepared))
                 await copier.report()
                 done = await self._relay_copy_in(copier, first, request_iterator)
                 job_id = await loop.run_in_executor(self.start_pool, self.engine.launch,
@@ -6665,6 +6880,66 @@ class JobService:
                 break   # it stopped reading: its report says why
             message = await anext(messages, None)
         return await copier.finish()
+
+    async def Exec(self, request_iterator, context):
+        started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
+        span, counted, helper, feeding = self.call_span(context, "Exec"), False, None, None
+        try:
+            async with self.answering(context, outcome):
+                identity = self.identify(context, span.traceparent)
+                user = identity.user
+                authorize(identity, "Exec")
+                counted = self._count_stream(user)
+                first = await self._first_message(request_iterator, "Exec")
+                job_id = self.job_for(identity, "Exec", first.job_id)
+                terminal = (first.terminal.rows, first.terminal.columns) \
+                    if first.HasField("terminal") else ()
+                helper = HelperConnection(self.engine.open_exec(job_id, list(first.argv),
+                                                                terminal))
+                await helper.report()
+                self.engine.record_session(job_id, user, "exec")
+                log_line("exec", job=job_id, user=loggable(user),
+                         argv=loggable(" ".join(first.argv)))
+                feeding = asyncio_task(self._feed_exec(helper, first, request_iterator))
+                await self._relay_exec_output(context, helper)
+        finally:
+            if feeding is not None:
+                feeding.cancel()
+            self._end_file_call(user if counted else None, helper)
+            self.log_rpc(context, "Exec", user, job_id, outcome, started, span)
+
+    @staticmethod
+    async def _feed_exec(helper, first, messages):
+        """Exec's input: each message's data, size and eof, to the helper, until the
+        client's stream ends (which ends nothing: the command may still write)."""
+        message = first
+        while message is not None:
+            if message is MALFORMED:
+                return
+            if message.HasField("size"):
+                await helper.send_frame(b"W", json.dumps(
+                    [message.size.rows, message.size.columns]).encode())
+            if message.data:
+                await helper.send_frame(b"I", message.data)
+            if message.eof:
+                await helper.send_frame(b"E", b"")
+            message = await anext(messages, None)
+
+    async def _relay_exec_output(self, context, helper):
+        """Exec's output: the helper's frames as ExecOutputs, the last saying how it ended.
+        Raises UnavailableError (the helper went away: the job ended meanwhile)."""
+        streams = {b"O": STDOUT, b"e": STDERR}
+        while True:
+            kind, payload = await helper.frame()
+            if kind in streams:
+                await write_or_gone(context, self.pb.ExecOutput(data=payload,
+                                                                stream=streams[kind]))
+            elif kind == b"X":
+                ended = json.loads(payload)
+                await write_or_gone(context, self.pb.ExecOutput(
+                    ended=True, exit_code=ended.get("exit_code", 0),
+                    signal=ended.get("signal", 0)))
+                return
 
     async def _output_start(self, request, user):
         """Where an Output request's tail_lines, tail_bytes and since start it (0: unset).
@@ -6693,32 +6968,47 @@ class JobService:
             self.hub.wake_all()
 
 
-class CopierConnection:
-    """The service's end of a copier (copier_main): its frames read and its tar data sent
-    on the event loop, each wait bounded by COPIER_TIMEOUT."""
+def asyncio_task(coroutine):
+    import asyncio
+    return asyncio.ensure_future(coroutine)
+
+
+class HelperConnection:
+    """The service's end of a helper (copier_main, exec_main): its frames read and what it
+    is sent, on the event loop; a copy's waits bounded by COPIER_TIMEOUT."""
 
     def __init__(self, sock):
         import asyncio
         self.sock, self.loop = sock, asyncio.get_running_loop()
         sock.setblocking(False)
 
-    async def _exactly(self, size):
+    async def _exactly(self, size, timeout=COPIER_TIMEOUT):
         import asyncio
         data = bytearray()
         while len(data) < size:
             try:
                 got = await asyncio.wait_for(self.loop.sock_recv(self.sock, size - len(data)),
-                                             COPIER_TIMEOUT)
+                                             timeout)
             except asyncio.TimeoutError:
-                raise UnavailableError("the copy's helper stopped answering") from None
+                raise UnavailableError("the helper (copy or exec) stopped answering") from None
             if not got:
-                raise UnavailableError("the copy's helper went away")
+                raise UnavailableError("the helper (copy or exec) went away: the job may "
+                                       "have ended")
             data += got
         return bytes(data)
 
-    async def _frame(self):
-        kind, size = COPY_FRAME.unpack(await self._exactly(COPY_FRAME.size))
+    async def _frame(self, timeout=COPIER_TIMEOUT):
+        kind, size = COPY_FRAME.unpack(await self._exactly(COPY_FRAME.size, timeout))
         return kind, await self._exactly(size)
+
+    async def frame(self):
+        """The next (kind, payload), however long it takes to come (an exec's output may
+        pause for hours). Raises UnavailableError (the helper went away)."""
+        return await self._frame(timeout=None)
+
+    async def send_frame(self, kind, payload):
+        """Send one frame (an exec's input); False if the helper no longer reads."""
+        return await self.send(COPY_FRAME.pack(kind, len(payload)) + payload)
 
     async def report(self):
         """The next report (a dict). Raises the Error of a refusal, UnavailableError."""
@@ -6747,7 +7037,7 @@ class CopierConnection:
         except (BrokenPipeError, ConnectionResetError):
             return False
         except asyncio.TimeoutError:
-            raise UnavailableError("the copy's helper stopped reading") from None
+            raise UnavailableError("the helper (copy or exec) stopped reading") from None
 
     async def finish(self):
         """The end of a copy in: the stream's end said, the helper's last report read."""
@@ -6901,9 +7191,11 @@ def add_job_service(grpc, jobs_pb2, server, servicer):
     handlers = {}
     service = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
     for method in service.methods:
-        make = (grpc.stream_unary_rpc_method_handler if method.client_streaming
-                else grpc.unary_stream_rpc_method_handler if method.server_streaming
-                else grpc.unary_unary_rpc_method_handler)
+        make = {(True, True): grpc.stream_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (False, False): grpc.unary_unary_rpc_method_handler}[
+                    (method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=tolerant(getattr(jobs_pb2, method.input_type.name)),
@@ -7859,6 +8151,8 @@ def build_parser():
     add_server_parser(command("server", "run the job server (as root)", client=False))
     add_run_parser(command("run", "start a job", epilog=EXIT_CODE_HELP))
     add_job_parsers(command)
+    add_exec_parser(command("exec", "run a command inside a running job (its namespaces, "
+                                    "uid, folder), as docker exec; -it: a shell"))
     add_cp_parser(command("cp", "copy files into or out of a job's working folder, as docker "
                                 "cp: cp LOCAL ID:PATH, cp ID:PATH LOCAL ('-': a tar stream)"))
     add_list_parser(command("list", "list jobs"))
@@ -7932,6 +8226,14 @@ def add_job_parsers(command):
     a.add_argument("--read-only", action="store_true", help="watch, do not type")
     a.add_argument("--take-over", action="store_true",
                    help="replace whoever is writing to the job (its owner, or an admin)")
+
+
+def add_exec_parser(e):
+    import argparse
+    e.add_argument("-i", "--interactive", action="store_true", help="send our stdin to it")
+    e.add_argument("-t", "--tty", action="store_true", help="give it a terminal of the job's")
+    e.add_argument("job_id", metavar="ID", help="a job id, a unique start of one, or a name")
+    e.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD ARG... or -- PROG ARG...")
 
 
 def add_cp_parser(c):
@@ -8909,6 +9211,70 @@ complete -F _steve_jobs steve-jobs steve_jobs.py
 '''
 
 
+def cmd_exec(client, args):
+    """exec: a command in a running job, its output here, its exit code ours (128+N when
+    signal N ended it)."""
+    pb = client.pb
+    first = pb.ExecInput(job_id=args.job_id, argv=command_argv(list(args.cmd)))
+    if args.tty:
+        first.terminal.rows, first.terminal.columns = terminal_size()
+    inputs = ExecInputs(pb, first, args.interactive, args.tty)
+    outputs = client.stub.Exec(iter(inputs), metadata=client.metadata)
+    ended = None
+    try:
+        with RawTerminal() if args.tty and os.isatty(0) else contextlib.nullcontext():
+            for message in outputs:
+                if message.ended:
+                    ended = message
+                    break
+                target = sys.stderr if message.stream == STDERR else sys.stdout
+                target.buffer.write(message.data)
+                target.buffer.flush()
+    except client.grpc.RpcError as e:
+        raise client.error(e) from None
+    finally:
+        inputs.close()
+    if ended is None:
+        raise ClientError(EXIT_ERROR, "the exec ended without saying how")
+    return 128 + ended.signal if ended.signal else ended.exit_code
+
+
+class ExecInputs:
+    """An Exec call's messages: first, then our stdin (with -i) and terminal sizes (with
+    -t), from a thread, as they come."""
+
+    def __init__(self, pb, first, interactive, tty):
+        import queue
+        self.pb, self.queue, self.closed = pb, queue.Queue(), False
+        self.queue.put(first)
+        if interactive:
+            threading.Thread(target=self._read_stdin, args=(tty,), daemon=True).start()
+        if tty and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGWINCH, self._resized)
+
+    def _read_stdin(self, tty):
+        while data := os.read(0, 64 * KiB):
+            self.queue.put(self.pb.ExecInput(data=data))
+        if not tty:
+            self.queue.put(self.pb.ExecInput(eof=True))
+
+    def _resized(self, _signum, _frame):
+        rows, columns = terminal_size()
+        self.queue.put(self.pb.ExecInput(size=self.pb.TerminalSize(rows=rows,
+                                                                    columns=columns)))
+
+    def __iter__(self):
+        while not self.closed:
+            message = self.queue.get()
+            if message is None:
+                return
+            yield message
+
+    def close(self):
+        self.closed = True
+        self.queue.put(None)
+
+
 def job_path(arg):
     """(job, path) of an ID:PATH argument, or None for a local path (one with a slash or a
     dot before its first colon: ./a:b is local)."""
@@ -8984,21 +9350,26 @@ def move_into_place(source, target):
 
 
 class ChunkReader:
-    """A file object reading the bytes of an iterator of byte strings (for tarfile)."""
+    """A file object reading the bytes of an iterator of byte strings (for tarfile), each
+    byte copied once (tarfile reads 10 KiB at a time from 256 KiB chunks)."""
 
     def __init__(self, chunks):
-        self.chunks, self.buffer = iter(chunks), b""
+        self.chunks, self.chunk, self.at = iter(chunks), b"", 0
 
     def read(self, size=-1):
-        while size < 0 or len(self.buffer) < size:
-            more = next(self.chunks, None)
-            if more is None:
-                break
-            self.buffer += more
-        if size < 0:
-            size = len(self.buffer)
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
+        parts = []
+        while size != 0:
+            if self.at >= len(self.chunk):
+                self.chunk, self.at = next(self.chunks, None), 0
+                if self.chunk is None:
+                    self.chunk = b""
+                    break
+            left = len(self.chunk) - self.at
+            take = left if size < 0 else min(size, left)
+            parts.append(self.chunk[self.at:self.at + take])
+            self.at += take
+            size -= take if size > 0 else 0
+        return b"".join(parts)
 
 
 def start_with_files(client, request, copies):
@@ -9070,7 +9441,7 @@ def cmd_completion(args):
 # What each subcommand runs: those that talk to a server with a Client (cmd_client's),
 # the others by themselves.
 CLIENT_COMMANDS = {"run": cmd_run, "wait": cmd_wait, "list": cmd_list, "ps": cmd_list,
-                   "cp": cmd_cp,
+                   "cp": cmd_cp, "exec": cmd_exec,
                    "output": cmd_output, "stream": cmd_output, "logs": cmd_output,
                    "attach": cmd_attach, **{name: cmd_job for name in (
                        "status", "pause", "resume", "stop", "kill", "rm")}}

@@ -15,8 +15,8 @@ or e2e", as .ci/run does):
   sessions  stdin, terminals, attach, recordings, traces and logs
   newcomer  a fresh clone's Quickstart verbatim, two servers on one host, the bundled keys,
           wrong addresses and the other mistakes of a first hour
-  files   a job's working folder kept after it ends, cp in and out and run --copy, as a
-          build host's users and as hostile tenants (real kernel, real server)
+  files   a job's working folder kept after it ends, cp in and out, run --copy and exec, as
+          a build host's users and as hostile tenants (real kernel, real server)
 
 Every time budget is multiplied by STEVE_JOBS_TIME_SCALE (default 1; e.g. 10 in an emulated
 VM), through scaled(), and so are the server's own waits.
@@ -1676,7 +1676,8 @@ def rpc_requests():
             "Input": [pb.InputMessage(job_id=some, data=b"x")],
             "CopyOut": pb.CopyOutRequest(job_id=some),
             "CopyIn": [pb.CopyInMessage(job_id=some, data=b"x")],
-            "StartWithFiles": [pb.StartWithFilesMessage(start=pb.StartRequest(argv=["true"]))]}
+            "StartWithFiles": [pb.StartWithFilesMessage(start=pb.StartRequest(argv=["true"]))],
+            "Exec": [pb.ExecInput(job_id=some, argv=["true"])]}
 
 
 @pytest.mark.security
@@ -5088,3 +5089,91 @@ def test_the_readmes_build_host_walkthrough_runs_as_written(server, tmp_path):
                           cwd=tmp_path, capture_output=True, timeout=scaled(120))
     assert done.returncode == 0, done.stderr
     assert b"hello from a build job" in done.stdout, done.stdout
+
+
+@pytest.mark.files
+def test_exec_runs_inside_the_job_as_the_job_and_says_how_it_ended(server):
+    job = start_job(server, "echo kept > f; exec sleep 1000", user="alice")
+    try:
+        deadline = time.monotonic() + scaled(10)
+        while cli(server, "cp", f"{job}:f", "-", user="alice").returncode != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        inside = cli(server, "exec", job, "id -u; pwd; ls; cat /proc/self/cgroup; "
+                     "for p in /proc/[0-9]*; do cat $p/comm; done", user="alice")
+        assert inside.returncode == 0, inside.stderr
+        uid, cwd, files, *rest = inside.stdout.decode().splitlines()
+        assert int(uid) >= sj.EngineConfig().uid_base and cwd.endswith(f"/work/{job}")
+        assert files == "f"
+        assert "0::/" in rest   # its cgroup namespace's root: the job's cgroup
+        assert "sleep" in rest and "steve-init" in rest   # the job's processes, only theirs
+        assert cli(server, "output", job, user="alice").stdout == b""   # not mixed in
+        assert cli(server, "exec", job, "false", user="alice").returncode == 1
+        assert cli(server, "exec", job, "echo out; echo err >&2; exit 3",
+                   user="alice").stderr == b"err\n"
+        assert cli(server, "exec", job, "--", "no-such-command", user="alice").returncode == 127
+        assert cli(server, "exec", "-i", job, "tr a-z A-Z", user="alice",
+                   input=b"typed\n").stdout == b"TYPED\n"
+        # Never more than the job: its syscall filter and no_new_privs hold.
+        done = cli(server, "exec", job, "unshare -Ur true", user="alice")
+        assert done.returncode != 0
+        events = [e["event"] for e in cli_json(server, "status", job, user="alice")["sessions"]]
+        assert events.count("exec") >= 6
+        # Others cannot, readers cannot; a paused or ended job is one line.
+        assert cli(server, "exec", job, "true").returncode == 0   # an admin can
+        assert cli(server, "exec", job, "true", user="rita").returncode == 6
+        assert cli(server, "pause", job, user="alice").returncode == 0
+        paused = cli(server, "exec", job, "true", user="alice")
+        assert paused.returncode == 5 and b"paused" in paused.stderr
+        cli(server, "resume", job, user="alice")
+    finally:
+        cli(server, "stop", "--grace", "0", job, user="alice")
+    ended = cli(server, "exec", job, "true", user="alice")
+    assert ended.returncode == 5 and ended.stderr.count(b"\n") == 1 and b"ended" in ended.stderr
+
+
+@pytest.mark.files
+def test_an_exec_ends_with_the_job_and_with_a_server_restart(certs):
+    with Server(certs) as srv:
+        job = start_job(srv, "sleep 1000", user="alice")
+        marker = f"exec-{uuid.uuid4().hex[:8]}"
+        execing = subprocess.Popen([PYTHON, SCRIPT, "--server", srv.address, "--certs",
+                                    srv.certs, "--user", "alice", "exec", job,
+                                    f"exec -a {marker} sleep 1000"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + scaled(10)
+        while not subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        srv.terminate()   # the exec's call ends with the server: so does its command
+        execing.wait(scaled(30))
+        deadline = time.monotonic() + scaled(10)
+        while subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout:
+            assert time.monotonic() < deadline, "the exec's command outlived its call"
+            time.sleep(0.05)
+        srv.restart()
+        assert cli_json(srv, "status", job)["state"] == "running"   # the job goes on
+        execing = subprocess.Popen([PYTHON, SCRIPT, "--server", srv.address, "--certs",
+                                    srv.certs, "--user", "alice", "exec", job, "sleep 1000"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        cli(srv, "stop", "--grace", "0", job)
+        _, err = execing.communicate(timeout=scaled(30))
+        assert execing.returncode != 0   # the job ended: so did its exec
+
+
+@pytest.mark.files
+def test_exec_it_is_a_shell_in_the_job_on_a_real_terminal(server):
+    job = start_job(server, "sleep 1000", user="alice")
+    try:
+        with terminal(server, "exec", "-it", job, "sh", user="alice", rows=30,
+                      columns=100) as t:
+            t.type(b"tty; stty size; id -u\r")
+            t.expect(rb"/dev/pts/\d+")                   # a terminal of the job's devpts
+            t.expect(rb"30 100")                         # of our size
+            t.expect(rb"\d{6,}")                         # as the job's uid
+            t.type(b"exit 7\r")
+            assert t.wait() == 7
+            assert t.modes_restored()
+    finally:
+        cli(server, "stop", "--grace", "0", job, user="alice")
