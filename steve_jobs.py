@@ -2908,7 +2908,7 @@ def copy_out(sock, path, view):
     name = os.path.basename(inside.rstrip("/")) or "."
     send_copy_report(sock, ok=True)
     out = FrameWriter(sock)
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
         tar.add(inside, arcname=name, recursive=True)
     out.flush()
     return {"bytes": out.sent}
@@ -6775,6 +6775,20 @@ class JobService:
             del self.writers[writer.job_id]
         self.engine.record_session(writer.job_id, writer.user, "input-end", writer.written)
 
+    async def _admit_job_stream(self, context, rpc, span, messages, call):
+        """A client stream about one job (CopyIn, Exec): its caller identified and allowed
+        rpc, one of their streams counted, and its first message, whose job they may act
+        on; call (a JobStreamCall) keeps who and which job. Returns the first message.
+        Raises UnauthenticatedError, PermissionDeniedError, ResourceExhaustedError,
+        NotFoundError, InvalidArgumentError, DeadlineExceededError."""
+        identity = self.identify(context, span.traceparent)
+        call.user = identity.user
+        authorize(identity, rpc)
+        call.counted = self._count_stream(call.user)
+        first = await self._first_message(messages, rpc)
+        call.job_id = self.job_for(identity, rpc, first.job_id)
+        return first
+
     def _count_stream(self, user):
         """Count a call in user's streams (the per-user cap). Returns True. Raises
         ResourceExhaustedError."""
@@ -6810,26 +6824,23 @@ class JobService:
                          started, span, bytes=sent[0])
 
     async def CopyIn(self, request_iterator, context):
-        started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
-        span, counted, copier, sent = self.call_span(context, "CopyIn"), False, None, 0
+        started, outcome, call = time.monotonic(), {"result": "OK"}, JobStreamCall()
+        span, copier, sent = self.call_span(context, "CopyIn"), None, 0
         try:
             async with self.answering(context, outcome):
-                identity = self.identify(context, span.traceparent)
-                user = identity.user
-                authorize(identity, "CopyIn")
-                counted = self._count_stream(user)
-                first = await self._first_message(request_iterator, "CopyIn")
-                job_id = self.job_for(identity, "CopyIn", first.job_id)
-                copier = HelperConnection(self.engine.open_copy(job_id, "in", first.path,
-                                                                first.as_name))
+                first = await self._admit_job_stream(context, "CopyIn", span,
+                                                     request_iterator, call)
+                copier = HelperConnection(self.engine.open_copy(call.job_id, "in",
+                                                                first.path, first.as_name))
                 await copier.report()
-                self.engine.record_session(job_id, user, "copy-in")
+                self.engine.record_session(call.job_id, call.user, "copy-in")
                 done = await self._relay_copy_in(copier, first, request_iterator)
                 sent = done.get("bytes", 0)
                 return self.pb.CopySummary(files=done.get("files", 0), bytes=sent)
         finally:
-            self._end_file_call(user if counted else None, copier)
-            self.log_rpc(context, "CopyIn", user, job_id, outcome, started, span, bytes=sent)
+            self._end_file_call(call.counted_user(), copier)
+            self.log_rpc(context, "CopyIn", call.user, call.job_id, outcome, started, span,
+                         bytes=sent)
 
     async def StartWithFiles(self, request_iterator, context):
         import asyncio
@@ -6882,31 +6893,27 @@ class JobService:
         return await copier.finish()
 
     async def Exec(self, request_iterator, context):
-        started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
-        span, counted, helper, feeding = self.call_span(context, "Exec"), False, None, None
+        started, outcome, call = time.monotonic(), {"result": "OK"}, JobStreamCall()
+        span, helper, feeding = self.call_span(context, "Exec"), None, None
         try:
             async with self.answering(context, outcome):
-                identity = self.identify(context, span.traceparent)
-                user = identity.user
-                authorize(identity, "Exec")
-                counted = self._count_stream(user)
-                first = await self._first_message(request_iterator, "Exec")
-                job_id = self.job_for(identity, "Exec", first.job_id)
+                first = await self._admit_job_stream(context, "Exec", span, request_iterator,
+                                                     call)
                 terminal = (first.terminal.rows, first.terminal.columns) \
                     if first.HasField("terminal") else ()
-                helper = HelperConnection(self.engine.open_exec(job_id, list(first.argv),
-                                                                terminal))
+                helper = HelperConnection(self.engine.open_exec(
+                    call.job_id, list(first.argv), terminal))
                 await helper.report()
-                self.engine.record_session(job_id, user, "exec")
-                log_line("exec", job=job_id, user=loggable(user),
+                self.engine.record_session(call.job_id, call.user, "exec")
+                log_line("exec", job=call.job_id, user=loggable(call.user),
                          argv=loggable(" ".join(first.argv)))
                 feeding = asyncio_task(self._feed_exec(helper, first, request_iterator))
                 await self._relay_exec_output(context, helper)
         finally:
             if feeding is not None:
                 feeding.cancel()
-            self._end_file_call(user if counted else None, helper)
-            self.log_rpc(context, "Exec", user, job_id, outcome, started, span)
+            self._end_file_call(call.counted_user(), helper)
+            self.log_rpc(context, "Exec", call.user, call.job_id, outcome, started, span)
 
     @staticmethod
     async def _feed_exec(helper, first, messages):
@@ -6966,6 +6973,17 @@ class JobService:
         self.shutting_down = True
         if self.hub is not None:
             self.hub.wake_all()
+
+
+class JobStreamCall:
+    """What a streaming call's end and log line need: who called, about which job, and
+    whether one of their streams was counted."""
+
+    def __init__(self):
+        self.user, self.job_id, self.counted = "-", "", False
+
+    def counted_user(self):
+        return self.user if self.counted else None
 
 
 def asyncio_task(coroutine):
@@ -9416,7 +9434,7 @@ def tar_messages(pb, first, copies, message):
     def make_tar():
         with os.fdopen(write_end, "wb") as out:
             with contextlib.suppress(BrokenPipeError):
-                with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
                     for local, name in copies:
                         tar.add(local, arcname=name)
     maker = threading.Thread(target=make_tar, daemon=True)
