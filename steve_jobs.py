@@ -3914,6 +3914,7 @@ class Engine:
         self._mark = ""               # what our job cgroups' names begin with
         self._uids = UidPool(config.state_dir, config.uid_base, config.uid_count)
         self._running = set()         # ids of jobs without a result
+        self._kept_files = {}         # owner -> bytes their ended jobs' folders keep
         self._claims = StartClaims(self._lock)   # names and request ids, held by the jobs
         self._placement = None        # where the server and its jobs are: decided at open()
         self._observers = []          # on_job_event(kind, status) callables
@@ -4291,25 +4292,30 @@ class Engine:
         self._check_result(job)
         return job_id
 
-    def files_bytes(self, job):
-        """Bytes the job's own working folder holds on the host (0 for one a client named:
-        not the server's to count). Read once the job has ended (copies into it reset it)."""
-        if job.spec["options"]["workdir"]:
-            return 0
-        if job.result is None:   # (a running job's folder on disk is counted at its end)
-            return folder_bytes(job.spec["workdir"], walk=False)
-        if job.files_bytes is None:
-            job.files_bytes = folder_bytes(job.spec["workdir"])
-        return job.files_bytes
+    def count_kept_files(self, job_id):
+        """Count, once more, what an ended job's own working folder keeps (after its end,
+        or a copy into it) toward its owner's --files-quota. Raises NotFoundError."""
+        self._count_kept_files(self._get(job_id))
+
+    def _count_kept_files(self, job):
+        if job.result is None or job.spec["options"]["workdir"]:
+            return   # (running: counted at its end; a client's folder: not the server's)
+        size = folder_bytes(job.spec["workdir"])   # (a tree on disk is walked: once)
+        with self._lock:
+            if job.id not in self._jobs:
+                return
+            owner = job.spec["owner"]
+            self._kept_files[owner] = self._kept_files.get(owner, 0) + size - (
+                job.files_bytes or 0)
+            job.files_bytes = size
 
     def _check_files_quota(self, owner):
-        """Raises ResourceExhaustedError when owner's jobs keep files_quota bytes or more."""
+        """Raises ResourceExhaustedError when owner's ended jobs keep files_quota bytes or
+        more (kept_files: counted at each end, not summed at each start)."""
         quota = self.config.files_quota
-        if not quota:
-            return
-        kept = sum(self.files_bytes(job) for job in self._all_jobs()
-                   if job.spec["owner"] == owner)
-        if kept >= quota:
+        with self._lock:
+            kept = self._kept_files.get(owner, 0)
+        if quota and kept >= quota:
             raise ResourceExhaustedError(
                 f"{owner}'s jobs keep {human_bytes(kept)} of files, their --files-quota is "
                 f"{human_bytes(quota)}: remove some (rm ID) before starting more",
@@ -4526,7 +4532,7 @@ class Engine:
         kept = [j for j in ended if j not in doomed]
         def stored(job):   # its output, with its index, and its kept working folder
             return (job.result.get("output_bytes", 0) + job.result.get("index_bytes", 0)
-                    + self.files_bytes(job))
+                    + (job.files_bytes or 0))
         total = sum(map(stored, kept))
         while max_bytes is not None and kept and total > max_bytes:
             oldest = kept.pop(0)
@@ -4580,8 +4586,6 @@ class Engine:
         folder = job.spec["workdir"]
         if not os.path.isdir(folder):
             raise NotFoundError(f"job {job_id}'s working folder is gone")
-        if direction == "in":
-            job.files_bytes = None   # (counted again once the copy is in)
         return self._spawner.run_helper("copy", {
             "direction": direction, "folder": folder, "view": folder,
             "uid": job.spec["uid"], "path": path or ".", "as_name": as_name})
@@ -4757,6 +4761,7 @@ class Engine:
             self._uids.keep(spec["uid"])
             if job.result is None:
                 self._running.add(job_id)
+        self._count_kept_files(job)   # (an ended one, loaded at start-up)
         return job
 
     def _set_shim(self, job, shim):
@@ -4799,6 +4804,7 @@ class Engine:
             job.paused = False
             self._running.discard(job.id)
         self._event("ended", job)   # first: nobody learns of the end before the log does
+        self._count_kept_files(job)   # (before a waiter hears of the end and starts more)
         job.ended.set()
         job.notify()
 
@@ -4811,6 +4817,9 @@ class Engine:
             self._claims.forget(job.id, job.spec)
             self._uids.release(job.spec["uid"])
             self._running.discard(job.id)
+            owner = job.spec["owner"]
+            if job.files_bytes:
+                self._kept_files[owner] = self._kept_files.get(owner, 0) - job.files_bytes
         # (Removing the folder also ends its inotify watch.)
         self._remove_folders(job.dir, job.spec["workdir"] if remove_workdir else "")
 
@@ -6838,6 +6847,10 @@ class JobService:
                 return self.pb.CopySummary(files=done.get("files", 0), bytes=sent)
         finally:
             self._end_file_call(call.counted_user(), copier)
+            if copier is not None:   # (its files count toward the quota: not on the loop)
+                with contextlib.suppress(Error):
+                    await asyncio_run_in(self.start_pool, self.engine.count_kept_files,
+                                         call.job_id)
             self.log_rpc(context, "CopyIn", call.user, call.job_id, outcome, started, span,
                          bytes=sent)
 
@@ -6983,6 +6996,11 @@ class JobStreamCall:
 
     def counted_user(self):
         return self.user if self.counted else None
+
+
+async def asyncio_run_in(pool, func, *args):
+    import asyncio
+    return await asyncio.get_running_loop().run_in_executor(pool, func, *args)
 
 
 def asyncio_task(coroutine):

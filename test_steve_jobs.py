@@ -5177,3 +5177,20 @@ def test_exec_it_is_a_shell_in_the_job_on_a_real_terminal(server):
             assert t.modes_restored()
     finally:
         cli(server, "stop", "--grace", "0", job, user="alice")
+
+
+@pytest.mark.files
+def test_files_copied_into_an_ended_job_count_toward_the_quota(certs):
+    with Server(certs, extra=["--workdir-size", "4M", "--files-quota", "1M",
+                              "--stop-jobs-on-exit"]) as srv:
+        job = start_job(srv, "true", user="alice")
+        cli(srv, "wait", job, user="alice")
+        assert start_job(srv, "true", user="alice")   # nothing kept yet: starts go on
+        done = cli(srv, "cp", "-", f"{job}:.", user="alice",
+                   input=tar_of(({"name": "two-megs"}, b"\0" * (2 * sj.MiB))))
+        assert done.returncode == 0, done.stderr
+        refused = cli(srv, "run", "true", user="alice")
+        assert refused.returncode == 9 and b"files-quota" in refused.stderr, refused
+        assert cli(srv, "run", "true").returncode == 0   # another user's starts go on
+        assert cli(srv, "rm", job, user="alice").returncode == 0
+        assert cli(srv, "run", "true", user="alice").returncode == 0
