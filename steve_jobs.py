@@ -9352,11 +9352,16 @@ def copy_from_job(client, job, path, local):
                     tar.extraction_filter = tarfile.tar_filter
                 tar.chown = lambda *_, **__: None   # ours, as docker cp makes them
                 tar.extractall(staging)
-            (top,) = os.listdir(staging) or (None,)
-            if top is None:
-                raise ClientError(EXIT_ERROR, f"{job}:{path}: the copy was empty")
-            target = os.path.join(local, top) if os.path.isdir(local) else local
-            move_into_place(os.path.join(staging, top), target)
+                whole = {m.name.split("/")[0] for m in tar.getmembers()} == {"."}
+            if whole:   # the job's whole folder: what it holds is the copy
+                move_into_place(staging, local)
+                return EXIT_OK
+            names = os.listdir(staging)
+            if len(names) != 1:
+                raise ClientError(EXIT_ERROR, f"{job}:{path}: the copy held {len(names)} "
+                                              f"entries, not one")
+            target = os.path.join(local, names[0]) if os.path.isdir(local) else local
+            move_into_place(os.path.join(staging, names[0]), target)
         finally:
             import shutil
             shutil.rmtree(staging, ignore_errors=True)

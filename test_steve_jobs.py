@@ -5006,6 +5006,9 @@ def test_cp_into_a_running_job_and_links_kept_as_links(server, tmp_path):
         import tarfile
         (member,) = tarfile.open(fileobj=io.BytesIO(out)).getmembers()
         assert member.issym() and member.linkname == "a.txt"
+        # ID: alone is the whole folder: what it holds lands in the local folder.
+        assert cli(server, "cp", f"{job}:", str(tmp_path / "whole"), user="alice").returncode == 0
+        assert (tmp_path / "whole" / "in" / "sub" / "b.txt").read_text() == "b\n"
     finally:
         cli(server, "stop", "--grace", "0", job, user="alice")
 
