@@ -512,17 +512,14 @@ def unmount_if_mounted(path):
             raise
 
 
-def folder_bytes(path, walk=True):
+def folder_bytes(path):
     """Bytes a job's working folder takes: what its own filesystem (a tmpfs) has in use, or
-    for a folder on the state disk, its files' blocks, links not followed (not counted
-    unless walk: a tree can be large). 0 if it is gone."""
+    for a folder on the state disk, its files' blocks, links not followed. 0 if it is gone."""
     try:
         if os.stat(path).st_dev != os.stat(os.path.dirname(path)).st_dev:
             st = os.statvfs(path)
             return (st.f_blocks - st.f_bfree) * st.f_frsize
     except OSError:
-        return 0
-    if not walk:
         return 0
     total = 0
     for top, folders, files in os.walk(path):
@@ -2819,23 +2816,6 @@ def send_copy_frame(sock, kind, payload):
     sock.sendall(COPY_FRAME.pack(kind, len(payload)) + payload)
 
 
-def recv_copy_frame(sock):
-    """(kind, payload) of the next frame from a copier (blocking). Raises EOFError."""
-    head = _recv_exactly(sock, COPY_FRAME.size)
-    kind, size = COPY_FRAME.unpack(head)
-    return kind, _recv_exactly(sock, size)
-
-
-def _recv_exactly(sock, size):
-    data = bytearray()
-    while len(data) < size:
-        got = sock.recv(size - len(data))
-        if not got:
-            raise EOFError("the copier went away")
-        data += got
-    return bytes(data)
-
-
 def send_copy_report(sock, **report):
     send_copy_frame(sock, b"R", json.dumps(report).encode())
 
@@ -3410,7 +3390,7 @@ class Job:
         self._callbacks = set()
         self.output = JobOutput(job_dir)
         self.sessions = JobSessions(job_dir)
-        self.files_bytes = None       # its working folder's bytes once ended (None: unread)
+        self.files_bytes = None       # its working folder's bytes, counted at its end
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
