@@ -48,6 +48,7 @@ import operator
 import re
 import select
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -810,6 +811,366 @@ def trim_freed_memory():
     """Give the heap's free memory back to the system now (glibc; no-op elsewhere)."""
     with contextlib.suppress(AttributeError):
         _libc.malloc_trim(0)
+
+
+###############################################################################
+# Tar streams: what cp and run --copy carry (written and read without tarfile)
+###############################################################################
+#
+# Python's tarfile costs 100-200 us a member (user and group lookups, a copy of its whole
+# read buffer per read, realpath per extracted member): three times GNU tar on a tree of
+# small files. These read and write the one format GNU tar, bsdtar and tarfile all read
+# (ustar headers, GNU long names); the reader takes POSIX (pax) headers too, which is what
+# `cp - ID:PATH` gets from tar programs by default.
+
+TAR_BLOCK = 512
+TAR_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+TAR_KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"5": "dir", b"2": "symlink",
+             b"1": "hardlink"}
+TAR_LONG_NAME, TAR_LONG_LINK, TAR_PAX, TAR_PAX_GLOBAL = b"L", b"K", b"x", b"g"
+
+
+class TarError(ValueError):
+    """A tar stream that cannot be read: cut short, or not tar."""
+
+
+class TarMember(typing.NamedTuple):
+    """One entry of a tar stream: kind is "file", "dir", "symlink", "hardlink" or "other"
+    (a device, FIFO, sparse file...); data (a file's size bytes) follows it in the stream."""
+    name: str
+    kind: str
+    mode: int
+    mtime: int
+    size: int
+    linkname: str
+
+
+def tar_number(value, width):
+    """A header's number field: octal, or base-256 when it does not fit (GNU's way)."""
+    if 0 <= value < 8 ** (width - 1):
+        return b"%0*o\0" % (width - 1, value)
+    return bytes([0x80]) + max(value, 0).to_bytes(width - 1, "big")
+
+
+def tar_header(name, kind, mode, mtime, size=0, linkname=""):
+    """The header blocks of one member (GNU long-name blocks first where a name is long)."""
+    blocks, name_b, link_b = [], name.encode("utf-8", "surrogateescape"), \
+        linkname.encode("utf-8", "surrogateescape")
+    for long, flag in ((name_b, TAR_LONG_NAME), (link_b, TAR_LONG_LINK)):
+        if len(long) > 100:
+            blocks.append(tar_header_block(b"././@LongLink", flag, 0o644, 0, len(long) + 1))
+            blocks.append(tar_pad(long + b"\0"))
+    flag = {"file": b"0", "dir": b"5", "symlink": b"2", "hardlink": b"1"}[kind]
+    blocks.append(tar_header_block(name_b[:100], flag, mode, mtime, size, link_b[:100]))
+    return b"".join(blocks)
+
+
+def tar_header_block(name, flag, mode, mtime, size, linkname=b""):
+    header = bytearray(TAR_HEADER.pack(
+        name, tar_number(mode & 0o7777, 8), tar_number(0, 8), tar_number(0, 8),
+        tar_number(size, 12), tar_number(int(mtime), 12), b" " * 8, flag, linkname,
+        b"ustar ", b" \0", b"", b"", b"", b"", b""))
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def tar_pad(data):
+    return data + bytes(-len(data) % TAR_BLOCK)
+
+
+def tar_chunks(copies, chunk=256 * KiB):
+    """A tar stream, in pieces of about chunk bytes, of copies' (path, name) pairs: each
+    path (a file, a folder recursively, a link as a link) named name in the stream. Hard
+    links within it stay links; sockets, FIFOs and devices are left out. Raises OSError."""
+    out, links = bytearray(), {}
+    for path, name in copies:
+        for member_path, member_name, st in tar_walk(path, name):
+            if stat.S_ISDIR(st.st_mode):
+                out += tar_header(member_name + "/", "dir", st.st_mode, st.st_mtime)
+            elif stat.S_ISLNK(st.st_mode):
+                out += tar_header(member_name, "symlink", st.st_mode, st.st_mtime,
+                                  linkname=os.readlink(member_path))
+            elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in links:
+                out += tar_header(member_name, "hardlink", st.st_mode, st.st_mtime,
+                                  linkname=links[st.st_dev, st.st_ino])
+            else:
+                if st.st_nlink > 1:
+                    links[st.st_dev, st.st_ino] = member_name
+                yield from tar_file(out, member_path, member_name, st, chunk)
+            if len(out) >= chunk:
+                yield bytes(out)
+                out.clear()
+    out += bytes(2 * TAR_BLOCK)   # the end
+    yield bytes(out)
+
+
+def tar_walk(path, name):
+    """(path, name, lstat) of path and, for a folder, of all it holds, in name order;
+    sockets, FIFOs and devices left out."""
+    st = os.lstat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        return
+    yield path, name, st
+    if stat.S_ISDIR(st.st_mode):
+        for entry in sorted(os.listdir(path)):
+            yield from tar_walk(os.path.join(path, entry), f"{name}/{entry}")
+
+
+def tar_file(out, path, name, st, chunk):
+    """Append a file's header and data to out, yielding out's pieces of chunk bytes as it
+    fills. The size is the lstat's: a file that grows meanwhile is cut there, one that
+    shrinks is padded with zeros (as GNU tar, which warns)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        out += tar_header(name, "file", st.st_mode, st.st_mtime, st.st_size)
+        left = st.st_size
+        while left:
+            data = os.read(fd, min(left, chunk))
+            if not data:
+                data = bytes(min(left, chunk))
+            left -= len(data)
+            if not out and len(data) == chunk:
+                yield data   # (a large file's whole pieces go as they are: no copy)
+                continue
+            out += data
+            if len(out) >= chunk:
+                yield bytes(out)
+                out.clear()
+    finally:
+        os.close(fd)
+    out += bytes(-st.st_size % TAR_BLOCK)
+
+
+class TarReader:
+    """The members of a tar stream read by read(n) (up to n bytes; b"" at its end): for
+    each, the member, then its data through data(); what data() does not take is skipped."""
+
+    def __init__(self, read):
+        self._read, self._chunk, self._at, self._left = read, b"", 0, 0
+
+    def _take(self, n):
+        """Up to n bytes (at least one), or b"" at the stream's end."""
+        if self._at >= len(self._chunk):
+            self._chunk, self._at = self._read(max(n, 64 * KiB)), 0
+            if not self._chunk:
+                return b""
+        data = self._chunk[self._at:self._at + n]
+        self._at += len(data)
+        return data
+
+    def _exact(self, n):
+        parts, got = [], 0
+        while got < n:
+            data = self._take(n - got)
+            if not data:
+                raise TarError("the tar stream ended in the middle of a member")
+            parts.append(data)
+            got += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def data(self):
+        """The current member's data, in pieces (each byte once)."""
+        while self._left:
+            data = self._take(min(self._left, 256 * KiB))
+            if not data:
+                raise TarError("the tar stream ended in the middle of a member")
+            self._left -= len(data)
+            yield data
+
+    def _skip_data(self, padding):
+        for _ in self.data():
+            pass
+        if padding:
+            self._exact(padding)
+
+    def __iter__(self):
+        long_name = long_link = None
+        pax = {}
+        padding = 0
+        while True:
+            self._skip_data(padding)
+            block = self._take(TAR_BLOCK)
+            if not block:
+                return   # (no end blocks: as tar, the stream's end ends it)
+            if len(block) < TAR_BLOCK:
+                block += self._exact(TAR_BLOCK - len(block))
+            if not block.strip(b"\0"):
+                return
+            fields = tar_fields(block)
+            name, flag, size = fields["name"], fields["flag"], fields["size"]
+            self._left, padding = size, -size % TAR_BLOCK
+            if flag in (TAR_LONG_NAME, TAR_LONG_LINK, TAR_PAX, TAR_PAX_GLOBAL):
+                if size > 1 * MiB:
+                    raise TarError(f"a tar header of {size} bytes")
+                text = b"".join(self.data())
+                if flag == TAR_LONG_NAME:
+                    long_name = text.rstrip(b"\0")
+                elif flag == TAR_LONG_LINK:
+                    long_link = text.rstrip(b"\0")
+                elif flag == TAR_PAX:
+                    pax = tar_pax_records(text)
+                continue
+            kind = TAR_KINDS.get(flag, "other")
+            size = int(pax.get("size", size))
+            if kind in ("dir", "symlink", "hardlink"):
+                size = 0   # (their size field means nothing: no data follows them)
+            self._left, padding = size, -size % TAR_BLOCK
+            name = pax.get("path", long_name or name)
+            linkname = pax.get("linkpath", long_link or fields["linkname"])
+            yield TarMember(
+                tar_text(name).rstrip("/") if kind == "dir" else tar_text(name), kind,
+                fields["mode"], int(float(pax.get("mtime", fields["mtime"]))), size,
+                tar_text(linkname))
+            long_name = long_link = None
+            pax = {}
+
+
+def tar_text(value):
+    return value if isinstance(value, str) else value.decode("utf-8", "surrogateescape")
+
+
+def tar_fields(block):
+    """The fields of a header block. Raises TarError (a bad checksum: not a tar stream)."""
+    (name, mode, _uid, _gid, size, mtime, checksum, flag, linkname, magic, _version,
+     _uname, _gname, _major, _minor, prefix) = TAR_HEADER.unpack(block)
+    try:
+        stored = int(checksum.split(b"\0")[0].strip() or b"0", 8)
+    except ValueError:
+        stored = -1
+    unsigned = sum(block[:148]) + 256 + sum(block[156:])   # (the field itself as spaces)
+    if stored != unsigned and stored != unsigned - 256 * sum(
+            1 for b in block[:148] + block[156:] if b > 127):   # (old tars: signed bytes)
+        raise TarError("not a tar stream (a header's checksum is wrong)")
+    name = name.split(b"\0", 1)[0]
+    if magic == b"ustar\0" and prefix.strip(b"\0"):   # POSIX ustar: a prefix field
+        name = prefix.split(b"\0", 1)[0] + b"/" + name
+    return {"name": name, "flag": flag, "size": tar_read_number(size),
+            "mode": tar_read_number(mode), "mtime": tar_read_number(mtime),
+            "linkname": linkname.split(b"\0", 1)[0]}
+
+
+def tar_read_number(field):
+    """A header's number: octal, or GNU base-256 (first byte 0x80 or 0xff)."""
+    if field[0] & 0x80:
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * len(field) - 8)) if field[0] == 0xff else value
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise TarError(f"not a tar stream (a number field holds {digits[:12]!r})") from None
+
+
+def tar_pax_records(text):
+    """The records of a pax extended header ("LEN key=value\\n" each)."""
+    records, at = {}, 0
+    while at < len(text) and text[at:at + 1] != b"\0":
+        length, _, _ = text[at:at + 20].partition(b" ")
+        try:
+            end = at + int(length)
+        except ValueError:
+            raise TarError("a pax header that cannot be read") from None
+        key, _, value = text[at + len(length) + 1:end - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        at = end
+    return records
+
+
+def refuse_member(member, names, links, into_job):
+    """Why a member may not be unpacked, or None. names: the members unpacked so far (the
+    one place a hard link may point); links: the symlinks among them (nothing is written
+    through one). into_job: a job's folder, where a link out of the folder and setuid or
+    setgid bits are refused too (elsewhere, links are kept as links and the bits cleared)."""
+    name = member.name
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts:
+        return f"{name}: a name that leaves the folder"
+    if member.kind == "other":
+        return f"{name}: a device node, FIFO or other special file"
+    if any("/".join(parts[:i]) in links for i in range(1, len(parts))):
+        return f"{name}: a name under a link of the copy"
+    if into_job and member.mode & 0o6000 and member.kind != "dir":
+        return f"{name}: setuid or setgid"
+    if member.kind == "hardlink" and member.linkname.strip("/") not in names:
+        return f"{name}: a hard link to {member.linkname}, which is not in the copy"
+    if into_job and member.kind == "symlink" and (
+            member.linkname.startswith("/") or ".." in os.path.normpath(
+                os.path.join(os.path.dirname(name), member.linkname)).split("/")):
+        return f"{name}: a link out of the folder (to {member.linkname})"
+    return None
+
+
+def unpack_tar(reader, folder, rename=None, into_job=True):
+    """Write a TarReader's members into folder (its top entry named rename, when given).
+    Each file is written under a temporary name and renamed once whole, so a stream cut
+    short leaves no partial file under its name. Returns {"files", "bytes", "tops"} (the
+    names' first parts). Raises TarError (a member refused, with why; a stream that is not
+    tar), OSError."""
+    names, links, folders, made = set(), set(), [], {folder}
+    files = size = 0
+    token = random_hex(4)
+    tops = set()
+    for member in reader:
+        why = refuse_member(member, names, links, into_job)
+        if why:
+            raise TarError(f"refused: {why}")
+        name = member.name.strip("/")
+        if rename:
+            name = "/".join([rename] + name.split("/")[1:])
+        target = os.path.join(folder, name)
+        parent = os.path.dirname(target)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
+        mode = member.mode & (0o1777 if into_job else 0o755)   # (as tar_filter)
+        if member.kind == "dir":
+            os.makedirs(target, exist_ok=True)
+            made.add(target)
+            folders.append((target, mode, member.mtime))
+        elif member.kind == "file":
+            size += write_whole(target, reader.data(), mode, member.mtime, f"{token}{files}")
+        elif member.kind == "symlink":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            os.symlink(member.linkname, target)
+            links.add(member.name.strip("/"))
+        else:   # a hard link to a file of this copy
+            linked = member.linkname.strip("/")
+            if rename:
+                linked = "/".join([rename] + linked.split("/")[1:])
+            os.link(os.path.join(folder, linked), target)
+        names.add(member.name.strip("/"))
+        tops.add(name.split("/")[0])
+        files += 1
+    for target, mode, mtime in reversed(folders):   # last: writing into them changed mtimes
+        os.chmod(target, mode)
+        os.utime(target, (mtime, mtime))
+    return {"files": files, "bytes": size, "tops": sorted(tops)}
+
+
+def write_whole(target, pieces, mode, mtime, tag):
+    """A file of pieces' bytes, written as .NAME.partial-TAG and renamed target once whole
+    (with mode and mtime). Returns its size. Raises OSError."""
+    folder, name = os.path.split(target)
+    temporary = os.path.join(folder, f".{name}.partial-{tag}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    size = 0
+    try:
+        try:   # (by the descriptor, not the path: a small file costs a few calls)
+            for data in pieces:
+                _write_all(fd, data)
+                size += len(data)
+            os.fchmod(fd, mode & 0o7777)
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return size
 
 
 ###############################################################################
@@ -2855,72 +3216,27 @@ def resolve_in_folder(path, view, follow_last=True):
     return "/" + "/".join(done)
 
 
-class FrameWriter:
-    """A file object whose writes go to the server as "D" frames (for tarfile)."""
-
-    def __init__(self, sock):
-        self.sock, self.buffer, self.sent = sock, bytearray(), 0
-
-    def write(self, data):
-        self.buffer += data
-        while len(self.buffer) >= COPY_DATA_BYTES:
-            self._send(COPY_DATA_BYTES)
-        return len(data)
-
-    def flush(self):
-        if self.buffer:
-            self._send(len(self.buffer))
-
-    def _send(self, size):
-        send_copy_frame(self.sock, b"D", bytes(self.buffer[:size]))
-        del self.buffer[:size]
-        self.sent += size
-
-
 def copy_out(sock, path, view):
     """Send path (a file or a folder, recursively; links as links, path itself too, as
     docker cp) as a tar stream, its top named as path's last part. Raises CopyRefused,
     OSError."""
-    import tarfile
     inside = resolve_in_folder(path, view, follow_last=False)
     if not os.path.lexists(inside):
         raise CopyRefused("not_found", f"{path}: no such file in the job's working folder")
     name = os.path.basename(inside.rstrip("/")) or "."
     send_copy_report(sock, ok=True)
-    out = FrameWriter(sock)
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT,
-                      bufsize=COPY_DATA_BYTES) as tar:   # (its default: 10 KiB writes)
-        tar.add(inside, arcname=name, recursive=True)
-    out.flush()
-    return {"bytes": out.sent}
-
-
-def refuse_member(member, names):
-    """Why a tar member may not be written into a job's folder, or None. names: the members
-    written so far (the one place a hard link may point)."""
-    name = member.name
-    if name.startswith("/") or ".." in name.split("/"):
-        return f"{name}: a name that leaves the folder"
-    if member.isdev() or member.isfifo():
-        return f"{name}: a device node or FIFO"
-    if member.mode & 0o6000 and not member.isdir():
-        return f"{name}: setuid or setgid"
-    if member.islnk() and member.linkname.strip("/") not in names:
-        return f"{name}: a hard link to {member.linkname}, which is not in the copy"
-    if member.issym() and (member.linkname.startswith("/") or ".." in os.path.normpath(
-            os.path.join(os.path.dirname(name), member.linkname)).split("/")):
-        return f"{name}: a link out of the folder (to {member.linkname})"
-    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-        return f"{name}: not a file, folder or link"
-    return None
+    sent = 0
+    for data in tar_chunks([(inside, name)], COPY_DATA_BYTES):
+        send_copy_frame(sock, b"D", data)
+        sent += len(data)
+    return {"bytes": sent}
 
 
 def copy_in(sock, path, view, as_name):
     """Write the tar stream read from sock (to its EOF) into the folder path, or, as_name
-    (a stream of one top entry), as path itself when path is no folder. Each file is
-    written under a temporary name and renamed once whole, so a copy cut short leaves no
-    partial file under its name. Returns {"files", "bytes"}. Raises CopyRefused, OSError."""
-    import tarfile
+    (a stream of one top entry), as path itself when path is no folder (unpack_tar's
+    way: no partial file under its name). Returns {"files", "bytes"}. Raises CopyRefused,
+    TarError, OSError."""
     inside = resolve_in_folder(path, view)
     rename = None
     if not os.path.isdir(inside):
@@ -2929,59 +3245,8 @@ def copy_in(sock, path, view, as_name):
             raise CopyRefused("not_found", f"{path}: no such folder in the job's working folder")
         inside, rename = parent, os.path.basename(path.rstrip("/"))
     send_copy_report(sock, ok=True)
-    names, folders, files, size = set(), [], 0, 0
-    with tarfile.open(fileobj=sock.makefile("rb"), mode="r|", bufsize=COPY_DATA_BYTES) as tar:
-        for member in tar:
-            why = refuse_member(member, names)
-            if why:
-                raise CopyRefused("invalid", f"refused: {why}")
-            name = member.name.strip("/")
-            if rename:
-                name = "/".join([rename] + name.split("/")[1:])
-            target = os.path.join(inside, name)
-            os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
-            if member.isdir():
-                os.makedirs(target, exist_ok=True)
-                folders.append((target, member))
-            elif member.isreg():
-                size += write_whole(target, tar.extractfile(member), member)
-            elif member.issym():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)
-                os.symlink(member.linkname, target)
-            else:   # a hard link to a file of this copy
-                linked = member.linkname.strip("/")
-                if rename:
-                    linked = "/".join([rename] + linked.split("/")[1:])
-                os.link(os.path.join(inside, linked), target)
-            names.add(member.name.strip("/"))
-            files += 1
-    for target, member in reversed(folders):   # last: writing into them changed mtimes
-        os.chmod(target, member.mode & 0o1777)
-        os.utime(target, (member.mtime, member.mtime))
-    return {"files": files, "bytes": size}
-
-
-def write_whole(target, source, member):
-    """A tar member's file, written as .NAME.partial-XXXX and renamed target once whole
-    (with its mode and mtime). Returns its size. Raises OSError."""
-    folder, name = os.path.split(target)
-    temporary = os.path.join(folder, f".{name}.partial-{random_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        try:   # (by the descriptor, not the path: a small file costs a few calls)
-            while data := source.read(COPY_DATA_BYTES):
-                _write_all(fd, data)
-            os.fchmod(fd, member.mode & 0o1777)
-            os.utime(fd, (member.mtime, member.mtime))
-        finally:
-            os.close(fd)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return member.size
+    done = unpack_tar(TarReader(sock.recv), inside, rename)
+    return {"files": done["files"], "bytes": done["bytes"]}
 
 
 COPY_ERROR_KINDS = {errno.ENOSPC: "resource_exhausted", errno.EDQUOT: "resource_exhausted",
@@ -2995,7 +3260,6 @@ def copier_main(request, sock):
     job's uid, chrooted in the folder. Never returns."""
     code = 1
     try:
-        import tarfile   # (before chroot: nothing can be imported after)
         fd = os.open(request["folder"], os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
         os.fchdir(fd)
         os.chroot(".")            # the folder is all there is from here on
@@ -3015,7 +3279,10 @@ def copier_main(request, sock):
     except CopyRefused as e:
         with contextlib.suppress(OSError):
             send_copy_report(sock, error=str(e), kind=e.kind)
-    except (OSError, tarfile.TarError, EOFError) as e:
+    except TarError as e:
+        with contextlib.suppress(OSError):
+            send_copy_report(sock, error=str(e), kind="invalid")
+    except OSError as e:
         kind = COPY_ERROR_KINDS.get(getattr(e, "errno", None), "invalid")
         why = "no room left in the job's working folder" if kind == "resource_exhausted" \
             else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
@@ -9313,7 +9580,6 @@ def cmd_cp(client, args):
 def copy_from_job(client, job, path, local):
     """CopyOut into local: written to stdout as it comes ('-'), else unpacked beside it and
     moved into place once whole (as docker cp: into local if it is a folder, else as it)."""
-    import tarfile
     calls = client.stub.CopyOut(client.pb.CopyOutRequest(job_id=job, path=path),
                                 metadata=client.metadata)
     chunks = (chunk.data for chunk in calls)
@@ -9326,14 +9592,9 @@ def copy_from_job(client, job, path, local):
         into = local if os.path.isdir(local) else os.path.dirname(os.path.abspath(local))
         staging = tempfile_dir(into)
         try:
-            with tarfile.open(fileobj=ChunkReader(chunks), mode="r|",
-                              bufsize=COPY_DATA_BYTES) as tar:
-                if hasattr(tarfile, "tar_filter"):   # Python 3.11.4+: nothing lands outside
-                    tar.extraction_filter = tarfile.tar_filter
-                tar.chown = lambda *_, **__: None   # ours, as docker cp makes them
-                tar.extractall(staging)
-                whole = {m.name.split("/")[0] for m in tar.getmembers()} == {"."}
-            if whole:   # the job's whole folder: what it holds is the copy
+            done = unpack_tar(TarReader(lambda _size: next(chunks, b"")), staging,
+                              into_job=False)
+            if done["tops"] == ["."]:   # the job's whole folder: what it holds is the copy
                 move_into_place(staging, local)
                 return EXIT_OK
             names = os.listdir(staging)
@@ -9347,8 +9608,10 @@ def copy_from_job(client, job, path, local):
             shutil.rmtree(staging, ignore_errors=True)
     except client.grpc.RpcError as e:
         raise client.error(e) from None
-    except (OSError, tarfile.TarError) as e:
-        raise ClientError(EXIT_ERROR, f"cannot write {local}: {getattr(e, 'strerror', None) or e}")
+    except TarError as e:
+        raise ClientError(EXIT_ERROR, f"cannot unpack {job}:{path}: {e}") from None
+    except OSError as e:
+        raise ClientError(EXIT_ERROR, f"cannot write {local}: {e.strerror or e}") from None
     return EXIT_OK
 
 
@@ -9368,29 +9631,6 @@ def move_into_place(source, target):
             move_into_place(os.path.join(source, name), os.path.join(target, name))
         return
     os.replace(source, target)
-
-
-class ChunkReader:
-    """A file object reading the bytes of an iterator of byte strings (for tarfile), each
-    byte copied once (tarfile reads 10 KiB at a time from 256 KiB chunks)."""
-
-    def __init__(self, chunks):
-        self.chunks, self.chunk, self.at = iter(chunks), b"", 0
-
-    def read(self, size=-1):
-        parts = []
-        while size != 0:
-            if self.at >= len(self.chunk):
-                self.chunk, self.at = next(self.chunks, None), 0
-                if self.chunk is None:
-                    self.chunk = b""
-                    break
-            left = len(self.chunk) - self.at
-            take = left if size < 0 else min(size, left)
-            parts.append(self.chunk[self.at:self.at + take])
-            self.at += take
-            size -= take if size > 0 else 0
-        return b"".join(parts)
 
 
 def start_with_files(client, request, copies):
@@ -9424,29 +9664,15 @@ def copy_into_job(client, local, job, path, as_json):
 
 
 def tar_messages(pb, first, copies, message):
-    """first, then message(data) of a tar stream of copies' (local, name) pairs (made by a
-    thread), or of stdin's bytes (copies None)."""
+    """first, then message(data) of a tar stream of copies' (local, name) pairs, or of
+    stdin's bytes (copies None)."""
     yield first
     if copies is None:
         while data := sys.stdin.buffer.read(CHUNK // 4):
             yield message(data)
         return
-    import tarfile
-    read_end, write_end = os.pipe()
-
-    def make_tar():
-        with os.fdopen(write_end, "wb") as out:
-            with contextlib.suppress(BrokenPipeError):
-                with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT,
-                                  bufsize=COPY_DATA_BYTES) as tar:
-                    for local, name in copies:
-                        tar.add(local, arcname=name)
-    maker = threading.Thread(target=make_tar, daemon=True)
-    maker.start()
-    with os.fdopen(read_end, "rb") as tar_stream:
-        while data := tar_stream.read(CHUNK // 4):
-            yield message(data)
-    maker.join()
+    for data in tar_chunks(copies, COPY_DATA_BYTES):
+        yield message(data)
 
 
 def cmd_completion(args):

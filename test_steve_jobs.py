@@ -4961,6 +4961,88 @@ def tar_of(*members):
     return out.getvalue()
 
 
+def tar_tree(top):
+    """A tree with what a tar stream must carry: long names and link targets, a hard link,
+    links, an empty file, a mode and an mtime, a file larger than a chunk."""
+    deep = top / ("d" * 120) / "sub"
+    os.makedirs(deep)
+    (deep / ("f" * 150)).write_text("long\n")
+    (top / "a.txt").write_text("a" * 5000)
+    os.link(top / "a.txt", top / "hard")
+    os.symlink("a.txt", top / "ln")
+    os.symlink("/" + "x" * 200, top / "longlink")
+    os.chmod(top / "a.txt", 0o751)
+    os.utime(top / "a.txt", (1_000_000_000, 1_000_000_000))
+    (top / "empty").write_text("")
+    (top / "big").write_bytes(os.urandom(600 * 1024 + 3))
+
+
+def same_tree(a, b):
+    done = subprocess.run(["diff", "-r", "--no-dereference", str(a), str(b)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    st = os.stat(os.path.join(b, "a.txt"))
+    assert (st.st_mtime, st.st_mode & 0o7777, st.st_nlink) == (1_000_000_000, 0o751, 2)
+
+
+@pytest.mark.unit
+def test_our_tar_streams_are_read_by_gnu_tar_and_tarfile(tmp_path):
+    import tarfile
+    tar_tree(tmp_path / "src")
+    stream = b"".join(sj.tar_chunks([(str(tmp_path / "src"), "src")], 64 * 1024))
+    (tmp_path / "ours.tar").write_bytes(stream)
+    os.mkdir(tmp_path / "gnu")
+    subprocess.run(["tar", "xf", str(tmp_path / "ours.tar"), "-C", str(tmp_path / "gnu")],
+                   check=True)
+    same_tree(tmp_path / "src", tmp_path / "gnu" / "src")
+    with tarfile.open(tmp_path / "ours.tar") as tar:
+        names = tar.getnames()
+        assert tar.getmember("src/hard").islnk() and tar.getmember("src/ln").issym()
+    assert f"src/{'d' * 120}/sub/{'f' * 150}" in names
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("made_by", ["gnu", "posix", "oldgnu", "tarfile-pax", "tarfile-gnu",
+                                     "ours"])
+def test_unpack_reads_the_tar_formats_programs_write(tmp_path, made_by):
+    import tarfile
+    tar_tree(tmp_path / "src")
+    archive = tmp_path / "a.tar"
+    if made_by in ("gnu", "posix", "oldgnu"):
+        subprocess.run(["tar", "cf", str(archive), f"--format={made_by}", "-C", str(tmp_path),
+                        "src"], check=True)
+    elif made_by == "ours":
+        archive.write_bytes(b"".join(sj.tar_chunks([(str(tmp_path / "src"), "src")])))
+    else:
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT if made_by == "tarfile-pax"
+                          else tarfile.GNU_FORMAT) as tar:
+            tar.add(tmp_path / "src", arcname="src")
+    with open(archive, "rb") as f:   # (read 7 bytes at a time: every boundary is crossed)
+        done = sj.unpack_tar(sj.TarReader(lambda _n: f.read(7)), str(tmp_path / "out"),
+                             into_job=False)   # (a job's folder refuses the link to /xxx)
+    assert done["tops"] == ["src"] and done["files"] == 10
+    same_tree(tmp_path / "src", tmp_path / "out" / "src")
+
+
+@pytest.mark.unit
+def test_unpack_refuses_a_bad_stream_and_leaves_no_partial_file(tmp_path):
+    whole = tar_of(({"name": "f"}, b"x" * 3000))
+    for cut, says in ((whole[:1024], "ended in the middle"),
+                      (b"y" * 1024, "checksum"),
+                      (tar_of(({"name": "l", "type": b"2", "linkname": "."}, b""),
+                              ({"name": "l/x"}, b"x")), "under a link of the copy")):
+        out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+        os.mkdir(out)
+        with pytest.raises(sj.TarError, match=says):
+            pieces = iter([cut])
+            sj.unpack_tar(sj.TarReader(lambda _n: next(pieces, b"")), str(out))
+        assert not os.path.exists(out / "f") and not os.path.exists(out / "x")
+        assert not [n for n in os.listdir(out) if ".partial-" in n]
+    # Numbers too large for octal (GNU base-256), both ways.
+    field = sj.tar_number(2 ** 40, 12)
+    assert field[0] == 0x80 and sj.tar_read_number(field) == 2 ** 40
+
+
 @pytest.mark.files
 def test_a_build_host_walk_sources_in_build_artifact_out(server, tmp_path):
     if not shutil.which("cc"):
