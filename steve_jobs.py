@@ -3855,11 +3855,12 @@ class SpareJobFolders:
     (~0.3 ms each on a virtual disk). A thread refills them while no start is under way; a
     start finding none, or needing more room, makes its folders itself."""
 
+    WORK_SPARES = ".spare"   # (working folders' spares: in work/, the mount they move within)
+
     def __init__(self, state_dir, count=2):
         import shutil
         self.dir, self.count = os.path.join(state_dir, "spare"), count
-        # (Working folders' spares in work/, the mount they are renamed within.)
-        self.work_dir = os.path.join(state_dir, "work", ".spare")
+        self.work_dir = os.path.join(state_dir, "work", self.WORK_SPARES)
         for folder in (self.dir, self.work_dir):
             shutil.rmtree(folder, ignore_errors=True)   # a crashed server's: sizes may differ
             os.makedirs(folder, 0o700, exist_ok=True)
@@ -4265,6 +4266,7 @@ class Engine:
         self._spare_folders = SpareJobFolders(self.config.state_dir)
         self._uids.load()
         self._load_jobs()
+        self._sweep_working_folders()
         self._sweep_cgroups()
         self._spawner.start({"layout": self.layout.to_dict(),
                              "cgroup_root": self.cgroup_root, "mark": self._mark,
@@ -4367,6 +4369,16 @@ class Engine:
         working folder."""
         log.warning("removing %s: a start that never reached its supervisor", job_dir)
         self._remove_folders(job_dir, os.path.join(self.config.state_dir, "work", job_id))
+
+    def _sweep_working_folders(self):
+        """Remove the working folders of no job (and the tmpfs on each): `rm` removes a
+        job's record, then its files, and a server that died between left these."""
+        work = os.path.join(self.config.state_dir, "work")
+        known = {j.id for j in self._all_jobs()}
+        for name in os.listdir(work):
+            if name != SpareJobFolders.WORK_SPARES and name not in known:
+                log.warning("removing %s: the working folder of no job", name)
+                self._remove_folders(None, os.path.join(work, name))
 
     def _sweep_cgroups(self):
         """Kill and remove job cgroups of this state folder (by their mark) that no

@@ -1175,6 +1175,23 @@ def test_a_jobs_files_outlive_it_until_it_is_removed():
 
 
 @pytest.mark.kernel
+def test_the_working_folder_of_no_job_is_swept_at_start():
+    """rm removes a job's record, then its files: a server that died between left files
+    (and a tmpfs) of no job, which the next start removes; other jobs' stay."""
+    with engine_that_goes_away() as (first, state_dir, root):
+        gone, kept = (first.start("alice", ["sh", "-c", "echo x > f"]) for _ in range(2))
+        first.wait(gone, scaled(30))
+        first.wait(kept, scaled(30))
+    shutil.rmtree(os.path.join(state_dir, "jobs", gone))   # as a rm cut short
+    workdir = os.path.join(state_dir, "work", gone)
+    assert workdir in mounts_under(state_dir)
+    with running_engine(state_dir=state_dir, cgroup_root=root) as second:
+        assert not os.path.exists(workdir) and workdir not in mounts_under(state_dir)
+        assert os.path.exists(os.path.join(state_dir, "work", kept, "f"))
+        assert [s.id for s in second.list()] == [kept]
+
+
+@pytest.mark.kernel
 def test_a_users_kept_files_are_bounded_by_the_files_quota_and_counted_by_retention():
     with running_engine(workdir_size=4 * sj.MiB, files_quota=3 * sj.MiB) as engine:
         full = engine.start("alice", ["sh", "-c", "head -c 3M /dev/zero > f"])
