@@ -3234,14 +3234,15 @@ def copy_out(sock, path, view):
 
 def copy_in(sock, path, view, as_name):
     """Write the tar stream read from sock (to its EOF) into the folder path, or, as_name
-    (a stream of one top entry), as path itself when path is no folder (unpack_tar's
+    (a stream of one top entry), as path itself when path is no folder (a file there is
+    replaced; unpack_tar's
     way: no partial file under its name). Returns {"files", "bytes"}. Raises CopyRefused,
     TarError, OSError."""
     inside = resolve_in_folder(path, view)
     rename = None
     if not os.path.isdir(inside):
         parent = resolve_in_folder(os.path.dirname(path.rstrip("/")) or ".", view)
-        if not (as_name and os.path.isdir(parent) and not os.path.lexists(inside)):
+        if not (as_name and os.path.isdir(parent)):   # (a file there: replaced, as cp does)
             raise CopyRefused("not_found", f"{path}: no such folder in the job's working folder")
         inside, rename = parent, os.path.basename(path.rstrip("/"))
     send_copy_report(sock, ok=True)

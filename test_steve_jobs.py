@@ -5089,6 +5089,32 @@ def test_a_build_host_walk_sources_in_build_artifact_out(server, tmp_path):
 
 
 @pytest.mark.files
+def test_cp_onto_a_full_state_disk_is_resource_exhausted_and_harms_no_file(certs, tmp_path):
+    """A job's folder on the state disk (--workdir-size 0): a copy that fills the disk
+    fails with RESOURCE_EXHAUSTED, the file it was to replace is whole, nothing partial."""
+    (tmp_path / "f").write_bytes(os.urandom(64 * sj.MiB))
+    with small_filesystem("48m") as fs:
+        state_dir = os.path.join(fs, "state")
+        os.mkdir(state_dir, 0o711)
+        with Server(certs, state_dir=state_dir, extra=["--workdir-size", "0"]) as srv:
+            job = start_job(srv, "echo kept > f; sleep 1000", user="alice")
+            deadline = time.monotonic() + scaled(10)
+            while cli(srv, "cp", f"{job}:f", "-", user="alice").returncode != 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            done = cli(srv, "cp", str(tmp_path / "f"), f"{job}:f", user="alice")
+            assert done.returncode == 9 and b"no room left" in done.stderr, done
+            assert cli(srv, "exec", job, "cat", "f", user="alice").stdout == b"kept\n"
+            listed = cli(srv, "exec", job, "ls", "-a", user="alice").stdout.split()
+            assert sorted(listed) == [b".", b"..", b"f"], listed
+            assert cli_json(srv, "status", job, user="alice")["state"] == "running"
+            (tmp_path / "g").write_text("new\n")   # a file that fits replaces it, as cp's
+            assert cli(srv, "cp", str(tmp_path / "g"), f"{job}:f", user="alice").returncode == 0
+            assert cli(srv, "exec", job, "cat", "f", user="alice").stdout == b"new\n"
+            cli(srv, "stop", "--grace", "0", job, user="alice")
+
+
+@pytest.mark.files
 def test_cp_into_a_running_job_and_links_kept_as_links(server, tmp_path):
     write_tree(tmp_path / "in", {"a.txt": "a\n", "sub/b.txt": "b\n"})
     os.symlink("a.txt", tmp_path / "in" / "link")
