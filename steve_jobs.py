@@ -3414,29 +3414,27 @@ def relay_exec(sock, child, ours):
     """Relay frames from sock to the command's stdin, its output to sock, until it has
     ended and its output is read; then say how it ended. Returns whether it was reaped
     (False: the server went away first, and exec_main's finally kills the command)."""
-    poller, reading = select.poll(), {}
-    for key, kind in (("out", b"O"), ("err", b"e")):
-        if key in ours:
-            poller.register(ours[key], select.POLLIN)
-            reading[ours[key]] = kind
-    poller.register(sock.fileno(), select.POLLIN)
-    pending = b""
+    reading = {ours[key]: kind for key, kind in (("out", b"O"), ("err", b"e")) if key in ours}
+    stdin, pending = ExecStdin(ours["in"], closable="err" in ours), b""
     while reading:
-        for fd, _ in poller.poll():
+        for fd, events in exec_poll(sock, reading, stdin):
             if fd == sock.fileno():
-                pending = exec_input(sock, pending, ours)
+                pending = exec_input(sock, pending, stdin)
                 if pending is None:
                     return False   # the server went away
-                continue
-            try:
-                data = os.read(fd, 64 * KiB)
-            except OSError:   # EIO: a terminal whose every slave is closed
-                data = b""
-            if data:
-                send_copy_frame(sock, reading[fd], data)
-            else:
-                poller.unregister(fd)
-                del reading[fd]
+            elif fd == stdin.fd and events & select.POLLOUT:
+                stdin.flush()
+            if fd in reading and events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                try:
+                    data = os.read(fd, 64 * KiB)
+                except BlockingIOError:   # (a terminal's master, shared with stdin)
+                    continue
+                except OSError:   # EIO: a terminal whose every slave is closed
+                    data = b""
+                if data:
+                    send_copy_frame(sock, reading[fd], data)
+                else:
+                    del reading[fd]
     _, status = os.waitpid(child, 0)
     ended = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {
         "exit_code": os.WEXITSTATUS(status)}
@@ -3448,7 +3446,52 @@ def relay_exec(sock, child, ours):
     return True
 
 
-def exec_input(sock, pending, ours):
+def exec_poll(sock, reading, stdin):
+    """poll() over the command's output, its stdin while it has bytes to take, and sock
+    while stdin has none: a command that reads nothing holds the server back (gRPC's
+    flow control) and never blocks the helper. sock's hang-up is seen either way."""
+    events = dict.fromkeys(reading, select.POLLIN)
+    if stdin.backlog:
+        events[stdin.fd] = events.get(stdin.fd, 0) | select.POLLOUT
+    events[sock.fileno()] = 0 if stdin.backlog else select.POLLIN
+    poller = select.poll()
+    for fd, wanted in events.items():
+        poller.register(fd, wanted)
+    return poller.poll()
+
+
+class ExecStdin:
+    """The command's stdin, written without blocking: what it has not taken yet waits in
+    backlog (one read of the server's frames at most). closable: a pipe (a terminal is
+    not closed at the caller's end of input)."""
+
+    def __init__(self, fd, closable):
+        self.fd, self.closable, self.backlog, self.ended = fd, closable, bytearray(), False
+        os.set_blocking(fd, False)
+
+    def write(self, data):
+        self.backlog += data
+        self.flush()
+
+    def end(self):
+        self.ended = self.closable
+        self.flush()
+
+    def flush(self):
+        try:
+            while self.backlog:
+                del self.backlog[:os.write(self.fd, self.backlog)]
+        except BlockingIOError:
+            return
+        except OSError:   # (a command that closed its stdin: what it did not take is dropped)
+            self.backlog.clear()
+        if self.ended and self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def exec_input(sock, pending, stdin):
     """Take what the server sent: frames to the command's stdin, end and size. Returns what
     is left of a frame, or None when the server has gone away."""
     data = sock.recv(256 * KiB)
@@ -3461,16 +3504,16 @@ def exec_input(sock, pending, ours):
             break
         payload = pending[COPY_FRAME.size:COPY_FRAME.size + size]
         pending = pending[COPY_FRAME.size + size:]
-        target = ours["in"]
-        with contextlib.suppress(OSError):   # (a command that closed its stdin)
-            if kind == b"I":
-                _write_all(target, payload)
-            elif kind == b"E" and "err" in ours:
-                os.close(target)
-            elif kind == b"W" and "err" not in ours:
-                import termios
-                rows, columns = json.loads(payload)
-                fcntl.ioctl(target, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        if kind == b"I":
+            stdin.write(payload)
+        elif kind == b"E":
+            stdin.end()
+        elif kind == b"W" and not stdin.closable:
+            import termios
+            rows, columns = json.loads(payload)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(stdin.fd, termios.TIOCSWINSZ,
+                            struct.pack("HHHH", rows, columns, 0, 0))
     return pending
 
 

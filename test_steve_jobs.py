@@ -5261,6 +5261,24 @@ def test_exec_runs_inside_the_job_as_the_job_and_says_how_it_ended(server):
 
 
 @pytest.mark.files
+def test_exec_i_of_a_command_that_reads_its_stdin_late_or_never_does_not_jam(server):
+    """What the caller types waits while the command does not read it: a command that
+    writes much before it reads (or reads nothing) has its output relayed meanwhile."""
+    job = start_job(server, "exec sleep 1000", user="alice")
+    typed = os.urandom(4 * sj.MiB)
+    try:
+        done = cli(server, "exec", "-i", job, "head -c 1048576 /dev/zero; wc -c",
+                   user="alice", input=typed, timeout=scaled(30))
+        assert (done.returncode, done.stdout) == (0, bytes(sj.MiB) + b"4194304\n"), \
+            done.stderr
+        done = cli(server, "exec", "-i", job, "sleep 1; echo done", user="alice",
+                   input=typed, timeout=scaled(30))
+        assert (done.returncode, done.stdout) == (0, b"done\n"), done.stderr
+    finally:
+        cli(server, "stop", "--grace", "0", job, user="alice")
+
+
+@pytest.mark.files
 def test_an_exec_ends_with_the_job_and_with_a_server_restart(certs):
     with Server(certs) as srv:
         job = start_job(srv, "sleep 1000", user="alice")
