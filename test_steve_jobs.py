@@ -5278,6 +5278,74 @@ def test_exec_i_of_a_command_that_reads_its_stdin_late_or_never_does_not_jam(ser
         cli(server, "stop", "--grace", "0", job, user="alice")
 
 
+def grpc_over_h2(server, user, method, messages, response_type):
+    """A call made as a second gRPC stack would from jobs.proto alone: HTTP/2 by hand (h2,
+    ssl), gRPC's length-prefixed messages, the request stream left open until the response
+    ends. Returns (responses, grpc-status, grpc-message)."""
+    import ssl
+    import h2.config
+    import h2.connection
+    import h2.events
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(os.path.join(server.certs, "ca.crt"))
+    context.load_cert_chain(os.path.join(server.certs, f"{user}.crt"),
+                            os.path.join(server.certs, f"{user}.key"))
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", server.port),
+                                                      timeout=scaled(30)),
+                             server_hostname="localhost") as tls:
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        h2c.initiate_connection()
+        stream = h2c.get_next_available_stream_id()
+        h2c.send_headers(stream, [
+            (":method", "POST"), (":scheme", "https"), (":authority", "localhost"),
+            (":path", f"/steve_jobs.v1.JobService/{method}"), ("te", "trailers"),
+            ("content-type", "application/grpc"), *bearer(server.certs, user)])
+        for message in messages:
+            body = message.SerializeToString()
+            h2c.send_data(stream, struct.pack(">BI", 0, len(body)) + body)
+        tls.sendall(h2c.data_to_send())
+        received, trailers, ended = b"", {}, False
+        while not ended:
+            data = tls.recv(64 * 1024)
+            assert data, "the server hung up"
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    received += event.data
+                    h2c.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, (h2.events.TrailersReceived,
+                                        h2.events.ResponseReceived)):
+                    trailers.update((k.decode(), v.decode()) for k, v in event.headers)
+                ended = ended or isinstance(event, h2.events.StreamEnded)
+            tls.sendall(h2c.data_to_send())
+    responses = []
+    while received:
+        _, size = struct.unpack(">BI", received[:5])
+        responses.append(response_type.FromString(received[5:5 + size]))
+        received = received[5 + size:]
+    return responses, trailers.get("grpc-status"), trailers.get("grpc-message", "")
+
+
+@pytest.mark.files
+def test_exec_from_a_second_grpc_stack_with_jobs_proto_alone(server):
+    import jobs_pb2 as pb
+    job = start_job(server, "exec sleep 1000", user="alice")
+    try:
+        replies, status, _ = grpc_over_h2(server, "alice", "Exec", [
+            pb.ExecInput(job_id=job, argv=["sh", "-c", "tr a-z A-Z; echo err >&2; exit 3"]),
+            pb.ExecInput(data=b"typed\n"), pb.ExecInput(eof=True)], pb.ExecOutput)
+        assert status == "0"
+        out = b"".join(r.data for r in replies if r.stream == pb.STREAM_STDOUT and not r.ended)
+        err = b"".join(r.data for r in replies if r.stream == pb.STREAM_STDERR and not r.ended)
+        assert (out, err, replies[-1].ended, replies[-1].exit_code) == (
+            b"TYPED\n", b"err\n", True, 3), replies
+        replies, status, message = grpc_over_h2(server, "rita", "Exec", [
+            pb.ExecInput(job_id=job, argv=["true"])], pb.ExecOutput)
+        assert (replies, status) == ([], "7"), message   # a reader may not: PERMISSION_DENIED
+    finally:
+        cli(server, "stop", "--grace", "0", job, user="alice")
+
+
 @pytest.mark.files
 def test_an_exec_ends_with_the_job_and_with_a_server_restart(certs):
     with Server(certs) as srv:
