@@ -990,8 +990,8 @@ class TarReader:
         while True:
             self._skip_data(padding)
             block = self._take(TAR_BLOCK)
-            if not block:
-                return   # (no end blocks: as tar, the stream's end ends it)
+            if not block:   # (a stream cut between two members: not taken for whole)
+                raise TarError("the tar stream ended before its end blocks")
             if len(block) < TAR_BLOCK:
                 block += self._exact(TAR_BLOCK - len(block))
             if not block.strip(b"\0"):
@@ -9693,12 +9693,9 @@ def start_with_files(client, request, copies):
     """StartWithFiles: request, then one tar stream of every (local, path) of copies.
     Returns the JobStatus. Raises ClientError."""
     pb = client.pb
-    messages = tar_messages(pb, pb.StartWithFilesMessage(start=request), copies,
-                            lambda data: pb.StartWithFilesMessage(data=data))
-    try:
-        return client.stub.StartWithFiles(messages, metadata=client.metadata)
-    except client.grpc.RpcError as e:
-        raise client.error(e) from None
+    upload = TarUpload(pb.StartWithFilesMessage(start=request), copies,
+                       lambda data: pb.StartWithFilesMessage(data=data))
+    return upload.call(client, client.stub.StartWithFiles)
 
 
 def copy_into_job(client, local, job, path, as_json):
@@ -9709,26 +9706,54 @@ def copy_into_job(client, local, job, path, as_json):
     pb = client.pb
     first = pb.CopyInMessage(job_id=job, path=path, as_name=local != "-")
     copies = None if local == "-" else [(local, os.path.basename(os.path.abspath(local)))]
-    messages = tar_messages(pb, first, copies, lambda data: pb.CopyInMessage(data=data))
-    try:
-        summary = client.stub.CopyIn(messages, metadata=client.metadata)
-    except client.grpc.RpcError as e:
-        raise client.error(e) from None
+    upload = TarUpload(first, copies, lambda data: pb.CopyInMessage(data=data))
+    summary = upload.call(client, client.stub.CopyIn)
     if as_json:
         print_json({"files": summary.files, "bytes": summary.bytes})
     return EXIT_OK
 
 
-def tar_messages(pb, first, copies, message):
-    """first, then message(data) of a tar stream of copies' (local, name) pairs, or of
-    stdin's bytes (copies None)."""
-    yield first
-    if copies is None:
-        while data := sys.stdin.buffer.read(CHUNK // 4):
-            yield message(data)
-        return
-    for data in tar_chunks(copies, COPY_DATA_BYTES):
-        yield message(data)
+class TarUpload:
+    """The requests of a copy in: first, then message(data) of a tar stream of copies'
+    (local, name) pairs, made by a thread a few chunks ahead of the call (reading files
+    overlaps sending them), or of stdin's bytes (copies None). A local file that cannot be
+    read ends the stream short of its end blocks: the server refuses the copy, and call()
+    says which file."""
+
+    AHEAD = 4   # chunks made ahead of the call
+
+    def __init__(self, first, copies, message):
+        self.first, self.copies, self.message, self.failed = first, copies, message, None
+
+    def call(self, client, method):
+        """method's response to these requests. Raises ClientError."""
+        try:
+            return method(self.requests(), metadata=client.metadata)
+        except client.grpc.RpcError as e:
+            if self.failed:
+                raise ClientError(EXIT_ERROR, f"cannot read {self.failed.filename or 'a file'}"
+                                              f": {self.failed.strerror}") from None
+            raise client.error(e) from None
+
+    def requests(self):
+        yield self.first
+        if self.copies is None:
+            while data := sys.stdin.buffer.read(CHUNK // 4):
+                yield self.message(data)
+            return
+        import queue
+        chunks = queue.Queue(self.AHEAD)
+        threading.Thread(target=self._make, args=(chunks,), daemon=True).start()
+        while (data := chunks.get()) is not None:
+            yield self.message(data)
+
+    def _make(self, chunks):
+        try:
+            for data in tar_chunks(self.copies, COPY_DATA_BYTES):
+                chunks.put(data)
+        except OSError as e:
+            self.failed = e
+        chunks.put(None)
 
 
 def cmd_completion(args):

@@ -5055,6 +5055,15 @@ def test_unpack_refuses_a_bad_stream_and_leaves_no_partial_file(tmp_path):
             sj.unpack_tar(sj.TarReader(lambda _n: next(pieces, b"")), str(out))
         assert not os.path.exists(out / "f") and not os.path.exists(out / "x")
         assert not [n for n in os.listdir(out) if ".partial-" in n]
+    # Cut between two members: what came whole stays, and the copy is not taken for whole.
+    pieces = iter([tar_of(({"name": "f"}, b"x"))[:1024]])
+    os.mkdir(tmp_path / "cut")
+    with pytest.raises(sj.TarError, match="before its end blocks"):
+        sj.unpack_tar(sj.TarReader(lambda _n: next(pieces, b"")), str(tmp_path / "cut"))
+    assert (tmp_path / "cut" / "f").read_bytes() == b"x"
+    # A local file that cannot be read ends the upload short of its end blocks.
+    upload = sj.TarUpload("first", [(str(tmp_path / "missing"), "m")], lambda data: data)
+    assert list(upload.requests()) == ["first"] and upload.failed.errno == errno.ENOENT
     # Numbers too large for octal (GNU base-256), both ways.
     field = sj.tar_number(2 ** 40, 12)
     assert field[0] == 0x80 and sj.tar_read_number(field) == 2 ** 40
