@@ -5133,7 +5133,7 @@ def test_cp_into_a_running_job_and_links_kept_as_links(server, tmp_path):
         assert cli(server, "cp", str(tmp_path / "in"), f"{job}:in", user="alice").returncode == 0
         assert cli(server, "cp", "-", f"{job}:in", user="alice",
                    input=tar_of(({"name": "done"}, b""))).returncode == 0
-        st = cli_json(server, "wait", job, user="alice")
+        assert cli_json(server, "wait", job, user="alice")["exit_code"] == 0
         assert cli(server, "output", job, user="alice").stdout == b"b\n"
         out = cli(server, "cp", f"{job}:in/link", "-", user="alice").stdout
         import io
@@ -5166,7 +5166,7 @@ def test_cp_in_refuses_what_could_reach_outside_the_folder(server, member, says)
 @pytest.mark.files
 def test_cp_out_never_follows_a_planted_link_and_stays_in_the_folder(server):
     job = start_job(server, "ln -s /etc/shadow shadow; ln -s ../../.. up; "
-                            f"ln -s \"$PWD/..\" work", user="alice")
+                            "ln -s \"$PWD/..\" work", user="alice")
     cli(server, "wait", job, user="alice")
     for path, says in (("shadow/x", b"link out of the job's working folder"),
                        ("up/etc/passwd", b"leaves the job's working folder"),
