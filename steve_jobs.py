@@ -905,23 +905,29 @@ def tar_chunks(copies, chunk=256 * KiB):
 
 
 def tar_walk(path, name):
-    """(path, name, lstat) of path and, for a folder, of all it holds, in name order;
-    sockets, FIFOs and devices left out."""
-    st = os.lstat(path)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-        return
-    yield path, name, st
-    if stat.S_ISDIR(st.st_mode):
-        for entry in sorted(os.listdir(path)):
-            yield from tar_walk(os.path.join(path, entry), f"{name}/{entry}")
+    """(path, name, lstat) of path and, for a folder, of all it holds, in name order
+    (depth first, without recursion: a tree may be deeper than Python's stack); sockets,
+    FIFOs and devices left out."""
+    todo = [(path, name)]
+    while todo:
+        path, name = todo.pop()
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            yield path, name, st
+        if stat.S_ISDIR(st.st_mode):
+            todo.extend((os.path.join(path, entry), f"{name}/{entry}")
+                        for entry in sorted(os.listdir(path), reverse=True))
 
 
 def tar_file(out, path, name, st, chunk):
     """Append a file's header and data to out, yielding out's pieces of chunk bytes as it
     fills. The size is the lstat's: a file that grows meanwhile is cut there, one that
     shrinks is padded with zeros (as GNU tar, which warns)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # (O_NONBLOCK: a FIFO put in the file's place since its lstat must not block us.)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return   # (no longer a file: left out, as special files are)
         out += tar_header(name, "file", st.st_mode, st.st_mtime, st.st_size)
         left = st.st_size
         while left:
@@ -936,9 +942,9 @@ def tar_file(out, path, name, st, chunk):
             if len(out) >= chunk:
                 yield bytes(out)
                 out.clear()
+        out += bytes(-st.st_size % TAR_BLOCK)
     finally:
         os.close(fd)
-    out += bytes(-st.st_size % TAR_BLOCK)
 
 
 class TarReader:
@@ -1010,19 +1016,32 @@ class TarReader:
                 elif flag == TAR_PAX:
                     pax = tar_pax_records(text)
                 continue
+            name = tar_text(pax.get("path", long_name or name))
             kind = TAR_KINDS.get(flag, "other")
-            size = int(pax.get("size", size))
+            if flag == b"\0" and name.endswith("/"):
+                kind = "dir"   # (old tars' folders)
+            size = tar_pax_number(pax, "size", size)
             if kind in ("dir", "symlink", "hardlink"):
                 size = 0   # (their size field means nothing: no data follows them)
             self._left, padding = size, -size % TAR_BLOCK
-            name = pax.get("path", long_name or name)
-            linkname = pax.get("linkpath", long_link or fields["linkname"])
-            yield TarMember(
-                tar_text(name).rstrip("/") if kind == "dir" else tar_text(name), kind,
-                fields["mode"], int(float(pax.get("mtime", fields["mtime"]))), size,
-                tar_text(linkname))
+            linkname = tar_text(pax.get("linkpath", long_link or fields["linkname"]))
+            if "\0" in name + linkname or not name or size < 0:
+                raise TarError(f"a tar member that cannot be: {name[:100]!r}")
+            mtime = min(max(tar_pax_number(pax, "mtime", fields["mtime"]), 0), 2 ** 40)
+            yield TarMember(name.rstrip("/") if kind == "dir" else name, kind,
+                            fields["mode"], mtime, size, linkname)
             long_name = long_link = None
             pax = {}
+
+
+def tar_pax_number(pax, key, default):
+    """A pax record's number (an integer part of a decimal), else default. Raises TarError."""
+    if key not in pax:
+        return default
+    whole = pax[key].split(".", 1)[0]
+    if not whole.lstrip("-").isdigit() or len(whole) > 20:
+        raise TarError(f"a pax {key} that cannot be: {pax[key][:24]!r}")
+    return int(whole)
 
 
 def tar_text(value):
@@ -1066,10 +1085,9 @@ def tar_pax_records(text):
     records, at = {}, 0
     while at < len(text) and text[at:at + 1] != b"\0":
         length, _, _ = text[at:at + 20].partition(b" ")
-        try:
-            end = at + int(length)
-        except ValueError:
-            raise TarError("a pax header that cannot be read") from None
+        end = at + (int(length) if length.isdigit() else 0)
+        if end <= at + len(length) + 1 or end > len(text):   # (0 would loop forever)
+            raise TarError("a pax header that cannot be read")
         key, _, value = text[at + len(length) + 1:end - 1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         at = end
@@ -1082,22 +1100,28 @@ def refuse_member(member, names, links, into_job):
     through one). into_job: a job's folder, where a link out of the folder and setuid or
     setgid bits are refused too (elsewhere, links are kept as links and the bits cleared)."""
     name = member.name
-    parts = name.split("/")
+    parts = tar_name_parts(name)
     if name.startswith("/") or ".." in parts:
         return f"{name}: a name that leaves the folder"
     if member.kind == "other":
         return f"{name}: a device node, FIFO or other special file"
-    if any("/".join(parts[:i]) in links for i in range(1, len(parts))):
+    if any("/".join(parts[:i]) in links for i in range(1, len(parts))) or (
+            member.kind == "dir" and "/".join(parts) in links):
         return f"{name}: a name under a link of the copy"
     if into_job and member.mode & 0o6000 and member.kind != "dir":
         return f"{name}: setuid or setgid"
-    if member.kind == "hardlink" and member.linkname.strip("/") not in names:
+    if member.kind == "hardlink" and "/".join(tar_name_parts(member.linkname)) not in names:
         return f"{name}: a hard link to {member.linkname}, which is not in the copy"
     if into_job and member.kind == "symlink" and (
             member.linkname.startswith("/") or ".." in os.path.normpath(
                 os.path.join(os.path.dirname(name), member.linkname)).split("/")):
         return f"{name}: a link out of the folder (to {member.linkname})"
     return None
+
+
+def tar_name_parts(name):
+    """A member's name as its parts, without "." and empty ones ("./a//b/" is a/b)."""
+    return [part for part in name.split("/") if part not in ("", ".")]
 
 
 def unpack_tar(reader, folder, rename=None, into_job=True):
@@ -1114,9 +1138,8 @@ def unpack_tar(reader, folder, rename=None, into_job=True):
         why = refuse_member(member, names, links, into_job)
         if why:
             raise TarError(f"refused: {why}")
-        name = member.name.strip("/")
-        if rename:
-            name = "/".join([rename] + name.split("/")[1:])
+        key = "/".join(tar_name_parts(member.name)) or "."
+        name = "/".join([rename] + key.split("/")[1:]) if rename else key
         target = os.path.join(folder, name)
         parent = os.path.dirname(target)
         if parent not in made:
@@ -1133,14 +1156,16 @@ def unpack_tar(reader, folder, rename=None, into_job=True):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
             os.symlink(member.linkname, target)
-            links.add(member.name.strip("/"))
-        else:   # a hard link to a file of this copy
-            linked = member.linkname.strip("/")
+            links.add(key)
+        else:   # a hard link to a file of this copy (never through a link)
+            linked = "/".join(tar_name_parts(member.linkname))
             if rename:
                 linked = "/".join([rename] + linked.split("/")[1:])
-            os.link(os.path.join(folder, linked), target)
-        names.add(member.name.strip("/"))
-        tops.add(name.split("/")[0])
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            os.link(os.path.join(folder, linked), target, follow_symlinks=False)
+        names.add(key)
+        tops.add(rename or member.name.strip("/").split("/")[0])   # ("." for a whole folder)
         files += 1
     for target, mode, mtime in reversed(folders):   # last: writing into them changed mtimes
         os.chmod(target, mode)
@@ -1152,7 +1177,7 @@ def write_whole(target, pieces, mode, mtime, tag):
     """A file of pieces' bytes, written as .NAME.partial-TAG and renamed target once whole
     (with mode and mtime). Returns its size. Raises OSError."""
     folder, name = os.path.split(target)
-    temporary = os.path.join(folder, f".{name}.partial-{tag}")
+    temporary = os.path.join(folder, f".{name[:32]}.partial-{tag}")   # (a long name fits)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                  | os.O_CLOEXEC, 0o600)
     size = 0
@@ -3280,7 +3305,7 @@ def copier_main(request, sock):
     except CopyRefused as e:
         with contextlib.suppress(OSError):
             send_copy_report(sock, error=str(e), kind=e.kind)
-    except TarError as e:
+    except (TarError, ValueError, OverflowError) as e:   # (a stream's numbers, names)
         with contextlib.suppress(OSError):
             send_copy_report(sock, error=str(e), kind="invalid")
     except OSError as e:
@@ -3422,8 +3447,8 @@ def relay_exec(sock, child, ours):
                 pending = exec_input(sock, pending, stdin)
                 if pending is None:
                     return False   # the server went away
-            elif fd == stdin.fd and events & select.POLLOUT:
-                stdin.flush()
+            elif fd == stdin.fd and events & (select.POLLOUT | select.POLLERR | select.POLLHUP):
+                stdin.flush()   # (a closed stdin: POLLERR alone; the write's EPIPE drops it)
             if fd in reading and events & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 try:
                     data = os.read(fd, 64 * KiB)
@@ -9753,7 +9778,8 @@ class TarUpload:
                 chunks.put(data)
         except OSError as e:
             self.failed = e
-        chunks.put(None)
+        finally:   # (whatever stopped it: the stream ends, short of its end blocks)
+            chunks.put(None)
 
 
 def cmd_completion(args):

@@ -5069,6 +5069,57 @@ def test_unpack_refuses_a_bad_stream_and_leaves_no_partial_file(tmp_path):
     assert field[0] == 0x80 and sj.tar_read_number(field) == 2 ** 40
 
 
+def crafted_tar(*members):
+    """A tar stream of (name, flag, data) members made by hand: what no tar program writes."""
+    stream = b""
+    for name, flag, data in members:
+        stream += sj.tar_header_block(name, flag, 0o644, 0, len(data)) + sj.tar_pad(data)
+    return stream + bytes(1024)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("stream, says", [
+    (crafted_tar((b"h", b"x", b"0 x=y\n"), (b"f", b"0", b"")), "pax header"),   # (a loop)
+    (crafted_tar((b"h", b"x", b"10 size=a\n"), (b"f", b"0", b"")), "pax size"),
+    (crafted_tar((b"h", b"x", b"15 mtime=1e999\n"), (b"f", b"0", b"")), "pax mtime"),
+    (crafted_tar((b"././@LongLink", b"L", b"a\0b\0"), (b"f", b"0", b"")), "cannot be"),
+    (tar_of(({"name": "l", "type": b"2", "linkname": "."}, b""), ({"name": "./l/x"}, b"x")),
+     "under a link"),
+    (tar_of(({"name": "l", "type": b"2", "linkname": "."}, b""), ({"name": "l", "type": b"5"},
+                                                                  b"")), "under a link"),
+])
+def test_unpack_turns_a_hostile_stream_into_one_clear_error(tmp_path, stream, says):
+    """Each is a TarError (the copier's one clear line), never another exception, a
+    loop, or a write through a link of the copy."""
+    pieces = iter([stream])
+    with pytest.raises(sj.TarError, match=says):
+        sj.unpack_tar(sj.TarReader(lambda _n: next(pieces, b"")), str(tmp_path))
+
+
+@pytest.mark.unit
+def test_tar_of_a_tree_deeper_than_pythons_stack_and_a_link_hard_linked(tmp_path):
+    deep = tmp_path / "src"
+    os.mkdir(deep)
+    try:
+        for _ in range(1100):   # (os.makedirs and shutil.rmtree recurse: not these)
+            deep = deep / "d"
+            os.mkdir(deep)
+        (deep / "f").write_text("deep\n")
+        pieces = iter([b"".join(sj.tar_chunks([(str(tmp_path / "src"), "src")]))])
+        names = [m.name for m in sj.TarReader(lambda _n: next(pieces, b""))]
+        assert len(names) == 1102 and names[-1].endswith("/d/f")
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp_path / "src")], check=True)
+    # A hard link to a link of the copy links the link, never what it names.
+    pieces = iter([tar_of(({"name": "l", "type": b"2", "linkname": "/etc/passwd"}, b""),
+                          ({"name": "h", "type": b"1", "linkname": "l"}, b""))])
+    os.mkdir(tmp_path / "out")
+    sj.unpack_tar(sj.TarReader(lambda _n: next(pieces, b"")), str(tmp_path / "out"),
+                  into_job=False)
+    assert os.readlink(tmp_path / "out" / "h") == "/etc/passwd"
+    assert os.stat("/etc/passwd").st_nlink == 1
+
+
 @pytest.mark.files
 def test_a_build_host_walk_sources_in_build_artifact_out(server, tmp_path):
     if not shutil.which("cc"):
