@@ -9728,6 +9728,10 @@ def copy_into_job(client, local, job, path, as_json):
     path, or into it if it is a folder there), or of the tar stream on stdin ('-')."""
     if local != "-" and not os.path.lexists(local):
         raise ClientError(EXIT_USAGE, f"{local}: no such file or folder")
+    if local != "-" and not (os.path.islink(local) or os.path.isfile(local)
+                             or os.path.isdir(local)):
+        raise ClientError(EXIT_USAGE, f"{local}: not a file, folder or link (sockets, FIFOs "
+                                      f"and devices are not copied)")
     pb = client.pb
     first = pb.CopyInMessage(job_id=job, path=path, as_name=local != "-")
     copies = None if local == "-" else [(local, os.path.basename(os.path.abspath(local)))]

@@ -5215,6 +5215,13 @@ def test_cp_in_refuses_what_could_reach_outside_the_folder(server, member, says)
 
 
 @pytest.mark.files
+def test_cp_of_a_local_fifo_is_one_line_not_an_empty_copy(server, tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    done = cli(server, "cp", str(tmp_path / "fifo"), "no-such-job:x", user="alice")
+    assert done.returncode == 2 and b"not a file, folder or link" in done.stderr, done
+
+
+@pytest.mark.files
 def test_cp_out_never_follows_a_planted_link_and_stays_in_the_folder(server):
     job = start_job(server, "ln -s /etc/shadow shadow; ln -s ../../.. up; "
                             "ln -s \"$PWD/..\" work", user="alice")
