@@ -252,6 +252,19 @@ def human_bytes(n):
 SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
 
 
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}   # ("": seconds)
+
+
+def parse_duration(text):
+    """'90', '90s', '1.5m', '2h', '1h30m', '1d' -> seconds (more than 0). Raises ValueError."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", str(text).strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != str(text).strip().lower() \
+            or sum(float(n) * DURATION_UNITS[u] for n, u in parts) <= 0:
+        raise ValueError(f"invalid duration {quoted(text)}: use a number of seconds, or "
+                         f"with s, m, h or d (90s, 10m, 1h30m), more than 0")
+    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+
+
 def parse_size(text):
     """'256M', '1G', '10MiB', '4096' -> bytes (binary units). Raises ValueError."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
@@ -1831,8 +1844,9 @@ OUTPUT_TRICKLE, TRICKLE_BURST, TRICKLE_RATE = 16 * KiB, 100, 500
 # job alternating 1-byte writes to its streams has a record a byte.
 RECORDS_PER_READ = 4096
 STDOUT, STDERR = 1, 2                    # as in the API's Stream
-RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE = (
-    "result.json", "job.json", "output", "stop_requested")
+RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE, TIMED_OUT_FILE = (
+    "result.json", "job.json", "output", "stop_requested", "timed_out")
+MAX_TIMEOUT = 366 * 86400        # a start's timeout, at most
 # The job's input: its supervisor listens on this socket in the job's folder (root only)
 # while the job runs, one connection at a time, and writes what comes to the job's stdin
 # (a pipe) or its terminal. Messages (SOCK_SEQPACKET), by their first byte:
@@ -3555,6 +3569,7 @@ class JobOptions(typing.NamedTuple):
     rw_host: bool = False         # the host's filesystem writable (else read-only); admins
     stdin: bool = False           # stdin from the job's input socket (else /dev/null)
     terminal: tuple = ()          # (rows, columns): a terminal on stdin, stdout, stderr
+    timeout: float = 0.0          # seconds after its start at which it is stopped; 0: never
 
 
 def job_environment(spec):
@@ -3637,6 +3652,7 @@ class JobStatus(typing.NamedTuple):
     trace_id: str = ""
     sessions: tuple = ()          # SessionEvents (sessions_shown says which)
     sessions_dropped: int = 0     # events the record had no room for
+    timed_out: bool = False       # its timeout stopped it
 
 
 class SessionEvent(typing.NamedTuple):
@@ -3727,6 +3743,7 @@ class Job:
         self.output = JobOutput(job_dir)
         self.sessions = JobSessions(job_dir)
         self.files_bytes = None       # its working folder's bytes, counted at its end
+        self.timed_out = False        # its timeout stopped it (TIMED_OUT_FILE)
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -4414,7 +4431,9 @@ class Engine:
         """Take over the job whose folder and record these are."""
         job = self._new_job(job_id, spec)
         job.stop_requested = os.path.exists(os.path.join(job_dir, STOP_FILE))
+        job.timed_out = os.path.exists(os.path.join(job_dir, TIMED_OUT_FILE))
         self._set_shim(job, spec.get("shim"))
+        self._arm_timeout(job)
         if job.result is None:
             with contextlib.suppress(OSError, Error):
                 job.paused = job.cgroup.frozen()   # a pause outlives the server too
@@ -4532,6 +4551,10 @@ class Engine:
             raise PermissionDeniedError("this server does not run jobs as root")
         validate_workdir(options.workdir)
         options = options._replace(terminal=validate_terminal(options.terminal))
+        if not (isinstance(options.timeout, (int, float)) and math.isfinite(options.timeout)
+                and 0 <= options.timeout <= MAX_TIMEOUT):
+            raise InvalidArgumentError(f"timeout must be between 0 (none) and {MAX_TIMEOUT} "
+                                       f"seconds", field="timeout_seconds")
         meta = validate_meta(meta)
         earlier = self._claims.hold(owner, argv, meta, self._jobs.get)
         if earlier:
@@ -4617,8 +4640,32 @@ class Engine:
             job.ended.wait(KILL_TIMEOUT)
         else:
             self._event("started", job)
+            self._arm_timeout(job)
         self._check_result(job)
         return job_id
+
+    def _arm_timeout(self, job):
+        """A job started with a timeout is stopped, as stop() does, once it has run that
+        long (from the watcher's timer). The time is its record's (created_at + timeout):
+        it holds across restarts, and one missed while no server ran is acted on at once."""
+        timeout = job.spec["options"].get("timeout") or 0
+        if timeout and job.result is None:
+            due = job.spec["created_at"] + timeout - time.time()
+            self._watcher.call_at(time.monotonic() + max(0.0, due), job, self._time_out)
+
+    def _time_out(self, job):
+        """A job's timeout has come (from the watcher's timer): record it, and stop the job."""
+        if job.result is not None or job.stop_requested:
+            return   # (ended, or already being stopped by someone: not the timeout's doing)
+        try:
+            os.close(open_job_file(os.path.join(job.dir, TIMED_OUT_FILE),
+                                   os.O_WRONLY | os.O_CREAT))
+        except OSError as e:   # a full disk: it is stopped all the same
+            log.warning("job %s: cannot record its timeout: %s", job.id, e.strerror)
+        job.timed_out = True
+        self._event("timed-out", job)
+        with contextlib.suppress(Error):
+            self.request_stop(job.id)
 
     def count_kept_files(self, job_id):
         """Count, once more, what an ended job's own working folder keeps (after its end,
@@ -5231,7 +5278,7 @@ class Engine:
             started_at=(job.shim or {}).get("started_at", 0.0), name=spec.get("name", ""),
             labels=tuple(sorted(spec.get("labels", {}).items())),
             request_id=spec.get("request_id", ""),
-            trace_id=trace_id_of(spec.get("traceparent", "")))
+            trace_id=trace_id_of(spec.get("traceparent", "")), timed_out=job.timed_out)
         if result is None:   # running: live figures from the cgroup and the output file
             try:
                 fields.update(job.cgroup.usage() if job.cgroup else {})
@@ -6689,7 +6736,8 @@ class JobService:
             host_network=st.options.host_network, uid=st.uid, rw_host=st.options.rw_host,
             name=st.name, labels=dict(st.labels), request_id=st.request_id,
             stdin=st.options.stdin, trace_id=st.trace_id,
-            sessions_dropped=st.sessions_dropped,
+            sessions_dropped=st.sessions_dropped, timeout_seconds=st.options.timeout,
+            timed_out=st.timed_out,
             view=self.pb.VIEW_SUMMARY if summary else self.pb.VIEW_FULL)
         if st.options.terminal:
             message.terminal.rows, message.terminal.columns = st.options.terminal
@@ -6900,7 +6948,8 @@ class JobService:
                              as_root=request.as_root, host_network=request.host_network,
                              rw_host=request.rw_host, stdin=request.stdin,
                              terminal=(request.terminal.rows, request.terminal.columns)
-                             if request.HasField("terminal") else ())
+                             if request.HasField("terminal") else (),
+                             timeout=request.timeout_seconds)
         check_start_allowed(identity, limits, options, self.engine.config.default_limits,
                             self.config.host_network_roles)
         meta = JobMeta(name=request.name, labels=tuple(request.labels.items()),
@@ -8022,9 +8071,6 @@ def exit_without_teardown(code):
     os._exit(code)
 
 
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_since(text, now=None):
     """'10m', '2h', '90s', '1d' ago, or an RFC 3339 time -> seconds since the epoch.
     Raises ValueError."""
@@ -8139,6 +8185,9 @@ def format_status(st):
         lines.append(f"signal   {st.signal} ({signal_name(st.signal)})")
     if st.error:
         lines.append(f"error    {st.error}")
+    if st.timeout_seconds:
+        lines.append(f"timeout  {st.timeout_seconds:g}s" + (" (reached: it was stopped)"
+                                                             if st.timed_out else ""))
     lines.append("limits   " + " ".join(
         f"{spec.flag[2:]}={spec.show(getattr(st.limits, spec.proto))}" for spec in LIMITS
         if getattr(st.limits, spec.proto)))
@@ -8623,6 +8672,9 @@ def add_run_parser(r):
         r.add_argument(spec.flag, type=argument_type(spec.parse), default=type(spec.least)(),
                        dest=flag_dest(spec.flag), help=spec.help)
     r.add_argument("--network", action="store_true", help="share the host's network")
+    r.add_argument("--timeout", type=argument_type(parse_duration), default=0.0,
+                   metavar="DURATION", help="stop the job (as stop does) this long after its "
+                                            "start: 90s, 10m, 1h30m")
     r.add_argument("--root", action="store_true", help="run as root (admins only)")
     r.add_argument("--rw-host", action="store_true",
                    help="see the host's filesystem writable, not read-only (admins only)")
@@ -9262,7 +9314,7 @@ def start_request(client, args):
         argv=command_argv(list(args.cmd)), env=env, workdir=args.workdir,
         as_root=args.root, host_network=args.network, rw_host=args.rw_host, name=args.name,
         labels=dict(args.label), request_id=random_hex(16),
-        stdin=args.interactive and not args.tty,
+        stdin=args.interactive and not args.tty, timeout_seconds=args.timeout,
         limits=pb.Limits(**{spec.proto: getattr(args, flag_dest(spec.flag))
                             for spec in LIMITS}))
     if args.tty:
@@ -9273,7 +9325,8 @@ def start_request(client, args):
 
 # A request field, in a start's errors, as the flag of run that sets it.
 FLAG_OF_FIELD = {**{f"limits.{spec.proto}": spec.flag for spec in LIMITS},
-                 "workdir": "--workdir", "env": "--env", "name": "--name", "labels": "--label"}
+                 "workdir": "--workdir", "env": "--env", "name": "--name", "labels": "--label",
+                 "timeout_seconds": "--timeout"}
 
 
 def in_flag_terms(error):

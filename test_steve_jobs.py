@@ -1154,6 +1154,45 @@ def test_jobs_survive_an_engine_restart():
 
 
 @pytest.mark.kernel
+def test_a_timeout_stops_the_job_and_holds_across_a_restart():
+    with engine_that_goes_away(stop_grace=1.0) as (first, state_dir, root):
+        quick = first.start("alice", ["sleep", "1000"], options=sj.JobOptions(timeout=0.5))
+        st = first.wait(quick, scaled(30))
+        assert (st.state, st.timed_out, st.options.timeout) == (sj.STOPPED, True, 0.5), st
+        assert st.ended_at - st.created_at < scaled(10)
+        later = first.start("alice", ["sleep", "1000"], options=sj.JobOptions(timeout=3))
+        untimed = first.start("alice", ["sleep", "1000"])
+        done = first.start("alice", ["true"], options=sj.JobOptions(timeout=1))
+        first.wait(done, scaled(30))
+    # Its deadline passes while no server runs: the next one acts on it at once.
+    time.sleep(3)
+    with running_engine(state_dir=state_dir, cgroup_root=root) as second:
+        st = second.wait(later, scaled(30))
+        assert (st.state, st.timed_out) == (sj.STOPPED, True), st
+        assert second.status(quick).timed_out   # (recorded: after a restart too)
+        assert second.status(untimed).state == sj.RUNNING
+        assert not second.status(done).timed_out and second.status(done).exit_code == 0
+        second.stop(untimed, grace=0)
+    with pytest.raises(sj.InvalidArgumentError, match="timeout"):
+        with running_engine() as engine:
+            engine.start("alice", ["true"], options=sj.JobOptions(timeout=-1))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("1.5m", 90),
+                                           ("1h30m", 5400), ("2d", 172800), (" 10M ", 600)])
+def test_durations_parse(text, seconds):
+    assert sj.parse_duration(text) == seconds
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text", ["", "0", "0s", "-5", "5x", "m", "1h-5m", "ten", "1e3"])
+def test_bad_durations_are_one_clear_error(text):
+    with pytest.raises(ValueError, match="invalid duration"):
+        sj.parse_duration(text)
+
+
+@pytest.mark.kernel
 def test_a_jobs_files_outlive_it_until_it_is_removed():
     with engine_that_goes_away(workdir_size=1 * sj.MiB) as (first, state_dir, root):
         job = first.start("alice", ["sh", "-c", "mkdir src && echo built > src/out.bin && "
@@ -1443,6 +1482,20 @@ def test_cli_run_follow_streams_and_exits_with_the_job_code(server):
     assert done.returncode == 7 and done.stdout == b"out\n"   # stdout and stderr apart
     assert done.stderr.startswith(b"job ") and done.stderr.endswith(b"\nerr\n")
     # (the id goes to stderr, never into the output bytes)
+
+
+@pytest.mark.e2e
+def test_cli_run_timeout_stops_the_job_and_status_says_so(server):
+    done = cli(server, "run", "--timeout", "1s", "-f", "echo started; exec sleep 1000")
+    assert done.returncode == 128 + 15 and done.stdout == b"started\n", done   # (SIGTERM)
+    job_id = done.stderr.decode().split()[1]
+    st = cli_json(server, "status", job_id)
+    assert (st["state"], st["timed_out"], st["timeout_seconds"]) == ("stopped", True, 1.0)
+    assert b"(reached: it was stopped)" in cli(server, "status", job_id).stdout
+    for bad in ("0", "ten", "-1s"):
+        refused = cli(server, "run", f"--timeout={bad}", "true")
+        assert refused.returncode == 2 and b"invalid duration" in refused.stderr, refused
+        assert refused.stderr.count(b"\n") <= 3   # (argparse's usage line, then ours)
 
 
 @pytest.mark.e2e
