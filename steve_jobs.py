@@ -838,8 +838,9 @@ def trim_freed_memory():
 
 TAR_BLOCK = 512
 TAR_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
-TAR_KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"5": "dir", b"2": "symlink",
-             b"1": "hardlink"}
+TAR_FLAGS = {"file": b"0", "dir": b"5", "symlink": b"2", "hardlink": b"1"}   # (written)
+TAR_KINDS = {**{flag: kind for kind, flag in TAR_FLAGS.items()},
+             b"\0": "file", b"7": "file"}   # (read: old tars' files, contiguous files)
 TAR_LONG_NAME, TAR_LONG_LINK, TAR_PAX, TAR_PAX_GLOBAL = b"L", b"K", b"x", b"g"
 
 
@@ -873,8 +874,8 @@ def tar_header(name, kind, mode, mtime, size=0, linkname=""):
         if len(long) > 100:
             blocks.append(tar_header_block(b"././@LongLink", flag, 0o644, 0, len(long) + 1))
             blocks.append(tar_pad(long + b"\0"))
-    flag = {"file": b"0", "dir": b"5", "symlink": b"2", "hardlink": b"1"}[kind]
-    blocks.append(tar_header_block(name_b[:100], flag, mode, mtime, size, link_b[:100]))
+    blocks.append(tar_header_block(name_b[:100], TAR_FLAGS[kind], mode, mtime, size,
+                                   link_b[:100]))
     return b"".join(blocks)
 
 
