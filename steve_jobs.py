@@ -3343,18 +3343,26 @@ def copier_main(request, sock):
 # command ended (JSON). The server going away (a restart, a client that left) ends the
 # command: an exec never runs on unwatched.
 
-EXEC_NAMESPACES = (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("net", CLONE_NEWNET),
-                   ("cgroup", CLONE_NEWCGROUP), ("pid", CLONE_NEWPID), ("mnt", CLONE_NEWNS))
+# Whose namespaces an exec joins: init's, but the network's of the job's command (pid 2),
+# which left init's at start (for its own, the host's or its egress network).
+EXEC_NAMESPACES = (("ipc", CLONE_NEWIPC, "init"), ("uts", CLONE_NEWUTS, "init"),
+                   ("net", CLONE_NEWNET, "command"), ("cgroup", CLONE_NEWCGROUP, "init"),
+                   ("pid", CLONE_NEWPID, "init"), ("mnt", CLONE_NEWNS, "init"))
 
 
 def enter_job(request):
-    """Join the job's cgroup and its init's namespaces (this process's children are in
-    its pid namespace). Raises OSError; CopyRefused if its init is no longer the job's."""
-    pid = request["init_pid"]
-    handles = [(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), kind)
-               for name, kind in EXEC_NAMESPACES]
+    """Join the job's cgroup and its namespaces (this process's children are in its pid
+    namespace). Raises OSError; CopyRefused if its init or command is no longer the job's."""
+    pid = {"init": request["init_pid"]}
+    pid["command"] = next((p for p in children_of(pid["init"]) if innermost_pid(p) == 2), None)
+    if pid["command"] is None:
+        raise CopyRefused("failed_precondition", "the job has ended")
+    handles = [(os.open(f"/proc/{pid[whose]}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), kind)
+               for name, kind, whose in EXEC_NAMESPACES]
+    # Checked once the handles are open: neither pid can have been reused before.
     procs = os.path.join(request["cgroup_dirs"][0], "cgroup.procs")
-    if str(pid) not in read_file(procs, "").split():   # (its pid, reused by another)
+    if (str(pid["init"]) not in read_file(procs, "").split()
+            or pid["command"] not in children_of(pid["init"])):
         raise CopyRefused("failed_precondition", "the job has ended")
     for folder in request["cgroup_dirs"]:
         write_file(os.path.join(folder, "cgroup.procs"), "0")
@@ -3415,8 +3423,8 @@ def exec_main(request, sock):
         failed = _read_all(error_r)
         if failed:
             report = json.loads(failed)
+            send_copy_report(sock, ok=True)   # first: the server reads nothing before it
             send_copy_frame(sock, b"e", (report["error"] + "\n").encode())
-            send_copy_report(sock, ok=True)
             send_copy_frame(sock, b"X", json.dumps({"exit_code": report["exit_code"]}).encode())
             os._exit(0)
         send_copy_report(sock, ok=True)
@@ -9882,12 +9890,23 @@ def main(argv=None, exit_at_once=False):
     def parse():
         nonlocal args
         args = build_parser().parse_args(argv)
+        keep_double_dash(args, argv)
         check_env_values(args)
         return cmd_client(args) if args.talks_to_server else args.run(args)
     code = report_errors(parse, json_errors="--json" in argv)
     if exit_at_once and getattr(args, "command", "") != "server":
         exit_without_teardown(code)
     return code
+
+
+def keep_double_dash(args, argv):
+    """Put back the '--' that argparse drops before a command that follows a positional
+    (exec ID -- PROG ARG...): without it the argv would be run by /bin/sh -c, joined."""
+    words = getattr(args, "cmd", None)
+    if words and words[0] != "--" and "--" in argv:
+        after = argv[argv.index("--") + 1:]
+        if after == list(words):
+            args.cmd = ["--", *words]
 
 
 def report_errors(command, json_errors=False):

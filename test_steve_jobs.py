@@ -206,6 +206,19 @@ def test_layout_hybrid_uses_v1_controllers_and_the_unified_tree():
 
 
 @pytest.mark.unit
+def test_a_double_dash_after_exec_id_runs_the_argv_without_a_shell():
+    def argv_of(*words):
+        args = sj.build_parser().parse_args(list(words))
+        sj.keep_double_dash(args, list(words))
+        return sj.command_argv(args.cmd)
+    assert argv_of("exec", "ID", "--", "bash", "-c", "x y") == ["bash", "-c", "x y"]
+    assert argv_of("exec", "-i", "ID", "--", "ls", "-l") == ["ls", "-l"]
+    assert argv_of("run", "--", "bash", "-c", "x y") == ["bash", "-c", "x y"]
+    assert argv_of("exec", "ID", "echo", "--", "x") == ["/bin/sh", "-c", "echo -- x"]
+    assert argv_of("exec", "ID", "echo x") == ["/bin/sh", "-c", "echo x"]
+
+
+@pytest.mark.unit
 def test_layout_pure_v2_reads_offered_controllers():
     layout = sj.CgroupLayout.from_mountinfo(
         V2_MOUNTINFO, read=lambda p, d=None: "cpuset cpu io memory hugetlb pids rdma\n")
@@ -5359,7 +5372,9 @@ def test_exec_runs_inside_the_job_as_the_job_and_says_how_it_ended(server):
         assert cli(server, "exec", job, "false", user="alice").returncode == 1
         assert cli(server, "exec", job, "echo out; echo err >&2; exit 3",
                    user="alice").stderr == b"err\n"
-        assert cli(server, "exec", job, "--", "no-such-command", user="alice").returncode == 127
+        missing = cli(server, "exec", job, "--", "no-such-command", user="alice")
+        assert missing.returncode == 127, missing.stderr   # (no shell in between: ours says)
+        assert missing.stderr == b"no-such-command: command not found\n"
         assert cli(server, "exec", "-i", job, "tr a-z A-Z", user="alice",
                    input=b"typed\n").stdout == b"TYPED\n"
         # Never more than the job: its syscall filter and no_new_privs hold.
@@ -5378,6 +5393,20 @@ def test_exec_runs_inside_the_job_as_the_job_and_says_how_it_ended(server):
         cli(server, "stop", "--grace", "0", job, user="alice")
     ended = cli(server, "exec", job, "true", user="alice")
     assert ended.returncode == 5 and ended.stderr.count(b"\n") == 1 and b"ended" in ended.stderr
+
+
+@pytest.mark.files
+def test_exec_runs_in_the_jobs_network_not_the_hosts(server, host_listener):
+    job = start_job(server, "exec sleep 1000", user="alice")
+    try:
+        inside = cli(server, "exec", job, "--", "bash", "-c",
+                     "ls /sys/class/net /proc/self/net/dev_snmp6; "
+                     f"echo > /dev/tcp/127.0.0.1/{host_listener} && echo REACHED", user="alice")
+        assert inside.stdout.split() == [b"/proc/self/net/dev_snmp6:", b"lo",
+                                         b"/sys/class/net:", b"lo"], inside
+        assert b"Connection refused" in inside.stderr, inside.stderr
+    finally:
+        cli(server, "stop", "--grace", "0", job, user="alice")
 
 
 @pytest.mark.files
