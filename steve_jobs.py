@@ -230,6 +230,7 @@ RUNNING, PAUSED = "running", "paused"
 EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN = (
     "exited", "failed", "stopped", "killed", "oom_killed", "unknown")
 ENDED_STATES = (EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN)
+NETWORK_MODES = ("", "none", "host", "egress")   # a start's network ("": none)
 
 
 def rfc3339(t, digits=6):
@@ -347,7 +348,7 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
-PR_SET_NAME, PR_SET_NO_NEW_PRIVS = 15, 38
+PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 15, 4, 38
 IN_MODIFY, IN_MOVED_TO, IN_IGNORED = 0x2, 0x80, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
@@ -1560,10 +1561,10 @@ class JobCgroup:
                 continue   # no swap accounting on this kernel: no swap to bypass with
             write_file(path, value)
 
-    def join(self):
-        """Move the calling process into every folder ("0" means the writer itself)."""
+    def join(self, pid=0):
+        """Move process pid into every folder (0, the default: the calling process)."""
         for d in self.dirs():
-            write_file(os.path.join(d, "cgroup.procs"), "0")
+            write_file(os.path.join(d, "cgroup.procs"), str(pid))
 
     def pids(self):
         """Every pid in the job's cgroup (host pid namespace)."""
@@ -1873,6 +1874,7 @@ class SpawnRequest(typing.NamedTuple):
     env: dict             # the command's whole environment (the record's, PATH, HOME, LANG...)
     workdir_size: int     # bytes of the private tmpfs working folder; 0: a folder on disk
     output_cap: int       # bytes of output and index kept
+    egress_settings: dict = None   # the server's egress network (helper, gid, dns), if any
 
     def to_json(self):
         return json.dumps(self._asdict(), ensure_ascii=False).encode()
@@ -1889,6 +1891,7 @@ class SpawnRequest(typing.NamedTuple):
     limits = property(lambda self: Limits(**self.spec["limits"]))
     own_workdir = property(lambda self: not self.spec["options"]["workdir"])   # none named
     host_network = property(lambda self: self.spec["options"]["host_network"])
+    egress = property(lambda self: self.spec["options"].get("egress", False))
     rw_host = property(lambda self: self.spec["options"]["rw_host"])
     stdin = property(lambda self: self.spec["options"]["stdin"])
     terminal = property(lambda self: self.spec["options"]["terminal"])   # [rows, columns]
@@ -2329,9 +2332,11 @@ def warm_up_cgroup(settings):
 
 def fork_init(cg, settings, chan, ours, theirs):
     """Fork the job's init, pid 1 of a new pid namespace, with the job's ends. Returns its pid."""
+    host_pids = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     unshare(CLONE_NEWPID)                    # the next child is pid 1 of a new namespace
     init_pid = os.fork()
     if init_pid == 0:
+        os.close(host_pids)
         for fd in ours[:-1]:
             os.close(fd)
         ours.tty.close()
@@ -2341,6 +2346,10 @@ def fork_init(cg, settings, chan, ours, theirs):
             code = init_main(cg, settings, theirs)
         finally:
             os._exit(code)
+    # Our later children (an egress helper) are the host's: in the job's namespace they
+    # would be the job's to see, and init's end would wait for us to reap them.
+    setns(host_pids, CLONE_NEWPID)
+    os.close(host_pids)
     return init_pid
 
 
@@ -2353,9 +2362,12 @@ class ShimJob:
         self.job_dir, self.spec = req.job_dir, req.spec
         self.started = time.time()
         self.record = None                # the job's record while not yet written
+        self.egress = None                # its EgressNetwork, if it has one
 
     def fail(self, message):
         """The job did not start: say why to the server and in the job's files. Returns 1."""
+        if self.egress:
+            self.egress.end()
         _discard_warm(self.cg, self.init_pid)
         message = message[:MAX_ERROR_CHARS]
         _reply(self.reply_fd, ok=False, error=message,
@@ -2385,6 +2397,11 @@ class ShimJob:
             self.fail(f"cannot open the job's output file: {e.strerror or e}")
             return None
         try:
+            self.start_egress(ours.tty)
+        except OSError as e:
+            self.fail(f"cannot start the job's egress network: {e.strerror or e}")
+            return None
+        try:
             self.share_workdir(ours.tty)
         except OSError as e:
             self.fail(f"cannot make the job's working folder: {e.strerror or e}")
@@ -2400,9 +2417,17 @@ class ShimJob:
         failure = json.loads(failure)["error"][:MAX_ERROR_CHARS] if failure else ""
         shim = {**self.supervisor, "init_pid": self.init_pid, "cgroup": self.cg.name,
                 "cgroup_root": self.cg.root, "v2_base": self.cg.layout.v2_base,
-                "started_at": self.started, "limits_at": limits_at, "exec_at": time.time()}
+                "started_at": self.started, "limits_at": limits_at, "exec_at": time.time(),
+                **(self.egress.facts() if self.egress else {})}
         _reply(self.reply_fd, ok=True, error=failure, shim=shim)   # first: the caller waits
         os.close(self.reply_fd)
+        if self.egress:
+            # Now, not before the exec: moving a process in costs an RCU grace period.
+            try:
+                self.cg.join(self.egress.pid)
+            except OSError as e:
+                log.warning("job %s: its network helper stays outside its cgroup: %s",
+                            self.req.job_id, e.strerror or e)
         # The job's record: what the server asked for and where the job lives. Written
         # here, not by the server, so that it exists whatever happens to the server
         # meanwhile. Its room was reserved at the start; should that fail, it is written
@@ -2414,6 +2439,22 @@ class ShimJob:
         except OSError:
             pass
         return failure, out_fd, index_fd
+
+    def start_egress(self, tty):
+        """For a job with an egress network: start its helper (EgressNetwork) and send the
+        command the network namespace to enter (before the request and the working
+        folder's mount: the command reads them in that order). Raises OSError."""
+        if not self.req.egress:
+            return
+        if not self.req.egress_settings:
+            raise OSError(errno.EOPNOTSUPP, "this server offers no egress network")
+        self.egress = EgressNetwork(self.req.egress_settings, self.spec["egress_uid"],
+                                    self.job_dir)
+        netns = self.egress.start()
+        try:
+            socket.send_fds(tty, [b"e"], [netns])
+        finally:
+            os.close(netns)
 
     def share_workdir(self, tty):
         """Send the command a clone of the job's own tmpfs working folder, which the server
@@ -2474,6 +2515,8 @@ class ShimJob:
             result["exit_code"] = os.waitstatus_to_exitcode(cmd_status)
         if failure:
             result.update(failed=True, error=failure)
+        if self.egress:   # before the cgroup goes: the helper is in it
+            result["network_lost"] = self.egress.end()
         result.update(self.cg.usage())
         _remove_cgroup(self.cg)
         # A supervisor never dies of a full disk: what it knows is kept until it is written
@@ -2497,6 +2540,206 @@ def _remove_cgroup(cg):
     if not cg.remove(timeout=0.5):
         cg.kill()   # something outlived init (a pid namespace forbids it; be sure anyway)
         cg.remove(timeout=KILL_TIMEOUT)
+
+
+# -- the egress network (run --network egress) ------------------------------------
+#
+# A user-mode TCP/IP stack, slirp4netns, beside the job: the job's packets go to a tap
+# device in its network namespace, and slirp4netns, in the host's, makes ordinary sockets
+# for them. Nothing is routed or bridged, so the host's firewall sees only the helper's
+# sockets, and the server's nftables table (EgressFirewall) refuses them, by the helper's
+# group, the host's own addresses and the denied ranges: the kernel enforces it, whatever
+# becomes of the helper.
+#
+# The helper runs as a uid of its own (the job's egress_uid), never as root. An
+# unprivileged process may enter a network namespace only if it belongs to a user
+# namespace of its uid, so the job's is made at start, not warm: a child of that uid
+# makes both (egress_namespaces_main), the helper enters them by its pid, and the command
+# enters the network namespace instead of the one it made warm.
+#
+# Why slirp4netns and not pasta: pasta (passt 2023.03, Debian 12) drops its privileges
+# before it opens the namespace it is given, so it cannot serve one a root process made;
+# slirp4netns also sandboxes itself (its own mount namespace, no capabilities, seccomp).
+
+EGRESS_TAP, EGRESS_MTU = "tap0", 65520    # (slirp4netns's largest MTU: fewer packets)
+EGRESS_RESOLVER = "10.0.2.3"              # slirp4netns's DNS forwarder, as the job sees it
+EGRESS_LOG = "egress.log"                 # the helper's messages, in the job's folder
+EGRESS_LOG_MAX = 64 * KiB                 # (RLIMIT_FSIZE: a chatty helper cannot fill a disk)
+EGRESS_READY_TIMEOUT = 5.0 * TIME_SCALE   # seconds the namespaces and the helper get
+
+
+def _wait_ready(fd, what):
+    """Read a child's b"1" (ready) or its error text from pipe fd, bounded. Raises OSError."""
+    if not select.select([fd], [], [], EGRESS_READY_TIMEOUT)[0]:
+        raise OSError(errno.ETIMEDOUT, f"{what} did not get ready in time")
+    said = os.read(fd, 4096)
+    if said != b"1":
+        raise OSError(errno.EIO, said.decode(errors="replace") or f"{what} exited")
+
+
+def egress_namespaces_main(uid, gid, ready_w, release_r):
+    """A child of the shim: become uid and gid (no privileges), make a user namespace, in
+    which it is root, and a network namespace of that user namespace, with loopback up;
+    say b"1" (or why not) on ready_w, then wait until release_r is closed. Never returns."""
+    code = 1
+    try:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        prctl(PR_SET_DUMPABLE, 1)   # (its /proc files are then its uid's: the maps below)
+        unshare(CLONE_NEWUSER | CLONE_NEWNET)
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
+                           ("gid_map", f"0 {gid} 1")):
+            write_file(f"/proc/self/{name}", text)
+        bring_loopback_up()
+        os.write(ready_w, b"1")
+        code = 0
+        os.read(release_r, 1)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.write(ready_w, f"cannot make the job's network namespace: {e.strerror or e}"
+                     .encode())
+    finally:
+        os._exit(code)
+
+
+def egress_helper_main(settings, uid, target_pid, log_fd, ready_w, exit_r):
+    """A child of the shim: give itself a view of the host where /dev/net/tun is its uid's
+    and resolv.conf names settings' resolver, become uid and the helpers' group, and exec
+    slirp4netns on target_pid's namespaces. Never returns (126 if it cannot exec)."""
+    try:
+        unshare(CLONE_NEWNS)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)   # (nothing of this leaks to the host)
+        resolv = os.path.realpath("/etc/resolv.conf")
+        # Its own /run: the host's sockets are no business of a network helper's (its
+        # sandbox keeps /etc and /run), and a tmpfs to hold its device and resolv.conf.
+        mount("tmpfs", "/run", "tmpfs", MS_NOSUID, "mode=0755,size=64k")
+        with contextlib.suppress(PermissionError):   # (a container may forbid mknod: the
+            os.mknod("/run/tun", stat.S_IFCHR | 0o600, os.makedev(10, 200))   # host's then)
+            os.chown("/run/tun", uid, uid)
+            mount("/run/tun", "/dev/net/tun", None, MS_BIND)   # (a device: not nodev)
+        text = "".join(f"nameserver {a}\n" for a in settings["dns"])
+        if resolv.startswith("/run/"):   # (a link into /run, as systemd-resolved's: there)
+            os.makedirs(os.path.dirname(resolv), exist_ok=True)
+            with open(resolv, "w") as f:
+                f.write(text)
+        else:
+            with open("/run/resolv.conf", "w") as f:
+                f.write(text)
+            bind_mount("/run/resolv.conf", resolv)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (EGRESS_LOG_MAX, EGRESS_LOG_MAX))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # (past it, writes fail; no death)
+        os.setgroups([])
+        os.setresgid(settings["gid"], settings["gid"], settings["gid"])
+        os.setresuid(uid, uid, uid)
+        for fd in (ready_w, exit_r):
+            os.set_inheritable(fd, True)
+        os.execv(settings["helper"], [
+            "slirp4netns", "--configure", f"--mtu={EGRESS_MTU}", "--disable-host-loopback",
+            "--enable-sandbox", "--enable-seccomp", f"--ready-fd={ready_w}",
+            f"--exit-fd={exit_r}", str(target_pid), EGRESS_TAP])
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.write(ready_w, f"cannot start {settings['helper']}: {e.strerror or e}".encode())
+    os._exit(126)
+
+
+def egress_last_words(job_dir):
+    """The last line a job's egress helper wrote to its log (EGRESS_LOG), cut, or ""."""
+    try:
+        with open(os.path.join(job_dir, EGRESS_LOG), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 1000))
+            lines = [line for line in f.read().decode(errors="replace").splitlines()
+                     if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+class EgressNetwork:
+    """The helper of one job's egress network, from its start (before the command's exec)
+    to the job's end. Its pid is the shim's child."""
+
+    def __init__(self, settings, uid, job_dir):
+        self.settings, self.uid, self.job_dir = settings, uid, job_dir
+        self.pid, self.exit_w = None, None
+
+    def start(self):
+        """Make the namespaces, start the helper and wait until it is ready. Returns an fd
+        of the job's network namespace. Raises OSError saying what failed."""
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        release_r, release_w = os.pipe2(os.O_CLOEXEC)
+        maker = os.fork()
+        if maker == 0:
+            os.close(ready_r)
+            os.close(release_w)
+            egress_namespaces_main(self.uid, self.settings["gid"], ready_w, release_r)
+        for fd in (ready_w, release_r):
+            os.close(fd)
+        try:
+            _wait_ready(ready_r, "the job's network namespace")
+            netns = os.open(f"/proc/{maker}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._start_helper(maker)
+            except BaseException:
+                os.close(netns)
+                raise
+            return netns
+        finally:
+            os.close(ready_r)
+            os.close(release_w)   # the maker exits: the helper holds the namespaces now
+            os.waitpid(maker, 0)
+
+    def _start_helper(self, target_pid):
+        """Fork and exec slirp4netns on target_pid's namespaces; wait for its ready.
+        Raises OSError (with the helper's last words)."""
+        log_fd = os.open(os.path.join(self.job_dir, EGRESS_LOG), os.O_WRONLY | os.O_CREAT |
+                         os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        exit_r, self.exit_w = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(ready_r)
+            os.close(self.exit_w)
+            egress_helper_main(self.settings, self.uid, target_pid, log_fd, ready_w, exit_r)
+        for fd in (log_fd, ready_w, exit_r):
+            os.close(fd)
+        try:
+            _wait_ready(ready_r, "slirp4netns")
+        except OSError as e:
+            self.end()
+            last = egress_last_words(self.job_dir)
+            raise OSError(e.errno, f"{e.strerror}{': ' + last if last else ''}") from None
+        finally:
+            os.close(ready_r)
+        self.started_at = process_start_time(self.pid)
+
+    def facts(self):
+        """What the job's record says of its helper: the engine checks it is alive."""
+        return {"egress_pid": self.pid, "egress_start": self.started_at}
+
+    def end(self):
+        """End the helper (with the job). Returns how it had ended before, or "" if it was
+        still running."""
+        if not self.pid:
+            return ""
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            os.close(self.exit_w)   # --exit-fd: it exits
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)   # (at once: the job is gone anyway)
+            os.waitpid(self.pid, 0)
+            self.pid = None
+            return ""
+        os.close(self.exit_w)
+        self.pid = None
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.waitstatus_to_exitcode(status)}")
+        last = egress_last_words(self.job_dir)
+        return f"the network helper ended ({how}{': ' + last if last else ''})"
 
 
 def open_input_relay(req, job_dir, stdin_w, tty_ours, sources, started):
@@ -2992,6 +3235,8 @@ def command_main(cg, ends, work_fd):
         _run_steps([("set the hostname", lambda: socket.sethostname(req.job_id))])
         if req.host_network:
             leave_job_network(host_net)
+        elif req.egress:
+            enter_egress_network(cg, tty)
         os.close(host_net)
     # What the request decides, in order: the first step to fail is the job's error (its
     # words first), and the start's exit code is 126, as a shell's "cannot execute".
@@ -3109,24 +3354,53 @@ def prepare_process(out_w, keep):
         write_file("/proc/self/oom_score_adj", "0")
 
 
+def mount_job_sys(cg):
+    """Mount a /sys for the network namespace we are in. Raises OSError."""
+    # sysfs shows the network namespace of whoever mounted it: remount it for ours, read
+    # only, and show the job its own cgroup (the cgroup namespace roots it there), as
+    # runtimes that size themselves from cgroup limits (JVM, Go) expect.
+    mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    if cg.v2_dir:
+        mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
 def enter_job_network(cg):
     """Unshare a network namespace with only loopback, up, and mount a /sys that shows it.
 
     Done before the request arrives (it costs about a millisecond). Raises OSError naming
     the step that failed.
     """
-    def fresh_sys():
-        # sysfs shows the network namespace of whoever mounted it: remount it for ours, read
-        # only, and show the job its own cgroup (the cgroup namespace roots it there), as
-        # runtimes that size themselves from cgroup limits (JVM, Go) expect.
-        mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        if cg.v2_dir:
-            mount("cgroup2", "/sys/fs/cgroup", "cgroup2",
-                  MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-
     _run_steps([("unshare the network namespace", lambda: unshare(CLONE_NEWNET)),
-                ("mount /sys", fresh_sys),
+                ("mount /sys", lambda: mount_job_sys(cg)),
                 ("bring up loopback", bring_loopback_up)])
+
+
+def enter_egress_network(cg, tty):
+    """For a job with an egress network: enter the network namespace its shim sent on tty
+    (EgressNetwork's, loopback already up), with a /sys that shows it and a resolv.conf
+    naming the helper's resolver. Raises OSError naming the step that failed."""
+    _, fds = recv_with_fds(tty, 16)
+    if not fds:
+        raise OSError(errno.EPROTO, "no network namespace came from the job's supervisor")
+
+    def own_resolv_conf():
+        # Written in a scratch tmpfs over /tmp (the job's own is back once it is gone),
+        # then bound, read-only, over the host's file (or where its link points).
+        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0700")
+        try:
+            with open("/tmp/resolv.conf", "w") as f:
+                f.write(f"nameserver {EGRESS_RESOLVER}\n")
+            bind_mount("/tmp/resolv.conf", "/etc/resolv.conf", read_only=True)
+        finally:
+            umount_lazy("/tmp")
+
+    try:
+        _run_steps([("enter the egress network", lambda: setns(fds[0], CLONE_NEWNET)),
+                    ("unmount the job's /sys", lambda: umount_lazy("/sys")),
+                    ("mount /sys", lambda: mount_job_sys(cg)),
+                    ("give the job its resolv.conf", own_resolv_conf)])
+    finally:
+        os.close(fds[0])
 
 
 def leave_job_network(host_net):
@@ -3575,6 +3849,7 @@ class JobOptions(typing.NamedTuple):
     workdir: str = ""             # absolute path; default: a fresh folder per job
     as_root: bool = False         # run as uid 0 (inside the namespaces); server must allow it
     host_network: bool = False    # share the host's network namespace
+    egress: bool = False          # its own network namespace with outbound access (EGRESS)
     rw_host: bool = False         # the host's filesystem writable (else read-only); admins
     stdin: bool = False           # stdin from the job's input socket (else /dev/null)
     terminal: tuple = ()          # (rows, columns): a terminal on stdin, stdout, stderr
@@ -3608,6 +3883,11 @@ class JobMeta(typing.NamedTuple):
     traceparent: str = ""         # W3C trace context of the start: the job's TRACEPARENT
 
 
+def job_uids(spec):
+    """The uids a job's record holds: its command's and its egress helper's."""
+    return [uid for uid in (spec["uid"], spec.get("egress_uid")) if uid]
+
+
 class EngineConfig(typing.NamedTuple):
     """Server-side settings of the engine; every limit has a default and a maximum."""
     state_dir: str = DEFAULT_STATE_DIR
@@ -3625,6 +3905,8 @@ class EngineConfig(typing.NamedTuple):
     workdir_size: int = 1 * GiB   # a server-made working folder is a tmpfs this big; 0: disk
     files_quota: int = 4 * GiB    # a user's jobs' kept working folders: no start beyond it
     hidden_paths: tuple = ()      # host folders jobs must not see (the server's certificates)
+    egress_deny: tuple = ()       # CIDRs egress jobs cannot reach, besides EGRESS_ALWAYS_DENIED
+    egress_dns: tuple = ()        # the resolvers egress jobs' DNS goes to; (): the host's
 
     def user_job_cap(self):
         return self.max_jobs_per_user or max(1, self.max_running_jobs // 4)
@@ -3662,6 +3944,14 @@ class JobStatus(typing.NamedTuple):
     sessions: tuple = ()          # SessionEvents (sessions_shown says which)
     sessions_dropped: int = 0     # events the record had no room for
     timed_out: bool = False       # its timeout stopped it
+    network_state: str = ""       # egress jobs: "up", or why their network is gone
+    egress_denied: int = 0        # egress jobs: packets the firewall refused them
+
+    @property
+    def network(self):
+        """The job's network mode, as run --network names it."""
+        return ("host" if self.options.host_network else "egress" if self.options.egress
+                else "none")
 
 
 class SessionEvent(typing.NamedTuple):
@@ -4087,6 +4377,146 @@ def cgroup_mark(state_dir):
     return f"j-{zlib.crc32(os.path.realpath(state_dir).encode()):08x}-"
 
 
+# -- egress: the firewall that holds every job's egress helper to what it may reach ----
+
+EGRESS_ALWAYS_DENIED = ("169.254.0.0/16",)   # link-local: cloud metadata endpoints
+EGRESS_COUNTS_TTL = 1.0                      # seconds a reading of the denied counts is used
+EGRESS_PACKAGES = {"slirp4netns": "slirp4netns", "nft": "nftables"}   # command: package
+
+
+def parse_egress_cidrs(texts):
+    """The networks of --egress-deny (CIDRs, or single addresses), as strings nft takes.
+    Raises ValueError naming the first bad one."""
+    import ipaddress
+    networks = []
+    for text in texts:
+        try:
+            networks.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"--egress-deny {text!r} is not a CIDR (as 10.0.0.0/8) or an "
+                             f"address") from None
+    return networks
+
+
+def is_host_address(address):
+    """True if address is one of this host's own (binding to it works)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((address, 0))
+            return True
+        except OSError:
+            return False
+
+
+def egress_resolvers(configured):
+    """The IPv4 resolvers egress jobs' DNS goes to: configured (--egress-dns), else the
+    host's (/etc/resolv.conf; behind systemd-resolved's 127.0.0.53 stub, its upstream
+    servers), without this host's own addresses, which egress cannot reach.
+    Raises ValueError for a configured one that is not a usable IPv4 address."""
+    import ipaddress
+    for address in configured:
+        try:
+            ipaddress.IPv4Address(address)
+        except ValueError:
+            raise ValueError(f"--egress-dns {address!r} is not an IPv4 address") from None
+        if is_host_address(address):
+            raise ValueError(f"--egress-dns {address} is an address of this host, which "
+                             f"egress jobs cannot reach: name the resolver it forwards to")
+    if configured:
+        return list(configured)
+    for path in ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"):
+        found = []
+        for line in read_file(path, "").splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    ipaddress.IPv4Address(words[1])
+                    if not is_host_address(words[1]):
+                        found.append(words[1])
+        if found:
+            return found[:3]
+    return []
+
+
+class EgressFirewall:
+    """The server's nftables table: sockets of the egress helpers' group (gid) may not
+    reach this host's own addresses (loopback among them), broadcast or multicast, the
+    denied networks or IPv6 at all. Each refusal (a TCP reset, else ICMP) is counted by
+    the helper's uid. The table outlives the server, as the jobs do; install() replaces
+    its rules in one transaction, keeping its counts."""
+
+    def __init__(self, state_dir, gid, denied):
+        import zlib
+        self.table = f"inet steve_jobs_{zlib.crc32(os.path.realpath(state_dir).encode()):08x}"
+        self.gid, self.denied = gid, list(denied)
+        self.installed = False
+        self._counts, self._counts_at = {}, 0.0
+
+    def ruleset(self):
+        """nft -f's input: the table made (or kept) and its rules and sets replaced."""
+        t = self.table
+        v4 = [n for n in self.denied if ":" not in n]
+        return "\n".join([
+            f"add table {t}",
+            f"add set {t} denied {{ typeof meta skuid; size 65535; flags dynamic; counter; }}",
+            f"add set {t} deny4 {{ type ipv4_addr; flags interval; auto-merge; }}",
+            f"add chain {t} output {{ type filter hook output priority filter; "
+            f"policy accept; }}",
+            f"add chain {t} helper", f"add chain {t} deny",
+            *(f"flush chain {t} {chain}" for chain in ("output", "helper", "deny")),
+            f"flush set {t} deny4",
+            *([f"add element {t} deny4 {{ {', '.join(v4)} }}"] if v4 else []),
+            # Every rule that matches by socket sits behind this one: the resets the
+            # kernel sends for a refusal have no socket and must pass.
+            f"add rule {t} output meta skgid {self.gid} jump helper",
+            f"add rule {t} helper fib daddr type {{ local, broadcast, multicast, anycast }}"
+            f" jump deny",
+            f"add rule {t} helper ip daddr @deny4 jump deny",
+            f"add rule {t} helper meta nfproto ipv6 jump deny",
+            f"add rule {t} deny update @denied {{ meta skuid }}",
+            f"add rule {t} deny meta l4proto tcp reject with tcp reset",
+            f"add rule {t} deny reject", ""])
+
+    def _nft(self, *args, text=None):
+        """Run nft; returns its stdout. Raises OSError with its error line."""
+        import subprocess   # (forks and execs in C: safe in the threaded server)
+        done = subprocess.run(["nft", *args], input=text, capture_output=True, text=True,
+                              timeout=10 * TIME_SCALE)
+        if done.returncode:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            raise OSError(errno.EIO, lines[0] if lines else f"nft exited {done.returncode}")
+        return done.stdout
+
+    def install(self):
+        """Make or update the table. Raises OSError (subprocess.TimeoutExpired)."""
+        self._nft("-f", "-", text=self.ruleset())
+        self.installed = True
+
+    def denied_count(self, uid):
+        """Packets refused to the helper of uid so far (read at most every EGRESS_COUNTS_TTL
+        seconds, for every job at once); 0 if unknown."""
+        if time.monotonic() - self._counts_at > EGRESS_COUNTS_TTL:
+            counts = {}
+            try:
+                listing = json.loads(self._nft("-j", "list", "set", *self.table.split(),
+                                               "denied"))
+                for item in listing.get("nftables", ()):
+                    for element in item.get("set", {}).get("elem", ()):
+                        element = element.get("elem", {})
+                        counts[element["val"]] = element["counter"]["packets"]
+            except Exception as e:   # (OSError, a bad listing, subprocess.TimeoutExpired)
+                if self.installed:   # (else there may be no table: no egress job ever ran)
+                    log.warning("cannot read the egress firewall's counts: %s", e)
+            self._counts, self._counts_at = counts, time.monotonic()
+        return self._counts.get(uid, 0)
+
+    def forget(self, uid):
+        """Drop uid's count (its job is removed: the uid may come back). Best effort."""
+        with contextlib.suppress(Exception):
+            self._nft("delete", "element", *self.table.split(), "denied", f"{{ {uid} }}")
+
+
 class UidPool:
     """The uids jobs run as: handed out in order from where the last server left off (in
     uids.json), never one a job record holds (its files, keyrings and processes are that
@@ -4261,6 +4691,10 @@ class Engine:
         self._claims = StartClaims(self._lock)   # names and request ids, held by the jobs
         self._placement = None        # where the server and its jobs are: decided at open()
         self._observers = []          # on_job_event(kind, status) callables
+        self._firewall = None         # the EgressFirewall, once open() has installed it
+        self._egress = None           # what a shim needs to start an egress helper
+        self._egress_error = "the server is not open"   # why egress starts fail, or ""
+        self._egress_lock = threading.Lock()
 
     @property
     def layout(self):
@@ -4360,7 +4794,11 @@ class Engine:
         self._watcher = JobWatcher(self._record_end, self._supervisor_exited)
         self._spare_folders = SpareJobFolders(self.config.state_dir)
         self._uids.load()
+        self._open_egress()
         self._load_jobs()
+        if any(j.spec["options"].get("egress") and j.result is None for j in self._all_jobs()):
+            with contextlib.suppress(FailedPreconditionError):
+                self._egress_ready()
         self._sweep_working_folders()
         self._sweep_cgroups()
         self._spawner.start({"layout": self.layout.to_dict(),
@@ -4372,6 +4810,50 @@ class Engine:
                              "work": os.path.realpath(os.path.join(state_dir, "work")),
                              "private_size": self.config.workdir_size or PRIVATE_DIR_SIZE})
         return self
+
+    def _open_egress(self):
+        """Check what egress networks need: the helper and nft found (what is missing fails
+        egress starts only, with FailedPreconditionError, never the server). Bad settings
+        (--egress-deny, --egress-dns) raise UnavailableError. The firewall is installed
+        by the first egress start (_egress_ready), or here if jobs of an earlier server
+        have egress networks: its rules are then this server's at once."""
+        import shutil
+        try:
+            denied = parse_egress_cidrs(EGRESS_ALWAYS_DENIED + tuple(self.config.egress_deny))
+            resolvers = egress_resolvers(self.config.egress_dns)
+        except ValueError as e:
+            raise UnavailableError(str(e)) from None
+        missing = [f"{command} (Debian's {package} package)"
+                   for command, package in EGRESS_PACKAGES.items() if not shutil.which(command)]
+        if missing:
+            self._egress_error = (f"egress networks need {' and '.join(missing)}, which this "
+                                  f"host lacks")
+            log.warning("%s: egress starts will fail", self._egress_error)
+            return
+        gid = self.config.uid_base + self.config.uid_count   # (no job's uid or gid)
+        self._firewall = EgressFirewall(self.config.state_dir, gid, denied)
+        self._egress = {"helper": shutil.which("slirp4netns"), "gid": gid, "dns": resolvers}
+        self._egress_error = ""
+        if not resolvers:
+            log.warning("egress jobs get no DNS: the host names no resolver they can reach "
+                        "(--egress-dns names one)")
+
+    def _egress_ready(self):
+        """Install the egress firewall, once. Raises FailedPreconditionError."""
+        with self._egress_lock:   # (starts wait for the first install: they need it)
+            if self._egress_error:
+                raise FailedPreconditionError(self._egress_error, reason="EGRESS_UNAVAILABLE")
+            if self._firewall.installed:
+                return
+            try:
+                self._firewall.install()
+            except Exception as e:   # (OSError, subprocess.TimeoutExpired)
+                log.warning("cannot install the egress firewall: %s", e)
+                raise FailedPreconditionError(f"cannot install the egress firewall: {e}",
+                                              reason="EGRESS_UNAVAILABLE") from None
+            log_line("egress firewall installed", table=self._firewall.table.split()[1],
+                     helper=self._egress["helper"], dns=",".join(self._egress["dns"]) or
+                     "none", denied=",".join(self._firewall.denied))
 
     def close(self, stop_jobs=False):
         """Stop serving; with stop_jobs, stop every running job first (bounded)."""
@@ -4560,6 +5042,11 @@ class Engine:
             raise PermissionDeniedError("this server does not run jobs as root")
         validate_workdir(options.workdir)
         options = options._replace(terminal=validate_terminal(options.terminal))
+        if options.egress and options.host_network:
+            raise InvalidArgumentError("a job has one network: the host's or egress, not both",
+                                       field="network")
+        if options.egress:
+            self._egress_ready()
         if not (isinstance(options.timeout, (int, float)) and math.isfinite(options.timeout)
                 and 0 <= options.timeout <= MAX_TIMEOUT):
             raise InvalidArgumentError(f"timeout must be between 0 (none) and {MAX_TIMEOUT} "
@@ -4587,7 +5074,7 @@ class Engine:
         """A prepared start that will not launch: its folders and uid given back."""
         spec = prepared.spec
         try:
-            self._release_uid(spec["uid"])
+            self._release_uids(spec)
             self._remove_folders(prepared.job_dir, spec["workdir"])
         finally:
             self._claims.release(spec["owner"], prepared.meta)
@@ -4618,9 +5105,11 @@ class Engine:
         env = job_environment(spec)
         workdir_size = self._workdir_size(options, limits)
         try:
+            if options.egress:   # its helper's: a uid of its own (EgressNetwork)
+                spec["egress_uid"] = self._uids.take()
             limits = self._prepare_folders(spec, options, limits, workdir_size)
         except BaseException:
-            self._release_uid(uid)
+            self._release_uids(spec)
             self._remove_folders(job_dir, workdir if not options.workdir else "")
             raise
         spec["limits"] = limits._asdict()
@@ -4634,7 +5123,8 @@ class Engine:
         try:
             reply = self._spawner.spawn(SpawnRequest(
                 spec=spec, job_dir=job_dir, env=env, workdir_size=workdir_size,
-                output_cap=self.config.output_cap))
+                output_cap=self.config.output_cap,
+                egress_settings=self._egress if options.egress else None))
         except Error:
             self._forget(job, remove_workdir=not options.workdir)
             raise
@@ -5142,7 +5632,8 @@ class Engine:
             self._jobs[job_id] = job
             bisect.insort(self._order, list_cursor(job))
             self._claims.record(job_id, spec)
-            self._uids.keep(spec["uid"])
+            for uid in job_uids(spec):
+                self._uids.keep(uid)
             if job.result is None:
                 self._running.add(job_id)
         self._count_kept_files(job)   # (an ended one, loaded at start-up)
@@ -5199,11 +5690,14 @@ class Engine:
                 at = bisect.bisect_left(self._order, list_cursor(job))
                 del self._order[at]
             self._claims.forget(job.id, job.spec)
-            self._uids.release(job.spec["uid"])
+            for uid in job_uids(job.spec):
+                self._uids.release(uid)
             self._running.discard(job.id)
             owner = job.spec["owner"]
             if job.files_bytes:
                 self._kept_files[owner] = self._kept_files.get(owner, 0) - job.files_bytes
+        if job.spec.get("egress_uid") and self._firewall:   # (its uid may come back)
+            self._firewall.forget(job.spec["egress_uid"])
         # (Removing the folder also ends its inotify watch.)
         self._remove_folders(job.dir, job.spec["workdir"] if remove_workdir else "")
 
@@ -5223,8 +5717,9 @@ class Engine:
                     f"may have (--max-jobs-per-user)", reason="TOO_MANY_JOBS_OF_USER")
         return 0 if root else self._uids.take(leaves_files)
 
-    def _release_uid(self, uid):
-        self._uids.release(uid)
+    def _release_uids(self, spec):
+        for uid in job_uids(spec):
+            self._uids.release(uid)
 
     def _get(self, job_id):
         job = None
@@ -5288,6 +5783,8 @@ class Engine:
             labels=tuple(sorted(spec.get("labels", {}).items())),
             request_id=spec.get("request_id", ""),
             trace_id=trace_id_of(spec.get("traceparent", "")), timed_out=job.timed_out)
+        if spec["options"].get("egress"):
+            fields.update(self._egress_status(job))
         if result is None:   # running: live figures from the cgroup and the output file
             try:
                 fields.update(job.cgroup.usage() if job.cgroup else {})
@@ -5297,6 +5794,25 @@ class Engine:
             return JobStatus(**fields)
         fields.update((k, result[k]) for k in RESULT_FIELDS if k in result)
         return JobStatus(**fields)
+
+    def _egress_status(self, job):
+        """An egress job's network_state and egress_denied. Its helper is up while the
+        process its shim recorded lives; a helper that ended before its job is down, with
+        the last words of its log."""
+        shim, result = job.shim or {}, job.result
+        denied = self._firewall.denied_count(job.spec["egress_uid"]) if self._firewall else 0
+        if result is not None:
+            lost = result.get("network_lost", "")
+            return {"network_state": f"down: {lost}" if lost else "", "egress_denied": denied}
+        pid = shim.get("egress_pid")
+        if not pid:
+            state = "starting"
+        elif process_start_time(pid) == shim.get("egress_start"):
+            state = "up"
+        else:
+            last = egress_last_words(job.dir)
+            state = f"down: the network helper ended{' (' + last + ')' if last else ''}"
+        return {"network_state": state, "egress_denied": denied}
 
 
 class OutputPiece(typing.NamedTuple):
@@ -5993,11 +6509,12 @@ def authorize(identity, rpc, job_owner=None):
 
 
 def check_start_allowed(identity, limits, options, default_limits,
-                        host_network_roles=("admin",)):
+                        host_network_roles=("admin",), egress_roles=("admin", "user")):
     """Role limits on Start. Raises PermissionDeniedError.
 
     host_network_roles: the roles that may share the host's network namespace (it reaches
-    the server's own port and every loopback service of the host)."""
+    the server's own port and every loopback service of the host); egress_roles: those
+    that may ask for an egress network."""
     role = ROLES[identity.role]
     if options.as_root and not role.root_jobs:
         raise PermissionDeniedError(f"role {identity.role} may not run jobs as root")
@@ -6007,6 +6524,9 @@ def check_start_allowed(identity, limits, options, default_limits,
         raise PermissionDeniedError(
             f"role {identity.role} may not share the host's network (the server's "
             f"--allow-host-network-role opens it)")
+    if options.egress and identity.role not in egress_roles:
+        raise PermissionDeniedError(f"role {identity.role} may not run jobs with an egress "
+                                    f"network (the server's --egress-role opens it)")
     if not role.up_to_max_limits:
         for spec in LIMITS:
             asked, cap = getattr(limits, spec.name), getattr(default_limits, spec.name)
@@ -6290,6 +6810,7 @@ class ServerConfig(typing.NamedTuple):
     handshake_timeout: float = 10.0       # seconds a new connection has to finish TLS
     open_files: int = 1024                # the server's RLIMIT_NOFILE, once raised
     host_network_roles: tuple = ("admin",)  # roles that may ask for the host's network
+    egress_roles: tuple = ("admin", "user")  # roles that may ask for an egress network
 
     def connection_cap(self, max_jobs):
         """Connections the server accepts at once: what its file handles allow, less a
@@ -6746,7 +7267,8 @@ class JobService:
             name=st.name, labels=dict(st.labels), request_id=st.request_id,
             stdin=st.options.stdin, trace_id=st.trace_id,
             sessions_dropped=st.sessions_dropped, timeout_seconds=st.options.timeout,
-            timed_out=st.timed_out,
+            timed_out=st.timed_out, network=st.network, network_state=st.network_state,
+            egress_denied=st.egress_denied,
             view=self.pb.VIEW_SUMMARY if summary else self.pb.VIEW_FULL)
         if st.options.terminal:
             message.terminal.rows, message.terminal.columns = st.options.terminal
@@ -6953,14 +7475,20 @@ class JobService:
         """(Limits, JobOptions, JobMeta) of a StartRequest, allowed to identity. Raises
         PermissionDeniedError."""
         limits = Limits(**{spec.name: getattr(request.limits, spec.proto) for spec in LIMITS})
+        if request.network not in NETWORK_MODES:
+            raise InvalidArgumentError(f"network {request.network!r} is not one of "
+                                       f"{', '.join(m for m in NETWORK_MODES if m)}",
+                                       field="network")
         options = JobOptions(env=tuple(sorted(request.env.items())), workdir=request.workdir,
-                             as_root=request.as_root, host_network=request.host_network,
+                             as_root=request.as_root,
+                             host_network=request.host_network or request.network == "host",
+                             egress=request.network == "egress",
                              rw_host=request.rw_host, stdin=request.stdin,
                              terminal=(request.terminal.rows, request.terminal.columns)
                              if request.HasField("terminal") else (),
                              timeout=request.timeout_seconds)
         check_start_allowed(identity, limits, options, self.engine.config.default_limits,
-                            self.config.host_network_roles)
+                            self.config.host_network_roles, self.config.egress_roles)
         meta = JobMeta(name=request.name, labels=tuple(request.labels.items()),
                        request_id=request.request_id, traceparent=identity.trace)
         return limits, options, meta
@@ -8197,6 +8725,11 @@ def format_status(st):
     if st.timeout_seconds:
         lines.append(f"timeout  {st.timeout_seconds:g}s" + (" (reached: it was stopped)"
                                                              if st.timed_out else ""))
+    if st.network and st.network != "none":
+        said = [st.network_state] if st.network_state else []
+        if st.network == "egress":
+            said.append(f"{st.egress_denied} packet{'s' * (st.egress_denied != 1)} refused")
+        lines.append(f"network  {st.network}" + (f" ({'; '.join(said)})" if said else ""))
     lines.append("limits   " + " ".join(
         f"{spec.flag[2:]}={spec.show(getattr(st.limits, spec.proto))}" for spec in LIMITS
         if getattr(st.limits, spec.proto)))
@@ -8680,7 +9213,10 @@ def add_run_parser(r):
     for spec in LIMITS:
         r.add_argument(spec.flag, type=argument_type(spec.parse), default=type(spec.least)(),
                        dest=flag_dest(spec.flag), help=spec.help)
-    r.add_argument("--network", action="store_true", help="share the host's network")
+    r.add_argument("--network", nargs="?", const="host", default="", metavar="MODE",
+                   help="egress: outbound TCP, UDP and DNS, never to the host itself; host "
+                        "(or --network alone): the host's network (admins); none (default): "
+                        "loopback only")
     r.add_argument("--timeout", type=argument_type(parse_duration), default=0.0,
                    metavar="DURATION", help="stop the job (as stop does) this long after its "
                                             "start: 90s, 10m, 1h30m")
@@ -8801,6 +9337,15 @@ def add_server_parser(s):
                    choices=sorted(ROLES), metavar="ROLE",
                    help="let this role (besides admin) run jobs in the host's network "
                         "namespace (--network); may be repeated")
+    s.add_argument("--egress-role", action="append", default=[], metavar="ROLE",
+                   choices=sorted(ROLES) + ["none"],
+                   help="a role that may run jobs with an egress network (run --network "
+                        "egress); may be repeated; default: user and admin; none: nobody")
+    s.add_argument("--egress-deny", action="extend", nargs="+", default=[], metavar="CIDR",
+                   help="networks egress jobs cannot reach, besides this host's own "
+                        "addresses and 169.254.0.0/16 (add your private networks)")
+    s.add_argument("--egress-dns", action="extend", nargs="+", default=[], metavar="ADDR",
+                   help="the resolvers egress jobs' DNS goes to (default: the host's)")
     s.add_argument("--insecure-dev-certs", action="store_true",
                    help="start even though --certs holds the CA's or token signer's private "
                         "key, or keys readable by others (the bundled development set)")
@@ -8842,7 +9387,8 @@ def cmd_server(args):
         max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs,
         max_running_jobs=args.max_jobs, max_jobs_per_user=args.max_jobs_per_user,
         min_free=args.min_free, workdir_size=args.workdir_size, files_quota=args.files_quota,
-        hidden_paths=(args.certs,)))
+        hidden_paths=(args.certs,), egress_deny=tuple(args.egress_deny),
+        egress_dns=tuple(args.egress_dns)))
     try:
         CertificateStore(args.certs).read()
         if args.insecure_dev_certs:
@@ -8864,6 +9410,8 @@ def cmd_server(args):
                           max_streams_per_user=args.max_streams_per_user,
                           handshake_timeout=args.handshake_timeout,
                           host_network_roles=("admin", *args.allow_host_network_role),
+                          egress_roles=tuple(r for r in args.egress_role if r != "none")
+                          if args.egress_role else ("admin", "user"),
                           # (what engine.open() raises the soft limit to: the hard one)
                           open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     served = []
@@ -9321,7 +9869,8 @@ def start_request(client, args):
                args.env)   # (-e after the files: it wins, as docker's does)
     request = pb.StartRequest(
         argv=command_argv(list(args.cmd)), env=env, workdir=args.workdir,
-        as_root=args.root, host_network=args.network, rw_host=args.rw_host, name=args.name,
+        as_root=args.root, host_network=args.network == "host", network=args.network,
+        rw_host=args.rw_host, name=args.name,
         labels=dict(args.label), request_id=random_hex(16),
         stdin=args.interactive and not args.tty, timeout_seconds=args.timeout,
         limits=pb.Limits(**{spec.proto: getattr(args, flag_dest(spec.flag))
@@ -9335,7 +9884,7 @@ def start_request(client, args):
 # A request field, in a start's errors, as the flag of run that sets it.
 FLAG_OF_FIELD = {**{f"limits.{spec.proto}": spec.flag for spec in LIMITS},
                  "workdir": "--workdir", "env": "--env", "name": "--name", "labels": "--label",
-                 "timeout_seconds": "--timeout"}
+                 "timeout_seconds": "--timeout", "network": "--network"}
 
 
 def in_flag_terms(error):
@@ -9889,14 +10438,33 @@ def main(argv=None, exit_at_once=False):
 
     def parse():
         nonlocal args
-        args = build_parser().parse_args(argv)
-        keep_double_dash(args, argv)
+        args = parse_command_line(argv)
         check_env_values(args)
         return cmd_client(args) if args.talks_to_server else args.run(args)
     code = report_errors(parse, json_errors="--json" in argv)
     if exit_at_once and getattr(args, "command", "") != "server":
         exit_without_teardown(code)
     return code
+
+
+def parse_command_line(argv):
+    """argv's Namespace, with what argparse cannot say itself: run --network alone still
+    means the host's network (as before it took a MODE), so a word after it that is no
+    mode is the command's (run --network make -j4); and exec ID -- PROG keeps its '--'.
+    Raises ClientError."""
+    args, extra = build_parser().parse_known_args(argv)
+    mode = getattr(args, "network", "")
+    if mode not in NETWORK_MODES:   # the first --network before the command took its word
+        flags = argv[:len(argv) - len(args.cmd)]
+        at = next(i for i, word in enumerate(flags[:-1]) if word == "--network" and
+                  flags[i + 1] not in NETWORK_MODES and not flags[i + 1].startswith("-"))
+        argv = [*argv[:at], "--network=host", *argv[at + 1:]]
+    if extra or mode not in NETWORK_MODES:
+        args = build_parser().parse_args(argv)   # (its errors, if any, as ever)
+    if getattr(args, "network", "") == "none":
+        args.network = ""
+    keep_double_dash(args, argv)
+    return args
 
 
 def keep_double_dash(args, argv):

@@ -206,11 +206,29 @@ def test_layout_hybrid_uses_v1_controllers_and_the_unified_tree():
 
 
 @pytest.mark.unit
+def test_run_network_takes_a_mode_and_alone_still_means_the_hosts():
+    def parsed(*words):
+        args = sj.parse_command_line(["run", *words])
+        return args.network, sj.command_argv(args.cmd)
+    sh = lambda text: ["/bin/sh", "-c", text]
+    assert parsed("--network", "egress", "make") == ("egress", sh("make"))
+    assert parsed("--network=egress", "--", "ls", "-l") == ("egress", ["ls", "-l"])
+    assert parsed("--network", "none", "ls") == ("", sh("ls"))
+    assert parsed("ls") == ("", sh("ls"))
+    # As before --network took a MODE: alone, the host's; a word after it, the command's.
+    assert parsed("--network", "make", "-j4") == ("host", sh("make -j4"))
+    assert parsed("--network", "--", "ls") == ("host", ["ls"])
+    assert parsed("--cpu", "1", "--network", "ls", "--network", "x") == (
+        "host", sh("ls --network x"))
+    assert parsed("ls", "--network") == ("", sh("ls --network"))   # the command's own word
+    with pytest.raises(sj.ClientError, match="nothing to run"):
+        parsed("--network", "egress")
+
+
+@pytest.mark.unit
 def test_a_double_dash_after_exec_id_runs_the_argv_without_a_shell():
     def argv_of(*words):
-        args = sj.build_parser().parse_args(list(words))
-        sj.keep_double_dash(args, list(words))
-        return sj.command_argv(args.cmd)
+        return sj.command_argv(sj.parse_command_line(list(words)).cmd)
     assert argv_of("exec", "ID", "--", "bash", "-c", "x y") == ["bash", "-c", "x y"]
     assert argv_of("exec", "-i", "ID", "--", "ls", "-l") == ["ls", "-l"]
     assert argv_of("run", "--", "bash", "-c", "x y") == ["bash", "-c", "x y"]
@@ -920,6 +938,156 @@ def test_job_network_has_only_loopback_and_cannot_reach_the_host(engine, host_li
     assert "Connection refused" in out.decode()
 
 
+# -- network: egress jobs against a remote host of the test's own --------------------------
+#
+# The "remote host" is a network namespace the test makes, joined to the host by a veth
+# pair on 198.51.100.0/24 (TEST-NET-2; this machine's own network is never touched): a TCP
+# echo server on port REMOTE_PORT of all its addresses, a DNS responder answering names in
+# .test with REMOTE_ADDRESS, and two addresses the jobs must not reach: 169.254.169.254
+# (a cloud's metadata endpoint) and DENIED_ADDRESS (in the servers' --egress-deny range).
+
+REMOTE_ADDRESS, HOST_SIDE, DENIED_ADDRESS = "198.51.100.2", "198.51.100.1", "198.51.100.200"
+METADATA_ADDRESS, REMOTE_PORT, DENIED_RANGE = "169.254.169.254", 7777, "198.51.100.128/25"
+REMOTE_SERVICES = r"""
+import socket, struct, threading
+def echo(conn):
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            conn.sendall(data)
+def tcp():
+    with socket.create_server(("0.0.0.0", %d), backlog=64) as s:
+        while True:
+            threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()
+def dns():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 53))
+    while True:
+        query, peer = s.recvfrom(512)
+        labels, at = [], 12
+        while query[at]:
+            labels.append(query[at + 1:at + 1 + query[at]].decode()); at += 1 + query[at]
+        question = query[12:at + 5]
+        known = labels[-1:] == ["test"] and query[at + 1:at + 3] == b"\x00\x01"
+        flags = 0x8180 if known else 0x8183
+        head = query[:2] + struct.pack(">HHHHH", flags, 1, int(known), 0, 0)
+        answer = (b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) +
+                  socket.inet_aton("%s")) if known else b""
+        s.sendto(head + question + answer, peer)
+threading.Thread(target=dns, daemon=True).start()
+threading.Thread(target=tcp, daemon=True).start()
+print("ready", flush=True)
+import sys; sys.stdin.read()
+""" % (REMOTE_PORT, REMOTE_ADDRESS)
+
+
+def ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="module")
+def remote_host():
+    """The remote host's namespace, its veth pair and its services; all removed after."""
+    require_kernel()
+    tag = uuid.uuid4().hex[:6]
+    netns, host_if, remote_if = f"sjtest-{tag}", f"sjt{tag}h", f"sjt{tag}r"
+    services = None
+    try:
+        ip("netns", "add", netns)
+        ip("link", "add", host_if, "type", "veth", "peer", "name", remote_if)
+        ip("link", "set", remote_if, "netns", netns)
+        ip("addr", "add", f"{HOST_SIDE}/24", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        # (a host route for the metadata address, to this namespace only: a job's packets
+        # there, were the firewall to let them pass, would stay on this machine)
+        ip("route", "add", f"{METADATA_ADDRESS}/32", "via", REMOTE_ADDRESS, "dev", host_if)
+        inside = ["ip", "netns", "exec", netns]
+        for command in (["ip", "link", "set", "lo", "up"],
+                        ["ip", "addr", "add", f"{REMOTE_ADDRESS}/24", "dev", remote_if],
+                        ["ip", "addr", "add", f"{DENIED_ADDRESS}/24", "dev", remote_if],
+                        ["ip", "addr", "add", f"{METADATA_ADDRESS}/32", "dev", remote_if],
+                        ["ip", "link", "set", remote_if, "up"]):
+            subprocess.run([*inside, *command], check=True, capture_output=True)
+        services = subprocess.Popen([*inside, PYTHON, "-c", REMOTE_SERVICES],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert services.stdout.readline() == b"ready\n"
+        yield netns
+    finally:
+        if services:
+            services.kill()
+            services.wait()
+        ip("link", "del", host_if, check=False)   # (its peer goes with it)
+        ip("netns", "del", netns, check=False)
+
+
+@pytest.fixture(scope="module")
+def egress_server(certs, remote_host):
+    require_kernel()
+    with Server(certs, extra=["--stop-jobs-on-exit", "--egress-dns", REMOTE_ADDRESS,
+                              "--egress-deny", DENIED_RANGE]) as srv:
+        yield srv
+
+
+def reach_script(*targets):
+    """A job's python: for each (label, host, port), a line: "label reached" (the remote
+    echoed), "label refused" (refused or unreachable, within a second) or "label <error>"."""
+    return ("import errno, socket, time\n"
+            "REFUSED = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)\n"
+            f"for label, host, port in {list(targets)!r}:\n"
+            "    t = time.monotonic()\n"
+            "    try:\n"
+            "        with socket.create_connection((host, port), timeout=5) as s:\n"
+            "            s.sendall(b'ping'); assert s.recv(4) == b'ping'\n"
+            "        print(label, 'reached', flush=True)\n"
+            "    except OSError as e:\n"
+            "        fast = e.errno in REFUSED and time.monotonic() - t < 1\n"
+            "        print(label, 'refused' if fast else f'{type(e).__name__} {e}', flush=True)\n")
+
+
+@pytest.fixture
+def open_host_listener():
+    """A listener on every address of the host (0.0.0.0) that echoes: the host's services."""
+    with socket.create_server(("0.0.0.0", 0)) as s:
+        def serve():
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = s.accept()
+                    with conn:
+                        conn.sendall(conn.recv(4))
+        threading.Thread(target=serve, daemon=True).start()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.network
+def test_an_egress_job_reaches_the_remote_host_and_nothing_of_the_hosts(
+        egress_server, open_host_listener):
+    # The test itself (the host) reaches each address: only the firewall stands between.
+    for address in (REMOTE_ADDRESS, METADATA_ADDRESS, DENIED_ADDRESS):
+        socket.create_connection((address, REMOTE_PORT), timeout=5).close()
+    script = reach_script(
+        ("remote", REMOTE_ADDRESS, REMOTE_PORT), ("by-name", "build-deps.test", REMOTE_PORT),
+        ("server-port", "10.0.2.2", egress_server.port),     # (slirp's alias of the host)
+        ("own-loopback", "127.0.0.1", egress_server.port),
+        ("host-address", HOST_SIDE, open_host_listener),
+        ("metadata", METADATA_ADDRESS, REMOTE_PORT), ("denied-range", DENIED_ADDRESS, REMOTE_PORT))
+    done = cli(egress_server, "run", "-f", "--name", "reach", "--network", "egress", "--",
+               "python3", "-c", script, user="alice")
+    assert done.returncode == 0, done.stderr
+    said = dict(line.split(" ", 1) for line in done.stdout.decode().splitlines())
+    assert said == {"remote": "reached", "by-name": "reached", "server-port": "refused",
+                    "own-loopback": "refused", "host-address": "refused",
+                    "metadata": "refused", "denied-range": "refused"}, said
+    deadline = time.monotonic() + scaled(10)   # (the counts are read once a second)
+    while int((st := cli_json(egress_server, "status", "reach", user="alice")).get(
+            "egress_denied", 0)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert st["network"] == "egress" and int(st["egress_denied"]) >= 3, st   # (SYNs refused)
+    shown = cli(egress_server, "status", "reach", user="alice").stdout.decode()
+    assert re.search(r"network  egress \(\d+ packets refused\)", shown), shown
+
+
 @pytest.mark.kernel
 def test_host_network_option_shares_the_host_network(engine, host_listener):
     script = f"echo > /dev/tcp/127.0.0.1/{host_listener} && echo REACHED"
@@ -1370,6 +1538,13 @@ def copy_server_certs(certs_dir, to):
     return to
 
 
+def remove_egress_firewall(state_dir):
+    """Delete the nftables table a server on state_dir made for egress jobs, if any."""
+    if shutil.which("nft"):
+        table = sj.EgressFirewall(state_dir, 0, ()).table
+        subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
+
+
 class Server:
     """A real `steve_jobs.py server` process on a free loopback port."""
 
@@ -1423,10 +1598,12 @@ class Server:
         return self.start()
 
     def cleanup(self):
-        """Stop every job this server's state knows of, then remove what is left."""
+        """Stop every job this server's state knows of, then remove what is left (its
+        egress firewall too, which outlives a server as its jobs do)."""
         self.terminate()
         with running_engine(state_dir=self.state_dir, cgroup_root=self.cgroup_root):
             pass   # opening re-adopts the jobs; closing with stop_jobs stops them
+        remove_egress_firewall(self.state_dir)
 
     def __enter__(self):
         """`with Server(...) as srv:` starts it, and cleans up after it however the block
