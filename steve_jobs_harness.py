@@ -3,8 +3,9 @@
 Where the script is, grpc and the generated stubs (imported once), state folders removed
 with what was mounted in them, free loopback ports, time
 budgets stretched on slow machines, sets of certificates, a user's gRPC credentials and
-channels (user_credentials, user_channel, bearer) and an OTLP trace collector in the
-process: one copy of each, so that the benchmarks need not import the tests.
+channels (user_credentials, user_channel, bearer), an OTLP trace collector in the
+process, and a remote host in a network namespace for egress jobs (RemoteHost): one copy
+of each, so that the benchmarks need not import the tests.
 
 For tests and benchmarks only: not part of the product. pyproject.toml installs steve_jobs,
 jobs_pb2 and jobs_pb2_grpc, not this file; pytest collects no tests here (its name does not
@@ -12,9 +13,11 @@ start with test_).
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import uuid
 
 import steve_jobs as sj
 
@@ -144,3 +147,114 @@ class SpanCollector:
 
     def close(self):
         self.server.stop(0)
+
+
+# -- a remote host for egress jobs ---------------------------------------------------
+#
+# A network namespace of the test's (or benchmark's) own, joined to the host by a veth
+# pair on 198.51.100.0/24 (TEST-NET-2; this machine's own network is never touched): a TCP
+# echo server on port REMOTE_PORT of all its addresses, a sink on SINK_PORT (reads to EOF,
+# answers the byte count), a DNS responder answering names in .test with REMOTE_ADDRESS,
+# and two addresses the jobs must not reach: 169.254.169.254 (a cloud's metadata
+# endpoint) and DENIED_ADDRESS (in the servers' --egress-deny range).
+
+REMOTE_ADDRESS, HOST_SIDE, DENIED_ADDRESS = "198.51.100.2", "198.51.100.1", "198.51.100.200"
+METADATA_ADDRESS, REMOTE_PORT, DENIED_RANGE = "169.254.169.254", 7777, "198.51.100.128/25"
+SINK_PORT = 7778
+REMOTE_SERVICES = r"""
+import socket, struct, threading
+def sink(conn):
+    with conn:
+        total = 0
+        while data := conn.recv(1 << 20):
+            total += len(data)
+        conn.sendall(str(total).encode())
+def sink_server():
+    with socket.create_server(("0.0.0.0", %d), backlog=64) as s:
+        while True:
+            threading.Thread(target=sink, args=(s.accept()[0],), daemon=True).start()
+def echo(conn):
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            conn.sendall(data)
+def tcp():
+    with socket.create_server(("0.0.0.0", %d), backlog=64) as s:
+        while True:
+            threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()
+def dns():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 53))
+    while True:
+        query, peer = s.recvfrom(512)
+        labels, at = [], 12
+        while query[at]:
+            labels.append(query[at + 1:at + 1 + query[at]].decode()); at += 1 + query[at]
+        question = query[12:at + 5]
+        known = labels[-1:] == ["test"] and query[at + 1:at + 3] == b"\x00\x01"
+        flags = 0x8180 if known else 0x8183
+        head = query[:2] + struct.pack(">HHHHH", flags, 1, int(known), 0, 0)
+        answer = (b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) +
+                  socket.inet_aton("%s")) if known else b""
+        s.sendto(head + question + answer, peer)
+threading.Thread(target=dns, daemon=True).start()
+threading.Thread(target=tcp, daemon=True).start()
+threading.Thread(target=sink_server, daemon=True).start()
+print("ready", flush=True)
+import sys; sys.stdin.read()
+""" % (SINK_PORT, REMOTE_PORT, REMOTE_ADDRESS)
+
+
+def ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def remove_egress_firewall(state_dir):
+    """Delete the nftables table a server on state_dir made for egress jobs, if any."""
+    if shutil.which("nft"):
+        table = sj.EgressFirewall(state_dir, 0, ()).table
+        subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
+
+
+class RemoteHost:
+    """`with RemoteHost() as netns:` the remote host's namespace, its veth pair and its
+    services, all removed at the end however it comes."""
+
+    def __enter__(self):
+        tag = uuid.uuid4().hex[:6]
+        self.netns, self.host_if, remote_if = f"sjtest-{tag}", f"sjt{tag}h", f"sjt{tag}r"
+        self.services = None
+        try:
+            ip("netns", "add", self.netns)
+            ip("link", "add", self.host_if, "type", "veth", "peer", "name", remote_if)
+            ip("link", "set", remote_if, "netns", self.netns)
+            ip("addr", "add", f"{HOST_SIDE}/24", "dev", self.host_if)
+            ip("link", "set", self.host_if, "up")
+            # (a host route for the metadata address, to this namespace only: a job's
+            # packets there, were the firewall to let them pass, stay on this machine)
+            ip("route", "add", f"{METADATA_ADDRESS}/32", "via", REMOTE_ADDRESS,
+               "dev", self.host_if)
+            inside = ["ip", "netns", "exec", self.netns]
+            for command in (["ip", "link", "set", "lo", "up"],
+                            ["ip", "addr", "add", f"{REMOTE_ADDRESS}/24", "dev", remote_if],
+                            ["ip", "addr", "add", f"{DENIED_ADDRESS}/24", "dev", remote_if],
+                            ["ip", "addr", "add", f"{METADATA_ADDRESS}/32", "dev", remote_if],
+                            ["ip", "link", "set", remote_if, "up"]):
+                subprocess.run([*inside, *command], check=True, capture_output=True)
+            self.services = subprocess.Popen([*inside, PYTHON, "-c", REMOTE_SERVICES],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            if self.services.stdout.readline() != b"ready\n":
+                raise RuntimeError("the remote host's services did not start")
+            return self.netns
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc):
+        if self.services:
+            self.services.kill()
+            self.services.wait()
+        ip("link", "del", self.host_if, check=False)   # (its peer goes with it)
+        ip("netns", "del", self.netns, check=False)

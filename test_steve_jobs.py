@@ -54,9 +54,12 @@ import hypothesis.strategies
 import pytest
 
 import steve_jobs as sj
-from steve_jobs_harness import (HERE, PYTHON, SCRIPT, SpanCollector, bearer, free_port, grpc,
-                                make_cert_set, mounts_under, pb, pb_grpc, remove_state_dir,
-                                scaled, user_channel, user_credentials)
+from steve_jobs_harness import (DENIED_ADDRESS, DENIED_RANGE, HERE, HOST_SIDE,
+                                METADATA_ADDRESS, PYTHON, REMOTE_ADDRESS, REMOTE_PORT, SCRIPT,
+                                RemoteHost, SpanCollector, bearer, free_port, grpc,
+                                make_cert_set, mounts_under, pb, pb_grpc,
+                                remove_egress_firewall, remove_state_dir, scaled, user_channel,
+                                user_credentials)
 
 MUST_WORK = os.environ.get("STEVE_JOBS_MUST_WORK") == "1"
 
@@ -938,88 +941,15 @@ def test_job_network_has_only_loopback_and_cannot_reach_the_host(engine, host_li
     assert "Connection refused" in out.decode()
 
 
-# -- network: egress jobs against a remote host of the test's own --------------------------
-#
-# The "remote host" is a network namespace the test makes, joined to the host by a veth
-# pair on 198.51.100.0/24 (TEST-NET-2; this machine's own network is never touched): a TCP
-# echo server on port REMOTE_PORT of all its addresses, a DNS responder answering names in
-# .test with REMOTE_ADDRESS, and two addresses the jobs must not reach: 169.254.169.254
-# (a cloud's metadata endpoint) and DENIED_ADDRESS (in the servers' --egress-deny range).
-
-REMOTE_ADDRESS, HOST_SIDE, DENIED_ADDRESS = "198.51.100.2", "198.51.100.1", "198.51.100.200"
-METADATA_ADDRESS, REMOTE_PORT, DENIED_RANGE = "169.254.169.254", 7777, "198.51.100.128/25"
-REMOTE_SERVICES = r"""
-import socket, struct, threading
-def echo(conn):
-    with conn:
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            conn.sendall(data)
-def tcp():
-    with socket.create_server(("0.0.0.0", %d), backlog=64) as s:
-        while True:
-            threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()
-def dns():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 53))
-    while True:
-        query, peer = s.recvfrom(512)
-        labels, at = [], 12
-        while query[at]:
-            labels.append(query[at + 1:at + 1 + query[at]].decode()); at += 1 + query[at]
-        question = query[12:at + 5]
-        known = labels[-1:] == ["test"] and query[at + 1:at + 3] == b"\x00\x01"
-        flags = 0x8180 if known else 0x8183
-        head = query[:2] + struct.pack(">HHHHH", flags, 1, int(known), 0, 0)
-        answer = (b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) +
-                  socket.inet_aton("%s")) if known else b""
-        s.sendto(head + question + answer, peer)
-threading.Thread(target=dns, daemon=True).start()
-threading.Thread(target=tcp, daemon=True).start()
-print("ready", flush=True)
-import sys; sys.stdin.read()
-""" % (REMOTE_PORT, REMOTE_ADDRESS)
-
-
-def ip(*args, check=True):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+# -- network: egress jobs against a remote host of the test's own (RemoteHost) ------------
 
 
 @pytest.fixture(scope="module")
 def remote_host():
     """The remote host's namespace, its veth pair and its services; all removed after."""
     require_kernel()
-    tag = uuid.uuid4().hex[:6]
-    netns, host_if, remote_if = f"sjtest-{tag}", f"sjt{tag}h", f"sjt{tag}r"
-    services = None
-    try:
-        ip("netns", "add", netns)
-        ip("link", "add", host_if, "type", "veth", "peer", "name", remote_if)
-        ip("link", "set", remote_if, "netns", netns)
-        ip("addr", "add", f"{HOST_SIDE}/24", "dev", host_if)
-        ip("link", "set", host_if, "up")
-        # (a host route for the metadata address, to this namespace only: a job's packets
-        # there, were the firewall to let them pass, would stay on this machine)
-        ip("route", "add", f"{METADATA_ADDRESS}/32", "via", REMOTE_ADDRESS, "dev", host_if)
-        inside = ["ip", "netns", "exec", netns]
-        for command in (["ip", "link", "set", "lo", "up"],
-                        ["ip", "addr", "add", f"{REMOTE_ADDRESS}/24", "dev", remote_if],
-                        ["ip", "addr", "add", f"{DENIED_ADDRESS}/24", "dev", remote_if],
-                        ["ip", "addr", "add", f"{METADATA_ADDRESS}/32", "dev", remote_if],
-                        ["ip", "link", "set", remote_if, "up"]):
-            subprocess.run([*inside, *command], check=True, capture_output=True)
-        services = subprocess.Popen([*inside, PYTHON, "-c", REMOTE_SERVICES],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert services.stdout.readline() == b"ready\n"
+    with RemoteHost() as netns:
         yield netns
-    finally:
-        if services:
-            services.kill()
-            services.wait()
-        ip("link", "del", host_if, check=False)   # (its peer goes with it)
-        ip("netns", "del", netns, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -1087,6 +1017,115 @@ def test_an_egress_job_reaches_the_remote_host_and_nothing_of_the_hosts(
     shown = cli(egress_server, "status", "reach", user="alice").stdout.decode()
     assert re.search(r"network  egress \(\d+ packets refused\)", shown), shown
 
+
+
+def job_record(server, job_id):
+    with open(os.path.join(server.state_dir, "jobs", job_id, "job.json")) as f:
+        return json.load(f)
+
+
+def wait_for_output(server, job_id, text, user="alice"):
+    deadline = time.monotonic() + scaled(20)
+    while text not in (out := cli(server, "output", job_id, user=user).stdout):
+        assert time.monotonic() < deadline, out
+        time.sleep(0.05)
+    return out
+
+
+WAIT_FOR_GO = ("import os, socket, time\n"
+               "def reach():\n"
+               "    try:\n"
+               f"        socket.create_connection(({REMOTE_ADDRESS!r}, {REMOTE_PORT}), "
+               "timeout=5).close(); return 'reached'\n"
+               "    except OSError as e:\n"
+               "        return type(e).__name__\n"
+               "print('before', reach(), flush=True)\n"
+               "while not os.path.exists('go'): time.sleep(0.05)\n"
+               "print('after', reach(), flush=True)\n")
+
+
+@pytest.fixture
+def restartable_egress_server(certs, remote_host):
+    """As egress_server, without --stop-jobs-on-exit: its jobs outlive a restart."""
+    require_kernel()
+    with Server(certs, extra=["--egress-dns", REMOTE_ADDRESS]) as srv:
+        yield srv
+
+
+@pytest.mark.network
+def test_egress_survives_a_server_restart_and_a_dead_helper_is_said(
+        restartable_egress_server, tmp_path):
+    egress_server = restartable_egress_server
+    go = tmp_path / "go"
+    go.write_text("")
+    kept = start_job(egress_server, f"python3 -c {sj.shell_quote(WAIT_FOR_GO)}",
+                     user="alice", network="egress")
+    lost = start_job(egress_server, f"python3 -c {sj.shell_quote(WAIT_FOR_GO)}",
+                     user="alice", network="egress")
+    try:
+        for job_id in (kept, lost):
+            wait_for_output(egress_server, job_id, b"before reached\n")
+        # The helper: a uid of its own (no root), in the host's pid namespace, in the
+        # job's cgroup (moved there once the job started).
+        helper = job_record(egress_server, lost)["shim"]["egress_pid"]
+        status = open(f"/proc/{helper}/status").read()
+        uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+        assert uid >= sj.EngineConfig().uid_base and uid != job_record(egress_server, lost)[
+            "uid"], status
+        assert re.search(r"^NSpid:\s+\d+$", status, re.M), status   # (one pid: the host's)
+        cgroup_name = job_record(egress_server, lost)["shim"]["cgroup"]
+        assert cgroup_name in open(f"/proc/{helper}/cgroup").read()
+        assert cli_json(egress_server, "status", lost, user="alice")["network_state"] == "up"
+        os.kill(helper, signal.SIGKILL)
+        deadline = time.monotonic() + scaled(10)
+        while not (state := cli_json(egress_server, "status", lost, user="alice")[
+                "network_state"]).startswith("down"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        egress_server.restart()
+        assert cli_json(egress_server, "status", kept, user="alice")["network_state"] == "up"
+        for job_id in (kept, lost):
+            done = cli(egress_server, "cp", str(go), f"{job_id}:go", user="alice")
+            assert done.returncode == 0, done.stderr
+            assert cli(egress_server, "wait", job_id, user="alice").returncode == 0
+        assert cli(egress_server, "output", kept, user="alice").stdout == (
+            b"before reached\nafter reached\n")
+        out = cli(egress_server, "output", lost, user="alice").stdout   # (it went on)
+        assert out.startswith(b"before reached\nafter ") and b"reached" not in out[15:], out
+        st = cli_json(egress_server, "status", lost, user="alice")
+        assert st["state"] == "exited" and st["network_state"].startswith(
+            "down: the network helper ended (killed by signal 9"), st
+        # A default job of the same server still has loopback alone.
+        only = cli(egress_server, "run", "-f", "ls /sys/class/net", user="alice")
+        assert only.stdout == b"lo\n", only
+    finally:
+        for job_id in (kept, lost):
+            cli(egress_server, "stop", "--grace", "0", job_id, user="alice")
+
+
+@pytest.mark.network
+def test_egress_is_refused_in_one_line_where_the_host_or_the_role_cannot_have_it(certs):
+    require_kernel()
+    # A host without slirp4netns (not on the server's PATH), egress for admins only.
+    with Server(certs, prefix=["env", "PATH=/usr/sbin:/sbin"],
+                extra=["--egress-role", "admin"]) as srv:
+        denied = cli(srv, "run", "--network", "egress", "true", user="alice")
+        assert denied.returncode == 6 and b"--egress-role" in denied.stderr, denied
+        missing = cli(srv, "run", "--network", "egress", "true")
+        assert missing.returncode == 5, missing
+        assert missing.stderr.count(b"\n") == 1 and b"slirp4netns package" in missing.stderr
+        assert cli(srv, "run", "-f", "true", user="alice").returncode == 0   # the rest works
+    # A bad --egress-deny: the server does not start, and says why in one line.
+    srv = Server(certs, extra=["--egress-deny", "10.0.0.0/8", "10.1.0.0/33"])
+    try:
+        with pytest.raises(AssertionError, match="server did not start"):
+            srv.start()
+        log = srv.read_log().strip()
+        assert log.splitlines()[-1].endswith("cannot start: --egress-deny '10.1.0.0/33' is "
+                                             "not a CIDR (as 10.0.0.0/8) or an address"), log
+        assert "Traceback" not in log
+    finally:
+        srv.cleanup()
 
 @pytest.mark.kernel
 def test_host_network_option_shares_the_host_network(engine, host_listener):
@@ -1538,13 +1577,6 @@ def copy_server_certs(certs_dir, to):
     return to
 
 
-def remove_egress_firewall(state_dir):
-    """Delete the nftables table a server on state_dir made for egress jobs, if any."""
-    if shutil.which("nft"):
-        table = sj.EgressFirewall(state_dir, 0, ()).table
-        subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
-
-
 class Server:
     """A real `steve_jobs.py server` process on a free loopback port."""
 
@@ -1645,8 +1677,8 @@ def cli_json(server, *args, **kw):
     return json.loads(done.stdout)
 
 
-def start_job(server, script, user="mrarsenal"):
-    done = cli(server, "run", script, user=user)
+def start_job(server, script, user="mrarsenal", network=""):
+    done = cli(server, "run", *(["--network", network] if network else []), script, user=user)
     assert done.returncode == 0, done.stderr
     return done.stdout.decode().strip()
 
