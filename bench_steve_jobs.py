@@ -20,6 +20,10 @@ faults: server RSS with 1,000 stalled followers at distinct offsets; status late
 files:  cp in and out of a job's folder, 1 GiB as one file and 20,000 small files, vs
         tar over ssh and scp -r on loopback; exec ID true vs run -f true and ssh localhost
         true (needs openssh-server).
+network: egress jobs against a remote host in a namespace of our own (198.51.100.2, a
+        veth away): bulk TCP throughput from a job vs from the host itself; connect p50
+        through egress vs direct; start p50 of an egress job vs a default job; the helper's
+        memory (PSS).
 tenants: mrarsenal's `status` p50/p99 and the server's RSS while alice floods stops, runs 8
         huge tails, reads a 1-byte-interleaved job in full (with runs, and a run a chunk as
         an old client), holds 10 stuck Inputs, beside
@@ -40,9 +44,10 @@ import types
 import uuid
 
 import steve_jobs as sj
-from steve_jobs_harness import (HERE, SCRIPT, SpanCollector, bearer, free_port, grpc,
-                                make_cert_set, pb, pb_grpc, remove_state_dir, user_channel,
-                                user_credentials)
+from steve_jobs_harness import (HERE, REMOTE_ADDRESS, REMOTE_PORT, SCRIPT, SINK_PORT,
+                                RemoteHost, SpanCollector, bearer, free_port, grpc,
+                                make_cert_set, pb, pb_grpc, remove_egress_firewall,
+                                remove_state_dir, user_channel, user_credentials)
 
 RUNS = int(os.environ.get("BENCH_RUNS", "60"))
 
@@ -85,19 +90,20 @@ class BenchEngine:
     """An engine (of module sj, or another checkout's) on a scratch state dir and cgroup
     root, removed afterwards."""
 
-    def __init__(self, module=sj):
-        self.sj = module
+    def __init__(self, module=sj, **config):
+        self.sj, self.config = module, config
 
     def __enter__(self):
         sj = self.sj
         self.state_dir = tempfile.mkdtemp(prefix="steve-jobs-bench-", dir="/var/tmp")
         self.engine = sj.Engine(sj.EngineConfig(
             state_dir=self.state_dir, cgroup_root=f"steve-jobs-bench-{uuid.uuid4().hex[:6]}",
-            output_cap=2 * sj.GiB)).open()
+            output_cap=2 * sj.GiB, **self.config)).open()
         return self.engine
 
     def __exit__(self, *exc):
         self.engine.close(stop_jobs=True)
+        remove_egress_firewall(self.state_dir)
         remove_state_dir(self.state_dir)
 
 
@@ -734,6 +740,81 @@ ALTERNATING_WRITER = ("import os, time\n"
                       "        os.write(1, b'a'); os.write(2, b'b')\n")
 
 
+EGRESS = sj.JobOptions(egress=True)
+SEND_SCRIPT = """
+import socket, sys, time
+size, chunk = int(sys.argv[1]), bytes(1 << 20)
+t = time.perf_counter()
+with socket.create_connection((sys.argv[2], int(sys.argv[3]))) as s:
+    for _ in range(size >> 20):
+        s.sendall(chunk)
+    s.shutdown(socket.SHUT_WR)
+    assert int(s.recv(64)) == size
+print(time.perf_counter() - t)
+"""
+CONNECT_SCRIPT = """
+import json, socket, sys, time
+samples = []
+for _ in range(int(sys.argv[1])):
+    t = time.perf_counter()
+    socket.create_connection((sys.argv[2], int(sys.argv[3]))).close()
+    samples.append((time.perf_counter() - t) * 1000)
+print(json.dumps(samples))
+"""
+
+
+def job_output(engine, argv, options=EGRESS):
+    """Run argv as a job; its output, once it has ended."""
+    job_id = engine.start("bench", argv, options=options)
+    status = engine.wait(job_id, 600)
+    out = b"".join(engine.follow(job_id))
+    if status.exit_code != 0:
+        raise RuntimeError(f"{argv[:3]}: {status.state} {status.error}: {out[-500:]!r}")
+    return out
+
+
+def bench_network(engine, runs=3, size=512 * sj.MiB):
+    """Egress against the remote host, each figure beside the host's own."""
+    job_rates, host_rates = [], []
+    for _ in range(runs):
+        seconds = float(job_output(engine, ["python3", "-c", SEND_SCRIPT, str(size),
+                                            REMOTE_ADDRESS, str(SINK_PORT)]))
+        job_rates.append(size / sj.MiB / seconds)
+        done = subprocess.run([sys.executable, "-c", SEND_SCRIPT, str(size), REMOTE_ADDRESS,
+                               str(SINK_PORT)], capture_output=True, check=True)
+        host_rates.append(size / sj.MiB / float(done.stdout))
+    ours, direct = statistics.median(job_rates), statistics.median(host_rates)
+    print(f"{'TCP bulk send, egress job vs the host':38s} {ours:7.0f} MiB/s | host "
+          f"{direct:7.0f} MiB/s (x{ours / direct:.2f}; goal >= 0.5)  runs "
+          f"{', '.join(f'{r:.0f}' for r in job_rates)} vs "
+          f"{', '.join(f'{r:.0f}' for r in host_rates)}", flush=True)
+    connects = 200
+    job_samples = json.loads(job_output(engine, ["python3", "-c", CONNECT_SCRIPT, str(connects),
+                                                 REMOTE_ADDRESS, str(REMOTE_PORT)]))
+    done = subprocess.run([sys.executable, "-c", CONNECT_SCRIPT, str(connects), REMOTE_ADDRESS,
+                           str(REMOTE_PORT)], capture_output=True, check=True)
+    host_samples = json.loads(done.stdout)
+    report("connect, egress job (goal <= +1 ms)", job_samples, {"host": host_samples})
+    egress_starts, plain_starts = [], []
+    for _ in range(RUNS):
+        for options, samples in ((EGRESS, egress_starts), (sj.JobOptions(), plain_starts)):
+            time.sleep(0.03)   # a start, not a burst: the warm shim is ready again
+            t = time.perf_counter()
+            job_id = engine.start("bench", ["true"], options=options)
+            samples.append((time.perf_counter() - t) * 1000)
+            engine.wait(job_id, 30)
+    report("start, egress job (goal <= +10 ms)", egress_starts, {"default job": plain_starts})
+    job_id = engine.start("bench", ["sleep", "60"], options=EGRESS)
+    try:
+        time.sleep(0.5)
+        helper = engine._get(job_id).shim["egress_pid"]
+        with open(f"/proc/{helper}/smaps_rollup") as f:
+            pss = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        print(f"{'egress helper (slirp4netns) PSS':38s} {pss / 1024:7.2f} MiB", flush=True)
+    finally:
+        engine.stop(job_id, grace=0)
+
+
 def bench_tenants(server):
     """mrarsenal's status while alice runs each hostile load, beside no load (goal: p99 <=
     20 ms under each), the server's RSS before, at the peak and after; and the server's
@@ -1174,6 +1255,9 @@ def main(argv):
     if "tenants" in groups:
         with BenchServer() as server:
             bench_tenants(server)
+    if "network" in groups:
+        with RemoteHost(), BenchEngine(egress_dns=(REMOTE_ADDRESS,)) as engine:
+            bench_network(engine)
     if "files" in groups:
         with BenchServer(extra=["--workdir-size", "3G", "--files-quota", "0"]) as server, \
                 BenchSSHD() as sshd:

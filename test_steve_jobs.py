@@ -209,6 +209,33 @@ def test_layout_hybrid_uses_v1_controllers_and_the_unified_tree():
 
 
 @pytest.mark.unit
+def test_egress_settings_are_checked_and_the_firewall_refuses_what_it_must():
+    assert sj.parse_egress_cidrs(["10.0.0.0/8", "192.168.1.7", " 10.1.2.3/16 ", "fd00::/8"]) == [
+        "10.0.0.0/8", "192.168.1.7/32", "10.1.0.0/16", "fd00::/8"]
+    for bad in ("10.0.0.0/33", "example.com", "", "10.0.0.0/8,10.1.0.0/16"):
+        with pytest.raises(ValueError, match="is not a CIDR"):
+            sj.parse_egress_cidrs([bad])
+    with pytest.raises(ValueError, match="not an IPv4 address"):
+        sj.egress_resolvers(["dns.example"])
+    with pytest.raises(ValueError, match="an address of this host"):
+        sj.egress_resolvers(["127.0.0.53"])   # (systemd-resolved's stub: egress cannot reach it)
+    assert sj.egress_resolvers(["198.51.100.53"]) == ["198.51.100.53"]
+    assert all(not sj.is_host_address(a) for a in sj.egress_resolvers([]))
+    rules = sj.EgressFirewall("/var/lib/steve-jobs", 4242, ["169.254.0.0/16", "fd00::/8"])
+    text = rules.ruleset()
+    assert re.fullmatch(r"inet steve_jobs_[0-9a-f]{8}", rules.table)
+    # Only the helpers' group is filtered, behind one rule: the resets the kernel sends
+    # have no socket and must pass (a rule of their own matching by socket would drop them).
+    assert [line for line in text.splitlines() if " output " in line and "rule" in line] == [
+        f"add rule {rules.table} output meta skgid 4242 jump helper"]
+    for refused in ("fib daddr type { local, broadcast, multicast, anycast } jump deny",
+                    "ip daddr @deny4 jump deny", "meta nfproto ipv6 jump deny"):
+        assert f"add rule {rules.table} helper {refused}" in text
+    assert f"add element {rules.table} deny4 {{ 169.254.0.0/16 }}" in text   # (v6: all denied)
+    assert "flush set" in text and "add set" in text and "delete" not in text   # counts kept
+
+
+@pytest.mark.unit
 def test_run_network_takes_a_mode_and_alone_still_means_the_hosts():
     def parsed(*words):
         args = sj.parse_command_line(["run", *words])
