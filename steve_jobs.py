@@ -206,6 +206,8 @@ def _time_scale():
 TIME_SCALE = _time_scale()
 SPAWN_TIMEOUT = 15.0 * TIME_SCALE # seconds the engine waits for a job to reach exec
 WARM_SHIMS = 2                    # job supervisors the spawner keeps ready
+EGRESS_MEMORY = 8                 # a warm one has an egress network ready if one of the
+                                  # last this many starts asked for one
 REFILL_DELAY = 0.02               # seconds of quiet before the spawner makes the next one
 KILL_TIMEOUT = 10.0 * TIME_SCALE  # seconds a killed job gets to disappear
 PEAK_SAMPLE_INTERVAL = 0.1        # seconds between samples where memory.peak is missing
@@ -348,7 +350,7 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
-PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 15, 4, 38
+PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 15, 4, 1, 38
 IN_MODIFY, IN_MOVED_TO, IN_IGNORED = 0x2, 0x80, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
@@ -1874,7 +1876,6 @@ class SpawnRequest(typing.NamedTuple):
     env: dict             # the command's whole environment (the record's, PATH, HOME, LANG...)
     workdir_size: int     # bytes of the private tmpfs working folder; 0: a folder on disk
     output_cap: int       # bytes of output and index kept
-    egress_settings: dict = None   # the server's egress network (helper, gid, dns), if any
 
     def to_json(self):
         return json.dumps(self._asdict(), ensure_ascii=False).encode()
@@ -1901,7 +1902,8 @@ def spawner_main(sock_fd, settings):
     """Keep warm shims on offer to the server, until it hangs up. Returns the exit code.
 
     To the server it sends {"warm": pid} with the shim's socket: the server hands a job
-    straight to it, then says {"used": 1} so another is made. A request that comes with a
+    straight to it, then says {"used": 1, "egress": bool} so another is made (with an egress
+    network prepared if one of the last EGRESS_MEMORY starts asked for one). A request that comes with a
     reply pipe (the server had no warm shim at hand) gets a shim made on the spot.
     settings: {"layout": CgroupLayout.to_dict(), "cgroup_root": str, "mark": cgroup_mark(),
                "limits": the server's default Limits as a dict, "warm": int (optional)}.
@@ -1912,12 +1914,13 @@ def spawner_main(sock_fd, settings):
         set_open_files_limit(settings["open_files"])  # jobs get the host's usual limit
     sock = socket.socket(fileno=sock_fd)
     offered = 0
+    wanted_egress = [False] * EGRESS_MEMORY   # what the last starts asked for
     while True:
         # Refill in a quiet moment: a fork right after a start would compete for the CPU
         # with the job being started (and with the server waiting for its reply).
         if offered < settings.get("warm", WARM_SHIMS):
             if not select.select([sock], [], [], REFILL_DELAY if offered else 0)[0]:
-                shim = WarmShim(settings, sock)
+                shim = WarmShim({**settings, "egress_warm": any(wanted_egress)}, sock)
                 try:
                     socket.send_fds(sock, [json.dumps({"warm": shim.pid}).encode()],
                                     [shim.sock.fileno()])
@@ -1940,6 +1943,7 @@ def spawner_main(sock_fd, settings):
             req = {}
         if req.get("used"):
             offered -= 1
+            wanted_egress = wanted_egress[1:] + [bool(req.get("egress"))]
         elif req.get("copy") and len(fds) == 1:
             fork_helper(copier_main, req["copy"], fds[0], sock)
         elif req.get("exec") and len(fds) == 1:
@@ -2045,14 +2049,14 @@ class Spawner:
         reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
         try:
             try:
-                self._send(msg, reply_w, warm_ok=not request.rw_host)
+                self._send(msg, reply_w, warm_ok=not request.rw_host, egress=request.egress)
             finally:
                 os.close(reply_w)   # now only the shim holds it
             return _read_reply(reply_r, time.monotonic() + timeout)
         finally:
             os.close(reply_r)
 
-    def _send(self, msg, reply_w, warm_ok=True):
+    def _send(self, msg, reply_w, warm_ok=True, egress=False):
         with self._lock:
             self._collect_offers()
             warm = self._warm.pop(0) if self._warm and warm_ok else None
@@ -2066,7 +2070,8 @@ class Spawner:
             finally:
                 shim_sock.close()
             try:
-                self._sock.send(b'{"used": 1}')   # so the spawner makes the next one
+                # So that the spawner makes the next one, egress ready if starts want it.
+                self._sock.send(json.dumps({"used": 1, "egress": egress}).encode())
             except OSError:
                 pass
             if sent:
@@ -2269,14 +2274,18 @@ def shim_main(chan, settings):
     for fd in theirs:
         os.close(fd)
     supervisor = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid())}
+    egress = None if warm_error else prepare_warm_egress(settings, cg)
     rehearse_start()
     msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
     chan.close()
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
+        if egress:
+            egress.discard()
         _discard_warm(cg, init_pid)
         os.close(ours.stdin)
         return 0
-    job = ShimJob(SpawnRequest.from_json(msg), fds[0], cg, init_pid, supervisor)
+    job = ShimJob(SpawnRequest.from_json(msg), fds[0], cg, init_pid, supervisor,
+                  settings.get("egress"), egress)
     if warm_error:
         return job.fail(warm_error)
     started = job.start(msg, ours, warm_limits)
@@ -2356,13 +2365,15 @@ def fork_init(cg, settings, chan, ours, theirs):
 class ShimJob:
     """The job a shim supervises, from its request to its result file."""
 
-    def __init__(self, req, reply_fd, cg, init_pid, supervisor):
+    def __init__(self, req, reply_fd, cg, init_pid, supervisor, egress_settings=None,
+                 egress=None):
         self.req, self.reply_fd, self.cg, self.init_pid = req, reply_fd, cg, init_pid
         self.supervisor = supervisor      # the shim's pid and start time
         self.job_dir, self.spec = req.job_dir, req.spec
         self.started = time.time()
         self.record = None                # the job's record while not yet written
-        self.egress = None                # its EgressNetwork, if it has one
+        self.egress_settings = egress_settings   # the server's, if it offers egress
+        self.egress = egress              # an EgressNetwork prepared while warm, or None
 
     def fail(self, message):
         """The job did not start: say why to the server and in the job's files. Returns 1."""
@@ -2418,10 +2429,13 @@ class ShimJob:
         shim = {**self.supervisor, "init_pid": self.init_pid, "cgroup": self.cg.name,
                 "cgroup_root": self.cg.root, "v2_base": self.cg.layout.v2_base,
                 "started_at": self.started, "limits_at": limits_at, "exec_at": time.time(),
-                **(self.egress.facts() if self.egress else {})}
+                **(self.egress.facts() if self.req.egress else {})}
         _reply(self.reply_fd, ok=True, error=failure, shim=shim)   # first: the caller waits
         os.close(self.reply_fd)
-        if self.egress:
+        if self.egress and not self.req.egress:   # (prepared while warm, not wanted)
+            self.egress.discard()
+            self.egress = None
+        elif self.egress and not self.egress_warm:
             # Now, not before the exec: moving a process in costs an RCU grace period.
             try:
                 self.cg.join(self.egress.pid)
@@ -2441,16 +2455,23 @@ class ShimJob:
         return failure, out_fd, index_fd
 
     def start_egress(self, tty):
-        """For a job with an egress network: start its helper (EgressNetwork) and send the
-        command the network namespace to enter (before the request and the working
-        folder's mount: the command reads them in that order). Raises OSError."""
+        """For a job with an egress network: launch its helper (EgressNetwork: prepared
+        while warm, or now) and send the command the network namespace to enter (before
+        the request and the working folder's mount: the command reads them in that
+        order). Raises OSError."""
+        self.egress_warm = self.egress is not None
         if not self.req.egress:
             return
-        if not self.req.egress_settings:
-            raise OSError(errno.EOPNOTSUPP, "this server offers no egress network")
-        self.egress = EgressNetwork(self.req.egress_settings, self.spec["egress_uid"],
-                                    self.job_dir)
-        netns = self.egress.start()
+        if not self.egress:
+            if not self.egress_settings:
+                raise OSError(errno.EOPNOTSUPP, "this server offers no egress network")
+            self.egress = EgressNetwork(self.egress_settings)
+            try:
+                self.egress.prepare(os.path.join(self.job_dir, EGRESS_LOG))
+            except OSError:
+                self.egress.end()
+                raise
+        netns = self.egress.launch(self.job_dir)
         try:
             socket.send_fds(tty, [b"e"], [netns])
         finally:
@@ -2517,6 +2538,7 @@ class ShimJob:
             result.update(failed=True, error=failure)
         if self.egress:   # before the cgroup goes: the helper is in it
             result["network_lost"] = self.egress.end()
+            result["egress_denied"] = self.egress.refusals(self.egress_settings["table"])
         result.update(self.cg.usage())
         _remove_cgroup(self.cg)
         # A supervisor never dies of a full disk: what it knows is kept until it is written
@@ -2551,11 +2573,12 @@ def _remove_cgroup(cg):
 # group, the host's own addresses and the denied ranges: the kernel enforces it, whatever
 # becomes of the helper.
 #
-# The helper runs as a uid of its own (the job's egress_uid), never as root. An
-# unprivileged process may enter a network namespace only if it belongs to a user
-# namespace of its uid, so the job's is made at start, not warm: a child of that uid
-# makes both (egress_namespaces_main), the helper enters them by its pid, and the command
-# enters the network namespace instead of the one it made warm.
+# The helper runs as a uid of its own (EgressNetwork.uid), never as root. An unprivileged
+# process may enter a network namespace only if it belongs to a user namespace of its
+# uid, so a child of that uid makes both (egress_namespaces_main), the helper enters them
+# by its pid, and the command enters that network namespace instead of the one it made
+# warm. While recent starts asked for egress, warm shims prepare all this ahead (the
+# helper waits to exec); a start then only lets it exec and waits for its tap.
 #
 # Why slirp4netns and not pasta: pasta (passt 2023.03, Debian 12) drops its privileges
 # before it opens the namespace it is given, so it cannot serve one a root process made;
@@ -2586,6 +2609,7 @@ def egress_namespaces_main(uid, gid, ready_w, release_r):
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)   # (a shim killed while it waits)
         prctl(PR_SET_DUMPABLE, 1)   # (its /proc files are then its uid's: the maps below)
         unshare(CLONE_NEWUSER | CLONE_NEWNET)
         for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
@@ -2605,8 +2629,9 @@ def egress_namespaces_main(uid, gid, ready_w, release_r):
 
 def egress_helper_main(settings, uid, target_pid, log_fd, ready_w, exit_r):
     """A child of the shim: give itself a view of the host where /dev/net/tun is its uid's
-    and resolv.conf names settings' resolver, become uid and the helpers' group, and exec
-    slirp4netns on target_pid's namespaces. Never returns (126 if it cannot exec)."""
+    and resolv.conf names settings' resolvers, become uid and the helpers' group, and exec
+    slirp4netns on target_pid's namespaces, its messages to log_fd. Never returns (126 if
+    it cannot exec)."""
     try:
         unshare(CLONE_NEWNS)
         mount(None, "/", None, MS_REC | MS_PRIVATE)   # (nothing of this leaks to the host)
@@ -2627,14 +2652,15 @@ def egress_helper_main(settings, uid, target_pid, log_fd, ready_w, exit_r):
             with open("/run/resolv.conf", "w") as f:
                 f.write(text)
             bind_mount("/run/resolv.conf", resolv)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
         import resource
         resource.setrlimit(resource.RLIMIT_FSIZE, (EGRESS_LOG_MAX, EGRESS_LOG_MAX))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # (past it, writes fail; no death)
         os.setgroups([])
         os.setresgid(settings["gid"], settings["gid"], settings["gid"])
         os.setresuid(uid, uid, uid)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)   # (after setresuid, which clears it)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
         for fd in (ready_w, exit_r):
             os.set_inheritable(fd, True)
         os.execv(settings["helper"], [
@@ -2647,10 +2673,10 @@ def egress_helper_main(settings, uid, target_pid, log_fd, ready_w, exit_r):
     os._exit(126)
 
 
-def egress_last_words(job_dir):
-    """The last line a job's egress helper wrote to its log (EGRESS_LOG), cut, or ""."""
+def egress_last_words(log_path):
+    """The last line an egress helper wrote to its log, cut, or ""."""
     try:
-        with open(os.path.join(job_dir, EGRESS_LOG), "rb") as f:
+        with open(log_path, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 1000))
             lines = [line for line in f.read().decode(errors="replace").splitlines()
                      if line.strip()]
@@ -2659,87 +2685,178 @@ def egress_last_words(job_dir):
     return lines[-1][:200] if lines else ""
 
 
+def run_nft(*args, text=None):
+    """Run nft (the egress firewall's tool); returns its stdout. Raises OSError with its
+    first error line (subprocess.TimeoutExpired past a bounded wait)."""
+    import subprocess   # (forks and execs in C: safe in the threaded server too)
+    done = subprocess.run(["nft", *args], input=text, capture_output=True, text=True,
+                          timeout=10 * TIME_SCALE)
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise OSError(errno.EIO, lines[0] if lines else f"nft exited {done.returncode}")
+    return done.stdout
+
+
+def egress_denied_counts(table):
+    """{helper uid: packets refused} of the egress firewall's table ("inet NAME").
+    Raises OSError, ValueError (a listing nft should not give)."""
+    counts = {}
+    for item in json.loads(run_nft("-j", "list", "set", *table.split(), "denied")).get(
+            "nftables", ()):
+        for element in item.get("set", {}).get("elem", ()):
+            if isinstance(element, dict) and "elem" in element:
+                counts[element["elem"]["val"]] = element["elem"]["counter"]["packets"]
+    return counts
+
+
+def prepare_warm_egress(settings, cg):
+    """An EgressNetwork made ready while the shim is warm (if the server offers egress and
+    its recent starts asked for it: settings["egress_warm"]), or None. A failure is the
+    start's to meet again, and say."""
+    if not (settings.get("egress") and settings.get("egress_warm")):
+        return None
+    egress = EgressNetwork(settings["egress"])
+    try:
+        egress.prepare(os.path.join(settings["egress"]["spare_logs"], f"{os.getpid()}.log"), cg)
+        return egress
+    except OSError as e:
+        log.warning("cannot prepare an egress network: %s", e.strerror or e)
+        egress.discard()
+        return None
+
+
+def _keep_only(*fds):
+    """In a child of the shim's: close every fd but stdio and fds. Why: a copy of the job's
+    pipes (the request's above all, whose EOF the command waits for) must not live on in
+    a helper."""
+    low = 3
+    for fd in sorted(fds) + [1 << 16]:
+        os.closerange(low, fd)
+        low = fd + 1
+
+
 class EgressNetwork:
-    """The helper of one job's egress network, from its start (before the command's exec)
-    to the job's end. Its pid is the shim's child."""
+    """One job's egress network, from its namespaces and helper made ready (prepare: while
+    the shim is warm, or at the start) to the job's end. The helper's uid is the shim's
+    own: settings["uid_base"] + the shim's pid (unique among live helpers: a helper never
+    outlives its shim)."""
 
-    def __init__(self, settings, uid, job_dir):
-        self.settings, self.uid, self.job_dir = settings, uid, job_dir
-        self.pid, self.exit_w = None, None
+    def __init__(self, settings):
+        self.settings = settings
+        self.uid = settings["uid_base"] + os.getpid()
+        self.maker = self.pid = self.netns = self.exit_w = self.log_path = None
+        self.started_at = None
+        self.warm = False             # prepared before its job came
 
-    def start(self):
-        """Make the namespaces, start the helper and wait until it is ready. Returns an fd
-        of the job's network namespace. Raises OSError saying what failed."""
+    def prepare(self, log_path, cg=None):
+        """Make the namespaces (egress_namespaces_main), start the helper, its messages to
+        log_path, and wait until it is ready; with cg, move it into that cgroup (warm: an
+        RCU grace period, off the start's path). Raises OSError saying what failed (with
+        the helper's last words)."""
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         release_r, release_w = os.pipe2(os.O_CLOEXEC)
-        maker = os.fork()
-        if maker == 0:
-            os.close(ready_r)
-            os.close(release_w)
+        self.maker = os.fork()
+        if self.maker == 0:
+            _keep_only(ready_w, release_r)
             egress_namespaces_main(self.uid, self.settings["gid"], ready_w, release_r)
         for fd in (ready_w, release_r):
             os.close(fd)
         try:
             _wait_ready(ready_r, "the job's network namespace")
-            netns = os.open(f"/proc/{maker}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                self._start_helper(maker)
-            except BaseException:
-                os.close(netns)
-                raise
-            return netns
+            self.netns = os.open(f"/proc/{self.maker}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            self._start_helper(log_path)
         finally:
             os.close(ready_r)
             os.close(release_w)   # the maker exits: the helper holds the namespaces now
-            os.waitpid(maker, 0)
+            os.waitpid(self.maker, 0)
+            self.maker = None
+        if cg is not None:
+            cg.join(self.pid)
+            self.warm = True
 
-    def _start_helper(self, target_pid):
-        """Fork and exec slirp4netns on target_pid's namespaces; wait for its ready.
-        Raises OSError (with the helper's last words)."""
-        log_fd = os.open(os.path.join(self.job_dir, EGRESS_LOG), os.O_WRONLY | os.O_CREAT |
-                         os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    def _start_helper(self, log_path):
+        """Fork and exec slirp4netns on the maker's namespaces; wait for its ready.
+        Raises OSError."""
+        self.log_path = log_path
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         exit_r, self.exit_w = os.pipe2(os.O_CLOEXEC)
         self.pid = os.fork()
         if self.pid == 0:
-            os.close(ready_r)
-            os.close(self.exit_w)
-            egress_helper_main(self.settings, self.uid, target_pid, log_fd, ready_w, exit_r)
+            _keep_only(log_fd, ready_w, exit_r)
+            egress_helper_main(self.settings, self.uid, self.maker, log_fd, ready_w, exit_r)
         for fd in (log_fd, ready_w, exit_r):
             os.close(fd)
         try:
             _wait_ready(ready_r, "slirp4netns")
         except OSError as e:
             self.end()
-            last = egress_last_words(self.job_dir)
+            last = egress_last_words(log_path)
             raise OSError(e.errno, f"{e.strerror}{': ' + last if last else ''}") from None
         finally:
             os.close(ready_r)
         self.started_at = process_start_time(self.pid)
 
+    def launch(self, job_dir):
+        """The job takes the network: its helper's log moves into job_dir (EGRESS_LOG).
+        Returns the job's network namespace (an fd, the caller's to close). Raises OSError."""
+        log_path = os.path.join(job_dir, EGRESS_LOG)
+        if self.log_path != log_path:
+            os.rename(self.log_path, log_path)   # (the helper writes on, to the same file)
+            self.log_path = log_path
+        netns, self.netns = self.netns, None
+        return netns
+
     def facts(self):
-        """What the job's record says of its helper: the engine checks it is alive."""
-        return {"egress_pid": self.pid, "egress_start": self.started_at}
+        """What the job's record says of its helper: the engine checks it is alive, and
+        reads its refusals by its uid."""
+        return {"egress_pid": self.pid, "egress_start": self.started_at, "egress_uid": self.uid,
+                "egress_warm": self.warm}
+
+    def discard(self):
+        """A prepared network no job took: the helper ends, its log goes."""
+        self.end()
+        if self.log_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.log_path)
 
     def end(self):
         """End the helper (with the job). Returns how it had ended before, or "" if it was
-        still running."""
+        still running (or never ran)."""
+        if self.netns is not None:
+            os.close(self.netns)
+            self.netns = None
+        if self.exit_w is not None:
+            os.close(self.exit_w)   # --exit-fd: it exits
+            self.exit_w = None
         if not self.pid:
             return ""
         pid, status = os.waitpid(self.pid, os.WNOHANG)
         if pid == 0:
-            os.close(self.exit_w)   # --exit-fd: it exits
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)   # (at once: the job is gone anyway)
             os.waitpid(self.pid, 0)
             self.pid = None
             return ""
-        os.close(self.exit_w)
         self.pid = None
         how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exit status {os.waitstatus_to_exitcode(status)}")
-        last = egress_last_words(self.job_dir)
+        last = egress_last_words(self.log_path) if self.log_path else ""
         return f"the network helper ended ({how}{': ' + last if last else ''})"
+
+    def refusals(self, table):
+        """Packets the firewall refused this helper, read once the job has ended; its
+        count is then dropped (another shim of this pid will have this uid). 0 if
+        unknown."""
+        try:
+            counts = egress_denied_counts(table)
+            if self.uid in counts:
+                run_nft("delete", "element", *table.split(), "denied", f"{{ {self.uid} }}")
+            return counts.get(self.uid, 0)
+        except Exception as e:   # (OSError, ValueError, subprocess.TimeoutExpired)
+            log.warning("cannot read the egress firewall's count of uid %d: %s", self.uid, e)
+            return 0
 
 
 def open_input_relay(req, job_dir, stdin_w, tty_ours, sources, started):
@@ -3883,11 +4000,6 @@ class JobMeta(typing.NamedTuple):
     traceparent: str = ""         # W3C trace context of the start: the job's TRACEPARENT
 
 
-def job_uids(spec):
-    """The uids a job's record holds: its command's and its egress helper's."""
-    return [uid for uid in (spec["uid"], spec.get("egress_uid")) if uid]
-
-
 class EngineConfig(typing.NamedTuple):
     """Server-side settings of the engine; every limit has a default and a maximum."""
     state_dir: str = DEFAULT_STATE_DIR
@@ -4381,6 +4493,7 @@ def cgroup_mark(state_dir):
 
 EGRESS_ALWAYS_DENIED = ("169.254.0.0/16",)   # link-local: cloud metadata endpoints
 EGRESS_COUNTS_TTL = 1.0                      # seconds a reading of the denied counts is used
+EGRESS_UIDS = 1 << 22                        # helper uids: one per possible pid (pid_max)
 EGRESS_PACKAGES = {"slirp4netns": "slirp4netns", "nft": "nftables"}   # command: package
 
 
@@ -4478,43 +4591,23 @@ class EgressFirewall:
             f"add rule {t} deny meta l4proto tcp reject with tcp reset",
             f"add rule {t} deny reject", ""])
 
-    def _nft(self, *args, text=None):
-        """Run nft; returns its stdout. Raises OSError with its error line."""
-        import subprocess   # (forks and execs in C: safe in the threaded server)
-        done = subprocess.run(["nft", *args], input=text, capture_output=True, text=True,
-                              timeout=10 * TIME_SCALE)
-        if done.returncode:
-            lines = [line for line in done.stderr.splitlines() if line.strip()]
-            raise OSError(errno.EIO, lines[0] if lines else f"nft exited {done.returncode}")
-        return done.stdout
-
     def install(self):
         """Make or update the table. Raises OSError (subprocess.TimeoutExpired)."""
-        self._nft("-f", "-", text=self.ruleset())
+        run_nft("-f", "-", text=self.ruleset())
         self.installed = True
 
     def denied_count(self, uid):
-        """Packets refused to the helper of uid so far (read at most every EGRESS_COUNTS_TTL
-        seconds, for every job at once); 0 if unknown."""
+        """Packets refused so far to the running helper of uid (read at most every
+        EGRESS_COUNTS_TTL seconds, for every job at once); 0 if unknown."""
         if time.monotonic() - self._counts_at > EGRESS_COUNTS_TTL:
-            counts = {}
             try:
-                listing = json.loads(self._nft("-j", "list", "set", *self.table.split(),
-                                               "denied"))
-                for item in listing.get("nftables", ()):
-                    for element in item.get("set", {}).get("elem", ()):
-                        element = element.get("elem", {})
-                        counts[element["val"]] = element["counter"]["packets"]
+                self._counts = egress_denied_counts(self.table)
             except Exception as e:   # (OSError, a bad listing, subprocess.TimeoutExpired)
+                self._counts = {}
                 if self.installed:   # (else there may be no table: no egress job ever ran)
                     log.warning("cannot read the egress firewall's counts: %s", e)
-            self._counts, self._counts_at = counts, time.monotonic()
+            self._counts_at = time.monotonic()
         return self._counts.get(uid, 0)
-
-    def forget(self, uid):
-        """Drop uid's count (its job is removed: the uid may come back). Best effort."""
-        with contextlib.suppress(Exception):
-            self._nft("delete", "element", *self.table.split(), "denied", f"{{ {uid} }}")
 
 
 class UidPool:
@@ -4808,7 +4901,8 @@ class Engine:
                              "hidden": [os.path.realpath(p) for p in
                                         (self.config.state_dir, *self.config.hidden_paths)],
                              "work": os.path.realpath(os.path.join(state_dir, "work")),
-                             "private_size": self.config.workdir_size or PRIVATE_DIR_SIZE})
+                             "private_size": self.config.workdir_size or PRIVATE_DIR_SIZE,
+                             "egress": self._egress})
         return self
 
     def _open_egress(self):
@@ -4830,9 +4924,19 @@ class Engine:
                                   f"host lacks")
             log.warning("%s: egress starts will fail", self._egress_error)
             return
-        gid = self.config.uid_base + self.config.uid_count   # (no job's uid or gid)
+        # The helpers' uids come after the jobs' (one per possible pid of a shim), then
+        # their group: neither is ever a job's.
+        helpers = self.config.uid_base + self.config.uid_count
+        gid = helpers + EGRESS_UIDS
         self._firewall = EgressFirewall(self.config.state_dir, gid, denied)
-        self._egress = {"helper": shutil.which("slirp4netns"), "gid": gid, "dns": resolvers}
+        # Where warm shims' helpers log until a job takes them (their log then moves into
+        # its folder): emptied here, as nothing warm outlives a spawner.
+        spare_logs = os.path.join(self.config.state_dir, "egress")
+        shutil.rmtree(spare_logs, ignore_errors=True)
+        os.makedirs(spare_logs, mode=0o700, exist_ok=True)
+        self._egress = {"helper": shutil.which("slirp4netns"), "gid": gid, "dns": resolvers,
+                        "uid_base": helpers, "table": self._firewall.table,
+                        "spare_logs": spare_logs}
         self._egress_error = ""
         if not resolvers:
             log.warning("egress jobs get no DNS: the host names no resolver they can reach "
@@ -5074,7 +5178,7 @@ class Engine:
         """A prepared start that will not launch: its folders and uid given back."""
         spec = prepared.spec
         try:
-            self._release_uids(spec)
+            self._release_uid(spec["uid"])
             self._remove_folders(prepared.job_dir, spec["workdir"])
         finally:
             self._claims.release(spec["owner"], prepared.meta)
@@ -5105,11 +5209,9 @@ class Engine:
         env = job_environment(spec)
         workdir_size = self._workdir_size(options, limits)
         try:
-            if options.egress:   # its helper's: a uid of its own (EgressNetwork)
-                spec["egress_uid"] = self._uids.take()
             limits = self._prepare_folders(spec, options, limits, workdir_size)
         except BaseException:
-            self._release_uids(spec)
+            self._release_uid(uid)
             self._remove_folders(job_dir, workdir if not options.workdir else "")
             raise
         spec["limits"] = limits._asdict()
@@ -5123,8 +5225,7 @@ class Engine:
         try:
             reply = self._spawner.spawn(SpawnRequest(
                 spec=spec, job_dir=job_dir, env=env, workdir_size=workdir_size,
-                output_cap=self.config.output_cap,
-                egress_settings=self._egress if options.egress else None))
+                output_cap=self.config.output_cap))
         except Error:
             self._forget(job, remove_workdir=not options.workdir)
             raise
@@ -5632,8 +5733,7 @@ class Engine:
             self._jobs[job_id] = job
             bisect.insort(self._order, list_cursor(job))
             self._claims.record(job_id, spec)
-            for uid in job_uids(spec):
-                self._uids.keep(uid)
+            self._uids.keep(spec["uid"])
             if job.result is None:
                 self._running.add(job_id)
         self._count_kept_files(job)   # (an ended one, loaded at start-up)
@@ -5690,14 +5790,11 @@ class Engine:
                 at = bisect.bisect_left(self._order, list_cursor(job))
                 del self._order[at]
             self._claims.forget(job.id, job.spec)
-            for uid in job_uids(job.spec):
-                self._uids.release(uid)
+            self._uids.release(job.spec["uid"])
             self._running.discard(job.id)
             owner = job.spec["owner"]
             if job.files_bytes:
                 self._kept_files[owner] = self._kept_files.get(owner, 0) - job.files_bytes
-        if job.spec.get("egress_uid") and self._firewall:   # (its uid may come back)
-            self._firewall.forget(job.spec["egress_uid"])
         # (Removing the folder also ends its inotify watch.)
         self._remove_folders(job.dir, job.spec["workdir"] if remove_workdir else "")
 
@@ -5717,9 +5814,8 @@ class Engine:
                     f"may have (--max-jobs-per-user)", reason="TOO_MANY_JOBS_OF_USER")
         return 0 if root else self._uids.take(leaves_files)
 
-    def _release_uids(self, spec):
-        for uid in job_uids(spec):
-            self._uids.release(uid)
+    def _release_uid(self, uid):
+        self._uids.release(uid)
 
     def _get(self, job_id):
         job = None
@@ -5800,17 +5896,19 @@ class Engine:
         process its shim recorded lives; a helper that ended before its job is down, with
         the last words of its log."""
         shim, result = job.shim or {}, job.result
-        denied = self._firewall.denied_count(job.spec["egress_uid"]) if self._firewall else 0
         if result is not None:
             lost = result.get("network_lost", "")
-            return {"network_state": f"down: {lost}" if lost else "", "egress_denied": denied}
+            return {"network_state": f"down: {lost}" if lost else "",
+                    "egress_denied": result.get("egress_denied", 0)}
+        denied = (self._firewall.denied_count(shim["egress_uid"])
+                  if self._firewall and shim.get("egress_uid") else 0)
         pid = shim.get("egress_pid")
         if not pid:
             state = "starting"
         elif process_start_time(pid) == shim.get("egress_start"):
             state = "up"
         else:
-            last = egress_last_words(job.dir)
+            last = egress_last_words(os.path.join(job.dir, EGRESS_LOG))
             state = f"down: the network helper ended{' (' + last + ')' if last else ''}"
         return {"network_state": state, "egress_denied": denied}
 

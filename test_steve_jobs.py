@@ -1130,6 +1130,48 @@ def test_egress_survives_a_server_restart_and_a_dead_helper_is_said(
             cli(egress_server, "stop", "--grace", "0", job_id, user="alice")
 
 
+def egress_helpers(server):
+    """Pids of server's egress helpers (slirp4netns), by the uid range of helpers, and the
+    cgroup (its jobs', or one of its warm shims') they are in."""
+    config = sj.EngineConfig()
+    first = config.uid_base + config.uid_count
+    helpers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            uid = os.stat(f"/proc/{pid}").st_uid
+            if (first <= uid < first + sj.EGRESS_UIDS and "slirp4netns" in os.readlink(
+                    f"/proc/{pid}/exe") and f"/{server.cgroup_root}/" in open(
+                    f"/proc/{pid}/cgroup").read()):
+                helpers.append(int(pid))
+    return helpers
+
+
+@pytest.mark.network
+def test_egress_helpers_are_made_ready_while_asked_for_and_none_outlives_its_job(
+        certs, remote_host):
+    require_kernel()
+    with Server(certs, extra=["--egress-dns", REMOTE_ADDRESS]) as srv:
+        warm = []
+        for _ in range(4):   # the first cold; then warm shims get theirs ready ahead
+            done = cli(srv, "run", "-f", "--name", f"e{len(warm)}", "--network", "egress",
+                       "--", "python3", "-c", reach_script(("r", REMOTE_ADDRESS, REMOTE_PORT)),
+                       user="alice")
+            assert done.stdout == b"r reached\n", done
+            st = cli_json(srv, "status", f"e{len(warm)}", user="alice")
+            warm.append(job_record(srv, st["job_id"])["shim"]["egress_warm"])
+            time.sleep(0.3)   # (a quiet moment: the spawner refills)
+        assert warm[0] is False and True in warm[1:], warm
+        # A default job on a shim made ready for egress: no network, and its helper goes.
+        assert cli(srv, "run", "-f", "ls /sys/class/net", user="alice").stdout == b"lo\n"
+        helpers = egress_helpers(srv)
+        assert 0 < len(helpers) <= sj.WARM_SHIMS, helpers   # (the warm shims' alone)
+        srv.terminate()   # its warm shims go, and their helpers with them
+        deadline = time.monotonic() + scaled(10)
+        while any(os.path.exists(f"/proc/{pid}") for pid in helpers):
+            assert time.monotonic() < deadline, helpers
+            time.sleep(0.05)
+
+
 @pytest.mark.network
 def test_egress_is_refused_in_one_line_where_the_host_or_the_role_cannot_have_it(certs):
     require_kernel()
