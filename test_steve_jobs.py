@@ -1111,6 +1111,9 @@ def test_egress_survives_a_server_restart_and_a_dead_helper_is_said(
             time.sleep(0.05)
         egress_server.restart()
         assert cli_json(egress_server, "status", kept, user="alice")["network_state"] == "up"
+        inside = cli(egress_server, "exec", kept, "--", "python3", "-c", reach_script(
+            ("exec", REMOTE_ADDRESS, REMOTE_PORT)), user="alice")   # (exec: the job's network)
+        assert inside.stdout == b"exec reached\n", inside
         for job_id in (kept, lost):
             done = cli(egress_server, "cp", str(go), f"{job_id}:go", user="alice")
             assert done.returncode == 0, done.stderr
