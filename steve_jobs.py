@@ -2378,7 +2378,7 @@ class ShimJob:
     def fail(self, message):
         """The job did not start: say why to the server and in the job's files. Returns 1."""
         if self.egress:
-            self.egress.end()
+            self.egress.discard()
         _discard_warm(self.cg, self.init_pid)
         message = message[:MAX_ERROR_CHARS]
         _reply(self.reply_fd, ok=False, error=message,
@@ -2459,6 +2459,11 @@ class ShimJob:
         while warm, or now) and send the command the network namespace to enter (before
         the request and the working folder's mount: the command reads them in that
         order). Raises OSError."""
+        if self.req.egress and self.egress and not self.egress.alive():
+            log.warning("job %s: its prepared network helper had died: making another",
+                        self.req.job_id)
+            self.egress.discard()
+            self.egress = None
         self.egress_warm = self.egress is not None
         if not self.req.egress:
             return
@@ -2537,8 +2542,10 @@ class ShimJob:
         if failure:
             result.update(failed=True, error=failure)
         if self.egress:   # before the cgroup goes: the helper is in it
-            result["network_lost"] = self.egress.end()
-            result["egress_denied"] = self.egress.refusals(self.egress_settings["table"])
+            killed = (result.get("signal") == signal.SIGKILL or
+                      os.path.exists(os.path.join(self.job_dir, STOP_FILE)))
+            result["network_lost"] = self.egress.end(killed_with_job=killed)
+            result["egress_denied"] = self.egress.refusals()
         result.update(self.cg.usage())
         _remove_cgroup(self.cg)
         # A supervisor never dies of a full disk: what it knows is kept until it is written
@@ -2663,10 +2670,10 @@ def egress_helper_main(settings, uid, target_pid, log_fd, ready_w, exit_r):
         os.dup2(log_fd, 2)
         for fd in (ready_w, exit_r):
             os.set_inheritable(fd, True)
-        os.execv(settings["helper"], [
+        os.execve(settings["helper"], [   # (none of the server's environment: its secrets)
             "slirp4netns", "--configure", f"--mtu={EGRESS_MTU}", "--disable-host-loopback",
             "--enable-sandbox", "--enable-seccomp", f"--ready-fd={ready_w}",
-            f"--exit-fd={exit_r}", str(target_pid), EGRESS_TAP])
+            f"--exit-fd={exit_r}", str(target_pid), EGRESS_TAP], {"PATH": JOB_PATH})
     except OSError as e:
         with contextlib.suppress(OSError):
             os.write(ready_w, f"cannot start {settings['helper']}: {e.strerror or e}".encode())
@@ -2685,23 +2692,23 @@ def egress_last_words(log_path):
     return lines[-1][:200] if lines else ""
 
 
-def run_nft(*args, text=None):
-    """Run nft (the egress firewall's tool); returns its stdout. Raises OSError with its
-    first error line (subprocess.TimeoutExpired past a bounded wait)."""
+def run_nft(nft, *args, text=None):
+    """Run nft (the egress firewall's tool, its path) with args; returns its stdout. Raises
+    OSError with its first error line (subprocess.TimeoutExpired past a bounded wait)."""
     import subprocess   # (forks and execs in C: safe in the threaded server too)
-    done = subprocess.run(["nft", *args], input=text, capture_output=True, text=True,
-                          timeout=10 * TIME_SCALE)
+    done = subprocess.run([nft, *args], input=text, capture_output=True, text=True,
+                          timeout=10 * TIME_SCALE, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     if done.returncode:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise OSError(errno.EIO, lines[0] if lines else f"nft exited {done.returncode}")
     return done.stdout
 
 
-def egress_denied_counts(table):
+def egress_denied_counts(nft, table):
     """{helper uid: packets refused} of the egress firewall's table ("inet NAME").
     Raises OSError, ValueError (a listing nft should not give)."""
     counts = {}
-    for item in json.loads(run_nft("-j", "list", "set", *table.split(), "denied")).get(
+    for item in json.loads(run_nft(nft, "-j", "list", "set", *table.split(), "denied")).get(
             "nftables", ()):
         for element in item.get("set", {}).get("elem", ()):
             if isinstance(element, dict) and "elem" in element:
@@ -2747,6 +2754,7 @@ class EgressNetwork:
         self.maker = self.pid = self.netns = self.exit_w = self.log_path = None
         self.started_at = None
         self.warm = False             # prepared before its job came
+        self.launched = False         # a job took it: its helper may have been refused
 
     def prepare(self, log_path, cg=None):
         """Make the namespaces (egress_namespaces_main), start the helper, its messages to
@@ -2765,6 +2773,9 @@ class EgressNetwork:
             _wait_ready(ready_r, "the job's network namespace")
             self.netns = os.open(f"/proc/{self.maker}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             self._start_helper(log_path)
+        except BaseException:
+            os.kill(self.maker, signal.SIGKILL)   # (our unreaped child: no pid reuse)
+            raise
         finally:
             os.close(ready_r)
             os.close(release_w)   # the maker exits: the helper holds the namespaces now
@@ -2806,6 +2817,7 @@ class EgressNetwork:
             os.rename(self.log_path, log_path)   # (the helper writes on, to the same file)
             self.log_path = log_path
         netns, self.netns = self.netns, None
+        self.launched = True
         return netns
 
     def facts(self):
@@ -2814,25 +2826,34 @@ class EgressNetwork:
         return {"egress_pid": self.pid, "egress_start": self.started_at, "egress_uid": self.uid,
                 "egress_warm": self.warm}
 
+    def alive(self):
+        """True while the helper runs (a prepared one may have died waiting)."""
+        return bool(self.pid) and os.waitpid(self.pid, os.WNOHANG)[0] == 0
+
     def discard(self):
-        """A prepared network no job took: the helper ends, its log goes."""
+        """A network whose job never came (or never started): the helper ends, its count
+        goes, and its log if no job's folder has it."""
         self.end()
-        if self.log_path:
+        if self.launched:
+            self.forget_count()
+        if self.log_path and os.path.dirname(self.log_path) == self.settings["spare_logs"]:
             with contextlib.suppress(OSError):
                 os.unlink(self.log_path)
 
-    def end(self):
+    def end(self, killed_with_job=False):
         """End the helper (with the job). Returns how it had ended before, or "" if it was
-        still running (or never ran)."""
+        still running, never ran, or (killed_with_job) died of the SIGKILL that ended the
+        job (a stop kills the job's whole cgroup, the helper with it)."""
         if self.netns is not None:
             os.close(self.netns)
             self.netns = None
-        if self.exit_w is not None:
+        ended = os.waitpid(self.pid, os.WNOHANG) if self.pid else (0, 0)
+        if self.exit_w is not None:   # (only now: closing it makes a live helper exit 0)
             os.close(self.exit_w)   # --exit-fd: it exits
             self.exit_w = None
         if not self.pid:
             return ""
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        pid, status = ended
         if pid == 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)   # (at once: the job is gone anyway)
@@ -2840,19 +2861,28 @@ class EgressNetwork:
             self.pid = None
             return ""
         self.pid = None
+        if killed_with_job and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+            return ""
         how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exit status {os.waitstatus_to_exitcode(status)}")
         last = egress_last_words(self.log_path) if self.log_path else ""
         return f"the network helper ended ({how}{': ' + last if last else ''})"
 
-    def refusals(self, table):
+    def forget_count(self):
+        """Drop this uid's count in the firewall (best effort): another shim of this pid
+        will have this uid."""
+        with contextlib.suppress(Exception):   # (none to drop, mostly)
+            run_nft(self.settings["nft"], "delete", "element", *self.settings["table"].split(),
+                    "denied", f"{{ {self.uid} }}")
+
+    def refusals(self):
         """Packets the firewall refused this helper, read once the job has ended; its
-        count is then dropped (another shim of this pid will have this uid). 0 if
-        unknown."""
+        count is then dropped (forget_count). 0 if unknown."""
+        table = self.settings["table"]
         try:
-            counts = egress_denied_counts(table)
+            counts = egress_denied_counts(self.settings["nft"], table)
             if self.uid in counts:
-                run_nft("delete", "element", *table.split(), "denied", f"{{ {self.uid} }}")
+                self.forget_count()
             return counts.get(self.uid, 0)
         except Exception as e:   # (OSError, ValueError, subprocess.TimeoutExpired)
             log.warning("cannot read the egress firewall's count of uid %d: %s", self.uid, e)
@@ -4491,9 +4521,12 @@ def cgroup_mark(state_dir):
 
 # -- egress: the firewall that holds every job's egress helper to what it may reach ----
 
-EGRESS_ALWAYS_DENIED = ("169.254.0.0/16",)   # link-local: cloud metadata endpoints
+# Link-local (most clouds' metadata endpoints), Alibaba Cloud's and Azure's wire server.
+EGRESS_ALWAYS_DENIED = ("169.254.0.0/16", "100.100.100.200/32", "168.63.129.16/32")
+EGRESS_CHECK_INTERVAL = 5.0                  # seconds between checks that the table is there
 EGRESS_COUNTS_TTL = 1.0                      # seconds a reading of the denied counts is used
 EGRESS_UIDS = 1 << 22                        # helper uids: one per possible pid (pid_max)
+EGRESS_GROUPS = 1 << 12                      # the helpers' gids, one per server (by its folder)
 EGRESS_PACKAGES = {"slirp4netns": "slirp4netns", "nft": "nftables"}   # command: package
 
 
@@ -4559,11 +4592,12 @@ class EgressFirewall:
     the helper's uid. The table outlives the server, as the jobs do; install() replaces
     its rules in one transaction, keeping its counts."""
 
-    def __init__(self, state_dir, gid, denied):
+    def __init__(self, state_dir, gid, denied, nft="nft"):
         import zlib
         self.table = f"inet steve_jobs_{zlib.crc32(os.path.realpath(state_dir).encode()):08x}"
-        self.gid, self.denied = gid, list(denied)
+        self.gid, self.denied, self.nft = gid, list(denied), nft
         self.installed = False
+        self.checked_at = 0.0         # when ensure() last found the table in place
         self._counts, self._counts_at = {}, 0.0
 
     def ruleset(self):
@@ -4574,14 +4608,21 @@ class EgressFirewall:
             f"add table {t}",
             f"add set {t} denied {{ typeof meta skuid; size 65535; flags dynamic; counter; }}",
             f"add set {t} deny4 {{ type ipv4_addr; flags interval; auto-merge; }}",
+            # Two looks at each packet: before NAT (a DNAT of the host's address, as
+            # Docker's published ports, would hide that it was the host's) and after it
+            # (a DNAT to the host itself).
             f"add chain {t} output {{ type filter hook output priority filter; "
             f"policy accept; }}",
+            f"add chain {t} before_nat {{ type filter hook output priority -150; "
+            f"policy accept; }}",
             f"add chain {t} helper", f"add chain {t} deny",
-            *(f"flush chain {t} {chain}" for chain in ("output", "helper", "deny")),
+            *(f"flush chain {t} {chain}"
+              for chain in ("output", "before_nat", "helper", "deny")),
             f"flush set {t} deny4",
             *([f"add element {t} deny4 {{ {', '.join(v4)} }}"] if v4 else []),
-            # Every rule that matches by socket sits behind this one: the resets the
-            # kernel sends for a refusal have no socket and must pass.
+            # Every rule that matches by socket sits behind these: the resets the kernel
+            # sends for a refusal have no socket and must pass.
+            f"add rule {t} before_nat meta skgid {self.gid} jump helper",
             f"add rule {t} output meta skgid {self.gid} jump helper",
             f"add rule {t} helper fib daddr type {{ local, broadcast, multicast, anycast }}"
             f" jump deny",
@@ -4593,15 +4634,32 @@ class EgressFirewall:
 
     def install(self):
         """Make or update the table. Raises OSError (subprocess.TimeoutExpired)."""
-        run_nft("-f", "-", text=self.ruleset())
+        run_nft(self.nft, "-f", "-", text=self.ruleset())
         self.installed = True
+        self.checked_at = time.monotonic()
+
+    def ensure(self):
+        """Put the table back if something removed it (`nft flush ruleset`, a firewall
+        reloaded): checked at most every EGRESS_CHECK_INTERVAL seconds. Raises OSError
+        (subprocess.TimeoutExpired) if it cannot be installed."""
+        if self.installed and time.monotonic() - self.checked_at < EGRESS_CHECK_INTERVAL:
+            return
+        if self.installed:
+            try:
+                run_nft(self.nft, "list", "table", *self.table.split())
+                self.checked_at = time.monotonic()
+                return
+            except OSError as e:
+                log.error("the egress firewall (%s) is gone (%s): installing it again",
+                          self.table, e)
+        self.install()
 
     def denied_count(self, uid):
         """Packets refused so far to the running helper of uid (read at most every
         EGRESS_COUNTS_TTL seconds, for every job at once); 0 if unknown."""
         if time.monotonic() - self._counts_at > EGRESS_COUNTS_TTL:
             try:
-                self._counts = egress_denied_counts(self.table)
+                self._counts = egress_denied_counts(self.nft, self.table)
             except Exception as e:   # (OSError, a bad listing, subprocess.TimeoutExpired)
                 self._counts = {}
                 if self.installed:   # (else there may be no table: no egress job ever ran)
@@ -4788,6 +4846,7 @@ class Engine:
         self._egress = None           # what a shim needs to start an egress helper
         self._egress_error = "the server is not open"   # why egress starts fail, or ""
         self._egress_lock = threading.Lock()
+        self._closing = threading.Event()   # set by close(): background checks end
 
     @property
     def layout(self):
@@ -4917,6 +4976,7 @@ class Engine:
             resolvers = egress_resolvers(self.config.egress_dns)
         except ValueError as e:
             raise UnavailableError(str(e)) from None
+        resolvers = self._reachable_resolvers(resolvers, denied)
         missing = [f"{command} (Debian's {package} package)"
                    for command, package in EGRESS_PACKAGES.items() if not shutil.which(command)]
         if missing:
@@ -4925,10 +4985,13 @@ class Engine:
             log.warning("%s: egress starts will fail", self._egress_error)
             return
         # The helpers' uids come after the jobs' (one per possible pid of a shim), then
-        # their group: neither is ever a job's.
+        # their group, one of EGRESS_GROUPS by the state folder (a second server's helpers
+        # are not its table's to count): never a job's uid or gid.
+        import zlib
         helpers = self.config.uid_base + self.config.uid_count
-        gid = helpers + EGRESS_UIDS
-        self._firewall = EgressFirewall(self.config.state_dir, gid, denied)
+        gid = helpers + EGRESS_UIDS + zlib.crc32(
+            os.path.realpath(self.config.state_dir).encode()) % EGRESS_GROUPS
+        self._firewall = EgressFirewall(self.config.state_dir, gid, denied, shutil.which("nft"))
         # Where warm shims' helpers log until a job takes them (their log then moves into
         # its folder): emptied here, as nothing warm outlives a spawner.
         spare_logs = os.path.join(self.config.state_dir, "egress")
@@ -4936,28 +4999,61 @@ class Engine:
         os.makedirs(spare_logs, mode=0o700, exist_ok=True)
         self._egress = {"helper": shutil.which("slirp4netns"), "gid": gid, "dns": resolvers,
                         "uid_base": helpers, "table": self._firewall.table,
-                        "spare_logs": spare_logs}
+                        "nft": self._firewall.nft, "spare_logs": spare_logs}
         self._egress_error = ""
         if not resolvers:
             log.warning("egress jobs get no DNS: the host names no resolver they can reach "
                         "(--egress-dns names one)")
 
+    def _reachable_resolvers(self, resolvers, denied):
+        """resolvers without those in a denied network (a cloud's 169.254.169.254, a
+        private one an operator denied): egress jobs could not reach them. Raises
+        UnavailableError for such a one given with --egress-dns."""
+        import ipaddress
+        networks = [ipaddress.ip_network(n) for n in denied]
+        kept = []
+        for address in resolvers:
+            if not any(ipaddress.ip_address(address) in n for n in networks):
+                kept.append(address)
+            elif self.config.egress_dns:
+                raise UnavailableError(f"--egress-dns {address} is in a network egress jobs "
+                                       f"may not reach (--egress-deny, 169.254.0.0/16)")
+            else:
+                log.warning("egress jobs' DNS does not go to the host's resolver %s: it is in "
+                            "a network they may not reach (--egress-dns names another)",
+                            address)
+        return kept
+
     def _egress_ready(self):
-        """Install the egress firewall, once. Raises FailedPreconditionError."""
+        """Install the egress firewall (once; put back if it went). Raises
+        FailedPreconditionError."""
         with self._egress_lock:   # (starts wait for the first install: they need it)
             if self._egress_error:
                 raise FailedPreconditionError(self._egress_error, reason="EGRESS_UNAVAILABLE")
-            if self._firewall.installed:
-                return
+            first = not self._firewall.installed
             try:
-                self._firewall.install()
+                self._firewall.ensure()
             except Exception as e:   # (OSError, subprocess.TimeoutExpired)
                 log.warning("cannot install the egress firewall: %s", e)
                 raise FailedPreconditionError(f"cannot install the egress firewall: {e}",
                                               reason="EGRESS_UNAVAILABLE") from None
+        if first:
             log_line("egress firewall installed", table=self._firewall.table.split()[1],
                      helper=self._egress["helper"], dns=",".join(self._egress["dns"]) or
-                     "none", denied=",".join(self._firewall.denied))
+                     "none", denied=",".join(self._firewall.denied), gid=self._firewall.gid)
+            threading.Thread(target=self._keep_firewall, name="egress-firewall",
+                             daemon=True).start()
+
+    def _keep_firewall(self):
+        """While egress jobs run, check every EGRESS_CHECK_INTERVAL seconds that their
+        firewall is still there, and put it back if not (a removed table would let their
+        helpers reach the host)."""
+        while not self._closing.wait(EGRESS_CHECK_INTERVAL):
+            with self._lock:
+                running = [self._jobs[i] for i in self._running if i in self._jobs]
+            if any(j.spec["options"].get("egress") for j in running):
+                with contextlib.suppress(FailedPreconditionError):
+                    self._egress_ready()
 
     def close(self, stop_jobs=False):
         """Stop serving; with stop_jobs, stop every running job first (bounded)."""
@@ -4969,6 +5065,7 @@ class Engine:
                         job.id, grace=min(self.config.stop_grace, 2.0))))
             for job, deadline in stopping:
                 job.ended.wait(max(0.0, (deadline or 0) - time.monotonic()))
+        self._closing.set()
         self._spawner.close()
         if self._watcher:
             self._watcher.close()
@@ -5114,9 +5211,15 @@ class Engine:
         self._check_result(job)   # it may have written one just before it died
         if job.result is None:
             log.warning("job %s: its supervisor %s", job.id, what)
-            self._finish(job, {"unknown": True, "ended_at": time.time(), "error":
-                               f"the job's supervisor {what}; the job's end is unknown"},
-                         save=True)
+            result = {"unknown": True, "ended_at": time.time(), "error":
+                      f"the job's supervisor {what}; the job's end is unknown"}
+            helper_uid = (job.shim or {}).get("egress_uid")
+            if helper_uid and self._firewall:   # (the next shim of its pid has its uid)
+                result["egress_denied"] = self._firewall.denied_count(helper_uid)
+                with contextlib.suppress(Exception):
+                    run_nft(self._firewall.nft, "delete", "element",
+                            *self._firewall.table.split(), "denied", f"{{ {helper_uid} }}")
+            self._finish(job, result, save=True)
 
     # -- jobs ---------------------------------------------------------------
 
@@ -5663,9 +5766,10 @@ class Engine:
         self._require_running(job)
         init_pid = (job.shim or {}).get("init_pid")
         pids = []
-        if all_processes:
+        if all_processes:   # (not its init, nor its egress helper: the job's processes)
+            helper = (job.shim or {}).get("egress_pid")
             with contextlib.suppress(OSError):
-                pids = [p for p in self._cgroup_of(job).pids() if p != init_pid]
+                pids = [p for p in self._cgroup_of(job).pids() if p not in (init_pid, helper)]
         else:   # init's first child is the command: pid 2 of the job's namespace
             pids = [p for p in children_of(init_pid) if innermost_pid(p) == 2] if init_pid else []
         if not sum(self._signal_job_process(job, pid, signum) for pid in pids):
@@ -10554,8 +10658,12 @@ def parse_command_line(argv):
     mode = getattr(args, "network", "")
     if mode not in NETWORK_MODES:   # the first --network before the command took its word
         flags = argv[:len(argv) - len(args.cmd)]
-        at = next(i for i, word in enumerate(flags[:-1]) if word == "--network" and
-                  flags[i + 1] not in NETWORK_MODES and not flags[i + 1].startswith("-"))
+        at = next((i for i, word in enumerate(flags[:-1]) if word == "--network" and
+                   flags[i + 1] not in NETWORK_MODES and not flags[i + 1].startswith("-")),
+                  None)
+        if at is None:   # (--network=WORD: no command's word, a mode mistyped)
+            raise ClientError(EXIT_USAGE, f"--network takes {', '.join(NETWORK_MODES[1:])}, "
+                                          f"not {mode!r}")
         argv = [*argv[:at], "--network=host", *argv[at + 1:]]
     if extra or mode not in NETWORK_MODES:
         args = build_parser().parse_args(argv)   # (its errors, if any, as ever)

@@ -226,8 +226,10 @@ def test_egress_settings_are_checked_and_the_firewall_refuses_what_it_must():
     assert re.fullmatch(r"inet steve_jobs_[0-9a-f]{8}", rules.table)
     # Only the helpers' group is filtered, behind one rule: the resets the kernel sends
     # have no socket and must pass (a rule of their own matching by socket would drop them).
-    assert [line for line in text.splitlines() if " output " in line and "rule" in line] == [
-        f"add rule {rules.table} output meta skgid 4242 jump helper"]
+    assert [line for line in text.splitlines() if line.startswith("add rule") and (
+        " output " in line or " before_nat " in line)] == [
+        f"add rule {rules.table} before_nat meta skgid 4242 jump helper",   # (before DNAT)
+        f"add rule {rules.table} output meta skgid 4242 jump helper"]       # (and after)
     for refused in ("fib daddr type { local, broadcast, multicast, anycast } jump deny",
                     "ip daddr @deny4 jump deny", "meta nfproto ipv6 jump deny"):
         assert f"add rule {rules.table} helper {refused}" in text
@@ -253,6 +255,8 @@ def test_run_network_takes_a_mode_and_alone_still_means_the_hosts():
     assert parsed("ls", "--network") == ("", sh("ls --network"))   # the command's own word
     with pytest.raises(sj.ClientError, match="nothing to run"):
         parsed("--network", "egress")
+    with pytest.raises(sj.ClientError, match="--network takes none, host, egress, not 'egres'"):
+        parsed("--network=egres", "ls")
 
 
 @pytest.mark.unit
@@ -1017,24 +1021,45 @@ def open_host_listener():
         yield s.getsockname()[1]
 
 
+PUBLISHED_PORT = 7799
+
+
+@pytest.fixture
+def published_port():
+    """A port of the host's address HOST_SIDE that DNAT sends to the remote host's echo, as
+    Docker publishes a container's port (nat output): it is the host's, to egress jobs too."""
+    table = f"ip sjtest_dnat_{uuid.uuid4().hex[:6]}"
+    subprocess.run(["nft", "-f", "-"], check=True, text=True, input="\n".join([
+        f"add table {table}",
+        f"add chain {table} output {{ type nat hook output priority -100; }}",
+        f"add rule {table} output ip daddr {HOST_SIDE} tcp dport {PUBLISHED_PORT} "
+        f"dnat ip to {REMOTE_ADDRESS}:{REMOTE_PORT}", ""]))
+    try:
+        yield PUBLISHED_PORT
+    finally:
+        subprocess.run(["nft", "delete", "table", *table.split()], check=True)
+
+
 @pytest.mark.network
 def test_an_egress_job_reaches_the_remote_host_and_nothing_of_the_hosts(
-        egress_server, open_host_listener):
+        egress_server, open_host_listener, published_port):
     # The test itself (the host) reaches each address: only the firewall stands between.
-    for address in (REMOTE_ADDRESS, METADATA_ADDRESS, DENIED_ADDRESS):
-        socket.create_connection((address, REMOTE_PORT), timeout=5).close()
+    for address, port in ((REMOTE_ADDRESS, REMOTE_PORT), (METADATA_ADDRESS, REMOTE_PORT),
+                          (DENIED_ADDRESS, REMOTE_PORT), (HOST_SIDE, published_port)):
+        socket.create_connection((address, port), timeout=5).close()
     script = reach_script(
         ("remote", REMOTE_ADDRESS, REMOTE_PORT), ("by-name", "build-deps.test", REMOTE_PORT),
         ("server-port", "10.0.2.2", egress_server.port),     # (slirp's alias of the host)
         ("own-loopback", "127.0.0.1", egress_server.port),
         ("host-address", HOST_SIDE, open_host_listener),
+        ("published", HOST_SIDE, published_port),     # (the host's, though DNAT sends it on)
         ("metadata", METADATA_ADDRESS, REMOTE_PORT), ("denied-range", DENIED_ADDRESS, REMOTE_PORT))
     done = cli(egress_server, "run", "-f", "--name", "reach", "--network", "egress", "--",
                "python3", "-c", script, user="alice")
     assert done.returncode == 0, done.stderr
     said = dict(line.split(" ", 1) for line in done.stdout.decode().splitlines())
     assert said == {"remote": "reached", "by-name": "reached", "server-port": "refused",
-                    "own-loopback": "refused", "host-address": "refused",
+                    "own-loopback": "refused", "host-address": "refused", "published": "refused",
                     "metadata": "refused", "denied-range": "refused"}, said
     deadline = time.monotonic() + scaled(10)   # (the counts are read once a second)
     while int((st := cli_json(egress_server, "status", "reach", user="alice")).get(
@@ -1173,6 +1198,33 @@ def test_egress_helpers_are_made_ready_while_asked_for_and_none_outlives_its_job
         while any(os.path.exists(f"/proc/{pid}") for pid in helpers):
             assert time.monotonic() < deadline, helpers
             time.sleep(0.05)
+
+
+@pytest.mark.network
+def test_a_removed_egress_firewall_is_put_back_and_a_stop_is_no_lost_network(egress_server):
+    job = start_job(egress_server, "trap '' HUP; exec sleep 1000", user="alice",
+                    network="egress")
+    try:
+        table = sj.EgressFirewall(egress_server.state_dir, 0, ()).table
+        listed = lambda: subprocess.run(["nft", "list", "table", *table.split()],
+                                        capture_output=True).returncode == 0
+        assert listed()
+        subprocess.run(["nft", "flush", "table", *table.split()], check=True)
+        subprocess.run(["nft", "delete", "table", *table.split()], check=True)
+        deadline = time.monotonic() + scaled(3 * sj.EGRESS_CHECK_INTERVAL)
+        while not listed():   # (the server checks every EGRESS_CHECK_INTERVAL seconds)
+            assert time.monotonic() < deadline, "the firewall was not put back"
+            time.sleep(0.2)
+        assert "is gone" in egress_server.read_log()
+        # kill --all signals the job's processes, not its network helper.
+        assert cli(egress_server, "kill", "--all", "-s", "HUP", job, user="alice").returncode == 0
+        time.sleep(0.2)
+        assert cli_json(egress_server, "status", job, user="alice")["network_state"] == "up"
+    finally:
+        cli(egress_server, "stop", "--grace", "0", job, user="alice")
+    # Its stop killed its cgroup, the helper with it: not a network lost.
+    st = cli_json(egress_server, "status", job, user="alice")
+    assert st["state"] == "stopped" and st["network_state"] == "", st
 
 
 @pytest.mark.network
