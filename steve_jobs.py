@@ -1851,6 +1851,7 @@ STDOUT, STDERR = 1, 2                    # as in the API's Stream
 RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE, TIMED_OUT_FILE = (
     "result.json", "job.json", "output", "stop_requested", "timed_out")
 MAX_TIMEOUT = 366 * 86400        # a start's timeout, at most
+REMOVE_GRACE = 10.0 * TIME_SCALE  # seconds a run --rm job is kept after its end, at least
 # The job's input: its supervisor listens on this socket in the job's folder (root only)
 # while the job runs, one connection at a time, and writes what comes to the job's stdin
 # (a pipe) or its terminal. Messages (SOCK_SEQPACKET), by their first byte:
@@ -4001,6 +4002,7 @@ class JobOptions(typing.NamedTuple):
     stdin: bool = False           # stdin from the job's input socket (else /dev/null)
     terminal: tuple = ()          # (rows, columns): a terminal on stdin, stdout, stderr
     timeout: float = 0.0          # seconds after its start at which it is stopped; 0: never
+    remove: bool = False          # removed with its files once ended and followed by none
 
 
 def job_environment(spec):
@@ -4197,6 +4199,11 @@ class Job:
                 cb()
             except Exception:
                 log.exception("output callback failed")
+
+    def followed(self):
+        """True while something (an output stream) is subscribed to this job's changes."""
+        with self._cond:
+            return bool(self._callbacks)
 
     def subscribe(self, callback):
         """Call callback() (from another thread, quickly) on every change; returns unsubscribe."""
@@ -5126,6 +5133,7 @@ class Engine:
         job.timed_out = os.path.exists(os.path.join(job_dir, TIMED_OUT_FILE))
         self._set_shim(job, spec.get("shim"))
         self._arm_timeout(job)
+        self._arm_removal(job)
         if job.result is None:
             with contextlib.suppress(OSError, Error):
                 job.paused = job.cgroup.frozen()   # a pause outlives the server too
@@ -5355,6 +5363,27 @@ class Engine:
         if timeout and job.result is None:
             due = job.spec["created_at"] + timeout - time.time()
             self._watcher.call_at(time.monotonic() + max(0.0, due), job, self._time_out)
+
+    def _arm_removal(self, job):
+        """A run --rm job that has ended is removed, with its files, REMOVE_GRACE after its
+        end (so that a follower that comes late, as run -f --rm's own, still reads it
+        all), or once no stream follows it any more."""
+        if job.spec["options"].get("remove") and job.result is not None:
+            due = job.result.get("ended_at", time.time()) + REMOVE_GRACE - time.time()
+            self._watcher.call_at(time.monotonic() + max(0.0, due), job, self._remove_ended)
+
+    def _remove_ended(self, job):
+        """(From the watcher's timer.) Remove a run --rm job nobody follows; else look again
+        later. The removal runs off the watcher's thread: folders take time to go."""
+        if self._jobs.get(job.id) is not job:
+            return   # (removed meanwhile)
+        if job.followed():
+            self._watcher.call_at(time.monotonic() + REMOVE_GRACE, job, self._remove_ended)
+            return
+        def remove():
+            self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
+            log_line("job-removed", job=job.id, why="run --rm")
+        threading.Thread(target=remove, name="remove-ended", daemon=True).start()
 
     def _time_out(self, job):
         """A job's timeout has come (from the watcher's timer): record it, and stop the job."""
@@ -5883,6 +5912,7 @@ class Engine:
             job.paused = False
             self._running.discard(job.id)
         self._event("ended", job)   # first: nobody learns of the end before the log does
+        self._arm_removal(job)
         self._count_kept_files(job)   # (before a waiter hears of the end and starts more)
         job.ended.set()
         job.notify()
@@ -7470,7 +7500,7 @@ class JobService:
             stdin=st.options.stdin, trace_id=st.trace_id,
             sessions_dropped=st.sessions_dropped, timeout_seconds=st.options.timeout,
             timed_out=st.timed_out, network=st.network, network_state=st.network_state,
-            egress_denied=st.egress_denied,
+            egress_denied=st.egress_denied, remove_when_ended=st.options.remove,
             view=self.pb.VIEW_SUMMARY if summary else self.pb.VIEW_FULL)
         if st.options.terminal:
             message.terminal.rows, message.terminal.columns = st.options.terminal
@@ -7688,7 +7718,8 @@ class JobService:
                              rw_host=request.rw_host, stdin=request.stdin,
                              terminal=(request.terminal.rows, request.terminal.columns)
                              if request.HasField("terminal") else (),
-                             timeout=request.timeout_seconds)
+                             timeout=request.timeout_seconds,
+                             remove=request.remove_when_ended)
         check_start_allowed(identity, limits, options, self.engine.config.default_limits,
                             self.config.host_network_roles, self.config.egress_roles)
         meta = JobMeta(name=request.name, labels=tuple(request.labels.items()),
@@ -9422,6 +9453,9 @@ def add_run_parser(r):
     r.add_argument("--timeout", type=argument_type(parse_duration), default=0.0,
                    metavar="DURATION", help="stop the job (as stop does) this long after its "
                                             "start: 90s, 10m, 1h30m")
+    r.add_argument("--rm", action="store_true",
+                   help="remove the job and its files once it has ended (with -f: once its "
+                        "output has all come; else some seconds after its end)")
     r.add_argument("--root", action="store_true", help="run as root (admins only)")
     r.add_argument("--rw-host", action="store_true",
                    help="see the host's filesystem writable, not read-only (admins only)")
@@ -10075,6 +10109,7 @@ def start_request(client, args):
         rw_host=args.rw_host, name=args.name,
         labels=dict(args.label), request_id=random_hex(16),
         stdin=args.interactive and not args.tty, timeout_seconds=args.timeout,
+        remove_when_ended=args.rm,
         limits=pb.Limits(**{spec.proto: getattr(args, flag_dest(spec.flag))
                             for spec in LIMITS}))
     if args.tty:
@@ -10165,6 +10200,9 @@ def cmd_run(client, args):
         if e.exit_code != EXIT_INTERRUPTED:
             e.exit_code = EXIT_RUN_FAILED
         raise
+    if args.rm:   # (all its output has come: at once, not when the server would)
+        with contextlib.suppress(ClientError):
+            client.call("Remove", client.pb.JobRef(job_id=st.job_id))
     return report_end(st, args)
 
 

@@ -1801,8 +1801,9 @@ def cli_json(server, *args, **kw):
     return json.loads(done.stdout)
 
 
-def start_job(server, script, user="mrarsenal", network=""):
-    done = cli(server, "run", *(["--network", network] if network else []), script, user=user)
+def start_job(server, script, user="mrarsenal", network="", *flags):
+    done = cli(server, "run", *(["--network", network] if network else []), *flags, script,
+               user=user)
     assert done.returncode == 0, done.stderr
     return done.stdout.decode().strip()
 
@@ -1842,6 +1843,46 @@ def test_cli_run_timeout_stops_the_job_and_status_says_so(server):
         refused = cli(server, "run", f"--timeout={bad}", "true")
         assert refused.returncode == 2 and b"invalid duration" in refused.stderr, refused
         assert refused.stderr.count(b"\n") <= 3   # (argparse's usage line, then ours)
+
+
+@pytest.mark.e2e
+def test_cli_run_rm_removes_the_job_and_its_files_once_its_output_has_come(server):
+    done = cli(server, "run", "-f", "--rm", "echo hi > kept; cat kept; exit 3")
+    assert done.returncode == 3 and done.stdout == b"hi\n", done   # every byte, its code
+    job_id = done.stderr.decode().split()[1]
+    gone = cli(server, "status", job_id)
+    assert gone.returncode == 3 and gone.stderr.count(b"\n") == 1, gone   # NOT_FOUND
+    for folder in ("jobs", "work"):
+        assert not os.path.exists(os.path.join(server.state_dir, folder, job_id))
+    for _ in range(2):   # its name is free again at once
+        assert cli(server, "run", "-f", "--rm", "--name", "once", "true").returncode == 0
+    # Without -f: kept for a late follower, then removed by the server itself.
+    job_id = start_job(server, "echo late", "mrarsenal", "", "--rm")
+    deadline = time.monotonic() + scaled(10)
+    while cli(server, "output", job_id).stdout != b"late\n":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert cli_json(server, "status", job_id)["remove_when_ended"] is True
+    deadline = time.monotonic() + sj.REMOVE_GRACE + scaled(10)
+    while cli(server, "status", job_id).returncode != 3:
+        assert time.monotonic() < deadline, "a run --rm job was not removed"
+        time.sleep(0.2)
+    assert not os.path.exists(os.path.join(server.state_dir, "work", job_id))
+
+
+@pytest.mark.kernel
+def test_a_remove_when_ended_job_waits_for_its_followers(engine):
+    with unittest.mock.patch.object(sj, "REMOVE_GRACE", 0.3):
+        job_id = engine.start("tester", ["true"], options=sj.JobOptions(remove=True))
+        unsubscribe = engine.subscribe(job_id, lambda: None)   # (an output stream's)
+        engine.wait(job_id, scaled(30))
+        time.sleep(1.0)
+        assert engine.status(job_id).options.remove   # still there: it is followed
+        unsubscribe()
+        deadline = time.monotonic() + scaled(10)
+        while any(j.id == job_id for j in engine.list()):
+            assert time.monotonic() < deadline, "not removed once nobody followed it"
+            time.sleep(0.05)
 
 
 @pytest.mark.e2e
