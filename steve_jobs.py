@@ -1904,10 +1904,13 @@ def spawner_main(sock_fd, settings):
 
     To the server it sends {"warm": pid} with the shim's socket: the server hands a job
     straight to it, then says {"used": 1, "egress": bool} so another is made (with an egress
-    network prepared if one of the last EGRESS_MEMORY starts asked for one). A request that comes with a
-    reply pipe (the server had no warm shim at hand) gets a shim made on the spot.
+    network made ready if one of the last EGRESS_MEMORY starts asked for one). A request
+    that comes with a reply pipe (the server had no warm shim at hand) gets a shim made on
+    the spot.
     settings: {"layout": CgroupLayout.to_dict(), "cgroup_root": str, "mark": cgroup_mark(),
-               "limits": the server's default Limits as a dict, "warm": int (optional)}.
+               "limits": the server's default Limits as a dict, "warm": int (optional),
+               "egress": the server's egress settings (helper, gid, dns, uid_base, table,
+               nft, spare_logs), or None if it offers none, ...}.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is for the server to handle
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)    # the kernel reaps exited shims
@@ -2585,8 +2588,8 @@ def _remove_cgroup(cg):
 # process may enter a network namespace only if it belongs to a user namespace of its
 # uid, so a child of that uid makes both (egress_namespaces_main), the helper enters them
 # by its pid, and the command enters that network namespace instead of the one it made
-# warm. While recent starts asked for egress, warm shims prepare all this ahead (the
-# helper waits to exec); a start then only lets it exec and waits for its tap.
+# warm. While recent starts asked for egress, warm shims do all this ahead (the helper
+# runs, its tap ready); a start then only hands the command its namespace.
 #
 # Why slirp4netns and not pasta: pasta (passt 2023.03, Debian 12) drops its privileges
 # before it opens the namespace it is given, so it cannot serve one a root process made;
