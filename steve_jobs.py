@@ -1622,8 +1622,10 @@ class JobCgroup:
             self.thaw()
 
     def usage(self):
-        """{cpu_seconds, memory_bytes, peak_memory_bytes, oom_kills} from the cgroup files."""
+        """{cpu_seconds, memory_bytes, peak_memory_bytes, oom_kills, pids, io_read_bytes,
+        io_write_bytes} from the cgroup files."""
         out = {"cpu_seconds": 0.0, "memory_bytes": 0, "peak_memory_bytes": 0, "oom_kills": 0}
+        out.update(self.live_usage())
         version, d = self._dir("cpuacct")
         if version == 1:
             out["cpu_seconds"] = int(read_file(f"{d}/cpuacct.usage", "0") or 0) / 1e9
@@ -1641,6 +1643,25 @@ class JobCgroup:
             out["peak_memory_bytes"] = (int(peak) if peak.strip() else
                                         max(out["memory_bytes"], self.sampled_peak))
             out["oom_kills"] = _keyed(read_file(f"{d}/memory.events", "")).get("oom_kill", 0)
+        return out
+
+    def live_usage(self):
+        """{pids (now), io_read_bytes, io_write_bytes (so far, every device)}."""
+        out = {"pids": 0, "io_read_bytes": 0, "io_write_bytes": 0}
+        version, d = self._dir("pids")
+        if version:
+            out["pids"] = int(read_file(f"{d}/pids.current", "0").strip() or 0)
+        version, d = self._dir("blkio")
+        if version == 1:   # "MAJ:MIN Read N" lines (and a Total)
+            for line in read_file(f"{d}/blkio.throttle.io_service_bytes", "").splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[1] in ("Read", "Write") and parts[2].isdigit():
+                    out[f"io_{parts[1].lower()}_bytes"] += int(parts[2])
+        elif version == 2:   # "MAJ:MIN rbytes=N wbytes=N ..." lines
+            for line in read_file(f"{d}/io.stat", "").splitlines():
+                fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+                out["io_read_bytes"] += int(fields.get("rbytes", 0))
+                out["io_write_bytes"] += int(fields.get("wbytes", 0))
         return out
 
     def needs_peak_sampling(self):
@@ -4060,7 +4081,8 @@ class EngineConfig(typing.NamedTuple):
 
 
 RESULT_FIELDS = ("started_at", "ended_at", "exit_code", "signal", "error", "cpu_seconds",
-                 "peak_memory_bytes", "oom_kills", "output_bytes", "output_truncated")
+                 "peak_memory_bytes", "oom_kills", "output_bytes", "output_truncated",
+                 "io_read_bytes", "io_write_bytes")
 
 
 class JobStatus(typing.NamedTuple):
@@ -4092,6 +4114,9 @@ class JobStatus(typing.NamedTuple):
     sessions_dropped: int = 0     # events the record had no room for
     timed_out: bool = False       # its timeout stopped it
     network_state: str = ""       # egress jobs: "up", or why their network is gone
+    pids: int = 0                 # processes and threads now (running jobs)
+    io_read_bytes: int = 0        # read from and written to block devices so far
+    io_write_bytes: int = 0
     egress_denied: int = 0        # egress jobs: packets the firewall refused them
 
     @property
@@ -7504,6 +7529,7 @@ class JobService:
             sessions_dropped=st.sessions_dropped, timeout_seconds=st.options.timeout,
             timed_out=st.timed_out, network=st.network, network_state=st.network_state,
             egress_denied=st.egress_denied, remove_when_ended=st.options.remove,
+            pids=st.pids, io_read_bytes=st.io_read_bytes, io_write_bytes=st.io_write_bytes,
             view=self.pb.VIEW_SUMMARY if summary else self.pb.VIEW_FULL)
         if st.options.terminal:
             message.terminal.rows, message.terminal.columns = st.options.terminal
@@ -8973,8 +8999,11 @@ def format_status(st):
     lines.append(f"started  {format_time(started)}")
     if ended:
         lines.append(f"ended    {format_time(ended)} (ran {ended - started:.3f}s)")
-    lines.append(f"usage    cpu={st.cpu_seconds:.3f}s peak-memory="
-                 f"{human_bytes(st.peak_memory_bytes)} oom-kills={st.oom_kills}")
+    running = PB_TO_STATE.get(st.state) in (RUNNING, PAUSED)
+    lines.append(f"usage    cpu={st.cpu_seconds:.3f}s " + (
+        f"memory={human_bytes(st.memory_bytes)} pids={st.pids} " if running else "") +
+        f"peak-memory={human_bytes(st.peak_memory_bytes)} oom-kills={st.oom_kills} "
+        f"io-read={human_bytes(st.io_read_bytes)} io-write={human_bytes(st.io_write_bytes)}")
     lines.append(f"output   {human_bytes(st.output_bytes)}"
                  + (" (truncated at the server's output cap)" if st.output_truncated else ""))
     if st.HasField("terminal"):
@@ -9345,6 +9374,14 @@ def build_parser():
                                     "uid, folder), as docker exec; -it: a shell"))
     add_cp_parser(command("cp", "copy files into or out of a job's working folder, as docker "
                                 "cp: cp LOCAL ID:PATH, cp ID:PATH LOCAL ('-': a tar stream)"))
+    stats = command("stats", "running jobs' CPU, memory, pids and IO, refreshed every second, "
+                             "as docker stats (^C ends it)")
+    stats.add_argument("job_id", nargs="*", metavar="ID",
+                       help="these jobs (default: your running ones)")
+    stats.add_argument("--all", action="store_true",
+                       help="every user's running jobs (admins and readers)")
+    stats.add_argument("--no-stream", action="store_true",
+                       help="print once (CPU %% over a short sample) and exit")
     add_list_parser(command("list", "list jobs"))
     add_list_parser(command("ps", "list running (and paused) jobs, as docker ps; -a: all"),
                     ps=True)
@@ -10319,6 +10356,71 @@ def cmd_list(client, args):
     return EXIT_OK
 
 
+STATS_INTERVAL = 1.0              # seconds between stats' refreshes (and its first sample)
+
+
+def stats_rows(before, now, seconds):
+    """One dict per job in now (JobStatus messages by id) with its usage; CPU % (of one
+    core) from the CPU time it used since before, seconds ago."""
+    rows = []
+    for job_id, st in now.items():
+        used = st.cpu_seconds - before[job_id].cpu_seconds if job_id in before else 0.0
+        cpu = round(100.0 * max(0.0, used) / seconds, 1) if seconds > 0 else 0.0
+        rows.append({"job_id": job_id, "name": st.name, "cpu_percent": cpu,
+                     "memory_bytes": st.memory_bytes,
+                     "memory_limit_bytes": st.limits.memory_bytes,
+                     "peak_memory_bytes": st.peak_memory_bytes, "pids": st.pids,
+                     "pids_limit": st.limits.pids, "io_read_bytes": st.io_read_bytes,
+                     "io_write_bytes": st.io_write_bytes})
+    return rows
+
+
+def cmd_stats(client, args):
+    """stats: running jobs' usage, a table refreshed every STATS_INTERVAL (as docker
+    stats); --no-stream: once; --json: an object per job per refresh (JSON Lines)."""
+    pb = client.pb
+
+    def sample():
+        if args.job_id:
+            found = [client.call("Status", pb.JobRef(job_id=ref)) for ref in args.job_id]
+        else:
+            found, request = [], pb.ListRequest(
+                states=[STATE_TO_PB[RUNNING], STATE_TO_PB[PAUSED]], view=pb.VIEW_FULL,
+                all_users=args.all)
+            while True:
+                page = client.call("List", request)
+                found.extend(page.jobs)
+                if not page.next_page_token:
+                    break
+                request.page_token = page.next_page_token
+        return {st.job_id: st for st in found}, time.monotonic()
+    before, then = sample()
+    clear = sys.stdout.isatty() and not args.json and not args.no_stream
+    while True:
+        time.sleep(STATS_INTERVAL)
+        now, at = sample()
+        rows = stats_rows(before, now, at - then)
+        if args.json:
+            for row in rows:
+                print_json(row, lines=True)
+        else:
+            if clear:
+                sys.stdout.write("\033[H\033[2J")   # (a refreshing table, as docker's)
+            print(f"{'JOB':12}  {'NAME':16} {'CPU %':>6}  {'MEMORY / LIMIT':>21} {'PEAK':>9}"
+                  f" {'PIDS':>9}  {'IO READ / WRITE':>19}")
+            for r in rows:
+                size = {k: human_bytes(v) for k, v in r.items() if k.endswith("_bytes")}
+                print(for_terminal(
+                    f"{r['job_id'][:12]:12}  {r['name'][:16]:16} {r['cpu_percent']:6.1f}  "
+                    f"{size['memory_bytes']:>9} / {size['memory_limit_bytes']:>9} "
+                    f"{size['peak_memory_bytes']:>9} {r['pids']:>4}/{r['pids_limit']:<4} "
+                    f"{size['io_read_bytes']:>9} / {size['io_write_bytes']:<9}"))
+        sys.stdout.flush()
+        if args.no_stream:
+            return EXIT_OK
+        before, then = now, at
+
+
 def cmd_job(client, args):
     """status, pause, resume, stop, kill, rm: one call about each job named. With several,
     each is tried, a failure said on its own line; the exit code is the first failure's."""
@@ -10654,6 +10756,7 @@ def cmd_completion(args):
 # What each subcommand runs: those that talk to a server with a Client (cmd_client's),
 # the others by themselves.
 CLIENT_COMMANDS = {"run": cmd_run, "wait": cmd_wait, "list": cmd_list, "ps": cmd_list,
+                   "stats": cmd_stats,
                    "cp": cmd_cp, "exec": cmd_exec,
                    "output": cmd_output, "stream": cmd_output, "logs": cmd_output,
                    "attach": cmd_attach, **{name: cmd_job for name in (

@@ -295,7 +295,8 @@ def test_layout_without_pids_reports_it_missing():
 
 V2_FILES = ("cgroup.procs", "cgroup.subtree_control", "cgroup.events", "cgroup.freeze",
             "cgroup.kill", "cpu.max", "cpu.stat", "memory.max", "memory.swap.max",
-            "memory.current", "memory.peak", "memory.events", "io.max", "pids.max")
+            "memory.current", "memory.peak", "memory.events", "io.max", "io.stat", "pids.max",
+            "pids.current")
 
 
 @pytest.fixture
@@ -352,9 +353,26 @@ def test_v2_job_cgroup_kill_freeze_and_usage(fake_v2):
     (job / "memory.peak").write_text("1048576\n")
     (job / "memory.current").write_text("4096\n")
     (job / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    (job / "pids.current").write_text("3\n")
+    (job / "io.stat").write_text("8:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n"
+                                 "259:0 rbytes=1 wbytes=2 rios=1 wios=1 dbytes=0 dios=0\n")
     assert cg.usage() == {"cpu_seconds": 2.5, "memory_bytes": 4096,
-                          "peak_memory_bytes": 1048576, "oom_kills": 1}
+                          "peak_memory_bytes": 1048576, "oom_kills": 1, "pids": 3,
+                          "io_read_bytes": 4097, "io_write_bytes": 8194}
     assert cg.populated()
+
+
+@pytest.mark.unit
+def test_v1_live_usage_reads_pids_and_block_io_as_v2_does(tmp_path):
+    mountinfo = V1_COMOUNT_MOUNTINFO.replace("/sys/fs/cgroup", str(tmp_path))
+    cg = sj.JobCgroup(sj.CgroupLayout.from_mountinfo(mountinfo), "steve-jobs", "j-1")
+    for folder in cg.dirs():
+        os.makedirs(folder)
+    (tmp_path / "pids/steve-jobs/j-1/pids.current").write_text("4\n")
+    (tmp_path / "blkio/steve-jobs/j-1/blkio.throttle.io_service_bytes").write_text(
+        "8:0 Read 4096\n8:0 Write 8192\n8:0 Sync 0\n8:0 Total 12288\n"
+        "259:0 Read 1\n259:0 Write 2\nTotal 12291\n")
+    assert cg.live_usage() == {"pids": 4, "io_read_bytes": 4097, "io_write_bytes": 8194}
 
 
 @pytest.mark.unit
@@ -1883,6 +1901,27 @@ def test_a_remove_when_ended_job_waits_for_its_followers(engine):
         while any(j.id == job_id for j in engine.list()):
             assert time.monotonic() < deadline, "not removed once nobody followed it"
             time.sleep(0.05)
+
+
+@pytest.mark.e2e
+def test_stats_and_status_show_a_running_jobs_usage_now(server):
+    busy = start_job(server, "yes > /dev/null & yes > /dev/null & wait", user="alice")
+    try:
+        done = cli(server, "--json", "stats", "--no-stream", busy, user="alice")
+        assert done.returncode == 0, done.stderr
+        row = json.loads(done.stdout)
+        assert row["job_id"] == busy and row["cpu_percent"] > 30, row   # (its limit: 1 core)
+        assert 3 <= row["pids"] <= row["pids_limit"], row   # (sh and two yes)
+        assert 0 < row["memory_bytes"] <= row["memory_limit_bytes"], row
+        table = cli(server, "stats", "--no-stream", user="alice").stdout.decode()
+        assert table.splitlines()[0].split()[:3] == ["JOB", "NAME", "CPU"], table
+        assert busy[:12] in table   # (alice's running jobs, without an ID)
+        shown = cli(server, "status", busy, user="alice").stdout.decode()
+        assert re.search(r"usage    cpu=\S+ memory=\S+ pids=[3-9]", shown), shown
+        assert cli(server, "stats", "--no-stream", "no-such-job",
+                   user="alice").returncode == 3   # (NOT_FOUND, one line)
+    finally:
+        cli(server, "stop", "--grace", "0", busy, user="alice")
 
 
 @pytest.mark.e2e
