@@ -9619,7 +9619,8 @@ def add_server_parser(s):
                         "egress); may be repeated; default: user and admin; none: nobody")
     s.add_argument("--egress-deny", action="extend", nargs="+", default=[], metavar="CIDR",
                    help="networks egress jobs cannot reach, besides this host's own "
-                        "addresses and 169.254.0.0/16 (add your private networks)")
+                        "addresses and the clouds' metadata ones (169.254.0.0/16...): "
+                        "add your private networks")
     s.add_argument("--egress-dns", action="extend", nargs="+", default=[], metavar="ADDR",
                    help="the resolvers egress jobs' DNS goes to (default: the host's)")
     s.add_argument("--insecure-dev-certs", action="store_true",
