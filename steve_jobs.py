@@ -2741,6 +2741,13 @@ def egress_denied_counts(nft, table):
     return counts
 
 
+def forget_egress_count(nft, table, uid):
+    """Drop uid's count in the egress firewall's table (best effort: mostly there is none):
+    the next shim of that pid will have that uid."""
+    with contextlib.suppress(Exception):   # (OSError, subprocess.TimeoutExpired)
+        run_nft(nft, "delete", "element", *table.split(), "denied", f"{{ {uid} }}")
+
+
 def prepare_warm_egress(settings, cg):
     """An EgressNetwork made ready while the shim is warm (if the server offers egress and
     its recent starts asked for it: settings["egress_warm"]), or None. A failure is the
@@ -2894,11 +2901,8 @@ class EgressNetwork:
         return f"the network helper ended ({how}{': ' + last if last else ''})"
 
     def forget_count(self):
-        """Drop this uid's count in the firewall (best effort): another shim of this pid
-        will have this uid."""
-        with contextlib.suppress(Exception):   # (none to drop, mostly)
-            run_nft(self.settings["nft"], "delete", "element", *self.settings["table"].split(),
-                    "denied", f"{{ {self.uid} }}")
+        """Drop this uid's count in the firewall (forget_egress_count)."""
+        forget_egress_count(self.settings["nft"], self.settings["table"], self.uid)
 
     def refusals(self):
         """Packets the firewall refused this helper, read once the job has ended; its
@@ -5252,9 +5256,7 @@ class Engine:
             helper_uid = (job.shim or {}).get("egress_uid")
             if helper_uid and self._firewall:   # (the next shim of its pid has its uid)
                 result["egress_denied"] = self._firewall.denied_count(helper_uid)
-                with contextlib.suppress(Exception):
-                    run_nft(self._firewall.nft, "delete", "element",
-                            *self._firewall.table.split(), "denied", f"{{ {helper_uid} }}")
+                forget_egress_count(self._firewall.nft, self._firewall.table, helper_uid)
             self._finish(job, result, save=True)
 
     # -- jobs ---------------------------------------------------------------
