@@ -19,6 +19,7 @@ GROUPS = {
     "newcomer": "a fresh clone's Quickstart, two servers on one host, the usual mistakes",
     "files": "a job's files kept after it, copies in and out, exec, as users and hostile "
              "tenants",
+    "batch": "a batch host: the queue, dependencies, deadlines, removal, metrics, events",
     "network": "egress networks: a remote host of the test's own, DNS, what the firewall "
                "refuses, restarts, a helper that dies, a host without the package",
 }

@@ -109,6 +109,11 @@ class JobServiceStub:
                 request_serializer=jobs__pb2.ExecInput.SerializeToString,
                 response_deserializer=jobs__pb2.ExecOutput.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/steve_jobs.v1.JobService/Events',
+                request_serializer=jobs__pb2.EventsRequest.SerializeToString,
+                response_deserializer=jobs__pb2.JobEvent.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -234,6 +239,16 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """The life of jobs as it happens: an event when one is queued, started, paused, resumed,
+        stopped by its timeout, ended (with its state and exit code), or removed; each with
+        the job's status then. A user sees their own jobs' events; admins and readers may ask
+        for every user's. Runs until the caller ends it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +326,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=jobs__pb2.ExecInput.FromString,
                     response_serializer=jobs__pb2.ExecOutput.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=jobs__pb2.EventsRequest.FromString,
+                    response_serializer=jobs__pb2.JobEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -718,6 +738,33 @@ class JobService:
             '/steve_jobs.v1.JobService/Exec',
             jobs__pb2.ExecInput.SerializeToString,
             jobs__pb2.ExecOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/steve_jobs.v1.JobService/Events',
+            jobs__pb2.EventsRequest.SerializeToString,
+            jobs__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,

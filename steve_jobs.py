@@ -228,10 +228,10 @@ NSIG = 65                         # signals are 1..64 on Linux
 PENDING = object()                # a name or request id held by a start under way
 
 # Job states, as status() reports them.
-RUNNING, PAUSED = "running", "paused"
-EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN = (
-    "exited", "failed", "stopped", "killed", "oom_killed", "unknown")
-ENDED_STATES = (EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN)
+QUEUED, RUNNING, PAUSED = "queued", "running", "paused"
+EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN, CANCELLED = (
+    "exited", "failed", "stopped", "killed", "oom_killed", "unknown", "cancelled")
+ENDED_STATES = (EXITED, FAILED, STOPPED, KILLED, OOM_KILLED, UNKNOWN, CANCELLED)
 NETWORK_MODES = ("", "none", "host", "egress")   # a start's network ("": none)
 
 
@@ -1873,6 +1873,14 @@ RESULT_FILE, SPEC_FILE, OUTPUT_FILE, STOP_FILE, TIMED_OUT_FILE = (
     "result.json", "job.json", "output", "stop_requested", "timed_out")
 MAX_TIMEOUT = 366 * 86400        # a start's timeout, at most
 REMOVE_GRACE = 10.0 * TIME_SCALE  # seconds a run --rm job is kept after its end, at least
+# The queue (run --queue, --after): its journal in the state folder, a line a change
+# (JobQueue), rewritten whole at each server start and once dead lines outnumber live ones.
+QUEUE_FILE = "queue.jsonl"
+MAX_PRIORITY = 1000               # run --priority: -1000..1000, admins only; 0 by default
+MAX_AFTER = 64                    # run --after: dependencies of one job, at most
+DEPENDENCY_KINDS = ("ok", "any")  # --after ID:ok waits for exit 0, ID:any for any end
+QUEUE_WAITS_FOR = ("TOO_MANY_JOBS", "TOO_MANY_JOBS_OF_USER")   # what a queued start waits out
+QUEUE_SAFETY_NET = 1.0            # s: the dispatcher looks at the queue at least this often
 # The job's input: its supervisor listens on this socket in the job's folder (root only)
 # while the job runs, one connection at a time, and writes what comes to the job's stdin
 # (a pipe) or its terminal. Messages (SOCK_SEQPACKET), by their first byte:
@@ -4043,6 +4051,14 @@ def job_environment(spec):
     return env
 
 
+class QueueRequest(typing.NamedTuple):
+    """Whether and how a start waits for a slot (run --queue, --after, --priority)."""
+    wanted: bool = None           # wait when the host is full; None: the server's default
+    after: tuple = ()             # (job id, "ok" or "any"): wait for these jobs' ends
+    priority: int = 0             # higher first (admins decide; the service checks)
+    timeout: float = 0.0          # seconds it may wait before it is cancelled; 0: forever
+
+
 class PreparedStart(typing.NamedTuple):
     """A start made up to its supervisor's: the job's record, folders and uid are ready."""
     spec: dict
@@ -4073,6 +4089,8 @@ class EngineConfig(typing.NamedTuple):
     uid_count: int = 1 << 20
     max_running_jobs: int = 1024  # more starts get ResourceExhaustedError
     max_jobs_per_user: int = 0    # running jobs of one owner; 0: a quarter of the above
+    max_queued_per_user: int = 10_000   # queued jobs of one owner; more: ResourceExhausted
+    queue_by_default: bool = False      # a start that does not say waits when the host is full
     min_free: int = -1            # bytes the state filesystem keeps free; -1: 1%, <= 256 MiB
     workdir_size: int = 1 * GiB   # a server-made working folder is a tmpfs this big; 0: disk
     files_quota: int = 4 * GiB    # a user's jobs' kept working folders: no start beyond it
@@ -4122,6 +4140,11 @@ class JobStatus(typing.NamedTuple):
     io_read_bytes: int = 0        # read from and written to block devices so far
     io_write_bytes: int = 0
     egress_denied: int = 0        # egress jobs: packets the firewall refused them
+    queue_position: int = 0       # queued: its place in the start order (1: next)
+    after: tuple = ()             # (job id, "ok" or "any"): the jobs it waits (waited) for
+    waiting_for: tuple = ()       # queued: the ids of those it still waits for
+    priority: int = 0             # its place in the queue among others'
+    queue_timeout: float = 0.0    # seconds it may wait queued (0: forever)
 
     @property
     def network(self):
@@ -4219,6 +4242,8 @@ class Job:
         self.sessions = JobSessions(job_dir)
         self.files_bytes = None       # its working folder's bytes, counted at its end
         self.timed_out = False        # its timeout stopped it (TIMED_OUT_FILE)
+        self.queued = ""              # "queued": waits in the queue; "starting": leaving it
+        self.stop_after_start = None  # a stop's grace, asked while it was "starting"
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -4260,8 +4285,12 @@ class Job:
 def derive_state(job):
     """The state status() reports, from the job's files (one place decides)."""
     result = job.result
+    if job.queued:
+        return QUEUED
     if result is None:
         return PAUSED if job.paused else RUNNING
+    if result.get("not_run") in (STOPPED, CANCELLED, FAILED):
+        return result["not_run"]   # (ended in the queue)
     if result.get("unknown"):
         return UNKNOWN
     if result.get("failed"):
@@ -4857,6 +4886,259 @@ class StartClaims:
         return None if named is PENDING else named
 
 
+class QueueEntry:
+    """A queued job's place: its owner, priority and number in the order of arrival, the
+    jobs it still waits for (--after: id -> "ok" or "any"), and its journal line."""
+    __slots__ = ("job_id", "owner", "priority", "seq", "waiting", "line", "met")
+
+    def __init__(self, job_id, owner, priority, seq, waiting, line):
+        self.job_id, self.owner, self.priority, self.seq = job_id, owner, priority, seq
+        self.waiting, self.line = waiting, line
+        self.met = []             # dependencies met since its line was written
+
+    def key(self):
+        """Its place among its owner's ready entries: priority, then arrival."""
+        return (-self.priority, self.seq, self.job_id)
+
+
+class JobQueue:
+    """The jobs waiting for a slot, in start order: the highest priority first; between
+    owners at one priority, round robin (the owner served longest ago goes first); first
+    in, first out within an owner. A job waiting for others (--after) is held apart until
+    they have ended. Every change is a line of its journal (QUEUE_FILE: {"q": record},
+    {"d": id} gone, {"u": [id, dependency]} met), so that the queue outlives the server in
+    order. Not thread-safe: the engine's lock guards it."""
+
+    COMPACT_AT = 100_000          # dead journal lines, and more than 4 a live one
+
+    def __init__(self, state_dir):
+        self.path = os.path.join(state_dir, QUEUE_FILE)
+        self._entries = {}        # job id -> QueueEntry (ready or held)
+        self._ready = {}          # owner -> sorted keys of their ready entries
+        self._owned = {}          # owner -> how many entries they have (ready or held)
+        self._served = {}         # owner -> the pick that last served them
+        self._picks = itertools.count(1)
+        self._seq = 0
+        self._dependents = {}     # job id -> ids of queued jobs waiting for it
+        self._fd = None           # the journal, appended to
+        self._dead = 0            # journal lines of entries gone
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __contains__(self, job_id):
+        return job_id in self._entries
+
+    # -- the journal ------------------------------------------------------------
+
+    def load(self):
+        """The records of the jobs a journal left queued, in order of arrival, with the
+        dependencies met (in record["queue"]["met"]). A line that cannot be read is skipped
+        (logged). Raises OSError but for a missing journal."""
+        records, bad = {}, 0
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                change = json.loads(line)
+                if "q" in change:
+                    records[change["q"]["id"]] = change["q"]
+                elif "d" in change:
+                    records.pop(change["d"], None)
+                elif change["u"][0] in records:
+                    records[change["u"][0]]["queue"].setdefault("met", []).append(change["u"][1])
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                bad += 1
+        if bad:
+            log_line("queue-journal-lines-skipped", "warning", count=bad, path=self.path)
+        return sorted(records.values(), key=lambda r: r["queue"]["seq"])
+
+    def open(self):
+        """Rewrite the journal with the entries added so far, and append to it from now.
+        Raises OSError."""
+        self._rewrite()
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _rewrite(self):
+        """The journal anew: a line a live entry (its record), then its dependencies met."""
+        lines = [e.line + "".join(json.dumps({"u": [e.job_id, dep]}) + "\n" for dep in e.met)
+                 for e in sorted(self._entries.values(), key=lambda e: e.seq)]
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, "".join(lines).encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        self.close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._dead = 0
+
+    def _append(self, change, must=False):
+        """One line into the journal. Raises OSError with must; else logs."""
+        try:
+            os.write(self._fd, (json.dumps(change) + "\n").encode())
+        except (OSError, TypeError) as e:
+            if must:
+                raise
+            log_line("queue-journal-not-written", "warning", why=loggable(str(e)))
+
+    # -- entries ----------------------------------------------------------------
+
+    def add(self, record, waiting, journal=True):
+        """Queue the job of record (its "queue" has priority and seq, set here if new),
+        held while waiting ({id: kind}) is not empty. Raises OSError (the journal)."""
+        queue = record["queue"]
+        if queue.get("seq") is None:
+            self._seq += 1
+            queue["seq"] = self._seq
+        self._seq = max(self._seq, queue["seq"])
+        line = json.dumps({"q": record}) + "\n"
+        if journal:
+            os.write(self._fd, line.encode())
+        entry = QueueEntry(record["id"], record["owner"], queue.get("priority", 0),
+                           queue["seq"], dict(waiting), line)
+        self._entries[entry.job_id] = entry
+        self._owned[entry.owner] = self._owned.get(entry.owner, 0) + 1
+        for dep in entry.waiting:
+            self._dependents.setdefault(dep, set()).add(entry.job_id)
+        if not entry.waiting:
+            bisect.insort(self._ready.setdefault(entry.owner, []), entry.key())
+        return entry
+
+    def remove(self, job_id):
+        """Take job_id's entry out of the queue for good (journaled); None if not queued."""
+        entry = self._take(job_id)
+        if entry is not None:
+            self._gone(job_id)
+        return entry
+
+    def gone(self, entry):
+        """A picked entry's job has started: journal that it left."""
+        self._gone(entry.job_id)
+
+    def _gone(self, job_id):
+        self._append({"d": job_id})
+        self._dead += 1
+        if not self._entries:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+                self._dead = 0
+        elif self._dead > self.COMPACT_AT and self._dead > 4 * len(self._entries):
+            try:
+                self._rewrite()
+            except OSError as e:
+                log_line("queue-journal-not-compacted", "warning", why=e.strerror or str(e))
+
+    def _take(self, job_id):
+        entry = self._entries.pop(job_id, None)
+        if entry is None:
+            return None
+        ready = self._ready.get(entry.owner)
+        if not entry.waiting and ready:
+            at = bisect.bisect_left(ready, entry.key())
+            if at < len(ready) and ready[at] == entry.key():
+                del ready[at]
+            if not ready:
+                del self._ready[entry.owner]
+        self._owned[entry.owner] -= 1
+        if not self._owned[entry.owner]:
+            del self._owned[entry.owner]
+        for dep in entry.waiting:
+            waiters = self._dependents.get(dep, set())
+            waiters.discard(job_id)
+            if not waiters:
+                self._dependents.pop(dep, None)
+        return entry
+
+    def startable(self, may_start):
+        """The id of the job to start next: of the owners may_start(owner) allows, the one
+        whose first ready entry has the highest priority, the one served longest ago among
+        equals. None if there is none."""
+        best = None
+        for owner, keys in self._ready.items():
+            rank = (keys[0][0], self._served.get(owner, 0), keys[0][1])
+            if (best is None or rank < best[0]) and may_start(owner):
+                best = (rank, keys[0][2])
+        return None if best is None else best[1]
+
+    def pick(self, may_start):
+        """startable()'s entry, taken out of the queue (gone() journals it once it has
+        started; put_back() returns it), or None."""
+        job_id = self.startable(may_start)
+        if job_id is None:
+            return None
+        entry = self._take(job_id)
+        self._served[entry.owner] = next(self._picks)
+        return entry
+
+    def put_back(self, entry):
+        """A picked entry that could not start after all: back in its place."""
+        self._entries[entry.job_id] = entry
+        self._owned[entry.owner] = self._owned.get(entry.owner, 0) + 1
+        bisect.insort(self._ready.setdefault(entry.owner, []), entry.key())
+
+    def met(self, job_id, dependency):
+        """dependency has ended as job_id asked: it waits for it no more (journaled).
+        Returns whether job_id is now ready."""
+        entry = self._entries.get(job_id)
+        if entry is None or entry.waiting.pop(dependency, None) is None:
+            return False
+        self._append({"u": [job_id, dependency]})
+        entry.met.append(dependency)
+        waiters = self._dependents.get(dependency, set())
+        waiters.discard(job_id)
+        if not waiters:
+            self._dependents.pop(dependency, None)
+        if not entry.waiting:
+            bisect.insort(self._ready.setdefault(entry.owner, []), entry.key())
+        return not entry.waiting
+
+    def has_dependents(self, job_id):
+        return job_id in self._dependents
+
+    def dependents(self, job_id):
+        """Ids of the queued jobs waiting for job_id, with what they wait for (ok, any)."""
+        return [(i, self._entries[i].waiting[job_id])
+                for i in sorted(self._dependents.get(job_id, ()))]
+
+    def queued_of(self, owner):
+        """How many jobs owner has queued."""
+        return self._owned.get(owner, 0)
+
+    def waiting_for(self, job_id):
+        """{id: kind} of the jobs job_id still waits for ({} when ready or not queued)."""
+        entry = self._entries.get(job_id)
+        return dict(entry.waiting) if entry else {}
+
+    def position(self, job_id):
+        """Where job_id stands in the start order as things are (1: next), counting each
+        other owner's entries that come before it by priority or round robin; 0 for a job
+        held by its dependencies, or not queued."""
+        entry = self._entries.get(job_id)
+        if entry is None or entry.waiting:
+            return 0
+        key, mine = entry.key(), self._ready[entry.owner]
+        ahead = bisect.bisect_left(mine, key)
+        first = bisect.bisect_left(mine, (key[0],))   # its owner's first of its priority
+        turn = ahead - first                          # rounds of its priority before its
+        order = (self._served.get(entry.owner, 0), mine[first][1])   # (startable's rank)
+        for owner, keys in self._ready.items():
+            if owner != entry.owner:
+                higher = bisect.bisect_left(keys, (key[0],))
+                equal = bisect.bisect_left(keys, (key[0] + 1,)) - higher
+                sooner = equal and (self._served.get(owner, 0), keys[higher][1]) < order
+                ahead += higher + min(equal, turn + bool(sooner))
+        return ahead + 1
+
+
 class Engine:
     """Start, stop, inspect and read the output of jobs. Thread-safe; imports no gRPC.
 
@@ -4876,7 +5158,12 @@ class Engine:
         self._cgroup_lock_fd = None   # the cgroup root's
         self._mark = ""               # what our job cgroups' names begin with
         self._uids = UidPool(config.state_dir, config.uid_base, config.uid_count)
-        self._running = set()         # ids of jobs without a result
+        self._running = set()         # ids of jobs without a result (queued ones aside)
+        self._running_of = {}         # owner -> how many of _running are theirs
+        self._queue = JobQueue(config.state_dir)   # guarded by _lock
+        self._queue_changed = threading.Condition(self._lock)   # a slot, or a queued job
+        self._ended_with_dependents = []   # ids of ended jobs queued ones wait for
+        self._dispatcher = None       # the thread that starts queued jobs
         self._kept_files = {}         # owner -> bytes their ended jobs' folders keep
         self._claims = StartClaims(self._lock)   # names and request ids, held by the jobs
         self._placement = None        # where the server and its jobs are: decided at open()
@@ -4987,6 +5274,12 @@ class Engine:
         self._uids.load()
         self._open_egress()
         self._load_jobs()
+        try:
+            self._load_queue()
+        except OSError as e:
+            self._release_locks()
+            raise UnavailableError(f"cannot read or write the queue's journal "
+                                   f"{self._queue.path}: {e.strerror or e}") from None
         if any(j.spec["options"].get("egress") and j.result is None for j in self._all_jobs()):
             with contextlib.suppress(FailedPreconditionError):
                 self._egress_ready()
@@ -5001,6 +5294,9 @@ class Engine:
                              "work": os.path.realpath(os.path.join(state_dir, "work")),
                              "private_size": self.config.workdir_size or PRIVATE_DIR_SIZE,
                              "egress": self._egress})
+        self._dispatcher = threading.Thread(target=self._dispatch, name="queue-dispatcher",
+                                            daemon=True)
+        self._dispatcher.start()
         return self
 
     def _open_egress(self):
@@ -5095,7 +5391,13 @@ class Engine:
                     self._egress_ready()
 
     def close(self, stop_jobs=False):
-        """Stop serving; with stop_jobs, stop every running job first (bounded)."""
+        """Stop serving; with stop_jobs, stop every running job first (bounded). Queued
+        jobs stay queued, in the journal, for the next server."""
+        self._closing.set()   # (first: no queued job starts in the slots stops free)
+        with self._queue_changed:
+            self._queue_changed.notify()
+        if self._dispatcher:   # (it may be starting a job: the spawner must outlive that)
+            self._dispatcher.join(SPAWN_TIMEOUT + KILL_TIMEOUT)
         if stop_jobs:
             stopping = []
             for job in [j for j in self._all_jobs() if j.result is None]:
@@ -5104,8 +5406,9 @@ class Engine:
                         job.id, grace=min(self.config.stop_grace, 2.0))))
             for job, deadline in stopping:
                 job.ended.wait(max(0.0, (deadline or 0) - time.monotonic()))
-        self._closing.set()
         self._spawner.close()
+        with self._lock:
+            self._queue.close()
         if self._watcher:
             self._watcher.close()
         if self._spare_folders:
@@ -5262,10 +5565,15 @@ class Engine:
     # -- jobs ---------------------------------------------------------------
 
     def start(self, owner, argv, limits=Limits(), options=JobOptions(), meta=JobMeta(),
-              fill=False):
+              fill=False, queue=QueueRequest()):
         """Start argv as a job owned by owner; returns its id once the command has exec'd.
         With fill, returns a PreparedStart instead, once its folders are made: fill them
         (open_fill), then launch() it, or abandon() it.
+
+        With queue (QueueRequest: wanted, or the server's default, or dependencies), a
+        start that finds no slot, or waits for other jobs, returns the id of a job queued
+        (state QUEUED) that the dispatcher starts in its turn; it is checked as a start is,
+        but what only its launch can tell (a full disk, a command not found) comes then.
 
         A command that cannot be started (not found, not executable) still makes a job,
         whose status says why (exit code 127 or 126, as a shell would). A start whose
@@ -5273,8 +5581,8 @@ class Engine:
         Raises InvalidArgumentError, PermissionDeniedError, UnavailableError,
         AlreadyExistsError (the name is taken), DeadlineExceededError (a start with this
         request id is still under way), ResourceExhaustedError (a cap of running jobs, or
-        a full state filesystem), FailedPreconditionError (IO limits on a host or folder
-        that cannot have them).
+        of queued ones, or a full state filesystem), FailedPreconditionError (IO limits on
+        a host or folder that cannot have them), NotFoundError (a dependency).
         """
         argv = validate_argv(argv)
         limits = self.effective_limits(limits)
@@ -5297,14 +5605,31 @@ class Engine:
             raise InvalidArgumentError(f"timeout must be between 0 (none) and {MAX_TIMEOUT} "
                                        f"seconds", field="timeout_seconds")
         meta = validate_meta(meta)
+        queue = self._checked_queue_request(queue)
+        if fill and (queue.wanted or queue.after):
+            raise InvalidArgumentError("a start with files cannot wait in the queue (yet): "
+                                       "queue it without, then copy in (cp) once it runs",
+                                       field="queue")
         earlier = self._claims.hold(owner, argv, meta, self._jobs.get)
         if earlier:
             return earlier
+        queued = None
         try:
-            prepared = self._prepare(owner, argv, limits, options, env, meta)
+            if queue.after or (queue.wanted and not self._has_slot_now(owner)):
+                queued = self._enqueue(owner, argv, limits, options, env, meta, queue)
+            else:
+                try:
+                    prepared = self._prepare(owner, argv, limits, options, env, meta)
+                except ResourceExhaustedError as e:
+                    if not queue.wanted or e.reason not in QUEUE_WAITS_FOR:
+                        raise
+                    queued = self._enqueue(owner, argv, limits, options, env, meta, queue)
         except BaseException:
             self._claims.release(owner, meta)
             raise
+        if queued:
+            self._claims.release(owner, meta)   # (the queued job holds them now)
+            return queued
         return prepared if fill else self.launch(prepared)
 
     def launch(self, prepared):
@@ -5332,21 +5657,31 @@ class Engine:
             "direction": "in", "folder": spec["workdir"], "view": spec["workdir"],
             "uid": spec["uid"], "path": ".", "as_name": False})
 
-    def _prepare(self, owner, argv, limits, options, env, meta):
-        """start()'s middle: room, quota, uid, the job's folders. Returns a PreparedStart."""
+    def _job_record(self, job_id, owner, argv, limits, options, env, meta, uid):
+        """A new job's record (its SPEC_FILE): what it runs, how, and as whom."""
+        return {"id": job_id, "owner": owner, "argv": argv, "limits": limits._asdict(),
+                "options": options._replace(env=tuple(env.items()))._asdict(),
+                "created_at": time.time(), "uid": uid,
+                "workdir": options.workdir or os.path.join(self.config.state_dir, "work",
+                                                           job_id),
+                "name": meta.name, "labels": dict(meta.labels), "request_id": meta.request_id,
+                "traceparent": meta.traceparent}
+
+    def _prepare(self, owner, argv, limits, options, env, meta, queued=None):
+        """start()'s middle: room, quota, uid, the job's folders. Returns a PreparedStart.
+        queued: the queued Job this start is (its id, creation time and queue record)."""
         self._check_room()
         if not options.workdir:
             self._check_files_quota(owner)
-        job_id = new_job_id()
+        job_id = queued.id if queued else new_job_id()
         job_dir = os.path.join(self.config.state_dir, "jobs", job_id)
         uid = self._allocate_uid(owner, root=options.as_root,
                                  leaves_files=bool(options.workdir or options.rw_host))
-        workdir = options.workdir or os.path.join(self.config.state_dir, "work", job_id)
-        spec = {"id": job_id, "owner": owner, "argv": argv, "limits": limits._asdict(),
-                "options": options._replace(env=tuple(env.items()))._asdict(),
-                "created_at": time.time(), "uid": uid, "workdir": workdir,
-                "name": meta.name, "labels": dict(meta.labels), "request_id": meta.request_id,
-                "traceparent": meta.traceparent}
+        spec = self._job_record(job_id, owner, argv, limits, options, env, meta, uid)
+        workdir = spec["workdir"]
+        if queued:
+            spec.update(created_at=queued.spec["created_at"], queue=queued.spec["queue"],
+                        dispatched_at=spec["created_at"])
         env = job_environment(spec)
         workdir_size = self._workdir_size(options, limits)
         try:
@@ -5358,21 +5693,26 @@ class Engine:
         spec["limits"] = limits._asdict()
         return PreparedStart(spec, job_dir, env, workdir_size, meta)
 
-    def _launch(self, spec, job_dir, env, workdir_size):
-        """start()'s end: the job recorded and watched, then spawned. Returns its id."""
+    def _launch(self, spec, job_dir, env, workdir_size, queued=None):
+        """start()'s end: the job recorded and watched, then spawned. Returns its id.
+        queued: the queued Job this start is, which becomes a running one."""
         job_id, options = spec["id"], JobOptions(**spec["options"])
-        job = self._new_job(job_id, spec)
+        job = self._promote(queued, spec) if queued else self._new_job(job_id, spec)
         self._watch(job)   # before the spawn, or a quick job could end unseen
         try:
             reply = self._spawner.spawn(SpawnRequest(
                 spec=spec, job_dir=job_dir, env=env, workdir_size=workdir_size,
                 output_cap=self.config.output_cap))
+            if not reply.get("shim"):   # no supervisor took it: nothing was started
+                raise UnavailableError(reply.get("error") or
+                                       "the job's supervisor did not start")
         except Error:
-            self._forget(job, remove_workdir=not options.workdir)
+            if queued:
+                self._unpromote(job)
+                self._remove_folders(job_dir, spec["workdir"] if not options.workdir else "")
+            else:
+                self._forget(job, remove_workdir=not options.workdir)
             raise
-        if not reply.get("shim"):   # no supervisor took it: nothing was started
-            self._forget(job, remove_workdir=not options.workdir)
-            raise UnavailableError(reply.get("error") or "the job's supervisor did not start")
         self._set_shim(job, reply["shim"])
         if not self._watch_supervisor(job):
             self._supervisor_exited(job)
@@ -5387,11 +5727,13 @@ class Engine:
 
     def _arm_timeout(self, job):
         """A job started with a timeout is stopped, as stop() does, once it has run that
-        long (from the watcher's timer). The time is its record's (created_at + timeout):
-        it holds across restarts, and one missed while no server ran is acted on at once."""
+        long (from the watcher's timer). The time is its record's (its start, created_at
+        or dispatched_at for one that was queued, + timeout): it holds across restarts,
+        and one missed while no server ran is acted on at once."""
         timeout = job.spec["options"].get("timeout") or 0
         if timeout and job.result is None:
-            due = job.spec["created_at"] + timeout - time.time()
+            start = job.spec.get("dispatched_at") or job.spec["created_at"]
+            due = start + timeout - time.time()
             self._watcher.call_at(time.monotonic() + max(0.0, due), job, self._time_out)
 
     def _arm_removal(self, job):
@@ -5411,6 +5753,7 @@ class Engine:
             self._watcher.call_at(time.monotonic() + REMOVE_GRACE, job, self._remove_ended)
             return
         def remove():
+            self._event("removed", job)
             self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
             log_line("job-removed", job=job.id, why="run --rm")
         threading.Thread(target=remove, name="remove-ended", daemon=True).start()
@@ -5428,6 +5771,235 @@ class Engine:
         self._event("timed-out", job)
         with contextlib.suppress(Error):
             self.request_stop(job.id)
+
+    # -- the queue ------------------------------------------------------------
+
+    def _checked_queue_request(self, queue):
+        """queue with the server's default applied, its dependencies deduplicated.
+        Raises InvalidArgumentError, NotFoundError (a dependency no job is)."""
+        wanted = self.config.queue_by_default if queue.wanted is None else bool(queue.wanted)
+        priority, timeout = queue.priority, queue.timeout
+        if isinstance(priority, bool) or not isinstance(priority, int) or not (
+                -MAX_PRIORITY <= priority <= MAX_PRIORITY):
+            raise InvalidArgumentError(f"priority must be between {-MAX_PRIORITY} and "
+                                       f"{MAX_PRIORITY}", field="priority")
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
+                and 0 <= timeout <= MAX_TIMEOUT):
+            raise InvalidArgumentError(f"queue_timeout_seconds must be between 0 (none) and "
+                                       f"{MAX_TIMEOUT} seconds", field="queue_timeout_seconds")
+        after = {}
+        for job_id, kind in queue.after:
+            if kind not in DEPENDENCY_KINDS:
+                raise InvalidArgumentError(f"a dependency is ID:ok or ID:any, not "
+                                           f"{quoted(f'{job_id}:{kind}')}", field="after")
+            self._get(job_id)   # (NotFoundError: unknown, or removed)
+            after[job_id] = "ok" if "ok" in (kind, after.get(job_id)) else "any"
+        if len(after) > MAX_AFTER:
+            raise InvalidArgumentError(f"a job may wait for {MAX_AFTER} jobs at most",
+                                       field="after")
+        if (timeout or priority) and not (wanted or after):
+            raise InvalidArgumentError("a queue timeout or priority is for a start that may "
+                                       "wait: add --queue (or --after)",
+                                       field="queue_timeout_seconds" if timeout else "priority")
+        return QueueRequest(wanted, tuple(after.items()), priority, timeout)
+
+    def _may_start(self, owner):
+        """(With the lock held.) Whether owner may have one more job running."""
+        return self._running_of.get(owner, 0) < self.config.user_job_cap()
+
+    def _has_slot(self):
+        return len(self._running) < self.config.max_running_jobs
+
+    def _has_slot_now(self, owner):
+        """Whether a start of owner's may run at once: a slot is free to them, and no
+        queued job that could take it waits for one."""
+        with self._lock:
+            return (self._has_slot() and self._may_start(owner)
+                    and self._queue.startable(self._may_start) is None)
+
+    def _enqueue(self, owner, argv, limits, options, env, meta, queue):
+        """Queue a job (JobQueue); the dispatcher starts it in its turn. Returns its id.
+        Raises ResourceExhaustedError (owner's queued jobs at their cap; the journal cannot
+        be written)."""
+        job_id = new_job_id()
+        spec = self._job_record(job_id, owner, argv, limits, options, env, meta, 0)
+        spec["queue"] = {"priority": queue.priority, "timeout": queue.timeout,
+                         "after": [list(a) for a in queue.after], "seq": None}
+        job = self._new_job(job_id, spec, queued=True)
+        try:
+            with self._lock:
+                cap = self.config.max_queued_per_user
+                if self._queue.queued_of(owner) >= cap:
+                    raise ResourceExhaustedError(
+                        f"{owner} has {cap} jobs queued, the most one user may have "
+                        f"(--max-queued-per-user)", reason="TOO_MANY_QUEUED")
+                try:
+                    self._queue.add(spec, dict(queue.after))
+                except OSError as e:
+                    raise ResourceExhaustedError(f"cannot queue the job: {e.strerror or e}",
+                                                 reason="STATE_DISK_FULL") from None
+                ended = [d for d, _ in queue.after if self._jobs[d].result is not None]
+                self._ended_with_dependents += ended
+                self._queue_changed.notify()
+        except BaseException:
+            job.queued = ""
+            self._forget(job, remove_workdir=False)
+            raise
+        self._event("queued", job)
+        self._arm_queue_timeout(job)
+        return job_id
+
+    def _load_queue(self):
+        """Queue again, in order, what the last server's journal left queued (a job it
+        started just before it stopped is running already: skipped). Raises OSError."""
+        ended = set()
+        for record in self._queue.load():
+            if record["id"] in self._jobs:
+                continue
+            met = set(record["queue"].get("met", ()))
+            waiting = {d: k for d, k in record["queue"].get("after", []) if d not in met}
+            job = self._new_job(record["id"], record, queued=True)
+            with self._lock:
+                self._queue.add(record, waiting, journal=False)
+            ended.update(d for d in waiting
+                         if d not in self._jobs or self._jobs[d].result is not None)
+            self._arm_queue_timeout(job)
+        self._queue.open()
+        with self._lock:
+            self._ended_with_dependents += sorted(ended)
+
+    def _arm_queue_timeout(self, job):
+        """A queued job with a queue timeout is cancelled once it has waited that long
+        (from its creation: the time holds across restarts)."""
+        timeout = job.spec["queue"].get("timeout") or 0
+        if timeout:
+            due = job.spec["created_at"] + timeout - time.time()
+            self._watcher.call_at(time.monotonic() + max(0.0, due), job,
+                                  self._queue_timed_out)
+
+    def _queue_timed_out(self, job):
+        """(From the watcher's timer.) Cancel a job still queued after its queue timeout."""
+        timeout = job.spec["queue"]["timeout"]
+        self._end_unstarted(job, CANCELLED, f"it waited {timeout:g}s in the queue without "
+                                            f"starting (its queue timeout)", timed_out=True)
+
+    def _dispatch(self):
+        """The dispatcher thread: settles what queued jobs wait for when jobs end, and
+        starts queued jobs (JobQueue.pick) while slots are free, one at a time. Woken by
+        every end and every queued job; looks again every QUEUE_SAFETY_NET seconds."""
+        while not self._closing.is_set():
+            try:
+                with self._queue_changed:
+                    ended, self._ended_with_dependents = self._ended_with_dependents, []
+                    entry = None if ended or not self._has_slot() else self._queue.pick(
+                        self._may_start)
+                    if entry is None and not ended:
+                        self._queue_changed.wait(QUEUE_SAFETY_NET)
+                        continue
+                    if entry is not None:
+                        job = self._jobs[entry.job_id]
+                        job.queued = "starting"
+                if ended:
+                    self._settle_dependents(ended)
+                else:
+                    self._start_queued(entry, job)
+            except Exception:   # (a bug: logged, and the queue goes on)
+                log.exception("the queue's dispatcher failed")
+                time.sleep(QUEUE_SAFETY_NET)
+
+    def _start_queued(self, entry, job):
+        """Start a job the dispatcher took out of the queue. A start that finds the slot
+        taken meanwhile (by a start that did not queue) goes back in its place; one that
+        fails ends the job, failed, with why."""
+        spec = job.spec
+        options = JobOptions(**{**spec["options"],
+                                "env": tuple(map(tuple, spec["options"]["env"])),
+                                "terminal": tuple(spec["options"].get("terminal", ()))})
+        meta = JobMeta(spec["name"], tuple(sorted(spec["labels"].items())),
+                       spec["request_id"], spec["traceparent"])
+        try:
+            prepared = self._prepare(spec["owner"], spec["argv"], Limits(**spec["limits"]),
+                                     options, dict(options.env), meta, queued=job)
+            self._launch(*prepared[:4], queued=job)
+        except ResourceExhaustedError as e:
+            if e.reason in QUEUE_WAITS_FOR:
+                with self._lock:
+                    job.queued = "queued"
+                    self._queue.put_back(entry)
+                return
+            self._end_unstarted(job, FAILED, f"it could not start: {e}", picked=entry)
+            return
+        except Error as e:
+            self._end_unstarted(job, FAILED, f"it could not start: {e}", picked=entry)
+            return
+        with self._lock:
+            self._queue.gone(entry)
+        job.notify()   # (its followers: it runs)
+        if job.stop_after_start is not None:   # (a stop came while it was leaving)
+            with contextlib.suppress(Error):
+                self.request_stop(job.id, job.stop_after_start)
+
+    def _promote(self, job, spec):
+        """A queued job leaves the queue: it holds a slot and has its running record."""
+        with self._lock:
+            job.spec, job.queued = spec, ""
+            self._add_running(job)
+        return job
+
+    def _unpromote(self, job):
+        """A launch of a queued job failed: back as it was, without slot or uid."""
+        with self._lock:
+            self._drop_running(job)
+            self._uids.release(job.spec["uid"])
+            job.spec = {**job.spec, "uid": 0}
+            job.queued = "starting"
+
+    def _settle_dependents(self, ended):
+        """Jobs in ended have ended (or are gone): each queued job waiting for one no
+        longer does, or, if it asked for a success (ok) that did not come, is cancelled."""
+        for dep_id in ended:
+            with self._lock:
+                dep = self._jobs.get(dep_id)
+                dependents = self._queue.dependents(dep_id)
+            state = derive_state(dep) if dep else "removed"
+            code = (dep.result or {}).get("exit_code") if dep else None
+            for job_id, kind in dependents:
+                if kind == "any" or (state == EXITED and code == 0):
+                    with self._lock:
+                        self._queue.met(job_id, dep_id)
+                    continue
+                job = self._jobs.get(job_id)
+                if job is not None:
+                    how = ("was removed" if dep is None else f"ended {state}" + (
+                        f" with exit code {code}" if state == EXITED else ""))
+                    self._end_unstarted(job, CANCELLED, f"job {dep_id}, which it runs after "
+                                        f"(--after {dep_id}:ok), {how}")
+
+    def _end_unstarted(self, job, state, why, timed_out=False, picked=None):
+        """End a queued job without running it (STOPPED, CANCELLED, or FAILED: its start
+        failed), with why. Its folder then holds its record and result, as an ended job's
+        does. picked: its entry, if the dispatcher took it out of the queue. Returns
+        whether it was queued still."""
+        with self._lock:
+            if picked is not None:
+                self._queue.gone(picked)
+            elif job.queued != "queued" or self._queue.remove(job.id) is None:
+                return False
+            job.queued = ""
+            job.stop_requested = state == STOPPED
+            job.timed_out = timed_out
+        try:
+            os.mkdir(job.dir, 0o700)
+            write_json_atomic(os.path.join(job.dir, SPEC_FILE), job.spec)
+            for kept, name in ((job.stop_requested, STOP_FILE), (timed_out, TIMED_OUT_FILE)):
+                if kept:
+                    os.close(open_job_file(os.path.join(job.dir, name),
+                                           os.O_WRONLY | os.O_CREAT))
+        except OSError as e:   # (what is in memory is still right until a restart)
+            log.warning("job %s: cannot record its end in the queue: %s", job.id, e)
+        self._finish(job, {"not_run": state, "ended_at": time.time(), "error": why},
+                     save=True)
+        return True
 
     def count_kept_files(self, job_id):
         """Count, once more, what an ended job's own working folder keeps (after its end,
@@ -5558,6 +6130,8 @@ class Engine:
         grace = self.config.stop_grace if grace is None else grace
         if not (isinstance(grace, (int, float)) and math.isfinite(grace) and 0 <= grace <= 3600):
             raise InvalidArgumentError("grace must be between 0 and 3600 seconds")
+        if job.queued and self._stop_queued(job, grace):
+            return None
         kill_at = time.monotonic() + grace
         with job._cond:   # (check and set: concurrent stops make one)
             if job.result is not None:
@@ -5582,6 +6156,16 @@ class Engine:
         elif sooner:
             self._watcher.call_at(kill_at, job, self._kill_stopping)
         return job.kill_at + KILL_TIMEOUT
+
+    def _stop_queued(self, job, grace):
+        """A stop of a queued job ends it without running it (True); one leaving the queue
+        is stopped once it runs (by the dispatcher); False: it runs already."""
+        if self._end_unstarted(job, STOPPED, "stopped while queued: it never ran"):
+            return True
+        with self._lock:
+            if job.queued == "starting":
+                job.stop_after_start = grace
+        return False
 
     def _kill_stopping(self, job):
         """A stop's grace has ended (from the watcher's timer): kill the job's cgroup."""
@@ -5629,6 +6213,7 @@ class Engine:
         self._require_running(job)
         self._cgroup_of(job).freeze()
         job.paused = True
+        self._event("paused", job)
         return self.status(job_id)
 
     def resume(self, job_id, quiet=False):
@@ -5643,6 +6228,8 @@ class Engine:
             if not quiet:
                 raise
         job.paused = False
+        if not quiet:
+            self._event("resumed", job)
         return self.status(job_id)
 
     def remove(self, job_id):
@@ -5651,9 +6238,20 @@ class Engine:
         Raises NotFoundError, FailedPreconditionError while the job runs.
         """
         job = self._get(job_id)
+        with self._lock:   # (a queued job goes at once: it has nothing to stop)
+            if job.queued == "queued" and self._queue.remove(job_id) is not None:
+                job.queued, job.stop_requested = "", True
+                job.result = {"not_run": STOPPED, "ended_at": time.time(),
+                              "error": "removed while queued: it never ran"}
+                job.ended.set()
+                if self._queue.has_dependents(job_id):
+                    self._ended_with_dependents.append(job_id)
+                    self._queue_changed.notify()
+        job.notify()
         if job.result is None:
             raise FailedPreconditionError(f"job {job_id} is still running; stop it first",
                                           reason="JOB_STILL_RUNNING")
+        self._event("removed", job)
         self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
 
     def prune(self, max_age=None, max_bytes=None, now=None):
@@ -5676,6 +6274,7 @@ class Engine:
             total -= stored(oldest)
             doomed.append(oldest)
         for job in doomed:
+            self._event("removed", job)
             self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
         return [j.id for j in doomed]
 
@@ -5886,7 +6485,7 @@ class Engine:
 
     # -- internals ------------------------------------------------------------
 
-    def _new_job(self, job_id, spec):
+    def _new_job(self, job_id, spec, queued=False):
         job = Job(job_id, spec, os.path.join(self.config.state_dir, "jobs", job_id))
         result = _load_json(os.path.join(job.dir, RESULT_FILE))
         if result is not None:
@@ -5896,11 +6495,31 @@ class Engine:
             self._jobs[job_id] = job
             bisect.insort(self._order, list_cursor(job))
             self._claims.record(job_id, spec)
-            self._uids.keep(spec["uid"])
-            if job.result is None:
-                self._running.add(job_id)
+            if queued:
+                job.queued = "queued"
+            else:
+                self._uids.keep(spec["uid"])
+            if job.result is None and not queued:
+                self._add_running(job)
         self._count_kept_files(job)   # (an ended one, loaded at start-up)
         return job
+
+    def _add_running(self, job):
+        """(With the lock held.) job holds a slot until its end."""
+        if job.id not in self._running:
+            self._running.add(job.id)
+            owner = job.spec["owner"]
+            self._running_of[owner] = self._running_of.get(owner, 0) + 1
+
+    def _drop_running(self, job):
+        """(With the lock held.) job's slot is free: the dispatcher may fill it."""
+        if job.id in self._running:
+            self._running.discard(job.id)
+            owner = job.spec["owner"]
+            self._running_of[owner] -= 1
+            if not self._running_of[owner]:
+                del self._running_of[owner]
+            self._queue_changed.notify()
 
     def _set_shim(self, job, shim):
         """Record the shim's facts (pids, cgroup), from its reply or the job's record."""
@@ -5940,7 +6559,10 @@ class Engine:
                 return
             job.result = result
             job.paused = False
-            self._running.discard(job.id)
+            self._drop_running(job)
+            if self._queue.has_dependents(job.id):
+                self._ended_with_dependents.append(job.id)
+                self._queue_changed.notify()
         self._event("ended", job)   # first: nobody learns of the end before the log does
         self._arm_removal(job)
         self._count_kept_files(job)   # (before a waiter hears of the end and starts more)
@@ -5955,7 +6577,7 @@ class Engine:
                 del self._order[at]
             self._claims.forget(job.id, job.spec)
             self._uids.release(job.spec["uid"])
-            self._running.discard(job.id)
+            self._drop_running(job)
             owner = job.spec["owner"]
             if job.files_bytes:
                 self._kept_files[owner] = self._kept_files.get(owner, 0) - job.files_bytes
@@ -5972,7 +6594,7 @@ class Engine:
                     f"{self.config.max_running_jobs} jobs are running, the server's maximum",
                     reason="TOO_MANY_JOBS")
             cap = self.config.user_job_cap()
-            if sum(self._jobs[i].spec["owner"] == owner for i in self._running) >= cap:
+            if self._running_of.get(owner, 0) >= cap:
                 raise ResourceExhaustedError(
                     f"{owner} has {cap} job{'s' * (cap != 1)} running, the most one user "
                     f"may have (--max-jobs-per-user)", reason="TOO_MANY_JOBS_OF_USER")
@@ -6002,6 +6624,9 @@ class Engine:
 
     @staticmethod
     def _require_running(job):
+        if job.queued:
+            raise FailedPreconditionError(f"job {job.id} is queued: it has not started yet",
+                                          reason="JOB_QUEUED")
         if job.result is not None:
             raise FailedPreconditionError(f"job {job.id} has ended", reason="JOB_NOT_RUNNING")
 
@@ -6043,6 +6668,10 @@ class Engine:
             labels=tuple(sorted(spec.get("labels", {}).items())),
             request_id=spec.get("request_id", ""),
             trace_id=trace_id_of(spec.get("traceparent", "")), timed_out=job.timed_out)
+        if "queue" in spec:
+            fields.update(self._queue_status(job))
+        if job.queued:
+            return JobStatus(**fields)
         if spec["options"].get("egress"):
             fields.update(self._egress_status(job))
         if result is None:   # running: live figures from the cgroup and the output file
@@ -6054,6 +6683,18 @@ class Engine:
             return JobStatus(**fields)
         fields.update((k, result[k]) for k in RESULT_FIELDS if k in result)
         return JobStatus(**fields)
+
+    def _queue_status(self, job):
+        """A job that was queued: how, and while it is, where it stands."""
+        queue = job.spec["queue"]
+        fields = {"after": tuple(tuple(a) for a in queue.get("after", ())),
+                  "priority": queue.get("priority", 0),
+                  "queue_timeout": queue.get("timeout", 0.0)}
+        if job.queued:
+            with self._lock:
+                fields.update(queue_position=self._queue.position(job.id),
+                              waiting_for=tuple(sorted(self._queue.waiting_for(job.id))))
+        return fields
 
     def _egress_status(self, job):
         """An egress job's network_state and egress_denied. Its helper is up while the
@@ -6576,10 +7217,11 @@ RPC_ACTIONS = {
     "Start": "write", "Stop": "write", "Pause": "write", "Resume": "write", "Remove": "write",
     "Status": "read", "Output": "read", "List": "read", "Wait": "read", "Signal": "write",
     "Input": "write", "CopyOut": "read", "CopyIn": "write", "StartWithFiles": "write",
-    "Exec": "write",
+    "Exec": "write", "Events": "read",
 }
 JOB_RPCS = ("Stop", "Pause", "Resume", "Remove", "Status", "Output", "Wait", "Signal",
-            "CopyOut")
+            "CopyOut", "Events")
+JOB_OPTIONAL_RPCS = ("Events",)   # of JOB_RPCS, those whose job_id may be empty (every job)
 
 
 class Role(typing.NamedTuple):
@@ -6987,7 +7629,7 @@ def import_grpc(aio=True):
 # that the CLI and the spawner need not import protobuf to use them; a unit test keeps
 # them equal to the generated jobs_pb2's.
 STATE_TO_PB = {RUNNING: 1, PAUSED: 2, EXITED: 3, FAILED: 4, STOPPED: 5, KILLED: 6,
-               OOM_KILLED: 7, UNKNOWN: 8}
+               OOM_KILLED: 7, UNKNOWN: 8, QUEUED: 9, CANCELLED: 10}
 VIEW_SUMMARY = 1
 PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 
@@ -7047,6 +7689,7 @@ MIN_STREAM_CHUNK = 16 * KiB          # what a stream may read even when the budg
 # another user's call may wait for one (512 KiB: about a ms; as fast as 1 MiB, measured).
 STREAM_CHUNK = CHUNK // 2
 FOLLOW_SAFETY_NET = 1.0             # seconds: followers are woken this often even unasked
+EVENTS_BACKLOG = 10_000             # events an Events stream may fall behind before it ends
 LANE_HOLD = 0.02                    # seconds a chunk's write may hold its user's lane
 # A client that asks no runs (OutputRequest.runs) gets a message a run; this many of them
 # come from one read of the index and output, as one chunk's worth of writes under the lane
@@ -7515,6 +8158,13 @@ class JobService:
         self.waiting = {}       # (user, "Wait" or "Stop") -> such calls waiting for an end
         self.writers = {}       # job id -> the InputWriter writing to it
         self.shutting_down = False
+        self.event_streams = set()   # on_event(kind, JobStatus) of each Events call
+        engine.observe(self._job_event)
+
+    def _job_event(self, kind, st, _record):
+        """(The engine's observer: any thread, quick.) Hand the event to each stream."""
+        for on_event in list(self.event_streams):
+            on_event(kind, st)
 
     def status_pb(self, st, summary=False):
         """A JobStatus message; summary: the List view (argv cut, no limits or workdir)."""
@@ -7532,6 +8182,9 @@ class JobService:
             timed_out=st.timed_out, network=st.network, network_state=st.network_state,
             egress_denied=st.egress_denied, remove_when_ended=st.options.remove,
             pids=st.pids, io_read_bytes=st.io_read_bytes, io_write_bytes=st.io_write_bytes,
+            queue_position=st.queue_position, waiting_for=st.waiting_for,
+            priority=st.priority, queue_timeout_seconds=st.queue_timeout,
+            after=[self.pb.Dependency(job_id=i, kind=k) for i, k in st.after],
             view=self.pb.VIEW_SUMMARY if summary else self.pb.VIEW_FULL)
         if st.options.terminal:
             message.terminal.rows, message.terminal.columns = st.options.terminal
@@ -7591,7 +8244,7 @@ class JobService:
         if request is MALFORMED:
             raise InvalidArgumentError("malformed request")
         authorize(identity, rpc)
-        if rpc in JOB_RPCS:
+        if rpc in JOB_RPCS and (request.job_id or rpc not in JOB_OPTIONAL_RPCS):
             request.job_id = self.job_for(identity, rpc, request.job_id)
 
     def job_for(self, identity, rpc, ref):
@@ -7731,7 +8384,8 @@ class JobService:
 
     def _start(self, identity, request):
         job_id = self.engine.start(identity.user, list(request.argv),
-                                   *self._start_arguments(identity, request))
+                                   *self._start_arguments(identity, request),
+                                   queue=self._queue_request(identity, request))
         return self.status_pb(self.engine.status(job_id))
 
     def _start_arguments(self, identity, request):
@@ -7756,6 +8410,23 @@ class JobService:
         meta = JobMeta(name=request.name, labels=tuple(request.labels.items()),
                        request_id=request.request_id, traceparent=identity.trace)
         return limits, options, meta
+
+    def _queue_request(self, identity, request):
+        """The QueueRequest of a StartRequest: its dependencies resolved as the caller sees
+        jobs (another user's is no job to them). Raises PermissionDeniedError (a priority
+        from a non-admin), NotFoundError, InvalidArgumentError."""
+        if request.priority and identity.role != "admin":
+            raise PermissionDeniedError(f"role {identity.role} may not set a priority (admins "
+                                        f"only)", field="priority")
+        after = []
+        for dep in request.after[:MAX_AFTER + 1]:
+            if dep.kind not in ("", *DEPENDENCY_KINDS):
+                raise InvalidArgumentError(f"a dependency's kind is ok or any, not "
+                                           f"{quoted(dep.kind)}", field="after")
+            after.append((self.job_for(identity, "Status", dep.job_id), dep.kind or "ok"))
+        return QueueRequest(wanted=request.queue if request.HasField("queue") else None,
+                            after=tuple(after), priority=request.priority,
+                            timeout=request.queue_timeout_seconds)
 
     async def unary(self, context, rpc, func, request):
         """Run one unary RPC: auth, engine call in a thread, errors mapped, one log line."""
@@ -7826,6 +8497,74 @@ class JobService:
                 self.hub.unwatch(request.job_id, event, user)
             self.log_rpc(context, "Output", user, getattr(request, "job_id", ""), outcome,
                          started, span, bytes=sent[0])
+
+    async def Events(self, request, context):
+        started, user, outcome, sent = time.monotonic(), "-", {"result": "OK"}, [0]
+        span = self.call_span(context, "Events")
+        try:
+            async with self.answering(context, outcome):
+                identity = self.identify(context, span.traceparent)
+                user = identity.user
+                self.admit_and_resolve(identity, "Events", request)
+                wanted = self._events_wanted(identity, request)
+                with self._waiting(identity, "Events", self.config.max_streams_per_user,
+                                   "--max-streams-per-user"):
+                    await self._send_events(context, wanted, sent)
+        finally:
+            self.log_rpc(context, "Events", user, getattr(request, "job_id", ""), outcome,
+                         started, span, events=sent[0])
+
+    def _events_wanted(self, identity, request):
+        """Events' filter: wanted(JobStatus) says whether the caller gets its events.
+        Raises PermissionDeniedError (others' jobs asked by who may not see them),
+        NotFoundError, InvalidArgumentError."""
+        role = ROLES[identity.role]
+        if (request.all_users or request.owner not in ("", identity.user)) and not role.all_jobs:
+            raise PermissionDeniedError(f"role {identity.role} sees only its own jobs")
+        job_id = request.job_id   # (resolved and authorized by admit_and_resolve)
+        owner = request.owner or (None if request.all_users else identity.user)
+        labels = dict(request.labels)
+        return lambda st: ((st.id == job_id) if job_id else
+                           (owner is None or st.owner == owner)) and all(
+            dict(st.labels).get(k) == v for k, v in labels.items())
+
+    async def _send_events(self, context, wanted, sent):
+        """Events' loop: each wanted event as it comes, until the call or the server ends.
+        A reader that falls EVENTS_BACKLOG events behind is ended (RESOURCE_EXHAUSTED)
+        rather than let them pile up here."""
+        import asyncio
+        loop, backlog, dropped = asyncio.get_running_loop(), asyncio.Queue(), [0]
+
+        def keep(item):   # (on the loop)
+            if backlog.qsize() >= EVENTS_BACKLOG:
+                dropped[0] += 1
+            else:
+                backlog.put_nowait(item)
+
+        def on_event(kind, st):   # (on the engine's threads: quick)
+            if wanted(st):
+                with contextlib.suppress(RuntimeError):   # (the loop has closed)
+                    loop.call_soon_threadsafe(keep, (time.time(), kind, st))
+        self.event_streams.add(on_event)
+        try:
+            while True:
+                if self.shutting_down:
+                    raise UnavailableError("the server is shutting down")
+                try:
+                    when, kind, st = await asyncio.wait_for(backlog.get(), FOLLOW_SAFETY_NET)
+                except asyncio.TimeoutError:
+                    continue
+                if dropped[0]:
+                    raise ResourceExhaustedError(
+                        f"this stream fell {EVENTS_BACKLOG} events behind and lost "
+                        f"{dropped[0]}: read faster, or ask for fewer (a job, a label)",
+                        reason="EVENTS_BEHIND")
+                message = self.pb.JobEvent(kind=kind, job=self.status_pb(st, summary=True))
+                message.time.FromNanoseconds(int(when * 1e9))
+                await write_or_gone(context, message)
+                sent[0] += 1
+        finally:
+            self.event_streams.discard(on_event)
 
     async def _send_output(self, request, context, event, offset, user, sent):
         """Output's loop: chunks from offset until the end (with follow: until the job has
@@ -8052,7 +8791,7 @@ class JobService:
                 arguments = self._start_arguments(identity, request)
                 prepared = await loop.run_in_executor(self.start_pool, functools.partial(
                     self.engine.start, identity.user, list(request.argv), *arguments,
-                    fill=True))
+                    fill=True, queue=self._queue_request(identity, request)))
                 if isinstance(prepared, str):   # a retry: the first attempt's job
                     job_id, prepared = prepared, None
                     return self.status_pb(self.engine.status(job_id))
@@ -8988,7 +9727,9 @@ def format_status(st):
         lines.append(f"error    {st.error}")
     if st.timeout_seconds:
         lines.append(f"timeout  {st.timeout_seconds:g}s" + (" (reached: it was stopped)"
-                                                             if st.timed_out else ""))
+                                                             if st.timed_out and
+                                                             state != CANCELLED else ""))
+    lines += queue_lines(st, state)
     if st.network and st.network != "none":
         said = [st.network_state] if st.network_state else []
         if st.network == "egress":
@@ -9023,6 +9764,29 @@ def format_status(st):
     return "\n".join(for_terminal(line) for line in lines)
 
 
+def queue_lines(st, state):
+    """format_status's lines of a job that was queued: where it stands, what it waits for."""
+    lines = []
+    if state == QUEUED:
+        lines.append(f"queue    {queue_note(st)}")
+    if st.after:
+        lines.append("after    " + " ".join(f"{d.job_id}:{d.kind or 'ok'}" for d in st.after))
+    if st.priority:
+        lines.append(f"priority {st.priority}")
+    if st.queue_timeout_seconds:
+        lines.append(f"queue-timeout {st.queue_timeout_seconds:g}s")
+    return lines
+
+
+def queue_note(st):
+    """Where a queued job stands, in a few words."""
+    if st.waiting_for:
+        return (f"waits for job{'s' * (len(st.waiting_for) > 1)} "
+                f"{', '.join(st.waiting_for)} to end")
+    ahead = max(0, st.queue_position - 1)
+    return f"waits for a slot: {ahead} job{'s' * (ahead != 1)} ahead of it"
+
+
 def status_dict(st):
     """A JobStatus message as plain JSON types (README: JSON output): numbers stay
     numbers, unset codes are null, times RFC 3339, what is not known yet absent."""
@@ -9030,6 +9794,8 @@ def status_dict(st):
          if f.message_type is None}
     d["argv"] = list(st.argv)
     d["labels"] = dict(st.labels)
+    d["waiting_for"] = list(st.waiting_for)
+    d["after"] = [{"job_id": a.job_id, "kind": a.kind or "ok"} for a in st.after]
     d["state"] = PB_TO_STATE.get(st.state, "unknown")
     d["view"] = "summary" if st.view == VIEW_SUMMARY else "full"
     if st.view == VIEW_SUMMARY:
@@ -9384,6 +10150,15 @@ def build_parser():
                        help="every user's running jobs (admins and readers)")
     stats.add_argument("--no-stream", action="store_true",
                        help="print once (CPU %% over a short sample) and exit")
+    events = command("events", "jobs' lives as they happen: queued, started, paused, resumed, "
+                               "timed-out, ended, removed (as docker events; ^C ends it)")
+    events.add_argument("job_id", nargs="?", default="", metavar="ID",
+                        help="only this job's events")
+    events.add_argument("--all", action="store_true",
+                        help="every user's jobs (admins and readers)")
+    events.add_argument("--owner", default="", help="only this user's jobs (admins, readers)")
+    events.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        type=argument_type(key_value), help="only jobs with this label")
     add_list_parser(command("list", "list jobs"))
     add_list_parser(command("ps", "list running (and paused) jobs, as docker ps; -a: all"),
                     ps=True)
@@ -9498,6 +10273,18 @@ def add_run_parser(r):
     r.add_argument("--rm", action="store_true",
                    help="remove the job and its files once it has ended (with -f: once its "
                         "output has all come; else some seconds after its end)")
+    r.add_argument("--queue", action=argparse.BooleanOptionalAction, default=None,
+                   help="when the server is full, wait in its queue (state queued) instead "
+                        "of failing; --no-queue: fail (default: the server's)")
+    r.add_argument("--after", action="append", default=[], metavar="ID[:ok|:any]",
+                   type=argument_type(dependency_setting),
+                   help="queued until job ID has ended: :ok (the default) cancels this job "
+                        "unless ID exits 0; may be repeated")
+    r.add_argument("--priority", type=int, default=0, metavar="N",
+                   help="queued jobs of higher priority start first (-1000..1000; admins)")
+    r.add_argument("--queue-timeout", type=argument_type(parse_duration), default=0.0,
+                   metavar="DURATION", help="cancel the job if it is still queued this long "
+                                            "after: 90s, 10m, 1h30m")
     r.add_argument("--root", action="store_true", help="run as root (admins only)")
     r.add_argument("--rw-host", action="store_true",
                    help="see the host's filesystem writable, not read-only (admins only)")
@@ -9512,6 +10299,16 @@ def add_run_parser(r):
                    help="put LOCAL (a file or folder) in the job's folder as PATH (default: "
                         "its name) before the command starts; may be repeated")
     r.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD ARG... or -- PROG ARG...")
+
+
+def dependency_setting(text):
+    """(ref, kind) of run's --after ID[:ok|:any]. Raises ValueError."""
+    ref, sep, kind = text.rpartition(":")
+    if not sep:
+        ref, kind = text, "ok"
+    if kind not in DEPENDENCY_KINDS or not ref:
+        raise ValueError(f"{quoted(text)}: use ID, ID:ok or ID:any")
+    return ref, kind
 
 
 def copy_setting(text):
@@ -9593,7 +10390,10 @@ def add_server_parser(s):
             ("--output-cap", parse_size, 1 * GiB,
              "output kept per job; the rest is discarded"),
             ("--max-jobs", int, EngineConfig().max_running_jobs,
-             "running jobs at most; more starts are RESOURCE_EXHAUSTED"),
+             "running jobs at most; more starts are RESOURCE_EXHAUSTED, or wait in the "
+             "queue (run --queue)"),
+            ("--max-queued-per-user", int, EngineConfig().max_queued_per_user,
+             "queued jobs of one user at most; more are RESOURCE_EXHAUSTED"),
             ("--max-jobs-per-user", int, 0,
              "running jobs of one user at most; 0: a quarter of --max-jobs"),
             ("--max-streams-per-user", int, ServerConfig().max_streams_per_user,
@@ -9628,6 +10428,9 @@ def add_server_parser(s):
     s.add_argument("--insecure-dev-certs", action="store_true",
                    help="start even though --certs holds the CA's or token signer's private "
                         "key, or keys readable by others (the bundled development set)")
+    s.add_argument("--queue-by-default", action="store_true",
+                   help="a start that finds the server full waits in the queue unless it "
+                        "says --no-queue (default: only with run --queue)")
     s.add_argument("--no-root-jobs", action="store_true",
                    help="refuse root jobs even for admins")
     s.add_argument("--stop-jobs-on-exit", action="store_true",
@@ -9665,6 +10468,7 @@ def cmd_server(args):
         state_dir=args.state_dir, cgroup_root=args.cgroup_root, default_limits=limits["default"],
         max_limits=limits["max"], output_cap=args.output_cap, allow_root=not args.no_root_jobs,
         max_running_jobs=args.max_jobs, max_jobs_per_user=args.max_jobs_per_user,
+        max_queued_per_user=args.max_queued_per_user, queue_by_default=args.queue_by_default,
         min_free=args.min_free, workdir_size=args.workdir_size, files_quota=args.files_quota,
         hidden_paths=(args.certs,), egress_deny=tuple(args.egress_deny),
         egress_dns=tuple(args.egress_dns)))
@@ -10152,7 +10956,9 @@ def start_request(client, args):
         rw_host=args.rw_host, name=args.name,
         labels=dict(args.label), request_id=random_hex(16),
         stdin=args.interactive and not args.tty, timeout_seconds=args.timeout,
-        remove_when_ended=args.rm,
+        remove_when_ended=args.rm, queue=args.queue,
+        after=[pb.Dependency(job_id=ref, kind=kind) for ref, kind in args.after],
+        priority=args.priority, queue_timeout_seconds=args.queue_timeout,
         limits=pb.Limits(**{spec.proto: getattr(args, flag_dest(spec.flag))
                             for spec in LIMITS}))
     if args.tty:
@@ -10164,7 +10970,9 @@ def start_request(client, args):
 # A request field, in a start's errors, as the flag of run that sets it.
 FLAG_OF_FIELD = {**{f"limits.{spec.proto}": spec.flag for spec in LIMITS},
                  "workdir": "--workdir", "env": "--env", "name": "--name", "labels": "--label",
-                 "timeout_seconds": "--timeout", "network": "--network"}
+                 "timeout_seconds": "--timeout", "network": "--network",
+                 "queue_timeout_seconds": "--queue-timeout", "priority": "--priority",
+                 "after": "--after", "queue": "--queue"}
 
 
 def in_flag_terms(error):
@@ -10230,6 +11038,8 @@ def cmd_run(client, args):
         print_json({"job_id": st.job_id, "name": st.name}, lines=True)
     else:
         print(f"job {st.job_id}", file=sys.stderr)
+        if PB_TO_STATE.get(st.state) == QUEUED:   # (once: the output follows when it runs)
+            print(f"job {st.job_id} is queued: it {queue_note(st)}", file=sys.stderr)
     try:
         if args.interactive or args.tty:
             st = interactive_session(client, st.job_id, terminal=args.tty,
@@ -10257,7 +11067,8 @@ def report_end(st, args):
     if state != EXITED and not args.json:   # say why, where it cannot mix with the output
         why = {OOM_KILLED: "killed for exceeding its memory limit", STOPPED: "stopped",
                FAILED: f"failed to start: {st.error}", UNKNOWN: f"ended unknown: {st.error}",
-               KILLED: f"killed by {signal_name(st.signal)}"}.get(state, state)
+               KILLED: f"killed by {signal_name(st.signal)}",
+               CANCELLED: f"cancelled: {st.error}"}.get(state, state)
         print(for_terminal(f"job {st.job_id} {why}"), file=sys.stderr)
     return exit_code_of(st)
 
@@ -10422,6 +11233,30 @@ def cmd_stats(client, args):
         if args.no_stream:
             return EXIT_OK
         before, then = now, at
+
+
+def cmd_events(client, args):
+    """events: a line per event (time, what, job, name, state, exit code), or with --json
+    an object per event ({"time", "kind", "job": its status}), until ^C."""
+    pb = client.pb
+    request = pb.EventsRequest(job_id=args.job_id, all_users=args.all, owner=args.owner,
+                               labels=dict(args.label))
+    try:
+        for event in client.stub.Events(request, metadata=client.metadata):
+            when = rfc3339(seconds_of(event.time), digits=3)
+            if args.json:
+                print_json({"time": when, "kind": event.kind, "job": status_dict(event.job)},
+                           lines=True)
+            else:
+                st = event.job
+                code = f" exit {exit_code_of(st)}" if event.kind == "ended" else ""
+                print(for_terminal(f"{when}  {event.kind:9}  {st.job_id}  "
+                                   f"{PB_TO_STATE.get(st.state, '?')}{code}"
+                                   + (f"  {st.name}" if st.name else "")))
+            sys.stdout.flush()
+    except client.grpc.RpcError as e:
+        raise client.error(e) from None
+    return EXIT_OK
 
 
 def cmd_job(client, args):
@@ -10759,7 +11594,7 @@ def cmd_completion(args):
 # What each subcommand runs: those that talk to a server with a Client (cmd_client's),
 # the others by themselves.
 CLIENT_COMMANDS = {"run": cmd_run, "wait": cmd_wait, "list": cmd_list, "ps": cmd_list,
-                   "stats": cmd_stats,
+                   "stats": cmd_stats, "events": cmd_events,
                    "cp": cmd_cp, "exec": cmd_exec,
                    "output": cmd_output, "stream": cmd_output, "logs": cmd_output,
                    "attach": cmd_attach, **{name: cmd_job for name in (

@@ -2173,7 +2173,8 @@ def rpc_requests():
             "CopyOut": pb.CopyOutRequest(job_id=some),
             "CopyIn": [pb.CopyInMessage(job_id=some, data=b"x")],
             "StartWithFiles": [pb.StartWithFilesMessage(start=pb.StartRequest(argv=["true"]))],
-            "Exec": [pb.ExecInput(job_id=some, argv=["true"])]}
+            "Exec": [pb.ExecInput(job_id=some, argv=["true"])],
+            "Events": pb.EventsRequest(job_id=some)}
 
 
 @pytest.mark.security
@@ -5970,3 +5971,307 @@ def test_files_copied_into_an_ended_job_count_toward_the_quota(certs):
         assert cli(srv, "run", "true").returncode == 0   # another user's starts go on
         assert cli(srv, "rm", job, user="alice").returncode == 0
         assert cli(srv, "run", "true", user="alice").returncode == 0
+
+
+# -- batch: the queue, dependencies, deadlines, removal, metrics and events ---------------
+
+def queue_of(*owners_and_priorities):
+    """A JobQueue (in a folder of its own) with a record per (owner, priority)."""
+    queue = sj.JobQueue(tempfile.mkdtemp(prefix="steve-jobs-queue-"))
+    queue.open()
+    for n, (owner, priority) in enumerate(owners_and_priorities):
+        queue.add({"id": f"job-{n}", "owner": owner, "queue": {"priority": priority}}, {})
+    return queue
+
+
+def drain(queue, may_start=lambda owner: True):
+    order = []
+    while (entry := queue.pick(may_start)) is not None:
+        queue.gone(entry)
+        order.append(entry.job_id)
+    return order
+
+
+@pytest.mark.unit
+def test_the_queue_is_fifo_per_user_round_robin_between_users_and_by_priority():
+    queue = queue_of(*[("many", 0)] * 6, ("one", 0), ("other", 0), ("urgent", 5))
+    try:
+        assert queue.position("job-6") == 3   # after urgent's and many's first
+        assert drain(queue, lambda owner: owner != "other") == [
+            "job-8", "job-0", "job-6", "job-1", "job-2", "job-3", "job-4", "job-5"]
+        assert drain(queue) == ["job-7"]   # (held back by may_start, not lost)
+        assert len(queue) == 0 and os.path.getsize(queue.path) == 0   # emptied: truncated
+    finally:
+        queue.close()
+        shutil.rmtree(os.path.dirname(queue.path))
+
+
+@pytest.mark.unit
+def test_the_queue_journal_keeps_order_dependencies_met_and_what_left():
+    queue = queue_of(("a", 0), ("b", 0), ("a", 0))
+    try:
+        queue.add({"id": "later", "owner": "b", "queue": {"priority": 0,
+                                                          "after": [["x", "ok"], ["y", "any"]]}},
+                  {"x": "ok", "y": "any"})
+        assert queue.position("later") == 0 and queue.waiting_for("later") == {
+            "x": "ok", "y": "any"}
+        assert queue.met("later", "y") is False and queue.dependents("x") == [("later", "ok")]
+        queue.remove("job-1")
+        with open(queue.path, "a") as f:
+            f.write("not json\n")   # (a torn last line: skipped)
+        records = sj.JobQueue(os.path.dirname(queue.path)).load()
+        assert [r["id"] for r in records] == ["job-0", "job-2", "later"]
+        assert records[2]["queue"]["met"] == ["y"]
+    finally:
+        queue.close()
+        shutil.rmtree(os.path.dirname(queue.path))
+
+
+@pytest.fixture(scope="module")
+def batch_server(certs):
+    """A server with two slots, one per user (alice, mrarsenal), for the queue's tests."""
+    require_kernel()
+    with Server(certs, extra=["--max-jobs", "2", "--max-jobs-per-user", "1",
+                              "--max-queued-per-user", "5", "--stop-jobs-on-exit"]) as srv:
+        yield srv
+
+
+def wait_state(server, job_id, states, user="mrarsenal", timeout=scaled(30)):
+    deadline = time.monotonic() + timeout
+    while True:
+        st = cli_json(server, "status", job_id, user=user)
+        if st["state"] in states:
+            return st
+        assert time.monotonic() < deadline, f"{job_id} stayed {st['state']}"
+        time.sleep(0.05)
+
+
+@pytest.mark.batch
+def test_a_full_host_queues_starts_in_turn_and_a_queued_job_can_be_stopped_or_removed(
+        batch_server):
+    srv = batch_server
+    blocker = start_job(srv, "sleep 1000")
+    try:
+        refused = cli(srv, "run", "true")   # without --queue: as before
+        assert refused.returncode == 9 and b"--max-jobs-per-user" in refused.stderr, refused
+        first = start_job(srv, "echo first", "mrarsenal", "", "--queue")
+        second = start_job(srv, "echo second", "mrarsenal", "", "--queue")
+        st = cli_json(srv, "status", second)
+        assert (st["state"], st["queue_position"]) == ("queued", 2), st
+        assert "1 job ahead of it" in cli(srv, "status", second).stdout.decode()
+        listed = cli_json(srv, "list", "--state", "queued")
+        assert [j["job_id"] for j in listed] == [first, second], listed
+        doomed = start_job(srv, "touch /tmp/ran; sleep 1000", "mrarsenal", "", "--queue")
+        gone = start_job(srv, "true", "mrarsenal", "", "--queue")
+        stopped = cli_json(srv, "stop", doomed)
+        assert (stopped["state"], stopped["exit_code"]) == ("stopped", None), stopped
+        assert "never ran" in stopped["error"], stopped
+        assert cli(srv, "rm", gone).returncode == 0
+        assert cli(srv, "status", gone).returncode == 3
+        assert cli(srv, "output", second).stdout == b""
+        for verb in ("pause", "kill", "exec"):
+            done = cli(srv, verb, second, *(["true"] if verb == "exec" else []))
+            assert done.returncode == 5 and b"is queued" in done.stderr, (verb, done)
+            assert done.stderr.count(b"\n") == 1, done
+        cli(srv, "stop", "--grace", "0", blocker)
+        for job, text in ((first, b"first\n"), (second, b"second\n")):
+            assert wait_state(srv, job, sj.ENDED_STATES)["state"] == "exited"
+            assert cli(srv, "output", job).stdout == text
+        firsts = [cli_json(srv, "status", j)["start_time"] for j in (first, second)]
+        assert firsts[0] < firsts[1]   # first in, first out
+    finally:
+        cli(srv, "stop", "--grace", "0", blocker)
+
+
+@pytest.mark.batch
+def test_one_users_many_queued_jobs_do_not_starve_anothers(batch_server):
+    srv = batch_server
+    blockers = [start_job(srv, "sleep 1000", user) for user in ("mrarsenal", "alice")]
+    try:
+        mine = [start_job(srv, "sleep 0.2", "mrarsenal", "", "--queue") for _ in range(4)]
+        hers = start_job(srv, "echo hers", "alice", "", "--queue")
+        assert cli_json(srv, "status", hers, user="alice")["queue_position"] == 1
+        cli(srv, "stop", "--grace", "0", blockers[1], user="alice")   # a slot frees
+        # alice's one job takes it: mrarsenal is at his own cap (one running)
+        assert wait_state(srv, hers, sj.ENDED_STATES, "alice")["state"] == "exited"
+        cli(srv, "stop", "--grace", "0", blockers[0])
+        for job in mine:
+            assert wait_state(srv, job, sj.ENDED_STATES)["state"] == "exited"
+    finally:
+        for job, user in zip(blockers, ("mrarsenal", "alice")):
+            cli(srv, "stop", "--grace", "0", job, user=user)
+
+
+@pytest.mark.batch
+def test_after_waits_for_its_dependencies_and_a_failed_ok_one_cancels_it(batch_server):
+    srv = batch_server
+    gate = start_job(srv, "sleep 4; exit 3")
+    failed_ok = start_job(srv, "echo never", "mrarsenal", "", "--after", gate)
+    after_any = start_job(srv, "echo any", "mrarsenal", "", "--after", f"{gate}:any")
+    chained = start_job(srv, "echo never", "mrarsenal", "", "--after", failed_ok)
+    st = cli_json(srv, "status", after_any)
+    assert st["state"] == "queued" and st["waiting_for"] == [gate], st
+    assert f"waits for job {gate} to end" in cli(srv, "status", after_any).stdout.decode()
+    cancelled = wait_state(srv, failed_ok, sj.ENDED_STATES)
+    assert cancelled["state"] == "cancelled", cancelled
+    assert f"{gate}:ok), ended exited with exit code 3" in cancelled["error"], cancelled
+    assert cli(srv, "output", failed_ok).stdout == b""   # it never ran
+    assert wait_state(srv, chained, sj.ENDED_STATES)["state"] == "cancelled"   # and on
+    assert wait_state(srv, after_any, sj.ENDED_STATES)["state"] == "exited"
+    assert cli(srv, "output", after_any).stdout == b"any\n"
+    ok = start_job(srv, "true")
+    wait_state(srv, ok, sj.ENDED_STATES)
+    done = cli(srv, "run", "-f", "--after", ok, "echo after an ended one")   # met at once
+    assert done.returncode == 0 and done.stdout == b"after an ended one\n", done
+
+
+@pytest.mark.batch
+def test_run_f_queue_says_once_that_it_waits_then_follows_to_the_end(batch_server):
+    srv = batch_server
+    blocker = start_job(srv, "sleep 1000")
+    try:
+        follower = subprocess.Popen(
+            [PYTHON, SCRIPT, "--server", srv.address, "--certs", srv.certs, "--user",
+             "mrarsenal", "run", "-f", "--queue", "echo out; exit 4"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(scaled(1.0))
+        cli(srv, "stop", "--grace", "0", blocker)
+        out, err = follower.communicate(timeout=scaled(30))
+        assert follower.returncode == 4 and out == b"out\n", (out, err)
+        assert err.count(b"is queued: it waits for a slot: 0 jobs ahead of it") == 1, err
+    finally:
+        cli(srv, "stop", "--grace", "0", blocker)
+
+
+@pytest.mark.batch
+def test_queue_timeouts_and_queued_jobs_outlive_a_restart_in_order(certs):
+    with Server(certs, extra=["--max-jobs", "1"]) as srv:   # (its jobs outlive it)
+        blocker = start_job(srv, "sleep 1000")
+        impatient = start_job(srv, "echo never", "mrarsenal", "", "--queue",
+                              "--queue-timeout", "1s")
+        queued = [start_job(srv, f"echo {n}", "mrarsenal", "", "--queue") for n in range(3)]
+        st = wait_state(srv, impatient, sj.ENDED_STATES)
+        assert (st["state"], st["timed_out"]) == ("cancelled", True), st
+        assert "queue timeout" in st["error"], st
+        srv.restart()
+        assert [cli_json(srv, "status", j)["queue_position"] for j in queued] == [1, 2, 3]
+        cli(srv, "stop", "--grace", "0", blocker)
+        starts = [wait_state(srv, j, sj.ENDED_STATES)["start_time"] for j in queued]
+        assert starts == sorted(starts)
+        assert [cli(srv, "output", j).stdout for j in queued] == [b"0\n", b"1\n", b"2\n"]
+
+
+@pytest.mark.batch
+def test_bad_queue_requests_get_one_clear_line(batch_server):
+    srv = batch_server
+    theirs = start_job(srv, "true")   # (mrarsenal's: alice may not see it)
+    removed = start_job(srv, "true")
+    wait_state(srv, removed, sj.ENDED_STATES)
+    cli(srv, "rm", removed)
+    assert cli(srv, "run", "--after", theirs, "true").returncode == 0   # (an admin sees it)
+    for args, code, said in (
+            (["--queue-timeout", "0", "--queue"], 2, b"invalid duration"),
+            (["--queue-timeout=-5s", "--queue"], 2, b"invalid duration"),
+            (["--queue-timeout", "10m"], 4, b"add --queue"),
+            (["--after", "no-such-job"], 3, b"no job 'no-such-job'"),
+            (["--after", theirs], 3, b"no job"),
+            (["--after", removed], 3, b"no job"),
+            (["--name", "loop", "--after", "loop"], 3, b"no job 'loop'"),   # (a cycle)
+            (["--after", "x:sometimes"], 2, b"ID:ok or ID:any"),
+            (["--priority", "5", "--queue"], 6, b"may not set a --priority")):
+        done = cli(srv, "run", *args, "true", user="alice")
+        assert done.returncode == code and said in done.stderr, (args, done)
+        assert b"Traceback" not in done.stderr and done.stderr.count(b"\n") <= 3, done
+    assert cli(srv, "run", "--priority", "2000", "--queue", "true").returncode == 4
+    blocker = start_job(srv, "sleep 1000", "alice")
+    try:
+        for _ in range(5):
+            start_job(srv, "true", "alice", "", "--queue")
+        full = cli(srv, "run", "--queue", "true", user="alice")
+        assert full.returncode == 9 and b"--max-queued-per-user" in full.stderr, full
+        assert full.stderr.count(b"\n") == 1
+    finally:
+        cli(srv, "stop", "--grace", "0", blocker, user="alice")
+
+
+@pytest.mark.unit
+@hypothesis.settings(max_examples=60, deadline=None, database=None)
+@hypothesis.given(owners=hypothesis.strategies.lists(hypothesis.strategies.sampled_from("abcd"),
+                                                     min_size=1, max_size=30),
+                  served=hypothesis.strategies.integers(0, 5))
+def test_a_queued_jobs_position_is_its_place_in_the_start_order(owners, served):
+    queue = queue_of(*[(owner, 0) for owner in owners])
+    try:
+        for _ in range(served):   # (some owners served already: the rotation moves on)
+            entry = queue.pick(lambda owner: True)
+            if entry:
+                queue.gone(entry)
+        positions = {job_id: queue.position(job_id) for job_id in list(queue._entries)}
+        order = drain(queue)
+        assert [positions[job_id] for job_id in order] == list(range(1, len(order) + 1))
+    finally:
+        queue.close()
+        shutil.rmtree(os.path.dirname(queue.path))
+
+
+class EventReader:
+    """`events --json` of a user's as a process; lines() reads what has come so far."""
+
+    def __init__(self, server, *args, user="alice"):
+        self.proc = subprocess.Popen(
+            [PYTHON, SCRIPT, "--server", server.address, "--certs", server.certs, "--user",
+             user, "--json", "events", *args], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.events = []
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.buffer = b""
+
+    def until(self, done, timeout=scaled(30)):
+        """Events until done(events) holds (or the timeout: AssertionError)."""
+        deadline = time.monotonic() + timeout
+        while not done(self.events):
+            assert time.monotonic() < deadline, f"events so far: {self.events}"
+            chunk = self.proc.stdout.read() or b""
+            self.buffer += chunk
+            *lines, self.buffer = self.buffer.split(b"\n")
+            self.events += [json.loads(line) for line in lines if line]
+            time.sleep(0.05)
+        return self.events
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.mark.batch
+def test_events_stream_each_users_job_lives_as_they_happen(batch_server):
+    srv = batch_server
+    mine, everyone = EventReader(srv), EventReader(srv, "--all", user="rita")
+    try:
+        time.sleep(scaled(1.5))   # (both streams open)
+        other = start_job(srv, "true")   # mrarsenal's: not alice's to see
+        blocker = start_job(srv, "sleep 1000", "alice")
+        queued = start_job(srv, "exit 3", "alice", "", "--queue", "--label", "team=x")
+        cli(srv, "pause", blocker, user="alice")
+        cli(srv, "resume", blocker, user="alice")
+        cli(srv, "stop", "--grace", "0", blocker, user="alice")
+        wait_state(srv, queued, sj.ENDED_STATES, "alice")
+        cli(srv, "rm", queued, user="alice")
+        seen = mine.until(lambda es: any(e["kind"] == "removed" for e in es))
+        assert [(e["kind"], e["job"]["job_id"]) for e in seen] == [
+            ("started", blocker), ("queued", queued), ("paused", blocker),
+            ("resumed", blocker), ("ended", blocker), ("started", queued),
+            ("ended", queued), ("removed", queued)], seen
+        ended = [e["job"] for e in seen if e["kind"] == "ended"]
+        assert [(j["state"], j["exit_code"]) for j in ended] == [("stopped", None),
+                                                                 ("exited", 3)], ended
+        assert seen[1]["job"]["labels"] == {"team": "x"} and seen[1]["time"].endswith("Z")
+        assert everyone.until(lambda es: {e["job"]["job_id"] for e in es} >= {other, queued})
+        denied = cli(srv, "events", "--all", user="alice", timeout=scaled(30))
+        assert denied.returncode == 6 and denied.stderr.count(b"\n") == 1, denied
+        assert cli(srv, "events", other, user="alice").returncode == 3   # (not hers)
+    finally:
+        mine.close()
+        everyone.close()
