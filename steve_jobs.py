@@ -16,7 +16,7 @@ Security model, in five lines:
 # Sections, in dependency order (nothing calls into a section below it except the CLI):
 #   helpers (logs, addresses, quoting, ids, trace context) -> constants and errors
 #   -> Linux primitives -> cgroups (limits, placement) -> spawner, shim and init
-#   -> job engine -> auth -> tracing -> gRPC service -> client -> CLI -> main()
+#   -> job engine -> auth -> tracing -> metrics -> gRPC service -> client -> CLI -> main()
 # README.md's "Design" section draws how a call travels through them.
 
 import os
@@ -5109,6 +5109,10 @@ class JobQueue:
         return [(i, self._entries[i].waiting[job_id])
                 for i in sorted(self._dependents.get(job_id, ()))]
 
+    def by_owner(self):
+        """{owner: how many jobs they have queued}."""
+        return dict(self._owned)
+
     def queued_of(self, owner):
         """How many jobs owner has queued."""
         return self._owned.get(owner, 0)
@@ -6277,6 +6281,11 @@ class Engine:
             self._event("removed", job)
             self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
         return [j.id for j in doomed]
+
+    def load_by_user(self):
+        """{"running": {owner: jobs}, "queued": {owner: jobs}} now (paused ones run)."""
+        with self._lock:
+            return {"running": dict(self._running_of), "queued": self._queue.by_owner()}
 
     def owner(self, job_id):
         """Who started the job. Raises NotFoundError."""
@@ -7594,6 +7603,167 @@ def otel_exporter():
 
 
 ###############################################################################
+# Metrics: what the server does, for Prometheus (prometheus_client, imported only when
+# --metrics-listen asks for it)
+###############################################################################
+
+# Buckets (seconds) of the histograms: starts take milliseconds, queue waits up to hours.
+START_BUCKETS = (.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30)
+QUEUE_WAIT_BUCKETS = (.01, .05, .1, .5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
+RPC_BUCKETS = (.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 60, 600)
+
+
+class NoMetrics:
+    """What the service counts when no endpoint is served: nothing, at no cost."""
+
+    def on_job_event(self, kind, st, record):
+        pass
+
+    def on_rpc(self, method, code, seconds):
+        pass
+
+    def on_bytes_sent(self, size):
+        pass
+
+    def close(self):
+        pass
+
+
+class Metrics(NoMetrics):
+    """The server's Prometheus metrics (README: Metrics), served over HTTP (HTTPS with a
+    certificate) by prometheus_client's own thread. Counters move on the engine's events
+    and the service's calls; gauges (jobs by state and user, open streams) are read at
+    each scrape. Raises ImportError (no prometheus_client)."""
+
+    def __init__(self, engine, streams_open):
+        import prometheus_client as prom
+        self.prom, self.engine, self.streams_open = prom, engine, streams_open
+        self.registry = registry = prom.CollectorRegistry()
+        prom.ProcessCollector(registry=registry)   # memory, CPU, file handles
+        registry.register(self)
+        def counter(name, about, labels=()):
+            return prom.Counter(name, about, labels, registry=registry)
+        self.starts = counter("steve_jobs_starts", "jobs started (their command exec'd)")
+        self.start_seconds = prom.Histogram(
+            "steve_jobs_start_seconds", "from a start's request (or its leaving the queue) "
+            "to its command's exec", buckets=START_BUCKETS, registry=registry)
+        self.queued = counter("steve_jobs_queued", "jobs that waited in the queue")
+        self.queue_wait = prom.Histogram(
+            "steve_jobs_queue_wait_seconds", "how long started jobs waited in the queue",
+            buckets=QUEUE_WAIT_BUCKETS, registry=registry)
+        self.ended = counter("steve_jobs_jobs_ended", "jobs ended, by state", ("state",))
+        self.supervisor_deaths = counter("steve_jobs_supervisor_deaths", "job supervisors "
+                                         "that died without recording the job's end")
+        self.oom_kills = counter("steve_jobs_oom_kills", "processes of jobs the kernel "
+                                 "killed for their memory limit")
+        self.deadline_stops = counter("steve_jobs_deadline_stops", "jobs stopped by their "
+                                      "timeout (timeout) or cancelled by their queue "
+                                      "timeout (queue_timeout)", ("deadline",))
+        self.rpcs = counter("steve_jobs_rpcs", "calls answered, by method and gRPC status "
+                            "code", ("method", "code"))
+        self.rpc_seconds = prom.Histogram("steve_jobs_rpc_duration_seconds", "calls' "
+                                          "durations (streams: until they ended), by method",
+                                          ("method",), buckets=RPC_BUCKETS, registry=registry)
+        self.bytes_sent = counter("steve_jobs_output_sent_bytes", "bytes of jobs' output "
+                                  "sent to clients")
+        self.server = None
+
+    def collect(self):
+        """(prometheus_client's, at each scrape.) The gauges read now."""
+        from prometheus_client.core import GaugeMetricFamily
+        jobs = GaugeMetricFamily("steve_jobs_jobs", "jobs running (paused ones too) and "
+                                 "queued now, by user", labels=("state", "user"))
+        for state, per_user in self.engine.load_by_user().items():
+            for user, count in sorted(per_user.items()):
+                jobs.add_metric((state, user), count)
+        yield jobs
+        streams = GaugeMetricFamily("steve_jobs_open_streams", "streaming calls open now, "
+                                    "by kind (output, input, events)", labels=("kind",))
+        for kind, count in self.streams_open().items():
+            streams.add_metric((kind,), count)
+        yield streams
+
+    def serve(self, address, certfile="", keyfile=""):
+        """Listen on address ("host:port"): HTTPS with certfile and keyfile, else HTTP.
+        Raises UnavailableError."""
+        try:
+            host, port = split_address(address, "--metrics-listen")
+            self.server, _ = self.prom.start_http_server(
+                port, host, self.registry, certfile=certfile or None, keyfile=keyfile or None)
+        except (OSError, ValueError) as e:
+            raise UnavailableError(f"cannot serve metrics on {address}: {e}") from None
+
+    def close(self):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def on_job_event(self, kind, st, record):
+        """(The engine's observer: any thread, quick.)"""
+        if kind == "started":
+            self.starts.inc()
+            shim, begun = record["shim"], record.get("dispatched_at") or record["created_at"]
+            if shim.get("exec_at"):
+                self.start_seconds.observe(max(0.0, shim["exec_at"] - begun))
+            if record.get("dispatched_at"):
+                self.queue_wait.observe(max(0.0, record["dispatched_at"] - record["created_at"]))
+        elif kind == "queued":
+            self.queued.inc()
+        elif kind == "timed-out":
+            self.deadline_stops.labels("timeout").inc()
+        elif kind == "ended":
+            self.ended.labels(st.state).inc()
+            self.oom_kills.inc(st.oom_kills)
+            if st.state == UNKNOWN:
+                self.supervisor_deaths.inc()
+            if st.state == CANCELLED and st.timed_out:
+                self.deadline_stops.labels("queue_timeout").inc()
+
+    def on_rpc(self, method, code, seconds):
+        self.rpcs.labels(method, code).inc()
+        self.rpc_seconds.labels(method).observe(seconds)
+
+    def on_bytes_sent(self, size):
+        self.bytes_sent.inc(size)
+
+
+def is_loopback(host):
+    """Whether host names this machine's loopback only ("localhost", 127.0.0.0/8, ::1)."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_metrics(engine, address, certfile, keyfile, streams_open):
+    """The Metrics served on address, or NoMetrics without one. A non-loopback address
+    needs TLS files: job counts by user are not for the whole network. Raises
+    UnavailableError."""
+    if not address:
+        return NoMetrics()
+    try:
+        host, _ = split_address(address, "--metrics-listen")
+    except ValueError as e:
+        raise UnavailableError(str(e)) from None
+    if not (certfile and keyfile) and not is_loopback(host):
+        raise UnavailableError(f"--metrics-listen {address} is not a loopback address: give "
+                               f"--metrics-cert and --metrics-key (HTTPS), or listen on "
+                               f"127.0.0.1")
+    try:
+        metrics = Metrics(engine, streams_open)
+    except ImportError:
+        raise UnavailableError("--metrics-listen needs prometheus_client: pip install "
+                               "prometheus-client (README: Metrics)") from None
+    metrics.serve(address, certfile, keyfile)
+    engine.observe(metrics.on_job_event)
+    log.info("metrics on %s://%s/metrics", "https" if certfile else "http", address)
+    return metrics
+
+
+###############################################################################
 # gRPC service (the only section besides the client that imports grpc)
 ###############################################################################
 
@@ -7716,6 +7886,9 @@ class ServerConfig(typing.NamedTuple):
     open_files: int = 1024                # the server's RLIMIT_NOFILE, once raised
     host_network_roles: tuple = ("admin",)  # roles that may ask for the host's network
     egress_roles: tuple = ("admin", "user")  # roles that may ask for an egress network
+    metrics_listen: str = ""              # host:port of the Prometheus endpoint; "": none
+    metrics_cert: str = ""                # with metrics_key: HTTPS (needed off loopback)
+    metrics_key: str = ""
 
     def connection_cap(self, max_jobs):
         """Connections the server accepts at once: what its file handles allow, less a
@@ -8160,6 +8333,13 @@ class JobService:
         self.shutting_down = False
         self.event_streams = set()   # on_event(kind, JobStatus) of each Events call
         engine.observe(self._job_event)
+        self.metrics = NoMetrics()   # (serve() sets the Metrics it serves)
+
+    def streams_open(self):
+        """Streaming calls open now, by kind (a metric)."""
+        inputs, hub = len(self.writers), self.hub
+        return {"output": (hub.streams if hub else 0) - inputs, "input": inputs,
+                "events": len(self.event_streams)}
 
     def _job_event(self, kind, st, _record):
         """(The engine's observer: any thread, quick.) Hand the event to each stream."""
@@ -8467,13 +8647,13 @@ class JobService:
             outcome.update(result=status.code, why=loggable(status.message))
             await self.abort(context, status)
 
-    @staticmethod
-    def log_rpc(context, rpc, user, job_id, outcome, started, span, **more):
-        """The one line every RPC logs; its span ends."""
+    def log_rpc(self, context, rpc, user, job_id, outcome, started, span, **more):
+        """The one line every RPC logs, and counts; its span ends."""
+        seconds = time.monotonic() - started
         log_line("rpc", user=loggable(user), peer=loggable(context.peer()), method=rpc,
                  job=loggable(job_id or "-"), **outcome, **more,
-                 duration_ms=round((time.monotonic() - started) * 1000, 1),
-                 trace_id=trace_id_of(span.traceparent))
+                 duration_ms=round(seconds * 1000, 1), trace_id=trace_id_of(span.traceparent))
+        self.metrics.on_rpc(rpc, outcome["result"], seconds)
         span.end(outcome, user=user if user != "-" else "", job_id=job_id, **more)
 
     async def Output(self, request, context):
@@ -8609,6 +8789,7 @@ class JobService:
                 if not size:
                     return after, 0
                 self.hub.hold(user, size)
+                self.metrics.on_bytes_sent(size)
                 writing = asyncio.ensure_future(write_or_gone(context, *chunk))
                 # A client that does not read (flow control) frees the lane after LANE_HOLD:
                 # a slow reader holds one chunk and slows nobody else.
@@ -9206,9 +9387,15 @@ async def serve(engine, config, verifier, on_started=None):
         server.add_secure_port(config.listen, credentials)
     except RuntimeError as e:
         raise UnavailableError(f"cannot listen on {config.listen}: {e}") from None
+    service.metrics = serve_metrics(engine, config.metrics_listen, config.metrics_cert,
+                                    config.metrics_key, service.streams_open)
     # Only with the port ours do we take the engine's locks and write cgroups: a server
     # that cannot listen leaves everything as it found it.
-    await asyncio.get_running_loop().run_in_executor(None, engine.open)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, engine.open)
+    except BaseException:
+        service.metrics.close()
+        raise
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set("steve_jobs.v1.JobService", health_pb2.HealthCheckResponse.SERVING)
@@ -9240,6 +9427,7 @@ async def serve(engine, config, verifier, on_started=None):
     await health.enter_graceful_shutdown()
     service.begin_shutdown()
     await server.stop(config.shutdown_grace)
+    service.metrics.close()
     await loop.run_in_executor(None, tracing.shutdown)
 
 
@@ -10428,6 +10616,15 @@ def add_server_parser(s):
     s.add_argument("--insecure-dev-certs", action="store_true",
                    help="start even though --certs holds the CA's or token signer's private "
                         "key, or keys readable by others (the bundled development set)")
+    s.add_argument("--metrics-listen", default=env_default("STEVE_JOBS_METRICS_LISTEN", ""),
+                   metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback "
+                        "only without --metrics-cert and --metrics-key; needs "
+                        "prometheus_client; env STEVE_JOBS_METRICS_LISTEN; default: none)")
+    s.add_argument("--metrics-cert", default="", metavar="FILE",
+                   help="with --metrics-key: serve metrics over HTTPS with this certificate")
+    s.add_argument("--metrics-key", default="", metavar="FILE",
+                   help="the private key of --metrics-cert")
     s.add_argument("--queue-by-default", action="store_true",
                    help="a start that finds the server full waits in the queue unless it "
                         "says --no-queue (default: only with run --queue)")
@@ -10495,6 +10692,8 @@ def cmd_server(args):
                           host_network_roles=("admin", *args.allow_host_network_role),
                           egress_roles=tuple(r for r in args.egress_role if r != "none")
                           if args.egress_role else ("admin", "user"),
+                          metrics_listen=args.metrics_listen, metrics_cert=args.metrics_cert,
+                          metrics_key=args.metrics_key,
                           # (what engine.open() raises the soft limit to: the hard one)
                           open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     served = []

@@ -6275,3 +6275,55 @@ def test_events_stream_each_users_job_lives_as_they_happen(batch_server):
     finally:
         mine.close()
         everyone.close()
+
+
+def scrape(address):
+    """The server's metrics, parsed as Prometheus does: {(name, labels...): value}."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=scaled(10)) as reply:
+        text = reply.read().decode()
+    return {(s.name, *sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.batch
+def test_metrics_move_as_jobs_start_queue_end_and_fail(certs):
+    metrics = f"127.0.0.1:{free_port()}"
+    with Server(certs, extra=["--max-jobs", "1", "--metrics-listen", metrics,
+                              "--stop-jobs-on-exit"]) as srv:
+        before = scrape(metrics)
+        assert before[("steve_jobs_starts_total",)] == 0
+        assert before[("process_open_fds",)] > 0 and before[("process_resident_memory_bytes",)]
+        blocker = start_job(srv, "echo hello; sleep 1000", "alice")
+        queued = start_job(srv, "exit 3", "alice", "", "--queue")
+        assert cli(srv, "run", "true").returncode == 9   # (full, and no --queue)
+        now = scrape(metrics)
+        assert now[("steve_jobs_jobs", ("state", "running"), ("user", "alice"))] == 1
+        assert now[("steve_jobs_jobs", ("state", "queued"), ("user", "alice"))] == 1
+        assert now[("steve_jobs_queued_total",)] == 1
+        assert now[("steve_jobs_rpcs_total", ("code", "RESOURCE_EXHAUSTED"),
+                    ("method", "Start"))] == 1
+        assert cli(srv, "output", blocker, user="alice").stdout == b"hello\n"
+        cli(srv, "stop", "--grace", "0", blocker, user="alice")
+        wait_state(srv, queued, sj.ENDED_STATES, "alice")
+        done = cli(srv, "run", "-f", "--timeout", "1s", "sleep 100")
+        assert done.returncode == 128 + 15, done
+        assert cli(srv, "run", "-f", "--", "no-such-program").returncode == 127
+        after = scrape(metrics)
+        assert after[("steve_jobs_starts_total",)] == 3   # (not the one that could not exec)
+        assert after[("steve_jobs_start_seconds_count",)] == 3
+        assert after[("steve_jobs_queue_wait_seconds_count",)] == 1
+        assert after[("steve_jobs_jobs_ended_total", ("state", "exited"))] == 1
+        assert after[("steve_jobs_jobs_ended_total", ("state", "stopped"))] == 2
+        assert after[("steve_jobs_jobs_ended_total", ("state", "failed"))] == 1
+        assert after[("steve_jobs_deadline_stops_total", ("deadline", "timeout"))] == 1
+        assert after[("steve_jobs_output_sent_bytes_total",)] >= len(b"hello\n")
+        assert after[("steve_jobs_rpcs_total", ("code", "OK"), ("method", "Start"))] >= 4
+        assert after[("steve_jobs_rpc_duration_seconds_count", ("method", "Output"))] >= 1
+        assert ("steve_jobs_jobs", ("state", "queued"), ("user", "alice")) not in after
+    refused = subprocess.run([PYTHON, SCRIPT, "server", "--metrics-listen", "0.0.0.0:9",
+                              "--certs", server_only(certs)], capture_output=True,
+                             timeout=scaled(60))
+    assert refused.returncode == 1 and b"not a loopback address" in refused.stderr, refused
+    assert refused.stderr.count(b"\n") == 1, refused.stderr
