@@ -28,6 +28,10 @@ tenants: mrarsenal's `status` p50/p99 and the server's RSS while alice floods st
         huge tails, reads a 1-byte-interleaved job in full (with runs, and a run a chunk as
         an old client), holds 10 stuck Inputs, beside
         no load; server CPU to read that job in full vs one of its size on one stream.
+batch:  --max-jobs 50: 2,000 `true` jobs by 4 users queued vs started one by one with
+        client retries (total time, queue wait p50/p99 per user, slot-free-to-start p99);
+        Start and Status p99 with 10,000 jobs queued vs none; restart to listening with
+        10,000 queued; Start p50 with the metrics endpoint scraped every second vs off.
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -206,14 +210,15 @@ def bench_follow_memory(engine):
 class BenchServer:
     """steve_jobs.py server on a free loopback port, with its own certificates and state."""
 
-    def __init__(self, env=None, extra=()):
+    def __init__(self, env=None, extra=(), users=()):
         self.env, self.extra = {**os.environ, **(env or {})}, list(extra)
+        self.users = users   # USER:ROLE of the certificates made (default: gen_certs.sh's)
 
     def __enter__(self):
         self.dir = tempfile.mkdtemp(prefix="steve-jobs-bench-", dir="/var/tmp")
         os.chmod(self.dir, 0o711)   # jobs (other uids) must reach state/work/ID inside it
         self.certs = os.path.join(self.dir, "certs")
-        make_cert_set(self.certs, users=())   # gen_certs.sh's own: mrarsenal:admin, alice:user
+        make_cert_set(self.certs, users=self.users)   # (): mrarsenal:admin, alice:user
         self.address = f"127.0.0.1:{free_port()}"
         self.cgroup_root = f"steve-jobs-bench-{uuid.uuid4().hex[:6]}"
         self.log = open(os.path.join(self.dir, "server.log"), "ab")
@@ -1214,6 +1219,187 @@ def bench_idle_connections(server, runs=20):
           f"(x{pct(crowded, 99) / pct(quiet, 99):.2f})", flush=True)
 
 
+# -- batch: the queue, its fairness, its cost, and the metrics endpoint's -----------------
+
+BATCH_USERS = ("u1:user", "u2:user", "u3:user", "u4:user")
+
+
+def stubs_of(server, users):
+    """{user: (stub, metadata)}, each on its own connection, connected."""
+    out = {}
+    for user in users:
+        creds, md = user_credentials(server.certs, user)
+        stub = pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
+        stub.List(pb.ListRequest(), metadata=md)
+        out[user] = (stub, md)
+    return out
+
+
+def wait_all_ended(stub, md, job_ids, timeout=600):
+    """Statuses of job_ids once every one has ended."""
+    deadline, ended = time.monotonic() + timeout, {}
+    pending = list(job_ids)
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} jobs did not end"
+        for job_id in list(pending):
+            st = stub.Status(pb.JobRef(job_id=job_id), metadata=md)
+            if sj.PB_TO_STATE.get(st.state) in sj.ENDED_STATES:
+                ended[job_id] = st
+                pending.remove(job_id)
+            else:
+                break
+        time.sleep(0.05)
+    return ended
+
+
+def seconds(timestamp):
+    return timestamp.ToNanoseconds() / 1e9
+
+
+def bench_queue_burst(server, jobs=2000):
+    """2,000 `true` jobs by 4 users at once at --max-jobs 50: queued (one Start each) vs
+    started one by one at the cap, each refusal retried after 20 ms, as a client without a
+    queue must. Queue waits per user (fairness), and how soon a freed slot is taken."""
+    users = [u.split(":")[0] for u in BATCH_USERS]
+    stubs = stubs_of(server, users)
+    per_user = jobs // len(users)
+
+    def submit(user, queue, made):
+        stub, md = stubs[user]
+        for _ in range(per_user):
+            while True:
+                try:
+                    made.append((user, stub.Start(pb.StartRequest(argv=["true"], queue=queue),
+                                                  metadata=md, timeout=60).job_id))
+                    break
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or queue:
+                        raise
+                    time.sleep(0.02)
+    totals, statuses = {}, {}
+    for label, queue in (("retries", False), ("queue", True)):
+        made = []
+        threads = [threading.Thread(target=submit, args=(u, queue, made)) for u in users]
+        began = time.time()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        ended = {}
+        for user in users:
+            ended.update(wait_all_ended(*stubs[user], [j for u, j in made if u == user]))
+        totals[label] = max(seconds(st.end_time) for st in ended.values()) - began
+        statuses[label] = ended
+        for job_id in ended:
+            stubs[ended[job_id].owner][0].Remove(pb.JobRef(job_id=job_id),
+                                                metadata=stubs[ended[job_id].owner][1])
+    print(f"{'2,000 true jobs, 4 users, --max-jobs 50':38s} queued {totals['queue']:6.1f} s"
+          f"  | one by one with retries {totals['retries']:.1f} s "
+          f"(x{totals['queue'] / totals['retries']:.2f})", flush=True)
+    queued = statuses["queue"].values()
+    medians = []
+    for user in users:
+        waits = [(seconds(st.start_time) - seconds(st.create_time)) * 1000
+                 for st in queued if st.owner == user]
+        medians.append(statistics.median(waits))
+        print(f"  queue wait of {user:31s} p50 {medians[-1]:7.0f} ms  "
+              f"p99 {pct(waits, 99):7.0f} ms", flush=True)
+    print(f"  {'fairness: users medians, max/min':36s} x{max(medians) / min(medians):.2f} "
+          f"(goal <= 2)", flush=True)
+    ends = sorted(seconds(st.end_time) for st in queued)
+    import bisect
+    gaps = []
+    for st in queued:
+        start = seconds(st.start_time)
+        at = bisect.bisect_left(ends, start)
+        if at and start - seconds(st.create_time) > 0.05:   # (it waited: a slot freed it)
+            gaps.append((start - ends[at - 1]) * 1000)
+    print(f"  {'slot freed -> next queued job started':36s} p50 {statistics.median(gaps):6.1f}"
+          f" ms  p99 {pct(gaps, 99):6.1f} ms (goal p99 <= 50; {len(gaps)} starts)", flush=True)
+
+
+def bench_many_queued(server, queued=10_000, runs=200):
+    """Start and Status p50/p99 of another user's with 10,000 jobs queued vs none, then the
+    server's restart to listening with them (and 50 running) vs an empty state."""
+    stubs = stubs_of(server, ("u1", "u2"))
+    (filler, fmd), (stub, md) = stubs["u1"], stubs["u2"]
+
+    def latencies():
+        starts, statuses = [], []
+        for _ in range(runs):
+            t = time.perf_counter()
+            job_id = stub.Start(pb.StartRequest(argv=["true"]), metadata=md, timeout=60).job_id
+            starts.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            stub.Status(pb.JobRef(job_id=job_id), metadata=md)
+            statuses.append((time.perf_counter() - t) * 1000)
+        return starts, statuses
+    none = latencies()
+    for _ in range(50):   # u1's cap: what follows waits
+        filler.Start(pb.StartRequest(argv=["sleep", "1000"]), metadata=fmd)
+    t = time.perf_counter()
+    for _ in range(queued):
+        filler.Start(pb.StartRequest(argv=["true"], queue=True), metadata=fmd, timeout=60)
+    print(f"{'10,000 Starts that queue':38s} {(time.perf_counter() - t):7.1f} s", flush=True)
+    many = latencies()
+    for name, i in (("Start", 0), ("Status", 1)):
+        print(f"{name + ' p99, 10,000 queued':38s} p50 {statistics.median(many[i]):6.2f} ms"
+              f"  p99 {pct(many[i], 99):6.2f} ms | none queued p99 {pct(none[i], 99):6.2f} ms"
+              f" (x{pct(many[i], 99) / pct(none[i], 99):.2f}, goal <= 2)", flush=True)
+    server.crash()   # (its 50 jobs run on: the restart re-adopts them)
+    with_queue = server.start()
+    filler, fmd = stubs_of(server, ("u1",))["u1"]
+    left, request = 0, pb.ListRequest(states=[sj.STATE_TO_PB[sj.QUEUED]], page_size=1000)
+    while True:
+        page = filler.List(request, metadata=fmd)
+        left += len(page.jobs)
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    assert left == queued, left
+    server.proc.terminate()
+    server.proc.wait(120)
+    empty = server.start(state="empty-state")
+    print(f"{'restart with 10,000 queued, 50 running':38s} {with_queue * 1000:7.0f} ms to "
+          f"listen  | empty state {empty * 1000:.0f} ms (goal <= 2000 ms)", flush=True)
+
+
+def bench_metrics_cost(runs=RUNS * 4):
+    """Start p50 on a server whose metrics are scraped every second vs one without metrics,
+    the two taken in turn."""
+    import urllib.request
+    metrics = f"127.0.0.1:{free_port()}"
+    with BenchServer() as plain, BenchServer(extra=["--metrics-listen", metrics]) as scraped:
+        done = threading.Event()
+
+        def scrape():
+            while not done.wait(1.0):
+                with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
+                    r.read()
+        scraper = threading.Thread(target=scrape)
+        scraper.start()
+        try:
+            clients = []
+            for server in (plain, scraped):
+                creds, md = user_credentials(server.certs)
+                stub = pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
+                stub.List(pb.ListRequest(), metadata=md)
+                clients.append((stub, md))
+            samples = ([], [])
+            for n in range(runs):
+                for i in ((0, 1) if n % 2 else (1, 0)):
+                    stub, md = clients[i]
+                    t = time.perf_counter()
+                    stub.Start(pb.StartRequest(argv=["true"]), metadata=md)
+                    samples[i].append((time.perf_counter() - t) * 1000)
+        finally:
+            done.set()
+            scraper.join()
+    diff = statistics.median(samples[1]) - statistics.median(samples[0])
+    report("Start, metrics scraped every second", samples[1], {"no metrics": samples[0]})
+    print(f"  {'metrics cost on a start':36s} {diff:+.2f} ms (goal <= +0.2)", flush=True)
+
+
 def main(argv):
     if argv[:1] == ["_floor"]:
         return FloorServer.main(*argv[1:])
@@ -1272,6 +1458,15 @@ def main(argv):
                 BenchSSHD() as sshd:
             bench_exec(server, sshd)
             bench_files(server, sshd)
+    if "batch" in groups:
+        cap = ["--max-jobs", "50", "--max-jobs-per-user", "50"]
+        with BenchServer(extra=cap, users=BATCH_USERS) as server:
+            bench_queue_burst(server)
+        with BenchServer(extra=["--max-jobs", "60", "--max-jobs-per-user", "50",
+                                "--max-queued-per-user", "10000"],
+                         users=BATCH_USERS) as server:   # (u1: 50 running, 10,000 queued)
+            bench_many_queued(server)
+        bench_metrics_cost()
     if "fan-out" in groups:
         with BenchServer() as server:
             for spread in (0.0, 2.0, 0.0, 2.0):

@@ -4836,7 +4836,8 @@ class StartClaims:
                 if held is not PENDING and (job is None or time.time() - job.spec[
                         "created_at"] > REQUEST_ID_TTL):
                     del self._requests[key]   # old enough to mean another start now
-                elif job is not None and (job.shim is not None or job.result is not None):
+                elif job is not None and (job.shim is not None or job.result is not None
+                                          or job.queued):
                     if job.spec["argv"] != argv:
                         raise InvalidArgumentError(
                             f"request_id {quoted(meta.request_id)} started job {held} with "
@@ -5171,7 +5172,8 @@ class Engine:
         self._kept_files = {}         # owner -> bytes their ended jobs' folders keep
         self._claims = StartClaims(self._lock)   # names and request ids, held by the jobs
         self._placement = None        # where the server and its jobs are: decided at open()
-        self._observers = []          # on_job_event(kind, status) callables
+        self._observers = ()          # on_job_event(kind, status, record) callables
+        # (a tuple, replaced, never changed: events are told from any thread)
         self._firewall = None         # the EgressFirewall, once open() has installed it
         self._egress = None           # what a shim needs to start an egress helper
         self._egress_error = "the server is not open"   # why egress starts fail, or ""
@@ -5196,7 +5198,11 @@ class Engine:
         "started", "ended", "adopted" (running when the server started). record: the job's
         spec, with its supervisor's "shim" facts (times: started_at, limits_at, exec_at) and
         "stop_at". From any thread; it must be quick."""
-        self._observers.append(on_job_event)
+        self._observers = self._observers + (on_job_event,)
+
+    def unobserve(self, on_job_event):
+        """Stop calling on_job_event (one observe() made)."""
+        self._observers = tuple(o for o in self._observers if o != on_job_event)
 
     def _event(self, kind, job):
         """Log one line of a job's life, and tell the observers. (From the job's records:
@@ -5209,11 +5215,12 @@ class Engine:
                           why=loggable(result["error"]) if result.get("error") else None)
         log_line(f"job-{kind}", trace_id=trace_id_of(job.spec.get("traceparent", "")) or "-",
                  **{k: v for k, v in fields.items() if v is not None})
-        if not self._observers:
+        observers = self._observers
+        if not observers:
             return
-        st = self._status(job)
+        st = self._status(job, live=False)
         record = {**job.spec, "shim": job.shim or {}, "stop_at": job.stop_at}
-        for observer in self._observers:
+        for observer in observers:
             try:
                 observer(kind, st, record)
             except Exception:
@@ -5404,7 +5411,7 @@ class Engine:
             self._dispatcher.join(SPAWN_TIMEOUT + KILL_TIMEOUT)
         if stop_jobs:
             stopping = []
-            for job in [j for j in self._all_jobs() if j.result is None]:
+            for job in [j for j in self._all_jobs() if j.result is None and not j.queued]:
                 with contextlib.suppress(Error):
                     stopping.append((job, self.request_stop(
                         job.id, grace=min(self.config.stop_grace, 2.0))))
@@ -6324,6 +6331,9 @@ class Engine:
         if not isinstance(path, str) or "\0" in path or len(path) > MAX_COPY_PATH:
             raise InvalidArgumentError(f"path must be text of at most {MAX_COPY_PATH} bytes, "
                                        f"without NUL bytes", field="path")
+        if job.queued:
+            raise FailedPreconditionError(f"job {job_id} is queued: it has no files yet",
+                                          reason="JOB_QUEUED")
         if job.spec["options"]["workdir"]:
             raise FailedPreconditionError(
                 f"job {job_id} ran in a host folder (--workdir {job.spec['workdir']}): copy "
@@ -6664,7 +6674,8 @@ class Engine:
         finally:
             os.close(pidfd)
 
-    def _status(self, job):
+    def _status(self, job, live=True):
+        """The JobStatus of job; live: with a running job's usage now (its cgroup read)."""
         spec, result = job.spec, job.result
         fields = dict(
             id=job.id, owner=spec["owner"], argv=list(spec["argv"]), state=derive_state(job),
@@ -6681,8 +6692,10 @@ class Engine:
             fields.update(self._queue_status(job))
         if job.queued:
             return JobStatus(**fields)
-        if spec["options"].get("egress"):
+        if spec["options"].get("egress") and (live or result is not None):
             fields.update(self._egress_status(job))
+        if result is None and not live:
+            return JobStatus(**fields)
         if result is None:   # running: live figures from the cgroup and the output file
             try:
                 fields.update(job.cgroup.usage() if job.cgroup else {})
@@ -8331,8 +8344,9 @@ class JobService:
         self.waiting = {}       # (user, "Wait" or "Stop") -> such calls waiting for an end
         self.writers = {}       # job id -> the InputWriter writing to it
         self.shutting_down = False
-        self.event_streams = set()   # on_event(kind, JobStatus) of each Events call
-        engine.observe(self._job_event)
+        self.event_streams = frozenset()   # on_event(kind, JobStatus) of each Events call
+        # (replaced, never changed: the engine's threads read it while the loop adds; the
+        # engine tells us of events only while one is open: a start pays nothing else)
         self.metrics = NoMetrics()   # (serve() sets the Metrics it serves)
 
     def streams_open(self):
@@ -8343,7 +8357,7 @@ class JobService:
 
     def _job_event(self, kind, st, _record):
         """(The engine's observer: any thread, quick.) Hand the event to each stream."""
-        for on_event in list(self.event_streams):
+        for on_event in self.event_streams:
             on_event(kind, st)
 
     def status_pb(self, st, summary=False):
@@ -8725,7 +8739,9 @@ class JobService:
             if wanted(st):
                 with contextlib.suppress(RuntimeError):   # (the loop has closed)
                     loop.call_soon_threadsafe(keep, (time.time(), kind, st))
-        self.event_streams.add(on_event)
+        if not self.event_streams:
+            self.engine.observe(self._job_event)
+        self.event_streams = self.event_streams | {on_event}
         try:
             while True:
                 if self.shutting_down:
@@ -8744,7 +8760,9 @@ class JobService:
                 await write_or_gone(context, message)
                 sent[0] += 1
         finally:
-            self.event_streams.discard(on_event)
+            self.event_streams = self.event_streams - {on_event}
+            if not self.event_streams:
+                self.engine.unobserve(self._job_event)
 
     async def _send_output(self, request, context, event, offset, user, sent):
         """Output's loop: chunks from offset until the end (with follow: until the job has

@@ -6327,3 +6327,22 @@ def test_metrics_move_as_jobs_start_queue_end_and_fail(certs):
                              timeout=scaled(60))
     assert refused.returncode == 1 and b"not a loopback address" in refused.stderr, refused
     assert refused.stderr.count(b"\n") == 1, refused.stderr
+
+
+@pytest.mark.batch
+def test_a_retried_queued_start_is_its_job_and_stop_jobs_on_exit_keeps_the_queue():
+    require_kernel()
+    state_dir, root = new_state_dir(), f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
+    config = sj.EngineConfig(state_dir=state_dir, cgroup_root=root, max_running_jobs=1)
+    first = sj.Engine(config).open()
+    try:
+        first.start("tester", ["sleep", "1000"])
+        meta, queue = sj.JobMeta(request_id="retry-me"), sj.QueueRequest(wanted=True)
+        queued = first.start("tester", ["true"], meta=meta, queue=queue)
+        t = time.monotonic()
+        assert first.start("tester", ["true"], meta=meta, queue=queue) == queued
+        assert time.monotonic() - t < scaled(2)   # (not a wait for a start under way)
+    finally:
+        first.close(stop_jobs=True)   # (as --stop-jobs-on-exit: the running job is stopped)
+    with running_engine(state_dir=state_dir, cgroup_root=root) as second:
+        assert second.wait(queued, scaled(30)).state == sj.EXITED
