@@ -6346,3 +6346,16 @@ def test_a_retried_queued_start_is_its_job_and_stop_jobs_on_exit_keeps_the_queue
         first.close(stop_jobs=True)   # (as --stop-jobs-on-exit: the running job is stopped)
     with running_engine(state_dir=state_dir, cgroup_root=root) as second:
         assert second.wait(queued, scaled(30)).state == sj.EXITED
+
+
+@pytest.mark.batch
+def test_the_readmes_batch_host_walkthrough_runs_as_written(server, tmp_path):
+    (block,) = readme_blocks("Batch hosts")
+    steve_jobs = (f'steve-jobs() {{ "{PYTHON}" "{SCRIPT}" --server {server.address} '
+                  f'--certs "{server.certs}" --user alice "$@"; }}\n')
+    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", steve_jobs + block],
+                          cwd=tmp_path, capture_output=True, timeout=scaled(120))
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert "state    queued" in text and "waits for job" in text, text
+    assert "training\n" in text, text
