@@ -10596,10 +10596,10 @@ def add_server_parser(s):
             ("--output-cap", parse_size, 1 * GiB,
              "output kept per job; the rest is discarded"),
             ("--max-jobs", int, EngineConfig().max_running_jobs,
-             "running jobs at most; more starts are RESOURCE_EXHAUSTED, or wait in the "
-             "queue (run --queue)"),
+             "running jobs at most; more starts are RESOURCE_EXHAUSTED"),
             ("--max-queued-per-user", int, EngineConfig().max_queued_per_user,
-             "queued jobs of one user at most; more are RESOURCE_EXHAUSTED"),
+             "jobs of one user waiting in the queue (run --queue) at most; more are "
+             "RESOURCE_EXHAUSTED"),
             ("--max-jobs-per-user", int, 0,
              "running jobs of one user at most; 0: a quarter of --max-jobs"),
             ("--max-streams-per-user", int, ServerConfig().max_streams_per_user,
