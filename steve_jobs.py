@@ -4153,6 +4153,20 @@ class JobStatus(typing.NamedTuple):
                 else "none")
 
 
+class StatusOnDemand:
+    """A job's JobStatus, made when first read: an event's observers that read none of it
+    (a metric counting starts) cost a start nothing."""
+    __slots__ = ("_make", "_made")
+
+    def __init__(self, make):
+        self._make, self._made = make, None
+
+    def __getattr__(self, name):
+        if self._made is None:
+            self._made = self._make()
+        return getattr(self._made, name)
+
+
 class SessionEvent(typing.NamedTuple):
     """Someone wrote to a job's input, watched its terminal, or copied its files."""
     time: float
@@ -4923,12 +4937,11 @@ class JobQueue:
         self._dependents = {}     # job id -> ids of queued jobs waiting for it
         self._fd = None           # the journal, appended to
         self._dead = 0            # journal lines of entries gone
+        self._picked = 0          # entries picked whose start has not settled (their
+                                  # lines stay until gone() or put_back())
 
     def __len__(self):
         return len(self._entries)
-
-    def __contains__(self, job_id):
-        return job_id in self._entries
 
     # -- the journal ------------------------------------------------------------
 
@@ -4946,6 +4959,8 @@ class JobQueue:
             try:
                 change = json.loads(line)
                 if "q" in change:
+                    if not isinstance(change["q"]["queue"]["seq"], int):
+                        raise TypeError("no seq")
                     records[change["q"]["id"]] = change["q"]
                 elif "d" in change:
                     records.pop(change["d"], None)
@@ -4982,13 +4997,12 @@ class JobQueue:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._dead = 0
 
-    def _append(self, change, must=False):
-        """One line into the journal. Raises OSError with must; else logs."""
+    def _append(self, change):
+        """One line into the journal; one that cannot be written is logged (the queue in
+        memory is right; a restart would see the job still queued, or a dependency unmet)."""
         try:
             os.write(self._fd, (json.dumps(change) + "\n").encode())
-        except (OSError, TypeError) as e:
-            if must:
-                raise
+        except OSError as e:
             log_line("queue-journal-not-written", "warning", why=loggable(str(e)))
 
     # -- entries ----------------------------------------------------------------
@@ -5022,12 +5036,17 @@ class JobQueue:
         return entry
 
     def gone(self, entry):
-        """A picked entry's job has started: journal that it left."""
+        """A picked entry's job has started (or ended): journal that it left."""
+        self._picked -= 1
         self._gone(entry.job_id)
 
     def _gone(self, job_id):
+        """Journal that job_id left; an empty journal is cut, a mostly dead one rewritten
+        (never while a picked entry's line is still its only record)."""
         self._append({"d": job_id})
         self._dead += 1
+        if self._picked:
+            return
         if not self._entries:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
@@ -5053,11 +5072,14 @@ class JobQueue:
         if not self._owned[entry.owner]:
             del self._owned[entry.owner]
         for dep in entry.waiting:
-            waiters = self._dependents.get(dep, set())
-            waiters.discard(job_id)
-            if not waiters:
-                self._dependents.pop(dep, None)
+            self._unwait(job_id, dep)
         return entry
+
+    def _unwait(self, job_id, dependency):
+        waiters = self._dependents.get(dependency, set())
+        waiters.discard(job_id)
+        if not waiters:
+            self._dependents.pop(dependency, None)
 
     def startable(self, may_start):
         """The id of the job to start next: of the owners may_start(owner) allows, the one
@@ -5078,10 +5100,12 @@ class JobQueue:
             return None
         entry = self._take(job_id)
         self._served[entry.owner] = next(self._picks)
+        self._picked += 1
         return entry
 
     def put_back(self, entry):
         """A picked entry that could not start after all: back in its place."""
+        self._picked -= 1
         self._entries[entry.job_id] = entry
         self._owned[entry.owner] = self._owned.get(entry.owner, 0) + 1
         bisect.insort(self._ready.setdefault(entry.owner, []), entry.key())
@@ -5094,10 +5118,7 @@ class JobQueue:
             return False
         self._append({"u": [job_id, dependency]})
         entry.met.append(dependency)
-        waiters = self._dependents.get(dependency, set())
-        waiters.discard(job_id)
-        if not waiters:
-            self._dependents.pop(dependency, None)
+        self._unwait(job_id, dependency)
         if not entry.waiting:
             bisect.insort(self._ready.setdefault(entry.owner, []), entry.key())
         return not entry.waiting
@@ -5195,7 +5216,9 @@ class Engine:
 
     def observe(self, on_job_event):
         """Call on_job_event(kind, JobStatus, record) at each event of a job's life:
-        "started", "ended", "adopted" (running when the server started). record: the job's
+        "queued", "started", "paused", "resumed", "timed-out", "ended", "removed",
+        "adopted" (running when the server started); the status has no live usage (no
+        cgroup is read for an event). record: the job's
         spec, with its supervisor's "shim" facts (times: started_at, limits_at, exec_at) and
         "stop_at". From any thread; it must be quick."""
         self._observers = self._observers + (on_job_event,)
@@ -5218,7 +5241,7 @@ class Engine:
         observers = self._observers
         if not observers:
             return
-        st = self._status(job, live=False)
+        st = StatusOnDemand(lambda: self._status(job, live=False))
         record = {**job.spec, "shim": job.shim or {}, "stop_at": job.stop_at}
         for observer in observers:
             try:

@@ -6359,3 +6359,18 @@ def test_the_readmes_batch_host_walkthrough_runs_as_written(server, tmp_path):
     text = done.stdout.decode()
     assert "state    queued" in text and "waits for job" in text, text
     assert "training\n" in text, text
+
+
+@pytest.mark.unit
+def test_a_job_leaving_the_queue_keeps_its_journal_line_until_it_has_started():
+    queue = queue_of(("a", 0), ("b", 0))
+    try:
+        leaving = queue.pick(lambda owner: True)   # (the dispatcher starts it now)
+        queue.remove("job-1")                      # the queue is empty meanwhile
+        assert [r["id"] for r in sj.JobQueue(os.path.dirname(queue.path)).load()] == [
+            leaving.job_id]                        # a crash now loses nothing
+        queue.gone(leaving)
+        assert os.path.getsize(queue.path) == 0    # started: the journal is cut
+    finally:
+        queue.close()
+        shutil.rmtree(os.path.dirname(queue.path))
