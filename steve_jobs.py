@@ -11282,6 +11282,7 @@ def cmd_run(client, args):
             print(f"job {st.job_id} is queued: it {queue_note(st)}", file=sys.stderr)
     try:
         if args.interactive or args.tty:
+            until_started(client, st)   # (its input and terminal exist once it runs)
             st = interactive_session(client, st.job_id, terminal=args.tty,
                                      send_input=args.interactive)
             if st is None:
@@ -11297,6 +11298,16 @@ def cmd_run(client, args):
         with contextlib.suppress(ClientError):
             client.call("Remove", client.pb.JobRef(job_id=st.job_id))
     return report_end(st, args)
+
+
+QUEUE_POLL = 0.5   # s between looks at a queued job that run -i or -t waits to start
+
+
+def until_started(client, st):
+    """Return once the job st is has left the queue (at once if it was not queued)."""
+    while PB_TO_STATE.get(st.state) == QUEUED:
+        time.sleep(QUEUE_POLL)
+        st = client.call("Status", client.pb.JobRef(job_id=st.job_id))
 
 
 def report_end(st, args):

@@ -6130,14 +6130,17 @@ def test_run_f_queue_says_once_that_it_waits_then_follows_to_the_end(batch_serve
     srv = batch_server
     blocker = start_job(srv, "sleep 1000")
     try:
+        limit = "cat /sys/fs/cgroup/memory.max 2>/dev/null || " \
+                "cat /sys/fs/cgroup/memory/memory.limit_in_bytes"
         follower = subprocess.Popen(
             [PYTHON, SCRIPT, "--server", srv.address, "--certs", srv.certs, "--user",
-             "mrarsenal", "run", "-f", "--queue", "echo out; exit 4"],
+             "mrarsenal", "run", "-f", "--queue", "--memory", "100M", f"{limit}; exit 4"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(scaled(1.0))
         cli(srv, "stop", "--grace", "0", blocker)
         out, err = follower.communicate(timeout=scaled(30))
-        assert follower.returncode == 4 and out == b"out\n", (out, err)
+        # It ran once the slot freed, with the limits it asked for, followed to its end.
+        assert follower.returncode == 4 and out == b"%d\n" % (100 * sj.MiB), (out, err)
         assert err.count(b"is queued: it waits for a slot: 0 jobs ahead of it") == 1, err
     finally:
         cli(srv, "stop", "--grace", "0", blocker)
@@ -6374,3 +6377,20 @@ def test_a_job_leaving_the_queue_keeps_its_journal_line_until_it_has_started():
     finally:
         queue.close()
         shutil.rmtree(os.path.dirname(queue.path))
+
+
+@pytest.mark.batch
+def test_run_i_queue_waits_for_its_start_then_sends_its_input(batch_server):
+    srv = batch_server
+    blocker = start_job(srv, "sleep 1000")
+    try:
+        typing_in = subprocess.Popen(
+            [PYTHON, SCRIPT, "--server", srv.address, "--certs", srv.certs, "--user",
+             "mrarsenal", "run", "-i", "--queue", "tr a-z A-Z"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(scaled(1.0))
+        cli(srv, "stop", "--grace", "0", blocker)
+        out, err = typing_in.communicate(b"typed while queued\n", timeout=scaled(30))
+        assert typing_in.returncode == 0 and out == b"TYPED WHILE QUEUED\n", (out, err)
+    finally:
+        cli(srv, "stop", "--grace", "0", blocker)
