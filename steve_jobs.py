@@ -5972,7 +5972,9 @@ class Engine:
             prepared = self._prepare(spec["owner"], spec["argv"], Limits(**spec["limits"]),
                                      options, dict(options.env), meta, queued=job)
             self._launch(*prepared[:4], queued=job)
-        except Error as e:
+        except Exception as e:   # (an Error; or a bug, logged: no job may stay "starting")
+            if not isinstance(e, Error):
+                log.exception("job %s: starting it from the queue failed", job.id)
             with self._lock:
                 self._drop_running(job)   # (its slot: a failed start holds none)
                 self._started_one()

@@ -5755,14 +5755,21 @@ def test_cp_in_beyond_the_folders_size_is_refused_and_leaves_no_partial_file(cer
         assert b"half" not in cli(srv, "cp", f"{job}:.", "-", user="alice").stdout
 
 
-@pytest.mark.files
-def test_the_readmes_build_host_walkthrough_runs_as_written(server, tmp_path):
-    (block,) = readme_blocks("Build hosts")
+def run_walkthrough(section, server, folder):
+    """The ```sh block of README.md's section, run by bash -e as alice would, with
+    `steve-jobs` the CLI for server; returns its CompletedProcess (it succeeded)."""
+    (block,) = readme_blocks(section)
     steve_jobs = (f'steve-jobs() {{ "{PYTHON}" "{SCRIPT}" --server {server.address} '
                   f'--certs "{server.certs}" --user alice "$@"; }}\n')
     done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", steve_jobs + block],
-                          cwd=tmp_path, capture_output=True, timeout=scaled(120))
+                          cwd=folder, capture_output=True, timeout=scaled(120))
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.files
+def test_the_readmes_build_host_walkthrough_runs_as_written(server, tmp_path):
+    done = run_walkthrough("Build hosts", server, tmp_path)
     assert b"hello from a build job" in done.stdout, done.stdout
 
 
@@ -6352,13 +6359,7 @@ def test_a_retried_queued_start_is_its_job_and_stop_jobs_on_exit_keeps_the_queue
 
 @pytest.mark.batch
 def test_the_readmes_batch_host_walkthrough_runs_as_written(server, tmp_path):
-    (block,) = readme_blocks("Batch hosts")
-    steve_jobs = (f'steve-jobs() {{ "{PYTHON}" "{SCRIPT}" --server {server.address} '
-                  f'--certs "{server.certs}" --user alice "$@"; }}\n')
-    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", steve_jobs + block],
-                          cwd=tmp_path, capture_output=True, timeout=scaled(120))
-    assert done.returncode == 0, done.stderr
-    text = done.stdout.decode()
+    text = run_walkthrough("Batch hosts", server, tmp_path).stdout.decode()
     assert "state    queued" in text and "waits for job" in text, text
     assert "training\n" in text, text
 
