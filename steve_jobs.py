@@ -5872,7 +5872,6 @@ class Engine:
                     raise ResourceExhaustedError(f"cannot queue the job: {e.strerror or e}",
                                                  reason="STATE_DISK_FULL") from None
                 ended = [d for d, _ in queue.after if self._jobs[d].result is not None]
-                self._ended_with_dependents += ended
                 self._queue_changed.notify()
         except BaseException:
             job.queued = ""
@@ -5880,6 +5879,7 @@ class Engine:
             raise
         self._event("queued", job)
         self._arm_queue_timeout(job)
+        self._settle_dependents(ended)   # (here: its start answers with what they decide)
         return job_id
 
     def _load_queue(self):
@@ -6015,7 +6015,8 @@ class Engine:
             for job_id, kind in dependents:
                 if kind == "any" or (state == EXITED and code == 0):
                     with self._lock:
-                        self._queue.met(job_id, dep_id)
+                        if self._queue.met(job_id, dep_id):
+                            self._queue_changed.notify()   # (it may start now)
                     continue
                 job = self._jobs.get(job_id)
                 if job is not None:
@@ -9985,7 +9986,8 @@ def format_status(st):
     started, ended = seconds_of(st.start_time), seconds_of(st.end_time)
     lines.append(f"started  {format_time(started)}")
     if ended:
-        lines.append(f"ended    {format_time(ended)} (ran {ended - started:.3f}s)")
+        lines.append(f"ended    {format_time(ended)} " + (
+            f"(ran {ended - started:.3f}s)" if started else "(it never ran)"))
     running = PB_TO_STATE.get(st.state) in (RUNNING, PAUSED)
     lines.append(f"usage    cpu={st.cpu_seconds:.3f}s " + (
         f"memory={human_bytes(st.memory_bytes)} pids={st.pids} " if running else "") +

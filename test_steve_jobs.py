@@ -6126,6 +6126,8 @@ def test_after_waits_for_its_dependencies_and_a_failed_ok_one_cancels_it(batch_s
     assert wait_state(srv, chained, sj.ENDED_STATES)["state"] == "cancelled"   # and on
     assert wait_state(srv, after_any, sj.ENDED_STATES)["state"] == "exited"
     assert cli(srv, "output", after_any).stdout == b"any\n"
+    late = cli_json(srv, "run", "--after", gate, "true")   # (it failed already: at once)
+    assert late["state"] == "cancelled" and "exit code 3" in late["error"], late
     ok = start_job(srv, "true")
     wait_state(srv, ok, sj.ENDED_STATES)
     done = cli(srv, "run", "-f", "--after", ok, "echo after an ended one")   # met at once
