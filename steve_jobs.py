@@ -7911,7 +7911,7 @@ MIN_STREAM_CHUNK = 16 * KiB          # what a stream may read even when the budg
 # another user's call may wait for one (512 KiB: about a ms; as fast as 1 MiB, measured).
 STREAM_CHUNK = CHUNK // 2
 FOLLOW_SAFETY_NET = 1.0             # seconds: followers are woken this often even unasked
-EVENTS_BACKLOG = 10_000             # events an Events stream may fall behind before it ends
+EVENTS_BACKLOG = 1000               # events an Events stream may fall behind before it ends
 LANE_HOLD = 0.02                    # seconds a chunk's write may hold its user's lane
 # A client that asks no runs (OutputRequest.runs) gets a message a run; this many of them
 # come from one read of the index and output, as one chunk's worth of writes under the lane
@@ -7919,6 +7919,7 @@ LANE_HOLD = 0.02                    # seconds a chunk's write may hold its user'
 RUNS_PER_ONE_RUN_READ = 64
 MAX_STOPS_PER_USER = 64              # Stop calls of one user waiting for their jobs' ends
 MAX_INPUTS_PER_USER = 32             # Input calls of one user at once (each holds a message)
+MAX_EVENT_STREAMS_PER_USER = 16      # Events calls of one user at once (each may hold a backlog)
 MAX_RECEIVED_MESSAGE = 2 * MiB       # the largest message a client may send (Start, Input)
 INPUT_FIRST_MESSAGE_TIMEOUT = 10.0 * TIME_SCALE   # s an Input call has to name its job
 COPIER_TIMEOUT = 60.0 * TIME_SCALE               # s a copy's helper may take for one step
@@ -8583,7 +8584,8 @@ class JobService:
         if self.waiting.get(key, 0) >= cap:
             raise ResourceExhaustedError(
                 f"{identity.user} has {cap} {rpc} calls under way, the most one user may have"
-                + (f" ({flag})" if flag else ""), reason=f"TOO_MANY_{rpc.upper()}S")
+                + (f" ({flag})" if flag else ""),
+                reason=f"TOO_MANY_{rpc.upper().rstrip('S')}S")
         self.waiting[key] = self.waiting.get(key, 0) + 1
         try:
             yield
@@ -8740,8 +8742,7 @@ class JobService:
                 user = identity.user
                 self.admit_and_resolve(identity, "Events", request)
                 wanted = self._events_wanted(identity, request)
-                with self._waiting(identity, "Events", self.config.max_streams_per_user,
-                                   "--max-streams-per-user"):
+                with self._waiting(identity, "Events", MAX_EVENT_STREAMS_PER_USER):
                     await self._send_events(context, wanted, sent)
         finally:
             self.log_rpc(context, "Events", user, getattr(request, "job_id", ""), outcome,

@@ -6396,3 +6396,30 @@ def test_run_i_queue_waits_for_its_start_then_sends_its_input(batch_server):
         assert typing_in.returncode == 0 and out == b"TYPED WHILE QUEUED\n", (out, err)
     finally:
         cli(srv, "stop", "--grace", "0", blocker)
+
+
+@pytest.mark.tenants
+def test_one_user_holds_at_most_16_event_streams_and_others_are_not_held_back(batch_server):
+    srv = batch_server
+    channel = user_channel(srv.certs, srv.address, "alice")
+    stub, md = pb_grpc.JobServiceStub(channel), bearer(srv.certs, "alice")
+    streams = [stub.Events(pb.EventsRequest(), metadata=md)
+               for _ in range(sj.MAX_EVENT_STREAMS_PER_USER)]
+    try:
+        time.sleep(scaled(1.0))   # (all of them open on the server)
+        extra = stub.Events(pb.EventsRequest(), metadata=md, timeout=scaled(10))
+        with pytest.raises(grpc.RpcError) as refused:
+            next(extra)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "16 Events calls" in refused.value.details()
+        theirs = EventReader(srv, user="mrarsenal")   # another user's stream is served
+        try:
+            time.sleep(scaled(1.0))
+            job = start_job(srv, "true")
+            theirs.until(lambda es: any(e["job"]["job_id"] == job for e in es))
+        finally:
+            theirs.close()
+    finally:
+        for stream in streams:
+            stream.cancel()
+        channel.close()
