@@ -33,6 +33,9 @@ batch:  --max-jobs 50: 2,000 `true` jobs by 4 users queued vs started one by one
         Start and Status p99 with 10,000 jobs queued vs none; restart to listening with
         10,000 queued; slot freed to the next queued job's exec, one slot at a time and 50
         together; Start p50 with the metrics endpoint scraped every second vs off.
+scale:  200 and 2,000 sleeping jobs through a real server: our memory per job (PSS, USS),
+        Start p50 beside none running, Status and List p99, server RSS, restart with all
+        re-adopted, stop all with the CLI; then starts/s from 10 clients vs unshare(1).
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -1460,6 +1463,123 @@ def bench_metrics_cost(runs=RUNS * 8):
           f"of the server's time (once a second) (goal: start + <= 0.2 ms)", flush=True)
 
 
+
+# -- scale: what each running job costs, and how the server bears many -----------------
+
+def smaps_kib(pid):
+    """(Pss, USS) of a process, KiB; (0, 0) if it is gone."""
+    pss = uss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                name, value = line.split()[:2]
+                if name == "Pss:":
+                    pss = int(value)
+                elif name in ("Private_Clean:", "Private_Dirty:"):
+                    uss += int(value)
+    except (OSError, ValueError):
+        pass
+    return pss, uss
+
+
+def our_processes_of_jobs(state_dir, job_ids):
+    """The pids of every process of ours that runs because these jobs run: each job's
+    supervisor, init and egress helper (from its record)."""
+    pids = []
+    for job_id in job_ids:
+        with open(os.path.join(state_dir, "jobs", job_id, sj.SPEC_FILE)) as f:
+            shim = json.load(f).get("shim") or {}
+        pids += [shim[k] for k in ("shim_pid", "init_pid", "egress_pid") if shim.get(k)]
+    return pids
+
+
+def timed_calls(call, runs):
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - t) * 1000)
+    return samples
+
+
+def bench_scale(jobs, clients=10):
+    """With `jobs` sleeping jobs running through a real server: our memory per job (PSS and
+    USS of supervisors, inits, helpers), start p50 beside none running, Status and List p99,
+    the server's RSS, its restart with every job re-adopted, and stopping them all with the
+    CLI, 10 at a time."""
+    cap = ["--max-jobs", str(jobs + 100), "--max-jobs-per-user", str(jobs + 100)]
+    with BenchServer(extra=cap) as server:
+        creds, md = user_credentials(server.certs)
+        stubs = [pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
+                 for _ in range(clients)]
+        stub = stubs[0]
+        stub.List(pb.ListRequest(), metadata=md)
+        start = lambda: stub.Start(pb.StartRequest(argv=["true"]), metadata=md)
+        idle = timed_calls(start, 30)
+        made, lock = [], threading.Lock()
+
+        def fill(s, count):
+            for _ in range(count):
+                job_id = s.Start(pb.StartRequest(argv=["sleep", "1000000"]), metadata=md,
+                                 timeout=120).job_id
+                with lock:
+                    made.append(job_id)
+        threads = [threading.Thread(target=fill, args=(s, jobs // clients)) for s in stubs]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        rate = len(made) / (time.perf_counter() - t)
+        time.sleep(2)   # (settled)
+        state = os.path.join(server.dir, "state")
+        sizes = [smaps_kib(pid) for pid in our_processes_of_jobs(state, made)]
+        pss, uss = (sum(s[i] for s in sizes) / len(made) / 1024 for i in (0, 1))
+        busy = timed_calls(start, 30)
+        status = timed_calls(lambda: stub.Status(pb.JobRef(job_id=made[len(made) // 2]),
+                                                 metadata=md), 100)
+        listing = timed_calls(lambda: stub.List(pb.ListRequest(page_size=100),
+                                                metadata=md), 100)
+        rss = server.rss_mb()
+        print(f"{f'{jobs} sleeping jobs: ours per job':38s} PSS {pss:5.2f} MiB  USS {uss:5.2f}"
+              f" MiB (goal PSS <= 1.0); {len(sizes) / len(made):.1f} processes a job; "
+              f"started at {rate:.0f}/s from {clients} clients", flush=True)
+        report(f"  Start with {jobs} running", busy, {"none running": idle})
+        print(f"  {'Status p99 / List (100) p99':36s} {pct(status, 99):6.1f} ms / "
+              f"{pct(listing, 99):6.1f} ms (goal <= 50); server RSS {rss:.0f} MB "
+              f"(goal <= 300)", flush=True)
+        server.crash()
+        restart = server.start()
+        stub = pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
+        running, request = 0, pb.ListRequest(states=[sj.STATE_TO_PB[sj.RUNNING]],
+                                             page_size=1000)
+        while True:
+            page = stub.List(request, metadata=md)
+            running += len(page.jobs)
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+        t = time.perf_counter()
+        pending = list(made)
+
+        def stopper():
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    job_id = pending.pop()
+                server.cli("stop", "--grace", "0", job_id, stdout=subprocess.DEVNULL)
+        stoppers = [threading.Thread(target=stopper) for _ in range(10)]
+        for th in stoppers:
+            th.start()
+        for th in stoppers:
+            th.join()
+        stopped = time.perf_counter() - t
+        print(f"  {'restart, every job re-adopted':36s} {restart * 1000:6.0f} ms to listen "
+              f"({running} of {len(made)} running after it; goal <= 3 s); stop all with the "
+              f"CLI, 10 at a time: {stopped:.1f} s (goal <= 30)", flush=True)
+
+
 def main(argv):
     if argv[:1] == ["_floor"]:
         return FloorServer.main(*argv[1:])
@@ -1530,6 +1650,11 @@ def main(argv):
         bench_slot_to_start(1, 60, ("sleep", "0.1"))
         bench_slot_to_start(50, 300, ("sleep", "1"))
         bench_metrics_cost()
+    if "scale" in groups:
+        bench_scale(200)
+        bench_scale(2000)
+        with BenchServer() as server:
+            bench_start_rate(server)
     if "fan-out" in groups:
         with BenchServer() as server:
             for spread in (0.0, 2.0, 0.0, 2.0):
