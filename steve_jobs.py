@@ -1881,6 +1881,7 @@ MAX_AFTER = 64                    # run --after: dependencies of one job, at mos
 DEPENDENCY_KINDS = ("ok", "any")  # --after ID:ok waits for exit 0, ID:any for any end
 QUEUE_WAITS_FOR = ("TOO_MANY_JOBS", "TOO_MANY_JOBS_OF_USER")   # what a queued start waits out
 QUEUE_SAFETY_NET = 1.0            # s: the dispatcher looks at the queue at least this often
+MAX_QUEUED_BYTES_PER_USER = 64 * MiB   # of queued jobs' records (argv, env) one user holds
 # Queued jobs being started at once, at most. On 2 cores, 2 or 4 made each start slower
 # (50 slots freed together, 250 starts: exec p50 20-74 ms against 8-14 ms) and the last
 # of a burst no sooner: starts are CPU-bound here. A bigger host may gain from more.
@@ -4935,6 +4936,7 @@ class JobQueue:
         self._entries = {}        # job id -> QueueEntry (ready or held)
         self._ready = {}          # owner -> sorted keys of their ready entries
         self._owned = {}          # owner -> how many entries they have (ready or held)
+        self._bytes = {}          # owner -> bytes of their entries' records
         self._served = {}         # owner -> the pick that last served them
         self._picks = itertools.count(1)
         self._seq = 0
@@ -4993,7 +4995,7 @@ class JobQueue:
         tmp = self.path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, "".join(lines).encode())
+            _write_all(fd, "".join(lines).encode())
         finally:
             os.close(fd)
         os.rename(tmp, self.path)
@@ -5005,8 +5007,8 @@ class JobQueue:
         """One line into the journal; one that cannot be written is logged (the queue in
         memory is right; a restart would see the job still queued, or a dependency unmet)."""
         try:
-            os.write(self._fd, (json.dumps(change) + "\n").encode())
-        except OSError as e:
+            _write_all(self._fd, (json.dumps(change) + "\n").encode())
+        except (OSError, TypeError, ValueError) as e:   # (TypeError: no journal open)
             log_line("queue-journal-not-written", "warning", why=loggable(str(e)))
 
     # -- entries ----------------------------------------------------------------
@@ -5021,11 +5023,12 @@ class JobQueue:
         self._seq = max(self._seq, queue["seq"])
         line = json.dumps({"q": record}) + "\n"
         if journal:
-            os.write(self._fd, line.encode())
+            _write_all(self._fd, line.encode())
         entry = QueueEntry(record["id"], record["owner"], queue.get("priority", 0),
                            queue["seq"], dict(waiting), line)
         self._entries[entry.job_id] = entry
         self._owned[entry.owner] = self._owned.get(entry.owner, 0) + 1
+        self._bytes[entry.owner] = self._bytes.get(entry.owner, 0) + len(line)
         for dep in entry.waiting:
             self._dependents.setdefault(dep, set()).add(entry.job_id)
         if not entry.waiting:
@@ -5073,8 +5076,9 @@ class JobQueue:
             if not ready:
                 del self._ready[entry.owner]
         self._owned[entry.owner] -= 1
+        self._bytes[entry.owner] -= len(entry.line)
         if not self._owned[entry.owner]:
-            del self._owned[entry.owner]
+            del self._owned[entry.owner], self._bytes[entry.owner]
         for dep in entry.waiting:
             self._unwait(job_id, dep)
         return entry
@@ -5131,6 +5135,10 @@ class JobQueue:
     def by_owner(self):
         """{owner: how many jobs they have queued}."""
         return dict(self._owned)
+
+    def bytes_of(self, owner):
+        """Bytes of owner's queued jobs' records."""
+        return self._bytes.get(owner, 0)
 
     def queued_of(self, owner):
         """How many jobs owner has queued."""
@@ -5313,6 +5321,8 @@ class Engine:
             self._release_locks()
             raise UnavailableError(f"cannot read or write the queue's journal "
                                    f"{self._queue.path}: {e.strerror or e}") from None
+        for job in self._all_jobs():   # (after the queue: what waits for them is known)
+            self._arm_removal(job)
         if any(j.spec["options"].get("egress") and j.result is None for j in self._all_jobs()):
             with contextlib.suppress(FailedPreconditionError):
                 self._egress_ready()
@@ -5500,8 +5510,7 @@ class Engine:
         job.stop_requested = os.path.exists(os.path.join(job_dir, STOP_FILE))
         job.timed_out = os.path.exists(os.path.join(job_dir, TIMED_OUT_FILE))
         self._set_shim(job, spec.get("shim"))
-        self._arm_timeout(job)
-        self._arm_removal(job)
+        self._arm_timeout(job)   # (its removal is armed once the queue is loaded: open())
         if job.result is None:
             with contextlib.suppress(OSError, Error):
                 job.paused = job.cgroup.frozen()   # a pause outlives the server too
@@ -5638,11 +5647,12 @@ class Engine:
             raise InvalidArgumentError(f"timeout must be between 0 (none) and {MAX_TIMEOUT} "
                                        f"seconds", field="timeout_seconds")
         meta = validate_meta(meta)
-        queue = self._checked_queue_request(queue)
         if fill and (queue.wanted or queue.after):
             raise InvalidArgumentError("a start with files cannot wait in the queue (yet): "
                                        "queue it without, then copy in (cp) once it runs",
                                        field="queue")
+        # (A start with files does not queue by the server's default either: it fails.)
+        queue = self._checked_queue_request(queue._replace(wanted=False) if fill else queue)
         earlier = self._claims.hold(owner, argv, meta, self._jobs.get)
         if earlier:
             return earlier
@@ -5787,6 +5797,7 @@ class Engine:
             return
         def remove():
             self._event("removed", job)
+            self._settle_dependents([job.id])   # (by its end, before it goes)
             self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
             log_line("job-removed", job=job.id, why="run --rm")
         threading.Thread(target=remove, name="remove-ended", daemon=True).start()
@@ -5852,20 +5863,21 @@ class Engine:
 
     def _enqueue(self, owner, argv, limits, options, env, meta, queue):
         """Queue a job (JobQueue); the dispatcher starts it in its turn. Returns its id.
-        Raises ResourceExhaustedError (owner's queued jobs at their cap; the journal cannot
-        be written)."""
+        Raises ResourceExhaustedError (owner's queued jobs at their caps; a full state
+        disk), NotFoundError (a dependency removed meanwhile)."""
         job_id = new_job_id()
         spec = self._job_record(job_id, owner, argv, limits, options, env, meta, 0)
         spec["queue"] = {"priority": queue.priority, "timeout": queue.timeout,
                          "after": [list(a) for a in queue.after], "seq": None}
+        self._check_room()   # (the journal is on the state disk)
+        size = len(json.dumps(spec))
         job = self._new_job(job_id, spec, queued=True)
         try:
             with self._lock:
-                cap = self.config.max_queued_per_user
-                if self._queue.queued_of(owner) >= cap:
-                    raise ResourceExhaustedError(
-                        f"{owner} has {cap} jobs queued, the most one user may have "
-                        f"(--max-queued-per-user)", reason="TOO_MANY_QUEUED")
+                self._check_queue_room(owner, size)
+                gone = [d for d, _ in queue.after if d not in self._jobs]
+                if gone:   # (removed since the request was checked)
+                    raise NotFoundError(f"no job {quoted(gone[0])}", field="after")
                 try:
                     self._queue.add(spec, dict(queue.after))
                 except OSError as e:
@@ -5882,24 +5894,38 @@ class Engine:
         self._settle_dependents(ended)   # (here: its start answers with what they decide)
         return job_id
 
+    def _check_queue_room(self, owner, record_bytes):
+        """(With the lock held.) Raises ResourceExhaustedError when owner's queued jobs are
+        at --max-queued-per-user, or their records at MAX_QUEUED_BYTES_PER_USER."""
+        cap = self.config.max_queued_per_user
+        if self._queue.queued_of(owner) >= cap:
+            raise ResourceExhaustedError(f"{owner} has {cap} jobs queued, the most one user "
+                                         f"may have (--max-queued-per-user)",
+                                         reason="TOO_MANY_QUEUED")
+        if self._queue.bytes_of(owner) + record_bytes > MAX_QUEUED_BYTES_PER_USER:
+            raise ResourceExhaustedError(
+                f"{owner}'s queued jobs hold {human_bytes(MAX_QUEUED_BYTES_PER_USER)} of "
+                f"commands and environments, the most one user may", reason="TOO_MANY_QUEUED")
+
     def _load_queue(self):
         """Queue again, in order, what the last server's journal left queued (a job it
         started just before it stopped is running already: skipped). Raises OSError."""
-        ended = set()
+        ended, queued = set(), []
         for record in self._queue.load():
             if record["id"] in self._jobs:
                 continue
             met = set(record["queue"].get("met", ()))
             waiting = {d: k for d, k in record["queue"].get("after", []) if d not in met}
-            job = self._new_job(record["id"], record, queued=True)
+            queued.append(self._new_job(record["id"], record, queued=True))
             with self._lock:
                 self._queue.add(record, waiting, journal=False)
             ended.update(d for d in waiting
                          if d not in self._jobs or self._jobs[d].result is not None)
-            self._arm_queue_timeout(job)
-        self._queue.open()
         with self._lock:
+            self._queue.open()   # (before a timeout, or a dependency, can take one out)
             self._ended_with_dependents += sorted(ended)
+        for job in queued:
+            self._arm_queue_timeout(job)
 
     def _arm_queue_timeout(self, job):
         """A queued job with a queue timeout is cancelled once it has waited that long
@@ -5963,12 +5989,12 @@ class Engine:
         """(A starter thread.) Start a job the dispatcher took out of the queue, in the slot
         it holds; a start that fails ends the job, failed, with why."""
         spec = job.spec
-        options = JobOptions(**{**spec["options"],
-                                "env": tuple(map(tuple, spec["options"]["env"])),
-                                "terminal": tuple(spec["options"].get("terminal", ()))})
-        meta = JobMeta(spec["name"], tuple(sorted(spec["labels"].items())),
-                       spec["request_id"], spec["traceparent"])
         try:
+            options = JobOptions(**{**spec["options"],
+                                    "env": tuple(map(tuple, spec["options"]["env"])),
+                                    "terminal": tuple(spec["options"].get("terminal", ()))})
+            meta = JobMeta(spec["name"], tuple(sorted(spec["labels"].items())),
+                           spec["request_id"], spec["traceparent"])
             prepared = self._prepare(spec["owner"], spec["argv"], Limits(**spec["limits"]),
                                      options, dict(options.env), meta, queued=job)
             self._launch(*prepared[:4], queued=job)
@@ -6182,6 +6208,8 @@ class Engine:
             raise InvalidArgumentError("grace must be between 0 and 3600 seconds")
         if job.queued and self._stop_queued(job, grace):
             return None
+        if job.queued:   # (leaving the queue: its starter stops it once it runs)
+            return time.monotonic() + SPAWN_TIMEOUT + grace + KILL_TIMEOUT
         kill_at = time.monotonic() + grace
         with job._cond:   # (check and set: concurrent stops make one)
             if job.result is not None:
@@ -6221,6 +6249,9 @@ class Engine:
         """A stop's grace has ended (from the watcher's timer): kill the job's cgroup."""
         if job.result is not None:
             return   # (also the timer of a kill time a later stop brought forward)
+        if job.cgroup is None:   # (stopped before its supervisor said where it runs)
+            self._watcher.call_at(time.monotonic() + 0.1, job, self._kill_stopping)
+            return
         try:
             self._cgroup_of(job).kill()
         except OSError as e:
@@ -6302,6 +6333,7 @@ class Engine:
             raise FailedPreconditionError(f"job {job_id} is still running; stop it first",
                                           reason="JOB_STILL_RUNNING")
         self._event("removed", job)
+        self._settle_dependents([job_id])   # (by its end, before it goes)
         self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
 
     def prune(self, max_age=None, max_bytes=None, now=None):
@@ -6325,6 +6357,7 @@ class Engine:
             doomed.append(oldest)
         for job in doomed:
             self._event("removed", job)
+            self._settle_dependents([job.id])   # (by its end, before it goes)
             self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
         return [j.id for j in doomed]
 
@@ -7735,13 +7768,14 @@ class Metrics(NoMetrics):
             streams.add_metric((kind,), count)
         yield streams
 
-    def serve(self, address, certfile="", keyfile=""):
-        """Listen on address ("host:port"): HTTPS with certfile and keyfile, else HTTP.
-        Raises UnavailableError."""
+    def serve(self, address, certfile="", keyfile="", client_ca=""):
+        """Listen on address ("host:port"): HTTPS with certfile and keyfile (and a client
+        certificate client_ca signed), else HTTP. Raises UnavailableError."""
+        tls = {"certfile": certfile, "keyfile": keyfile, "client_cafile": client_ca,
+               "client_auth_required": True} if certfile else {}
         try:
             host, port = split_address(address, "--metrics-listen")
-            self.server, _ = self.prom.start_http_server(
-                port, host, self.registry, certfile=certfile or None, keyfile=keyfile or None)
+            self.server, _ = self.prom.start_http_server(port, host, self.registry, **tls)
         except (OSError, ValueError) as e:
             raise UnavailableError(f"cannot serve metrics on {address}: {e}") from None
 
@@ -7790,9 +7824,10 @@ def is_loopback(host):
         return False
 
 
-def serve_metrics(engine, address, certfile, keyfile, streams_open):
-    """The Metrics served on address, or NoMetrics without one. A non-loopback address
-    needs TLS files: job counts by user are not for the whole network. Raises
+def serve_metrics(engine, address, certfile, keyfile, client_ca, streams_open):
+    """The Metrics served on address, or NoMetrics without one: plain HTTP on loopback,
+    or HTTPS (certfile, keyfile) to clients with a certificate client_ca signed, as the
+    API's are: job counts by user are not for anyone on the network. Raises
     UnavailableError."""
     if not address:
         return NoMetrics()
@@ -7809,7 +7844,7 @@ def serve_metrics(engine, address, certfile, keyfile, streams_open):
     except ImportError:
         raise UnavailableError("--metrics-listen needs prometheus_client: pip install "
                                "prometheus-client (README: Metrics)") from None
-    metrics.serve(address, certfile, keyfile)
+    metrics.serve(address, certfile, keyfile, client_ca)
     engine.observe(metrics.on_job_event)
     log.info("metrics on %s://%s/metrics", "https" if certfile else "http", address)
     return metrics
@@ -9446,7 +9481,8 @@ async def serve(engine, config, verifier, on_started=None):
     except RuntimeError as e:
         raise UnavailableError(f"cannot listen on {config.listen}: {e}") from None
     service.metrics = serve_metrics(engine, config.metrics_listen, config.metrics_cert,
-                                    config.metrics_key, service.streams_open)
+                                    config.metrics_key, os.path.join(config.certs_dir, "ca.crt"),
+                                    service.streams_open)
     # Only with the port ours do we take the engine's locks and write cgroups: a server
     # that cannot listen leaves everything as it found it.
     try:

@@ -6423,3 +6423,95 @@ def test_one_user_holds_at_most_16_event_streams_and_others_are_not_held_back(ba
         for stream in streams:
             stream.cancel()
         channel.close()
+
+
+@pytest.mark.batch
+def test_a_stop_while_a_job_leaves_the_queue_stops_it_once_it_runs():
+    with running_engine(max_running_jobs=1) as engine:
+        blocker = engine.start("tester", ["sleep", "1000"])
+        leaving = engine.start("tester", ["sleep", "1000"],
+                               queue=sj.QueueRequest(wanted=True))
+        prepare, spawn, slowed = engine._prepare, engine._spawner.spawn, threading.Event()
+
+        def later(step):   # (the real step, a second later)
+            def slow(*args, **kw):
+                slowed.set()
+                time.sleep(1.0)
+                return step(*args, **kw)
+            return slow
+        # Stopped while it leaves the queue (its folders being made), then while its
+        # supervisor is being started: either way it runs, and is stopped.
+        for obj, name, step in ((engine, "_prepare", prepare),
+                                (engine._spawner, "spawn", spawn)):
+            slowed.clear()
+            with unittest.mock.patch.object(obj, name, later(step)):
+                engine.request_stop(blocker, grace=0)
+                assert slowed.wait(scaled(30))
+                if name == "_prepare":
+                    assert engine.status(leaving).state == sj.QUEUED
+                st = engine.stop(leaving, grace=0)
+            assert st.state == sj.STOPPED and st.started_at, (name, st)
+            blocker = engine.start("tester", ["sleep", "1000"])
+            leaving = engine.start("tester", ["sleep", "1000"],
+                                   queue=sj.QueueRequest(wanted=True))
+
+
+@pytest.mark.batch
+def test_queue_timeouts_and_dependencies_that_came_while_no_server_ran():
+    require_kernel()
+    state_dir, root = new_state_dir(), f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
+    config = sj.EngineConfig(state_dir=state_dir, cgroup_root=root, max_running_jobs=2,
+                             max_jobs_per_user=2)
+    first = sj.Engine(config).open()
+    try:
+        first.start("tester", ["sleep", "1000"])
+        gone = first.start("tester", ["sleep", "1"], options=sj.JobOptions(remove=True))
+        after_gone = first.start("tester", ["echo", "ran"],
+                                 queue=sj.QueueRequest(after=((gone, "ok"),)))
+        impatient = first.start("tester", ["true"], queue=sj.QueueRequest(
+            wanted=True, after=((after_gone, "any"),), timeout=1.0))
+    finally:
+        first.close()   # (its jobs run on: `gone` ends while no server runs)
+    time.sleep(2.5)
+    with unittest.mock.patch.object(sj, "REMOVE_GRACE", 0.0), \
+            running_engine(state_dir=state_dir, cgroup_root=root) as second:
+        st = second.wait(impatient, scaled(30))
+        assert (st.state, st.timed_out) == (sj.CANCELLED, True), st   # (not stuck)
+        st = second.wait(after_gone, scaled(30))   # its dependency's --rm waited for it
+        assert (st.state, st.exit_code) == (sj.EXITED, 0), st
+
+
+@pytest.mark.batch
+def test_a_users_queued_jobs_hold_a_bounded_number_of_bytes():
+    with running_engine(max_running_jobs=1) as engine, \
+            unittest.mock.patch.object(sj, "MAX_QUEUED_BYTES_PER_USER", 64 * sj.KiB):
+        engine.start("tester", ["sleep", "1000"])
+        big = ["echo", "x" * (20 * sj.KiB)]
+        for _ in range(3):
+            engine.start("tester", big, queue=sj.QueueRequest(wanted=True))
+        with pytest.raises(sj.ResourceExhaustedError, match="commands and environments"):
+            engine.start("tester", big, queue=sj.QueueRequest(wanted=True))
+        engine.start("another", big, queue=sj.QueueRequest(wanted=True))   # (theirs: room)
+
+
+@pytest.mark.batch
+def test_metrics_over_https_need_a_client_certificate_of_the_ca(certs, tmp_path):
+    import ssl
+    import urllib.request
+    own = server_only(certs)
+    metrics = f"127.0.0.1:{free_port()}"
+    with Server(certs, extra=["--metrics-listen", metrics, "--queue-by-default",
+                              "--metrics-cert", os.path.join(own, "server.crt"),
+                              "--metrics-key", os.path.join(own, "server.key")]) as srv:
+        context = ssl.create_default_context(cafile=os.path.join(certs, "ca.crt"))
+        with pytest.raises((ssl.SSLError, OSError)):   # no client certificate: refused
+            urllib.request.urlopen(f"https://{metrics}/metrics", context=context,
+                                   timeout=scaled(10)).read()
+        context.load_cert_chain(os.path.join(certs, "rita.crt"), os.path.join(certs, "rita.key"))
+        with urllib.request.urlopen(f"https://{metrics}/metrics", context=context,
+                                    timeout=scaled(10)) as reply:
+            assert b"steve_jobs_starts_total" in reply.read()
+        # --queue-by-default leaves starts with files as they were: they start.
+        (tmp_path / "f").write_text("copied\n")
+        done = cli(srv, "run", "-f", "--copy", str(tmp_path / "f"), "cat f")
+        assert done.returncode == 0 and done.stdout == b"copied\n", done
