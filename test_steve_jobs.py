@@ -6340,23 +6340,36 @@ def test_metrics_move_as_jobs_start_queue_end_and_fail(certs):
     assert refused.stderr.count(b"\n") == 1, refused.stderr
 
 
-@pytest.mark.batch
-def test_a_retried_queued_start_is_its_job_and_stop_jobs_on_exit_keeps_the_queue():
+@contextlib.contextmanager
+def engines_in_turn(**config):
+    """(state_dir, cgroup_root, config) for engines a test opens one after another on the
+    same state; afterwards one more opens and closes it, stopping every job, and removes
+    what is left, however the test ended."""
     require_kernel()
     state_dir, root = new_state_dir(), f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
-    config = sj.EngineConfig(state_dir=state_dir, cgroup_root=root, max_running_jobs=1)
-    first = sj.Engine(config).open()
     try:
-        first.start("tester", ["sleep", "1000"])
-        meta, queue = sj.JobMeta(request_id="retry-me"), sj.QueueRequest(wanted=True)
-        queued = first.start("tester", ["true"], meta=meta, queue=queue)
-        t = time.monotonic()
-        assert first.start("tester", ["true"], meta=meta, queue=queue) == queued
-        assert time.monotonic() - t < scaled(2)   # (not a wait for a start under way)
+        yield state_dir, root, sj.EngineConfig(state_dir=state_dir, cgroup_root=root, **config)
     finally:
-        first.close(stop_jobs=True)   # (as --stop-jobs-on-exit: the running job is stopped)
-    with running_engine(state_dir=state_dir, cgroup_root=root) as second:
-        assert second.wait(queued, scaled(30)).state == sj.EXITED
+        if os.path.exists(state_dir):
+            with running_engine(state_dir=state_dir, cgroup_root=root):
+                pass
+
+
+@pytest.mark.batch
+def test_a_retried_queued_start_is_its_job_and_stop_jobs_on_exit_keeps_the_queue():
+    with engines_in_turn(max_running_jobs=1) as (state_dir, root, config):
+        first = sj.Engine(config).open()
+        try:
+            first.start("tester", ["sleep", "1000"])
+            meta, queue = sj.JobMeta(request_id="retry-me"), sj.QueueRequest(wanted=True)
+            queued = first.start("tester", ["true"], meta=meta, queue=queue)
+            t = time.monotonic()
+            assert first.start("tester", ["true"], meta=meta, queue=queue) == queued
+            assert time.monotonic() - t < scaled(2)   # (not a wait for a start under way)
+        finally:
+            first.close(stop_jobs=True)   # (as --stop-jobs-on-exit: running jobs stop)
+        with running_engine(state_dir=state_dir, cgroup_root=root) as second:
+            assert second.wait(queued, scaled(30)).state == sj.EXITED
 
 
 @pytest.mark.batch
@@ -6458,27 +6471,24 @@ def test_a_stop_while_a_job_leaves_the_queue_stops_it_once_it_runs():
 
 @pytest.mark.batch
 def test_queue_timeouts_and_dependencies_that_came_while_no_server_ran():
-    require_kernel()
-    state_dir, root = new_state_dir(), f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
-    config = sj.EngineConfig(state_dir=state_dir, cgroup_root=root, max_running_jobs=2,
-                             max_jobs_per_user=2)
-    first = sj.Engine(config).open()
-    try:
-        first.start("tester", ["sleep", "1000"])
-        gone = first.start("tester", ["sleep", "1"], options=sj.JobOptions(remove=True))
-        after_gone = first.start("tester", ["echo", "ran"],
-                                 queue=sj.QueueRequest(after=((gone, "ok"),)))
-        impatient = first.start("tester", ["true"], queue=sj.QueueRequest(
-            wanted=True, after=((after_gone, "any"),), timeout=1.0))
-    finally:
-        first.close()   # (its jobs run on: `gone` ends while no server runs)
-    time.sleep(2.5)
-    with unittest.mock.patch.object(sj, "REMOVE_GRACE", 0.0), \
-            running_engine(state_dir=state_dir, cgroup_root=root) as second:
-        st = second.wait(impatient, scaled(30))
-        assert (st.state, st.timed_out) == (sj.CANCELLED, True), st   # (not stuck)
-        st = second.wait(after_gone, scaled(30))   # its dependency's --rm waited for it
-        assert (st.state, st.exit_code) == (sj.EXITED, 0), st
+    with engines_in_turn(max_running_jobs=2, max_jobs_per_user=2) as (state_dir, root, config):
+        first = sj.Engine(config).open()
+        try:
+            first.start("tester", ["sleep", "1000"])
+            gone = first.start("tester", ["sleep", "1"], options=sj.JobOptions(remove=True))
+            after_gone = first.start("tester", ["echo", "ran"],
+                                     queue=sj.QueueRequest(after=((gone, "ok"),)))
+            impatient = first.start("tester", ["true"], queue=sj.QueueRequest(
+                wanted=True, after=((after_gone, "any"),), timeout=1.0))
+        finally:
+            first.close()   # (its jobs run on: `gone` ends while no server runs)
+        time.sleep(2.5)
+        with unittest.mock.patch.object(sj, "REMOVE_GRACE", 0.0), \
+                running_engine(state_dir=state_dir, cgroup_root=root) as second:
+            st = second.wait(impatient, scaled(30))
+            assert (st.state, st.timed_out) == (sj.CANCELLED, True), st   # (not stuck)
+            st = second.wait(after_gone, scaled(30))   # its dependency's --rm waited for it
+            assert (st.state, st.exit_code) == (sj.EXITED, 0), st
 
 
 @pytest.mark.batch
