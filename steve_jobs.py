@@ -7507,15 +7507,20 @@ def authorize(identity, rpc, job_owner=None):
 
 
 def check_start_allowed(identity, limits, options, default_limits,
-                        host_network_roles=("admin",), egress_roles=("admin", "user")):
+                        host_network_roles=("admin",), egress_roles=("admin", "user"),
+                        priority=0):
     """Role limits on Start. Raises PermissionDeniedError.
 
     host_network_roles: the roles that may share the host's network namespace (it reaches
     the server's own port and every loopback service of the host); egress_roles: those
-    that may ask for an egress network."""
+    that may ask for an egress network; priority: the start's place in the queue (admins
+    only)."""
     role = ROLES[identity.role]
     if options.as_root and not role.root_jobs:
         raise PermissionDeniedError(f"role {identity.role} may not run jobs as root")
+    if priority and identity.role != "admin":
+        raise PermissionDeniedError(f"role {identity.role} may not set a priority (admins "
+                                    f"only)", field="priority")
     if options.rw_host and not role.root_jobs:
         raise PermissionDeniedError(f"role {identity.role} may not make the host writable")
     if options.host_network and identity.role not in host_network_roles:
@@ -8676,18 +8681,16 @@ class JobService:
                              timeout=request.timeout_seconds,
                              remove=request.remove_when_ended)
         check_start_allowed(identity, limits, options, self.engine.config.default_limits,
-                            self.config.host_network_roles, self.config.egress_roles)
+                            self.config.host_network_roles, self.config.egress_roles,
+                            request.priority)
         meta = JobMeta(name=request.name, labels=tuple(request.labels.items()),
                        request_id=request.request_id, traceparent=identity.trace)
         return limits, options, meta
 
     def _queue_request(self, identity, request):
-        """The QueueRequest of a StartRequest: its dependencies resolved as the caller sees
-        jobs (another user's is no job to them). Raises PermissionDeniedError (a priority
-        from a non-admin), NotFoundError, InvalidArgumentError."""
-        if request.priority and identity.role != "admin":
-            raise PermissionDeniedError(f"role {identity.role} may not set a priority (admins "
-                                        f"only)", field="priority")
+        """The QueueRequest of a StartRequest (check_start_allowed has checked its
+        priority): its dependencies resolved as the caller sees jobs (another user's is no
+        job to them). Raises NotFoundError, InvalidArgumentError."""
         after = []
         for dep in request.after[:MAX_AFTER + 1]:
             if dep.kind not in ("", *DEPENDENCY_KINDS):
