@@ -1256,6 +1256,17 @@ def wait_all_ended(stub, md, job_ids, timeout=600):
     return ended
 
 
+def jobs_in_state(stub, md, state):
+    """How many of the caller's jobs List finds in state, page by page."""
+    count, request = 0, pb.ListRequest(states=[sj.STATE_TO_PB[state]], page_size=1000)
+    while True:
+        page = stub.List(request, metadata=md)
+        count += len(page.jobs)
+        if not page.next_page_token:
+            return count
+        request.page_token = page.next_page_token
+
+
 def seconds(timestamp):
     return timestamp.ToNanoseconds() / 1e9
 
@@ -1383,14 +1394,7 @@ def bench_many_queued(server, queued=10_000, runs=200):
               f" (x{pct(many[i], 99) / pct(none[i], 99):.2f}, goal <= 2)", flush=True)
     server.crash()   # (its 50 jobs run on: the restart re-adopts them)
     with_queue = server.start()
-    filler, fmd = stubs_of(server, ("u1",))["u1"]
-    left, request = 0, pb.ListRequest(states=[sj.STATE_TO_PB[sj.QUEUED]], page_size=1000)
-    while True:
-        page = filler.List(request, metadata=fmd)
-        left += len(page.jobs)
-        if not page.next_page_token:
-            break
-        request.page_token = page.next_page_token
+    left = jobs_in_state(*stubs_of(server, ("u1",))["u1"], sj.QUEUED)
     assert left == queued, left
     server.proc.terminate()
     server.proc.wait(120)
@@ -1551,14 +1555,7 @@ def bench_scale(jobs, clients=10):
         server.crash()
         restart = server.start()
         stub = pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
-        running, request = 0, pb.ListRequest(states=[sj.STATE_TO_PB[sj.RUNNING]],
-                                             page_size=1000)
-        while True:
-            page = stub.List(request, metadata=md)
-            running += len(page.jobs)
-            if not page.next_page_token:
-                break
-            request.page_token = page.next_page_token
+        running = jobs_in_state(stub, md, sj.RUNNING)
         t = time.perf_counter()
         pending = list(made)
 
