@@ -6022,8 +6022,8 @@ class Engine:
         return job
 
     def _unpromote(self, job):
-        """A launch of a queued job failed: back as it was, leaving queue_start() its slot
-        to give back, without a uid."""
+        """A launch of a queued job failed: back as it was, without a uid, leaving
+        _start_queued its slot to give back."""
         with self._lock:
             self._uids.release(job.spec["uid"])
             job.spec = {**job.spec, "uid": 0}
@@ -6325,9 +6325,6 @@ class Engine:
                 job.result = {"not_run": STOPPED, "ended_at": time.time(),
                               "error": "removed while queued: it never ran"}
                 job.ended.set()
-                if self._queue.has_dependents(job_id):
-                    self._ended_with_dependents.append(job_id)
-                    self._queue_changed.notify()
         job.notify()
         if job.result is None:
             raise FailedPreconditionError(f"job {job_id} is still running; stop it first",
@@ -7773,16 +7770,16 @@ class Metrics(NoMetrics):
             streams.add_metric((kind,), count)
         yield streams
 
-    def serve(self, address, certfile="", keyfile="", client_ca=""):
-        """Listen on address ("host:port"): HTTPS with certfile and keyfile (and a client
-        certificate client_ca signed), else HTTP. Raises UnavailableError."""
+    def serve(self, host, port, certfile="", keyfile="", client_ca=""):
+        """Listen on host:port: HTTPS with certfile and keyfile (and a client certificate
+        client_ca signed), else HTTP. Raises UnavailableError."""
         tls = {"certfile": certfile, "keyfile": keyfile, "client_cafile": client_ca,
                "client_auth_required": True} if certfile else {}
         try:
-            host, port = split_address(address, "--metrics-listen")
             self.server, _ = self.prom.start_http_server(port, host, self.registry, **tls)
         except (OSError, ValueError) as e:
-            raise UnavailableError(f"cannot serve metrics on {address}: {e}") from None
+            raise UnavailableError(f"cannot serve metrics on {join_address(host, port)}: "
+                                   f"{e}") from None
 
     def close(self):
         if self.server is not None:
@@ -7837,10 +7834,12 @@ def serve_metrics(engine, address, certfile, keyfile, client_ca, streams_open):
     if not address:
         return NoMetrics()
     try:
-        host, _ = split_address(address, "--metrics-listen")
+        host, port = split_address(address, "--metrics-listen")
     except ValueError as e:
         raise UnavailableError(str(e)) from None
-    if not (certfile and keyfile) and not is_loopback(host):
+    if bool(certfile) != bool(keyfile):
+        raise UnavailableError("--metrics-cert and --metrics-key go together")
+    if not certfile and not is_loopback(host):
         raise UnavailableError(f"--metrics-listen {address} is not a loopback address: give "
                                f"--metrics-cert and --metrics-key (HTTPS), or listen on "
                                f"127.0.0.1")
@@ -7848,8 +7847,8 @@ def serve_metrics(engine, address, certfile, keyfile, client_ca, streams_open):
         metrics = Metrics(engine, streams_open)
     except ImportError:
         raise UnavailableError("--metrics-listen needs prometheus_client: pip install "
-                               "prometheus-client (README: Metrics)") from None
-    metrics.serve(address, certfile, keyfile, client_ca)
+                               "prometheus-client (README: Batch hosts)") from None
+    metrics.serve(host, port, certfile, keyfile, client_ca)
     engine.observe(metrics.on_job_event)
     log.info("metrics on %s://%s/metrics", "https" if certfile else "http", address)
     return metrics
