@@ -1506,6 +1506,21 @@ def timed_calls(call, runs):
     return samples
 
 
+def timed_follow_ends(stub, md, runs):
+    """ms from a job's last act (it prints the time, then exits) until its follower's stream
+    ends, for `runs` jobs one after another."""
+    samples = []
+    for _ in range(runs):
+        job_id = stub.Start(pb.StartRequest(argv=["sh", "-c", "sleep 0.2; date +%s.%N"]),
+                            metadata=md).job_id
+        data = b"".join(c.data for c in stub.Output(
+            pb.OutputRequest(job_id=job_id, follow=True), metadata=md, timeout=60))
+        seen = time.time()
+        samples.append((seen - float(data.split()[-1])) * 1000)
+        stub.Remove(pb.JobRef(job_id=job_id), metadata=md)
+    return samples
+
+
 def bench_scale(jobs, clients=10):
     """With `jobs` sleeping jobs running through a real server: our memory per job (PSS and
     USS of supervisors, inits, helpers), start p50 beside none running, Status and List p99,
@@ -1544,6 +1559,7 @@ def bench_scale(jobs, clients=10):
                                                  metadata=md), 100)
         listing = timed_calls(lambda: stub.List(pb.ListRequest(page_size=100),
                                                 metadata=md), 100)
+        ends = timed_follow_ends(stub, md, 30)
         rss = server.rss_mb()
         print(f"{f'{jobs} sleeping jobs: ours per job':38s} PSS {pss:5.2f} MiB  USS {uss:5.2f}"
               f" MiB (goal PSS <= 1.0); {len(sizes) / len(made):.1f} processes a job; "
@@ -1552,6 +1568,8 @@ def bench_scale(jobs, clients=10):
         print(f"  {'Status p99 / List (100) p99':36s} {pct(status, 99):6.1f} ms / "
               f"{pct(listing, 99):6.1f} ms (goal <= 50); server RSS {rss:.0f} MB "
               f"(goal <= 300)", flush=True)
+        print(f"  {'a job exits, its follower sees the end':36s} p50 {pct(ends, 50):6.1f} ms, "
+              f"p99 {pct(ends, 99):6.1f} ms (goal p99 <= 50)", flush=True)
         server.crash()
         restart = server.start()
         stub = pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))

@@ -22,6 +22,7 @@ GROUPS = {
     "batch": "a batch host: the queue, dependencies, deadlines, removal, metrics, events",
     "network": "egress networks: a remote host of the test's own, DNS, what the firewall "
                "refuses, restarts, a helper that dies, a host without the package",
+    "scale": "hundreds of jobs at once through a real server: each one's exact end, restarts",
 }
 
 

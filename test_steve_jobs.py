@@ -6525,3 +6525,93 @@ def test_metrics_over_https_need_a_client_certificate_of_the_ca(certs, tmp_path)
         (tmp_path / "f").write_text("copied\n")
         done = cli(srv, "run", "-f", "--copy", str(tmp_path / "f"), "cat f")
         assert done.returncode == 0 and done.stdout == b"copied\n", done
+
+
+###############################################################################
+# Scale: hundreds of jobs at once through a real server (real kernel, as root)
+###############################################################################
+
+SCALE_JOBS = 500
+
+
+def start_jobs_at_once(stub, md, argvs, clients=10, **request):
+    """Start a job per argv from `clients` threads; returns their ids, in argvs' order."""
+    ids, errors = [None] * len(argvs), []
+
+    def client(k):
+        try:
+            for i in range(k, len(argvs), clients):
+                ids[i] = stub.Start(pb.StartRequest(argv=argvs[i], **request), metadata=md,
+                                    timeout=scaled(120)).job_id
+        except Exception as e:   # (said below: a thread's exception is otherwise lost)
+            errors.append(e)
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    return ids
+
+
+def for_each_at_once(items, work, clients=10):
+    """work(item) for every item, from `clients` threads; raises the first failure."""
+    errors = []
+
+    def client(k):
+        try:
+            for item in items[k::clients]:
+                work(item)
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.scale
+def test_500_jobs_at_once_are_readopted_by_a_restart_and_each_ends_exactly(certs):
+    """500 jobs run at once (each waits for its input); a server restart re-adopts every one;
+    then each is given its input and followed from its first byte to its end: its exact
+    output (both streams) and exit code."""
+    require_kernel()
+    cap = str(SCALE_JOBS + 50)
+    with Server(certs, extra=["--max-jobs", cap, "--max-jobs-per-user", cap]) as srv:
+        md = bearer(certs)
+        channel = user_channel(certs, srv.address, "mrarsenal")
+        stub = pb_grpc.JobServiceStub(channel)
+        script = 'echo "start $0"; read line; echo "$line $0" >&2; exit $(($0 % 256))'
+        ids = start_jobs_at_once(stub, md, [["sh", "-c", script, str(i)]
+                                            for i in range(SCALE_JOBS)], stdin=True)
+        states = lambda: [stub.Status(pb.JobRef(job_id=j), metadata=md).state for j in ids]
+        assert set(states()) == {pb.STATE_RUNNING}   # all of them at once
+        channel.close()
+        srv.restart()
+        channel = user_channel(certs, srv.address, "mrarsenal")
+        stub = pb_grpc.JobServiceStub(channel)
+        assert set(states()) == {pb.STATE_RUNNING}   # every one re-adopted
+
+        def finish(i):
+            job_id = ids[i]
+            # (no eof: the job ends once it has read its line, maybe before an eof came)
+            stub.Input(iter([pb.InputMessage(job_id=job_id, data=b"go\n")]), metadata=md,
+                       timeout=scaled(60))
+            got = b"".join(c.data for c in stub.Output(
+                pb.OutputRequest(job_id=job_id, follow=True), metadata=md, timeout=scaled(120)))
+            assert got == b"start %d\ngo %d\n" % (i, i), (i, got)
+            st = stub.Status(pb.JobRef(job_id=job_id), metadata=md)
+            assert (st.state, st.exit_code) == (pb.STATE_EXITED, i % 256), (i, st)
+        try:
+            for_each_at_once(list(range(SCALE_JOBS)), finish)
+        finally:
+            channel.close()
+        layout = sj.CgroupLayout.detect()
+        deadline = time.monotonic() + scaled(30)   # every job's cgroup gone (warm ones stay)
+        while (len(sj.JobCgroup.names(layout, srv.cgroup_root)) > sj.WARM_SHIMS
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        assert len(sj.JobCgroup.names(layout, srv.cgroup_root)) <= sj.WARM_SHIMS
