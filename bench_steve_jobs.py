@@ -1494,7 +1494,7 @@ def our_processes_of_jobs(state_dir, job_ids):
         with open(os.path.join(state_dir, "jobs", job_id, sj.SPEC_FILE)) as f:
             shim = json.load(f).get("shim") or {}
         pids += [shim[k] for k in ("shim_pid", "init_pid", "egress_pid") if shim.get(k)]
-    return pids
+    return sorted(set(pids))   # (the shim is the job's init: one process)
 
 
 def timed_calls(call, runs):

@@ -643,6 +643,24 @@ def children_of(pid):
     return [int(c) for c in text.split()]
 
 
+def own_host_pid():
+    """This process's pid in the host's /proc (getpid() is its pid in its own namespace:
+    1 for a shim, the job's pid 1)."""
+    return int(os.readlink("/proc/self"))
+
+
+def host_pid_of(pid):
+    """The host /proc's pid of our child pid (a pid of our namespace). Raises OSError."""
+    fd = os.pidfd_open(pid)
+    try:
+        for line in read_file(f"/proc/self/fdinfo/{fd}").splitlines():
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    finally:
+        os.close(fd)
+    raise OSError(errno.ESRCH, f"no host pid for {pid}")
+
+
 def innermost_pid(pid):
     """pid's number in its own pid namespace (NSpid's last field), None if it is gone."""
     for line in read_file(f"/proc/{pid}/status", "").splitlines():
@@ -1276,7 +1294,7 @@ def memory_writes(version, folder, limits, already):
 
 
 def pids_writes(version, folder, limits, already):
-    return [(f"{folder}/pids.max", str(limits.pids + 1))]   # +1: the job's init
+    return [(f"{folder}/pids.max", str(limits.pids))]   # (the job's init, its shim, is outside)
 
 
 def io_writes(version, folder, limits, already):
@@ -1858,18 +1876,27 @@ def whole_disk_of(path):
 # on a lock another thread held. So at start-up the server execs one helper, the spawner,
 # which stays single-threaded and forks one shim per job:
 #
-#   spawner --fork--> shim (the job's supervisor, outside the job; outlives the server)
-#                       --unshare(PID), fork--> init (pid 1 of the job's namespaces)
-#                                                 --fork--> command (drops privileges, execs)
+#   spawner --unshare(PID), fork--> shim (the job's supervisor and pid 1 of its pid
+#                                         namespace, outside its cgroup; outlives the server)
+#                                    --fork--> command (pid 2: enters the job's other
+#                                              namespaces and cgroup, drops privileges, execs)
+#
+# The shim is the job's init, as tini would be: one Python process a job, not two (each
+# holds a megabyte or more of private pages, for as long as the job runs). As pid 1 it
+# reaps the orphans the namespace's processes leave, and when the command ends it kills
+# what the command left, as the kernel does when an init exits; should the shim die, the
+# kernel kills the whole namespace and reaps it. It stays in the host's mount namespace
+# (it writes the job's folder and cgroup), which the job cannot reach through it: it is
+# root and another uid. Its getpid() is 1: host pids come from own_host_pid, host_pid_of.
 #
 # Moving a process into a cgroup costs the kernel an RCU grace period (10-20 ms when the
 # host is idle), more than everything else in a start. So the spawner keeps one shim warm:
-# its cgroup made, its init and command already in it and in their namespaces, the
-# command blocked reading its request. A start then only writes limits and sends the
+# its cgroup made, its command already in it and in its namespaces, blocked reading its
+# request. A start then only writes limits and sends the
 # request down; the next warm shim gets ready while the job runs. Cgroups are therefore
 # named by the shim ("j-" + random), not by job id: cgroup v2 cannot rename a folder.
 #
-# The shim copies the job's output into its file, waits for init, removes the cgroup and
+# The shim copies the job's output into its file, reaps the command, removes the cgroup and
 # writes the job's result. Everything the server needs later is in files, so a job does
 # not depend on the server process.
 
@@ -2247,7 +2274,17 @@ class WarmShim:
         # collector's reach, a collection in a shim does not write to (and so copy) the
         # pages of the objects it inherited.
         gc.freeze()
-        self.pid = os.fork()
+        host_pids = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        unshare(CLONE_NEWPID)      # the shim is pid 1 of a new pid namespace: the job's
+        try:
+            self.pid = os.fork()
+        except OSError:
+            self.pid = None
+            raise
+        finally:
+            if self.pid != 0:      # (the spawner's later children are the host's)
+                setns(host_pids, CLONE_NEWPID)
+                os.close(host_pids)
         if self.pid == 0:
             code = 1
             try:
@@ -2278,18 +2315,13 @@ class WarmShim:
 
 
 class JobEnds(typing.NamedTuple):
-    """The job's ends of the pipes between it and its shim: init and the command hold them."""
+    """The job's ends of the pipes between it and its shim: the command holds them."""
     stdout: int       # the command's stdout and stderr (written; the shim reads them)
     stderr: int
     error: int        # -> shim: why the job did not start (JSON; closed by exec)
-    status: int       # init -> shim: the command's wait status
     go: int           # shim -> command: the start request (read)
     stdin: int        # the job's stdin, when it asks for one (read)
     tty: int          # command -> shim: its terminal's master goes back by this socket
-
-    def commands(self):
-        """What the command's process keeps of them (status is init's)."""
-        return (self.stdout, self.stderr, self.error, self.go, self.stdin, self.tty)
 
 
 class ShimEnds(typing.NamedTuple):
@@ -2297,7 +2329,6 @@ class ShimEnds(typing.NamedTuple):
     stdout: int
     stderr: int
     error: int
-    status: int
     go: int
     stdin: int
     tty: socket.socket
@@ -2308,7 +2339,6 @@ def open_job_pipes():
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
     stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     tty_ours, tty_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -2317,8 +2347,8 @@ def open_job_pipes():
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass   # over /proc/sys/fs/pipe-max-size: the default pipe works, in smaller steps
-    return (ShimEnds(stdout_r, stderr_r, err_r, status_r, go_w, stdin_w, tty_ours),
-            JobEnds(stdout_w, stderr_w, err_w, status_w, go_r, stdin_r, tty_theirs.detach()))
+    return (ShimEnds(stdout_r, stderr_r, err_r, go_w, stdin_w, tty_ours),
+            JobEnds(stdout_w, stderr_w, err_w, go_r, stdin_r, tty_theirs.detach()))
 
 
 def shim_main(chan, settings):
@@ -2327,14 +2357,18 @@ def shim_main(chan, settings):
 
     chan: the spawner's socket to this shim; it brings the request and its reply pipe.
     """
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)    # we wait for init ourselves
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)    # we wait for our children ourselves
     os.setsid()                                     # no terminal signals from the server's tty
+    # What the job's ps and /proc/1 show of its pid 1 (the spawner's command line names the
+    # host's paths and the server's settings).
+    set_process_title(b"steve-init")
     cg, warm_limits, warm_error = warm_up_cgroup(settings)
     ours, theirs = open_job_pipes()
-    init_pid = None if warm_error else fork_init(cg, settings, chan, ours, theirs)
+    command = None if warm_error else fork_command(cg, settings, chan, ours, theirs)
     for fd in theirs:
         os.close(fd)
-    supervisor = {"shim_pid": os.getpid(), "shim_start": process_start_time(os.getpid())}
+    me = own_host_pid()
+    supervisor = {"shim_pid": me, "shim_start": process_start_time(me)}
     egress = None if warm_error else prepare_warm_egress(settings, cg)
     rehearse_start()
     msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
@@ -2342,10 +2376,10 @@ def shim_main(chan, settings):
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
         if egress:
             egress.discard()
-        _discard_warm(cg, init_pid)
+        _discard_warm(cg, command)
         os.close(ours.stdin)
         return 0
-    job = ShimJob(SpawnRequest.from_json(msg), fds[0], cg, init_pid, supervisor,
+    job = ShimJob(SpawnRequest.from_json(msg), fds[0], cg, command, supervisor,
                   settings.get("egress"), egress)
     if warm_error:
         return job.fail(warm_error)
@@ -2400,35 +2434,105 @@ def warm_up_cgroup(settings):
     return cg, warm_limits, ""
 
 
-def fork_init(cg, settings, chan, ours, theirs):
-    """Fork the job's init, pid 1 of a new pid namespace, with the job's ends. Returns its pid."""
-    host_pids = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    unshare(CLONE_NEWPID)                    # the next child is pid 1 of a new namespace
-    init_pid = os.fork()
-    if init_pid == 0:
-        os.close(host_pids)
+def fork_command(cg, settings, chan, ours, theirs):
+    """Fork the job's command (pid 2): it enters the job's cgroup and namespaces, builds its
+    view and waits for its request (command_main), with the job's ends (theirs). Returns
+    its JobCommand."""
+    pid = os.fork()
+    if pid == 0:
         for fd in ours[:-1]:
             os.close(fd)
         ours.tty.close()
         chan.close()
-        code = 126
-        try:
-            code = init_main(cg, settings, theirs)
-        finally:
-            os._exit(code)
-    # Our later children (an egress helper) are the host's: in the job's namespace they
-    # would be the job's to see, and init's end would wait for us to reap them.
-    setns(host_pids, CLONE_NEWPID)
-    os.close(host_pids)
-    return init_pid
+        command_main(cg, settings, theirs)   # never returns
+    return JobCommand(pid)
+
+
+class JobCommand:
+    """The job's command: the shim's child, pid 2 of the namespace whose pid 1 the shim is."""
+
+    def __init__(self, pid):
+        self.pid = pid                      # (ours: the namespace's)
+        self.host_pid = host_pid_of(pid)    # (the server's)
+        self.status = None                  # its wait status, once reaped
+
+    def kill(self):
+        """SIGKILL it and reap it (a warm command never given a job)."""
+        if self.status is None:
+            os.kill(self.pid, signal.SIGKILL)   # (our unreaped child: no pid reuse)
+            self.status = os.waitpid(self.pid, 0)[1]
+
+
+def kill_the_namespace():
+    """As the job's pid 1: SIGKILL every other process of its pid namespace (what the
+    command left running), as the kernel does when a namespace's init exits."""
+    # kill(-1) signals every process the caller may: in the host's pid namespace, the
+    # whole host. Only a namespace's init has pid 1 there, and ours is never the host's.
+    if os.getpid() != 1:
+        raise RuntimeError("kill_the_namespace outside a job's pid namespace")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)
+
+
+class ChildReaper:
+    """The job's pid 1 duty: reap each child as it ends (the namespace's orphans are the
+    shim's), woken by SIGCHLD through a wakeup fd; a child someone waits for (the command,
+    the egress helper) has its wait status handed to on_end[pid]."""
+
+    def __init__(self):
+        self.fd, self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.on_end = {}
+        signal.set_wakeup_fd(self._wake)
+        signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)   # (wakes, no more)
+
+    def handles(self, fd):
+        return fd == self.fd
+
+    def ready(self, _fd=None, _events=None):
+        """Reap every child that has ended (never blocks). Returns False once no child is
+        left."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 4096)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if pid == 0:
+                return True
+            if pid in self.on_end:
+                self.on_end.pop(pid)(status)
+
+    def reap_all(self, timeout):
+        """Reap children until none is left, for at most timeout seconds (the job's last
+        processes, just killed: its end is not said before they are gone)."""
+        deadline = time.monotonic() + timeout
+        while self.ready() and (left := deadline - time.monotonic()) > 0:
+            select.select([self.fd], [], [], left)
+
+    def reap_until(self, pid):
+        """Reap children, blocking, until pid has ended (its on_end called)."""
+        while pid in self.on_end:
+            try:
+                child, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+            if child in self.on_end:
+                self.on_end.pop(child)(status)
+
+    def close(self):
+        signal.set_wakeup_fd(-1)
+        for fd in (self.fd, self._wake):
+            os.close(fd)
 
 
 class ShimJob:
     """The job a shim supervises, from its request to its result file."""
 
-    def __init__(self, req, reply_fd, cg, init_pid, supervisor, egress_settings=None,
+    def __init__(self, req, reply_fd, cg, command, supervisor, egress_settings=None,
                  egress=None):
-        self.req, self.reply_fd, self.cg, self.init_pid = req, reply_fd, cg, init_pid
+        self.req, self.reply_fd, self.cg, self.command = req, reply_fd, cg, command
+        self.network_lost = None          # how its egress helper had ended, once it has
         self.supervisor = supervisor      # the shim's pid and start time
         self.job_dir, self.spec = req.job_dir, req.spec
         self.started = time.time()
@@ -2440,7 +2544,7 @@ class ShimJob:
         """The job did not start: say why to the server and in the job's files. Returns 1."""
         if self.egress:
             self.egress.discard()
-        _discard_warm(self.cg, self.init_pid)
+        _discard_warm(self.cg, self.command)
         message = message[:MAX_ERROR_CHARS]
         _reply(self.reply_fd, ok=False, error=message,
                shim={**self.supervisor, "started_at": self.started})
@@ -2487,7 +2591,8 @@ class ShimJob:
         # last copy).
         failure = _read_all(ours.error)
         failure = json.loads(failure)["error"][:MAX_ERROR_CHARS] if failure else ""
-        shim = {**self.supervisor, "init_pid": self.init_pid, "cgroup": self.cg.name,
+        shim = {**self.supervisor, "init_pid": self.supervisor["shim_pid"],
+                "command_pid": self.command.host_pid, "cgroup": self.cg.name,
                 "cgroup_root": self.cg.root, "v2_base": self.cg.layout.v2_base,
                 "started_at": self.started, "limits_at": limits_at, "exec_at": time.time(),
                 **(self.egress.facts() if self.req.egress else {})}
@@ -2575,8 +2680,15 @@ class ShimJob:
         sources = {ours.stdout: STDOUT, ours.stderr: STDERR}
         relay = open_input_relay(self.req, self.job_dir, ours.stdin, ours.tty, sources,
                                  started=not failure)
+        self.reaper = ChildReaper()
+        self.reaper.on_end[self.command.pid] = self.command_ended
+        for sig in FORWARDED_SIGNALS:   # tini-style: what is sent to the job's pid 1
+            signal.signal(sig, self.forward)
+        if self.egress and self.egress.pid:
+            self.reaper.on_end[self.egress.pid] = self.egress.exited
         try:
-            output = copy_output(sources, out_fd, index_fd, self.req.output_cap, relay)
+            output = copy_output(sources, out_fd, index_fd, self.req.output_cap, relay,
+                                 self.reaper)
         finally:
             if relay:
                 relay.close()
@@ -2584,30 +2696,44 @@ class ShimJob:
         os.close(index_fd)
         return output
 
+    def forward(self, signum, _frame):
+        """A signal sent to the shim, the job's pid 1: the command's."""
+        if self.command.status is None:   # (not reaped: its pid is still its own)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.command.pid, signum)
+
+    def command_ended(self, status):
+        """The command has ended (reaped: status): its egress network ends, then whatever
+        it left running is killed, so that the job's pipes end."""
+        self.command.status = status
+        if self.egress:   # (first: its helper is one of the namespace's processes)
+            killed = ((os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL)
+                      or os.path.exists(os.path.join(self.job_dir, STOP_FILE)))
+            self.network_lost = self.egress.end(killed_with_job=killed)
+        kill_the_namespace()
+
     def report(self, ours, output, failure):
-        """Reap init and write the job's result: how its command ended, its output and
-        usage. Never gives up on a full disk."""
+        """Wait for the command (its output may have ended before it) and write the job's
+        result: how its command ended, its output and usage. Never gives up on a full
+        disk."""
         written, indexed, truncated, out_error = output
-        _, init_status = os.waitpid(self.init_pid, 0)
+        self.reaper.reap_until(self.command.pid)
+        self.reaper.reap_all(KILL_TIMEOUT)   # (what command_ended killed)
+        self.reaper.close()
         if self.sampling:
             self.sampling.set()
-        raw = _read_all(ours.status)
         result = {"started_at": self.started, "ended_at": time.time(),
                   "output_bytes": written, "index_bytes": indexed,
                   "output_truncated": truncated, "output_error": out_error}
-        # init reports the command's wait status; if it sent none, init itself was killed
-        # (stop, OOM) and the job died with it.
-        cmd_status = struct.unpack("i", raw[:4])[0] if len(raw) >= 4 else init_status
+        cmd_status = self.command.status
         if os.WIFSIGNALED(cmd_status):
             result["signal"] = os.WTERMSIG(cmd_status)
         else:
             result["exit_code"] = os.waitstatus_to_exitcode(cmd_status)
         if failure:
             result.update(failed=True, error=failure)
-        if self.egress:   # before the cgroup goes: the helper is in it
-            killed = (result.get("signal") == signal.SIGKILL or
-                      os.path.exists(os.path.join(self.job_dir, STOP_FILE)))
-            result["network_lost"] = self.egress.end(killed_with_job=killed)
+        if self.egress:   # (ended with the command: command_ended)
+            result["network_lost"] = self.network_lost or ""
             result["egress_denied"] = self.egress.refusals()
         result.update(self.cg.usage())
         _remove_cgroup(self.cg)
@@ -2618,19 +2744,17 @@ class ShimJob:
         write_json_until_written(os.path.join(self.job_dir, RESULT_FILE), result)
 
 
-def _discard_warm(cg, init_pid):
-    """Kill a shim's unused init and command, and remove its cgroup."""
-    if init_pid:
-        # Not cg.kill(): init may not have joined the cgroup yet. Killing pid 1 of a pid
-        # namespace kills everything in it, and init is our unreaped child: no pid reuse.
-        os.kill(init_pid, signal.SIGKILL)
-        os.waitpid(init_pid, 0)
+def _discard_warm(cg, command):
+    """Kill a shim's unused command (a JobCommand, or None), and remove its cgroup."""
+    if command:
+        # Not cg.kill(): the command may not have joined the cgroup yet.
+        command.kill()
     _remove_cgroup(cg)
 
 
 def _remove_cgroup(cg):
     if not cg.remove(timeout=0.5):
-        cg.kill()   # something outlived init (a pid namespace forbids it; be sure anyway)
+        cg.kill()   # something outlived the kill of the namespace: be sure anyway
         cg.remove(timeout=KILL_TIMEOUT)
 
 
@@ -2794,7 +2918,8 @@ def prepare_warm_egress(settings, cg):
         return None
     egress = EgressNetwork(settings["egress"])
     try:
-        egress.prepare(os.path.join(settings["egress"]["spare_logs"], f"{os.getpid()}.log"), cg)
+        egress.prepare(os.path.join(settings["egress"]["spare_logs"], f"{own_host_pid()}.log"),
+                       cg)
         return egress
     except OSError as e:
         log.warning("cannot prepare an egress network: %s", e.strerror or e)
@@ -2820,9 +2945,10 @@ class EgressNetwork:
 
     def __init__(self, settings):
         self.settings = settings
-        self.uid = settings["uid_base"] + os.getpid()
+        self.uid = settings["uid_base"] + own_host_pid()
         self.maker = self.pid = self.netns = self.exit_w = self.log_path = None
-        self.started_at = None
+        self.host_pid = self.started_at = None
+        self.status = None            # the helper's wait status, once the shim reaped it
         self.warm = False             # prepared before its job came
         self.launched = False         # a job took it: its helper may have been refused
 
@@ -2841,7 +2967,8 @@ class EgressNetwork:
             os.close(fd)
         try:
             _wait_ready(ready_r, "the job's network namespace")
-            self.netns = os.open(f"/proc/{self.maker}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            self.netns = os.open(f"/proc/{host_pid_of(self.maker)}/ns/net",
+                                 os.O_RDONLY | os.O_CLOEXEC)
             self._start_helper(log_path)
         except BaseException:
             os.kill(self.maker, signal.SIGKILL)   # (our unreaped child: no pid reuse)
@@ -2863,10 +2990,11 @@ class EgressNetwork:
                          os.O_CLOEXEC, 0o600)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         exit_r, self.exit_w = os.pipe2(os.O_CLOEXEC)
+        target = host_pid_of(self.maker)   # (slirp4netns reads the host's /proc)
         self.pid = os.fork()
         if self.pid == 0:
             _keep_only(log_fd, ready_w, exit_r)
-            egress_helper_main(self.settings, self.uid, self.maker, log_fd, ready_w, exit_r)
+            egress_helper_main(self.settings, self.uid, target, log_fd, ready_w, exit_r)
         for fd in (log_fd, ready_w, exit_r):
             os.close(fd)
         try:
@@ -2877,7 +3005,8 @@ class EgressNetwork:
             raise OSError(e.errno, f"{e.strerror}{': ' + last if last else ''}") from None
         finally:
             os.close(ready_r)
-        self.started_at = process_start_time(self.pid)
+        self.host_pid = host_pid_of(self.pid)
+        self.started_at = process_start_time(self.host_pid)
 
     def launch(self, job_dir):
         """The job takes the network: its helper's log moves into job_dir (EGRESS_LOG).
@@ -2893,12 +3022,17 @@ class EgressNetwork:
     def facts(self):
         """What the job's record says of its helper: the engine checks it is alive, and
         reads its refusals by its uid."""
-        return {"egress_pid": self.pid, "egress_start": self.started_at, "egress_uid": self.uid,
-                "egress_warm": self.warm}
+        return {"egress_pid": self.host_pid, "egress_start": self.started_at,
+                "egress_uid": self.uid, "egress_warm": self.warm}
+
+    def exited(self, status):
+        """The shim reaped the helper (its ChildReaper): its wait status."""
+        self.status = status
 
     def alive(self):
         """True while the helper runs (a prepared one may have died waiting)."""
-        return bool(self.pid) and os.waitpid(self.pid, os.WNOHANG)[0] == 0
+        return (bool(self.pid) and self.status is None
+                and os.waitpid(self.pid, os.WNOHANG)[0] == 0)
 
     def discard(self):
         """A network whose job never came (or never started): the helper ends, its count
@@ -2917,7 +3051,10 @@ class EgressNetwork:
         if self.netns is not None:
             os.close(self.netns)
             self.netns = None
-        ended = os.waitpid(self.pid, os.WNOHANG) if self.pid else (0, 0)
+        if self.status is not None:
+            ended = (self.pid, self.status)
+        else:
+            ended = os.waitpid(self.pid, os.WNOHANG) if self.pid else (0, 0)
         if self.exit_w is not None:   # (only now: closing it makes a live helper exit 0)
             os.close(self.exit_w)   # --exit-fd: it exits
             self.exit_w = None
@@ -3122,11 +3259,12 @@ def opened_folder(path):
         os.close(fd)
 
 
-def copy_output(pipes, out_fd, index_fd, cap, relay=None):
+def copy_output(pipes, out_fd, index_fd, cap, relay=None, reaper=None):
     """Move bytes from the job's pipes ({fd: STDOUT or STDERR}) to its output file, zero-copy,
     in the order they come, until every pipe has ended; closes the pipes. A terminal's
     master (relay.terminal) is read and written instead: splice needs a pipe. The relay,
-    if any, is served in the same loop.
+    if any, is served in the same loop, and the reaper (ChildReaper: the command's end,
+    and what then kills what it left, so that the pipes end).
 
     index_fd gets an INDEX_RECORD before the bytes it describes, wherever the stream
     changes and every INDEX_GRANULE while output flows (bytes with no room for a record
@@ -3146,6 +3284,8 @@ def copy_output(pipes, out_fd, index_fd, cap, relay=None):
     pipes = dict(pipes)
     if relay is not None:
         relay.attach(poller)
+    if reaper is not None:
+        poller.register(reaper.fd, select.POLLIN)
     trickles = TrickleBudget()
     try:
         while pipes:
@@ -3159,6 +3299,9 @@ def copy_output(pipes, out_fd, index_fd, cap, relay=None):
                 if relay is not None and relay.handles(fd):
                     relay.ready(fd, events)
                     moved = -1   # (input: never held back)
+                    continue
+                if reaper is not None and reaper.handles(fd):
+                    reaper.ready()
                     continue
                 if fd not in pipes:
                     continue   # (ended earlier in this round)
@@ -3221,15 +3364,17 @@ class TrickleBudget:
 
 
 def serve_input_only(poller, pipes, relay, until):
-    """Until the monotonic time until, or until input came, leave the output pipes be and
-    serve the relay (the job's input): keys typed are never held back, nor their echo."""
+    """Until the monotonic time until, or until input came (or a child ended), leave the
+    output pipes be and serve the relay (the job's input): keys typed are never held
+    back, nor their echo."""
     for fd in pipes:
         poller.unregister(fd)
     try:
         while (left := until - time.monotonic()) > 0:
-            ready = poller.poll(left * 1000)   # (the relay's only, if any)
+            ready = poller.poll(left * 1000)   # (the relay's, the reaper's)
             for fd, events in ready:
-                relay.ready(fd, events)
+                if relay is not None and relay.handles(fd):
+                    relay.ready(fd, events)
             if ready:
                 return
     finally:
@@ -3278,42 +3423,7 @@ def _report_start_failure(err_w, stderr_fd, message):
         pass
 
 
-def init_main(cg, settings, ends):
-    """Pid 1 of the job: enter namespaces, fork the command, reap, report its wait status.
-    ends: the job's JobEnds.
-
-    Why so little: init lives as long as the job, and every page it writes is a private
-    copy (measured: a Python fork that reads one file holds 0.3 MB more than one that does
-    nothing). So the job's view of the host is built by the command's process
-    (build_job_view), in the mount namespace init made, and gone from memory at its exec."""
-    try:
-        enter_job_namespaces(cg)
-    except Exception as e:   # whatever it is, the shim must hear why the job did not start
-        _report_start_failure(ends.error, ends.stderr, f"namespace setup failed: {e}")
-        return 126
-    command_pid = None
-
-    def forward(signum, _frame):
-        # tini-style: signals sent to the job (stop's SIGTERM) go to the command.
-        if command_pid:
-            try:
-                os.kill(command_pid, signum)
-            except ProcessLookupError:
-                pass
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
-    command_pid = os.fork()
-    if command_pid == 0:
-        command_main(cg, settings, ends)   # never returns
-    # A --root job could reach pid 1's descriptors: keep none on the host's folders.
-    for fd in ends.commands():
-        os.close(fd)
-    status = reap_until(command_pid)
-    os.write(ends.status, struct.pack("i", status))
-    return 0   # pid 1 exiting makes the kernel kill whatever the command left behind
-
-
+# Signals Python handles or ignores, which the command must find at their defaults.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
 
@@ -3328,18 +3438,16 @@ def _run_steps(steps):
 
 
 def enter_job_namespaces(cg):
-    """In init: join the cgroup, unshare mount, UTS, IPC and cgroup namespaces (which the
-    command inherits), and be named steve-init. Raises OSError naming the step that failed.
-    """
+    """In the command's process: join the cgroup, unshare mount, UTS, IPC and cgroup
+    namespaces. Raises OSError naming the step that failed."""
     _run_steps([
         ("join the job's cgroup", cg.join),
         ("unshare namespaces", lambda: unshare(
-            CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP)),
-        ("name init", lambda: set_process_title(b"steve-init"))])
+            CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP))])
 
 
 def build_job_view(settings):
-    """In the command's process, warm, in the mount namespace it shares with init: the
+    """In the command's process, warm, in the job's own mount namespace: the
     job's view of the host: all of it read-only, a fresh /proc, a minimal /dev, empty
     private /tmp, /var/tmp, /dev/shm and /run/lock, and the server's own folders (state,
     certificates: settings["hidden"]) covered by empty ones.
@@ -3369,15 +3477,6 @@ def build_job_view(settings):
         for path in ("/proc/sys", "/proc/sysrq-trigger"):
             if os.path.exists(path):
                 bind_mount(path, path, read_only=True)
-
-    def protect_init_from_oom():
-        # The OOM killer should pick the job's hungry process, never its init (which would
-        # end the job with no status): pid 1 in the fresh /proc. Best effort: it needs
-        # CAP_SYS_RESOURCE, which some container runtimes withhold from root.
-        try:
-            write_file("/proc/1/oom_score_adj", "-1000")
-        except PermissionError:
-            pass
 
     def minimal_dev():
         # The devices a program expects, bound from the host's (no mknod: containers may
@@ -3416,7 +3515,6 @@ def build_job_view(settings):
         ("make the host read-only",
          lambda: None if settings.get("rw_host") else make_mounts_read_only("/")),
         ("mount /proc", fresh_proc),
-        ("protect init from the OOM killer", protect_init_from_oom),
         ("make a minimal /dev", minimal_dev),
         ("mount private /tmp and the like", private_dirs),
         ("make /dev read-only", lambda: mount(None, "/dev", None,   # after /dev/shm is in
@@ -3435,6 +3533,7 @@ def command_main(cg, settings, ends):
     err_w, stderr_fd = ends.error, ends.stderr
     work_fd = None
     try:
+        enter_job_namespaces(cg)
         work_fd = build_job_view(settings)
         host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         keep = (ends.go, err_w, host_net, ends.stdin, ends.tty) + (
@@ -3671,14 +3770,6 @@ def exec_command(req, err_w, syscall_filter):
 JOB_SYSCALL_FILTER = job_syscall_filter()   # built once, when the spawner starts
 
 
-def reap_until(pid):
-    """Reap every child (init adopts orphans) until pid exits; return pid's wait status."""
-    while True:
-        child, status = os.waitpid(-1, 0)
-        if child == pid:
-            return status
-
-
 # -- copies into and out of a job's working folder ---------------------------------------
 #
 # A copy is made by a helper the spawner forks: it enters the job's folder with chroot, then
@@ -3836,35 +3927,50 @@ def copier_main(request, sock):
 
 # -- exec: a command in a running job -------------------------------------------------
 #
-# Made by a helper the spawner forks: it joins the job's cgroup and namespaces (its init's),
-# then forks the command, which drops to the job's uid and syscall filter before it execs.
+# Made by a helper the spawner forks: it joins the job's cgroup and its command's
+# namespaces, then forks the command, which drops to the job's uid and syscall filter before it execs.
 # The helper relays between the server and the command in frames (COPY_FRAME): from the
 # server "I" stdin bytes, "E" stdin's end, "W" a terminal size (JSON [rows, columns]); to
 # it "R" a report (JSON: started, or why not), "O" stdout, "e" stderr, and last "X" how the
 # command ended (JSON). The server going away (a restart, a client that left) ends the
 # command: an exec never runs on unwatched.
 
-# Whose namespaces an exec joins: init's, but the network's of the job's command (pid 2),
-# which left init's at start (for its own, the host's or its egress network).
-EXEC_NAMESPACES = (("ipc", CLONE_NEWIPC, "init"), ("uts", CLONE_NEWUTS, "init"),
-                   ("net", CLONE_NEWNET, "command"), ("cgroup", CLONE_NEWCGROUP, "init"),
-                   ("pid", CLONE_NEWPID, "init"), ("mnt", CLONE_NEWNS, "init"))
+# The namespaces an exec joins: its command's (pid 2 of the job's pid namespace; its pid 1,
+# the shim, stays in the host's others).
+EXEC_NAMESPACES = (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("net", CLONE_NEWNET),
+                   ("cgroup", CLONE_NEWCGROUP), ("pid", CLONE_NEWPID), ("mnt", CLONE_NEWNS))
+
+
+def command_of(shim):
+    """The host pid of a job's command (pid 2 of its namespace) from its record's shim
+    facts, or None. (A job started before the shim was its pid 1: its init's child.)"""
+    shim = shim or {}
+    if shim.get("command_pid"):
+        return shim["command_pid"]
+    init = shim.get("init_pid")
+    return next((p for p in children_of(init) if innermost_pid(p) == 2), None) if init else None
 
 
 def enter_job(request):
-    """Join the job's cgroup and its namespaces (this process's children are in its pid
-    namespace). Raises OSError; CopyRefused if its init or command is no longer the job's."""
-    pid = {"init": request["init_pid"]}
-    pid["command"] = next((p for p in children_of(pid["init"]) if innermost_pid(p) == 2), None)
-    if pid["command"] is None:
+    """Join the job's cgroup and its command's namespaces (this process's children are in
+    its pid namespace). Raises OSError; CopyRefused if its command is no longer the job's."""
+    command = command_of(request)
+    if command is None:
         raise CopyRefused("failed_precondition", "the job has ended")
-    handles = [(os.open(f"/proc/{pid[whose]}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), kind)
-               for name, kind, whose in EXEC_NAMESPACES]
-    # Checked once the handles are open: neither pid can have been reused before.
-    procs = os.path.join(request["cgroup_dirs"][0], "cgroup.procs")
-    if (str(pid["init"]) not in read_file(procs, "").split()
-            or pid["command"] not in children_of(pid["init"])):
-        raise CopyRefused("failed_precondition", "the job has ended")
+    handles = []
+    try:
+        for name, kind in EXEC_NAMESPACES:
+            handles.append((os.open(f"/proc/{command}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC),
+                            kind))
+        # Checked once the handles are open: the pid cannot have been reused before. The
+        # job's cgroup holds it, as pid 2 of its namespace.
+        procs = os.path.join(request["cgroup_dirs"][0], "cgroup.procs")
+        if str(command) not in read_file(procs, "").split() or innermost_pid(command) != 2:
+            raise FileNotFoundError
+    except FileNotFoundError:
+        for fd, _ in handles:
+            os.close(fd)
+        raise CopyRefused("failed_precondition", "the job has ended") from None
     for folder in request["cgroup_dirs"]:
         write_file(os.path.join(folder, "cgroup.procs"), "0")
     for fd, kind in handles:
@@ -6264,11 +6370,12 @@ class Engine:
                                        os.O_WRONLY | os.O_CREAT))
             except OSError as e:   # a full disk: the stop goes on; a restart says "killed"
                 log.warning("job %s: cannot record the stop request: %s", job_id, e.strerror)
-            self._signal_init(job, signal.SIGTERM)
+            if grace > 0:   # (none: killed at once, as by kill -9, with no SIGTERM first)
+                self._signal_command(job, signal.SIGTERM)
             if job.paused:
                 self.resume(job_id, quiet=True)   # a frozen job cannot act on SIGTERM
         if sooner and grace == 0:
-            self._kill_stopping(job)   # (at once, as before SIGTERM could be acted on)
+            self._kill_stopping(job)
         elif sooner:
             self._watcher.call_at(kill_at, job, self._kill_stopping)
         return job.kill_at + KILL_TIMEOUT
@@ -6468,7 +6575,8 @@ class Engine:
             raise FailedPreconditionError(f"job {job_id} did not start",
                                           reason="JOB_NOT_RUNNING")
         return self._spawner.run_helper("exec", {
-            "init_pid": job.shim["init_pid"], "cgroup_dirs": job.cgroup.dirs(),
+            "init_pid": job.shim["init_pid"], "command_pid": job.shim.get("command_pid"),
+            "cgroup_dirs": job.cgroup.dirs(),
             "uid": job.spec["uid"], "workdir": job.spec["workdir"],
             "env": job_environment(job.spec), "argv": argv, "terminal": list(terminal)})
 
@@ -6554,8 +6662,8 @@ class Engine:
             helper = (job.shim or {}).get("egress_pid")
             with contextlib.suppress(OSError):
                 pids = [p for p in self._cgroup_of(job).pids() if p not in (init_pid, helper)]
-        else:   # init's first child is the command: pid 2 of the job's namespace
-            pids = [p for p in children_of(init_pid) if innermost_pid(p) == 2] if init_pid else []
+        else:
+            pids = [command] if (command := command_of(job.shim)) else []
         if not sum(self._signal_job_process(job, pid, signum) for pid in pids):
             self._require_running(job)
             raise FailedPreconditionError(
@@ -6756,11 +6864,12 @@ class Engine:
         if job.result is not None:
             raise FailedPreconditionError(f"job {job.id} has ended", reason="JOB_NOT_RUNNING")
 
-    def _signal_init(self, job, signum):
-        """Signal the job's init (which forwards to the command), never a reused pid."""
-        init_pid = (job.shim or {}).get("init_pid")
-        if init_pid:
-            self._signal_job_process(job, init_pid, signum)
+    def _signal_command(self, job, signum):
+        """Signal the job's command (a job's init before this version: it forwarded them),
+        never a reused pid."""
+        command = command_of(job.shim)
+        if command:
+            self._signal_job_process(job, command, signum)
 
     @staticmethod
     def _signal_job_process(job, pid, signum):

@@ -331,7 +331,7 @@ def test_v2_job_cgroup_writes_limits_and_delegates_controllers(fake_v2):
     assert (job / "cpu.max").read_text() == "50000 100000"
     assert (job / "memory.max").read_text() == str(64 * sj.MiB)
     assert (job / "memory.swap.max").read_text() == "0"
-    assert (job / "pids.max").read_text() == "11"          # + the job's init
+    assert (job / "pids.max").read_text() == "10"          # (its init, the shim, is outside)
     assert (job / "io.max").read_text() == "8:0 rbps=1000000 wbps=max"
     assert cg.dirs() == [str(job)]
 
@@ -386,7 +386,7 @@ def test_v1_limit_writes_are_parallel_to_v2():
         "/sys/fs/cgroup/cpu/steve-jobs/j-3/cpu.cfs_quota_us": "25000",
         "/sys/fs/cgroup/memory/steve-jobs/j-3/memory.limit_in_bytes": str(32 * sj.MiB),
         "/sys/fs/cgroup/memory/steve-jobs/j-3/memory.memsw.limit_in_bytes": str(32 * sj.MiB),
-        "/sys/fs/cgroup/pids/steve-jobs/j-3/pids.max": "6",
+        "/sys/fs/cgroup/pids/steve-jobs/j-3/pids.max": "5",
         "/sys/fs/cgroup/blkio/steve-jobs/j-3/blkio.throttle.write_bps_device": "254:0 4096",
     }
 
@@ -1135,14 +1135,18 @@ def test_egress_survives_a_server_restart_and_a_dead_helper_is_said(
     try:
         for job_id in (kept, lost):
             wait_for_output(egress_server, job_id, b"before reached\n")
-        # The helper: a uid of its own (no root), in the host's pid namespace, in the
-        # job's cgroup (moved there once the job started).
+        # The helper: a uid of its own (no root), in the job's pid namespace (a child of
+        # the shim, the job's pid 1) but out of the job's reach, in the job's cgroup (moved
+        # there once the job started).
         helper = job_record(egress_server, lost)["shim"]["egress_pid"]
         status = open(f"/proc/{helper}/status").read()
         uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
         assert uid >= sj.EngineConfig().uid_base and uid != job_record(egress_server, lost)[
             "uid"], status
-        assert re.search(r"^NSpid:\s+\d+$", status, re.M), status   # (one pid: the host's)
+        inner = re.search(r"^NSpid:\s+\d+\s+(\d+)$", status, re.M)   # (host's, job's)
+        assert inner, status
+        kill = cli(egress_server, "exec", lost, f"kill -9 {inner.group(1)}", user="alice")
+        assert kill.returncode != 0 and b"not permitted" in kill.stderr, kill
         cgroup_name = job_record(egress_server, lost)["shim"]["cgroup"]
         assert cgroup_name in open(f"/proc/{helper}/cgroup").read()
         assert cli_json(egress_server, "status", lost, user="alice")["network_state"] == "up"
@@ -6534,35 +6538,15 @@ def test_metrics_over_https_need_a_client_certificate_of_the_ca(certs, tmp_path)
 SCALE_JOBS = 500
 
 
-def start_jobs_at_once(stub, md, argvs, clients=10, **request):
-    """Start a job per argv from `clients` threads; returns their ids, in argvs' order."""
-    ids, errors = [None] * len(argvs), []
-
-    def client(k):
-        try:
-            for i in range(k, len(argvs), clients):
-                ids[i] = stub.Start(pb.StartRequest(argv=argvs[i], **request), metadata=md,
-                                    timeout=scaled(120)).job_id
-        except Exception as e:   # (said below: a thread's exception is otherwise lost)
-            errors.append(e)
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:3]
-    return ids
-
-
 def for_each_at_once(items, work, clients=10):
-    """work(item) for every item, from `clients` threads; raises the first failure."""
-    errors = []
+    """[work(item) for item in items], from `clients` threads; raises the first failure."""
+    results, errors = [None] * len(items), []
 
     def client(k):
         try:
-            for item in items[k::clients]:
-                work(item)
-        except Exception as e:
+            for i in range(k, len(items), clients):
+                results[i] = work(items[i])
+        except Exception as e:   # (raised below: a thread's exception is otherwise lost)
             errors.append(e)
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
@@ -6571,6 +6555,7 @@ def for_each_at_once(items, work, clients=10):
         t.join()
     if errors:
         raise errors[0]
+    return results
 
 
 @pytest.mark.scale
@@ -6585,8 +6570,9 @@ def test_500_jobs_at_once_are_readopted_by_a_restart_and_each_ends_exactly(certs
         channel = user_channel(certs, srv.address, "mrarsenal")
         stub = pb_grpc.JobServiceStub(channel)
         script = 'echo "start $0"; read line; echo "$line $0" >&2; exit $(($0 % 256))'
-        ids = start_jobs_at_once(stub, md, [["sh", "-c", script, str(i)]
-                                            for i in range(SCALE_JOBS)], stdin=True)
+        ids = for_each_at_once(range(SCALE_JOBS), lambda i: stub.Start(pb.StartRequest(
+            argv=["sh", "-c", script, str(i)], stdin=True), metadata=md,
+            timeout=scaled(120)).job_id)
         states = lambda: [stub.Status(pb.JobRef(job_id=j), metadata=md).state for j in ids]
         assert set(states()) == {pb.STATE_RUNNING}   # all of them at once
         channel.close()
@@ -6606,7 +6592,7 @@ def test_500_jobs_at_once_are_readopted_by_a_restart_and_each_ends_exactly(certs
             st = stub.Status(pb.JobRef(job_id=job_id), metadata=md)
             assert (st.state, st.exit_code) == (pb.STATE_EXITED, i % 256), (i, st)
         try:
-            for_each_at_once(list(range(SCALE_JOBS)), finish)
+            for_each_at_once(range(SCALE_JOBS), finish)
         finally:
             channel.close()
         layout = sj.CgroupLayout.detect()
