@@ -370,6 +370,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
 PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 15, 4, 1, 38
+PR_CAPBSET_DROP, CAP_SYS_PTRACE = 24, 19
 IN_MODIFY, IN_MOVED_TO, IN_IGNORED = 0x2, 0x80, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
@@ -2095,10 +2096,15 @@ class Spawner:
         ours, theirs = seqpacket_pair()
         try:
             # -I -S: no site-packages, no environment: a small process forks faster.
+            # None of the server's environment (its secrets): each shim inherits it, and
+            # is its job's pid 1, whose /proc/1/environ a --root job may read.
+            env = {"PATH": JOB_PATH, **{k: v for k, v in os.environ.items()
+                                         if k == "STEVE_JOBS_TIME_SCALE"}}
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", os.path.abspath(__file__), "_spawner",
                  str(theirs.fileno()), json.dumps(settings)],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True,
+                env=env)
         except OSError as e:
             ours.close()
             raise UnavailableError(f"cannot start the spawner: {e}") from None
@@ -2359,8 +2365,10 @@ def shim_main(chan, settings):
     """
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)    # we wait for our children ourselves
     os.setsid()                                     # no terminal signals from the server's tty
-    # What the job's ps and /proc/1 show of its pid 1 (the spawner's command line names the
-    # host's paths and the server's settings).
+    # The job sees its pid 1: its /proc files only with CAP_SYS_PTRACE (become_job_user),
+    # and in ps and /proc/1/cmdline this title (the spawner's command line names the host's
+    # paths and the server's settings).
+    prctl(PR_SET_DUMPABLE, 0)
     set_process_title(b"steve-init")
     cg, warm_limits, warm_error = warm_up_cgroup(settings)
     ours, theirs = open_job_pipes()
@@ -3735,6 +3743,22 @@ def leave_job_network(host_net):
                 ("unmount the job's /sys", lambda: umount_lazy("/sys"))])
 
 
+def become_job_user(uid):
+    """Drop to the job's uid, without groups; a --root job (uid 0) keeps root's capabilities
+    but CAP_SYS_PTRACE, from its exec on. Then no_new_privs. Raises OSError.
+
+    Why not CAP_SYS_PTRACE: the job's pid 1 is its shim, root and in the host's mount
+    namespace; the shim is not dumpable, so only that capability would let a root job reach
+    the host's files through /proc/1/root, or ptrace the shim."""
+    if uid != 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    else:
+        prctl(PR_CAPBSET_DROP, CAP_SYS_PTRACE)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)   # setuid binaries cannot give privileges back
+
+
 def exec_command(req, err_w, syscall_filter):
     """Drop privileges, enter the working folder, exec. Never returns.
 
@@ -3744,13 +3768,8 @@ def exec_command(req, err_w, syscall_filter):
     argv = req.argv
     stage = "setting up"
     try:
-        uid = req.uid
-        if uid != 0:
-            stage = "dropping privileges"
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        prctl(PR_SET_NO_NEW_PRIVS, 1)   # setuid binaries cannot give privileges back
+        stage = "dropping privileges"
+        become_job_user(req.uid)
         stage = f"cannot enter working directory {req.workdir}"
         os.chdir(req.workdir)
         stage = "cannot install the syscall filter"
@@ -3989,12 +4008,7 @@ def exec_child(request, stdio, error_w, syscall_filter):
             fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
-        uid = request["uid"]
-        if uid != 0:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        become_job_user(request["uid"])
         os.chdir(request["workdir"])
         install_syscall_filter(syscall_filter)
         argv = request["argv"]

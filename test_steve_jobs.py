@@ -3839,6 +3839,51 @@ def test_a_job_cannot_make_user_namespaces_or_reach_the_kernels_wider_surface():
 
 
 @pytest.mark.tenants
+def test_the_jobs_pid_1_its_supervisor_is_out_of_its_reach(server):
+    """A job's pid 1 is its shim: root, in the host's mount namespace. Neither a job nor a
+    root job may read its environment or descriptors, reach the host's files through its
+    root, signal it away or ptrace it; what exec runs in the job may not either."""
+    probe = ("import ctypes, os, signal\n"
+             "out = []\n"
+             "try:   # (a --root job may read it: nothing of the server's environment)\n"
+             "    names = sorted(v.split(b'=')[0].decode() for v in\n"
+             "                   open('/proc/1/environ', 'rb').read().split(b'\\0') if v)\n"
+             "    out.append(' '.join(n for n in names if n not in ('PATH', 'STEVE_JOBS_TIME_SCALE')\n"
+             "                        ) or 'clean')\n"
+             "except OSError as e:\n"
+             "    out.append(e.strerror)\n"
+             "for path in ('/proc/1/root/etc/hostname', '/proc/1/fd/0', '/proc/1/mem'):\n"
+             "    try:\n"
+             "        open(path, 'rb').read(1); out.append('read ' + path)\n"
+             "    except OSError as e:\n"
+             "        out.append(e.strerror)\n"
+             "libc = ctypes.CDLL(None, use_errno=True)\n"
+             "attached = libc.ptrace(16, 1, 0, 0)   # PTRACE_ATTACH\n"
+             "out.append('attached' if attached == 0 else os.strerror(ctypes.get_errno()))\n"
+             "try:   # (SIGTERM, if it may: what is sent to pid 1 is the command's)\n"
+             "    os.kill(1, signal.SIGKILL)\n"
+             "except OSError as e:\n"
+             "    out.append(e.strerror)\n"
+             "print(' | '.join(out), flush=True)\n"
+             "import time; time.sleep(0.3)\n"
+             "print(open('/proc/1/comm').read().strip())\n")
+    for flags in ((), ("--root",)):
+        done = cli(server, "run", "-f", *flags, "--", "python3", "-c", probe)
+        said, comm = done.stdout.decode().splitlines()
+        assert "read " not in said and "attached" not in said, (flags, said)
+        assert said.split(" | ")[0] in ("clean", "Permission denied"), said
+        assert comm == "steve-init" and done.returncode == 0, done   # (pid 1 lives on)
+    job_id = start_job(server, "sleep 60", "mrarsenal", "", "--root")
+    try:
+        done = cli(server, "exec", job_id, "--", "python3", "-c", probe)
+        assert b"read " not in done.stdout and b"attached" not in done.stdout, done
+        assert b"steve-init" in done.stdout, done
+        assert cli_json(server, "status", job_id)["state"] == "running"
+    finally:
+        cli(server, "stop", "--grace", "0", job_id)
+
+
+@pytest.mark.tenants
 def test_an_admin_may_ask_for_a_writable_host_and_gets_it_for_that_job_only():
     target = f"/var/lib/steve-jobs-test-rw-{uuid.uuid4().hex[:8]}"
     with running_engine(allow_root=True) as engine:
