@@ -644,6 +644,15 @@ def children_of(pid):
     return [int(c) for c in text.split()]
 
 
+def wait_readable(fd, timeout=None):
+    """True once fd (a number or anything with fileno()) is readable or at its end, False
+    after timeout seconds (None: no bound). (poll, not select: select refuses an fd past
+    1023, and a server with a thousand jobs running holds more.)"""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
+
+
 def own_host_pid():
     """This process's pid in the host's /proc (getpid() is its pid in its own namespace:
     1 for a shim, the job's pid 1)."""
@@ -2004,7 +2013,7 @@ def spawner_main(sock_fd, settings):
         # Refill in a quiet moment: a fork right after a start would compete for the CPU
         # with the job being started (and with the server waiting for its reply).
         if offered < settings.get("warm", WARM_SHIMS):
-            if not select.select([sock], [], [], REFILL_DELAY if offered else 0)[0]:
+            if not wait_readable(sock, REFILL_DELAY if offered else 0):
                 shim = WarmShim({**settings, "egress_warm": any(wanted_egress)}, sock)
                 try:
                     socket.send_fds(sock, [json.dumps({"warm": shim.pid}).encode()],
@@ -2061,7 +2070,7 @@ def _read_reply(fd, deadline):
     write end may outlive the answer). Raises UnavailableError on EOF or at the deadline."""
     data = b""
     while True:
-        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if not wait_readable(fd, deadline - time.monotonic()):
             raise UnavailableError("the spawner did not answer in time")
         chunk = os.read(fd, 65536)
         if not chunk:
@@ -2234,7 +2243,7 @@ class Spawner:
             self._sock = None
         deadline = time.monotonic() + KILL_TIMEOUT
         for pidfd in pidfds:
-            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            wait_readable(pidfd, deadline - time.monotonic())
             os.close(pidfd)
 
 
@@ -2516,7 +2525,7 @@ class ChildReaper:
         processes, just killed: its end is not said before they are gone)."""
         deadline = time.monotonic() + timeout
         while self.ready() and (left := deadline - time.monotonic()) > 0:
-            select.select([self.fd], [], [], left)
+            wait_readable(self.fd, left)
 
     def reap_until(self, pid):
         """Reap children, blocking, until pid has ended (its on_end called)."""
@@ -2795,7 +2804,7 @@ EGRESS_READY_TIMEOUT = 5.0 * TIME_SCALE   # seconds the namespaces and the helpe
 
 def _wait_ready(fd, what):
     """Read a child's b"1" (ready) or its error text from pipe fd, bounded. Raises OSError."""
-    if not select.select([fd], [], [], EGRESS_READY_TIMEOUT)[0]:
+    if not wait_readable(fd, EGRESS_READY_TIMEOUT):
         raise OSError(errno.ETIMEDOUT, f"{what} did not get ready in time")
     said = os.read(fd, 4096)
     if said != b"1":
@@ -11283,7 +11292,7 @@ def read_what_is_there(fd, most):
     except OSError:
         return b""   # (a terminal hung up): as EOF
     with contextlib.suppress(OSError):   # a later error: the next read sees it again
-        while len(data) < most and select.select([fd], [], [], 0)[0]:
+        while len(data) < most and wait_readable(fd, 0):
             more = os.read(fd, most - len(data))
             if not more:
                 break   # EOF: the next read says so

@@ -319,6 +319,30 @@ def fake_v2(tmp_path, monkeypatch):
 
 
 @pytest.mark.unit
+def test_waits_work_on_descriptors_past_1023():
+    """Reproduction: with 2,000 jobs running the server held more than 1,024 descriptors,
+    and a start's wait for its supervisor's reply (select) failed: INTERNAL."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    r, w = os.pipe()
+    try:
+        high = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 2000)
+        try:
+            os.write(w, b'{"ok": true}')
+            assert sj._read_reply(high, time.monotonic() + 1) == {"ok": True}
+            assert not sj.wait_readable(high, 0)
+            os.write(w, b"more")
+            assert sj.wait_readable(high, 1)
+        finally:
+            os.close(high)
+    finally:
+        os.close(r)
+        os.close(w)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.unit
 def test_v2_job_cgroup_writes_limits_and_delegates_controllers(fake_v2):
     root, layout = fake_v2
     cg = sj.JobCgroup(layout, "steve-jobs", "j-1")
