@@ -819,13 +819,18 @@ def reserve_room(path, size):
 
 def write_json_until_written(path, obj):
     """write_json_atomic, retried while the filesystem is full (or failing), so that what a
-    supervisor knows is not lost: it is written as soon as there is room again."""
+    supervisor knows is not lost: it is written as soon as there is room again. Not once
+    path's folder is gone (the job was removed, or the state folder): nobody would read it.
+    Returns whether it was written."""
     pause = 0.2
     while True:
         try:
             write_json_atomic(path, obj)
-            return
+            return True
         except OSError as e:
+            if e.errno == errno.ENOENT and not os.path.isdir(os.path.dirname(path)):
+                log.warning("not writing %s: its folder is gone", path)
+                return False
             if pause == 0.2:
                 log.warning("cannot write %s (%s); retrying until there is room",
                             path, e.strerror or e)

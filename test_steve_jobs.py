@@ -319,6 +319,23 @@ def fake_v2(tmp_path, monkeypatch):
 
 
 @pytest.mark.unit
+def test_a_supervisor_gives_up_a_record_whose_folder_is_gone(tmp_path):
+    """Reproduction: a job's folder removed under its running supervisor (the state folder
+    deleted) left the supervisor retrying its result for ever."""
+    folder = tmp_path / "job"
+    folder.mkdir()
+    assert sj.write_json_until_written(str(folder / "result.json"), {"a": 1})
+    folder.joinpath("result.json").unlink()
+    folder.rmdir()
+    done = []
+    writer = threading.Thread(target=lambda: done.append(
+        sj.write_json_until_written(str(folder / "result.json"), {"a": 1})), daemon=True)
+    writer.start()
+    writer.join(5)
+    assert done == [False]
+
+
+@pytest.mark.unit
 def test_waits_work_on_descriptors_past_1023():
     """Reproduction: with 2,000 jobs running the server held more than 1,024 descriptors,
     and a start's wait for its supervisor's reply (select) failed: INTERNAL."""
