@@ -1,4 +1,4 @@
-"""Tests for steve-jobs, in eleven groups: each test carries its group's mark
+"""Tests for steve-jobs, in fourteen groups: each test carries its group's mark
 (@pytest.mark.kernel..., registered in conftest.py), to run some of them (pytest -m "kernel
 or e2e", as .ci/run does):
 
@@ -17,6 +17,9 @@ or e2e", as .ci/run does):
           wrong addresses and the other mistakes of a first hour
   files   a job's working folder kept after it ends, cp in and out, run --copy and exec, as
           a build host's users and as hostile tenants (real kernel, real server)
+  batch   the queue, dependencies, deadlines, removal, metrics, events
+  network egress networks against a remote host of the test's own, in a namespace
+  scale   hundreds of jobs at once through a real server: each one's exact end, restarts
 
 Every time budget is multiplied by STEVE_JOBS_TIME_SCALE (default 1; e.g. 10 in an emulated
 VM), through scaled(), and so are the server's own waits.
