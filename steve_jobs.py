@@ -2708,6 +2708,9 @@ class ShimJob:
             signal.signal(sig, self.forward)
         if self.egress and self.egress.pid:
             self.reaper.on_end[self.egress.pid] = self.egress.exited
+        # A command that ended before SIGCHLD could wake us (`sh -c 'daemon &'` ends at
+        # once), its output held open by what it left: its end is seen now, not never.
+        self.reaper.ready()
         try:
             output = copy_output(sources, out_fd, index_fd, self.req.output_cap, relay,
                                  self.reaper)

@@ -1325,6 +1325,19 @@ def test_host_network_option_shares_the_host_network(engine, host_listener):
 
 
 @pytest.mark.kernel
+def test_a_command_that_ends_at_once_ends_its_job_and_what_it_left(engine):
+    """The shim is the job's pid 1: when the command ends, it kills what the command left,
+    even a command that ended before the shim watched for it (a background process holding
+    its output open would otherwise keep the job running)."""
+    for _ in range(5):
+        began = time.monotonic()
+        status, out = sh(engine, "sleep 30 & echo left; exit 4", timeout=scaled(20))
+        assert (status.state, status.exit_code, out) == (sj.EXITED, 4, b"left\n"), status
+        assert time.monotonic() - began < scaled(10)
+        assert not pids_of_uid(status.uid)
+
+
+@pytest.mark.kernel
 def test_ps_inside_shows_only_the_job(engine):
     status, out = run(engine, ["ps", "-e", "-o", "pid=,comm="])
     procs = [line.split() for line in out.decode().splitlines()]
