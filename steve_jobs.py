@@ -89,7 +89,7 @@ class _LazyModule:
 # Why threading waits: importing it registers an at-fork hook whose run in the child
 # copies about 0.4 MB of the parent's pages (measured: a fork of the spawner that does
 # nothing holds 0.65 MB of private pages with threading imported, 0.21 MB without), and
-# every job's supervisor and init are such forks. The spawner never starts a thread.
+# every job's supervisor is such a fork. The spawner never starts a thread.
 threading = _LazyModule("threading")
 
 
@@ -1902,7 +1902,8 @@ def whole_disk_of(path):
 # what the command left, as the kernel does when an init exits; should the shim die, the
 # kernel kills the whole namespace and reaps it. It stays in the host's mount namespace
 # (it writes the job's folder and cgroup), which the job cannot reach through it: it is
-# root and another uid. Its getpid() is 1: host pids come from own_host_pid, host_pid_of.
+# root and not dumpable, and a --root job has no CAP_SYS_PTRACE (become_job_user). Its
+# getpid() is 1: host pids come from own_host_pid, host_pid_of.
 #
 # Moving a process into a cgroup costs the kernel an RCU grace period (10-20 ms when the
 # host is idle), more than everything else in a start. So the spawner keeps one shim warm:
