@@ -1535,21 +1535,7 @@ def bench_scale(jobs, clients=10):
         stub.List(pb.ListRequest(), metadata=md)
         start = lambda: stub.Start(pb.StartRequest(argv=["true"]), metadata=md)
         idle = timed_calls(start, 30)
-        made, lock = [], threading.Lock()
-
-        def fill(s, count):
-            for _ in range(count):
-                job_id = s.Start(pb.StartRequest(argv=["sleep", "1000000"]), metadata=md,
-                                 timeout=120).job_id
-                with lock:
-                    made.append(job_id)
-        threads = [threading.Thread(target=fill, args=(s, jobs // clients)) for s in stubs]
-        t = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        rate = len(made) / (time.perf_counter() - t)
+        made, rate = start_sleeping_jobs(stubs, md, jobs)
         time.sleep(2)   # (settled)
         state = os.path.join(server.dir, "state")
         sizes = [smaps_kib(pid) for pid in our_processes_of_jobs(state, made)]
@@ -1575,7 +1561,7 @@ def bench_scale(jobs, clients=10):
         stub = pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
         running = jobs_in_state(stub, md, sj.RUNNING)
         t = time.perf_counter()
-        pending = list(made)
+        pending, lock = list(made), threading.Lock()
 
         def stopper():
             while True:
@@ -1593,6 +1579,31 @@ def bench_scale(jobs, clients=10):
         print(f"  {'restart, every job re-adopted':36s} {restart * 1000:6.0f} ms to listen "
               f"({running} of {len(made)} running after it; goal <= 3 s); stop all with the "
               f"CLI, 10 at a time: {stopped:.1f} s (goal <= 30)", flush=True)
+        made, _ = start_sleeping_jobs(stubs, md, jobs)
+        t = time.perf_counter()
+        server.cli("stop", "--grace", "0", *made, stdout=subprocess.DEVNULL)
+        print(f"  {'as many again, stopped in one call':36s} {time.perf_counter() - t:6.1f} s "
+              f"(stop ID...)", flush=True)
+
+
+def start_sleeping_jobs(stubs, md, jobs):
+    """Start jobs sleeping jobs, a share from each stub at once. Returns (their ids,
+    starts per second)."""
+    made, lock = [], threading.Lock()
+
+    def fill(s, count):
+        for _ in range(count):
+            job_id = s.Start(pb.StartRequest(argv=["sleep", "1000000"]), metadata=md,
+                             timeout=120).job_id
+            with lock:
+                made.append(job_id)
+    threads = [threading.Thread(target=fill, args=(s, jobs // len(stubs))) for s in stubs]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return made, len(made) / (time.perf_counter() - t)
 
 
 def main(argv):

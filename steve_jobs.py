@@ -11745,49 +11745,77 @@ def cmd_events(client, args):
     return EXIT_OK
 
 
+# A command about many jobs: its calls at once (a user may run four such commands at once).
+CLI_CALLS_IN_FLIGHT = MAX_STOPS_PER_USER // 4
+
+
 def cmd_job(client, args):
     """status, pause, resume, stop, kill, rm: one call about each job named. With several,
-    each is tried, a failure said on its own line; the exit code is the first failure's."""
+    the calls go out side by side (CLI_CALLS_IN_FLIGHT at once: the grace periods of a
+    stop run together, not one after another); each answer is printed in the order the
+    jobs were named, a failure on its own line; the exit code is the first failure's."""
     refs = args.job_id if isinstance(args.job_id, list) else [args.job_id]
+    if len(refs) == 1:
+        _print_job_answer(args, _one_job_command(client, args, refs[0]), lines=False)
+        return EXIT_OK
     first_failure = EXIT_OK
-    for ref in refs:
-        try:
-            _one_job_command(client, args, ref, lines=len(refs) > 1)
-        except ClientError as e:
-            if len(refs) == 1:
-                raise
-            print_json(e.as_json(), lines=True) if args.json else print(
-                f"steve-jobs: {for_terminal(str(e))}", file=sys.stderr)
-            first_failure = first_failure or e.exit_code
+    for answer in calls_side_by_side(lambda ref: _one_job_command(client, args, ref), refs,
+                                     CLI_CALLS_IN_FLIGHT):
+        if isinstance(answer, ClientError):
+            print_json(answer.as_json(), lines=True) if args.json else print(
+                f"steve-jobs: {for_terminal(str(answer))}", file=sys.stderr)
+            first_failure = first_failure or answer.exit_code
+        else:
+            _print_job_answer(args, answer, lines=True)
     return first_failure
+
+
+def calls_side_by_side(call, items, at_once):
+    """call(item) for each item, at_once of them running at a time (threads: the client's
+    channel serves them all); yields each result, or the ClientError it raised, in the
+    order of items, as soon as it and those before it are in."""
+    import concurrent.futures
+
+    def answer(item):
+        try:
+            return call(item)
+        except ClientError as e:
+            return e
+    with concurrent.futures.ThreadPoolExecutor(min(at_once, len(items))) as pool:
+        yield from pool.map(answer, items)
 
 
 JOB_RPC = {"status": "Status", "pause": "Pause", "resume": "Resume"}   # the JobRef calls
 
 
-def _one_job_command(client, args, ref, lines):
+def _one_job_command(client, args, ref):
+    """The call args.command makes about the job ref. Returns its answer: a JobStatus, or
+    for rm the id removed. Raises ClientError."""
     pb = client.pb
     if args.command == "rm":
         if args.force:
             client.call("Stop", pb.StopRequest(job_id=ref, grace_seconds=0), timeout=None)
         client.call("Remove", pb.JobRef(job_id=ref))
-        print_json({"removed": ref}, lines=lines) if args.json else print(ref)
-        return
+        return ref
     if args.command == "stop":
         request = pb.StopRequest(job_id=ref)
         if args.grace is not None:
             request.grace_seconds = args.grace
-        st = client.call("Stop", request, timeout=None)
-    elif args.command == "kill":
-        st = client.call("Signal", pb.SignalRequest(job_id=ref, signal=args.signal,
-                                                    all=args.all))
+        return client.call("Stop", request, timeout=None)
+    if args.command == "kill":
+        return client.call("Signal", pb.SignalRequest(job_id=ref, signal=args.signal,
+                                                      all=args.all))
+    return client.call(JOB_RPC[args.command], pb.JobRef(job_id=ref))
+
+
+def _print_job_answer(args, answer, lines):
+    if args.command == "rm":
+        print_json({"removed": answer}, lines=lines) if args.json else print(answer)
+    elif args.json:
+        print_json(status_dict(answer), lines=lines)
     else:
-        st = client.call(JOB_RPC[args.command], pb.JobRef(job_id=ref))
-    if args.json:
-        print_json(status_dict(st), lines=lines)
-    else:
-        print(format_status(st) if args.command == "status"
-              else for_terminal(f"{st.job_id} {PB_TO_STATE.get(st.state)}"))
+        print(format_status(answer) if args.command == "status"
+              else for_terminal(f"{answer.job_id} {PB_TO_STATE.get(answer.state)}"))
 
 
 def exit_on_ctrl_c(_signum, _frame):

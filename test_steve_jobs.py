@@ -5471,6 +5471,29 @@ def test_what_docker_and_kubectl_users_type_first(server, tmp_path):
     cli(server, "rm", alice_job, user="alice")
 
 
+@pytest.mark.e2e
+def test_a_stop_of_several_jobs_gives_them_their_grace_side_by_side(server):
+    """`stop ID...` of jobs that take their grace: each is asked to stop at once, not
+    after the one before it has used its grace (2,000 jobs, 10 s each: 5 hours)."""
+    script = "trap 'echo asked to stop' TERM; while :; do sleep 0.1; done"
+    ids = [start_job(server, script) for _ in range(3)]
+    stop = subprocess.Popen([PYTHON, SCRIPT, "--server", server.address, "--certs",
+                             server.certs, "--user", "mrarsenal", "stop", "--grace", "600",
+                             *ids], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: all(b"asked to stop" in cli(server, "output", job_id).stdout
+                             for job_id in ids), timeout=scaled(30))
+        assert cli(server, "kill", *ids).returncode == 0   # their grace: ended by hand
+        out, err = stop.communicate(timeout=scaled(30))
+        assert stop.returncode == 0, err
+        assert out.decode().split()[::2] == ids   # in the order named, one line each
+    finally:
+        stop.kill()
+        stop.wait()
+        cli(server, "rm", "-f", *ids)
+
+
 @pytest.mark.newcomer
 def test_contexts_are_made_with_a_command_and_a_broken_file_breaks_only_who_reads_it(
         server, tmp_path):
