@@ -2092,12 +2092,15 @@ def _read_reply(fd, deadline):
 # script's parse tree until the script returns, and the spawner's never does: 25 MB (of a
 # 43 MB spawner) in it and in every fork of it, each job's shim and command, whose forks,
 # execs and exits then cost their page tables' size (measured: a third of a start's system
-# time went to fork, exec and exit; the shims' RSS fell from 41 to 12 MB).
+# time went to fork, exec and exit; the shims' RSS fell from 41 to 12 MB). Like any import
+# it reads a cached compilation if one is current, and writes one only if the server's own
+# imports may (-I ignores PYTHONDONTWRITEBYTECODE).
 SPAWNER_BOOT = ("import sys, types, importlib.machinery as m; "
+                "sys.dont_write_bytecode = sys.argv[2] == 'no-cache'; "
                 "mod = sys.modules['steve_jobs'] = types.ModuleType('steve_jobs'); "
                 "mod.__file__ = sys.argv[1]; "
                 "m.SourceFileLoader('steve_jobs', sys.argv[1]).exec_module(mod); "
-                "sys.exit(mod.main(sys.argv[2:]))")
+                "sys.exit(mod.main(sys.argv[3:]))")
 
 
 class Spawner:
@@ -2129,7 +2132,8 @@ class Spawner:
                                          if k == "STEVE_JOBS_TIME_SCALE"}}
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", SPAWNER_BOOT, os.path.abspath(__file__),
-                 "_spawner", str(theirs.fileno()), json.dumps(settings)],
+                 "no-cache" if sys.dont_write_bytecode else "cache", "_spawner",
+                 str(theirs.fileno()), json.dumps(settings)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True,
                 env=env)
         except OSError as e:

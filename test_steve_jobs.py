@@ -34,6 +34,7 @@ import concurrent.futures
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import itertools
 import json
@@ -5397,7 +5398,8 @@ def test_the_quickstart_works_as_written_on_a_fresh_clone():
     port, state_dir = free_port(), new_state_dir()
     root = f"steve-jobs-test-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "STEVE_JOBS_LISTEN": f"127.0.0.1:{port}",
-           "STEVE_JOBS_STATE_DIR": state_dir, "STEVE_JOBS_CGROUP_ROOT": root}
+           "STEVE_JOBS_STATE_DIR": state_dir, "STEVE_JOBS_CGROUP_ROOT": root,
+           "PYTHONDONTWRITEBYTECODE": "1"}   # (honoured by its helpers too, as -I does not)
     log_path = os.path.join(state_dir, "quickstart.log")
     with open(log_path, "wb") as log:
         server = subprocess.Popen(["bash", "-c", server_block], cwd=clone, env=env,
@@ -5415,6 +5417,7 @@ def test_the_quickstart_works_as_written_on_a_fresh_clone():
         assert "hello from" in out and re.search(r"[0-9a-f]{64}  -", out), out
         assert all(os.stat(os.path.join(clone, "certs", n)).st_mode & 0o077 == 0
                    for n in os.listdir(os.path.join(clone, "certs")) if n.endswith(".key"))
+        assert not glob.glob(os.path.join(clone, "__pycache__", "steve_jobs.*"))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
