@@ -33,9 +33,11 @@ batch:  --max-jobs 50: 2,000 `true` jobs by 4 users queued vs started one by one
         Start and Status p99 with 10,000 jobs queued vs none; restart to listening with
         10,000 queued; slot freed to the next queued job's exec, one slot at a time and 50
         together; Start p50 with the metrics endpoint scraped every second vs off.
-scale:  200 and 2,000 sleeping jobs through a real server: our memory per job (PSS, USS),
+scale:  a probe of one supervisor for K jobs (memory per job for K = 1, 8, 16, 32); 200
+        and 2,000 sleeping jobs through a real server: our memory per job (PSS, USS),
         Start p50 beside none running, Status and List p99, server RSS, restart with all
-        re-adopted, stop all with the CLI; then starts/s from 10 clients vs unshare(1).
+        re-adopted, stop all with the CLI (a call each, then one call); then starts/s from
+        10 clients vs unshare(1).
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -1521,6 +1523,133 @@ def timed_follow_ends(stub, md, runs):
     return samples
 
 
+# A probe of the design the scale issue's memory goal needs (README, "One process of ours a
+# job"), not of the product: one supervisor of K jobs, each job a pid 1 that is an exec'd
+# sleep (SIGCHLD ignored, so the kernel reaps its orphans; an unprivileged uid) and a
+# command, the supervisor's child, in that pid namespace; a thread per job copies its
+# output with the product's copy_output, and one reaper waits for every child. Run in a
+# fresh interpreter that loads steve_jobs as the spawner does (no fork of this threaded,
+# grpc-holding process). It does none of a start's records, replies or cgroups: its
+# figures are a floor for that design. argv: HERE K SUPERVISORS; prints JSON.
+SUPERVISOR_PROBE = r"""
+import json, os, signal, sys, tempfile, threading, time, types, importlib.machinery as m
+sj = sys.modules["steve_jobs"] = types.ModuleType("steve_jobs")
+sj.__file__ = os.path.join(sys.argv[1], "steve_jobs.py")
+m.SourceFileLoader("steve_jobs", sj.__file__).exec_module(sj)
+K, N = int(sys.argv[2]), int(sys.argv[3])
+
+def fork_init(host):
+    sj.unshare(sj.CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # (kept across exec)
+            uid = 0x70000000 + sj.own_host_pid()
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.closerange(3, 1 << 16)
+            os.execve("/bin/sleep", ["steve-init", "infinity"], {})
+        finally:
+            os._exit(127)
+    sj.setns(host, sj.CLONE_NEWPID)
+    return pid
+
+def fork_command(init, host, out_w):
+    ns = os.open(f"/proc/{init}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    sj.setns(ns, sj.CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out_w, 1)
+        os.execv("/bin/sh", ["sh", "-c", "echo started; exec sleep 1000000"])
+    sj.setns(host, sj.CLONE_NEWPID)
+    os.close(ns)
+    return pid
+
+def supervisor(folder, report_w):
+    host = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    slots = []
+    for i in range(K):   # every fork before the first thread
+        init = fork_init(host)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        fork_command(init, host, w)
+        os.close(w)
+        slots.append((init, r))
+
+    def job(i, r):
+        out = os.open(f"{folder}/{os.getpid()}.{i}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC)
+        index = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        sj.copy_output({r: sj.STDOUT}, out, index, 1 << 30)
+    for i, (_, r) in enumerate(slots):
+        threading.Thread(target=job, args=(i, r), daemon=True).start()
+    said = json.dumps([os.getpid(), [init for init, _ in slots]]) + "\n"
+    os.write(report_w, said.encode())
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:   # the one reaper
+        sj.wait_readable(wake_r, 1.0)
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            os._exit(0)
+
+folder = tempfile.mkdtemp(prefix="steve-jobs-probe-", dir="/var/tmp")
+report_r, report_w = os.pipe()
+supervisors, inits = [], []
+try:
+    for _ in range(N):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                supervisor(folder, report_w)
+            finally:
+                os._exit(1)
+        supervisors.append(pid)
+    lines = os.fdopen(report_r)
+    for _ in range(N):
+        inits += json.loads(lines.readline())[1]
+    time.sleep(2)   # (settled: every command has written its line)
+    def kib(pid, keys):
+        return sum(int(l.split()[1]) for l in open(f"/proc/{pid}/smaps_rollup")
+                   if l.startswith(keys))
+    written = sorted(set(open(os.path.join(folder, f)).read() for f in os.listdir(folder)))
+    print(json.dumps({"k": K, "jobs": K * N, "outputs": written,
+                      "supervisor": [kib(p, "Pss:") for p in supervisors],
+                      "supervisor_uss": [kib(p, ("Private_Clean:", "Private_Dirty:"))
+                                         for p in supervisors],
+                      "init": [kib(p, "Pss:") for p in inits],
+                      "init_uss": [kib(p, ("Private_Clean:", "Private_Dirty:"))
+                                   for p in inits]}))
+finally:
+    for pid in inits + supervisors:   # (a pid 1 outlives its supervisor: killed first)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in supervisors:
+        os.waitpid(pid, 0)
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+"""
+
+
+def bench_supervisor_of_many(jobs=128):
+    """Memory per job of the probe above (SUPERVISOR_PROBE) for K jobs a supervisor, the
+    same number of jobs each time; K=1 is today's one supervisor a job, in that shape."""
+    for k in (1, 8, 16, 32):
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", SUPERVISOR_PROBE, HERE,
+                               str(k), str(jobs // k)], capture_output=True, check=True)
+        got = json.loads(done.stdout)
+        assert got["outputs"] == ["started\n"], got["outputs"]   # every job's output copied
+        pss = (sum(got["supervisor"]) + sum(got["init"])) / got["jobs"] / 1024
+        uss = (sum(got["supervisor_uss"]) + sum(got["init_uss"])) / got["jobs"] / 1024
+        print(f"{f'probe: {k} jobs a supervisor, ours per job':38s} PSS {pss:5.2f} MiB  USS "
+              f"{uss:5.2f} MiB ({got['jobs']} sleeping jobs; a pid 1: PSS "
+              f"{statistics.median(got['init']):.0f} KiB)", flush=True)
+
+
 def bench_scale(jobs, clients=10):
     """With `jobs` sleeping jobs running through a real server: our memory per job (PSS and
     USS of supervisors, inits, helpers), start p50 beside none running, Status and List p99,
@@ -1677,6 +1806,7 @@ def main(argv):
         bench_slot_to_start(50, 300, ("sleep", "1"))
         bench_metrics_cost()
     if "scale" in groups:
+        bench_supervisor_of_many()
         bench_scale(200)
         bench_scale(2000)
         with BenchServer() as server:
