@@ -3490,9 +3490,10 @@ def enter_job_namespaces(cg):
 
 def build_job_view(settings):
     """In the command's process, warm, in the job's own mount namespace: the
-    job's view of the host: all of it read-only, a fresh /proc, a minimal /dev, empty
-    private /tmp, /var/tmp, /dev/shm and /run/lock, and the server's own folders (state,
-    certificates: settings["hidden"]) covered by empty ones.
+    job's view of the host: all of it read-only but no other job's working folder, a
+    fresh /proc, a minimal /dev, empty private /tmp, /var/tmp, /dev/shm and /run/lock, and
+    the server's own folders (state, certificates: settings["hidden"]) covered by empty
+    ones.
 
     What depends on the request (network, hostname, working folder) comes later.
     Returns an O_PATH handle on the host's settings["work"] folder (working folders on disk
@@ -3504,6 +3505,15 @@ def build_job_view(settings):
     def private_mounts():
         # Private propagation first, or our mounts would leak back into the host's namespace.
         mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+    def drop_other_jobs_folders():
+        # Every job's working folder is a mount in work/, a mount of its own
+        # (keep_mounts_private): one detach drops them all from this copy of the host's
+        # mounts. Kept, every job held a copy of every other's mount (the kernel's memory
+        # for them grew with the square of the jobs running) and its mountinfo named them.
+        # The handle on work/ is opened after: on the folder beneath, in this namespace.
+        if settings.get("work"):
+            unmount_if_mounted(settings["work"])
 
     def hold_what_gets_covered():
         # Handles on what the job's view will cover, to bind from /proc/self/fd later.
@@ -3553,6 +3563,7 @@ def build_job_view(settings):
 
     _run_steps([
         ("make mounts private", private_mounts),
+        ("drop the other jobs' working folders", drop_other_jobs_folders),
         ("hold the host's devices", hold_what_gets_covered),
         ("make the host read-only",
          lambda: None if settings.get("rw_host") else make_mounts_read_only("/")),
