@@ -11836,6 +11836,8 @@ def _one_job_command(client, args, ref):
 
 
 def _print_job_answer(args, answer, lines):
+    """Print what _one_job_command returned, as args.command and --json say (lines: one
+    JSON object a line, as for several jobs)."""
     if args.command == "rm":
         print_json({"removed": answer}, lines=lines) if args.json else print(answer)
     elif args.json:
