@@ -35,9 +35,9 @@ batch:  --max-jobs 50: 2,000 `true` jobs by 4 users queued vs started one by one
         together; Start p50 with the metrics endpoint scraped every second vs off.
 scale:  a probe of one supervisor for K jobs (memory per job for K = 1, 8, 16, 32); 200
         and 2,000 sleeping jobs through a real server: our memory per job (PSS, USS),
-        Start p50 beside none running, Status and List p99, server RSS, restart with all
-        re-adopted, stop all with the CLI (a call each, then one call); then starts/s from
-        10 clients vs unshare(1).
+        Start p50 beside none running (before and after), Status and List p99, server
+        RSS, restart with all re-adopted, stop all with the CLI (a call each, then one
+        call); then starts/s from 10 clients vs unshare(1).
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
