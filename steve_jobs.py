@@ -4466,6 +4466,7 @@ class Job:
         self.timed_out = False        # its timeout stopped it (TIMED_OUT_FILE)
         self.queued = ""              # "queued": waits in the queue; "starting": leaving it
         self.stop_after_start = None  # a stop's grace, asked while it was "starting"
+        self.removing = False         # a remover has claimed it (_remove_for_good)
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -5999,10 +6000,8 @@ class Engine:
             self._watcher.call_at(time.monotonic() + REMOVE_GRACE, job, self._remove_ended)
             return
         def remove():
-            self._event("removed", job)
-            self._settle_dependents([job.id])   # (by its end, before it goes)
-            self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
-            log_line("job-removed", job=job.id, why="run --rm")
+            if self._remove_for_good(job):
+                log_line("job-removed", job=job.id, why="run --rm")
         threading.Thread(target=remove, name="remove-ended", daemon=True).start()
 
     def _time_out(self, job):
@@ -6533,9 +6532,22 @@ class Engine:
         if job.result is None:
             raise FailedPreconditionError(f"job {job_id} is still running; stop it first",
                                           reason="JOB_STILL_RUNNING")
+        if not self._remove_for_good(job):
+            raise NotFoundError(f"no job {quoted(job_id)}")   # (another remover's)
+
+    def _remove_for_good(self, job):
+        """An ended job's removal: "removed" told, its dependents settled, its record,
+        folders and uid given up. Returns False, doing nothing, if another remover (a
+        user's remove, retention, run --rm) has claimed the job: each job goes once, or its
+        uid would be given back twice (and could then go to two jobs at once)."""
+        with self._lock:
+            if job.removing or self._jobs.get(job.id) is not job:
+                return False
+            job.removing = True
         self._event("removed", job)
-        self._settle_dependents([job_id])   # (by its end, before it goes)
+        self._settle_dependents([job.id])   # (by its end, before it goes)
         self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
+        return True
 
     def prune(self, max_age=None, max_bytes=None, now=None):
         """Retention: remove ended jobs older than max_age seconds, then the oldest ended
@@ -6556,11 +6568,7 @@ class Engine:
             oldest = kept.pop(0)
             total -= stored(oldest)
             doomed.append(oldest)
-        for job in doomed:
-            self._event("removed", job)
-            self._settle_dependents([job.id])   # (by its end, before it goes)
-            self._forget(job, remove_workdir=not job.spec["options"]["workdir"])
-        return [j.id for j in doomed]
+        return [job.id for job in doomed if self._remove_for_good(job)]
 
     def load_by_user(self):
         """{"running": {owner: jobs}, "queued": {owner: jobs}} now (paused ones run)."""

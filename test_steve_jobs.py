@@ -3841,6 +3841,35 @@ def test_job_uids_come_in_order_and_only_back_once_no_record_holds_them(tmp_path
 
 
 @pytest.mark.tenants
+def test_a_job_removed_by_several_at_once_goes_once(engine):
+    """Removers can race: `rm` naming a job twice (its calls go side by side), two users'
+    rm, retention, `run --rm`. One of them removes the job, the others find it gone.
+    Each used to remove it again: "removed" told twice, and its uid given back twice (so
+    that, taken by a new job in between, it could go to a third job as well)."""
+    job_id = engine.start("tester", ["true"])
+    engine.wait(job_id, scaled(30))
+    told, second = [], []
+
+    def observer(kind, st, record):   # called by the first remover, under way
+        if kind == "removed" and st.id == job_id:
+            told.append(kind)
+            if len(told) == 1:
+                try:
+                    engine.remove(job_id)
+                    second.append("removed")
+                except sj.NotFoundError:
+                    second.append("not found")
+    engine.observe(observer)
+    try:
+        engine.remove(job_id)
+        assert (second, told) == (["not found"], ["removed"])
+        with pytest.raises(sj.NotFoundError):
+            engine.remove(job_id)
+    finally:
+        engine.unobserve(observer)
+
+
+@pytest.mark.tenants
 def test_a_removed_jobs_uid_is_not_given_to_the_next_job_nor_after_a_restart():
     with engine_that_goes_away() as (first, state_dir, root):
         a = first.start("tester", ["true"])
