@@ -3512,8 +3512,11 @@ def build_job_view(settings):
         # mounts. Kept, every job held a copy of every other's mount (the kernel's memory
         # for them grew with the square of the jobs running) and its mountinfo named them.
         # The handle on work/ is opened after: on the folder beneath, in this namespace.
-        if settings.get("work"):
-            unmount_if_mounted(settings["work"])
+        # Not when work/ is a filesystem of its own (an operator's disk): the folder beneath
+        # it is not work/, and jobs with a folder on that disk would lose theirs.
+        work = settings.get("work")
+        if work and os.stat(work).st_dev == os.stat(os.path.dirname(work)).st_dev:
+            unmount_if_mounted(work)
 
     def hold_what_gets_covered():
         # Handles on what the job's view will cover, to bind from /proc/self/fd later.

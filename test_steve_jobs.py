@@ -3925,6 +3925,26 @@ def test_a_job_cannot_make_user_namespaces_or_reach_the_kernels_wider_surface():
             assert out == b"200", out
 
 
+@pytest.mark.kernel
+def test_jobs_folders_on_a_filesystem_of_their_own_still_reach_their_jobs():
+    """An operator may give the jobs' folders (STATE_DIR/work) a filesystem of their own.
+    Each job's view drops work/ from its copy of the host's mounts (and with it every other
+    job's folder): a job whose working folder is on that disk (--workdir-size 0) must still
+    find its own, not the empty folder beneath the operator's mount."""
+    state_dir = new_state_dir()
+    work = os.path.join(state_dir, "work")
+    os.mkdir(work, 0o711)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0711", "tmpfs", work],
+                   check=True)
+    try:
+        with running_engine(state_dir=state_dir, workdir_size=0) as engine:
+            st, out = run(engine, ["sh", "-c", "echo kept > f && cat f"])
+            assert (st.exit_code, out) == (0, b"kept\n"), (st, out)
+            assert os.listdir(work), "the job's folder is not on the operator's filesystem"
+    finally:
+        remove_state_dir(state_dir)
+
+
 @pytest.mark.tenants
 def test_a_job_sees_no_other_jobs_working_folder_not_even_in_its_mount_table(server):
     """Each job's working folder is a mount on the host (in the state folder's work/), and
