@@ -3954,8 +3954,10 @@ def test_a_job_sees_no_other_jobs_working_folder_not_even_in_its_mount_table(ser
     jobs running: 54 MiB at 500 jobs, 200 MiB at 1,000)."""
     mounts = "grep -c . /proc/self/mountinfo; cat /proc/self/mountinfo"
     first = cli(server, "run", "-f", mounts, user="alice")
-    others = [start_job(server, "sleep 300") for _ in range(10)]
+    others = []
     try:
+        for _ in range(10):
+            others.append(start_job(server, "sleep 300"))
         later = cli(server, "run", "-f", mounts, user="alice")
         assert first.returncode == later.returncode == 0, (first.stderr, later.stderr)
         assert not [job_id for job_id in others if job_id in later.stdout.decode()]
@@ -3966,7 +3968,8 @@ def test_a_job_sees_no_other_jobs_working_folder_not_even_in_its_mount_table(ser
         grown = mount_points(later) - mount_points(first)
         assert len(grown) < len(others), sorted(grown)
     finally:
-        cli(server, "rm", "-f", *others)
+        if others:
+            cli(server, "rm", "-f", *others)
 
 
 @pytest.mark.tenants
@@ -5551,13 +5554,18 @@ def test_what_docker_and_kubectl_users_type_first(server, tmp_path):
 def test_a_stop_of_several_jobs_gives_them_their_grace_side_by_side(server):
     """`stop ID...` of jobs that take their grace: each is asked to stop at once, not
     after the one before it has used its grace (2,000 jobs, 10 s each: 5 hours)."""
-    script = "trap 'echo asked to stop' TERM; while :; do sleep 0.1; done"
-    ids = [start_job(server, script) for _ in range(3)]
-    stop = subprocess.Popen([PYTHON, SCRIPT, "--server", server.address, "--certs",
-                             server.certs, "--user", "mrarsenal", "stop", "--grace", "600",
-                             *ids], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    script = "trap 'echo asked to stop' TERM; echo ready; while :; do sleep 0.1; done"
+    ids, stop = [], None
     try:
+        for _ in range(3):
+            ids.append(start_job(server, script))
+        wait_for(lambda: all(b"ready" in cli(server, "output", job_id).stdout
+                             for job_id in ids),
+                 timeout=scaled(30))   # (a TERM before its trap would end it silently)
+        stop = subprocess.Popen([PYTHON, SCRIPT, "--server", server.address, "--certs",
+                                 server.certs, "--user", "mrarsenal", "stop", "--grace",
+                                 "600", *ids], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         wait_for(lambda: all(b"asked to stop" in cli(server, "output", job_id).stdout
                              for job_id in ids), timeout=scaled(30))
         assert cli(server, "kill", *ids).returncode == 0   # their grace: ended by hand
@@ -5565,9 +5573,11 @@ def test_a_stop_of_several_jobs_gives_them_their_grace_side_by_side(server):
         assert stop.returncode == 0, err
         assert out.decode().split()[::2] == ids   # in the order named, one line each
     finally:
-        stop.kill()
-        stop.wait()
-        cli(server, "rm", "-f", *ids)
+        if stop:
+            stop.kill()
+            stop.wait()
+        if ids:
+            cli(server, "rm", "-f", *ids)
 
 
 @pytest.mark.newcomer
