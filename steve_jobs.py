@@ -8174,6 +8174,7 @@ LANE_HOLD = 0.02                    # seconds a chunk's write may hold its user'
 # (a read a message cost such a client's reads ~200 times one stream's server CPU).
 RUNS_PER_ONE_RUN_READ = 64
 MAX_STOPS_PER_USER = 64              # Stop calls of one user waiting for their jobs' ends
+SERVICE_THREADS = 16                 # for blocking engine calls, every user's together
 MAX_INPUTS_PER_USER = 32             # Input calls of one user at once (each holds a message)
 MAX_EVENT_STREAMS_PER_USER = 16      # Events calls of one user at once (each may hold a backlog)
 MAX_RECEIVED_MESSAGE = 2 * MiB       # the largest message a client may send (Start, Input)
@@ -8632,7 +8633,8 @@ class JobService:
         self.config = config or ServerConfig()
         # Blocking engine calls run here, never on the event loop. Nothing waits here for
         # long: Wait and Stop await the job's end on the loop.
-        self.start_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="start")
+        self.start_pool = concurrent.futures.ThreadPoolExecutor(SERVICE_THREADS,
+                                                                thread_name_prefix="start")
         self.scan_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="scan")
         self.scan_lanes = {}    # user -> asyncio.Lock: one output scan of theirs at a time
         self.send_lanes = {}    # user -> asyncio.Lock: one chunk of theirs on the loop at a time
@@ -11783,22 +11785,27 @@ def cmd_events(client, args):
     return EXIT_OK
 
 
-# A command about many jobs: its calls at once (a user may run four such commands at once).
-CLI_CALLS_IN_FLIGHT = MAX_STOPS_PER_USER // 4
+# A command about many jobs: its calls at once. A stop waits for its job on the server's
+# event loop (a user may run four such stops at once); each other call holds one of the
+# threads every user's calls share while it runs: a quarter of them, at most.
+CLI_STOPS_IN_FLIGHT = MAX_STOPS_PER_USER // 4
+CLI_CALLS_IN_FLIGHT = SERVICE_THREADS // 4
 
 
 def cmd_job(client, args):
     """status, pause, resume, stop, kill, rm: one call about each job named. With several,
-    the calls go out side by side (CLI_CALLS_IN_FLIGHT at once: the grace periods of a
-    stop run together, not one after another); each answer is printed in the order the
-    jobs were named, a failure on its own line; the exit code is the first failure's."""
+    the calls go out side by side (CLI_STOPS_IN_FLIGHT, else CLI_CALLS_IN_FLIGHT at once:
+    the grace periods of a stop run together, not one after another); each answer is
+    printed in the order the jobs were named, a failure on its own line; the exit code is
+    the first failure's."""
     refs = args.job_id if isinstance(args.job_id, list) else [args.job_id]
     if len(refs) == 1:
         _print_job_answer(args, _one_job_command(client, args, refs[0]), lines=False)
         return EXIT_OK
     first_failure = EXIT_OK
     for answer in calls_side_by_side(lambda ref: _one_job_command(client, args, ref), refs,
-                                     CLI_CALLS_IN_FLIGHT):
+                                     CLI_STOPS_IN_FLIGHT if args.command == "stop"
+                                     else CLI_CALLS_IN_FLIGHT):
         if isinstance(answer, ClientError):
             print_json(answer.as_json(), lines=True) if args.json else print(
                 f"steve-jobs: {for_terminal(str(answer))}", file=sys.stderr)
