@@ -2093,14 +2093,25 @@ def _read_reply(fd, deadline):
 # 43 MB spawner) in it and in every fork of it, each job's shim and command, whose forks,
 # execs and exits then cost their page tables' size (measured: a third of a start's system
 # time went to fork, exec and exit; the shims' RSS fell from 41 to 12 MB). Like any import
-# it reads a cached compilation if one is current, and writes one only if the server's own
-# imports may (-I ignores PYTHONDONTWRITEBYTECODE).
+# it reads a cached compilation if one is current, and writes one only where the server's
+# own imports would (-I ignores PYTHONDONTWRITEBYTECODE and PYTHONPYCACHEPREFIX: argv[2],
+# spawner_cache_setting(), carries them).
 SPAWNER_BOOT = ("import sys, types, importlib.machinery as m; "
-                "sys.dont_write_bytecode = sys.argv[2] == 'no-cache'; "
+                "cache = sys.argv[2]; "
+                "sys.dont_write_bytecode = cache == 'no-cache'; "
+                "sys.pycache_prefix = cache.startswith('cache:') and cache[6:] or None; "
                 "mod = sys.modules['steve_jobs'] = types.ModuleType('steve_jobs'); "
                 "mod.__file__ = sys.argv[1]; "
                 "m.SourceFileLoader('steve_jobs', sys.argv[1]).exec_module(mod); "
                 "sys.exit(mod.main(sys.argv[3:]))")
+
+
+def spawner_cache_setting():
+    """SPAWNER_BOOT's argv[2]: "no-cache", or "cache:" and where caches go ("" beside
+    the source), as this interpreter's settings say."""
+    if sys.dont_write_bytecode:
+        return "no-cache"
+    return "cache:" + (sys.pycache_prefix or "")
 
 
 class Spawner:
@@ -2132,7 +2143,7 @@ class Spawner:
                                          if k == "STEVE_JOBS_TIME_SCALE"}}
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", SPAWNER_BOOT, os.path.abspath(__file__),
-                 "no-cache" if sys.dont_write_bytecode else "cache", "_spawner",
+                 spawner_cache_setting(), "_spawner",
                  str(theirs.fileno()), json.dumps(settings)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True,
                 env=env)

@@ -6836,3 +6836,16 @@ def test_a_jobs_supervisor_holds_no_more_than_the_file_loaded_as_a_module(server
         module.kill()
         module.wait()
         cli(server, "rm", "-f", job_id)
+
+
+@pytest.mark.e2e
+def test_the_spawner_caches_its_compiled_code_where_the_servers_python_says(certs, tmp_path):
+    """The spawner imports this file in an interpreter started with -I, which ignores
+    PYTHONDONTWRITEBYTECODE and PYTHONPYCACHEPREFIX: the server hands both on. An operator
+    who keeps caches out of the code's folder (PYTHONPYCACHEPREFIX) finds them there."""
+    prefix = str(tmp_path / "caches")
+    with Server(certs, prefix=["env", "-u", "PYTHONDONTWRITEBYTECODE",
+                               f"PYTHONPYCACHEPREFIX={prefix}"]) as srv:
+        assert start_job(srv, "true")   # (the spawner has loaded the file by now)
+        cached = glob.glob(os.path.join(prefix, "**", "steve_jobs.*.pyc"), recursive=True)
+        assert cached, f"no cached steve_jobs under {prefix}: {os.listdir(tmp_path)}"
