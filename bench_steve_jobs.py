@@ -1639,7 +1639,7 @@ def bench_supervisor_of_many(jobs=128):
     """Memory per job of the probe above (SUPERVISOR_PROBE) for K jobs a supervisor, the
     same number of jobs each time; K=1 is today's one supervisor a job, in that shape."""
     for k in (1, 8, 16, 32):
-        done = subprocess.run([sys.executable, "-I", "-S", "-c", SUPERVISOR_PROBE, HERE,
+        done = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", SUPERVISOR_PROBE, HERE,
                                str(k), str(jobs // k)], capture_output=True, check=True)
         got = json.loads(done.stdout)
         assert got["outputs"] == ["started\n"], got["outputs"]   # every job's output copied
