@@ -9769,6 +9769,7 @@ class Client:
         grpc = self.grpc
         self.server, self.certs_dir, self.user = server, certs_dir, user
         self.origin, self._diagnosis = origin, None   # where server came from; what failed
+        self._diagnosing = threading.Lock()   # (calls side by side fail together: one tries)
         files = {name: os.path.join(certs_dir, name)
                  for name in ("ca.crt", f"{user}.crt", f"{user}.key", f"{user}.jwt")}
         try:
@@ -9814,9 +9815,10 @@ class Client:
         that failed is tried again by hand (diagnose_connection) to say what really did."""
         e = ClientError.from_rpc(rpc_error, self.server, self.certs_dir, self.user)
         if e.reason == "CONNECTION_FAILED":
-            if self._diagnosis is None:
-                self._diagnosis = diagnose_connection(self.server, self.certs_dir, self.user,
-                                                      self.origin) or ""
+            with self._diagnosing:
+                if self._diagnosis is None:
+                    self._diagnosis = diagnose_connection(self.server, self.certs_dir,
+                                                          self.user, self.origin) or ""
             if self._diagnosis:
                 e.args = (f"unavailable: {self._diagnosis}",)
         return e
