@@ -8186,6 +8186,7 @@ LANE_HOLD = 0.02                    # seconds a chunk's write may hold its user'
 RUNS_PER_ONE_RUN_READ = 64
 MAX_STOPS_PER_USER = 64              # Stop calls of one user waiting for their jobs' ends
 SERVICE_THREADS = 16                 # for blocking engine calls, every user's together
+SERVICE_THREADS_PER_USER = SERVICE_THREADS // 4   # of them one user's calls hold at once
 MAX_INPUTS_PER_USER = 32             # Input calls of one user at once (each holds a message)
 MAX_EVENT_STREAMS_PER_USER = 16      # Events calls of one user at once (each may hold a backlog)
 MAX_RECEIVED_MESSAGE = 2 * MiB       # the largest message a client may send (Start, Input)
@@ -8616,6 +8617,20 @@ class OutputHub:
             self.release(user, size)
 
 
+class UserShares:
+    """Each user's share of something all users' calls use (the service's threads): at
+    most `share` of one user's calls hold it at once; the others wait on the event loop,
+    holding nothing, so that one user's many slow calls leave the rest to the others."""
+
+    def __init__(self, share):
+        self.share, self._of = share, {}   # user -> asyncio.Semaphore
+
+    def of(self, user):
+        """The async context of one of user's calls holding its share."""
+        import asyncio
+        return self._of.setdefault(user, asyncio.Semaphore(self.share))
+
+
 class ClientGone(Exception):
     """A streaming call's client went away while we wrote to it (it cancelled)."""
 
@@ -8646,6 +8661,8 @@ class JobService:
         # long: Wait and Stop await the job's end on the loop.
         self.start_pool = concurrent.futures.ThreadPoolExecutor(SERVICE_THREADS,
                                                                 thread_name_prefix="start")
+        self.thread_shares = UserShares(SERVICE_THREADS_PER_USER)   # of start_pool's, for
+        # unary calls (a user's many removes of big folders must not stall every user)
         self.scan_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="scan")
         self.scan_lanes = {}    # user -> asyncio.Lock: one output scan of theirs at a time
         self.send_lanes = {}    # user -> asyncio.Lock: one chunk of theirs on the loop at a time
@@ -8945,8 +8962,9 @@ class JobService:
                 if asyncio.iscoroutinefunction(func):
                     result = await func(identity, request)
                 else:
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self.start_pool, func, identity, request)
+                    async with self.thread_shares.of(user):
+                        result = await asyncio.get_running_loop().run_in_executor(
+                            self.start_pool, func, identity, request)
                 job_id = job_id or getattr(result, "job_id", "")
                 return result
         finally:
@@ -11800,9 +11818,9 @@ def cmd_events(client, args):
 
 # A command about many jobs: its calls at once. A stop waits for its job on the server's
 # event loop (a user may run four such stops at once); each other call holds one of the
-# threads every user's calls share while it runs: a quarter of them, at most.
+# threads every user's calls share while it runs, and a user's share of them is this.
 CLI_STOPS_IN_FLIGHT = MAX_STOPS_PER_USER // 4
-CLI_CALLS_IN_FLIGHT = SERVICE_THREADS // 4
+CLI_CALLS_IN_FLIGHT = SERVICE_THREADS_PER_USER
 
 
 def cmd_job(client, args):

@@ -3841,6 +3841,38 @@ def test_job_uids_come_in_order_and_only_back_once_no_record_holds_them(tmp_path
 
 
 @pytest.mark.tenants
+def test_one_users_calls_hold_no_more_than_their_share_of_the_services_threads():
+    """The service's threads for blocking calls serve every user (JobService.unary takes
+    a user's share before one): one user's many slow calls (removes of big folders) hold
+    their share and wait, holding nothing, for more, while another user's call goes at
+    once."""
+    import asyncio
+
+    async def scenario():
+        shares, release, holding = sj.UserShares(2), asyncio.Event(), []
+
+        async def call(user):
+            async with shares.of(user):
+                holding.append(user)
+                await release.wait()
+
+        async def settle():
+            for _ in range(20):
+                await asyncio.sleep(0)
+        alices = [asyncio.create_task(call("alice")) for _ in range(5)]
+        await settle()
+        assert holding == ["alice", "alice"]
+        bob = asyncio.create_task(call("bob"))
+        await settle()
+        assert holding == ["alice", "alice", "bob"]
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*alices, bob), scaled(10))
+        assert holding.count("alice") == 5
+    asyncio.run(scenario())
+    assert sj.SERVICE_THREADS_PER_USER * 2 <= sj.SERVICE_THREADS
+
+
+@pytest.mark.tenants
 def test_a_job_removed_by_several_at_once_goes_once(engine):
     """Removers can race: `rm` naming a job twice (its calls go side by side), two users'
     rm, retention, `run --rm`. One of them removes the job, the others find it gone.
