@@ -10724,7 +10724,8 @@ def add_job_parsers(command):
                             ("output", "print a job's output so far"),
                             ("stream", "print a job's output from the start, following it"),
                             ("wait", "wait until jobs have ended; exit with the first one's "
-                                     "exit code (128+N if killed by signal N)"),
+                                     "exit code (128+N if killed by signal N), or the "
+                                     "first failure's"),
                             ("kill", "send a signal to a job's command"),
                             ("pause", "freeze a job"), ("resume", "thaw a paused job"),
                             ("rm", "delete an ended job and its output"),
@@ -11681,15 +11682,31 @@ def cmd_asciicast(client, args):
 
 
 def cmd_wait(client, args):
-    """Wait for each job in turn; print each exit code (or status); exit with the first's."""
-    codes = []
+    """Wait for each job in turn; print each exit code (or status), a failure on its own
+    line; exit with the first failure's code, else the first job's exit code. Past the
+    --timeout, the jobs not yet waited for are named on one line."""
+    first_code, first_failure = None, EXIT_OK
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    for ref in args.job_id:
+    for n, ref in enumerate(args.job_id):
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        st = client.call("Wait", client.pb.JobRef(job_id=ref), timeout=left)
-        codes.append(exit_code_of(st))
-        print_json(status_dict(st), lines=True) if args.json else print(codes[-1])
-    return codes[0]
+        try:
+            st = client.call("Wait", client.pb.JobRef(job_id=ref), timeout=left)
+        except ClientError as e:
+            late = e.code == "DEADLINE_EXCEEDED" and args.timeout is not None
+            print_json(e.as_json(), lines=True) if args.json else print(
+                f"steve-jobs: {for_terminal(ref)} had not ended at the --timeout "
+                f"({args.timeout:g} s)" if late else f"steve-jobs: {for_terminal(str(e))}",
+                file=sys.stderr)
+            first_failure = first_failure or e.exit_code
+            if late and args.job_id[n + 1:]:
+                print("steve-jobs: not waited for: " + for_terminal(
+                    " ".join(args.job_id[n + 1:])), file=sys.stderr)
+                break
+            continue
+        code = exit_code_of(st)
+        first_code = code if first_code is None else first_code
+        print_json(status_dict(st), lines=True) if args.json else print(code)
+    return first_failure or first_code
 
 
 def cmd_list(client, args):

@@ -4377,6 +4377,15 @@ def test_wait_returns_when_the_job_ends_and_honors_the_deadline(api, api_server)
     api.Stop(pb.StopRequest(job_id=slow.job_id, grace_seconds=0))
     waited = cli(api_server, "wait", slow.job_id)
     assert (waited.returncode, waited.stdout) == (137, b"137\n")
+    # several: each waited for, an unknown one named on its own line, its code the exit's
+    waited = cli(api_server, "wait", slow.job_id, "no-such-job", job.job_id)
+    assert (waited.returncode, waited.stdout) == (3, b"137\n3\n"), waited.stderr
+    assert b"no-such-job" in waited.stderr
+    still = started(api, ["sleep", "60"])
+    waited = cli(api_server, "wait", "--timeout", "0.5", still.job_id, job.job_id)
+    assert (waited.returncode, waited.stdout) == (10, b""), waited.stderr
+    assert waited.stderr.decode().count("\n") == 2 and job.job_id in waited.stderr.decode()
+    api.Stop(pb.StopRequest(job_id=still.job_id, grace_seconds=0))
 
 
 @pytest.mark.api
