@@ -8959,16 +8959,20 @@ class JobService:
                 user = identity.user
                 self.admit_and_resolve(identity, rpc, request)
                 job_id = getattr(request, "job_id", "")   # now the id, not the name given
-                if asyncio.iscoroutinefunction(func):
-                    result = await func(identity, request)
-                else:
-                    async with self.thread_shares.of(user):
-                        result = await asyncio.get_running_loop().run_in_executor(
-                            self.start_pool, func, identity, request)
+                result = await (func(identity, request) if asyncio.iscoroutinefunction(func)
+                                else self.in_users_thread(user, func, identity, request))
                 job_id = job_id or getattr(result, "job_id", "")
                 return result
         finally:
             self.log_rpc(context, rpc, user, job_id, outcome, started, span)
+
+    async def in_users_thread(self, user, func, *args, **kwargs):
+        """func(*args, **kwargs) (a blocking engine call) in one of the service's threads,
+        once one of user's share of them is free; returns what it returns."""
+        import asyncio
+        async with self.thread_shares.of(user):
+            return await asyncio.get_running_loop().run_in_executor(
+                self.start_pool, functools.partial(func, *args, **kwargs))
 
     @contextlib.asynccontextmanager
     async def answering(self, context, outcome):
@@ -9313,23 +9317,23 @@ class JobService:
                     raise InvalidArgumentError("files go into the job's own working folder: "
                                                "not with a workdir", field="workdir")
                 arguments = self._start_arguments(identity, request)
-                prepared = await loop.run_in_executor(self.start_pool, functools.partial(
-                    self.engine.start, identity.user, list(request.argv), *arguments,
-                    fill=True, queue=self._queue_request(identity, request)))
+                prepared = await self.in_users_thread(
+                    user, self.engine.start, user, list(request.argv), *arguments,
+                    fill=True, queue=self._queue_request(identity, request))
                 if isinstance(prepared, str):   # a retry: the first attempt's job
                     job_id, prepared = prepared, None
                     return self.status_pb(self.engine.status(job_id))
                 copier = HelperConnection(self.engine.open_fill(prepared))
                 await copier.report()
                 done = await self._relay_copy_in(copier, first, request_iterator)
-                job_id = await loop.run_in_executor(self.start_pool, self.engine.launch,
-                                                    prepared)
+                job_id = await self.in_users_thread(user, self.engine.launch, prepared)
                 prepared = None
                 self.engine.record_session(job_id, user, "copy-in", done.get("bytes", 0))
                 return self.status_pb(self.engine.status(job_id))
         finally:
             self._end_file_call(user if counted else None, copier)
-            if prepared is not None:   # (its folders may be large: not on the loop)
+            if prepared is not None:   # (its folders may be large: not on the loop; a
+                # clean-up, so outside the user's share: it must not wait behind their calls)
                 await loop.run_in_executor(self.start_pool, self.engine.abandon, prepared)
             self.log_rpc(context, "StartWithFiles", user, job_id, outcome, started, span)
 

@@ -3842,34 +3842,45 @@ def test_job_uids_come_in_order_and_only_back_once_no_record_holds_them(tmp_path
 
 @pytest.mark.tenants
 def test_one_users_calls_hold_no_more_than_their_share_of_the_services_threads():
-    """The service's threads for blocking calls serve every user (JobService.unary takes
-    a user's share before one): one user's many slow calls (removes of big folders) hold
-    their share and wait, holding nothing, for more, while another user's call goes at
-    once."""
+    """The service's threads for blocking calls serve every user (a unary call's or a
+    StartWithFiles' engine calls go through JobService.in_users_thread): one user's many
+    slow calls (removes of big folders) hold their share of the threads and wait, holding
+    nothing, for more, while another user's call goes at once."""
     import asyncio
+    service = sj.JobService(None, None, None, None)
+    share = sj.SERVICE_THREADS_PER_USER
+    assert share * 2 <= sj.SERVICE_THREADS
+    release, holding, lock = threading.Event(), [], threading.Lock()
+
+    def slow_call(user):   # (in a service thread)
+        with lock:
+            holding.append(user)
+        assert release.wait(scaled(30))
+        return user
+
+    async def held(count):
+        for _ in range(int(scaled(10) / 0.01)):
+            if len(holding) >= count:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)   # (long enough for one more to have come, had it)
+        return sorted(holding)
 
     async def scenario():
-        shares, release, holding = sj.UserShares(2), asyncio.Event(), []
-
-        async def call(user):
-            async with shares.of(user):
-                holding.append(user)
-                await release.wait()
-
-        async def settle():
-            for _ in range(20):
-                await asyncio.sleep(0)
-        alices = [asyncio.create_task(call("alice")) for _ in range(5)]
-        await settle()
-        assert holding == ["alice", "alice"]
-        bob = asyncio.create_task(call("bob"))
-        await settle()
-        assert holding == ["alice", "alice", "bob"]
+        alices = [asyncio.create_task(service.in_users_thread("alice", slow_call, "alice"))
+                  for _ in range(share + 3)]
+        assert await held(share) == ["alice"] * share
+        bob = asyncio.create_task(service.in_users_thread("bob", slow_call, "bob"))
+        assert await held(share + 1) == ["alice"] * share + ["bob"]
         release.set()
-        await asyncio.wait_for(asyncio.gather(*alices, bob), scaled(10))
-        assert holding.count("alice") == 5
-    asyncio.run(scenario())
-    assert sj.SERVICE_THREADS_PER_USER * 2 <= sj.SERVICE_THREADS
+        done = await asyncio.wait_for(asyncio.gather(*alices, bob), scaled(10))
+        assert done.count("alice") == share + 3 and holding.count("alice") == share + 3
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        service.start_pool.shutdown()
+        service.scan_pool.shutdown()
 
 
 @pytest.mark.tenants
