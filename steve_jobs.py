@@ -11697,10 +11697,8 @@ def cmd_wait(client, args):
             st = client.call("Wait", client.pb.JobRef(job_id=ref), timeout=left)
         except ClientError as e:
             late = e.code == "DEADLINE_EXCEEDED" and args.timeout is not None
-            print_json(e.as_json(), lines=True) if args.json else print(
-                f"steve-jobs: {for_terminal(ref)} had not ended at the --timeout "
-                f"({args.timeout:g} s)" if late else f"steve-jobs: {for_terminal(str(e))}",
-                file=sys.stderr)
+            print_failure(args, e, f"{ref} had not ended at the --timeout "
+                                   f"({args.timeout:g} s)" if late else str(e))
             first_failure = first_failure or e.exit_code
             if late and args.job_id[n + 1:]:
                 print("steve-jobs: not waited for: " + for_terminal(
@@ -11711,6 +11709,13 @@ def cmd_wait(client, args):
         first_code = code if first_code is None else first_code
         print_json(status_dict(st), lines=True) if args.json else print(code)
     return first_failure or first_code
+
+
+def print_failure(args, error, text):
+    """One job's ClientError among several jobs' answers, on its own line: with --json
+    on stdout with the answers, else text on stderr."""
+    print_json(error.as_json(), lines=True) if args.json else print(
+        f"steve-jobs: {for_terminal(text)}", file=sys.stderr)
 
 
 def cmd_list(client, args):
@@ -11859,8 +11864,7 @@ def cmd_job(client, args):
                                      CLI_STOPS_IN_FLIGHT if args.command == "stop"
                                      else CLI_CALLS_IN_FLIGHT):
         if isinstance(answer, ClientError):
-            print_json(answer.as_json(), lines=True) if args.json else print(
-                f"steve-jobs: {for_terminal(str(answer))}", file=sys.stderr)
+            print_failure(args, answer, str(answer))
             first_failure = first_failure or answer.exit_code
         else:
             _print_job_answer(args, answer, lines=True)
