@@ -2008,6 +2008,8 @@ def spawner_main(sock_fd, settings):
                "egress": the server's egress settings (helper, gid, dns, uid_base, table,
                nft, spare_logs), or None if it offers none, ...}.
     """
+    # In ps, not its boot code and settings (each shim forked from it names itself too).
+    set_process_title(b"steve-jobs spawner")
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is for the server to handle
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)    # the kernel reaps exited shims
     if settings.get("open_files"):

@@ -6891,6 +6891,17 @@ def test_a_jobs_supervisor_holds_no_more_than_the_file_loaded_as_a_module(server
 
 
 @pytest.mark.e2e
+def test_the_spawner_names_itself_in_ps(server):
+    """An operator's `ps` shows the server's spawner as what it is, not as the boot code
+    and settings (JSON) of its command line."""
+    assert start_job(server, "true")   # (the spawner is up)
+    titles = [open(f"/proc/{pid}/cmdline", "rb").read().rstrip(b"\0")
+              for pid in children_of(server.proc.pid)]
+    assert titles.count(b"steve-jobs spawner") == 1, titles
+    assert not [t for t in titles if b"_spawner" in t], titles
+
+
+@pytest.mark.e2e
 def test_the_spawner_caches_its_compiled_code_where_the_servers_python_says(certs, tmp_path):
     """The spawner imports this file in an interpreter started with -I, which ignores
     PYTHONDONTWRITEBYTECODE and PYTHONPYCACHEPREFIX: the server hands both on. An operator
