@@ -8971,10 +8971,8 @@ class JobService:
     async def in_users_thread(self, user, func, *args, **kwargs):
         """func(*args, **kwargs) (a blocking engine call) in one of the service's threads,
         once one of user's share of them is free; returns what it returns."""
-        import asyncio
         async with self.thread_shares.of(user):
-            return await asyncio.get_running_loop().run_in_executor(
-                self.start_pool, functools.partial(func, *args, **kwargs))
+            return await asyncio_run_in(self.start_pool, functools.partial(func, *args, **kwargs))
 
     @contextlib.asynccontextmanager
     async def answering(self, context, outcome):
@@ -9302,11 +9300,9 @@ class JobService:
                          bytes=sent)
 
     async def StartWithFiles(self, request_iterator, context):
-        import asyncio
         started, user, outcome, job_id = time.monotonic(), "-", {"result": "OK"}, ""
         span, counted, copier, prepared = self.call_span(context, "StartWithFiles"), False, \
             None, None
-        loop = asyncio.get_running_loop()
         try:
             async with self.answering(context, outcome):
                 identity = self.identify(context, span.traceparent)
@@ -9336,7 +9332,7 @@ class JobService:
             self._end_file_call(user if counted else None, copier)
             if prepared is not None:   # (its folders may be large: not on the loop; a
                 # clean-up, so outside the user's share: it must not wait behind their calls)
-                await loop.run_in_executor(self.start_pool, self.engine.abandon, prepared)
+                await asyncio_run_in(self.start_pool, self.engine.abandon, prepared)
             self.log_rpc(context, "StartWithFiles", user, job_id, outcome, started, span)
 
     @staticmethod
