@@ -1139,6 +1139,16 @@ def job_record(server, job_id):
         return json.load(f)
 
 
+def shim_pid_of(server, job_id):
+    """The job's supervisor's pid, once its record names it: the supervisor writes the
+    record after its start's reply."""
+    def named():
+        with contextlib.suppress(FileNotFoundError):
+            return "shim" in job_record(server, job_id)
+    wait_for(named)
+    return job_record(server, job_id)["shim"]["shim_pid"]
+
+
 def wait_for_output(server, job_id, text, user="alice"):
     deadline = time.monotonic() + scaled(20)
     while text not in (out := cli(server, "output", job_id, user=user).stdout):
@@ -3538,8 +3548,7 @@ def test_one_users_many_reads_take_one_users_share_of_the_server(certs):
 
 def supervisor_cpu_seconds(srv, job_id):
     """The CPU seconds the job's supervisor has used by the time it exits (polled)."""
-    with open(os.path.join(srv.state_dir, "jobs", job_id, sj.SPEC_FILE)) as f:
-        pid = json.load(f)["shim"]["shim_pid"]
+    pid = shim_pid_of(srv, job_id)
     used = 0.0
     with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         while True:
@@ -6881,8 +6890,7 @@ def test_a_jobs_supervisor_holds_no_more_than_the_file_loaded_as_a_module(server
         assert module.stdout.readline() == b"\n"   # imported
         rss_kib = lambda pid: next(int(line.split()[1]) for line in open(f"/proc/{pid}/status")
                                    if line.startswith("VmRSS:"))
-        wait_for(lambda: "shim" in job_record(server, job_id))   # (written after the reply)
-        shim = rss_kib(job_record(server, job_id)["shim"]["shim_pid"])
+        shim = rss_kib(shim_pid_of(server, job_id))
         assert shim < 1.5 * rss_kib(module.pid), (shim, rss_kib(module.pid))
     finally:
         module.kill()
