@@ -228,6 +228,7 @@ WARM_SHIMS = 2                    # job supervisors the spawner keeps ready
 EGRESS_MEMORY = 8                 # a warm one has an egress network ready if one of the
                                   # last this many starts asked for one
 REFILL_DELAY = 0.02               # seconds of quiet before the spawner makes the next one
+MOUNT_TEMPLATE_AGE = 1.0          # seconds a MountTemplate serves before it is made anew
 KILL_TIMEOUT = 10.0 * TIME_SCALE  # seconds a killed job gets to disappear
 PEAK_SAMPLE_INTERVAL = 0.1        # seconds between samples where memory.peak is missing
 RESULT_RESERVE = 16 * KiB         # room kept for a job's result.json from its start
@@ -367,7 +368,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE = 0x20, 0x1000, 0x4000, 0x40000, 0x80000
 MNT_DETACH = 0x2
 PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 15, 4, 1, 38
 PR_CAPBSET_DROP, CAP_SYS_PTRACE = 24, 19
@@ -584,6 +585,24 @@ def keep_mounts_private(folder):
     if not is_mount_point(folder):
         mount(folder, folder, None, MS_BIND)
     mount(None, folder, None, MS_PRIVATE)
+
+
+def detach_jobs_folders(work):
+    """Detach work/ from this mount namespace: every job's working folder is a mount in it,
+    a mount of its own (keep_mounts_private), and one detach drops them all. Nothing when
+    work/ is a filesystem of its own (an operator's disk: the folder beneath it is not
+    work/, and jobs with a folder on that disk would lose theirs), or already detached.
+    Raises OSError."""
+    if work and os.stat(work).st_dev == os.stat(os.path.dirname(work)).st_dev:
+        unmount_if_mounted(work)
+
+
+def close_fds_but(keep):
+    """Close every fd from 3 up (close-on-exec or not) but those in keep (fds >= 3)."""
+    low = 3
+    for fd in sorted(keep) + [1 << 16]:
+        os.closerange(low, fd)
+        low = fd + 1
 
 
 def setns(fd, nstype):
@@ -1995,6 +2014,73 @@ class SpawnRequest(typing.NamedTuple):
     terminal = property(lambda self: self.spec["options"]["terminal"])   # [rows, columns]
 
 
+class MountTemplate:
+    """The host's mounts less the jobs' working folders, in a mount namespace of their own
+    held by an fd: each job's mount namespace is copied from it, not from the host's.
+
+    Why: a new mount namespace is a copy of its parent's, and the host's has a mount for
+    every running job's working folder. Copied and detached again at every start, with
+    2,000 jobs running that took 9.4 ms a fork (3.3 ms from the template; 2.3 ms beside 20
+    mounts), under the kernel's namespace lock that the server's mounts of the next
+    folders wait for. The copy is a slave of the host's mounts (what the host shares later
+    shows in it); it is made anew when MOUNT_TEMPLATE_AGE old, so on a host whose mounts are
+    private a new mount shows in the jobs started a second later at most (a warm shim's
+    view is as old as the shim anyway); and it is let go when the spawner is idle, so that
+    it pins no filesystem the host has unmounted.
+    Single-threaded callers only (setns of a mount namespace)."""
+
+    def __init__(self, work):
+        self.work = work         # settings["work"]: the jobs' working folders
+        self.fd, self.made = None, 0.0
+
+    def current(self):
+        """An fd on a template at most MOUNT_TEMPLATE_AGE old (the caller must not close it),
+        or None if none can be made (the caller copies the host's mounts, as before).
+        Never raises: a failure to come back to the host's mounts ends the process."""
+        if self.fd is not None and time.monotonic() - self.made < MOUNT_TEMPLATE_AGE:
+            return self.fd
+        self.release()
+        try:
+            self.fd, self.made = self._make(), time.monotonic()
+        except OSError as e:
+            log.warning("jobs copy the host's mounts: cannot make a template of them: %s", e)
+        return self.fd
+
+    def idle_for(self):
+        """Seconds until the template should be let go; None if there is none."""
+        if self.fd is None:
+            return None
+        return max(0.0, self.made + MOUNT_TEMPLATE_AGE - time.monotonic())
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _make(self):
+        """In a mount namespace of our own for a moment: make it, return an fd on it, come
+        back. Raises OSError if it could not be made."""
+        host = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            unshare(CLONE_NEWNS)
+            try:
+                mount(None, "/", None, MS_REC | MS_SLAVE)   # nothing of ours goes back
+                detach_jobs_folders(self.work)
+                return os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                try:
+                    setns(host, CLONE_NEWNS)
+                    os.fchdir(cwd)
+                except OSError:
+                    # Left in the template, our shims would not see the jobs' folders.
+                    log.exception("cannot come back to the host's mounts")
+                    os._exit(1)   # the server starts a new spawner
+        finally:
+            os.close(host)
+            os.close(cwd)
+
+
 def spawner_main(sock_fd, settings):
     """Keep warm shims on offer to the server, until it hangs up. Returns the exit code.
 
@@ -2017,12 +2103,14 @@ def spawner_main(sock_fd, settings):
     sock = socket.socket(fileno=sock_fd)
     offered = 0
     wanted_egress = [False] * EGRESS_MEMORY   # what the last starts asked for
+    template = MountTemplate(settings.get("work"))
     while True:
         # Refill in a quiet moment: a fork right after a start would compete for the CPU
         # with the job being started (and with the server waiting for its reply).
         if offered < settings.get("warm", WARM_SHIMS):
             if not wait_readable(sock, REFILL_DELAY if offered else 0):
-                shim = WarmShim({**settings, "egress_warm": any(wanted_egress)}, sock)
+                shim = WarmShim({**settings, "egress_warm": any(wanted_egress),
+                                 "mount_template": template.current()}, sock)
                 try:
                     socket.send_fds(sock, [json.dumps({"warm": shim.pid}).encode()],
                                     [shim.sock.fileno()])
@@ -2031,6 +2119,9 @@ def spawner_main(sock_fd, settings):
                     pass   # the server is gone: the recv below sees it
                 shim.sock.close()   # the server holds it now; no job comes: it cleans up
                 continue
+        elif template.idle_for() is not None and not wait_readable(sock, template.idle_for()):
+            template.release()
+            continue
         try:
             msg, fds = recv_with_fds(sock, MAX_REQUEST_BYTES)
         except InterruptedError:
@@ -2057,7 +2148,7 @@ def spawner_main(sock_fd, settings):
                 rw_host = SpawnRequest(**req).rw_host
             except (TypeError, KeyError):
                 rw_host = False   # not a request: the shim says so to the server
-            own = {**settings, "rw_host": True} if rw_host else settings
+            own = {**settings, "rw_host": rw_host, "mount_template": template.current()}
             if not WarmShim(own, sock).hand_over(msg, fds[0]):
                 _reply(fds[0], ok=False, error="the job's supervisor could not start")
         for fd in fds:
@@ -2341,9 +2432,8 @@ class WarmShim:
                 # Nothing of the spawner's may live on in a job's supervisor: not its socket
                 # (the server must see EOF when the spawner exits), not another job's reply
                 # pipe (its asker would wait for this job to end).
-                keep = theirs.fileno()
-                os.closerange(3, keep)
-                os.closerange(keep + 1, 1 << 16)
+                template = settings.get("mount_template")
+                close_fds_but({theirs.fileno()} | ({template} if template is not None else set()))
                 self.sock.detach()
                 spawner_sock.detach()
                 code = shim_main(theirs, settings)
@@ -2419,6 +2509,8 @@ def shim_main(chan, settings):
     command = None if warm_error else fork_command(cg, settings, chan, ours, theirs)
     for fd in theirs:
         os.close(fd)
+    if settings.get("mount_template") is not None:
+        os.close(settings["mount_template"])   # the command's now: we keep no view alive
     me = own_host_pid()
     supervisor = {"shim_pid": me, "shim_start": process_start_time(me)}
     egress = None if warm_error else prepare_warm_egress(settings, cg)
@@ -3492,11 +3584,19 @@ def _run_steps(steps):
             raise OSError(e.errno, f"cannot {what}: {e.strerror or e}") from None
 
 
-def enter_job_namespaces(cg):
-    """In the command's process: join the cgroup, unshare mount, UTS, IPC and cgroup
+def enter_job_namespaces(cg, mount_template=None):
+    """In the command's process: join the cgroup, enter the MountTemplate's mounts (an fd,
+    closed here; None: the host's are copied), unshare mount, UTS, IPC and cgroup
     namespaces. Raises OSError naming the step that failed."""
+    def enter_template():
+        if mount_template is not None:
+            try:
+                setns(mount_template, CLONE_NEWNS)
+            finally:
+                os.close(mount_template)
     _run_steps([
         ("join the job's cgroup", cg.join),
+        ("enter the host's mounts less the jobs' folders", enter_template),
         ("unshare namespaces", lambda: unshare(
             CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP))])
 
@@ -3520,16 +3620,11 @@ def build_job_view(settings):
         mount(None, "/", None, MS_REC | MS_PRIVATE)
 
     def drop_other_jobs_folders():
-        # Every job's working folder is a mount in work/, a mount of its own
-        # (keep_mounts_private): one detach drops them all from this copy of the host's
-        # mounts. Kept, every job held a copy of every other's mount (the kernel's memory
+        # Kept, every job held a copy of every other's working folder (the kernel's memory
         # for them grew with the square of the jobs running) and its mountinfo named them.
-        # The handle on work/ is opened after: on the folder beneath, in this namespace.
-        # Not when work/ is a filesystem of its own (an operator's disk): the folder beneath
-        # it is not work/, and jobs with a folder on that disk would lose theirs.
-        work = settings.get("work")
-        if work and os.stat(work).st_dev == os.stat(os.path.dirname(work)).st_dev:
-            unmount_if_mounted(work)
+        # Copied from a MountTemplate, they are gone already. The handle on work/ is opened
+        # after: on the folder beneath, in this namespace.
+        detach_jobs_folders(settings.get("work"))
 
     def hold_what_gets_covered():
         # Handles on what the job's view will cover, to bind from /proc/self/fd later.
@@ -3602,7 +3697,7 @@ def command_main(cg, settings, ends):
     err_w, stderr_fd = ends.error, ends.stderr
     work_fd = None
     try:
-        enter_job_namespaces(cg)
+        enter_job_namespaces(cg, settings.get("mount_template"))
         work_fd = build_job_view(settings)
         host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         keep = (ends.go, err_w, host_net, ends.stdin, ends.tty) + (
@@ -3736,11 +3831,7 @@ def prepare_process(out_w, keep):
     os.dup2(devnull, 0)
     os.dup2(out_w[0], 1)
     os.dup2(out_w[1], 2)
-    # Close every other fd the forks brought along (close-on-exec or not), but the kept.
-    low = 3
-    for fd in sorted(keep) + [1 << 16]:
-        os.closerange(low, fd)
-        low = fd + 1
+    close_fds_but(keep)   # whatever the forks brought along
     # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: undo that.
     for sig in FORWARDED_SIGNALS + (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)

@@ -6898,6 +6898,54 @@ def test_a_jobs_supervisor_holds_no_more_than_the_file_loaded_as_a_module(server
         cli(server, "rm", "-f", job_id)
 
 
+def mount_namespaces_held(pid):
+    """The mount namespaces pid holds an fd on (none if it is gone)."""
+    held = []
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("mnt:["):
+                    held.append(fd)
+    return held
+
+
+@pytest.mark.scale
+def test_jobs_views_come_from_a_template_of_the_hosts_mounts_that_pins_nothing(server):
+    """A job's mounts are copied from a template of the host's less the jobs' working
+    folders (MountTemplate), not from the host's: with 2,000 jobs running, a copy of their
+    2,000 mounts at each start. The template is at most MOUNT_TEMPLATE_AGE old: a mount
+    made on the host shows in the jobs started after it, once the warm shims made before it
+    are used; and once the server is idle nothing holds one (it would keep filesystems the
+    host unmounted alive): neither the spawner nor a shim, and the spawner is back in the
+    host's mounts."""
+    folder = host_folder_for_jobs()
+    job_id = None
+    try:
+        assert start_job(server, "true")   # the spawner is up, its warm shims made
+        time.sleep(0.3)                    # (a quiet moment: it refills)
+        sj.mount("tmpfs", folder, "tmpfs", sj.MS_NOSUID | sj.MS_NODEV, "size=64k,mode=0755")
+        with open(os.path.join(folder, "marker"), "w") as f:
+            f.write("mounted\n")
+        time.sleep(sj.MOUNT_TEMPLATE_AGE)   # a template made before the mount is too old now
+        seen = [cli(server, "run", "-f", "cat", f"{folder}/marker").stdout
+                for _ in range(sj.WARM_SHIMS + 1)]
+        assert seen[-1] == b"mounted\n", seen
+        job_id = start_job(server, "sleep 300")
+        spawner = next(pid for pid in children_of(server.proc.pid)
+                       if open(f"/proc/{pid}/cmdline", "rb").read().rstrip(b"\0")
+                       == b"steve-jobs spawner")
+        ours = lambda: [spawner, *children_of(spawner)]   # its warm shims and the job's
+        assert shim_pid_of(server, job_id) in ours()
+        wait_for(lambda: not [pid for pid in ours() if mount_namespaces_held(pid)],
+                 timeout=scaled(5) + sj.MOUNT_TEMPLATE_AGE)
+        assert os.readlink(f"/proc/{spawner}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    finally:
+        if job_id:
+            cli(server, "rm", "-f", job_id)
+        sj.unmount_if_mounted(folder)
+        shutil.rmtree(folder)
+
+
 @pytest.mark.e2e
 def test_the_spawner_names_itself_in_ps(server):
     """An operator's `ps` shows the server's spawner as what it is, not as the boot code
