@@ -2032,6 +2032,7 @@ class MountTemplate:
     def __init__(self, work):
         self.work = work         # settings["work"]: the jobs' working folders
         self.fd, self.made = None, 0.0
+        self.failed = False      # once: it would fail again at every start
 
     def current(self):
         """An fd on a template at most MOUNT_TEMPLATE_AGE old (the caller must not close it),
@@ -2040,10 +2041,13 @@ class MountTemplate:
         if self.fd is not None and time.monotonic() - self.made < MOUNT_TEMPLATE_AGE:
             return self.fd
         self.release()
-        try:
-            self.fd, self.made = self._make(), time.monotonic()
-        except OSError as e:
-            log.warning("jobs copy the host's mounts: cannot make a template of them: %s", e)
+        if not self.failed:
+            try:
+                self.fd, self.made = self._make(), time.monotonic()
+            except OSError as e:
+                self.failed = True
+                log.warning("jobs copy the host's mounts: cannot make a template of them: %s",
+                            e)
         return self.fd
 
     def idle_for(self):

@@ -6898,6 +6898,56 @@ def test_a_jobs_supervisor_holds_no_more_than_the_file_loaded_as_a_module(server
         cli(server, "rm", "-f", job_id)
 
 
+MOUNT_TEMPLATE_PROBE = """
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import steve_jobs as sj
+own, cwd = os.readlink("/proc/self/ns/mnt"), os.getcwd()
+work = os.path.join(sys.argv[2], "work")
+os.mkdir(work)
+sj.keep_mounts_private(work)
+os.mkdir(os.path.join(work, "job"))
+sj.mount("tmpfs", os.path.join(work, "job"), "tmpfs", 0, "size=64k")
+template = sj.MountTemplate(work)
+fd = template.current()
+pid = os.fork()
+if pid == 0:   # a job's command: enter it and look
+    sj.setns(fd, sj.CLONE_NEWNS)
+    os._exit(0 if not os.path.ismount(os.path.join(work, "job")) else 1)
+job_saw_no_folder = os.waitpid(pid, 0)[1] == 0
+again = template.current()
+other = os.readlink(f"/proc/self/fd/{fd}") != own
+time.sleep(sj.MOUNT_TEMPLATE_AGE)
+idle = template.idle_for()
+template.release()
+missing = sj.MountTemplate(os.path.join(sys.argv[2], "missing"))
+print(json.dumps({"own": own == os.readlink("/proc/self/ns/mnt"), "cwd": cwd == os.getcwd(),
+                  "other": other, "same_within_age": again == fd,
+                  "job_saw_no_folder": job_saw_no_folder,
+                  "idle_for": idle, "missing": [missing.current(), missing.current()],
+                  "still_own": own == os.readlink("/proc/self/ns/mnt")}))
+sj.unmount_if_mounted(work)
+"""
+
+
+@pytest.mark.kernel
+def test_a_mount_template_leaves_its_maker_where_it_was(tmp_path):
+    """MountTemplate.current() unshares and comes back: its maker (the spawner) stays in
+    its own mount namespace and folder; a process entering the template finds no job's
+    working folder; within MOUNT_TEMPLATE_AGE the same one serves; one that cannot be made
+    is tried once (None: jobs copy the host's), and its maker stays where it was."""
+    require_kernel()
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", PYTHON, "-c",
+                           MOUNT_TEMPLATE_PROBE, HERE, str(tmp_path)], cwd=str(tmp_path),
+                          capture_output=True, timeout=scaled(30))
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got == {"own": True, "cwd": True, "other": True, "same_within_age": True,
+                   "job_saw_no_folder": True, "idle_for": 0.0, "missing": [None, None],
+                   "still_own": True}, (got, done.stderr)
+    assert done.stderr.count(b"cannot make a template") <= 1, done.stderr
+
+
 def mount_namespaces_held(pid):
     """The mount namespaces pid holds an fd on (none if it is gone)."""
     held = []
