@@ -38,6 +38,8 @@ scale:  a probe of one supervisor for K jobs (memory per job for K = 1, 8, 16, 3
         Start p50 beside none running (before and after), Status and List p99, server
         RSS, restart with all re-adopted, stop all with the CLI (a call each, then one
         call); then starts/s from 10 clients vs unshare(1).
+scale-start: Start p50 with 2,000 sleeping jobs running vs none, and the rate they start
+        at; with --against OLD/steve_jobs.py, that checkout's server in turn.
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -216,9 +218,10 @@ def bench_follow_memory(engine):
 class BenchServer:
     """steve_jobs.py server on a free loopback port, with its own certificates and state."""
 
-    def __init__(self, env=None, extra=(), users=()):
+    def __init__(self, env=None, extra=(), users=(), script=SCRIPT):
         self.env, self.extra = {**os.environ, **(env or {})}, list(extra)
         self.users = users   # USER:ROLE of the certificates made (default: gen_certs.sh's)
+        self.script = script   # (another checkout's, for a side-by-side)
 
     def __enter__(self):
         self.dir = tempfile.mkdtemp(prefix="steve-jobs-bench-", dir="/var/tmp")
@@ -241,7 +244,7 @@ class BenchServer:
         t = time.perf_counter()
         mark = self.log.tell()
         self.proc = subprocess.Popen(
-            [sys.executable, SCRIPT, "server", "--listen", self.address, "--certs", self.certs,
+            [sys.executable, self.script, "server", "--listen", self.address, "--certs", self.certs,
              "--state-dir", os.path.join(self.dir, state), "--output-cap", "2G",
              "--cgroup-root", self.cgroup_root, "--stop-jobs-on-exit",
              "--insecure-dev-certs", *self.extra],   # a throwaway set: its CA key is beside it
@@ -259,7 +262,7 @@ class BenchServer:
         self.proc.wait(30)
 
     def cli(self, *args, stdout=subprocess.PIPE):
-        return subprocess.run([sys.executable, SCRIPT, "--server", self.address, "--certs",
+        return subprocess.run([sys.executable, self.script, "--server", self.address, "--certs",
                                self.certs, *args], stdout=stdout, check=True)
 
     def start_job(self, script):
@@ -1720,6 +1723,33 @@ def bench_scale(jobs, clients=10):
               f"running x{statistics.median(busy) / again:.2f} of it (goal <= 2)", flush=True)
 
 
+def bench_scale_starts(jobs, against=None, runs=2):
+    """Start p50 with `jobs` sleeping jobs running beside none (before and after), and the
+    rate they were started at from 10 clients; with against (another checkout's
+    steve_jobs.py), its server in turn, run by run."""
+    scripts = [("ours", SCRIPT)] + ([(f"against {against}", against)] if against else [])
+    cap = ["--max-jobs", str(jobs + 100), "--max-jobs-per-user", str(jobs + 100)]
+    for _ in range(runs):
+        for name, script in scripts:
+            with BenchServer(extra=cap, script=script) as server:
+                creds, md = user_credentials(server.certs)
+                stubs = [pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
+                         for _ in range(10)]
+                stubs[0].List(pb.ListRequest(), metadata=md)
+                start = lambda: stubs[0].Start(pb.StartRequest(argv=["true"]), metadata=md)
+                idle = statistics.median(timed_calls(start, 60))
+                made, rate = start_sleeping_jobs(stubs, md, jobs)
+                time.sleep(2)   # (settled)
+                busy = statistics.median(timed_calls(start, 60))
+                server.cli("stop", "--grace", "0", *made, stdout=subprocess.DEVNULL)
+                time.sleep(3)
+                again = statistics.median(timed_calls(start, 60))
+                print(f"  {name}: {jobs} started at {rate:.0f}/s from 10 clients; Start p50 "
+                      f"{busy:.2f} ms with them running, none {idle:.2f} / {again:.2f} ms "
+                      f"(before / after): x{busy / idle:.2f} / x{busy / again:.2f} "
+                      f"(goal <= 2)", flush=True)
+
+
 def start_sleeping_jobs(stubs, md, jobs):
     """Start jobs sleeping jobs, a share from each stub at once. Returns (their ids,
     starts per second)."""
@@ -1816,6 +1846,8 @@ def main(argv):
         bench_scale(2000)
         with BenchServer() as server:
             bench_start_rate(server)
+    if "scale-start" in groups:
+        bench_scale_starts(2000, against)
     if "fan-out" in groups:
         with BenchServer() as server:
             for spread in (0.0, 2.0, 0.0, 2.0):
