@@ -2057,6 +2057,7 @@ class MountTemplate:
         return max(0.0, self.made + MOUNT_TEMPLATE_AGE - time.monotonic())
 
     def release(self):
+        """Close our fd on the template (shims forked meanwhile hold their own)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -2123,7 +2124,7 @@ def spawner_main(sock_fd, settings):
                     pass   # the server is gone: the recv below sees it
                 shim.sock.close()   # the server holds it now; no job comes: it cleans up
                 continue
-        elif template.idle_for() is not None and not wait_readable(sock, template.idle_for()):
+        elif (idle := template.idle_for()) is not None and not wait_readable(sock, idle):
             template.release()
             continue
         try:
@@ -2436,8 +2437,7 @@ class WarmShim:
                 # Nothing of the spawner's may live on in a job's supervisor: not its socket
                 # (the server must see EOF when the spawner exits), not another job's reply
                 # pipe (its asker would wait for this job to end).
-                template = settings.get("mount_template")
-                close_fds_but({theirs.fileno()} | ({template} if template is not None else set()))
+                close_fds_but({theirs.fileno(), settings.get("mount_template")} - {None})
                 self.sock.detach()
                 spawner_sock.detach()
                 code = shim_main(theirs, settings)
