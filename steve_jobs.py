@@ -371,6 +371,8 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE = 0x20, 0x1000, 0x4000, 0x40000, 0x80000
 MNT_DETACH = 0x2
 PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 15, 4, 1, 38
+PR_SET_MEMORY_MERGE, MADV_MERGEABLE = 67, 12   # (kernel samepage merging: KSM)
+KSM_RUN = "/sys/kernel/mm/ksm/run"             # 1: the operator has KSM merging pages
 PR_CAPBSET_DROP, CAP_SYS_PTRACE = 24, 19
 IN_MODIFY, IN_MOVED_TO, IN_IGNORED = 0x2, 0x80, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
@@ -459,12 +461,22 @@ DENIED_SYSCALLS = {   # name: (x86_64, aarch64)
     "quotactl": (179, 60), "lookup_dcookie": (212, 18), "vhangup": (153, 58),
     "iopl": (172, None), "ioperm": (173, None),
 }
-NEWUSER_CHECKED = {"unshare": (272, 97), "clone": (56, 220)}   # denied with CLONE_NEWUSER
 CLONE3 = 435     # its flags are in memory, out of a filter's reach: ENOSYS, libc falls back
 CLONE_NEWUSER = 0x10000000
 AUDIT_ARCHES = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1)}
 X32_SYSCALL_BIT = 0x40000000
 BPF_LD_W_ABS, BPF_JEQ, BPF_JGE, BPF_JSET, BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
+# Calls denied for one value of one argument (its low 32 bits): name: ((x86_64, aarch64),
+# argument, test (JSET: any of the bits; JEQ: that value), value, errno). Offering pages to
+# KSM is denied with the EINVAL of a kernel without it: a job's pages merged with another
+# job's supervisor's (advise_page_merging) would let it time its own writes to learn
+# whether a page it guessed exists there, or rowhammer a page it shares (Flip Feng Shui).
+ARGUMENT_CHECKED = {
+    "unshare": ((272, 97), 0, BPF_JSET, CLONE_NEWUSER, errno.EPERM),
+    "clone": ((56, 220), 0, BPF_JSET, CLONE_NEWUSER, errno.EPERM),
+    "madvise": ((28, 233), 2, BPF_JEQ, MADV_MERGEABLE, errno.EINVAL),
+    "prctl": ((157, 167), 0, BPF_JEQ, PR_SET_MEMORY_MERGE, errno.EINVAL),
+}
 SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
@@ -484,10 +496,10 @@ def job_syscall_filter(machine=None):
     if machine == "x86_64":
         prog += [op(BPF_JGE, X32_SYSCALL_BIT, 0, 1), deny(errno.ENOSYS)]
     prog += [op(BPF_JEQ, CLONE3, 0, 1), deny(errno.ENOSYS)]
-    for numbers in NEWUSER_CHECKED.values():
+    for numbers, argument, test, value, err in ARGUMENT_CHECKED.values():
         prog += [op(BPF_JEQ, numbers[column], 0, 4),
-                 op(BPF_LD_W_ABS, 16),                   # low half of args[0]: the flags
-                 op(BPF_JSET, CLONE_NEWUSER, 0, 1), deny(errno.EPERM),
+                 op(BPF_LD_W_ABS, 16 + 8 * argument),    # seccomp_data.args[i], low half
+                 op(test, value, 0, 1), deny(err),
                  op(BPF_RET, SECCOMP_RET_ALLOW)]
     for numbers in DENIED_SYSCALLS.values():
         if numbers[column] is not None:
@@ -614,6 +626,26 @@ def prctl(option, arg):
     """prctl(2) with one argument. Raises OSError."""
     _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg) if isinstance(arg, int)
                        else ctypes.c_char_p(arg), 0, 0, 0), "prctl")
+
+
+def advise_page_merging():
+    """Offer this process's private writable pages to KSM (madvise MADV_MERGEABLE, mapping
+    by mapping): where the operator runs it, identical pages of processes that did the same
+    are kept once. Why: every shim is a fork of the spawner that copies the pages it writes
+    (refcounts), mostly the same bytes in every shim. Not inherited by exec (nor by a
+    process made before). Returns the bytes offered: 0 on a kernel without KSM."""
+    offered = 0
+    for line in read_file("/proc/self/maps").splitlines():
+        fields = line.split()
+        if fields[1] != "rw-p" or fields[5:] == ["[stack]"]:
+            continue
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if _libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low),
+                         MADV_MERGEABLE) == 0:
+            offered += high - low
+        elif ctypes.get_errno() == errno.EINVAL and not offered:
+            return 0   # (no KSM in this kernel)
+    return offered
 
 
 def set_process_title(title):
@@ -2519,6 +2551,7 @@ def shim_main(chan, settings):
     supervisor = {"shim_pid": me, "shim_start": process_start_time(me)}
     egress = None if warm_error else prepare_warm_egress(settings, cg)
     rehearse_start()
+    advise_page_merging()   # (while warm: off the start's path)
     msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
     chan.close()
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come
@@ -5625,6 +5658,9 @@ class Engine:
         if open_files != job_open_files:
             log.info("open files limit raised from %d to %d (jobs keep %d)",
                      job_open_files, open_files, job_open_files)
+        if read_file(KSM_RUN, "0").strip() == "1":
+            log.info("KSM runs: the job supervisors' identical pages are kept once (README: "
+                     "Performance)")
         self._watcher = JobWatcher(self._record_end, self._supervisor_exited)
         self._spare_folders = SpareJobFolders(self.config.state_dir)
         self._uids.load()

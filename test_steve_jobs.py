@@ -3977,6 +3977,39 @@ def test_a_job_cannot_make_user_namespaces_or_reach_the_kernels_wider_surface():
             assert out == b"200", out
 
 
+KSM_OFFER_PROBE = """
+import ctypes, json, mmap
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+size = 4 * mmap.PAGESIZE
+page = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                 mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+def call(f, *args):
+    ctypes.set_errno(0)
+    return [f(*args), ctypes.get_errno()]
+print(json.dumps({
+    "mergeable": call(libc.madvise, ctypes.c_void_p(page), ctypes.c_size_t(size), 12),
+    "other_advice": call(libc.madvise, ctypes.c_void_p(page), ctypes.c_size_t(size), 4),
+    "merge_all": call(libc.prctl, 67, 1, 0, 0, 0),
+    "other_prctl": call(libc.prctl, 16, ctypes.create_string_buffer(16), 0, 0, 0)}))
+"""
+
+
+@pytest.mark.tenants
+def test_a_job_cannot_offer_its_pages_to_kernel_samepage_merging():
+    """Job supervisors offer their pages to KSM (advise_page_merging): a job that could offer
+    its own could learn, by timing its writes, whether a page of another job's supervisor
+    holds what it guessed. The filter answers as a kernel without KSM does (EINVAL); other
+    advice and other prctl options work."""
+    with running_engine(allow_root=True) as engine:
+        for as_root in (False, True):
+            st, out = run(engine, ["python3", "-c", KSM_OFFER_PROBE], as_root=as_root)
+            assert st.exit_code == 0, out
+            assert json.loads(out) == {"mergeable": [-1, errno.EINVAL], "other_advice": [0, 0],
+                                       "merge_all": [-1, errno.EINVAL],
+                                       "other_prctl": [0, 0]}, (as_root, out)
+
+
 @pytest.mark.kernel
 def test_jobs_folders_on_a_filesystem_of_their_own_still_reach_their_jobs():
     """An operator may give the jobs' folders (STATE_DIR/work) a filesystem of their own.
@@ -6895,6 +6928,37 @@ def test_a_jobs_supervisor_holds_no_more_than_the_file_loaded_as_a_module(server
     finally:
         module.kill()
         module.wait()
+        cli(server, "rm", "-f", job_id)
+
+
+def mergeable_kib(pid):
+    """KiB of pid's mappings offered to KSM (VmFlags mg)."""
+    kib, size = 0, 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line.startswith("Size:"):
+                size = int(line.split()[1])
+            elif line.startswith("VmFlags:") and "mg" in line.split()[1:]:
+                kib += size
+    return kib
+
+
+@pytest.mark.scale
+def test_a_jobs_supervisor_offers_its_pages_to_ksm_and_its_command_does_not(server):
+    """Where the operator runs KSM, the shims' copies of the spawner's pages (the same bytes
+    in each) are kept once: each shim offers its private writable mappings (its heap and
+    Python's arenas, at least); the job's command, exec'd, offers none."""
+    if not os.path.isdir("/sys/kernel/mm/ksm"):
+        (pytest.fail if MUST_WORK else pytest.skip)("this kernel has no KSM")
+    job_id = start_job(server, "sleep 300")
+    try:
+        shim = shim_pid_of(server, job_id)
+        with open(f"/proc/{shim}/task/{shim}/children") as f:
+            command = [int(p) for p in f.read().split()]
+        assert len(command) == 1, command
+        assert mergeable_kib(shim) >= 1024, mergeable_kib(shim)
+        assert mergeable_kib(command[0]) == 0
+    finally:
         cli(server, "rm", "-f", job_id)
 
 
