@@ -40,6 +40,10 @@ scale:  a probe of one supervisor for K jobs (memory per job for K = 1, 8, 16, 3
         call); then starts/s from 10 clients vs unshare(1).
 scale-start: Start p50 with 2,000 sleeping jobs running vs none, and the rate they start
         at; with --against OLD/steve_jobs.py, that checkout's server in turn.
+scale-ksm: 200 and 2,000 sleeping jobs: our memory per job (PSS, USS) with the host's KSM
+        as it is, then with KSM turned on until it has merged what it will (the host's KSM
+        settings put back after), ksmd's CPU meanwhile and at the kernel's default rate,
+        Start p50 with the supervisors merged vs before.
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -1750,6 +1754,93 @@ def bench_scale_starts(jobs, against=None, runs=2):
                       f"(goal <= 2)", flush=True)
 
 
+KSM = "/sys/kernel/mm/ksm"
+KSM_SETTINGS = ("run", "pages_to_scan", "sleep_millisecs")
+
+
+def ksm_read(name):
+    with open(os.path.join(KSM, name)) as f:
+        return f.read().strip()
+
+
+def ksm_write(name, value):
+    with open(os.path.join(KSM, name), "w") as f:
+        f.write(str(value))
+
+
+def ksmd_cpu_seconds():
+    """ksmd's CPU time so far (user + system), in seconds."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and sj.read_file(f"/proc/{pid}/comm", "").strip() == "ksmd":
+            fields = sj.read_file(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    raise RuntimeError("no ksmd: this kernel has no KSM")
+
+
+def ksm_merge_until_settled(pages_to_scan, limit=900):
+    """Turn KSM on at pages_to_scan a 20 ms round; wait until two full scans in a row
+    merged less than 1% more (at most limit seconds). Returns (seconds, ksmd's share of a
+    core meanwhile)."""
+    ksm_write("pages_to_scan", pages_to_scan)
+    ksm_write("sleep_millisecs", 20)
+    cpu, t = ksmd_cpu_seconds(), time.monotonic()
+    ksm_write("run", 1)
+    scans, sharing, calm = int(ksm_read("full_scans")), 0, 0
+    while calm < 2 and time.monotonic() - t < limit:
+        time.sleep(1)
+        if int(ksm_read("full_scans")) > scans:
+            scans, before, sharing = int(ksm_read("full_scans")), sharing, \
+                int(ksm_read("pages_sharing"))
+            calm = calm + 1 if sharing <= before * 1.01 else 0
+    took = time.monotonic() - t
+    return took, (ksmd_cpu_seconds() - cpu) / took
+
+
+def bench_scale_ksm(jobs, clients=10):
+    """Our memory per job with `jobs` sleeping jobs, with the host's KSM as it is and then
+    on (see the group's line); puts the host's KSM settings back, whatever happens."""
+    if not os.path.isdir(KSM):
+        print(f"{'scale-ksm':38s} skipped: this kernel has no KSM", flush=True)
+        return
+    saved = {name: ksm_read(name) for name in KSM_SETTINGS}
+    cap = ["--max-jobs", str(jobs + 100), "--max-jobs-per-user", str(jobs + 100)]
+    try:
+        with BenchServer(extra=cap) as server:
+            creds, md = user_credentials(server.certs)
+            stubs = [pb_grpc.JobServiceStub(grpc.secure_channel(server.address, creds))
+                     for _ in range(clients)]
+            start = lambda: stubs[0].Start(pb.StartRequest(argv=["true"]), metadata=md)
+            stubs[0].List(pb.ListRequest(), metadata=md)
+            made, _ = start_sleeping_jobs(stubs, md, jobs)
+            time.sleep(2)   # (settled)
+            state = os.path.join(server.dir, "state")
+            pids = our_processes_of_jobs(state, made)
+            per_job = lambda: [sum(smaps_kib(pid)[i] for pid in pids) / len(made) / 1024
+                               for i in (0, 1)]
+            (pss, uss), before = per_job(), timed_calls(start, 60)
+            took, share = ksm_merge_until_settled(5000)
+            merged_pss, merged_uss = per_job()
+            merged = timed_calls(start, 60)
+            ksm_write("pages_to_scan", 100)   # the kernel's default rate, settled
+            cpu, t = ksmd_cpu_seconds(), time.monotonic()
+            time.sleep(10)
+            idle_share = (ksmd_cpu_seconds() - cpu) / (time.monotonic() - t)
+            print(f"{f'{jobs} sleeping jobs: ours per job':38s} PSS {pss:5.2f} MiB  USS "
+                  f"{uss:5.2f} MiB with KSM {'on' if saved['run'] == '1' else 'off'}; merged: "
+                  f"PSS {merged_pss:5.2f} MiB  USS {merged_uss:5.2f} MiB (goal PSS <= 1.0)",
+                  flush=True)
+            print(f"  {'KSM: until merged (5,000 pages/20 ms)':36s} {took:6.0f} s, ksmd "
+                  f"{share * 100:4.0f}% of a core; then at 100 pages/20 ms "
+                  f"{idle_share * 100:4.1f}%", flush=True)
+            report(f"  Start, {jobs} merged supervisors", merged,
+                   {"before KSM ran": before})
+            server.cli("stop", "--grace", "0", *made, stdout=subprocess.DEVNULL)
+    finally:
+        ksm_write("run", 2 if saved["run"] != "1" else 1)   # (2: unmerge what it merged)
+        for name in KSM_SETTINGS:
+            ksm_write(name, saved[name])
+
+
 def start_sleeping_jobs(stubs, md, jobs):
     """Start jobs sleeping jobs, a share from each stub at once. Returns (their ids,
     starts per second)."""
@@ -1848,6 +1939,9 @@ def main(argv):
             bench_start_rate(server)
     if "scale-start" in groups:
         bench_scale_starts(2000, against)
+    if "scale-ksm" in groups:
+        bench_scale_ksm(200)
+        bench_scale_ksm(2000)
     if "fan-out" in groups:
         with BenchServer() as server:
             for spread in (0.0, 2.0, 0.0, 2.0):

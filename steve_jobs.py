@@ -629,11 +629,11 @@ def prctl(option, arg):
 
 
 def advise_page_merging():
-    """Offer this process's private writable pages to KSM (madvise MADV_MERGEABLE, mapping
-    by mapping): where the operator runs it, identical pages of processes that did the same
-    are kept once. Why: every shim is a fork of the spawner that copies the pages it writes
-    (refcounts), mostly the same bytes in every shim. Not inherited by exec (nor by a
-    process made before). Returns the bytes offered: 0 on a kernel without KSM."""
+    """Offer this process's private writable mappings to KSM (madvise MADV_MERGEABLE):
+    where the operator runs it, identical pages in them are kept once. Why: every shim is
+    a fork of the spawner that copies the pages it writes (refcounts), mostly the same
+    bytes in every shim. Forks inherit the offer, exec drops it. Returns the bytes
+    offered: 0 on a kernel without KSM."""
     offered = 0
     for line in read_file("/proc/self/maps").splitlines():
         fields = line.split()
@@ -2141,6 +2141,9 @@ def spawner_main(sock_fd, settings):
     offered = 0
     wanted_egress = [False] * EGRESS_MEMORY   # what the last starts asked for
     template = MountTemplate(settings.get("work"))
+    # Once, here: each shim inherits the offer with the mappings (the pages it copies lie
+    # in them), where its own call would cost it 0.5 MiB of copies (measured).
+    advise_page_merging()
     while True:
         # Refill in a quiet moment: a fork right after a start would compete for the CPU
         # with the job being started (and with the server waiting for its reply).
@@ -2551,7 +2554,6 @@ def shim_main(chan, settings):
     supervisor = {"shim_pid": me, "shim_start": process_start_time(me)}
     egress = None if warm_error else prepare_warm_egress(settings, cg)
     rehearse_start()
-    advise_page_merging()   # (while warm: off the start's path)
     msg, fds = recv_with_fds(chan, MAX_REQUEST_BYTES)   # wait for a job
     chan.close()
     if not msg or len(fds) != 1:                  # the spawner is gone: no job will come

@@ -6946,8 +6946,9 @@ def mergeable_kib(pid):
 @pytest.mark.scale
 def test_a_jobs_supervisor_offers_its_pages_to_ksm_and_its_command_does_not(server):
     """Where the operator runs KSM, the shims' copies of the spawner's pages (the same bytes
-    in each) are kept once: each shim offers its private writable mappings (its heap and
-    Python's arenas, at least); the job's command, exec'd, offers none."""
+    in each) are kept once: each shim's private writable mappings (its heap and Python's
+    arenas, at least) are offered, as the spawner's it inherited them with; the job's
+    command, exec'd, offers none."""
     if not os.path.isdir("/sys/kernel/mm/ksm"):
         (pytest.fail if MUST_WORK else pytest.skip)("this kernel has no KSM")
     job_id = start_job(server, "sleep 300")
