@@ -641,10 +641,8 @@ def advise_page_merging():
             continue
         low, high = (int(x, 16) for x in fields[0].split("-"))
         if _libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low),
-                         MADV_MERGEABLE) == 0:
+                         MADV_MERGEABLE) == 0:   # (a kernel without KSM: EINVAL, each)
             offered += high - low
-        elif ctypes.get_errno() == errno.EINVAL and not offered:
-            return 0   # (no KSM in this kernel)
     return offered
 
 
@@ -5662,7 +5660,7 @@ class Engine:
                      job_open_files, open_files, job_open_files)
         if read_file(KSM_RUN, "0").strip() == "1":
             log.info("KSM runs: the job supervisors' identical pages are kept once (README: "
-                     "Performance)")
+                     "Batch hosts)")
         self._watcher = JobWatcher(self._record_end, self._supervisor_exited)
         self._spare_folders = SpareJobFolders(self.config.state_dir)
         self._uids.load()
