@@ -43,7 +43,8 @@ scale-start: Start p50 with 2,000 sleeping jobs running vs none, and the rate th
 scale-ksm: 200 and 2,000 sleeping jobs: our memory per job (PSS, USS) with the host's KSM
         as it is, then with KSM turned on until it has merged what it will (the host's KSM
         settings put back after), ksmd's CPU meanwhile and at the kernel's default rate,
-        Start p50 with the supervisors merged vs before.
+        Start p50 with the supervisors merged vs before; then, unmerged, merged again at the
+        rate the kernel's advisor picks (6.9 and later).
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -1755,12 +1756,19 @@ def bench_scale_starts(jobs, against=None, runs=2):
 
 
 KSM = "/sys/kernel/mm/ksm"
-KSM_SETTINGS = ("run", "pages_to_scan", "sleep_millisecs")
+KSM_SETTINGS = ("run", "advisor_mode", "pages_to_scan", "sleep_millisecs")   # (put back so)
 
 
 def ksm_read(name):
-    with open(os.path.join(KSM, name)) as f:
-        return f.read().strip()
+    """A KSM setting's value ("" if this kernel has no such file; of a choice, the one
+    chosen: "[none] scan-time" is "none")."""
+    try:
+        with open(os.path.join(KSM, name)) as f:
+            value = f.read().strip()
+    except FileNotFoundError:
+        return ""
+    chosen = [word[1:-1] for word in value.split() if word.startswith("[")]
+    return chosen[0] if chosen else value
 
 
 def ksm_write(name, value):
@@ -1777,12 +1785,12 @@ def ksmd_cpu_seconds():
     raise RuntimeError("no ksmd: this kernel has no KSM")
 
 
-def ksm_merge_until_settled(pages_to_scan, limit=900):
-    """Turn KSM on at pages_to_scan a 20 ms round; wait until two full scans in a row
+def ksm_merge_until_settled(settings, limit=900):
+    """Turn KSM on with settings ({name: value}); wait until two full scans in a row
     merged less than 1% more (at most limit seconds). Returns (seconds, ksmd's share of a
     core meanwhile)."""
-    ksm_write("pages_to_scan", pages_to_scan)
-    ksm_write("sleep_millisecs", 20)
+    for name, value in settings.items():
+        ksm_write(name, value)
     cpu, t = ksmd_cpu_seconds(), time.monotonic()
     ksm_write("run", 1)
     scans, sharing, calm = int(ksm_read("full_scans")), 0, 0
@@ -1818,7 +1826,8 @@ def bench_scale_ksm(jobs, clients=10):
             per_job = lambda: [sum(smaps_kib(pid)[i] for pid in pids) / len(made) / 1024
                                for i in (0, 1)]
             (pss, uss), before = per_job(), timed_calls(start, 60)
-            took, share = ksm_merge_until_settled(5000)
+            took, share = ksm_merge_until_settled({"pages_to_scan": 5000,
+                                                    "sleep_millisecs": 20})
             merged_pss, merged_uss = per_job()
             ksm_write("pages_to_scan", 100)   # the kernel's default rate, settled
             cpu, t = ksmd_cpu_seconds(), time.monotonic()
@@ -1834,11 +1843,19 @@ def bench_scale_ksm(jobs, clients=10):
                   f"{idle_share * 100:4.1f}%", flush=True)
             report(f"  Start, {jobs} merged supervisors", merged,
                    {"before KSM ran": before})
+            if ksm_read("advisor_mode"):   # (kernels 6.9 and later pick the rate)
+                ksm_write("run", 2)        # (all unmerged, then again with the advisor)
+                took, share = ksm_merge_until_settled({"advisor_mode": "scan-time"})
+                pss, uss = per_job()
+                print(f"  {'KSM again, advisor_mode scan-time':36s} {took:6.0f} s, ksmd "
+                      f"{share * 100:4.0f}% of a core: PSS {pss:5.2f} MiB  USS {uss:5.2f} MiB "
+                      f"a job", flush=True)
             server.cli("stop", "--grace", "0", *made, stdout=subprocess.DEVNULL)
     finally:
         ksm_write("run", 2 if saved["run"] != "1" else 1)   # (2: unmerge what it merged)
         for name in KSM_SETTINGS:
-            ksm_write(name, saved[name])
+            if saved[name]:
+                ksm_write(name, saved[name])
 
 
 def start_sleeping_jobs(stubs, md, jobs):
