@@ -1755,7 +1755,7 @@ def bench_scale_starts(jobs, against=None, runs=2):
                       f"(goal <= 2)", flush=True)
 
 
-KSM = "/sys/kernel/mm/ksm"
+KSM = os.path.dirname(sj.KSM_RUN)   # (/sys/kernel/mm/ksm)
 KSM_SETTINGS = ("run", "advisor_mode", "pages_to_scan", "sleep_millisecs")   # (put back so)
 
 
