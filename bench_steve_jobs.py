@@ -1757,6 +1757,7 @@ def bench_scale_starts(jobs, against=None, runs=2):
 
 KSM = os.path.dirname(sj.KSM_RUN)   # (/sys/kernel/mm/ksm)
 KSM_SETTINGS = ("run", "advisor_mode", "pages_to_scan", "sleep_millisecs")   # (put back so)
+KSM_FAST = {"pages_to_scan": 5000, "sleep_millisecs": 20}   # the rate the bench merges at
 
 
 def ksm_read(name):
@@ -1796,9 +1797,8 @@ def ksm_merge_until_settled(settings, limit=900):
     scans, sharing, calm = int(ksm_read("full_scans")), 0, 0
     while calm < 2 and time.monotonic() - t < limit:
         time.sleep(1)
-        if int(ksm_read("full_scans")) > scans:
-            scans, before, sharing = int(ksm_read("full_scans")), sharing, \
-                int(ksm_read("pages_sharing"))
+        if (now := int(ksm_read("full_scans"))) > scans:
+            scans, before, sharing = now, sharing, int(ksm_read("pages_sharing"))
             calm = calm + 1 if sharing <= before * 1.01 else 0
     took = time.monotonic() - t
     return took, (ksmd_cpu_seconds() - cpu) / took
@@ -1826,8 +1826,7 @@ def bench_scale_ksm(jobs, clients=10):
             per_job = lambda: [sum(smaps_kib(pid)[i] for pid in pids) / len(made) / 1024
                                for i in (0, 1)]
             (pss, uss), before = per_job(), timed_calls(start, 60)
-            took, share = ksm_merge_until_settled({"pages_to_scan": 5000,
-                                                    "sleep_millisecs": 20})
+            took, share = ksm_merge_until_settled(KSM_FAST)
             merged_pss, merged_uss = per_job()
             ksm_write("pages_to_scan", 100)   # the kernel's default rate, settled
             cpu, t = ksmd_cpu_seconds(), time.monotonic()
@@ -1838,7 +1837,8 @@ def bench_scale_ksm(jobs, clients=10):
                   f"{uss:5.2f} MiB with KSM {'on' if saved['run'] == '1' else 'off'}; merged: "
                   f"PSS {merged_pss:5.2f} MiB  USS {merged_uss:5.2f} MiB (goal PSS <= 1.0)",
                   flush=True)
-            print(f"  {'KSM: until merged (5,000 pages/20 ms)':36s} {took:6.0f} s, ksmd "
+            rate = f"{KSM_FAST['pages_to_scan']:,} pages/{KSM_FAST['sleep_millisecs']} ms"
+            print(f"  {f'KSM: until merged ({rate})':36s} {took:6.0f} s, ksmd "
                   f"{share * 100:4.0f}% of a core; then at 100 pages/20 ms "
                   f"{idle_share * 100:4.1f}%", flush=True)
             report(f"  Start, {jobs} merged supervisors", merged,
