@@ -1728,6 +1728,29 @@ def bench_scale(jobs, clients=10):
               f"running x{statistics.median(busy) / again:.2f} of it (goal <= 2)", flush=True)
 
 
+def kernel_threads_cpu_seconds(name):
+    """{pid: CPU seconds so far (user + system)} of the kernel threads whose name starts
+    with name ("kworker": the work queues', where the kernel removes cgroups)."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and sj.read_file(f"/proc/{pid}/comm", "").startswith(name):
+            try:
+                fields = sj.read_file(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+            except OSError:
+                continue   # (gone meanwhile)
+            found[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+def kworkers_cpu_during(work):
+    """Run work(); returns (its result, the CPU seconds the kernel's kworker threads took
+    meanwhile: those alive at both ends)."""
+    before = kernel_threads_cpu_seconds("kworker")
+    result = work()
+    after = kernel_threads_cpu_seconds("kworker")
+    return result, sum(after[pid] - before[pid] for pid in after.keys() & before.keys())
+
+
 def bench_scale_starts(jobs, against=None, runs=2):
     """Start p50 with `jobs` sleeping jobs running beside none (before and after), and the
     rate they were started at from 10 clients; with against (another checkout's
@@ -1745,14 +1768,16 @@ def bench_scale_starts(jobs, against=None, runs=2):
                 idle = statistics.median(timed_calls(start, 60))
                 made, rate = start_sleeping_jobs(stubs, md, jobs)
                 time.sleep(2)   # (settled)
-                busy = statistics.median(timed_calls(start, 60))
+                samples, kworkers = kworkers_cpu_during(lambda: timed_calls(start, 60))
+                busy = statistics.median(samples)
                 server.cli("stop", "--grace", "0", *made, stdout=subprocess.DEVNULL)
                 time.sleep(3)
                 again = statistics.median(timed_calls(start, 60))
                 print(f"  {name}: {jobs} started at {rate:.0f}/s from 10 clients; Start p50 "
                       f"{busy:.2f} ms with them running, none {idle:.2f} / {again:.2f} ms "
                       f"(before / after): x{busy / idle:.2f} / x{busy / again:.2f} "
-                      f"(goal <= 2)", flush=True)
+                      f"(goal <= 2); the kernel's kworkers meanwhile {kworkers / 60 * 1000:.1f} "
+                      f"ms of CPU a start (a job's end removes its cgroups)", flush=True)
 
 
 KSM = os.path.dirname(sj.KSM_RUN)   # (/sys/kernel/mm/ksm)
@@ -1779,10 +1804,8 @@ def ksm_write(name, value):
 
 def ksmd_cpu_seconds():
     """ksmd's CPU time so far (user + system), in seconds."""
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and sj.read_file(f"/proc/{pid}/comm", "").strip() == "ksmd":
-            fields = sj.read_file(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for seconds in kernel_threads_cpu_seconds("ksmd").values():
+        return seconds
     raise RuntimeError("no ksmd: this kernel has no KSM")
 
 

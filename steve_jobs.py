@@ -3678,15 +3678,44 @@ def build_job_view(settings):
             if os.path.exists(path):
                 bind_mount(path, path, read_only=True)
 
+    def scratch_filesystem():
+        # One tmpfs holds /dev, the private folders and the covers over the server's, each
+        # a bind of a folder of it. A filesystem a job mounts costs more than its own
+        # memory: each memory cgroup's removal (every job's end) walks every superblock's
+        # per-cgroup lists, the other jobs' too (beside 2,000 sleeping jobs with nine
+        # filesystems each: 11% of the CPU while jobs started one after another). It is
+        # set up over /proc, where nothing sees it, then let go there: the binds keep it.
+        size = settings.get("private_size", PRIVATE_DIR_SIZE)
+        mount("tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0700,size={size}")
+        try:
+            folder = lambda path: "/proc/" + (path.strip("/").replace("/", "-") or "cover")
+            for path, mode in (("/dev", 0o755), ("", 0o755),
+                               *((p, 0o1777) for p in JOB_PRIVATE_DIRS)):
+                os.mkdir(folder(path))
+                os.chmod(folder(path), mode)   # (whatever the umask)
+            for name in ("pts", "shm"):
+                os.mkdir(f"{folder('/dev')}/{name}", 0o755)
+            # A bind keeps the scratch's nosuid, nodev (a mount call fewer than bind_mount);
+            # /dev is made read-only once its devices are in.
+            mount(folder("/dev"), "/dev", None, MS_BIND)
+            # Empty and private: jobs must not meet each other (or the host) there. Their
+            # pages are charged to the job's memory cgroup.
+            for path in JOB_PRIVATE_DIRS:
+                if os.path.isdir(path):
+                    mount(folder(path), path, None, MS_BIND)
+            # Keys, tokens and every other job's records and output: not even their names.
+            for path in settings.get("hidden", ()):
+                if os.path.isdir(path):
+                    bind_mount(folder(""), path, read_only=True)
+        finally:
+            umount_lazy("/proc")
+
     def minimal_dev():
         # The devices a program expects, bound from the host's (no mknod: containers may
         # forbid it), a private devpts for terminals, and nothing else of the host's /dev.
-        mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
         for name in JOB_DEVICES:
             os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
             mount(f"/proc/self/fd/{handles.pop(name)}", f"/dev/{name}", None, MS_BIND)
-        for name in ("pts", "shm"):
-            os.mkdir(f"/dev/{name}", 0o755)
         mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
               "newinstance,ptmxmode=0666,mode=0620")
         for link, to in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"),
@@ -3694,33 +3723,19 @@ def build_job_view(settings):
                          ("stderr", "/proc/self/fd/2")):
             os.symlink(to, f"/dev/{link}")
 
-    def private_dirs():
-        # Empty and private: jobs must not meet each other (or the host) there. Their pages
-        # are charged to the job's memory cgroup.
-        for path in JOB_PRIVATE_DIRS:
-            if os.path.isdir(path):
-                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
-                      f"mode=1777,size={settings.get('private_size', PRIVATE_DIR_SIZE)}")
-
-    def hide_server_folders():
-        # Keys, tokens and every other job's records and output: not even their names.
-        for path in settings.get("hidden", ()):
-            if os.path.isdir(path):
-                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                      "mode=0755,size=1m")
-
     _run_steps([
         ("make mounts private", private_mounts),
         ("drop the other jobs' working folders", drop_other_jobs_folders),
         ("hold the host's devices", hold_what_gets_covered),
         ("make the host read-only",
          lambda: None if settings.get("rw_host") else make_mounts_read_only("/")),
+        ("make /dev, private /tmp and the like, and hide the server's folders",
+         scratch_filesystem),
         ("mount /proc", fresh_proc),
         ("make a minimal /dev", minimal_dev),
-        ("mount private /tmp and the like", private_dirs),
-        ("make /dev read-only", lambda: mount(None, "/dev", None,   # after /dev/shm is in
-                                              MS_REMOUNT | MS_NOSUID | MS_NOEXEC | MS_RDONLY)),
-        ("hide the server's folders", hide_server_folders)])
+        ("make /dev read-only", lambda: mount(   # (the bind only: not the scratch tmpfs)
+            None, "/dev", None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            | MS_RDONLY))])
     return handles.get("work")
 
 
@@ -11071,7 +11086,8 @@ def add_server_parser(s):
              "below it are refused (-1: 1%% of it, at most 256M)"),
             ("--workdir-size", parse_size, EngineConfig().workdir_size, "a job's own working "
              "folder is a tmpfs this big, charged to its memory and kept after its end until "
-             "rm; 0: on the state disk"),
+             "rm; 0: on the state disk (its /tmp and the like share a tmpfs this big, 1G "
+             "if 0)"),
             ("--files-quota", parse_size, EngineConfig().files_quota, "a user's jobs' kept "
              "working folders: starts beyond it are refused until rm; 0: no quota"),
             ("--handshake-timeout", float, ServerConfig().handshake_timeout,
