@@ -3688,25 +3688,27 @@ def build_job_view(settings):
         size = settings.get("private_size", PRIVATE_DIR_SIZE)
         mount("tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0700,size={size}")
         try:
-            folder = lambda path: "/proc/" + (path.strip("/").replace("/", "-") or "cover")
-            for path, mode in (("/dev", 0o755), ("", 0o755),
-                               *((p, 0o1777) for p in JOB_PRIVATE_DIRS)):
-                os.mkdir(folder(path))
-                os.chmod(folder(path), mode)   # (whatever the umask)
+            def made(name, mode):
+                os.mkdir(f"/proc/{name}")
+                os.chmod(f"/proc/{name}", mode)   # (whatever the umask)
+                return f"/proc/{name}"
+            dev = made("dev", 0o755)
             for name in ("pts", "shm"):
-                os.mkdir(f"{folder('/dev')}/{name}", 0o755)
+                os.mkdir(f"{dev}/{name}", 0o755)
             # A bind keeps the scratch's nosuid, nodev (a mount call fewer than bind_mount);
             # /dev is made read-only once its devices are in.
-            mount(folder("/dev"), "/dev", None, MS_BIND)
+            mount(dev, "/dev", None, MS_BIND)
             # Empty and private: jobs must not meet each other (or the host) there. Their
             # pages are charged to the job's memory cgroup.
             for path in JOB_PRIVATE_DIRS:
                 if os.path.isdir(path):
-                    mount(folder(path), path, None, MS_BIND)
+                    mount(made(path.strip("/").replace("/", "-"), 0o1777), path, None, MS_BIND)
             # Keys, tokens and every other job's records and output: not even their names.
-            for path in settings.get("hidden", ()):
-                if os.path.isdir(path):
-                    bind_mount(folder(""), path, read_only=True)
+            # Each cover a folder of its own, root's: the job's working folder is bound at
+            # its path inside the state folder's (its mount point made there later, as root).
+            covered = [path for path in settings.get("hidden", ()) if os.path.isdir(path)]
+            for i, path in enumerate(covered):
+                mount(made(f"cover-{i}", 0o755), path, None, MS_BIND)
         finally:
             umount_lazy("/proc")
 
