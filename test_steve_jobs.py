@@ -364,6 +364,36 @@ def test_waits_work_on_descriptors_past_1023():
 
 
 @pytest.mark.unit
+def test_read_file_reads_a_file_whole_whatever_its_reads_hand_out(tmp_path):
+    """read_file reads until the end: procfs hands out a page a read, and a file may be
+    longer than one read; missing, it is the default or OSError; text is UTF-8."""
+    big = tmp_path / "big"
+    big.write_text("é" * 100_000 + "\nend\n", encoding="utf-8")   # 200 KB: several reads
+    assert sj.read_file(str(big)) == big.read_text(encoding="utf-8")
+    fifo = tmp_path / "fifo"   # (each read takes what one write put in: short reads)
+    os.mkfifo(fifo)
+
+    def write_in_pieces():
+        with open(fifo, "wb", buffering=0) as f:
+            for piece in (b"one ", b"two ", b"three"):
+                f.write(piece)
+                time.sleep(0.05)
+    writer = threading.Thread(target=write_in_pieces)
+    writer.start()
+    try:
+        assert sj.read_file(str(fifo)) == "one two three"
+    finally:
+        writer.join(10)
+    assert sj.read_file(str(tmp_path / "none"), "dflt") == "dflt"
+    with pytest.raises(FileNotFoundError):
+        sj.read_file(str(tmp_path / "none"))
+    assert sj.read_file(str(tmp_path), "dflt") == "dflt"   # (a folder: EISDIR at the read)
+    (tmp_path / "latin1").write_bytes(b"\xe9t\xe9")
+    with pytest.raises(UnicodeDecodeError):
+        sj.read_file(str(tmp_path / "latin1"))
+
+
+@pytest.mark.unit
 def test_v2_job_cgroup_writes_limits_and_delegates_controllers(fake_v2):
     root, layout = fake_v2
     cg = sj.JobCgroup(layout, "steve-jobs", "j-1")
