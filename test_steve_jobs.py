@@ -388,9 +388,15 @@ def test_read_file_reads_a_file_whole_whatever_its_reads_hand_out(tmp_path):
     with pytest.raises(FileNotFoundError):
         sj.read_file(str(tmp_path / "none"))
     assert sj.read_file(str(tmp_path), "dflt") == "dflt"   # (a folder: EISDIR at the read)
-    (tmp_path / "latin1").write_bytes(b"\xe9t\xe9")
-    with pytest.raises(UnicodeDecodeError):
-        sj.read_file(str(tmp_path / "latin1"))
+    (tmp_path / "latin1").write_bytes(b"\xe9t\xe9")   # not UTF-8: kept as a file name is
+    assert os.fsencode(sj.read_file(str(tmp_path / "latin1"))) == b"\xe9t\xe9"
+
+
+@pytest.mark.unit
+def test_mountinfo_paths_are_unescaped_and_keep_every_other_byte():
+    assert sj.mountinfo_path(r"/a\040b\011c\012d\134e") == "/a b\tc\nd\\e"
+    assert sj.mountinfo_path("/caf\u00e9") == "/caf\u00e9"   # (UTF-8: was mojibake)
+    assert os.fsencode(sj.mountinfo_path(os.fsdecode(b"/caf\xe9"))) == b"/caf\xe9"
 
 
 @pytest.mark.unit
@@ -7077,6 +7083,37 @@ print(json.dumps({"own": own == os.readlink("/proc/self/ns/mnt"), "cwd": cwd == 
                   "still_own": own == os.readlink("/proc/self/ns/mnt")}))
 sj.unmount_if_mounted(work)
 """
+
+
+ODD_MOUNTS_PROBE = """
+import json, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import steve_jobs as sj
+top = sys.argv[2].encode()
+points = [top + b"/caf\\xe9", top + b"/caf\\xc3\\xa9 x"]   # latin-1; UTF-8 with a space
+for point in points:
+    os.mkdir(point)
+    subprocess.run([b"mount", b"-t", b"tmpfs", b"none", point], check=True)
+layout = sj.CgroupLayout.detect()
+print(json.dumps({"cgroups": bool(layout.unified or layout.v1),
+                  "mount_points": [sj.is_mount_point(os.fsdecode(p)) for p in points],
+                  "folder": sj.is_mount_point(sys.argv[2])}))
+"""
+
+
+@pytest.mark.kernel
+def test_a_host_mount_whose_name_is_not_utf8_does_not_stop_the_server(tmp_path):
+    """Reproduction: a host with a mount point whose name is not UTF-8 (a USB disk's label
+    in latin-1) could not run the server: reading /proc/self/mountinfo raised
+    UnicodeDecodeError, a traceback at start; and a mount point named in UTF-8 was not
+    seen as one (its name decoded twice). In a mount namespace of the probe's own."""
+    require_kernel()
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", PYTHON, "-c",
+                           ODD_MOUNTS_PROBE, HERE, str(tmp_path)],
+                          capture_output=True, timeout=scaled(30))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"cgroups": True, "mount_points": [True, True],
+                                       "folder": False}, done.stderr
 
 
 @pytest.mark.kernel
