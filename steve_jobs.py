@@ -1451,7 +1451,8 @@ class CgroupLayout(typing.NamedTuple):
             fields, rfields = left.split(), right.split()
             if len(fields) < 5 or len(rfields) < 3:
                 continue
-            mount_point, fstype, options = fields[4], rfields[0], rfields[2].split(",")
+            mount_point, fstype, options = (mountinfo_path(fields[4]), rfields[0],
+                                            rfields[2].split(","))
             if fstype == "cgroup2" and not unified:
                 unified = mount_point
             elif fstype == "cgroup":

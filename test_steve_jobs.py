@@ -397,6 +397,10 @@ def test_mountinfo_paths_are_unescaped_and_keep_every_other_byte():
     assert sj.mountinfo_path(r"/a\040b\011c\012d\134e") == "/a b\tc\nd\\e"
     assert sj.mountinfo_path("/caf\u00e9") == "/caf\u00e9"   # (UTF-8: was mojibake)
     assert os.fsencode(sj.mountinfo_path(os.fsdecode(b"/caf\xe9"))) == b"/caf\xe9"
+    layout = sj.CgroupLayout.from_mountinfo(   # (the cgroup tree's mount point too)
+        "35 24 0:30 / /sys/fs/my\\040cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw\n",
+        read=lambda p, d=None: "memory\n")
+    assert layout.unified == "/sys/fs/my cgroup" and layout.v2 == ("memory",)
 
 
 @pytest.mark.unit
