@@ -366,7 +366,8 @@ def test_waits_work_on_descriptors_past_1023():
 @pytest.mark.unit
 def test_read_file_reads_a_file_whole_whatever_its_reads_hand_out(tmp_path):
     """read_file reads until the end: procfs hands out a page a read, and a file may be
-    longer than one read; missing, it is the default or OSError; text is UTF-8."""
+    longer than one read; missing, it is the default or OSError; its bytes are decoded as
+    file names are (what is not UTF-8 is kept)."""
     big = tmp_path / "big"
     big.write_text("é" * 100_000 + "\nend\n", encoding="utf-8")   # 200 KB: several reads
     assert sj.read_file(str(big)) == big.read_text(encoding="utf-8")
