@@ -809,6 +809,20 @@ def open_job_file(path, flags=os.O_RDONLY, mode=0o600):
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
 
 
+def _read_all(fd):
+    """Read fd to EOF (procfs hands out a page a read, a pipe what was written) and close
+    it. Raises OSError."""
+    chunks = []
+    try:
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                return b"".join(chunks)
+            chunks.append(b)
+    finally:
+        os.close(fd)
+
+
 def read_file(path, default=None):
     """Read a small text file, decoded as file names are (os.fsdecode: bytes that are not
     UTF-8 survive as surrogates, so a path read from mountinfo opens the same file, and a
@@ -820,18 +834,12 @@ def read_file(path, default=None):
     cgroup file). List reads six cgroup files a running job; a job's supervisor reads its
     own, and writes fewer of its pages after the fork."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            chunks = []
-            while chunk := os.read(fd, 64 * KiB):   # (procfs hands out a page a read)
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
+        data = _read_all(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
     except OSError:
         if default is None:
             raise
         return default
-    return os.fsdecode(b"".join(chunks))
+    return os.fsdecode(data)
 
 
 RESERVE_SUFFIX = ".reserve"
@@ -3604,19 +3612,6 @@ def move_bytes(source, sink, size):
         raise
     _write_all(sink, data)
     return len(data)
-
-
-def _read_all(fd):
-    """Read fd to EOF and close it."""
-    chunks = []
-    try:
-        while True:
-            b = os.read(fd, 65536)
-            if not b:
-                return b"".join(chunks)
-            chunks.append(b)
-    finally:
-        os.close(fd)
 
 
 def _report_start_failure(err_w, stderr_fd, message):
