@@ -45,6 +45,9 @@ scale-ksm: 200 and 2,000 sleeping jobs: our memory per job (PSS, USS) with the h
         settings put back after), ksmd's CPU meanwhile and at the kernel's default rate,
         Start p50 with the supervisors merged vs before; then, unmerged, merged again at the
         rate the kernel's advisor picks (6.9 and later).
+scale-floors: what the scale goals leave a CLI call and a start (CPU on this machine's cores)
+        beside what a bare Python process, importing grpc, compiling the script, a mutual-TLS
+        grpc call, a fork of a process the spawner's size and unshare(1) cost alone.
 Timing on a shared machine is noisy: read medians and ratios, not single numbers.
 """
 
@@ -1881,6 +1884,126 @@ def bench_scale_ksm(jobs, clients=10):
                 ksm_write(name, saved[name])
 
 
+# A process loaded as the spawner is (SPAWNER_BOOT's way), what every job's processes are
+# forked from: how much CPU a fork of it costs, against what unshare(1) does a whole run in.
+FORK_FLOOR = r"""
+import gc, json, os, resource, statistics, sys, types, importlib.machinery as m
+mod = sys.modules["steve_jobs"] = types.ModuleType("steve_jobs")
+mod.__file__ = sys.argv[1]
+m.SourceFileLoader("steve_jobs", sys.argv[1]).exec_module(mod)
+gc.freeze()
+
+def cpu():
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+def fork_exit():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+def fork_exec_true():
+    pid = os.fork()
+    if pid == 0:
+        os.execv("/bin/true", ["true"])
+    os.waitpid(pid, 0)
+
+def unshare_true():
+    os.waitpid(os.posix_spawn("/usr/bin/unshare", ["unshare", "--pid", "--fork",
+               "--mount-proc", "--net", "--uts", "--ipc", "true"], os.environ), 0)
+
+got = {}
+for _ in range(5):   # (interleaved rounds: what drifts, drifts for all three)
+    for work in (fork_exit, fork_exec_true, unshare_true):
+        before = cpu()
+        for _ in range(100):
+            work()
+        got.setdefault(work.__name__, []).append((cpu() - before) / 100 * 1000)
+rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+print(json.dumps({"rss_mib": rss / 2**20, **{k: statistics.median(v) for k, v in got.items()}}))
+"""
+
+
+def child_cpu_ms(argv, runs=15):
+    """Median CPU (user + system, ms) of a process running argv to its end, from HERE."""
+    import resource
+    took = []
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(argv, cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        took.append((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+                    * 1000)
+    return statistics.median(took)
+
+
+def mtls_call_cpu_ms(calls=4000, clients=10):
+    """CPU (ms, both ends) of a unary grpc call over mutual TLS with the development
+    certificates, a server and 10 client threads in this process: no engine, no auth."""
+    from concurrent import futures
+    certs = os.path.join(HERE, "certs")
+    server = grpc.server(futures.ThreadPoolExecutor(clients))
+    echo = grpc.unary_unary_rpc_method_handler(lambda request, _context: request)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("floor.Echo",
+                                                                          {"Call": echo})])
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(read_file(certs, "server.key"), read_file(certs, "server.crt"))],
+        read_file(certs, "ca.crt"), True))
+    server.start()
+    creds = grpc.ssl_channel_credentials(read_file(certs, "ca.crt"),
+                                         read_file(certs, "mrarsenal.key"),
+                                         read_file(certs, "mrarsenal.crt"))
+    ready = threading.Barrier(clients + 1)
+
+    def client():
+        channel = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[
+            ("grpc.ssl_target_name_override", "localhost")])
+        call = channel.unary_unary("/floor.Echo/Call")
+        call(b"x" * 200, timeout=30)   # (connected and handshaken before the clock)
+        ready.wait()
+        for _ in range(calls // clients):
+            call(b"x" * 200, timeout=30)
+        channel.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    before = os.times()
+    for thread in threads:
+        thread.join()
+    after = os.times()
+    server.stop(0)
+    return (after.user - before.user + after.system - before.system) / calls * 1000
+
+
+def bench_scale_floors(jobs=2000, clients=10):
+    """The CPU the scale goals leave a CLI call and a start, on this machine's cores, beside
+    what the parts a Python tool cannot do without cost alone (medians): the floors."""
+    cores = os.cpu_count()
+    py = sys.executable
+    bare = child_cpu_ms([py, "-c", "pass"])
+    imports = child_cpu_ms([py, "-c", "import grpc, jobs_pb2_grpc"])
+    script = child_cpu_ms([py, SCRIPT, "--version"])
+    budget = 30.0 * cores / jobs * 1000
+    print(f"{'a CLI process, CPU (goal: 2,000 in 30 s)':38s} budget {budget:5.1f} ms a call on "
+          f"{cores} cores | python -c pass {bare:5.1f} ms; import grpc and the stubs "
+          f"{imports:5.1f} ms; `python steve_jobs.py --version` (compiles the script) "
+          f"{script:5.1f} ms: {jobs:,} calls >= {jobs * imports / cores / 1000:.0f} s, "
+          f">= {jobs * script / cores / 1000:.0f} s as a script", flush=True)
+    call = mtls_call_cpu_ms(clients=clients)
+    done = subprocess.run([py, "-I", "-S", "-B", "-c", FORK_FLOOR, SCRIPT],
+                          capture_output=True, check=True)
+    forks = json.loads(done.stdout)
+    print(f"{'a start, CPU (goal: >= 0.5x unshare(1))':38s} budget "
+          f"{2 * forks['unshare_true']:5.2f} ms (2x an unshare(1) whole run, "
+          f"{forks['unshare_true']:.2f} ms, sequential; kernel threads not counted) | a "
+          f"unary mTLS grpc call {call:.2f} ms; fork and exit of a process the spawner's "
+          f"size ({forks['rss_mib']:.0f} MiB) {forks['fork_exit']:.2f} ms; fork and exec "
+          f"true {forks['fork_exec_true']:.2f} ms", flush=True)
+
+
 def start_sleeping_jobs(stubs, md, jobs):
     """Start jobs sleeping jobs, a share from each stub at once. Returns (their ids,
     starts per second)."""
@@ -1979,6 +2102,8 @@ def main(argv):
             bench_start_rate(server)
     if "scale-start" in groups:
         bench_scale_starts(2000, against)
+    if "scale-floors" in groups:
+        bench_scale_floors()
     if "scale-ksm" in groups:
         bench_scale_ksm(200)
         bench_scale_ksm(2000)
