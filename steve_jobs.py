@@ -4644,6 +4644,8 @@ class Job:
         self.queued = ""              # "queued": waits in the queue; "starting": leaving it
         self.stop_after_start = None  # a stop's grace, asked while it was "starting"
         self.removing = False         # a remover has claimed it (_remove_for_good)
+        self.start_untold = False     # its start (or adoption) is not told yet: nor its end
+        self.end_untold = False       # it ended meanwhile (Engine._finish, _start_told)
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -5896,13 +5898,17 @@ class Engine:
         self._set_shim(job, spec.get("shim"))
         self._arm_timeout(job)   # (its removal is armed once the queue is loaded: open())
         if job.result is None:
-            with contextlib.suppress(OSError, Error):
-                job.paused = job.cgroup.frozen()   # a pause outlives the server too
-            self._watch(job)
-            if job.result is None and not self._watch_supervisor(job):
-                self._record_unknown_end(job)
-            elif job.result is None:
-                self._event("adopted", job)
+            job.start_untold = True   # (an end seen from now on is told after "adopted")
+            try:
+                with contextlib.suppress(OSError, Error):
+                    job.paused = job.cgroup.frozen()   # a pause outlives the server too
+                self._watch(job)
+                if job.result is None and not self._watch_supervisor(job):
+                    self._record_unknown_end(job)
+                elif job.result is None:
+                    self._event("adopted", job)
+            finally:
+                self._start_told(job)
 
     @staticmethod
     def _may_still_start(job_dir):
@@ -6125,6 +6131,10 @@ class Engine:
         queued: the queued Job this start is, which becomes a running one."""
         job_id, options = spec["id"], JobOptions(**spec["options"])
         job = self._promote(queued, spec) if queued else self._new_job(job_id, spec)
+        # A job can end (its result seen by the watcher thread) before this thread, back
+        # from the spawn, has told of its start: its end is told after that, so that an
+        # observer never hears "ended" before "started".
+        job.start_untold = True
         self._watch(job)   # before the spawn, or a quick job could end unseen
         try:
             reply = self._spawner.spawn(SpawnRequest(
@@ -6134,23 +6144,36 @@ class Engine:
                 raise UnavailableError(reply.get("error") or
                                        "the job's supervisor did not start")
         except Error:
+            self._start_told(job)
             if queued:
                 self._unpromote(job)
                 self._remove_folders(job_dir, spec["workdir"] if not options.workdir else "")
             else:
                 self._forget(job, remove_workdir=not options.workdir)
             raise
-        self._set_shim(job, reply["shim"])
-        if not self._watch_supervisor(job):
-            self._supervisor_exited(job)
-        if not reply.get("ok") or reply.get("error"):
+        started = reply.get("ok") and not reply.get("error")
+        try:
+            self._set_shim(job, reply["shim"])
+            if not self._watch_supervisor(job):
+                self._supervisor_exited(job)
+            if started:
+                self._event("started", job)
+                self._arm_timeout(job)
+        finally:
+            self._start_told(job)
+        if not started:
             # Not started: the shim writes its result at once; show it before returning.
             job.ended.wait(KILL_TIMEOUT)
-        else:
-            self._event("started", job)
-            self._arm_timeout(job)
         self._check_result(job)
         return job_id
+
+    def _start_told(self, job):
+        """job's start (or adoption) has been told, or never will be: its end is told as
+        it comes, and one that came meanwhile (_finish) now."""
+        with self._lock:
+            job.start_untold, untold, job.end_untold = False, job.end_untold, False
+        if untold:
+            self._tell_end(job)
 
     def _arm_timeout(self, job):
         """A job started with a timeout is stopped, as stop() does, once it has run that
@@ -7044,6 +7067,13 @@ class Engine:
             if self._queue.has_dependents(job.id):
                 self._ended_with_dependents.append(job.id)
                 self._queue_changed.notify()
+            if job.start_untold:   # (told after its start: _start_told)
+                job.end_untold = True
+                return
+        self._tell_end(job)
+
+    def _tell_end(self, job):
+        """Tell of job's end (recorded: job.result): observers, removal, waiters."""
         self._event("ended", job)   # first: nobody learns of the end before the log does
         self._arm_removal(job)
         self._count_kept_files(job)   # (before a waiter hears of the end and starts more)
