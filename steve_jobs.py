@@ -4646,6 +4646,7 @@ class Job:
         self.removing = False         # a remover has claimed it (_remove_for_good)
         self.start_untold = False     # its start (or adoption) is not told yet: nor its end
         self.end_untold = False       # it ended meanwhile (Engine._finish, _start_told)
+        self.queue_untold = False     # queued, not told yet: the dispatcher's start waits
 
     def notify(self):
         """Wake everything following this job's output (called from the watcher thread)."""
@@ -6151,6 +6152,9 @@ class Engine:
             else:
                 self._forget(job, remove_workdir=not options.workdir)
             raise
+        except BaseException:   # (a bug: the job's end is still told when it comes)
+            self._start_told(job)
+            raise
         started = reply.get("ok") and not reply.get("error")
         try:
             self._set_shim(job, reply["shim"])
@@ -6288,13 +6292,19 @@ class Engine:
                 except OSError as e:
                     raise ResourceExhaustedError(f"cannot queue the job: {e.strerror or e}",
                                                  reason="STATE_DISK_FULL") from None
+                job.queue_untold = True   # (its start, if a slot is free now, waits for it)
                 ended = [d for d, _ in queue.after if self._jobs[d].result is not None]
                 self._queue_changed.notify()
         except BaseException:
             job.queued = ""
             self._forget(job, remove_workdir=False)
             raise
-        self._event("queued", job)
+        try:
+            self._event("queued", job)
+        finally:
+            with self._queue_changed:
+                job.queue_untold = False
+                self._queue_changed.notify_all()
         self._arm_queue_timeout(job)
         self._settle_dependents(ended)   # (here: its start answers with what they decide)
         return job_id
@@ -6393,6 +6403,8 @@ class Engine:
     def _start_queued(self, entry, job):
         """(A starter thread.) Start a job the dispatcher took out of the queue, in the slot
         it holds; a start that fails ends the job, failed, with why."""
+        with self._queue_changed:   # (told "queued" first: _enqueue, a moment away)
+            self._queue_changed.wait_for(lambda: not job.queue_untold, KILL_TIMEOUT)
         spec = job.spec
         try:
             options = JobOptions(**{**spec["options"],

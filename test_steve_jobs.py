@@ -6677,6 +6677,30 @@ def test_a_jobs_start_is_told_before_its_end_however_soon_it_ends(engine):
     assert all(kinds == ["started", "ended"] for kinds in order.values()), order
 
 
+@pytest.mark.batch
+def test_a_queued_jobs_start_is_told_after_its_queueing():
+    """The dispatcher can start a queued job (a slot freed meanwhile) before the thread
+    that queued it has told "queued": here that thread is held in an observer, as a
+    descheduled thread would be, while the job ahead of it ends. "started" came first."""
+    told = []
+
+    def observer(kind, st, _record):
+        if kind == "queued":
+            time.sleep(scaled(1.0))   # (the queueing thread, held while the slot frees)
+        told.append((kind, st.id))
+
+    with running_engine(max_running_jobs=1) as engine:
+        engine.observe(observer)
+        try:
+            ahead = engine.start("tester", ["sleep", str(scaled(0.3))])
+            queued = engine.start("tester", ["true"], queue=sj.QueueRequest(wanted=True))
+            assert engine.wait(queued, scaled(30)).state == sj.EXITED
+            assert engine.wait(ahead, scaled(30)).state == sj.EXITED
+        finally:
+            engine.unobserve(observer)
+    assert [kind for kind, job in told if job == queued] == ["queued", "started", "ended"], told
+
+
 def scrape(address):
     """The server's metrics, parsed as Prometheus does: {(name, labels...): value}."""
     import urllib.request
