@@ -7063,7 +7063,8 @@ class Engine:
 
     def _finish(self, job, result, save=False):
         """Record the job's end in memory (and with save, in its result.json: best effort,
-        since a full disk must not stop the server from serving what it knows)."""
+        since a full disk must not stop the server from serving what it knows), and tell
+        of it (_tell_end): now, or once its start is told (_start_told)."""
         if save:
             try:
                 write_json_atomic(os.path.join(job.dir, RESULT_FILE), result)
