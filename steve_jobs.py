@@ -6744,6 +6744,8 @@ class Engine:
                               "error": "removed while queued: it never ran"}
                 job.ended.set()
         job.notify()
+        if job.end_untold:   # (it has just ended: "removed" must not be told before "ended")
+            job.ended.wait(KILL_TIMEOUT)
         if job.result is None:
             raise FailedPreconditionError(f"job {job_id} is still running; stop it first",
                                           reason="JOB_STILL_RUNNING")
@@ -6770,7 +6772,8 @@ class Engine:
         max_bytes. Running jobs are never touched. Returns the ids removed.
         """
         now = time.time() if now is None else now
-        ended = sorted((j for j in self._all_jobs() if j.result is not None),
+        ended = sorted((j for j in self._all_jobs()   # (an end not told yet: not yet)
+                        if j.result is not None and not j.end_untold),
                        key=lambda j: j.result.get("ended_at", 0))
         doomed = [j for j in ended if max_age is not None
                   and now - j.result.get("ended_at", 0) > max_age]

@@ -6701,6 +6701,38 @@ def test_a_queued_jobs_start_is_told_after_its_queueing():
     assert [kind for kind, job in told if job == queued] == ["queued", "started", "ended"], told
 
 
+@pytest.mark.batch
+def test_a_job_that_just_ended_is_removed_only_once_its_end_is_told(engine):
+    """Between a job's end (recorded: its status says so) and its telling (held until its
+    start is told), a remover could go first: "removed" told before "ended", and the end
+    then told of a job already gone. Here the starting thread is held in an observer of
+    "started" while the job ends and is removed."""
+    told, starting = [], threading.Event()
+
+    def observer(kind, st, _record):
+        told.append((kind, st.id))
+        if kind == "started":
+            starting.set()
+            time.sleep(scaled(1.0))   # (the starting thread, held: the end waits)
+
+    engine.observe(observer)
+    starter = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        started = starter.submit(engine.start, "tester", ["true"])
+        assert starting.wait(scaled(30))
+        job_id = told[0][1]
+        deadline = time.monotonic() + scaled(30)
+        while engine.status(job_id).state not in sj.ENDED_STATES:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        engine.remove(job_id)
+        assert started.result(scaled(30)) == job_id
+    finally:
+        starter.shutdown()
+        engine.unobserve(observer)
+    assert [kind for kind, job in told if job == job_id] == ["started", "ended", "removed"]
+
+
 def scrape(address):
     """The server's metrics, parsed as Prometheus does: {(name, labels...): value}."""
     import urllib.request
