@@ -6643,7 +6643,8 @@ def test_a_jobs_start_is_told_before_its_end_however_soon_it_ends(engine):
     """A job that ends at once can have its result seen (the watcher thread) before the
     thread that started it, back from the spawner, tells of the start: observers (the
     events stream, metrics) heard "ended" before "started". Made likely here by a thread
-    that keeps the GIL busy, as a loaded server's threads do: 40 of 40 out of order before."""
+    that keeps the GIL busy, as a loaded server's threads do: every job out of order
+    before (40 of 40 by hand)."""
     told, lock = [], threading.Lock()
 
     def observer(kind, st, _record):
